@@ -12,7 +12,7 @@ $(STAMP): setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e ".[dev]"
+	$(VPY) -m pip install -q -e ".[dev,deepspeed,lightning,trl]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -10,9 +10,9 @@ setup(
     name="cl_core",
     version="0.1.0",
     description="Fused dynamic-EMA (LCIA/DEMA) kernels and tools for continual LoRA instruction tuning",
-    packages=["cl_core", "cl_core.kernels"],
+    packages=["cl_core", "cl_core.kernels", "cl_core.dema", "cl_core.continual", "cl_core.cli"],
     package_dir={"cl_core": "cl_core", "cl_core.kernels": "kernels"},
-    package_data={"cl_core": ["csrc/*.c", "csrc/*.h"]},
+    package_data={"cl_core.kernels": ["csrc/*.c", "csrc/*.h"]},
     python_requires=">=3.9",
     # torch is deliberately not pinned to a range that could pull a CUDA build:
     # the Makefile installs torch==2.13.0 first where torch is missing.
@@ -29,6 +29,11 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
+        # Optional trainers/engines: cl_core works without them; each integration says
+        # which extra to install when it is missing.
+        "deepspeed": ["deepspeed>=0.15"],
+        "lightning": ["lightning>=2.2"],
+        "trl": ["trl>=0.12"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["cl-core=cl_core.cli:main"]},

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from cl_core.coin_templates import TASKS, TEMPLATE_SETS
+from cl_core.continual.templates import TASKS, TEMPLATE_SETS
 from cl_core.grouping import InstructionGrouper, literal_pair_similarity
 
 _VOCAB = (

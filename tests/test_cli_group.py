@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 from cl_core.cli import main
-from cl_core.coin_templates import TASKS
+from cl_core.continual.templates import TASKS
 from cl_core.grouping import InstructionGrouper
 
 DATA = Path(__file__).parent / "data_grouping"

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from cl_core import synthetic as S
-from cl_core import tiny_model as T
+from cl_core.continual import synthetic as S
+from cl_core.continual import tiny_model as T
 from cl_core.cli import main
 
 
@@ -147,7 +147,7 @@ def test_help_through_python_m():
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
-    from cl_core import runner
+    from cl_core.continual import run as runner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from cl_core import evaluation as E
-from cl_core import synthetic as S
-from cl_core import tiny_model as T
+from cl_core.continual import evaluation as E
+from cl_core.continual import synthetic as S
+from cl_core.continual import tiny_model as T
 
 
 @pytest.mark.parametrize("pred, letter", [

@@ -9,7 +9,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
 import cl_core
-from cl_core.coin_templates import TASKS, TEMPLATE_SETS, THRESHOLDS
+from cl_core.continual.templates import TASKS, TEMPLATE_SETS, THRESHOLDS
 from cl_core.grouping import (
     CodebookError,
     Decision,

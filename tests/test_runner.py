@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from cl_core import metrics
-from cl_core.runner import METHODS, RunConfig, run
+from cl_core.continual.run import METHODS, RunConfig, run
 
 # textvqa and gqa share the "original" template, imagenet has its own: with grouping, task 3
 # (gqa) re-uses group 0 and gets DEMA, task 2 (imagenet) opens group 1 without it.

@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
-from cl_core import synthetic as S
-from cl_core import tiny_model as T
-from cl_core.evaluation import parse_box, parse_letter, score
+from cl_core.continual import synthetic as S
+from cl_core.continual import tiny_model as T
+from cl_core.continual.evaluation import parse_box, parse_letter, score
 from cl_core.task_files import load_task_file
 
 
@@ -68,7 +68,7 @@ def test_answers_match_their_task_types():
 
 
 def test_templates_come_from_the_papers_sets():
-    from cl_core.coin_templates import TEMPLATE_SETS
+    from cl_core.continual.templates import TEMPLATE_SETS
 
     for variant in S.VARIANTS:
         for task in S.TASK_NAMES:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cl_core.coin_templates import ORIGINAL, TASKS
+from cl_core.continual.templates import ORIGINAL, TASKS
 from cl_core.task_files import (
     TaskFileError,
     TaskRecord,

@@ -1,6 +1,6 @@
 """Instruction templates of the eight CoIN tasks, as test data for instruction grouping.
 
-    from cl_core.coin_templates import TASKS, TEMPLATE_SETS, THRESHOLDS, synthetic_records
+    from cl_core.continual.templates import TASKS, TEMPLATE_SETS, THRESHOLDS, synthetic_records
 
     TASKS                       the CoIN order: ScienceQA, TextVQA, ImageNet, GQA, VizWiz,
                                 Grounding, VQAv2, OCRVQA

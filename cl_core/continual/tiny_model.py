@@ -1,7 +1,7 @@
 """A tiny Llama and a word-level tokenizer for the bundled benchmark.
 
 Nothing is downloaded: the vocabulary is built from the words the synthetic benchmark
-(:mod:`cl_core.synthetic`) can produce, the tokenizer is a ``tokenizers`` WordLevel
+(:mod:`cl_core.continual.synthetic`) can produce, the tokenizer is a ``tokenizers`` WordLevel
 model (lower-cased, split on whitespace and punctuation) wrapped in a
 ``PreTrainedTokenizerFast``, and the model is a ``LlamaForCausalLM`` built from a small
 ``LlamaConfig``. Both save and load with ``save_pretrained`` / ``from_pretrained``, so a

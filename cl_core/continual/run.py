@@ -1,7 +1,7 @@
 """The continual runner: LoRA-tune a causal LM on tasks in order, evaluate every task after
 each one, with plain LoRA, fixed-β EMA, DEMA, or DEMA with instruction grouping.
 
-    from cl_core.runner import RunConfig, run
+    from cl_core.continual.run import RunConfig, run
     results = run(RunConfig(methods=("lora", "dema"), seeds=(0, 1)), "runs/x")
 
 Methods (DESIGN.md §2, last paragraph; as in the official code every task is its own
@@ -30,7 +30,7 @@ Run folder::
                                    after the last task these are the final adapters), with
                                    grouper.json for dema+group
     chains/<method>/seed<s>/alpha_task<j>.json   per-step, per-tensor α of task j
-    results.json, report.md, *.png written at the end (cl_core.report)
+    results.json, report.md, *.png written at the end (cl_core.continual.report)
 
 Running again with the same folder resumes from the last finished task of every chain.
 """
@@ -51,11 +51,11 @@ from typing import Callable, Optional
 from cl_core import metrics as cl_metrics
 from cl_core.atomic_io import atomic_dir, write_json_atomic
 
-log = logging.getLogger("cl_core.runner")
+log = logging.getLogger("cl_core.continual.run")
 
 METHODS = ("lora", "ema", "dema", "dema+group")
 ORDERS = ("origin", "reverse", "alphabet")
-STATE_FORMAT = "cl_core.runner.state"
+STATE_FORMAT = "cl_core.runner.state"  # the on-disk tag, kept from before the move
 STATE_VERSION = 1
 
 
@@ -68,7 +68,7 @@ class RunConfig:
 
     methods: tuple = METHODS
     seeds: tuple = (0,)
-    # Data: the bundled benchmark (cl_core.synthetic) unless task_files is given.
+    # Data: the bundled benchmark (cl_core.continual.synthetic) unless task_files is given.
     tasks: Optional[tuple] = None          # bundled task names, in order (None: the order preset)
     order: str = "origin"                  # origin | reverse | alphabet (CoIN's presets)
     variant: str = "original"              # instruction templates: original | diverse | 10type
@@ -129,7 +129,7 @@ class RunConfig:
     def threshold(self) -> float:
         if self.group_threshold is not None:
             return float(self.group_threshold)
-        from cl_core.coin_templates import THRESHOLDS
+        from cl_core.continual.templates import THRESHOLDS
 
         return THRESHOLDS.get(self.variant, 0.9) if self.bundled else 0.9
 
@@ -159,7 +159,7 @@ def _check_positive(name, value, minimum=1):
 def validate_config(cfg: RunConfig) -> None:
     """Raise ValueError for settings that cannot work (before anything is trained)."""
     from cl_core.config import DEMAConfig
-    from cl_core.evaluation import check_task_type
+    from cl_core.continual.evaluation import check_task_type
 
     methods = list(cfg.methods)
     if not methods:
@@ -176,7 +176,7 @@ def validate_config(cfg: RunConfig) -> None:
             raise ValueError(f"seed {s!r} must be an int >= 0")
     if cfg.order not in ORDERS:
         raise ValueError(f"unknown task order {cfg.order!r}; allowed: {', '.join(ORDERS)}")
-    from cl_core.coin_templates import TEMPLATE_SETS
+    from cl_core.continual.templates import TEMPLATE_SETS
 
     if cfg.variant not in TEMPLATE_SETS:
         raise ValueError(f"unknown instruction variant {cfg.variant!r}; allowed: {', '.join(TEMPLATE_SETS)}")
@@ -202,7 +202,7 @@ def validate_config(cfg: RunConfig) -> None:
         if cfg.test_files or cfg.task_types:
             raise ValueError("test files and task types go with task files (--tasks FILE ...)")
         if cfg.tasks is not None:
-            from cl_core.synthetic import TASK_NAMES
+            from cl_core.continual.synthetic import TASK_NAMES
 
             if not cfg.tasks:
                 raise ValueError("the task list is empty")
@@ -243,10 +243,10 @@ def _task_name_for(path: Path, taken: set) -> str:
 
 def load_tasks(cfg: RunConfig) -> list:
     """The task sequence (bundled benchmark, or the task files), in the configured order."""
-    from cl_core.evaluation import infer_task_type
+    from cl_core.continual.evaluation import infer_task_type
 
     if cfg.bundled:
-        from cl_core import synthetic
+        from cl_core.continual import synthetic
 
         data = synthetic.benchmark(list(cfg.tasks) if cfg.tasks else None, n_train=cfg.n_train,
                                    n_test=cfg.n_test, seed=0, variant=cfg.variant, order=cfg.order)
@@ -383,7 +383,7 @@ def _train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup
     """One Trainer run over (prompt, answer) pairs; returns the mean training loss."""
     from transformers import Trainer
 
-    from cl_core.evaluation import encode_example
+    from cl_core.continual.evaluation import encode_example
 
     items = [encode_example(tokenizer, p, a, max_length) for p, a in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -482,7 +482,7 @@ class ContinualRun:
                              "choose an empty or new --out folder")
 
     def _tiny_tokenizer(self):
-        from cl_core import synthetic, tiny_model
+        from cl_core.continual import synthetic, tiny_model
 
         return tiny_model.build_tokenizer(tiny_model.build_vocab(synthetic.vocabulary_texts()))
 
@@ -538,7 +538,7 @@ class ContinualRun:
             log.info("seed %d base: zero-shot accuracy %s", seed, _fmt_row(row))
 
     def _train_stage1(self, seed: int) -> None:
-        from cl_core import synthetic, tiny_model
+        from cl_core.continual import synthetic, tiny_model
 
         cfg = self.cfg
         t0 = time.time()
@@ -564,8 +564,8 @@ class ContinualRun:
                  "-" if loss is None else f"{loss:.3f}")
 
     def _stage1_score(self, model, seed: int) -> float:
-        from cl_core import synthetic
-        from cl_core.evaluation import accuracy, generate
+        from cl_core.continual import synthetic
+        from cl_core.continual.evaluation import accuracy, generate
 
         test = synthetic.stage1_samples(100, seed=10_000 + seed)
         preds = generate(model, self.tokenizer, [s.prompt for s in test], max_new_tokens=12,
@@ -589,7 +589,7 @@ class ContinualRun:
         """Accuracy (%) on every task's test set; with a grouper, each instance is routed."""
         from tqdm.auto import tqdm
 
-        from cl_core.evaluation import accuracy, generate
+        from cl_core.continual.evaluation import accuracy, generate
         from cl_core.lora_sets import adapter_name
 
         prompts, answers, instructions, spans = [], [], [], []
@@ -722,7 +722,7 @@ class ContinualRun:
         results = self.collect(state)
         results["wall_seconds_this_call"] = round(time.time() - t0, 2)
         _write_json(self.out / "results.json", results)
-        from cl_core import report
+        from cl_core.continual import report
 
         report.write_report(results, self.out)
         return results

@@ -1,6 +1,6 @@
 """The run report: ``report.md`` and PNG plots (matplotlib, Agg backend) in the run folder.
 
-    from cl_core.report import write_report
+    from cl_core.continual.report import write_report
     write_report(results, out_dir)      # results: the dict of results.json
 
 Plots: ``heatmap_<method>.png`` (seed-mean accuracy matrix), ``per_task_accuracy.png``
@@ -134,7 +134,7 @@ def write_report(results: dict, out_dir) -> Path:
     seeds = cfg["seeds"]
     lines = ["# cl_core continual instruction tuning report", ""]
     if results["benchmark"] == "bundled":
-        lines.append(f"Benchmark: the bundled synthetic CoIN-like tasks (cl_core.synthetic), instruction "
+        lines.append(f"Benchmark: the bundled synthetic CoIN-like tasks (cl_core.continual.synthetic), instruction "
                      f"templates `{cfg['variant']}`, order `{cfg['order']}`; {cfg['n_train']} training and "
                      f"{cfg['n_test']} test samples per task. Model: a tiny Llama (hidden {cfg['hidden_size']}, "
                      f"{cfg['num_layers']} layers) trained from scratch in stage 1 ({cfg['stage1_steps']} steps, "

@@ -26,10 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from cl_core import cli_group, cli_run  # noqa: F401  (small modules, no heavy imports)
+    from cl_core.cli import group, run  # small modules, no heavy imports
 
-    cli_run.add_parser(sub)
-    cli_group.add_parser(sub)
+    run.add_parser(sub)
+    group.add_parser(sub)
     return parser
 
 

@@ -25,7 +25,7 @@ scenes and answer with overlapping vocabularies under different conventions (wor
 "unanswerable", digits as counts vs as coordinates, letters vs digits for the same
 count), so tuning on one disturbs the others: plain sequential LoRA forgets. Each task
 has the three instruction-template sets of the papers (``original``, ``diverse``,
-``10type``, from :mod:`cl_core.coin_templates`), laid out as in LLaVA/CoIN files so the
+``10type``, from :mod:`cl_core.continual.templates`), laid out as in LLaVA/CoIN files so the
 official extraction (:mod:`cl_core.task_files`) returns the template.
 
 Stage 1 (the pre-trained base, like LLaVA-1.5 whose instruction mix already holds VQAv2,
@@ -57,7 +57,7 @@ COIN_NAMES = {
     "sqa": "ScienceQA", "textvqa": "TextVQA", "imagenet": "ImageNet", "gqa": "GQA",
     "vizwiz": "VizWiz", "grounding": "Grounding", "vqav2": "VQAv2", "ocrvqa": "OCRVQA",
 }
-# Scoring rule per task (cl_core.evaluation): option letter, exact match, IoU >= 0.5.
+# Scoring rule per task (cl_core.continual.evaluation): option letter, exact match, IoU >= 0.5.
 TASK_TYPES = {
     "sqa": "mc", "textvqa": "short", "imagenet": "cls", "gqa": "short",
     "vizwiz": "short", "grounding": "box", "vqav2": "count", "ocrvqa": "short",
@@ -149,9 +149,9 @@ def random_scene(rng: random.Random, n_min: int = 1, n_max: int = 3) -> Scene:
 # --------------------------------------------------------------------------- templates
 
 def instruction_templates(task: str, variant: str = "original") -> list[str]:
-    """The instruction templates of ``task`` under ``variant`` (cl_core.coin_templates)."""
+    """The instruction templates of ``task`` under ``variant`` (cl_core.continual.templates)."""
     _check_task(task)
-    from cl_core.coin_templates import TEMPLATE_SETS
+    from cl_core.continual.templates import TEMPLATE_SETS
 
     if variant not in TEMPLATE_SETS:
         raise ValueError(f"unknown instruction variant {variant!r}; allowed: {', '.join(TEMPLATE_SETS)}")

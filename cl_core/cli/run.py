@@ -1,4 +1,4 @@
-"""Sub-commands `cl-core demo` and `cl-core run` (the continual runner, cl_core.runner).
+"""Sub-commands `cl-core demo` and `cl-core run` (the continual runner, cl_core.continual.run).
 
     cl-core demo [--quick] [--out DIR]           the bundled comparison of all four methods
     cl-core run  [--tasks FILE ...] [--model DIR] [--methods ...] [--out DIR] ...
@@ -118,12 +118,12 @@ def _finish(results: dict, out, started: float) -> int:
 def _execute(cfg, out, args) -> int:
     from pathlib import Path
 
-    from cl_core import runner
+    from cl_core.continual import run as runner
 
     out = Path(out)
     started = time.time()
     if args.quiet:
-        logging.getLogger("cl_core.runner").setLevel(logging.WARNING)
+        logging.getLogger("cl_core.continual.run").setLevel(logging.WARNING)
     try:
         results = runner.run(cfg, out, quiet=args.quiet, threads=args.threads or 1)
     except KeyboardInterrupt:
@@ -133,7 +133,7 @@ def _execute(cfg, out, args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from cl_core.runner import RunConfig
+    from cl_core.continual.run import RunConfig
 
     preset = dict(DEMO_QUICK if args.quick else DEMO_FULL)
     if args.seeds:
@@ -144,7 +144,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from cl_core.runner import RunConfig
+    from cl_core.continual.run import RunConfig
 
     if args.tasks and args.bundled_tasks:
         raise ValueError("--tasks (your files) and --bundled-tasks cannot be combined")
