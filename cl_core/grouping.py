@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,13 +226,36 @@ def literal_pair_similarity(cur: Sequence[str], hist: Sequence[str]) -> float:
     return sum(values) / len(values)
 
 
-def _unique(texts: Iterable[str], what: str) -> list:
-    out: dict = {}
+def _texts(texts, what: str, require_text: bool = False) -> list:
+    """The texts as a list of str, refused with a message that says how to fix the call.
+
+    A bare string is refused (iterating it would give its characters, one "template" each).
+    ``require_text``: every text must hold more than whitespace (templates that go into the
+    codebook; test instructions may be empty, they then go by the below-threshold rule).
+    """
+    if isinstance(texts, (str, bytes)):
+        shown = texts if len(texts) <= 60 else texts[:57] + "..."
+        raise TypeError(
+            f"{what} is a single {type(texts).__name__} ({shown!r}), not a list of strings; "
+            f"wrap it in a list: [{shown!r}]"
+        )
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(f"{what} must be a list of strings, not {type(texts).__name__}") from None
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"{what}[{i}] is {type(t).__name__}, not str")
-        out.setdefault(t, None)
-    return list(out)
+        if require_text and not t.strip():
+            raise ValueError(
+                f"{what}[{i}] is {'empty' if not t else 'only whitespace'}; every instruction template "
+                "needs text: drop it, or check how the templates were extracted"
+            )
+    return texts
+
+
+def _unique(texts: Iterable[str], what: str, require_text: bool = False) -> list:
+    return list(dict.fromkeys(_texts(texts, what, require_text)))
 
 
 class InstructionGrouper:
@@ -281,6 +305,10 @@ class InstructionGrouper:
         )
         return np.asarray((cos @ average).todense()).reshape(len(texts), len(self._groups))
 
+    def _threshold_for(self, threshold) -> float:
+        """The codebook's threshold, or a one-off one given to a single call (checked)."""
+        return self.threshold if threshold is None else _check_threshold(threshold)
+
     def similarities(self, templates: Iterable[str]) -> list:
         """Similarity of a template set with every group (mean over all template pairs)."""
         templates = _unique(templates, "templates")
@@ -290,18 +318,23 @@ class InstructionGrouper:
             return []
         return [float(v) for v in self._group_means(templates).mean(axis=0)]
 
-    def assign(self, templates: Iterable[str], name: str | None = None) -> Decision:
+    def assign(self, templates: Iterable[str], name: str | None = None, *, threshold=None) -> Decision:
         """Decide re-train (existing group) or expand (new group) for a task, and record it.
 
-        ``templates``: the task's instruction templates (duplicates are ignored, as the
-        official ``list(set(...))``). ``name``: an optional task name kept in the codebook.
+        ``templates``: the task's instruction templates, a list of non-empty strings
+        (duplicates are ignored, as the official ``list(set(...))``). ``name``: an optional
+        task name kept in the codebook. ``threshold``: for this decision only (the
+        codebook's own threshold is unchanged); None uses the codebook's.
         """
-        templates = _unique(templates, "templates")
+        templates = _unique(templates, "templates", require_text=True)
         if not templates:
             raise ValueError("assign: the task has no instruction templates")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name is {type(name).__name__}; give the task name as a string (or None)")
+        threshold = self._threshold_for(threshold)
         sims = self.similarities(templates)
         best = int(np.argmax(sims)) if sims else None  # first maximum: ties -> lowest group id
-        if best is not None and sims[best] >= self.threshold:
+        if best is not None and sims[best] >= threshold:
             group = best
             known = set(self._groups[group])
             new = [t for t in templates if t not in known]
@@ -313,36 +346,42 @@ class InstructionGrouper:
             self._groups.append(new[:])
             reused = False
         self._tasks.append({"name": name, "group": group, "reused": reused})
-        return Decision(group, reused, sims, new, self.threshold)
+        return Decision(group, reused, sims, new, threshold)
 
-    def route(self, instructions: Sequence[str]) -> list:
-        """The group of every instruction: most similar if >= threshold, else the newest group."""
+    def route(self, instructions: Sequence[str], *, threshold=None) -> list:
+        """The group of every instruction: most similar if >= threshold, else the newest group.
+
+        ``threshold``: for this call only; None uses the codebook's."""
+        instructions = _texts(instructions, "instructions")
+        threshold = self._threshold_for(threshold)
         if not self._groups:
             raise ValueError("route: the codebook has no groups yet (assign a task first)")
         index: dict = {}
         inverse = np.empty(len(instructions), dtype=np.int64)
         for i, text in enumerate(instructions):
-            if not isinstance(text, str):
-                raise TypeError(f"instructions[{i}] is {type(text).__name__}, not str")
             inverse[i] = index.setdefault(text, len(index))
         if not index:
             return []
         means = self._group_means(list(index))
         best = np.argmax(means, axis=1)
-        ok = means[np.arange(len(best)), best] >= self.threshold
+        ok = means[np.arange(len(best)), best] >= threshold
         unique_groups = np.where(ok, best, len(self._groups) - 1)
         return unique_groups[inverse].tolist()
 
-    def route_set(self, instructions: Iterable[str]) -> Decision:
+    def route_set(self, instructions: Iterable[str], *, threshold=None) -> Decision:
         """The official test-time decision for a whole test file (its unique instructions
-        as one set): the most similar group if >= threshold, else the newest group."""
+        as one set): the most similar group if >= threshold, else the newest group.
+
+        ``threshold``: for this call only; None uses the codebook's."""
+        instructions = _unique(instructions, "instructions")
+        threshold = self._threshold_for(threshold)
         if not self._groups:
             raise ValueError("route_set: the codebook has no groups yet (assign a task first)")
         sims = self.similarities(instructions)
         best = int(np.argmax(sims))  # first maximum: ties -> lowest group id
-        if sims[best] >= self.threshold:
-            return Decision(best, True, sims, [], self.threshold)
-        return Decision(len(self._groups) - 1, False, sims, [], self.threshold)
+        if sims[best] >= threshold:
+            return Decision(best, True, sims, [], threshold)
+        return Decision(len(self._groups) - 1, False, sims, [], threshold)
 
     # ---------------------------------------------------------------- persistence
     def to_dict(self) -> dict:
@@ -362,43 +401,71 @@ class InstructionGrouper:
 
     @classmethod
     def from_dict(cls, d, where: str = "codebook") -> "InstructionGrouper":
+        """A grouper from ``to_dict``'s structure; a malformed one raises CodebookError naming
+        the field. Rules beyond the types: templates are non-empty and not repeated within a
+        group (the same template may be in two groups: the official procedure opens a new
+        group with all of a task's templates); each group's "tasks" is written from
+        "history" on every save, so it must agree with it (edit names in "history")."""
+
         def bad(msg):
             return CodebookError(f"{where}: {msg}")
+
+        def is_int(v):  # JSON true/false are not ids (in Python True == 1)
+            return isinstance(v, int) and not isinstance(v, bool)
 
         if not isinstance(d, dict):
             raise bad(f"expected a JSON object, found {type(d).__name__}")
         if d.get("format") != CODEBOOK_FORMAT:
             raise bad(f"not a cl_core codebook (format {d.get('format')!r}, expected {CODEBOOK_FORMAT!r})")
-        if d.get("version") != CODEBOOK_VERSION:
+        if not is_int(d.get("version")) or d["version"] != CODEBOOK_VERSION:
             raise bad(f"unsupported codebook version {d.get('version')!r} (this cl_core reads version {CODEBOOK_VERSION})")
         try:
             grouper = cls(d.get("threshold", 0.9))
         except ValueError as exc:
-            raise bad(str(exc)) from None
+            raise bad(f"'threshold': {exc}") from None
         groups = d.get("groups")
         if not isinstance(groups, list):
-            raise bad("'groups' must be a list")
+            raise bad(f"'groups' must be a list, found {type(groups).__name__}")
         for i, g in enumerate(groups):
-            if not isinstance(g, dict) or g.get("id") != i:
-                raise bad(f"groups[{i}] must be an object with \"id\": {i}")
+            if not isinstance(g, dict):
+                raise bad(f"groups[{i}] must be an object, found {type(g).__name__}")
+            if not is_int(g.get("id")) or g["id"] != i:
+                raise bad(f"groups[{i}].id is {g.get('id')!r}; groups are numbered in order: it must be {i}")
             templates = g.get("templates")
-            if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
+            if not isinstance(templates, list) or not templates:
                 raise bad(f"groups[{i}].templates must be a non-empty list of strings")
+            seen: dict = {}
+            for k, t in enumerate(templates):
+                if not isinstance(t, str) or not t.strip():
+                    what = type(t).__name__ if not isinstance(t, str) else "empty"
+                    raise bad(f"groups[{i}].templates[{k}] is {what}; templates are non-empty strings")
+                if t in seen:
+                    raise bad(f"groups[{i}].templates[{k}] repeats templates[{seen[t]}] ({t!r}); remove the duplicate")
+                seen[t] = k
             grouper._groups.append(list(templates))
         history = d.get("history", [])
         if not isinstance(history, list):
-            raise bad("'history' must be a list")
+            raise bad(f"'history' must be a list, found {type(history).__name__}")
         for i, t in enumerate(history):
-            ok = (
-                isinstance(t, dict)
-                and isinstance(t.get("group"), int)
-                and 0 <= t["group"] < len(groups)
-                and isinstance(t.get("reused"), bool)
-                and (t.get("name") is None or isinstance(t.get("name"), str))
-            )
-            if not ok:
-                raise bad(f"history[{i}] must be {{\"name\": str|null, \"group\": 0..{len(groups) - 1}, \"reused\": bool}}")
-            grouper._tasks.append({"name": t.get("name"), "group": t["group"], "reused": t["reused"]})
+            if not isinstance(t, dict):
+                raise bad(f"history[{i}] must be an object {{\"name\", \"group\", \"reused\"}}, found {type(t).__name__}")
+            group = t.get("group")
+            if not groups:
+                raise bad(f"history[{i}] refers to group {group!r} but 'groups' is empty; restore the groups, "
+                          "or remove the history to start a new codebook")
+            if not is_int(group) or not 0 <= group < len(groups):
+                raise bad(f"history[{i}].group is {group!r}; it must be a group id, 0..{len(groups) - 1}")
+            if not isinstance(t.get("reused"), bool):
+                raise bad(f"history[{i}].reused is {t.get('reused')!r}; it must be true or false")
+            if t.get("name") is not None and not isinstance(t.get("name"), str):
+                raise bad(f"history[{i}].name is {t.get('name')!r}; it must be a string or null")
+            grouper._tasks.append({"name": t.get("name"), "group": group, "reused": t["reused"]})
+        derived = grouper.to_dict()["groups"]
+        for i, g in enumerate(groups):
+            if "tasks" in g and g["tasks"] != derived[i]["tasks"]:
+                raise bad(f"groups[{i}].tasks is {g['tasks']!r} but 'history' gives {derived[i]['tasks']!r}; "
+                          "'tasks' is rewritten from 'history' on every save: edit the task names in "
+                          "'history' (or delete 'tasks')")
         return grouper
 
     def save(self, path) -> None:
@@ -410,11 +477,13 @@ class InstructionGrouper:
         """Read a codebook written by ``save``; errors name the file and what is wrong."""
         path = Path(path)
         try:
-            raw = path.read_text(encoding="utf-8")
+            raw = path.read_text(encoding="utf-8-sig")  # a BOM (some Windows editors) is fine
         except FileNotFoundError:
             raise CodebookNotFoundError(f"codebook {path}: file not found") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise CodebookError(f"codebook {path}: cannot be read ({exc})") from None
+        if not raw.strip():
+            raise CodebookError(f"codebook {path}: the file is empty; restore it, or delete it to start a new codebook")
         try:
             d = json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -425,8 +494,12 @@ class InstructionGrouper:
 
 
 def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise ValueError(f"threshold={threshold!r} must be a finite number")
-    if not 0.0 <= threshold <= 1.0:
+    """A threshold as float: any real number (Python or NumPy) in [0, 1]; not bool, not NaN."""
+    if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real):
+        raise ValueError(f"threshold={threshold!r} must be a number between 0 and 1, not {type(threshold).__name__}")
+    value = float(threshold)
+    if not math.isfinite(value):
+        raise ValueError(f"threshold={threshold!r} must be a finite number between 0 and 1")
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"threshold={threshold!r} is out of range; allowed: 0 <= threshold <= 1")
-    return float(threshold)
+    return value

@@ -89,6 +89,17 @@ def random_set(rng, k):
     return [random_text(rng) for _ in range(k)]
 
 
+def random_template(rng):
+    """Like random_text, but never blank: assign() refuses empty templates."""
+    while not (text := random_text(rng)).strip():
+        pass
+    return text
+
+
+def random_templates(rng, k):
+    return [random_template(rng) for _ in range(k)]
+
+
 # ------------------------------------------------------------------------ the maths
 @pytest.mark.parametrize("seed", range(6))
 def test_pair_cosines_match_literal_on_generated_text(seed):
@@ -126,7 +137,7 @@ def test_set_similarities_match_literal_on_coin_templates(set_name):
 
 def test_similarities_one_per_group_match_literal():
     rng = random.Random(7)
-    groups = [random_set(rng, k) for k in (1, 4, 9)]
+    groups = [random_templates(rng, k) for k in (1, 4, 9)]
     g = InstructionGrouper(threshold=1.0)  # never reuse: one group per assign
     for grp in groups:
         g.assign(grp)
@@ -151,9 +162,10 @@ def test_literal_reference_in_library_matches_oracle():
 )
 def test_empty_and_stop_word_only_texts_give_zero(a, b):
     assert pair_cosines([a], [b]).toarray()[0, 0] == 0.0
-    g = InstructionGrouper()
-    g.assign([b])
-    assert g.similarities([a]) == [0.0]
+    if b.strip():  # an empty text cannot be a template (assign refuses it)
+        g = InstructionGrouper()
+        g.assign([b])
+        assert g.similarities([a]) == [0.0]
 
 
 def test_identical_texts_have_similarity_one():
@@ -222,6 +234,73 @@ def test_bad_inputs():
             InstructionGrouper(threshold=bad)
 
 
+def test_bare_string_is_refused_not_split_into_characters():
+    g = InstructionGrouper()
+    g.assign(["What is in the image?"], name="a")
+    before = (g.groups, g.tasks)
+    # Before the fix assign("...") opened a group of one-letter "templates".
+    with pytest.raises(TypeError, match=r"templates is a single str \('Answer briefly.'\).*wrap it in a list: \['Answer briefly.'\]"):
+        g.assign("Answer briefly.")
+    with pytest.raises(TypeError, match=r"instructions is a single str.*wrap it in a list"):
+        g.route("What is in the image?")
+    with pytest.raises(TypeError, match=r"instructions is a single str"):
+        g.route_set("What is in the image?")
+    with pytest.raises(TypeError, match=r"templates is a single str"):
+        g.similarities("What is in the image?")
+    with pytest.raises(TypeError, match=r"templates must be a list of strings, not NoneType"):
+        g.assign(None)
+    assert (g.groups, g.tasks) == before
+    assert g.route(iter(["What is in the image?"])) == [0]  # any iterable of strings is fine
+
+
+def test_empty_templates_are_refused_before_anything_changes():
+    g = InstructionGrouper()
+    g.assign(["first template here"])
+    before = (g.groups, g.tasks)
+    with pytest.raises(ValueError, match=r"templates\[1\] is empty; every instruction template needs text"):
+        g.assign(["Answer briefly.", ""])
+    with pytest.raises(ValueError, match=r"templates\[0\] is only whitespace"):
+        g.assign([" \n\t"])
+    with pytest.raises(TypeError, match="name is int"):
+        g.assign(["Answer briefly."], name=3)  # would make a codebook that cannot be loaded
+    assert (g.groups, g.tasks) == before
+    # test instructions may be empty: they go by the below-threshold rule
+    assert g.route([""]) == [0]
+
+
+@pytest.mark.parametrize("value", [np.float64(0.3), np.float32(0.5), np.float16(0.25), np.int64(1), np.int8(0)])
+def test_numpy_numbers_are_thresholds(value):
+    g = InstructionGrouper(threshold=value)  # before the fix: "must be a finite number"
+    assert g.threshold == float(value) and type(g.threshold) is float
+    g.threshold = value
+    assert type(g.to_dict()["threshold"]) is float  # JSON-serialisable
+    g.assign(["red apple"])
+    assert g.assign(["red apple", "green pear"], threshold=value).threshold == float(value)
+
+
+@pytest.mark.parametrize("value", [np.bool_(True), np.float64("nan"), np.float32(1.5), np.int64(-1), np.float64("inf"),
+                                   True, np.array([0.5])])
+def test_bad_numpy_thresholds_are_refused(value):
+    with pytest.raises(ValueError, match="threshold="):
+        InstructionGrouper(threshold=value)
+    g = InstructionGrouper()
+    g.assign(["red apple"])
+    with pytest.raises(ValueError, match="threshold="):
+        g.assign(["red apple"], threshold=value)
+    with pytest.raises(ValueError, match="threshold="):
+        g.route(["red apple"], threshold=value)
+    assert g.num_groups == 1 and len(g.tasks) == 1 and g.threshold == 0.9
+
+
+def test_one_off_threshold_leaves_the_codebook_threshold_alone():
+    g = InstructionGrouper(threshold=0.9)
+    g.assign(["red apple small"])
+    d = g.assign(["red apple small", "green pear big"], threshold=0.3)  # similarity 0.5
+    assert (d.group, d.reused, d.threshold) == (0, True, 0.3) and g.threshold == 0.9
+    assert g.route(["red apple"]) == [0]
+    assert g.route_set(["red apple"], threshold=1.0).threshold == 1.0 and g.threshold == 0.9
+
+
 @pytest.mark.parametrize("set_name", ["original", "diverse", "10type"])
 def test_coin_eight_tasks_same_decisions_as_official(set_name):
     """Done means: the eight CoIN tasks in order give the official re-train / expand decisions."""
@@ -250,12 +329,12 @@ def test_coin_original_decisions_are_the_expected_four_groups():
 @pytest.mark.parametrize("seed", range(4))
 def test_generated_task_sequences_same_decisions_as_official(seed):
     rng = random.Random(100 + seed)
-    base = [random_set(rng, rng.randint(1, 4)) for _ in range(3)]
+    base = [random_templates(rng, rng.randint(1, 4)) for _ in range(3)]
     # tasks re-use, mix and perturb a few base sets so that both branches happen
     tasks = []
     for _ in range(7):
         b = rng.choice(base)
-        tasks.append([t if rng.random() < 0.7 else random_text(rng) for t in b] + ["answer"])
+        tasks.append([t if rng.random() < 0.7 else random_template(rng) for t in b] + ["answer"])
     threshold = rng.choice([0.3, 0.5, 0.9])
     expected, _ = official_run(tasks, threshold)
     g = InstructionGrouper(threshold)
@@ -367,3 +446,75 @@ def test_public_name_and_decision_dict():
     d = g.assign(["x y z words"])
     assert d.to_dict() == {"group": 0, "reused": False, "similarities": [], "new_templates": ["x y z words"], "threshold": 0.9}
     assert np.isfinite(g.similarities(["words"])[0])
+
+
+def _codebook(**fields):
+    d = {"format": "cl_core.codebook", "version": 1, "threshold": 0.9,
+         "groups": [{"id": 0, "tasks": ["a"], "templates": ["red apple"]},
+                    {"id": 1, "tasks": ["b"], "templates": ["green pear", "blue sky"]}],
+         "history": [{"name": "a", "group": 0, "reused": False}, {"name": "b", "group": 1, "reused": False}]}
+    d.update(fields)
+    return d
+
+
+def test_the_codebook_helper_is_valid():
+    g = InstructionGrouper.from_dict(_codebook())
+    assert g.to_dict() == _codebook()
+
+
+@pytest.mark.parametrize("edit,needle", [
+    # each was accepted, or refused with a message naming no field, before the fix
+    (lambda d: d["groups"][1]["templates"].append("green pear"),
+     r"groups\[1\]\.templates\[2\] repeats templates\[0\] \('green pear'\); remove the duplicate"),
+    (lambda d: d["history"][1].update(group=True), r"history\[1\]\.group is True; it must be a group id, 0\.\.1"),
+    (lambda d: d["history"][0].update(group=5), r"history\[0\]\.group is 5; it must be a group id, 0\.\.1"),
+    (lambda d: d["groups"][1].update(id=True), r"groups\[1\]\.id is True; .* it must be 1"),
+    (lambda d: d.update(version=True), r"unsupported codebook version True"),
+    (lambda d: d.update(groups=[]), r"history\[0\] refers to group 0 but 'groups' is empty; restore the groups, "
+                                    r"or remove the history"),
+    (lambda d: d["groups"][0]["tasks"].__setitem__(0, "renamed"),
+     r"groups\[0\]\.tasks is \['renamed'\] but 'history' gives \['a'\]; .*edit the task names in 'history'"),
+    (lambda d: d["groups"][0]["templates"].append(""), r"groups\[0\]\.templates\[1\] is empty"),
+    (lambda d: d["groups"][0]["templates"].append(7), r"groups\[0\]\.templates\[1\] is int"),
+    (lambda d: d["history"][0].update(reused="no"), r"history\[0\]\.reused is 'no'; it must be true or false"),
+    (lambda d: d["history"][0].update(name=3), r"history\[0\]\.name is 3"),
+    (lambda d: d.update(threshold=np.nan), r"'threshold': threshold=nan"),
+    (lambda d: d.update(groups={}), r"'groups' must be a list, found dict"),
+])
+def test_malformed_codebooks_name_the_field(tmp_path, edit, needle):
+    d = _codebook()
+    edit(d)
+    path = tmp_path / "cb.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(CodebookError, match=r"cb\.json: " + needle):
+        InstructionGrouper.load(path)
+
+
+def test_task_names_are_edited_in_the_history_and_kept(tmp_path):
+    d = _codebook()
+    d["history"][0]["name"] = "renamed"
+    del d["groups"][0]["tasks"]  # "tasks" is optional: it is derived from the history
+    path = tmp_path / "cb.json"
+    path.write_text(json.dumps(d))
+    g = InstructionGrouper.load(path)
+    g.save(path)
+    assert json.loads(path.read_text())["groups"][0]["tasks"] == ["renamed"]
+
+
+def test_a_template_in_two_groups_comes_from_the_official_rule_and_loads(tmp_path):
+    g = InstructionGrouper(threshold=0.9)
+    g.assign(["red apple small"])
+    d = g.assign(["red apple small", "green pear big"])  # mean similarity 0.5 < 0.9: a new group
+    assert (d.group, d.reused) == (1, False)
+    assert g.groups == [["red apple small"], ["red apple small", "green pear big"]]
+    g.save(tmp_path / "cb.json")
+    assert InstructionGrouper.load(tmp_path / "cb.json").groups == g.groups
+
+
+def test_codebook_with_bom_loads_and_empty_file_says_empty(tmp_path):
+    path = tmp_path / "cb.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(_codebook()).encode())  # as Notepad saves UTF-8
+    assert InstructionGrouper.load(path).groups == [["red apple"], ["green pear", "blue sky"]]
+    path.write_bytes(b"")
+    with pytest.raises(CodebookError, match=r"cb\.json: the file is empty; restore it, or delete it"):
+        InstructionGrouper.load(path)
