@@ -12,7 +12,14 @@ import argparse
 import logging
 import time
 
-METHOD_CHOICES = ("lora", "ema", "dema", "dema+group")
+# Light imports (no torch): the choices and defaults are the runner's own constants.
+from cl_core.continual.config import METHODS, ORDERS, RunConfig
+from cl_core.continual.synthetic import TASK_NAMES
+from cl_core.continual.templates import TEMPLATE_SETS
+from cl_core.dema.config import FORMULAS
+
+METHOD_CHOICES = METHODS
+_DEFAULTS = RunConfig()
 
 # The demo presets: the same tasks, seeds, steps and learning rate for every method.
 DEMO_FULL = dict(seeds=(0, 1), stage1_steps=1200, steps=100, n_train=1600, n_test=100)
@@ -63,37 +70,36 @@ def add_parser(sub) -> None:
     data.add_argument("--task-types", nargs="+", default=[], metavar="TYPE",
                       help="scoring rule per task file: mc | short | cls | exact | count | box "
                            "(default: inferred from the answers)")
-    data.add_argument("--test-fraction", type=float, default=0.1)
+    data.add_argument("--test-fraction", type=float, default=_DEFAULTS.test_fraction)
     data.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of failing")
     data.add_argument("--bundled-tasks", nargs="+", metavar="NAME",
-                      help="a subset of the bundled tasks, in order (sqa textvqa imagenet gqa vizwiz grounding "
-                           "vqav2 ocrvqa)")
-    data.add_argument("--order", choices=("origin", "reverse", "alphabet"), default="origin",
+                      help="a subset of the bundled tasks, in order (" + " ".join(TASK_NAMES) + ")")
+    data.add_argument("--order", choices=ORDERS, default=_DEFAULTS.order,
                       help="task order preset (CoIN's): as given, reversed, or by name")
-    data.add_argument("--templates", choices=("original", "diverse", "10type"), default="original",
+    data.add_argument("--templates", choices=tuple(TEMPLATE_SETS), default=_DEFAULTS.variant,
                       help="instruction templates of the bundled tasks")
-    data.add_argument("--n-train", type=int, default=1600, help="bundled: training samples per task")
-    data.add_argument("--n-test", type=int, default=100, help="bundled: test samples per task")
+    data.add_argument("--n-train", type=int, default=_DEFAULTS.n_train, help="bundled: training samples per task")
+    data.add_argument("--n-test", type=int, default=_DEFAULTS.n_test, help="bundled: test samples per task")
     model = run.add_argument_group("model and training")
     model.add_argument("--model", metavar="DIR",
                        help="a local causal-LM folder (default: the tiny Llama, trained in stage 1)")
     model.add_argument("--methods", nargs="+", default=["dema"], metavar="M",
-                       help="one or more of lora, ema, dema, dema+group (space or comma separated)")
-    model.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S")
-    model.add_argument("--steps", type=int, default=100, help="optimizer steps per task")
-    model.add_argument("--batch-size", type=int, default=16)
-    model.add_argument("--lr", type=float, default=5e-3)
-    model.add_argument("--lora-r", type=int, default=8)
-    model.add_argument("--lora-alpha", type=int, default=16)
-    model.add_argument("--max-length", type=int, default=256, help="tokens per training example")
+                       help=f"one or more of {', '.join(METHODS)} (space or comma separated)")
+    model.add_argument("--seeds", type=int, nargs="+", default=list(_DEFAULTS.seeds), metavar="S")
+    model.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimizer steps per task")
+    model.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
+    model.add_argument("--lr", type=float, default=_DEFAULTS.lr)
+    model.add_argument("--lora-r", type=int, default=_DEFAULTS.lora_r)
+    model.add_argument("--lora-alpha", type=int, default=_DEFAULTS.lora_alpha)
+    model.add_argument("--max-length", type=int, default=_DEFAULTS.max_length, help="tokens per training example")
     model.add_argument("--max-new-tokens", type=int, default=None,
                        help="generation length at evaluation (default: longest test answer + 2)")
-    model.add_argument("--stage1-steps", type=int, default=1200, help="tiny model: stage-1 steps")
+    model.add_argument("--stage1-steps", type=int, default=_DEFAULTS.stage1_steps, help="tiny model: stage-1 steps")
     ema = run.add_argument_group("EMA and grouping")
-    ema.add_argument("--beta", type=float, default=0.99, help="fixed EMA weight of method ema")
-    ema.add_argument("--dema-formula", choices=("official", "paper", "fixed"), default="official")
-    ema.add_argument("--dema-scale", type=float, default=2.0)
-    ema.add_argument("--dema-fallback", type=float, default=0.01)
+    ema.add_argument("--beta", type=float, default=_DEFAULTS.ema_beta, help="fixed EMA weight of method ema")
+    ema.add_argument("--dema-formula", choices=FORMULAS, default=_DEFAULTS.dema_formula)
+    ema.add_argument("--dema-scale", type=float, default=_DEFAULTS.dema_scale)
+    ema.add_argument("--dema-fallback", type=float, default=_DEFAULTS.dema_fallback)
     ema.add_argument("--threshold", type=float, default=None,
                      help="grouping threshold (default: 0.9 for original templates, 0.3 for diverse/10type)")
     _common(run)
@@ -133,8 +139,6 @@ def _execute(cfg, out, args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from cl_core.continual.run import RunConfig
-
     preset = dict(DEMO_QUICK if args.quick else DEMO_FULL)
     if args.seeds:
         preset["seeds"] = tuple(args.seeds)
@@ -144,8 +148,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from cl_core.continual.run import RunConfig
-
     if args.tasks and args.bundled_tasks:
         raise ValueError("--tasks (your files) and --bundled-tasks cannot be combined")
     cfg = RunConfig(

@@ -1,0 +1,126 @@
+"""The run folder's bookkeeping: ``state.json`` (per chain the finished tasks, one
+:class:`TaskRecord` each), the check that a folder holds this run, and JSON helpers.
+
+    state = RunState.load(out / "state.json")
+    done = state.finished("dema", 0)        # list[TaskRecord], in task order
+    done.append(TaskRecord(...)); state.save()
+
+On disk every record is a plain JSON object; records written by older versions (fewer
+fields) are read with the missing fields filled in as those versions behaved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from cl_core.atomic_io import write_json_atomic
+
+STATE_FORMAT = "cl_core.runner.state"  # the on-disk tag, kept from before the move
+STATE_VERSION = 1
+
+
+def write_json(path, obj) -> None:
+    write_json_atomic(obj, path, indent=1)
+
+
+def read_json(path: Path, what: str):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path} is not valid JSON ({exc.msg}); the run folder is damaged") from None
+
+
+@dataclass
+class TaskRecord:
+    """What happened on one task of one chain (method, seed)."""
+
+    task: str                   # task name
+    row: list                   # accuracy (%) on every task after this one
+    loss: float                 # mean training loss
+    adapter: str                # the PEFT adapter trained
+    group: int                  # its LoRA set (group id)
+    reused: bool                # the task re-trained an existing set
+    ema: bool                   # an EMA (fixed or dynamic) was on
+    adapters: str               # folder (in the chain folder) of the adapters after this task
+    similarities: list = field(default_factory=list)   # grouping: similarity to each earlier group
+    alpha_mean: list = field(default_factory=list)     # mean α over tensors, per optimizer step
+    train_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "state file") -> "TaskRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        if not isinstance(d, dict) or required - set(d):
+            missing = sorted(required - set(d)) if isinstance(d, dict) else sorted(required)
+            raise ValueError(f"{where}: a finished-task record lacks {missing}; the run folder is damaged")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class RunState:
+    """``state.json``: per chain (method, seed) the finished tasks, in order."""
+
+    def __init__(self, path: Path, data: dict | None = None):
+        self.path = Path(path)
+        self.data = data or {"format": STATE_FORMAT, "version": STATE_VERSION, "chains": {}, "base": {}}
+        self._records: dict = {}  # chain key -> list[TaskRecord] (the live view of data["chains"])
+        for key, chain in self.data["chains"].items():
+            self._records[key] = [TaskRecord.from_dict(t, f"{self.path} ({key})") for t in chain["tasks"]]
+
+    @classmethod
+    def load(cls, path: Path) -> "RunState":
+        path = Path(path)
+        if not path.exists():
+            return cls(path)
+        data = read_json(path, "state file")
+        if data.get("format") != STATE_FORMAT or data.get("version") != STATE_VERSION:
+            raise ValueError(f"state file {path} is not a cl_core run state (version {STATE_VERSION})")
+        return cls(path, data)
+
+    def save(self) -> None:
+        for key, records in self._records.items():
+            self.data["chains"][key]["tasks"] = [r.to_dict() for r in records]
+        write_json(self.path, self.data)
+
+    @staticmethod
+    def key(method: str, seed: int) -> str:
+        return f"{method}/seed{seed}"
+
+    def finished(self, method: str, seed: int) -> list:
+        """The chain's finished tasks (list[TaskRecord]); append to it, then save()."""
+        key = self.key(method, seed)
+        self.data["chains"].setdefault(key, {"method": method, "seed": seed, "tasks": []})
+        return self._records.setdefault(key, [])
+
+    @property
+    def base(self) -> dict:
+        """Per seed (str) the base model's zero-shot row (and stage-1 score)."""
+        return self.data["base"]
+
+
+def check_run_folder(out: Path, config: dict, defaults: Optional[dict] = None) -> None:
+    """Refuse a folder that holds another run (other settings) or something else.
+
+    ``config`` is this run's config dict; settings missing from the saved one (a folder
+    written before they existed) compare as ``defaults[key]``."""
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        saved = read_json(cfg_path, "run config")
+        defaults = defaults or {}
+        diff = [k for k in sorted(set(saved) | set(config))
+                if saved.get(k, defaults.get(k)) != config.get(k)]
+        if diff:
+            detail = ", ".join(f"{k}: {saved.get(k, defaults.get(k))!r} there vs {config.get(k)!r} now"
+                               for k in diff[:4])
+            raise ValueError(f"{out} holds a run with other settings ({detail}); resume it with its "
+                             "own settings, or choose another --out folder")
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a cl_core run folder (no config.json); "
+                         "choose an empty or new --out folder")

@@ -1,0 +1,211 @@
+"""Training and models for the continual runner: the ``transformers.Trainer`` glue (one
+Trainer run per task), the models (the tiny Llama and its tokenizer, a user's model
+folder), and stage 1 (training the tiny base on a multi-task mix).
+
+    loss = train(model, tokenizer, [(prompt, answer), ...], out_dir=..., steps=100, ...)
+    tok = user_tokenizer(cfg.model)  /  tiny_tokenizer()
+    model = load_base(folder, tokenizer)
+    train_stage1(cfg, tokenizer, seed, base_folder, scratch, quiet=True)
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from cl_core.atomic_io import atomic_dir
+from cl_core.continual.config import RunConfig
+from cl_core.continual.state import write_json
+
+log = logging.getLogger("cl_core.continual.run")
+
+# --------------------------------------------------------------------------- Trainer glue
+
+class _Dataset:
+    """A list of encoded examples as a map-style dataset."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _collate(pad_id: int):
+    def collate(batch):
+        import torch
+
+        width = max(len(x["input_ids"]) for x in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, x in enumerate(batch):
+            n = len(x["input_ids"])
+            ids[row, :n] = torch.tensor(x["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.tensor(x["labels"], dtype=torch.long)
+            attention[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+    return collate
+
+
+def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out_dir), use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", disable_tqdm=quiet, per_device_train_batch_size=batch_size,
+        max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=warmup,
+        weight_decay=0.0, seed=seed, data_seed=seed, dataloader_num_workers=0,
+        remove_unused_columns=False, optim="adamw_torch",
+    )
+
+
+def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup, seed, quiet,
+           callbacks=(), max_length):
+    """One Trainer run over (prompt, answer) pairs; returns the mean training loss."""
+    from transformers import Trainer
+
+    from cl_core.continual.evaluation import encode_example
+
+    items = [encode_example(tokenizer, p, a, max_length) for p, a in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(
+        model=model, args=_trainer_args(out_dir, steps=steps, batch_size=batch_size, lr=lr,
+                                        warmup=warmup, seed=seed, quiet=quiet),
+        train_dataset=_Dataset(items), data_collator=_collate(pad), callbacks=list(callbacks),
+    )
+    # The Trainer prints a metrics dict at the end (PrinterCallback / ProgressCallback.on_log);
+    # the runner logs its own summary instead.
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, ProgressCallback):
+            cb.on_log = lambda *a, **k: None
+    result = trainer.train()
+    return float(result.training_loss)
+
+
+def seed_for(seed: int, *parts) -> int:
+    """A deterministic 31-bit seed derived from the run seed and a label."""
+    import zlib
+
+    return zlib.crc32(f"{seed}/{'/'.join(map(str, parts))}".encode()) & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence transformers/peft info and progress chatter (saving/loading bars, notices)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|transformers|torch)\b.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(old)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------- models
+
+def tiny_tokenizer():
+    """The bundled benchmark's word-level tokenizer."""
+    from cl_core.continual import synthetic, tiny_model
+
+    return tiny_model.build_tokenizer(tiny_model.build_vocab(synthetic.vocabulary_texts()))
+
+
+def user_tokenizer(path: str):
+    """The tokenizer of a user's model folder, after checking the folder is a causal LM
+    with weights (ValueError otherwise)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad folder
+        raise ValueError(f"--model {path}: cannot read the model config ({exc})") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"--model {path}: model type {config.model_type!r} is not a causal LM")
+    if not any((Path(path) / f).is_file() for f in
+               ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")):
+        raise ValueError(f"--model {path}: no weights (model.safetensors / pytorch_model.bin) inside")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"--model {path}: cannot load its tokenizer ({exc})") from None
+    if tok.eos_token_id is None:
+        raise ValueError(f"--model {path}: the tokenizer has no end-of-sequence token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(folder: Path, tokenizer):
+    """The base causal LM of a chain (fp32), with the tokenizer's pad id for generation."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot load the model from {folder}: {exc}") from None
+    model.float()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# --------------------------------------------------------------------------- stage 1
+
+def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Path, *, quiet: bool) -> None:
+    """Train the tiny base model of ``seed`` on the stage-1 mix and save it (with the
+    tokenizer and ``stage1.json``) into ``folder``, atomically."""
+    from cl_core.continual import synthetic, tiny_model
+
+    t0 = time.time()
+    log.info("seed %d: stage 1, training the tiny base model (%d steps)", seed, cfg.stage1_steps)
+    model = tiny_model.build_model(len(tokenizer), hidden_size=cfg.hidden_size,
+                                   num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                                   max_positions=max(cfg.max_length, 128), seed=seed_for(seed, "init"))
+    samples = synthetic.stage1_samples(cfg.stage1_steps * cfg.stage1_batch_size, seed=seed)
+    loss = None
+    if cfg.stage1_steps > 0:
+        loss = train(model, tokenizer, [(s.prompt, s.answer) for s in samples],
+                     out_dir=scratch, steps=cfg.stage1_steps,
+                     batch_size=cfg.stage1_batch_size, lr=cfg.stage1_lr,
+                     warmup=max(1, cfg.stage1_steps // 20), seed=seed_for(seed, "stage1"),
+                     quiet=quiet, max_length=cfg.max_length)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / "stage1.json", {"loss": loss, "steps": cfg.stage1_steps,
+                                         "seconds": round(time.time() - t0, 2)})
+    del model
+    log.info("seed %d: stage 1 done in %.1f s (loss %s)", seed, time.time() - t0,
+             "-" if loss is None else f"{loss:.3f}")
+
+
+def stage1_score(model, tokenizer, seed: int, cfg: RunConfig) -> float:
+    """Accuracy (%) of a stage-1 base on held-out stage-1 samples."""
+    from cl_core.continual import synthetic
+    from cl_core.continual.evaluation import accuracy, generate
+
+    test = synthetic.stage1_samples(100, seed=10_000 + seed)
+    preds = generate(model, tokenizer, [s.prompt for s in test], max_new_tokens=12,
+                     batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_length)
+    return accuracy("exact", preds, [s.answer for s in test])
