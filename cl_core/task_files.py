@@ -42,8 +42,8 @@ vqa); any other name of a kind forces it.
 Malformed records (not an object, no known form, a turn without a text, an empty instruction,
 a JSONL line that is not JSON, ...) raise TaskFileError naming the file and the record index,
 unless skip_bad=True, which skips them with a logged warning. A file that is missing raises
-FileNotFoundError; one that is not JSON at all, not a list, or has no usable records raises
-TaskFileError (skip_bad does not help there).
+FileNotFoundError; one that is empty, not JSON at all, not a list, or has no usable records raises
+TaskFileError (skip_bad does not help there). Files are UTF-8, with or without a byte-order mark.
 """
 from __future__ import annotations
 
@@ -203,13 +203,17 @@ def _parse_record(rec, kind: str, index: int, source: str) -> TaskRecord:
 def _read_raw(path: Path):
     """[(index, record or _Bad)] from a JSON list or JSONL file."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # UTF-8 with or without a BOM (Windows editors add one)
     except FileNotFoundError:
         raise FileNotFoundError(f"task file {path}: file not found") from None
     except IsADirectoryError:
         raise TaskFileError(f"task file {path}: is a directory, not a file", path) from None
     except UnicodeDecodeError as exc:
         raise TaskFileError(f"task file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})", path) from None
+    if not raw.strip():
+        size = "0 bytes" if not raw else "only whitespace"
+        raise TaskFileError(f"task file {path}: the file is empty ({size}); a task file holds a JSON list of "
+                            "records or one JSON record per line (JSONL)", path)
     jsonl = path.suffix.lower() == ".jsonl"
     if not jsonl:
         try:

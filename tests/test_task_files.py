@@ -193,3 +193,22 @@ def test_first_human_turn_and_answer_after_it(tmp_path):
     ]}]))
     (r,) = load_task_file(p)
     assert (r.instruction, r.prompt, r.answer) == ("Reply briefly.", "q?\nReply briefly.", "a1")
+
+
+@pytest.mark.parametrize("name,content", [("t.json", ""), ("t.jsonl", ""), ("t.json", "\n  \n")])
+def test_empty_file_says_empty(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_text(content)
+    # before the fix: "not valid JSON (Expecting value at line 1 column 1)" / "no usable records"
+    with pytest.raises(TaskFileError, match=r"t\.jsonl?: the file is empty \((0 bytes|only whitespace)\); a task file holds"):
+        load_task_file(p, skip_bad=True)
+
+
+@pytest.mark.parametrize("name", ["t.json", "t.jsonl"])
+def test_utf8_with_bom_is_read(tmp_path, name):
+    recs = [{"instruction": "Résumé the input.", "input": "a", "output": "b"}] * 2
+    text = json.dumps(recs) if name.endswith(".json") else "\n".join(json.dumps(r) for r in recs)
+    p = tmp_path / name
+    p.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # as Notepad / Excel save "UTF-8"
+    got = load_task_file(p)  # before the fix: "not valid JSON (Unexpected UTF-8 BOM ...)"
+    assert [r.instruction for r in got] == ["Résumé the input."] * 2 and got[0].answer == "b"
