@@ -1,17 +1,18 @@
 """cl_core: fused dynamic-EMA (LCIA "DEMA") and instruction grouping for continual LoRA tuning.
 
-Public names (DESIGN.md §6). Heavy parts (transformers, scikit-learn) are imported
+Public names (docs/design.md §6). Heavy parts (transformers, scikit-learn) are imported
 on first use, so `import cl_core` stays light.
 """
-from cl_core.config import DEMAConfig
+from cl_core.dema.config import DEMAConfig
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "DEMA": ("cl_core.engine", "DEMA"),
-    "DEMAOptimizer": ("cl_core.optim", "DEMAOptimizer"),
+    "DEMA": ("cl_core.dema.engine", "DEMA"),
+    "DEMAOptimizer": ("cl_core.dema.optim", "DEMAOptimizer"),
     "DEMACallback": ("cl_core.callback", "DEMACallback"),
     "InstructionGrouper": ("cl_core.grouping", "InstructionGrouper"),
+    "save_ema_adapter": ("cl_core.peft_export", "save_ema_adapter"),
     "metrics": ("cl_core.metrics", None),
 }
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from cl_core import native_cpu
-from cl_core.config import FORMULA_CODE, DEMAConfig
-from cl_core.dema_state import GroupState
-from cl_core.native_cpu import address
-from cl_core.native_cpu import int64_table as _i64
+from cl_core.kernels import native
+from cl_core.dema.config import DEMAConfig
+from cl_core.dema.state import GroupState
+from cl_core.kernels.native import address
+from cl_core.kernels.native import int64_table as _i64
 
 MODE_STATS, MODE_APPLY, MODE_BOTH = 1, 2, 3
 
@@ -25,7 +25,7 @@ class TorchBackend:
         self.state = state
         self.config = config
         self.dtype = dtype
-        self._native = native_cpu.function_for(dtype) if state.device.type == "cpu" else None
+        self._native = native.function_for(dtype) if state.device.type == "cpu" else None
         self._scratch = None
         self._grad_key = None
         if self._native is not None:
@@ -44,7 +44,7 @@ class TorchBackend:
         self._th_ptr = torch.zeros(len(s), dtype=torch.int64)
         self._g_ptr = torch.zeros(len(s), dtype=torch.int64)
         self._stats = torch.zeros(len(s), 5, dtype=torch.float32)
-        self._runner = native_cpu.ShardedRunner(s.numels)
+        self._runner = native.ShardedRunner(s.numels)
 
     def _native_usable(self, thetas, grads) -> bool:
         return all(t.is_contiguous() for t in thetas) and all(
@@ -58,7 +58,7 @@ class TorchBackend:
             s.started, s.has_prev, s.d, s.alpha, s.skips, self._stats,
         ]
         ptrs = [address(a) for a in args]
-        consts = (FORMULA_CODE[cfg.formula], cfg.scale, cfg.fallback, cfg.beta)
+        consts = cfg.kernel_scalars()
         self._runner.run(lambda count, idx: self._native(mode, count, idx, *ptrs, *consts))
 
     def _update_native(self, thetas, grads, reduce_stats) -> None:
@@ -169,3 +169,9 @@ class TorchBackend:
             self._update_native(thetas, grads, reduce_stats)
         else:
             self._update_torch(thetas, grads, reduce_stats)
+
+    def canonicalize(self) -> None:
+        """Nothing to fold: this backend writes the shared state directly."""
+
+    def state_loaded(self) -> None:
+        """Nothing cached beyond the shared state."""

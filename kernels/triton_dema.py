@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from cl_core.config import FORMULA_CODE, DEMAConfig
-from cl_core.dema_state import GroupState
+from cl_core.dema.config import FORMULA_CODE, DEMAConfig
+from cl_core.dema.state import GroupState
 
 BLOCK = 1024
 CHUNK = 128  # partials summed per loop iteration in `decide`

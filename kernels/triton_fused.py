@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cl_core.config import FORMULA_CODE
-from cl_core.kernels.dema import alpha_rule
+from cl_core.kernels.triton_dema import alpha_rule
 
 BLOCK = 1024
 ITERS = 16  # a tile is BLOCK * ITERS elements: few partials per tensor
@@ -232,8 +231,8 @@ def _fused_flush_kernel(
 class TritonFusedGroup:
     """Launches the fused kernels for one (device, dtype) group of a DEMA engine."""
 
-    def __init__(self, state, dtype, owner):
-        self.state, self.dtype, self.owner = state, dtype, owner
+    def __init__(self, state, dtype, params):
+        self.state, self.dtype, self.params = state, dtype, params
         dev, n = state.device, len(state)
         tiles = [(t, s) for t, k in enumerate(state.numels) for s in range(0, k, TILE)]
         tile0 = [0]
@@ -252,7 +251,8 @@ class TritonFusedGroup:
         self.part = torch.zeros(2, max(1, self.n_tiles) * 5, dtype=torch.float32, device=dev)
         self.flags = torch.zeros(2, 6, n, dtype=torch.int32, device=dev)
         self.dcarry = torch.zeros(2, n, dtype=torch.float32, device=dev)
-        self.hyper = torch.zeros(n, 8, dtype=torch.float64, device=dev)
+        self.hyper_dev = torch.zeros(n, 8, dtype=torch.float64, device=dev)
+        self.hyper = torch.zeros(n, 8, dtype=torch.float64)  # this step's rows, filled on the host
         self.parity = 0
         self._dirty = True  # the canonical state is newer than the flags
 
@@ -264,7 +264,7 @@ class TritonFusedGroup:
         self.dcarry[r].copy_(s.d)
         self._dirty = False
 
-    def step(self, kind, th, g, m, v, hyper_cpu, cfg) -> None:
+    def step(self, kind, th, g, m, v, consts) -> None:
         s = self.state
         if len(s) == 0:
             return
@@ -275,30 +275,32 @@ class TritonFusedGroup:
         m = [th[i] if x == 0 else x for i, x in enumerate(m)]
         v = [th[i] if x == 0 else x for i, x in enumerate(v)]
         self.dyn.copy_(torch.tensor(th + g + m + v + has, dtype=torch.int64), non_blocking=True)
-        self.hyper.copy_(hyper_cpu, non_blocking=True)
+        self.hyper_dev.copy_(self.hyper, non_blocking=True)
+        formula, scale, fallback, beta = consts
         w, r = self.parity, 1 - self.parity
         if self.n_tiles:
             _fused_step_kernel[(self.n_tiles,)](
                 self.tile_tensor, self.tile_start, self.tile0, self.numel, self.dyn, self.e_tab, self.gp_tab,
-                self.hyper, self.part[r], self.part[w], self.flags[r], self.flags[w], self.dcarry[r],
-                self.dcarry[w], s.alpha, s.skips, len(s), cfg.scale, cfg.fallback, cfg.beta,
-                DTYPE=_TL[self.dtype], KIND=kind, FORMULA=FORMULA_CODE[cfg.formula],
+                self.hyper_dev, self.part[r], self.part[w], self.flags[r], self.flags[w], self.dcarry[r],
+                self.dcarry[w], s.alpha, s.skips, len(s), scale, fallback, beta,
+                DTYPE=_TL[self.dtype], KIND=kind, FORMULA=formula,
                 NEED_GP=s.needs_grad_prev, BLOCK=BLOCK, ITERS=ITERS, CHUNK=CHUNK,
             )
         self.parity = r
 
-    def flush(self, cfg) -> None:
+    def flush(self, consts) -> None:
         """Finish the pending EMA update and write the engine's canonical state."""
         s = self.state
         if len(s) == 0 or self._dirty or self.n_tiles == 0:
             return
         w, r = self.parity, 1 - self.parity
-        self.dyn[: len(s)].copy_(torch.tensor([p.data_ptr() for p in self.owner.params], dtype=torch.int64))
+        formula, scale, fallback, beta = consts
+        self.dyn[: len(s)].copy_(torch.tensor([p.data_ptr() for p in self.params], dtype=torch.int64))
         self.part[w].zero_()
         _fused_flush_kernel[(self.n_tiles,)](
             self.tile_tensor, self.tile_start, self.tile0, self.numel, self.dyn, self.e_tab, self.part[r],
-            self.part[w], self.flags[r], self.dcarry[r], s.alpha, s.skips, len(s), cfg.scale, cfg.fallback,
-            cfg.beta, DTYPE=_TL[self.dtype], FORMULA=FORMULA_CODE[cfg.formula], BLOCK=BLOCK, ITERS=ITERS,
+            self.part[w], self.flags[r], self.dcarry[r], s.alpha, s.skips, len(s), scale, fallback,
+            beta, DTYPE=_TL[self.dtype], FORMULA=formula, BLOCK=BLOCK, ITERS=ITERS,
             CHUNK=CHUNK,
         )
         # Canonical per-tensor state, from the flags the last step wrote (torch ops, no sync).

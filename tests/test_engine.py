@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cl_core.native_cpu
+import cl_core.kernels.native
 from cl_core import DEMA, DEMAConfig
 from tests.dema_sequences import EVENTS, make_script, official_replica, play
 
@@ -23,7 +23,7 @@ SHAPES = [(3, 5), (1,), (1023,), (7, 3, 2), (1025,), (2, 1024)]
 def _backend(name, monkeypatch):
     """'torch-pure' is the torch backend with the native CPU kernels switched off."""
     if name == "torch-pure":
-        monkeypatch.setattr(cl_core.native_cpu, "function_for", lambda dtype: None)
+        monkeypatch.setattr(cl_core.kernels.native, "function_for", lambda dtype: None)
         return "torch"
     return name
 
@@ -80,7 +80,7 @@ def test_mixed_dtypes_in_one_list(monkeypatch):
     ref, _ = play("reference", shapes, script, dtypes=dtypes)
     for backend in FAST:
         eng, params = play(_backend(backend, monkeypatch), shapes, script, dtypes=dtypes)
-        assert len(eng.group_indices) == 3
+        assert len(eng.groups) == 3
         assert [e.dtype for e in eng.ema_tensors()] == [torch.float32] * 4
         assert_same(eng, ref)
 
@@ -281,7 +281,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA tensors"):
         DEMA([torch.ones(2)], DEMAConfig(backend="triton"))
-    assert DEMA([torch.ones(2)], DEMAConfig(backend="auto"))._backend_names == ["torch"]
+    assert [g.backend_name for g in DEMA([torch.ones(2)], DEMAConfig(backend="auto")).groups] == ["torch"]
 
 
 def test_params_given_as_named_pairs():
@@ -308,14 +308,14 @@ def test_empty_local_shard_with_a_gradient_is_not_treated_as_missing():
 
 def test_native_path_split_over_threads_matches_reference(monkeypatch):
     """The native kernels run tensor shards on several threads (set at engine creation)."""
-    monkeypatch.setattr(cl_core.native_cpu.ShardedRunner, "MIN_PER_THREAD", 1)  # shard even tiny lists
+    monkeypatch.setattr(cl_core.kernels.native.ShardedRunner, "MIN_PER_THREAD", 1)  # shard even tiny lists
     shapes = [(300,), (7, 9), (1,), (2048,), (33,)]
     script = make_script(4, len(shapes), 6, events=EVENTS)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         eng, _ = play("torch", shapes, script)
-        assert len(eng._groups[0][2]._runner.shards) == 2
+        assert len(eng.groups[0].backend._runner.shards) == 2
     finally:
         torch.set_num_threads(before)
     ref, _ = play("reference", shapes, script)

@@ -135,7 +135,7 @@ def test_checkpoint_mid_run_moves_to_the_generic_path():
 
 def test_unsupported_options_fall_back_with_a_reason(caplog):
     params = _params()
-    with caplog.at_level(logging.INFO, logger="cl_core.fused"):
+    with caplog.at_level(logging.INFO, logger="cl_core.dema.fused"):
         opt = DEMAOptimizer(torch.optim.AdamW(params, amsgrad=True))
     assert not opt.fused
     assert "amsgrad" in caplog.text

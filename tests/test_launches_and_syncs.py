@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import cl_core.native_cpu
+import cl_core.kernels.native
 from cl_core import DEMA, DEMAConfig
 
 SYNC_OPS = {
@@ -73,7 +73,7 @@ def test_triton_launches_with_reduce_hook(launches):
 @pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
 def test_update_makes_no_host_sync(backend, formula, monkeypatch):
     if backend == "torch-pure":
-        monkeypatch.setattr(cl_core.native_cpu, "function_for", lambda dtype: None)
+        monkeypatch.setattr(cl_core.kernels.native, "function_for", lambda dtype: None)
         backend = "torch"
     engine, params = _engine(16, backend, formula)
     gen = torch.Generator().manual_seed(0)

@@ -40,6 +40,10 @@ class DEMAConfig:
         _check_number("fallback", self.fallback, "0 < fallback < 1", lambda v: 0 < v < 1)
         _check_number("beta", self.beta, "0 < beta < 1", lambda v: 0 < v < 1)
 
+    def kernel_scalars(self) -> tuple:
+        """(formula code, scale, fallback, beta): the scalars every kernel takes, in this order."""
+        return FORMULA_CODE[self.formula], float(self.scale), float(self.fallback), float(self.beta)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -10,18 +10,35 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from cl_core.config import DEMAConfig
-from cl_core.dema_state import GroupState, local_tensor
+from cl_core.dema.backends import DEMABackend, make_backend, resolve_backend
+from cl_core.dema.config import DEMAConfig
+from cl_core.dema.state import GroupState, local_tensor
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "cl_core.DEMA"
 STATE_VERSION = 1
+
+
+@dataclass
+class EngineGroup:
+    """The tensors of one (device, dtype) that one backend updates together.
+
+    `state` and `backend` exist once the engine has started (the lazy start of
+    DESIGN.md §2); before that they are None.
+    """
+
+    indices: list  # positions in engine.params
+    device: torch.device
+    dtype: torch.dtype
+    backend_name: str  # "reference" | "torch" | "triton"
+    state: Optional[GroupState] = None
+    backend: Optional[DEMABackend] = None
 
 
 @dataclass
@@ -41,47 +58,6 @@ class DEMAStats:
             "updates": self.updates,
             "skipped_steps": self.skipped_steps,
         }
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend that runs tensors of `device` for the configured name."""
-    if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if name == "triton":
-        if not triton_available():
-            raise ValueError("DEMAConfig.backend='triton' needs the triton package: pip install triton (or use backend='auto')")
-        if device.type != "cuda" and not _interpreting():
-            raise ValueError(
-                f"DEMAConfig.backend='triton' runs on CUDA tensors, got a tensor on {device}; "
-                "use backend='auto' or 'torch' (or set TRITON_INTERPRET=1 to run the kernels on CPU for testing)"
-            )
-    return name
-
-
-def _make_backend(name: str, state: GroupState, config: DEMAConfig, dtype: torch.dtype):
-    if name == "reference":
-        from cl_core.dema_reference import ReferenceBackend
-
-        return ReferenceBackend(state, config)
-    if name == "triton":
-        from cl_core.kernels.dema import TritonBackend
-
-        return TritonBackend(state, config, dtype)
-    from cl_core.dema_torch import TorchBackend
-
-    return TorchBackend(state, config, dtype)
 
 
 class DEMA:
@@ -113,11 +89,12 @@ class DEMA:
         keys: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             keys.setdefault((local_tensor(p).device, p.dtype), []).append(i)
-        self.group_indices = list(keys.values())
-        self._group_keys = list(keys)
         # Fail early on an unusable backend, before any training step.
-        self._backend_names = [resolve_backend(self.config.backend, dev) for dev, _ in self._group_keys]
-        self._groups = None  # [(indices, GroupState, backend)], created at the first update
+        self.groups = [
+            EngineGroup(indices, dev, dtype, resolve_backend(self.config.backend, dev))
+            for (dev, dtype), indices in keys.items()
+        ]
+        self._started = False  # the groups' state and backends exist (first update)
         self.num_updates = 0
         self.skipped_steps = 0
         self._pending_flush = None  # set by a fused optimizer whose EMA lags one step
@@ -125,7 +102,7 @@ class DEMA:
     # ------------------------------------------------------------------ lifecycle
     @property
     def initialized(self) -> bool:
-        return self._groups is not None
+        return self._started
 
     def _locals(self, indices) -> list[torch.Tensor]:
         return [local_tensor(self.params[i]).detach() for i in indices]
@@ -137,22 +114,33 @@ class DEMA:
             out.append(None if g is None else local_tensor(g).detach())
         return out
 
-    def _init_groups(self) -> None:
-        groups = []
+    def ensure_groups(self) -> None:
+        """Create each group's state and backend (the EMA starts as the parameters now)."""
+        if self._started:
+            return
         with torch.no_grad():
-            for indices, (_, dtype), name in zip(self.group_indices, self._group_keys, self._backend_names):
-                state = GroupState(self._locals(indices), self.config)
-                groups.append((indices, state, _make_backend(name, state, self.config, dtype)))
-        self._groups = groups
+            for g in self.groups:
+                g.state = GroupState(self._locals(g.indices), self.config)
+                g.backend = make_backend(g.backend_name, g.state, self.config, g.dtype)
+        self._started = True
+
+    # ------------------------------------------------------------------ hooks for a fused optimizer
+    def set_pending_flush(self, finish) -> None:
+        """A fused optimizer left the EMA one step behind; `finish()` completes it.
+        Every read of the EMA (and the next `update`) calls it first."""
+        self._pending_flush = finish
+
+    def count_update(self) -> None:
+        """One DEMA update happened outside `update()` (inside a fused optimizer step)."""
+        self.num_updates += 1
 
     def update(self) -> None:
         """One DEMA step over all tensors; call right after `optimizer.step()`."""
         self.flush()
-        if self._groups is None:
-            self._init_groups()
+        self.ensure_groups()
         with torch.no_grad():
-            for indices, _, backend in self._groups:
-                backend.update(self._locals(indices), self._grads(indices), self.reduce_stats)
+            for g in self.groups:
+                g.backend.update(self._locals(g.indices), self._grads(g.indices), self.reduce_stats)
         self.num_updates += 1
 
     def skip_step(self) -> None:
@@ -168,22 +156,22 @@ class DEMA:
     # ------------------------------------------------------------------ reading the EMA
     def _per_param(self, pick) -> list:
         out = [None] * len(self.params)
-        for indices, state, _ in self._groups:
-            for k, i in enumerate(indices):
-                out[i] = pick(state, k)
+        for g in self.groups:
+            for k, i in enumerate(g.indices):
+                out[i] = pick(g.state, k)
         return out
 
     def ema_tensors(self) -> list[torch.Tensor]:
         """θ* per tensor (fp32, parameter shape); before the first update, the parameters."""
         self.flush()
-        if self._groups is None:
+        if not self._started:
             return [local_tensor(p).detach().float().clone() for p in self.params]
         self._canonicalize()
         return self._per_param(lambda s, k: s.ema_views[k].view(s.shapes[k]))
 
     def copy_to_params(self) -> None:
         """EMA replace: θ ← θ* (cast to each parameter's dtype)."""
-        if self._groups is None and self._pending_flush is None:
+        if not self._started and self._pending_flush is None:
             return
         with torch.no_grad():
             for p, e in zip(self.params, self.ema_tensors()):
@@ -192,7 +180,7 @@ class DEMA:
     @contextlib.contextmanager
     def swap(self):
         """Context manager: the parameters hold θ* inside, their own values after."""
-        if self._groups is None and self._pending_flush is None:
+        if not self._started and self._pending_flush is None:
             yield self
             return
         with torch.no_grad():
@@ -207,7 +195,7 @@ class DEMA:
 
     @property
     def stats(self) -> DEMAStats:
-        if self._groups is None:
+        if not self._started:
             dev = local_tensor(self.params[0]).device if self.params else torch.device("cpu")
             alpha = torch.zeros(len(self.params), dtype=torch.float32, device=dev)
             skips = torch.zeros(len(self.params), dtype=torch.int64, device=dev)
@@ -218,21 +206,19 @@ class DEMA:
         return DEMAStats(alpha, skips, self.num_updates, self.skipped_steps)
 
     def _gather(self, field: str) -> torch.Tensor:
-        if not self._groups:
+        if not self.groups:
             dtype = {"started": torch.uint8, "has_prev": torch.uint8, "skips": torch.int64}.get(field, torch.float32)
             return torch.zeros(0, dtype=dtype)
-        if len(self._groups) == 1 and self._groups[0][0] == list(range(len(self.params))):
-            return getattr(self._groups[0][1], field).clone()
-        dev = self._groups[0][1].device
+        if len(self.groups) == 1:  # the one group holds every tensor, in order
+            return getattr(self.groups[0].state, field).clone()
+        dev = self.groups[0].device
         vals = self._per_param(lambda s, k: getattr(s, field)[k : k + 1].to(dev))
         return torch.cat(vals)
 
     def _canonicalize(self) -> None:
         # Backends that keep partial sums (Triton) fold them into the shared state.
-        for _, _, backend in self._groups:
-            fold = getattr(backend, "canonicalize", None)
-            if fold is not None:
-                fold()
+        for g in self.groups:
+            g.backend.canonicalize()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -246,9 +232,9 @@ class DEMA:
             "dtypes": [str(p.dtype).replace("torch.", "") for p in self.params],
             "num_updates": self.num_updates,
             "skipped_steps": self.skipped_steps,
-            "initialized": self._groups is not None,
+            "initialized": self._started,
         }
-        if self._groups is None:
+        if not self._started:
             return sd
         self.flush()
         self._canonicalize()
@@ -267,13 +253,15 @@ class DEMA:
             log.warning("DEMA state was saved with config %s; continuing with %s", sd["config"], self.config.to_dict())
         self.flush()
         if not sd["initialized"]:
-            self._groups = None
+            self._started = False
+            for g in self.groups:
+                g.state = g.backend = None
         else:
-            if self._groups is None:
-                self._init_groups()
+            self.ensure_groups()
             with torch.no_grad():
-                for indices, state, backend in self._groups:
-                    for k, i in enumerate(indices):
+                for g in self.groups:
+                    state = g.state
+                    for k, i in enumerate(g.indices):
                         state.ema_views[k].copy_(sd["ema"][i].reshape(-1))
                         gp = sd["grad_prev"][i]
                         if state.gprev_views is not None:
@@ -285,9 +273,7 @@ class DEMA:
                             getattr(state, field)[k] = sd[field][i]
                         if state.gprev_views is not None and gp is None:
                             state.has_prev[k] = 0
-                    reset = getattr(backend, "state_loaded", None)
-                    if reset is not None:
-                        reset()
+                    g.backend.state_loaded()
         self.num_updates = int(sd["num_updates"])
         self.skipped_steps = int(sd["skipped_steps"])
 

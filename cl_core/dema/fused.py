@@ -19,20 +19,13 @@ import logging
 
 import torch
 
-from cl_core import native_cpu
-from cl_core.config import FORMULA_CODE
-from cl_core.native_cpu import address, int64_table
+from cl_core.kernels import native
+from cl_core.kernels.cpu_fused import NONNULL, CpuFusedGroup
 
 log = logging.getLogger(__name__)
 
 KIND_ADAM, KIND_ADAMW, KIND_SGD = 0, 1, 2
-# Order of the address table handed to the kernels (P_* in csrc/fused_cpu.c).
-FIELDS = (
-    "numel", "th", "g", "m", "v", "e", "gp", "started", "has_prev", "d", "alpha", "skips",
-    "pend_mode", "pend_stats", "pend_has_grad", "pend_has_prev",
-)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_NONNULL = torch.zeros(1, dtype=torch.float64)  # a valid address for empty tensors' gradients
 _ZERO_ROW = [0.0] * 8
 
 
@@ -73,60 +66,14 @@ def unsupported_reason(opt: torch.optim.Optimizer, engine) -> str | None:
             return "a parameter is not contiguous"
         if hasattr(p, "to_local"):
             return "the parameters are DTensors (sharded)"
-    for (device, _), backend in zip(engine._group_keys, engine._backend_names):
-        if backend == "triton":
+    for group in engine.groups:
+        if group.backend_name == "triton":
             continue  # resolve_backend already checked that triton can run there
-        if device.type != "cpu":
-            return f"no fused kernel for {device} tensors without triton"
-        if native_cpu.load("fused") is None:
+        if group.device.type != "cpu":
+            return f"no fused kernel for {group.device} tensors without triton"
+        if native.load("fused") is None:
             return "the native CPU kernels could not be built here"
     return None
-
-
-class _Group:
-    """Tables of one (device, dtype) engine group for the fused kernels."""
-
-    def __init__(self, indices, state, params, dtype, use_triton: bool):
-        self.indices, self.state, self.dtype = indices, state, dtype
-        self.params = [params[i] for i in indices]
-        n = len(indices)
-        dev = state.device
-        self.device = dev
-        self.pend_mode = torch.zeros(n, dtype=torch.uint8, device=dev)
-        self.pend_stats = torch.zeros(n, 5, dtype=torch.float32, device=dev)
-        self.pend_has_grad = torch.zeros(n, dtype=torch.uint8, device=dev)
-        self.pend_has_prev = torch.zeros(n, dtype=torch.uint8, device=dev)
-        self.hyper = torch.zeros(n, 8, dtype=torch.float64)
-        self._key = None
-        self.use_triton = use_triton
-        if not use_triton:
-            self.numel = int64_table(state.numels)
-            self.ptr = {k: torch.zeros(n, dtype=torch.int64) for k in ("th", "g", "m", "v")}
-            self.ptr["e"] = int64_table([v.data_ptr() for v in state.ema_views])
-            gp = state.gprev_views
-            nonnull = _NONNULL.data_ptr()  # null g_prev means "no g_prev" to the kernel
-            self.ptr["gp"] = int64_table([v.data_ptr() or nonnull for v in gp] if gp is not None else [0] * n)
-            arrays = {
-                "numel": self.numel, **self.ptr, "started": state.started, "has_prev": state.has_prev,
-                "d": state.d, "alpha": state.alpha, "skips": state.skips, "pend_mode": self.pend_mode,
-                "pend_stats": self.pend_stats, "pend_has_grad": self.pend_has_grad,
-                "pend_has_prev": self.pend_has_prev,
-            }
-            self.table = int64_table([arrays[k].data_ptr() for k in FIELDS])
-            self.runner = native_cpu.ShardedRunner(state.numels)
-            self.step_fn = native_cpu.function_for(dtype, "fused_step")
-            self.flush_fn = native_cpu.function_for(dtype, "fused_flush")
-        else:
-            from cl_core.kernels.fused_dema import TritonFusedGroup
-
-            self.triton = TritonFusedGroup(state, dtype, self)
-
-    def set_pointers(self, th, g, m, v) -> None:
-        key = (th, g, m, v)
-        if key != self._key:  # grads move with zero_grad(set_to_none=True)
-            for name, vals in zip(("th", "g", "m", "v"), key):
-                self.ptr[name].copy_(int64_table(vals))
-            self._key = key
 
 
 class FusedStep:
@@ -157,14 +104,11 @@ class FusedStep:
     # ------------------------------------------------------------------ set-up
     def _ensure_groups(self) -> None:
         eng = self.engine
-        if not eng.initialized:
-            eng._init_groups()
-        if self._engine_groups is not eng._groups:
-            self._groups = [
-                _Group(indices, state, eng.params, eng._group_keys[k][1], eng._backend_names[k] == "triton")
-                for k, (indices, state, _) in enumerate(eng._groups)
-            ]
-            self._engine_groups = eng._groups
+        eng.ensure_groups()
+        states = [g.state for g in eng.groups]
+        if self._engine_groups != states:  # new after a reset of the engine
+            self._groups = [_fused_group(g, eng.params) for g in eng.groups]
+            self._engine_groups = states
             self._group_of = {}
             for gi, group in enumerate(self.opt.param_groups):
                 for p in group["params"]:
@@ -218,7 +162,7 @@ class FusedStep:
         eng = self.engine
         self._ensure_groups()
         cfg = eng.config
-        consts = (FORMULA_CODE[cfg.formula], cfg.scale, cfg.fallback, cfg.beta)
+        consts = cfg.kernel_scalars()
         groups = self.opt.param_groups
         kind = self._kind_for(groups[0])  # one kind for all groups: checked by unsupported_reason
         rows_cache, step_counters = {}, []
@@ -233,7 +177,7 @@ class FusedStep:
                 if p.grad.is_sparse or p.grad.dtype != p.dtype or not p.grad.is_contiguous():
                     raise RuntimeError("fused DEMA step: gradients must be dense, contiguous and of the parameter dtype")
                 # 0 means "no gradient" to the kernels; an empty tensor has a null pointer
-                g.append(p.grad.data_ptr() or _NONNULL.data_ptr())
+                g.append(p.grad.data_ptr() or NONNULL.data_ptr())
                 mm, vv = self._optimizer_state(p)
                 rows.append(self._hyper_row(p, gi, groups[gi], rows_cache))
                 if self.kind == KIND_SGD:
@@ -243,30 +187,27 @@ class FusedStep:
                 m.append(0 if mm is None else mm.data_ptr())
                 v.append(0 if vv is None else vv.data_ptr())
             grp.hyper.copy_(torch.tensor(rows, dtype=torch.float64).reshape(-1, 8))
-            if not grp.use_triton:
-                grp.set_pointers(th, g, m, v)
-                table, hyper = address(grp.table), address(grp.hyper)
-                grp.runner.run(lambda count, idx: grp.step_fn(kind, count, idx, table, hyper, *consts))
-            else:
-                grp.triton.step(kind, th, g, m, v, grp.hyper, cfg)
+            grp.step(kind, th, g, m, v, consts)
         if step_counters:  # torch's own step counters, in one call
             torch._foreach_add_(step_counters, 1.0)
-        eng.num_updates += 1
-        eng._pending_flush = self.flush
+        eng.count_update()
+        eng.set_pending_flush(self.flush)
 
     @torch.no_grad()
     def flush(self) -> None:
         """Finish the EMA update that the last fused step left pending."""
         if self._groups is None:
             return
-        cfg = self.engine.config
-        consts = (FORMULA_CODE[cfg.formula], cfg.scale, cfg.fallback, cfg.beta)
+        consts = self.engine.config.kernel_scalars()
         for grp in self._groups:
-            if not grp.use_triton:
-                # Parameters may have been given new storage since the step (p.data = ...).
-                grp.ptr["th"].copy_(int64_table([p.data_ptr() for p in grp.params]))
-                grp._key = None
-                table = address(grp.table)
-                grp.runner.run(lambda count, idx: grp.flush_fn(count, idx, table, *consts))
-            else:
-                grp.triton.flush(cfg)
+            grp.flush(consts)
+
+
+def _fused_group(group, params):
+    """The fused-kernel driver of one engine group: CPU (native C) or Triton."""
+    members = [params[i] for i in group.indices]
+    if group.backend_name == "triton":
+        from cl_core.kernels.triton_fused import TritonFusedGroup
+
+        return TritonFusedGroup(group.state, group.dtype, members)
+    return CpuFusedGroup(group.state, group.dtype, members)

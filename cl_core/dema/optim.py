@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import torch
 
-from cl_core.config import DEMAConfig
+from cl_core.dema.config import DEMAConfig
 
 DEMA_STATE_KEY = "dema"
 
@@ -70,7 +70,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         return params
 
     def _build_engine(self):
-        from cl_core.engine import DEMA
+        from cl_core.dema.engine import DEMA
 
         params = self._dema_params()
         if not params:
@@ -80,7 +80,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         if isinstance(reduce_stats, str):
             if reduce_stats != "auto":
                 raise ValueError(f"DEMAOptimizer: reduce_stats={reduce_stats!r}; use 'auto', None or a callable")
-            from cl_core.distributed import auto_reduce_stats
+            from cl_core.dema.distributed import auto_reduce_stats
 
             reduce_stats = auto_reduce_stats(params)
         names = _names_for(self.inner.param_groups, params)
@@ -92,7 +92,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         """The one-pass optimizer+DEMA step where the inner optimizer allows it (issue 6)."""
         if self._fused_arg is False:
             return None
-        from cl_core.fused import FusedStep, unsupported_reason
+        from cl_core.dema.fused import FusedStep, unsupported_reason
 
         if self._fused_arg is True:
             reason = unsupported_reason(self.inner, engine)

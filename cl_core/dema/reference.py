@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from cl_core.config import DEMAConfig
-from cl_core.dema_state import GroupState, alpha_rule
+from cl_core.dema.config import DEMAConfig
+from cl_core.dema.state import GroupState, alpha_rule
 
 # Columns of the per-tensor statistics table handed to a `reduce_stats` hook.
 STAT_A, STAT_B, STAT_C, STAT_NONFINITE, STAT_D = range(5)
@@ -68,3 +68,9 @@ class ReferenceBackend:
                     s.gprev_views[i].copy_(grad.detach().reshape(-1).float())
                     s.has_prev[i] = 1
             s.d[i] = torch.norm(th - ema, p=1)
+
+    def canonicalize(self) -> None:
+        """Nothing to fold: this backend writes the shared state directly."""
+
+    def state_loaded(self) -> None:
+        """Nothing cached beyond the shared state."""

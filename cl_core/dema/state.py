@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from cl_core.config import DEMAConfig
+from cl_core.dema.config import DEMAConfig
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ same model trained on the same global batch in the same process:
   fsdp2  fully_shard (DTensor, Shard(0), one layer with an odd row count so the shards are
          uneven), cl_core.DEMAOptimizer(AdamW) with reduce_stats="auto";
   fsdp1  FullyShardedDataParallel(use_orig_params=True) (flat 1-D slices, some empty),
-         a cl_core.DEMA engine with cl_core.distributed.auto_reduce_stats(params, model).
+         a cl_core.DEMA engine with cl_core.dema.distributed.auto_reduce_stats(params, model).
 Per step: α per tensor, and the number of all_reduce calls inside the DEMA update.
 At the end: the full EMA tensors (gathered) and a state_dict round trip; for FSDP2 also a
 DEMACallback driven as the Trainer drives it (sharding detected, per-rank state files). Both for the
@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 import torch.distributed as dist  # noqa: E402
 
 from cl_core import DEMA, DEMACallback, DEMAConfig, DEMAOptimizer  # noqa: E402
-from cl_core import distributed as cl_dist  # noqa: E402
+from cl_core.dema import distributed as cl_dist  # noqa: E402
 
 STEPS = 5
 GLOBAL_BATCH = 8
@@ -131,7 +131,7 @@ def run_fsdp2(cfg, rank, world, out):
     opt2.load_state_dict(sd)
     rt_ok = all(torch.equal(a, b) for a, b in zip(opt.engine.ema_tensors(), opt2.engine.ema_tensors()))
     return {"alpha": alphas, "ema": ema_full, "all_reduce_per_step": reduces,
-            "reducer_calls": opt.engine.reduce_stats.calls, "groups": len(opt.engine.group_indices),
+            "reducer_calls": opt.engine.reduce_stats.calls, "groups": len(opt.engine.groups),
             "local_shapes": [list(p.to_local().shape) for p in params], "state_round_trip": rt_ok,
             "callback_sharded": cb._sharded, "callback_same_ema": cb_same, "callback_files": cb_files,
             "callback_resumed": cb_resumed}

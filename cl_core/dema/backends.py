@@ -1,0 +1,71 @@
+"""Backend selection: which implementation runs a (device, dtype) group of the engine.
+
+Every backend implements one interface (DEMABackend below); the engine never looks
+inside one. "reference" is the literal per-tensor maths (cl_core.dema.reference),
+"torch" the native CPU kernels with a pure-torch fallback (cl_core.kernels.cpu_dema),
+"triton" the GPU kernels (cl_core.kernels.triton_dema).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+
+from cl_core.dema.config import DEMAConfig
+from cl_core.dema.state import GroupState
+
+
+class DEMABackend(Protocol):
+    """What the engine asks of a backend for one (device, dtype) group."""
+
+    def update(self, thetas: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
+               reduce_stats: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+        """One DEMA step over the group's local tensors (grads[i] None = no gradient)."""
+
+    def canonicalize(self) -> None:
+        """Fold any partial sums the backend keeps into the shared GroupState."""
+
+    def state_loaded(self) -> None:
+        """A checkpoint was written into the shared GroupState: drop cached partials."""
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The backend that runs tensors of `device` for the configured name."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("DEMAConfig.backend='triton' needs the triton package: pip install triton (or use backend='auto')")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                f"DEMAConfig.backend='triton' runs on CUDA tensors, got a tensor on {device}; "
+                "use backend='auto' or 'torch' (or set TRITON_INTERPRET=1 to run the kernels on CPU for testing)"
+            )
+    return name
+
+
+def make_backend(name: str, state: GroupState, config: DEMAConfig, dtype: torch.dtype) -> DEMABackend:
+    if name == "reference":
+        from cl_core.dema.reference import ReferenceBackend
+
+        return ReferenceBackend(state, config)
+    if name == "triton":
+        from cl_core.kernels.triton_dema import TritonBackend
+
+        return TritonBackend(state, config, dtype)
+    from cl_core.kernels.cpu_dema import TorchBackend
+
+    return TorchBackend(state, config, dtype)
