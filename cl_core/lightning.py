@@ -1,0 +1,464 @@
+"""Dynamic EMA (LCIA "DEMA") in a Lightning ``Trainer`` with one line.
+
+    from cl_core.lightning import DEMACallback
+    trainer = lightning.pytorch.Trainer(callbacks=[DEMACallback()])
+
+The same meaning as the Hugging Face :class:`cl_core.DEMACallback`:
+
+* ``on_fit_start`` picks the tensors to average (``params="lora"``: the LoRA tensors of
+  the active adapter of every PEFT model inside the LightningModule, else every trainable
+  parameter; ``"trainable"``: every trainable parameter; or a callable) and sets up the
+  update after each optimizer step, in one pass where the optimizer allows it:
+
+  - the module's optimizer is already a :class:`cl_core.DEMAOptimizer`: its engine is used
+    (one engine per tensor, never two);
+  - it is a plain ``torch.optim.AdamW`` / ``Adam`` / ``SGD`` that updates exactly the
+    averaged tensors: it is wrapped in a ``DEMAOptimizer`` in the Trainer, so the optimizer
+    update and DEMA run as one sweep (LR schedulers keep working: the wrapper shares the
+    inner optimizer's ``param_groups``);
+  - anything else: a :class:`cl_core.DEMA` engine updated right after each step of the
+    optimizer (a step hook), with one log line saying why it is not one pass.
+
+* A step the precision plugin skipped (AMP overflow) is counted, not averaged.
+* Validation and test run with the EMA weights swapped in (``eval_with_ema=True``).
+* The DEMA state goes into the ``.ckpt`` (the callback's ``state_dict``), so a run resumed
+  with ``trainer.fit(..., ckpt_path=...)`` ends with exactly the EMA of an uninterrupted run.
+* At the end of training the EMA replaces the live weights (``replace_at_end=True``).
+* ``save_ema_adapter(dir)`` writes the EMA as a standard PEFT adapter folder.
+* Mean α, the share of tensors at the fallback α and the skip counters go to the trainer's
+  loggers every ``log_every_n_steps`` optimizer steps (one small host sync then, none in
+  between).
+
+Single device and DDP only: sharding strategies (FSDP, DeepSpeed, model parallel) are refused
+at the start with a message, rather than averaging shards with the wrong statistics.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+try:
+    import lightning.pytorch as pl
+except ImportError as exc:  # an optional extra
+    raise ImportError("cl_core.lightning needs Lightning; install it with: pip install cl_core[lightning] "
+                      "(or pip install lightning)") from exc
+
+from cl_core import DEMA, DEMAConfig, DEMAOptimizer
+from cl_core.peft_export import is_peft_model, save_ema_adapter, select_dema_parameters
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "cl_core.lightning.DEMACallback"
+STATE_VERSION = 1
+_FUSABLE = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+
+
+class DEMACallback(pl.Callback):
+    """Dynamic EMA (LCIA) for ``lightning.pytorch.Trainer``.
+
+    config:         :class:`cl_core.DEMAConfig` (default settings when None).
+    params:         ``"lora"`` (default: the LoRA tensors of the active adapter of the PEFT
+                    model(s) in the module, every trainable parameter when there is none),
+                    ``"trainable"`` (every parameter with ``requires_grad``), or a callable
+                    ``f(pl_module) -> iterable of (name, parameter)``.
+    replace_at_end: copy the EMA into the model when training ends (default True).
+    eval_with_ema:  validate and test with the EMA weights swapped in (default True).
+    fused:          ``"auto"`` (one pass where possible), ``True`` (raise where not possible),
+                    ``False`` (always the separate DEMA pass).
+    log_stats:      send α statistics to the trainer's loggers (default True).
+
+    After ``fit`` starts: ``.engine`` (the :class:`cl_core.DEMA`), ``.names`` (its tensors'
+    names in the module), ``.fused`` (bool) and ``.not_fused_reason`` (str or None).
+    """
+
+    def __init__(self, config: DEMAConfig | None = None, *, params="lora", replace_at_end: bool = True,
+                 eval_with_ema: bool = True, fused="auto", log_stats: bool = True):
+        if config is not None and not isinstance(config, DEMAConfig):
+            raise TypeError(f"DEMACallback(config=...) takes a cl_core.DEMAConfig, got {type(config).__name__}")
+        if not callable(params) and params not in ("lora", "trainable"):
+            raise ValueError(f"DEMACallback(params={params!r}): use 'lora', 'trainable' or a callable "
+                             "returning (name, parameter) pairs")
+        if fused not in ("auto", True, False):
+            raise ValueError(f"DEMACallback(fused={fused!r}): use 'auto', True or False")
+        super().__init__()
+        self.config = config if config is not None else DEMAConfig()
+        self.params = params
+        self.replace_at_end = bool(replace_at_end)
+        self.eval_with_ema = bool(eval_with_ema)
+        self.log_stats = bool(log_stats)
+        self._fused_arg = fused
+        self.engine: DEMA | None = None
+        self.names: list[str] = []
+        self.fused = False
+        self.not_fused_reason: str | None = None
+        self.resumed = False
+        self._module = None
+        self._stepper = None           # the optimizer whose steps drive the EMA
+        self._wrapper = None           # a DEMAOptimizer this callback put into the Trainer
+        self._update_in_hook = False   # two-pass path: engine.update() in the step hook
+        self._hooks = []
+        self._expect_step = False      # on_before_optimizer_step seen, step not yet taken
+        self._stepped = False          # a step was taken during this batch
+        self._pending_state = None     # a checkpoint state waiting for the engine
+        self._swap_ctx = None
+
+    # ------------------------------------------------------------------ selection
+
+    def _select(self, pl_module) -> list[tuple[str, torch.nn.Parameter]]:
+        canonical = {}
+        for n, p in pl_module.named_parameters():
+            canonical.setdefault(id(p), n)
+        if callable(self.params):
+            named = []
+            for item in self.params(pl_module):
+                if isinstance(item, torch.Tensor):
+                    item = (canonical.get(id(item), f"param_{len(named)}"), item)
+                if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
+                    raise TypeError("DEMACallback(params=callable): the callable must return parameters or "
+                                    f"(name, parameter) pairs, got {type(item).__name__}")
+                named.append(item)
+            what = "the tensors params= returned"
+        elif self.params == "trainable":
+            named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+            what = "trainable parameters"
+        else:
+            peft_models = _outer_peft_models(pl_module)
+            if not peft_models:
+                logger.info("DEMACallback(params='lora'): %s holds no PEFT model; averaging every trainable "
+                            "parameter", type(pl_module).__name__)
+                named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+            else:
+                named = []
+                for prefix, model in peft_models:
+                    named += [(canonical.get(id(p), prefix + n), p) for n, p in select_dema_parameters(model)]
+            what = "LoRA tensors of the active adapter" if peft_models else "trainable parameters"
+        if not named:
+            raise ValueError(f"DEMACallback: {type(pl_module).__name__} has no {what} (params={self.params!r}); "
+                             "there is nothing to average")
+        if len({id(p) for _, p in named}) != len(named):
+            raise ValueError("DEMACallback: the selected parameters hold the same tensor twice")
+        return named
+
+    # ------------------------------------------------------------------ set-up
+
+    def on_fit_start(self, trainer, pl_module):
+        _check_strategy(trainer)
+        self._remove_hooks()
+        self._module = pl_module
+        named = self._select(pl_module)
+        self._setup_engine(trainer, pl_module, named)
+        self.resumed = False
+        self._expect_step = self._stepped = False
+        if self._pending_state is not None:
+            self._apply_pending_state()
+
+    def on_train_start(self, trainer, pl_module):
+        # strategies that restore callbacks after set-up hand the state over only now
+        if self._pending_state is not None:
+            self._apply_pending_state()
+
+    def _setup_engine(self, trainer, pl_module, named):
+        canonical = {}
+        for n, p in pl_module.named_parameters():
+            canonical.setdefault(id(p), n)
+        selected = {id(p) for _, p in named}
+        optimizers = list(trainer.strategy.optimizers)
+        owned = [o for o in optimizers if isinstance(o, DEMAOptimizer)]
+        if len(owned) > 1:
+            raise ValueError(f"DEMACallback: configure_optimizers returned {len(owned)} DEMAOptimizers; "
+                             "the callback can follow one engine; return one DEMAOptimizer (or none and let "
+                             "the callback wrap the optimizer)")
+        if owned:
+            # The module's own DEMAOptimizer: share its engine, never a second one.
+            opt = owned[0]
+            self.engine, self._stepper, self._wrapper, self._update_in_hook = opt.engine, opt, None, False
+            self.fused = opt.fused
+            self.not_fused_reason = None if opt.fused else (
+                "the module's DEMAOptimizer takes its two-pass path (its log line says why)")
+            if {id(p) for p in opt.engine.params} != selected:
+                logger.info("DEMACallback: the module returns a DEMAOptimizer; its engine (%d tensors) is used "
+                            "instead of the params=%r selection (%d tensors)",
+                            len(opt.engine.params), self.params, len(selected))
+            self.names = [canonical.get(id(p), n) for p, n in zip(opt.engine.params, opt.engine.names)]
+            self._hook_steps(opt)
+            if not opt.fused:
+                logger.info("DEMACallback: not one pass: %s", self.not_fused_reason)
+            return
+
+        holders = [o for o in optimizers if any(id(p) in selected for g in o.param_groups for p in g["params"])]
+        if not holders:
+            raise ValueError(f"DEMACallback: no optimizer of the Trainer updates the {len(named)} averaged tensors "
+                             f"(e.g. {named[0][0]!r}); check configure_optimizers or params=")
+        if len(holders) > 1:
+            raise ValueError(f"DEMACallback: the averaged tensors are updated by {len(holders)} optimizers; the EMA "
+                             "follows one optimizer's steps: pass params= (a callable) picking the tensors of one")
+        opt = holders[0]
+        reason = _why_not_fusable(opt, named, selected, canonical, self._fused_arg)
+        if reason is None:
+            wrapper = DEMAOptimizer(opt, self.config, fused=self._fused_arg)
+            if wrapper.fused:
+                index = optimizers.index(opt)
+                optimizers[index] = wrapper
+                trainer.strategy.optimizers = optimizers      # rebuilds Lightning's optimizer wrappers
+                _mark_step_called(opt, wrapper)
+                self.engine, self._stepper, self._wrapper, self._update_in_hook = wrapper.engine, wrapper, wrapper, False
+                self.fused, self.not_fused_reason = True, None
+                self.names = [canonical.get(id(p), n) for p, n in zip(wrapper.engine.params, wrapper.engine.names)]
+                self._hook_steps(wrapper)
+                return
+            reason = "DEMAOptimizer has no fused kernel for this optimizer's settings (its log line says why)"
+        if self._fused_arg is True:
+            raise ValueError(f"DEMACallback(fused=True): no one-pass step possible: {reason}")
+        self.engine = DEMA([p for _, p in named], self.config, names=[n for n, _ in named])
+        self.names = [n for n, _ in named]
+        self._stepper, self._wrapper, self._update_in_hook = opt, None, True
+        self.fused, self.not_fused_reason = False, reason
+        self._hook_steps(opt)
+        logger.info("DEMACallback: not one pass (optimizer step, then a separate DEMA pass): %s", reason)
+
+    def _hook_steps(self, opt):
+        if not hasattr(opt, "register_step_post_hook"):
+            raise TypeError(f"DEMACallback: the optimizer {type(opt).__name__} is not a torch.optim.Optimizer "
+                            "(no step hooks), so the EMA cannot follow its steps")
+        self._hooks.append(opt.register_step_post_hook(self._after_step))
+
+    def _remove_hooks(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------ per step
+
+    def _after_step(self, optimizer, args, kwargs):
+        # Right after the optimizer's step(): the gradients it used are still in p.grad.
+        if self._update_in_hook:
+            self.engine.update()
+        self._expect_step = False
+        self._stepped = True
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.engine is not None and _same_optimizer(optimizer, self._stepper):
+            self._expect_step = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.engine is None:
+            return
+        if self._expect_step:
+            # the precision plugin (GradScaler overflow) or a skipped backward did not call step()
+            self.engine.skip_step()
+            self._expect_step = False
+        if self._stepped:
+            self._stepped = False
+            self._log_stats(trainer)
+
+    def _log_stats(self, trainer):
+        if not self.log_stats or not trainer.loggers or trainer.log_every_n_steps <= 0:
+            return
+        if trainer.global_step % trainer.log_every_n_steps != 0:
+            return
+        stats = self.engine.stats
+        alpha = stats.alpha.float()
+        fallback = torch.tensor(self.config.fallback, dtype=torch.float32, device=alpha.device)
+        parts = [alpha.mean(), (alpha == fallback).float().mean(), stats.nonfinite_skips.sum().float()]
+        missing = getattr(stats, "missing_grads", None)
+        if isinstance(missing, torch.Tensor):
+            parts.append(missing.sum().float().to(alpha.device))
+        values = torch.stack(parts).tolist()       # the one host sync, on logging steps only
+        metrics = {"dema/alpha_mean": values[0], "dema/fallback_share": values[1],
+                   "dema/nonfinite_skips": values[2], "dema/skipped_steps": float(stats.skipped_steps),
+                   "dema/updates": float(stats.updates)}
+        if len(values) > 3:
+            metrics["dema/missing_grads"] = values[3]
+        elif isinstance(missing, (int, float)):
+            metrics["dema/missing_grads"] = float(missing)
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ evaluation with the EMA
+
+    def _swap_in(self, pl_module):
+        if not self.eval_with_ema or self._swap_ctx is not None:
+            return
+        if self.engine is None and self._pending_state is not None:
+            self._engine_from_state(pl_module)     # trainer.validate/test(ckpt_path=...) without a fit
+        if self.engine is None:
+            return
+        ctx = self.engine.swap()
+        ctx.__enter__()
+        self._swap_ctx = ctx
+
+    def _swap_out(self):
+        ctx, self._swap_ctx = self._swap_ctx, None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._swap_in(pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        self._swap_out()
+
+    def on_test_start(self, trainer, pl_module):
+        self._swap_in(pl_module)
+
+    def on_test_end(self, trainer, pl_module):
+        self._swap_out()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._swap_out()     # never leave the EMA in the live weights
+
+    def swap(self):
+        """``with callback.swap(): ...`` — the EMA weights live inside."""
+        if self.engine is None:
+            raise RuntimeError("DEMACallback.swap: training has not begun (no engine yet)")
+        return self.engine.swap()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        if self.engine is None:
+            return dict(self._pending_state) if self._pending_state is not None else {}
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "names": list(self.names),
+                "engine": self.engine.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Keep a checkpoint's DEMA state; it is loaded into the engine when fit (or test) starts."""
+        if not state_dict:
+            return
+        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+            raise ValueError("the checkpoint's DEMACallback entry is not a cl_core.lightning.DEMACallback state "
+                             f"(format {state_dict.get('format') if isinstance(state_dict, dict) else None!r})")
+        if state_dict.get("version") != STATE_VERSION:
+            raise ValueError(f"DEMACallback state version {state_dict.get('version')!r} is not supported "
+                             f"(this cl_core reads version {STATE_VERSION})")
+        self._pending_state = state_dict
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # The callback entry holds the DEMA state; drop the copy a DEMAOptimizer adds to its own
+        # state dict, so the optimizer entry stays a plain torch one (loadable without cl_core).
+        states = checkpoint.get("optimizer_states")
+        if self._stepper is None or not isinstance(self._stepper, DEMAOptimizer) or not states:
+            return
+        for i, opt in enumerate(trainer.optimizers):
+            if opt is self._stepper and i < len(states) and isinstance(states[i], dict):
+                states[i] = {k: v for k, v in states[i].items() if k != "dema"}
+
+    def _check_names(self, saved):
+        if list(saved) == list(self.names):
+            return
+        lack = [n for n in self.names if n not in saved]
+        extra = [n for n in saved if n not in self.names]
+        detail = []
+        if lack:
+            detail.append(f"{len(lack)} averaged tensor(s) are not in it, e.g. {lack[0]!r}")
+        if extra:
+            detail.append(f"{len(extra)} tensor(s) in it are not averaged now, e.g. {extra[0]!r}")
+        if not detail:
+            detail.append("the tensors are in a different order")
+        raise ValueError(f"the checkpoint's DEMA state does not match the averaged tensors ({len(saved)} saved, "
+                         f"{len(self.names)} now): " + "; ".join(detail))
+
+    def _apply_pending_state(self):
+        sd, self._pending_state = self._pending_state, None
+        self._check_names(sd["names"])
+        try:
+            self.engine.load_state_dict(sd["engine"])
+        except ValueError as exc:
+            raise ValueError(f"the checkpoint's DEMA state does not match the model: {exc}") from exc
+        self.resumed = True
+
+    def _engine_from_state(self, pl_module):
+        names = list(self._pending_state["names"])
+        by_name = dict(pl_module.named_parameters())
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(f"the checkpoint's DEMA state names {len(missing)} tensor(s) the module does not "
+                             f"have, e.g. {missing[0]!r}")
+        self._module = pl_module
+        self.engine = DEMA([by_name[n] for n in names], self.config, names=names)
+        self.names = names
+        self._apply_pending_state()
+
+    # ------------------------------------------------------------------ end
+
+    def on_train_end(self, trainer, pl_module):
+        if self.engine is not None and self.replace_at_end:
+            self.engine.copy_to_params()
+
+    def teardown(self, trainer, pl_module, stage):
+        self._swap_out()
+        if stage == "fit":
+            self._remove_hooks()
+
+    # ------------------------------------------------------------------ export
+
+    def save_ema_adapter(self, out_dir: str | os.PathLike, adapter_name: str | None = None) -> str:
+        """Write the EMA of the PEFT adapter as an adapter folder (``PeftModel.from_pretrained`` loads it)."""
+        if self.engine is None or self._module is None:
+            raise RuntimeError("DEMACallback.save_ema_adapter: training has not begun (no engine yet)")
+        peft_models = _outer_peft_models(self._module)
+        if len(peft_models) != 1:
+            raise ValueError(f"DEMACallback.save_ema_adapter: the module holds {len(peft_models)} PEFT models; "
+                             "call cl_core.peft_export.save_ema_adapter(peft_model, callback.engine, dir) "
+                             "for the one to export")
+        return save_ema_adapter(peft_models[0][1], self.engine, os.fspath(out_dir), adapter_name)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _outer_peft_models(module) -> list[tuple[str, torch.nn.Module]]:
+    """(prefix, model) of the outermost PEFT models inside ``module`` (itself included)."""
+    found = []
+    for name, m in module.named_modules():
+        if any(p == "" or name == p or name.startswith(p + ".") for p, _ in found):
+            continue                                  # inside a PEFT model already found
+        if hasattr(m, "peft_config") and is_peft_model(m):
+            found.append((name, m))
+    return [(f"{name}." if name else "", m) for name, m in found]
+
+
+def _why_not_fusable(opt, named, selected, canonical, fused_arg) -> str | None:
+    """Why the optimizer cannot be wrapped for the one-pass step, or None when it can."""
+    if fused_arg is False:
+        return "fused=False"
+    if type(opt) not in _FUSABLE:
+        return (f"the optimizer is a {type(opt).__name__}; the one-pass step exists for plain torch "
+                "AdamW, Adam and SGD (return a cl_core.DEMAOptimizer from configure_optimizers to choose)")
+    trained = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    extra = [p for p in trained if id(p) not in selected]
+    if extra:
+        name = canonical.get(id(extra[0]), "?")
+        return (f"the optimizer also updates {len(extra)} trainable tensor(s) that are not averaged "
+                f"(e.g. {name!r}), and a DEMAOptimizer averages every tensor it updates")
+    trained_ids = {id(p) for p in trained}
+    outside = [n for n, p in named if id(p) not in trained_ids]
+    if outside:
+        return f"{len(outside)} averaged tensor(s) are not updated by the optimizer (e.g. {outside[0]!r})"
+    return None
+
+
+def _mark_step_called(inner, wrapper):
+    # An LR scheduler built on the inner optimizer watches its step() to warn when the
+    # scheduler steps first; the fused wrapper never calls inner.step(), so say it was called.
+    def mark(*_):
+        inner._opt_called = True
+
+    wrapper.register_step_post_hook(mark)
+
+
+def _same_optimizer(a, b) -> bool:
+    a = getattr(a, "_optimizer", a)    # a LightningOptimizer wraps the real one
+    return a is b
+
+
+def _check_strategy(trainer):
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+        raise ValueError(f"DEMACallback (Lightning) does not support {type(strategy).__name__} yet: sharded "
+                         "parameters need per-tensor statistics summed across ranks. Use a single device or "
+                         "DDP, or the Hugging Face Trainer's cl_core.DEMACallback")
