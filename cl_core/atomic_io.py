@@ -20,22 +20,29 @@ def _umask() -> int:
 
 
 def atomic_write(path, write, binary: bool = False) -> Path:
-    """Call `write(f)` on a temporary file next to `path`, then move it into place."""
+    """Call `write(f)` on a temporary file next to `path`, then move it into place.
+
+    An OSError (a full disk, a read-only folder, ...) names `path`, not the temporary file
+    (a failed write() or fsync() names no file at all); the temporary file is removed."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # the subclass follows errno
         raise
     return path
 

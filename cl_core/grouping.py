@@ -61,6 +61,7 @@ __all__ = [
     "CODEBOOK_VERSION",
     "CodebookError",
     "Decision",
+    "check_threshold",
     "InstructionGrouper",
     "literal_pair_similarity",
     "pair_cosines",
@@ -273,7 +274,7 @@ class InstructionGrouper:
 
     @threshold.setter
     def threshold(self, value) -> None:
-        self._threshold = _check_threshold(value)
+        self._threshold = check_threshold(value)
 
     @property
     def groups(self) -> list:
@@ -307,7 +308,7 @@ class InstructionGrouper:
 
     def _threshold_for(self, threshold) -> float:
         """The codebook's threshold, or a one-off one given to a single call (checked)."""
-        return self.threshold if threshold is None else _check_threshold(threshold)
+        return self.threshold if threshold is None else check_threshold(threshold)
 
     def similarities(self, templates: Iterable[str]) -> list:
         """Similarity of a template set with every group (mean over all template pairs)."""
@@ -493,13 +494,17 @@ class InstructionGrouper:
         return cls.from_dict(d, where=f"codebook {path}")
 
 
-def _check_threshold(threshold) -> float:
-    """A threshold as float: any real number (Python or NumPy) in [0, 1]; not bool, not NaN."""
+def check_threshold(threshold, name: str = "threshold") -> float:
+    """A threshold as float: any real number (Python or NumPy) in [0, 1]; not bool, not NaN.
+
+    ``name`` is how the value is called in the error message (an option name, for a CLI)."""
+    shown = f"{name} {threshold!r}" if name.startswith("-") else f"{name}={threshold!r}"
     if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real):
-        raise ValueError(f"threshold={threshold!r} must be a number between 0 and 1, not {type(threshold).__name__}")
+        raise ValueError(f"{shown} must be a number between 0 and 1, not {type(threshold).__name__}")
     value = float(threshold)
     if not math.isfinite(value):
-        raise ValueError(f"threshold={threshold!r} must be a finite number between 0 and 1")
+        raise ValueError(f"{shown} must be a finite number between 0 and 1")
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"threshold={threshold!r} is out of range; allowed: 0 <= threshold <= 1")
+        raise ValueError(f"{shown} is out of range; allowed: 0 <= threshold <= 1")
     return value
+

@@ -291,13 +291,34 @@ def atomic_save(obj, path: str) -> str:
 
 
 def load_state_file(path: str):
-    """Load a file written by :func:`atomic_save` (tensors to CPU, ``weights_only``)."""
+    """Load a file written by :func:`atomic_save` (tensors to CPU, ``weights_only``).
+
+    A file that cannot be loaded raises ValueError saying which of these it is: empty, cut
+    short (torch.save writes a zip archive; a truncated copy has its start but not the
+    directory at its end, and torch then reports "[Errno 22] Invalid argument" or a miniz
+    error), or not a torch.save file at all."""
+    import zipfile
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DEMA state file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt / foreign file: say which one
-        raise ValueError(f"could not read DEMA state file {path}: {exc}") from exc
+    except Exception as exc:  # corrupt / foreign file: say which one and what to do
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        fix = ("copy it again from where it was saved, or delete it to resume with the EMA restarted "
+               "from the current weights")
+        zip_start = b"PK\x03\x04".startswith(head) if len(head) < 4 else head == b"PK\x03\x04"
+        if size == 0:
+            why = f"is empty (0 bytes); {fix}"
+        elif zip_start and not zipfile.is_zipfile(path):
+            why = f"is truncated ({size} bytes, the end of the archive is missing: an interrupted copy or write); {fix}"
+        elif not zip_start and not head.startswith(b"\x80"):  # neither zip nor legacy pickle format
+            why = f"is not a torch.save file (it starts with {head!r}); point to the dema_state.pt that cl_core wrote"
+        else:
+            why = f"could not be read ({type(exc).__name__}: {exc})"
+        raise ValueError(f"DEMA state file {path} {why}") from exc
 
 
 def write_json_atomic(obj, path: str) -> str:

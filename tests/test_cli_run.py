@@ -156,3 +156,109 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 130
     assert f"Finished tasks are saved in {out}; run the same command again to resume" in capsys.readouterr().out
+
+
+# ------------------------------------------------ the run folder and the disk (issue 12)
+def _one_error_line(argv, caplog):
+    """Run the CLI; return (exit code, the one ERROR line)."""
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        code = main(argv)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    return code, errors[0]
+
+
+def test_out_naming_a_file_or_a_path_under_a_file(tmp_path, model_dir, caplog):
+    f = _instruction_file(tmp_path / "t.jsonl", 8)
+    args = ["run", "--tasks", str(f), "--model", str(model_dir), "--steps", "1", "--quiet"]
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    # before: a NotADirectoryError traceback (a file), a late FileExistsError (under a file)
+    code, line = _one_error_line(args + ["--out", str(afile)], caplog)
+    assert code == 2 and f"--out {afile} is a file, not a folder" in line
+    code, line = _one_error_line(args + ["--out", str(afile / "run")], caplog)
+    assert code == 2 and f"{afile} is a file, so no folder can be made under it" in line
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "t.jsonl"]
+
+
+@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
+                    reason="root ignores folder permissions; tests/test_reliability.py checks a read-only mount")
+def test_out_in_a_read_only_folder(tmp_path, model_dir, caplog):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        f = _instruction_file(tmp_path / "t.jsonl", 8)
+        code, line = _one_error_line(["run", "--tasks", str(f), "--model", str(model_dir), "--out", str(ro / "run"),
+                                      "--quiet"], caplog)
+        assert code == 2 and f"cannot write in {ro}" in line and not any(ro.iterdir())
+    finally:
+        ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_threads_below_one_refused_before_anything_is_written(tmp_path, model_dir, caplog, threads):
+    # before: 0 ran silently with 1 thread; -1 was a traceback after config.json was written
+    f = _instruction_file(tmp_path / "t.jsonl", 8)
+    out = tmp_path / "o"
+    code, line = _one_error_line(["run", "--tasks", str(f), "--model", str(model_dir), "--steps", "1",
+                                  "--threads", threads, "--out", str(out), "--quiet"], caplog)
+    assert code == 2 and f"--threads {threads}: give at least 1" in line and not out.exists()
+    code, line = _one_error_line(["demo", "--quick", "--threads", threads, "--out", str(out), "--quiet"], caplog)
+    assert code == 2 and not out.exists()
+
+
+def test_kill_during_the_first_write_is_resumed_and_temp_files_cleaned(tmp_path, model_dir):
+    """A kill while config.json was first written leaves only its temporary file; the same
+    command then starts the run (before: "not a cl_core run folder") and removes it."""
+    f = _instruction_file(tmp_path / "t.jsonl", 8)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".config.json.k1ll3d.tmp").write_text('{"methods": ["lo')
+    argv = ["run", "--tasks", str(f), "--model", str(model_dir), "--methods", "lora", "--steps", "1",
+            "--batch-size", "4", "--max-length", "64", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert not list(out.rglob("*.tmp")) and (out / "results.json").is_file()
+    # stale temporary files anywhere in a run folder are removed on every start
+    chain = next(p for p in (out / "chains").rglob("task0") if p.is_dir()).parent
+    (chain / ".task0.tmp").mkdir()
+    (chain / ".task0.tmp" / "adapter_model.safetensors").write_bytes(b"half")
+    (out / ".state.json.x7.tmp").write_text("{")
+    assert main(argv) == 0
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_a_foreign_folder_is_refused_and_left_alone(tmp_path, model_dir, caplog):
+    f = _instruction_file(tmp_path / "t.jsonl", 8)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    (out / ".mine.txt.tmp").write_text("y")  # refused before anything changes: not removed
+    code, line = _one_error_line(["run", "--tasks", str(f), "--model", str(model_dir), "--out", str(out),
+                                  "--quiet"], caplog)
+    assert code == 2 and "is not a cl_core run folder" in line
+    assert sorted(p.name for p in out.iterdir()) == [".mine.txt.tmp", "mine.txt"]
+
+
+def test_disk_full_while_writing_is_one_line(tmp_path, model_dir, caplog, monkeypatch):
+    """The write itself fails as a full disk makes it fail (ENOSPC from the file's write());
+    tests/test_reliability.py does it on a real full file system."""
+    import errno
+    import os
+
+    real_fsync = os.fsync
+
+    def full(fd):
+        real_fsync(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    f = _instruction_file(tmp_path / "t.jsonl", 8)
+    out = tmp_path / "o"
+    code, line = _one_error_line(["run", "--tasks", str(f), "--model", str(model_dir), "--steps", "1",
+                                  "--out", str(out), "--quiet"], caplog)
+    assert code == 2
+    assert line == (f"{out.absolute() / 'config.json'}: No space left on device (ENOSPC); the disk is full: "
+                    "free some space and run the same command again")
+    assert not any(out.iterdir())  # the temporary file is removed

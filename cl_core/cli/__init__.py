@@ -2,14 +2,38 @@
 
 Each sub-command lives in its own module, which provides ``add_parser(subparsers)``;
 heavy imports (torch, transformers) happen inside the command, so `--help` is quick.
+
+A problem with the user's input (ValueError, a missing file) or with their disk (any
+OSError: full, read-only, permission denied) ends the command with one line on stderr and
+exit code 2, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
 from cl_core import __version__
+
+_DISK_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space and run the same command again",
+    errno.EDQUOT: "the disk quota is used up: free some space and run the same command again",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "permission denied: choose a folder you can write to, or fix its permissions",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "it is a folder, not a file: choose a file path",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file-system error: the path, what happened, and what to do."""
+    what = exc.strerror or str(exc)
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = _DISK_HINTS.get(exc.errno)
+    code = f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
+    return f"{where}{what}{code}" + (f"; {hint}" if hint else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +71,26 @@ def main(argv=None) -> int:
         # Bad input: one clear line, no traceback, non-zero exit.
         logging.getLogger("cl_core").error("%s", exc)
         return 2
+    except OSError as exc:  # the disk: full, read-only, no permission, ...
+        logging.getLogger("cl_core").error("%s", describe_os_error(exc))
+        return 2
+    except Exception as exc:
+        # Rust writers (safetensors for adapters, tokenizers) report the disk as their own
+        # exception type with "(os error N)" in the text; those get the same one line.
+        code = _rust_os_error(exc)
+        if code is None:
+            raise
+        logging.getLogger("cl_core").error("%s", describe_os_error(OSError(code, f"{exc}")))
+        return 2
+
+
+def _rust_os_error(exc: Exception):
+    """The errno of a Rust I/O error ("... (os error 28)") about the disk, else None."""
+    import re
+
+    m = re.search(r"\(os error (\d+)\)", str(exc))
+    code = int(m.group(1)) if m else None
+    return code if code in _DISK_HINTS else None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Sub-command `cl-core group assign|route`: instruction grouping on task files.
 
-    cl-core group assign --codebook cb.json --data task.json [--threshold 0.9] [--name TASK]
-                         [--kind auto|vqa|grounding|classification] [--skip-bad] [--json]
+    cl-core group assign --codebook cb.json --data task.json [--threshold T | --set-threshold T]
+                         [--name TASK] [--kind auto|vqa|grounding|classification] [--skip-bad] [--json]
         decides re-train (existing group) or expand (new group) for the task, updates the
         codebook (created when missing; written atomically) and prints the decision.
     cl-core group route --codebook cb.json --data test.json [--threshold T] [--kind ...]
@@ -9,7 +9,14 @@
         routes every test instruction to a group and prints a summary (per-instruction groups
         with --json), plus the official whole-file decision.
 
-Bad input (missing file, corrupt codebook, malformed records) ends with one line and exit 2.
+The threshold is the codebook's: a new codebook is created with --threshold (or
+--set-threshold; default 0.9), and later calls use the saved one. On an existing codebook
+--threshold applies to that one call and is not saved; --set-threshold changes the saved
+threshold (then used by every later call).
+
+Bad input (missing file, corrupt codebook, malformed records) ends with one line and exit 2,
+with the codebook unchanged. When the codebook cannot be written, assign prints the
+decision, then the error (exit 2): the decision was not recorded.
 """
 from __future__ import annotations
 
@@ -33,8 +40,9 @@ def add_parser(sub):
             "--threshold",
             type=float,
             default=None,
-            help="similarity threshold (default: the codebook's, 0.9 for a new codebook; "
-            "the official values are 0.9 for Original and 0.3 for Diverse/10Type instructions)",
+            help="similarity threshold for this call only; the codebook keeps its saved one (a new "
+            "codebook is created with it; default 0.9). Official values: 0.9 for Original, 0.3 for "
+            "Diverse/10Type instructions",
         )
         p.add_argument(
             "--kind",
@@ -47,6 +55,13 @@ def add_parser(sub):
 
     p = actions.add_parser("assign", help="decide re-train or expand for a training task and update the codebook")
     common(p)
+    p.add_argument(
+        "--set-threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="change the codebook's saved threshold to T (used by this and every later call)",
+    )
     p.add_argument("--name", default=None, help="task name kept in the codebook (default: the folder or file name)")
     p.set_defaults(func=_assign)
 
@@ -57,20 +72,27 @@ def add_parser(sub):
 
 
 def _load(args, create: bool):
+    """(grouper, records, skipped, threshold for this call): everything checked, nothing written."""
     from pathlib import Path
 
-    from cl_core.grouping import InstructionGrouper
+    from cl_core.grouping import InstructionGrouper, check_threshold
     from cl_core.task_files import read_task_file
 
+    once = None if args.threshold is None else check_threshold(args.threshold, "--threshold")
+    new = getattr(args, "set_threshold", None)
+    if new is not None:
+        if once is not None:
+            raise ValueError("give --threshold (this call only) or --set-threshold (saved), not both")
+        new = check_threshold(new, "--set-threshold")
     path = Path(args.codebook)
     if path.exists() or not create:
         grouper = InstructionGrouper.load(path)
-        if args.threshold is not None:
-            grouper.threshold = args.threshold
-    else:
-        grouper = InstructionGrouper(0.9 if args.threshold is None else args.threshold)
+        if new is not None:
+            grouper.threshold = new
+    else:  # a new codebook is created with the threshold given
+        grouper = InstructionGrouper(next((t for t in (new, once) if t is not None), 0.9))
     records, skipped = read_task_file(args.data, skip_bad=args.skip_bad, kind=args.kind)
-    return grouper, records, len(skipped)
+    return grouper, records, len(skipped), once
 
 
 def _task_name(path: str) -> str:
@@ -85,14 +107,20 @@ def _emit(obj) -> None:
 
 
 def _assign(args) -> int:
+    import logging
+
     from cl_core.task_files import templates
 
-    grouper, records, skipped = _load(args, create=True)
+    grouper, records, skipped, once = _load(args, create=True)
     name = args.name or _task_name(args.data)
     cur = templates(records)
     before = [len(g) for g in grouper.groups]
-    decision = grouper.assign(cur, name=name)
-    grouper.save(args.codebook)
+    decision = grouper.assign(cur, name=name, threshold=once)
+    try:
+        grouper.save(args.codebook)
+        error = None
+    except OSError as exc:  # a full disk, a read-only folder, ...: the decision is shown, not recorded
+        error = exc
     if args.json:
         _emit(
             {
@@ -103,10 +131,27 @@ def _assign(args) -> int:
                 **decision.to_dict(),
                 "dema": decision.reused,
                 "codebook": str(args.codebook),
+                "codebook_threshold": grouper.threshold,
+                "codebook_saved": error is None,
                 "groups": grouper.num_groups,
             }
         )
-        return 0
+    else:
+        _print_decision(name, records, skipped, cur, before, decision, grouper, once)
+        if error is None:
+            print(f"codebook {args.codebook}: {grouper.num_groups} group(s)")
+    if error is not None:
+        from cl_core.cli import describe_os_error
+
+        logging.getLogger("cl_core").error(
+            "codebook %s could not be written, so the decision above was not recorded: %s",
+            args.codebook, describe_os_error(error),
+        )
+        return 2
+    return 0
+
+
+def _print_decision(name, records, skipped, cur, before, decision, grouper, once) -> None:
     print(f"task {name}: {len(records)} records, {len(cur)} instruction template(s)" + (f", {skipped} malformed skipped" if skipped else ""))
     sims = decision.similarities
     if sims:
@@ -114,36 +159,34 @@ def _assign(args) -> int:
         print(f"{'group':>5}  {'templates':>9}  {'similarity':>10}")
         for g, (n, s) in enumerate(zip(before, sims)):
             print(f"{g:>5}  {n:>9}  {s:>10.4f}{'  <- best' if g == best else ''}")
+    threshold = f"threshold {decision.threshold}"
+    if once is not None and once != grouper.threshold:
+        threshold += f" for this call; the codebook keeps {grouper.threshold}"
     if decision.reused:
         print(
             f"decision: re-train group {decision.group} (similarity {sims[decision.group]:.4f} >= "
-            f"threshold {grouper.threshold}), DEMA on; {len(decision.new_templates)} new template(s) added"
+            f"{threshold}), DEMA on; {len(decision.new_templates)} new template(s) added"
         )
     else:
-        why = (
-            f"best similarity {max(sims):.4f} < threshold {grouper.threshold}"
-            if sims
-            else "first task"
-        )
+        why = f"best similarity {max(sims):.4f} < {threshold}" if sims else "first task"
         print(f"decision: new group {decision.group} ({why}), fresh LoRA, DEMA off")
-    print(f"codebook {args.codebook}: {grouper.num_groups} group(s)")
-    return 0
 
 
 def _route(args) -> int:
     from collections import Counter
 
-    grouper, records, skipped = _load(args, create=False)
+    grouper, records, skipped, once = _load(args, create=False)
     instructions = [r.instruction for r in records]
-    groups = grouper.route(instructions)
-    whole = grouper.route_set(instructions)
+    groups = grouper.route(instructions, threshold=once)
+    whole = grouper.route_set(instructions, threshold=once)
     counts = Counter(groups)
     if args.json:
         _emit(
             {
                 "records": len(records),
                 "skipped": skipped,
-                "threshold": grouper.threshold,
+                "threshold": whole.threshold,
+                "codebook_threshold": grouper.threshold,
                 "indices": [r.index for r in records],
                 "groups": groups,
                 "counts": {str(g): counts.get(g, 0) for g in range(grouper.num_groups)},
@@ -151,7 +194,8 @@ def _route(args) -> int:
             }
         )
         return 0
-    print(f"{len(records)} test instructions" + (f", {skipped} malformed skipped" if skipped else "") + f", threshold {grouper.threshold}")
+    print(f"{len(records)} test instructions" + (f", {skipped} malformed skipped" if skipped else "") + f", threshold {whole.threshold}"
+          + (f" (this call; the codebook keeps {grouper.threshold})" if whole.threshold != grouper.threshold else ""))
     print(f"{'group':>5}  {'instances':>9}  {'share':>6}  {'file sim':>8}")
     for g in range(grouper.num_groups):
         n = counts.get(g, 0)

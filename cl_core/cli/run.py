@@ -126,12 +126,14 @@ def _execute(cfg, out, args) -> int:
 
     from cl_core.continual import run as runner
 
+    if args.threads is not None and args.threads < 1:  # was: 0 silently became 1, -1 a late traceback
+        raise ValueError(f"--threads {args.threads}: give at least 1 (torch CPU threads for this run)")
     out = Path(out)
     started = time.time()
     if args.quiet:
         logging.getLogger("cl_core.continual.run").setLevel(logging.WARNING)
     try:
-        results = runner.run(cfg, out, quiet=args.quiet, threads=args.threads or 1)
+        results = runner.run(cfg, out, quiet=args.quiet, threads=1 if args.threads is None else args.threads)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Finished tasks are saved in {out}; run the same command again to resume.")
         return 130

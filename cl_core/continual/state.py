@@ -106,10 +106,33 @@ class RunState:
 
 
 def check_run_folder(out: Path, config: dict, defaults: Optional[dict] = None) -> None:
-    """Refuse a folder that holds another run (other settings) or something else.
+    """Refuse, before anything is trained: a folder that holds another run (other settings)
+    or something else, and one that cannot be made or written (a file, a path under a file,
+    a read-only or someone else's folder).
 
     ``config`` is this run's config dict; settings missing from the saved one (a folder
-    written before they existed) compare as ``defaults[key]``."""
+    written before they existed) compare as ``defaults[key]``. Temporary files of an
+    interrupted write (``.NAME.*.tmp``, and ``.NAME.tmp`` folders of a build-then-swap) are
+    never read: a folder holding only those is a new run folder, and once a folder is
+    accepted they are removed."""
+    import logging
+    import os
+    import re
+    import shutil
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a new or empty folder (or a run to resume)")
+    existing = out
+    while not existing.exists():  # the nearest existing folder: where the run folder will be made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so no folder can be made under it; "
+                         "choose another --out folder")
+    if not os.access(existing, os.W_OK | os.X_OK):  # permissions, and read-only mounts (EROFS) for root too
+        raise ValueError(f"--out {out}: cannot write in {existing} (read-only file system or no permission); "
+                         "choose another --out folder, or fix its permissions")
+    stale = re.compile(r"^\..+\.tmp$")
     cfg_path = out / "config.json"
     if cfg_path.exists():
         saved = read_json(cfg_path, "run config")
@@ -121,6 +144,21 @@ def check_run_folder(out: Path, config: dict, defaults: Optional[dict] = None) -
                                for k in diff[:4])
             raise ValueError(f"{out} holds a run with other settings ({detail}); resume it with its "
                              "own settings, or choose another --out folder")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(not stale.match(p.name) for p in out.iterdir()):
         raise ValueError(f"{out} exists and is not a cl_core run folder (no config.json); "
                          "choose an empty or new --out folder")
+    removed = 0
+    for root, dirs, files in os.walk(out):  # nothing when the folder does not exist yet
+        for name in [d for d in dirs if stale.match(d)]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            dirs.remove(name)
+            removed += 1
+        for name in [f for f in files if stale.match(f)]:
+            try:
+                os.unlink(os.path.join(root, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+    if removed:
+        logging.getLogger("cl_core.continual.run").info(
+            "%s: removed %d temporary file(s) left by an interrupted write", out, removed)
