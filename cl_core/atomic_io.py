@@ -6,6 +6,7 @@ codebooks, checkpoints of the DEMA state, run state and reports.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -25,7 +26,10 @@ def atomic_write(path, write, binary: bool = False) -> Path:
     An OSError (a full disk, a read-only folder, ...) names `path`, not the temporary file
     (a failed write() or fsync() names no file at all); the temporary file is removed."""
     path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file where a folder of the path should be: say so
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename) from exc
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

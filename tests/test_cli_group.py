@@ -1,5 +1,6 @@
 """`cl-core group assign|route` on CoIN-layout task files."""
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -113,3 +114,58 @@ def test_console_script_help_is_wired():
     cmd = [exe] if exe else [sys.executable, "-m", "cl_core"]
     res = subprocess.run(cmd + ["group", "assign", "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "--codebook" in res.stdout and "--skip-bad" in res.stdout
+
+
+# ------------------------------------------------------- thresholds and failed writes (issue 12)
+def _errors(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_one_off_threshold_is_not_saved_and_set_threshold_is(tmp_path, capsys):
+    cb = tmp_path / "cb.json"
+    run(capsys, "group", "assign", "--codebook", str(cb), "--data", str(COIN / "TextVQA" / "train.json"))
+    assert InstructionGrouper.load(cb).threshold == 0.9
+    # before: --threshold rewrote the codebook's threshold, which then governed later calls
+    rc, out, _ = run(capsys, "group", "assign", "--codebook", str(cb), "--data", str(COIN / "ImageNet" / "train.json"),
+                     "--threshold", "0.0", "--json")
+    d = json.loads(out)
+    assert rc == 0 and (d["group"], d["reused"], d["threshold"], d["codebook_threshold"]) == (0, True, 0.0, 0.9)
+    assert InstructionGrouper.load(cb).threshold == 0.9
+    rc, out, _ = run(capsys, "group", "assign", "--codebook", str(cb), "--data", str(COIN / "Grounding" / "train.json"),
+                     "--threshold", "0.5")
+    assert "< threshold 0.5 for this call; the codebook keeps 0.9)" in out
+    rc, out, _ = run(capsys, "group", "route", "--codebook", str(cb), "--data", str(COIN / "TextVQA" / "test.json"),
+                     "--threshold", "0.2", "--json")
+    assert json.loads(out)["threshold"] == 0.2 and InstructionGrouper.load(cb).threshold == 0.9
+    rc, out, _ = run(capsys, "group", "assign", "--codebook", str(cb), "--data", str(COIN / "GQA" / "train.json"),
+                     "--set-threshold", "0.3", "--json")
+    assert rc == 0 and json.loads(out)["threshold"] == 0.3 and InstructionGrouper.load(cb).threshold == 0.3
+
+
+def test_bad_thresholds_leave_the_codebook_alone(tmp_path, capsys, caplog):
+    cb = tmp_path / "cb.json"
+    run(capsys, "group", "assign", "--codebook", str(cb), "--data", str(COIN / "TextVQA" / "train.json"))
+    before = cb.read_text()
+    for extra, needle in ((["--threshold", "0.5", "--set-threshold", "0.3"], "not both"),
+                          (["--set-threshold", "nan"], "--set-threshold nan must be a finite number"),
+                          (["--threshold", "2"], "--threshold 2.0 is out of range")):
+        caplog.clear()
+        rc, _, _ = run(capsys, "group", "assign", "--codebook", str(cb), "--data", str(COIN / "GQA" / "train.json"), *extra)
+        (line,) = _errors(caplog)
+        assert rc == 2 and needle in line and cb.read_text() == before
+
+
+def test_codebook_that_cannot_be_written_prints_the_decision_then_the_error(tmp_path, capsys, caplog):
+    blocker = tmp_path / "cb"
+    blocker.write_text("a file where the codebook's folder should be")
+    cb = blocker / "cb.json"  # a real ENOTDIR from the file system; a full disk: tests/test_reliability.py
+    caplog.clear()
+    rc, out, err = run(capsys, "group", "assign", "--codebook", str(cb), "--data", str(COIN / "TextVQA" / "train.json"))
+    assert rc == 2 and "decision: new group 0 (first task), fresh LoRA, DEMA off" in out and "codebook " not in out
+    (line,) = _errors(caplog)  # before: a NotADirectoryError traceback
+    assert line.startswith(f"codebook {cb} could not be written, so the decision above was not recorded: ")
+    assert "(ENOTDIR); a part of the path is a file" in line
+    assert blocker.read_text().startswith("a file")
+    rc, out, _ = run(capsys, "group", "assign", "--codebook", str(cb), "--data", str(COIN / "TextVQA" / "train.json"),
+                     "--json")
+    assert rc == 2 and json.loads(out)["codebook_saved"] is False
