@@ -14,7 +14,7 @@
   unless ``replace_at_end=False``.
 
 Under DDP (``torchrun``) every rank computes the same EMA, no communication needed;
-with FSDP the per-tensor statistics are summed across ranks (cl_core.distributed).
+with FSDP the per-tensor statistics are summed across ranks (cl_core.dema.distributed).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from cl_core import distributed as cl_dist
-from cl_core.config import DEMAConfig
+from cl_core.dema import distributed as cl_dist
+from cl_core.dema.config import DEMAConfig
 from cl_core.peft_export import (atomic_save, load_state_file, save_ema_adapter,
                                  select_dema_parameters, unwrap_model)
 
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "dema_state.pt"
 STATE_FORMAT = "cl_core.DEMACallback"
 STATE_VERSION = 1
+PARAM_CHOICES = ("lora", "trainable")
 
 
 def state_file_name(rank: int | None = None) -> str:
@@ -51,10 +52,15 @@ class DEMACallback(TrainerCallback):
                     optimizer step (this syncs with the device each step, hence opt-in).
     """
 
-    def __init__(self, config: DEMAConfig | None = None, *, replace_at_end: bool = True,
+    def __init__(self, config: DEMAConfig | None = None, *, params: str = "lora", replace_at_end: bool = True,
                  record_alpha: bool = False):
         if config is not None and not isinstance(config, DEMAConfig):
             raise TypeError(f"DEMACallback(config=...) takes a cl_core.DEMAConfig, got {type(config).__name__}")
+        if params not in PARAM_CHOICES:
+            raise ValueError(f"DEMACallback(params={params!r}): use 'lora' (the adapter tensors of the active "
+                             "adapter) or 'trainable' (every trainable tensor, e.g. LLaVA's projector too, as "
+                             "the official LCIA code averages)")
+        self.params = params
         self.config = config if config is not None else DEMAConfig()
         self.replace_at_end = bool(replace_at_end)
         self.record_alpha = bool(record_alpha)
@@ -63,29 +69,62 @@ class DEMACallback(TrainerCallback):
         self.resumed_from: str | None = None
         self._sharded = False
         self._model = None
+        self._ds_link = None           # cl_core.dema.distributed.DeepSpeedLink under DeepSpeed
+        self._first_step = True
         self._pending_step = False     # on_optimizer_step seen for the current step
         self._scale_before = None      # GradScaler scale before the step (fp16 only)
 
     # ------------------------------------------------------------------ set-up
 
-    def _build_engine(self, model):
-        from cl_core.engine import DEMA
+    def _select(self, model):
+        if self.params == "trainable":
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            if not named:
+                raise ValueError(f"DEMA: {type(model).__name__} has no trainable parameters (every parameter has "
+                                 "requires_grad=False), so there is nothing to average")
+            return named
+        return select_dema_parameters(model)
 
-        named = select_dema_parameters(model)
-        params = [p for _, p in named]
+    def _build_engine(self, model, optimizer=None):
+        from cl_core.dema.engine import DEMA
+
+        named = self._select(model)
         names = [n for n, _ in named]
+        if self._ds_link is not None:
+            self._ds_link.close()
+            self._ds_link = None
+        ds_opt = cl_dist.deepspeed_optimizer(optimizer)
+        if ds_opt is None and any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for _, p in named):
+            raise RuntimeError(
+                "DEMACallback: the parameters are managed by DeepSpeed, but the optimizer the Trainer passed is "
+                f"{type(optimizer).__name__}, not accelerate's DeepSpeed wrapper, so the callback cannot reach the "
+                "gradients; run DeepSpeed through TrainingArguments(deepspeed=...)")
+        if ds_opt is not None:
+            # Gradients live inside DeepSpeed's step only: read them there (cl_core.dema.distributed).
+            link = cl_dist.DeepSpeedLink(ds_opt, named)
+            self._ds_link = link
+            self._sharded = link.partitioned and cl_dist.world_size() > 1
+            engine = cl_dist.make_deepspeed_engine(link, self.config, names)
+            engine.model_params = [p for _, p in named]
+            logger.info("DEMACallback: DeepSpeed %s (%s): DEMA reads the fp32 %s and the gradients inside "
+                        "DeepSpeed's step%s", type(ds_opt).__name__, link.mode,
+                        "partitions" if link.partitioned else "parameters",
+                        "; statistics summed across ranks, one all_reduce per step" if link.reduce_stats else "")
+            return engine
+        params = [p for _, p in named]
         reduce_stats = cl_dist.auto_reduce_stats(params, model)
         self._sharded = reduce_stats is not None
         return DEMA(params, self.config, names=names, reduce_stats=reduce_stats)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise RuntimeError("DEMACallback.on_train_begin got no model; it must be used as a Trainer callback")
         self._model = unwrap_model(model)
-        self.engine = self._build_engine(self._model)
+        self.engine = self._build_engine(self._model, optimizer)
         self.alpha_history = []
         self.resumed_from = None
         self._pending_step = False
+        self._first_step = True
         if state.global_step > 0:
             ckpt = _resume_checkpoint(args, state)
             path = self._state_path(ckpt) if ckpt is not None else None
@@ -109,9 +148,23 @@ class DEMACallback(TrainerCallback):
                                "passed to the Trainer (callbacks=[DEMACallback()]), not called by hand")
         scale_before, self._scale_before = self._scale_before, None
         skipped = _step_was_skipped(optimizer, scale_before)
+        if self._ds_link is not None:
+            seen = self._ds_link.feed()          # the gradients copied inside DeepSpeed's step
+        else:
+            seen = any(p.grad is not None for p in self.engine.params)
         if skipped:
             self.engine.skip_step()
         else:
+            if self._first_step and not seen:
+                # Nothing to read: an engine that steps and clears the gradients out of our sight.
+                # Refuse rather than let DEMA degrade into a fixed EMA at the fallback α.
+                raise RuntimeError(
+                    "DEMACallback: at the first optimizer step no averaged tensor has a gradient "
+                    f"({len(self.engine.params)} tensors, e.g. {self.engine.names[0]!r}), so DEMA cannot compute "
+                    "its α. The training engine hides the gradients from Trainer callbacks (supported: plain, DDP, "
+                    "FSDP, DeepSpeed ZeRO 0-3 through TrainingArguments(deepspeed=...)), or the averaged tensors "
+                    "take no part in the loss")
+            self._first_step = False
             self.engine.update()
         if self.record_alpha:
             if skipped:  # nothing was averaged at this step
@@ -209,9 +262,19 @@ class DEMACallback(TrainerCallback):
     # ------------------------------------------------------------------ helpers
 
     def save_ema_adapter(self, out_dir: str, adapter_name: str | None = None) -> str:
-        """Write the EMA of the adapter as a PEFT adapter folder (see cl_core.peft_export)."""
+        """Write the EMA of the adapter as a PEFT adapter folder (see cl_core.peft_export).
+
+        Under DDP any rank may call it, also all at once (each leaves the folder complete).
+        Under DeepSpeed ZeRO-1/2/3 the EMA is partitioned across ranks: every rank must call
+        it (the partitions are gathered once); the main rank writes, the others wait.
+        """
         if self.engine is None or self._model is None:
             raise RuntimeError("DEMACallback.save_ema_adapter: training has not begun")
+        if self._ds_link is not None and self._ds_link.partitioned and cl_dist.world_size() > 1:
+            main = cl_dist.rank() == 0
+            out = save_ema_adapter(self._model, self.engine, out_dir, adapter_name, write=main)
+            cl_dist._dist().barrier(group=self._ds_link.group)
+            return out
         return save_ema_adapter(self._model, self.engine, out_dir, adapter_name)
 
     def swap(self):

@@ -172,11 +172,12 @@ def _scaling_ratios(model, adapter: str) -> dict[str, float]:
 
 
 def _engine_param_ids(engine) -> set:
-    return {id(p) for p in engine.params}
+    # An engine over copies/fragments of the parameters (DeepSpeed) names the model's own.
+    return {id(p) for p in getattr(engine, "model_params", engine.params)}
 
 
 def save_ema_adapter(model, engine, out_dir: str, adapter_name: str | None = None, *,
-                     fold_scaling: bool = True) -> str:
+                     fold_scaling: bool = True, write: bool = True) -> str:
     """Write the EMA weights of ``adapter_name`` (default: the active adapter) as a PEFT adapter.
 
     ``out_dir`` gets ``adapter_config.json`` and ``adapter_model.safetensors`` directly
@@ -184,7 +185,10 @@ def save_ema_adapter(model, engine, out_dir: str, adapter_name: str | None = Non
     loads it unchanged.  ``engine`` is a :class:`cl_core.DEMA` (or anything with
     ``.engine``, e.g. a :class:`cl_core.DEMACallback`) whose parameters include every
     trainable tensor of that adapter.  The live weights are not changed.
-    The folder is written to a temporary sibling and renamed into place.
+    The folder is written to a temporary sibling and renamed into place; several processes
+    saving the same folder at once (every rank of a DDP run) each leave it complete.
+    Under DeepSpeed the EMA is gathered first: every rank must call this; ``write=False``
+    takes part in the gather without writing (the callback writes on the main rank only).
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -217,9 +221,20 @@ def save_ema_adapter(model, engine, out_dir: str, adapter_name: str | None = Non
     if any(_is_dtensor(p) for p in engine.params):
         raise ValueError("save_ema_adapter: parameters are sharded (FSDP); gather a full state first")
 
-    with engine.swap():
-        sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    full = getattr(engine, "full_ema_tensors", None)
+    if full is not None:
+        # DeepSpeed: the engine averages fp32 fragments (partitions under ZeRO-1/2/3); gather
+        # the EMA whole (collective: every rank calls this) and give PEFT the tensors by name.
+        ema = full()
+        by_name = {n: t.to(p.dtype) for n, p, t in zip(engine.names, engine.model_params, ema)}
+        sd = get_peft_model_state_dict(model, state_dict=by_name, adapter_name=adapter_name)
         sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+        if not write:
+            return out_dir
+    else:
+        with engine.swap():
+            sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+            sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
     if fold_scaling:
         ratios = _scaling_ratios(model, adapter_name)
@@ -245,13 +260,20 @@ def save_ema_adapter(model, engine, out_dir: str, adapter_name: str | None = Non
         save_file(sd, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         _fsync_dir_files(tmp)
-        if os.path.isdir(out_dir):
-            # Replace only our two files; keep anything else the user put there.
+        moved = False
+        if not os.path.isdir(out_dir):
+            try:
+                os.replace(tmp, out_dir)
+                moved = True
+            except OSError:
+                # another process (a DDP rank saving the same EMA) created it meanwhile
+                if not os.path.isdir(out_dir):
+                    raise
+        if not moved:
+            # Replace only our two files, each atomically; keep anything else in the folder.
             for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
                 os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
