@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,6 +49,7 @@ class DEMAStats:
 
     alpha: torch.Tensor  # fp32 [T]: α applied (0 where the tensor was skipped)
     nonfinite_skips: torch.Tensor  # int64 [T]: updates skipped for NaN/inf, in total
+    missing_grads: torch.Tensor  # int64 [T] on CPU: updates that found no gradient, in total
     updates: int  # update() calls
     skipped_steps: int  # optimizer steps skipped (AMP overflow), not averaged
 
@@ -55,6 +58,7 @@ class DEMAStats:
         return {
             "alpha": self.alpha.float().cpu().tolist(),
             "nonfinite_skips": self.nonfinite_skips.cpu().tolist(),
+            "missing_grads": self.missing_grads.tolist(),
             "updates": self.updates,
             "skipped_steps": self.skipped_steps,
         }
@@ -97,6 +101,10 @@ class DEMA:
         self._started = False  # the groups' state and backends exist (first update)
         self.num_updates = 0
         self.skipped_steps = 0
+        # Updates that found p.grad None, per tensor. Host-side knowledge, so a Python
+        # list (no device sync); DESIGN.md §2: a trainer hiding gradients must be seen.
+        self._missing = [0] * len(params)
+        self._warned_no_grads = False
         self._pending_flush = None  # set by a fused optimizer whose EMA lags one step
 
     # ------------------------------------------------------------------ lifecycle
@@ -107,11 +115,15 @@ class DEMA:
     def _locals(self, indices) -> list[torch.Tensor]:
         return [local_tensor(self.params[i]).detach() for i in indices]
 
-    def _grads(self, indices) -> list:
+    def _grads(self, indices, missing: list) -> list:
         out = []
         for i in indices:
             g = self.params[i].grad
-            out.append(None if g is None else local_tensor(g).detach())
+            if g is None:
+                missing.append(i)
+                out.append(None)
+            else:
+                out.append(local_tensor(g).detach())
         return out
 
     def ensure_groups(self) -> None:
@@ -134,13 +146,36 @@ class DEMA:
         """One DEMA update happened outside `update()` (inside a fused optimizer step)."""
         self.num_updates += 1
 
+    def count_missing(self, indices) -> None:
+        """At this update, the tensors at `indices` (positions in `self.params`) had no
+        gradient. `update()` calls it itself; a fused optimizer step calls it once per
+        step with every such position (an empty list included). Host-side only."""
+        counts = self._missing
+        n = len(counts)
+        indices = list(indices)
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+                raise ValueError(f"DEMA.count_missing: {i!r} is not a tensor position (0..{n - 1})")
+        for i in indices:
+            counts[i] += 1
+        if n and not self._warned_no_grads and len(set(indices)) == n:
+            self._warned_no_grads = True
+            log.warning(
+                "DEMA update found no gradient on any of its %d tensors: every tensor got the fallback "
+                "alpha (a fixed EMA). Call update() after backward() and optimizer.step(), before "
+                "zero_grad(); a trainer that frees gradients early hides them (warned once; "
+                "stats.missing_grads counts per tensor)", n,
+            )
+
     def update(self) -> None:
         """One DEMA step over all tensors; call right after `optimizer.step()`."""
         self.flush()
         self.ensure_groups()
+        missing: list = []
         with torch.no_grad():
             for g in self.groups:
-                g.backend.update(self._locals(g.indices), self._grads(g.indices), self.reduce_stats)
+                g.backend.update(self._locals(g.indices), self._grads(g.indices, missing), self.reduce_stats)
+        self.count_missing(missing)
         self.num_updates += 1
 
     def skip_step(self) -> None:
@@ -203,7 +238,9 @@ class DEMA:
             self._canonicalize()
             alpha = self._gather("alpha")
             skips = self._gather("skips")
-        return DEMAStats(alpha, skips, self.num_updates, self.skipped_steps)
+        missing = torch.tensor(self._missing, dtype=torch.int64)
+        return DEMAStats(alpha=alpha, nonfinite_skips=skips, missing_grads=missing,
+                         updates=self.num_updates, skipped_steps=self.skipped_steps)
 
     def _gather(self, field: str) -> torch.Tensor:
         if not self.groups:
@@ -232,6 +269,7 @@ class DEMA:
             "dtypes": [str(p.dtype).replace("torch.", "") for p in self.params],
             "num_updates": self.num_updates,
             "skipped_steps": self.skipped_steps,
+            "missing_grads": torch.tensor(self._missing, dtype=torch.int64),
             "initialized": self._started,
         }
         if not self._started:
@@ -276,46 +314,127 @@ class DEMA:
                     g.backend.state_loaded()
         self.num_updates = int(sd["num_updates"])
         self.skipped_steps = int(sd["skipped_steps"])
+        # States saved before missing_grads existed load with zero counts.
+        missing = sd.get("missing_grads")
+        self._missing = [0] * len(self.params) if missing is None else [int(v) for v in missing.tolist()]
 
     def _check_state(self, sd) -> None:
+        """Every field of a state dict, checked against this engine before anything changes."""
         if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
             raise ValueError("not a cl_core DEMA state dict (missing format tag 'cl_core.DEMA')")
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"DEMA state version {sd.get('version')!r} is not supported (this cl_core reads {STATE_VERSION})")
+        for key in ("config", "shapes", "dtypes", "num_updates", "skipped_steps", "initialized"):
+            if key not in sd:
+                raise ValueError(f"DEMA state is missing {key!r}; the file is incomplete or was not written by DEMA.state_dict()")
         n = len(self.params)
-        if len(sd.get("shapes", [])) != n:
+        if not isinstance(sd["config"], dict):
+            raise ValueError(f"DEMA state 'config' must be a dict, got {type(sd['config']).__name__}")
+        for key in ("shapes", "dtypes"):
+            if not isinstance(sd[key], (list, tuple)):
+                raise ValueError(f"DEMA state {key!r} must be a list, got {type(sd[key]).__name__}")
+        if len(sd["shapes"]) != n or len(sd["dtypes"]) != n:
             raise ValueError(
-                f"DEMA state holds {len(sd.get('shapes', []))} tensors but this engine has {n}; "
+                f"DEMA state holds {len(sd['shapes'])} tensors but this engine has {n}; "
                 "was it saved for another model or another set of trainable parameters?"
             )
+        self._check_names(sd.get("names"))
         for i, p in enumerate(self.params):
             name = self.names[i]
             shape = list(local_tensor(p).shape)
-            if list(sd["shapes"][i]) != shape:
-                raise ValueError(f"DEMA state for tensor {i} ({name!r}) has shape {sd['shapes'][i]}, the parameter has {shape}")
+            saved = sd["shapes"][i]
+            if not isinstance(saved, (list, tuple)) or list(saved) != shape:
+                raise ValueError(f"DEMA state for tensor {i} ({name!r}) has shape {saved!r}, the parameter has {shape}")
             want = str(p.dtype).replace("torch.", "")
             if sd["dtypes"][i] != want:
-                raise ValueError(f"DEMA state for tensor {i} ({name!r}) was saved for dtype {sd['dtypes'][i]}, the parameter is {want}")
-        if not sd.get("initialized"):
+                raise ValueError(f"DEMA state for tensor {i} ({name!r}) was saved for dtype {sd['dtypes'][i]!r}, the parameter is {want}")
+        for key in ("num_updates", "skipped_steps"):
+            _check_count(key, sd[key])
+        if not isinstance(sd["initialized"], bool):
+            raise ValueError(f"DEMA state 'initialized' must be True or False, got {sd['initialized']!r}")
+        missing = sd.get("missing_grads")
+        if missing is not None:
+            _check_vector("missing_grads", missing, n, torch.int64)
+            if bool((missing < 0).any()):
+                raise ValueError("DEMA state 'missing_grads' holds negative counts; the file is corrupt")
+        if not sd["initialized"]:
             return
         for key in ("ema", "grad_prev", "started", "has_prev", "d", "alpha", "skips"):
             if key not in sd:
                 raise ValueError(f"DEMA state is missing {key!r}")
-        if len(sd["ema"]) != n or len(sd["grad_prev"]) != n:
-            raise ValueError(f"DEMA state has {len(sd['ema'])} EMA tensors for {n} parameters")
+        for key in ("ema", "grad_prev"):
+            if not isinstance(sd[key], (list, tuple)) or len(sd[key]) != n:
+                got = len(sd[key]) if isinstance(sd[key], (list, tuple)) else type(sd[key]).__name__
+                raise ValueError(f"DEMA state {key!r} must be a list of {n} tensors, got {got}")
         for i, p in enumerate(self.params):
             shape = list(local_tensor(p).shape)
             for key in ("ema", "grad_prev"):
                 t = sd[key][i]
                 if t is None and key == "grad_prev":
                     continue
+                where = f"DEMA state {key} of tensor {i} ({self.names[i]!r})"
                 if not isinstance(t, torch.Tensor) or list(t.shape) != shape:
                     got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise ValueError(f"DEMA state {key} of tensor {i} ({self.names[i]!r}) has shape {got}, expected {shape}")
+                    raise ValueError(f"{where} has shape {got}, expected {shape}")
                 if t.dtype != torch.float32:
-                    raise ValueError(f"DEMA state {key} of tensor {i} ({self.names[i]!r}) has dtype {t.dtype}, expected torch.float32")
-                if key == "ema" and not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"DEMA state ema of tensor {i} ({self.names[i]!r}) holds NaN/inf; the file is corrupt")
-        for key in ("started", "has_prev", "d", "alpha", "skips"):
-            if not isinstance(sd[key], torch.Tensor) or sd[key].shape != (n,):
-                raise ValueError(f"DEMA state {key!r} must be a tensor of shape ({n},)")
+                    raise ValueError(f"{where} has dtype {t.dtype}, expected torch.float32")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{where} holds NaN/inf; the file is corrupt")
+        for key, dtype in (("started", torch.uint8), ("has_prev", torch.uint8), ("d", torch.float32),
+                           ("alpha", torch.float32), ("skips", torch.int64)):
+            _check_vector(key, sd[key], n, dtype)
+        started, has_prev = sd["started"], sd["has_prev"]
+        for key, t in (("started", started), ("has_prev", has_prev)):
+            if bool((t > 1).any()):
+                raise ValueError(f"DEMA state {key!r} must hold only 0 and 1, got {t.tolist()}")
+        if bool((has_prev > started).any()):
+            raise ValueError("DEMA state has a previous gradient for a tensor whose EMA has not started; the file is corrupt")
+        d, alpha = sd["d"], sd["alpha"]
+        if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
+            raise ValueError("DEMA state 'd' (an L1 distance) must be finite and >= 0")
+        if not bool(torch.isfinite(alpha).all()) or bool((alpha < 0).any()) or bool((alpha >= 1).any()):
+            raise ValueError("DEMA state 'alpha' must lie in [0, 1)")
+        if bool((sd["skips"] < 0).any()):
+            raise ValueError("DEMA state 'skips' holds negative counts; the file is corrupt")
+
+    def _check_names(self, saved) -> None:
+        """Names are compared only where both sides have real ones: tensors of one shape
+        (LoRA A of every layer) would otherwise load into each other silently. Names the
+        library makes up from positions (`param_{i}` of an unnamed engine,
+        `param_groups.G.params.I` of DEMAOptimizer) say nothing about the tensor and are
+        not compared; shapes and dtypes still are."""
+        if saved is None:
+            return
+        if not isinstance(saved, (list, tuple)) or not all(isinstance(x, str) for x in saved):
+            raise ValueError("DEMA state 'names' must be a list of strings")
+        if len(saved) != len(self.names):
+            raise ValueError(f"DEMA state names {len(saved)} tensors but this engine has {len(self.names)}")
+        if _positional(saved) or _positional(self.names) or list(saved) == list(self.names):
+            return
+        mine = set(self.names)
+        for i, (s, m) in enumerate(zip(saved, self.names)):
+            if s != m:
+                how = "the tensors are in another order" if s in mine else "it was saved for another tensor"
+                raise ValueError(
+                    f"DEMA state tensor {i} is {s!r} but this engine's tensor {i} is {m!r} ({how}); "
+                    "build the engine over the same tensors in the same order as when it was saved"
+                )
+
+
+_POSITIONAL = re.compile(r"param_\d+|param_groups\.\d+\.params\.\d+")
+
+
+def _positional(names) -> bool:
+    """True when every name is one the library made up from a position."""
+    return all(_POSITIONAL.fullmatch(n) for n in names)
+
+
+def _check_count(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"DEMA state {key!r} must be a non-negative integer, got {value!r}")
+
+
+def _check_vector(key: str, t, n: int, dtype: torch.dtype) -> None:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,) or t.dtype != dtype:
+        got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"DEMA state {key!r} must be a {dtype} tensor of shape ({n},), got {got}")
