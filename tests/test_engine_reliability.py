@@ -73,3 +73,108 @@ def test_count_missing_is_the_public_hook_for_fused_steps(caplog):
         with pytest.raises(ValueError, match="count_missing"):
             e.count_missing(bad)
     assert e.stats.missing_grads.tolist() == [1, 1, 2]
+
+
+# ---------------------------------------------------------------- state loading (issue 12.1)
+def _trained(names=None, formula="official", steps=3, seed=0):
+    ps = _params((3, 2), (3, 2), seed=seed)
+    e = DEMA(ps, DEMAConfig(formula=formula), names=names)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        for p in ps:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+            p.grad = torch.randn(p.shape, generator=g)
+        e.update()
+    return e, ps
+
+
+def _snapshot(e):
+    sd = e.state_dict()
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else
+                [x.clone() if isinstance(x, torch.Tensor) else x for x in v] if isinstance(v, list) else v)
+            for k, v in sd.items()}
+
+
+def _assert_unchanged(e, snap):
+    now = e.state_dict()
+    assert now.keys() == snap.keys()
+    for k, v in snap.items():
+        w = now[k]
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, w), k
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            assert all(torch.equal(a, b) for a, b in zip(v, w)), k
+        else:
+            assert v == w, k
+
+
+def test_every_field_of_a_state_is_checked_before_anything_changes():
+    e, _ = _trained(names=["q.lora_A", "v.lora_A"])
+    good = e.state_dict()
+    other, _ = _trained(names=["q.lora_A", "v.lora_A"], steps=5, seed=7)  # the engine we try to corrupt
+    snap = _snapshot(other)
+
+    def without(key):
+        return {k: v for k, v in good.items() if k != key}
+
+    def with_(**change):
+        return {**good, **change}
+
+    nan_gp = [torch.full((3, 2), float("nan")), good["grad_prev"][1]]
+    cases = [
+        (without("num_updates"), "num_updates"),
+        (with_(num_updates="abc"), "num_updates"),
+        (with_(num_updates=2.0), "num_updates"),
+        (with_(num_updates=-1), "num_updates"),
+        (with_(num_updates=True), "num_updates"),
+        (with_(skipped_steps=1.5), "skipped_steps"),
+        (without("dtypes"), "dtypes"),
+        (without("config"), "config"),
+        (without("initialized"), "initialized"),
+        (with_(initialized="yes"), "initialized"),
+        (with_(names=["v.lora_A", "q.lora_A"]), "another order"),
+        (with_(names=["k.lora_A", "v.lora_A"]), "another tensor"),
+        (with_(names=[1, 2]), "names"),
+        (with_(grad_prev=nan_gp), "grad_prev.*NaN"),
+        (with_(grad_prev=[good["grad_prev"][0]]), "grad_prev"),
+        (with_(d=torch.tensor([float("inf"), 0.0])), "'d'"),
+        (with_(d=torch.tensor([-1.0, 0.0])), "'d'"),
+        (with_(alpha=torch.tensor([-0.5, 0.01])), "alpha"),
+        (with_(alpha=torch.tensor([float("nan"), 0.01])), "alpha"),
+        (with_(skips=torch.tensor([-1, 0])), "skips"),
+        (with_(skips=torch.tensor([0.0, 0.0])), "skips"),
+        (with_(started=torch.tensor([7, 1], dtype=torch.uint8)), "started"),
+        (with_(started=torch.tensor([1.0, 1.0])), "started"),
+        (with_(has_prev=torch.tensor([1, 1], dtype=torch.uint8), started=torch.tensor([0, 1], dtype=torch.uint8)),
+         "not started"),
+        (with_(missing_grads=torch.tensor([-1, 0])), "missing_grads"),
+        (with_(missing_grads=torch.tensor([0.0, 0.0])), "missing_grads"),
+        (with_(shapes=[[3, 2], "ab"]), "shape"),
+        (with_(ema="x"), "ema"),
+    ]
+    for sd, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            other.load_state_dict(sd)
+        _assert_unchanged(other, snap)
+    other.load_state_dict(good)  # and the good one loads
+    assert other.num_updates == 3
+
+
+def test_positional_names_are_not_compared():
+    """Engines built without names (param_i) and DEMAOptimizer's positional names load
+    into each other; shapes and dtypes are still checked."""
+    named, _ = _trained(names=["q.lora_A", "v.lora_A"])
+    unnamed, _ = _trained()
+    unnamed.load_state_dict(named.state_dict())
+    named.load_state_dict(unnamed.state_dict())
+    by_position, _ = _trained(names=["param_groups.0.params.0", "param_groups.0.params.1"])
+    named.load_state_dict(by_position.state_dict())
+
+
+def test_numpy_counts_in_a_state_are_accepted():
+    np = pytest.importorskip("numpy")
+    e, _ = _trained()
+    sd = e.state_dict()
+    sd["num_updates"] = np.int64(3)
+    e.load_state_dict(sd)
+    assert e.num_updates == 3 and type(e.num_updates) is int
