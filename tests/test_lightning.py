@@ -198,6 +198,25 @@ def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path):
     assert t.global_step == N_BATCHES // 2 and cb.engine.num_updates == N_BATCHES // 2
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
+def test_a_step_the_grad_scaler_skips_is_counted_not_averaged(tmp_path, optimizer):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class Overflow(LitLM):
+        def training_step(self, ids, batch_idx):
+            loss = self(ids)
+            return loss * float("inf") if batch_idx == 2 else loss     # inf gradients at step 3
+
+    module = Overflow(tiny_peft_llama(), optimizer=optimizer)
+    cb = module.callback = DEMACallback()
+    scaler = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    t = trainer(tmp_path, [cb], plugins=[scaler])
+    t.fit(module, loader(batches()))
+    assert cb.fused == (optimizer == "adamw")
+    assert cb.engine.skipped_steps == 1 and cb.engine.num_updates == N_BATCHES - 1
+    assert all(torch.isfinite(e).all() for e in cb.engine.ema_tensors())
+
+
 # --------------------------------------------------------------------------- evaluation, end, export
 
 
