@@ -6,6 +6,8 @@ diagonal (accuracy on tasks not trained yet) may be present and are checked but 
 
     Avg.ACC    = mean_i A[T-1][i]                                   (LCIA)
     Forgetting = mean_{i<T-1} (A[i][i] - A[T-1][i])                 (LCIA; 0 when T = 1)
+    Forgetting (max) = mean_{i<T-1} (max_{i<=j<T-1} A[j][i] - A[T-1][i])
+                                                                    (Continual-NExT; 0 when T = 1)
     New.ACC    = mean_i A[i][i]                                     (LCIA)
     BWT        = (1/T) sum_i (A[T-1][i] - A[i][i])                  (CoIN; note 1/T)
     MAA        = mean_j mean_{i<=j} A[j][i]                         (CoIN)
@@ -18,9 +20,10 @@ from __future__ import annotations
 
 import math
 
-METRIC_NAMES = ("avg_acc", "forgetting", "new_acc", "bwt", "maa")
+METRIC_NAMES = ("avg_acc", "forgetting", "forgetting_max", "new_acc", "bwt", "maa")
 METRIC_LABELS = {
-    "avg_acc": "Avg.ACC", "forgetting": "Forgetting", "new_acc": "New.ACC", "bwt": "BWT", "maa": "MAA",
+    "avg_acc": "Avg.ACC", "forgetting": "Forgetting", "forgetting_max": "Forgetting(max)", "new_acc": "New.ACC",
+    "bwt": "BWT", "maa": "MAA",
 }
 
 
@@ -58,14 +61,19 @@ def _metrics(rows: list[list[float]], t: int) -> dict:
     diag = [rows[i][i] for i in range(t)]
     avg_acc = sum(last[:t]) / t
     forgetting = (sum(diag[i] - last[i] for i in range(t - 1)) / (t - 1)) if t > 1 else 0.0
+    # The best accuracy task i had after it was trained (rows i .. T-2), not only right after it.
+    forgetting_max = (sum(max(rows[j][i] for j in range(i, t - 1)) - last[i] for i in range(t - 1)) / (t - 1)
+                      if t > 1 else 0.0)
     new_acc = sum(diag) / t
     bwt = sum(last[i] - diag[i] for i in range(t)) / t
     maa = sum(sum(rows[j][: j + 1]) / (j + 1) for j in range(t)) / t
-    return {"avg_acc": avg_acc, "forgetting": forgetting, "new_acc": new_acc, "bwt": bwt, "maa": maa}
+    return {"avg_acc": avg_acc, "forgetting": forgetting, "forgetting_max": forgetting_max, "new_acc": new_acc,
+            "bwt": bwt, "maa": maa}
 
 
 def summarize(matrix) -> dict:
-    """Avg.ACC, Forgetting, New.ACC, BWT and MAA of a finished run's square matrix.
+    """Avg.ACC, Forgetting (LCIA's and the max-based one), New.ACC, BWT and MAA of a
+    finished run's square matrix.
 
     Raises ValueError for a matrix that is not square, holds NaN or a non-number, or has a
     value outside [0, 100].

@@ -74,6 +74,50 @@ def tiny():
     return model, tok
 
 
+@pytest.mark.parametrize("text, norm", [
+    ("Two", "2"), ("the Dog.", "dog"), ("yes!", "yes"), ("1,000", "1000"), ("3.5", "3.5"),
+    ("don't", "dont"), ("red-white", "red white"), ("a cat , dog", "cat dog"), ("  Stop\n", "stop"),
+    ("none", "0"), ("An apple", "apple"),
+])
+def test_vqa_normalisation(text, norm):
+    assert E.normalize_vqa(text) == norm
+
+
+def test_vqa_accuracy_hand_computed():
+    refs = ["two", "2", "2", "three", "2 ", "Two.", "two", "3", "2", "tree"]   # "2" after normalising: 7 times
+    assert E.vqa_accuracy("2", refs) == 1.0                 # min(7/3, 1)
+    assert E.vqa_accuracy("three", refs) == pytest.approx(2 / 3)   # "three" -> "3": 2 matches
+    assert E.vqa_accuracy("tree", refs) == pytest.approx(1 / 3)
+    assert E.vqa_accuracy("four", refs) == 0.0
+    assert E.vqa_accuracy("stop", ["stop", "stop", "stop"]) == 1.0
+    with pytest.raises(ValueError, match="at least one reference"):
+        E.vqa_accuracy("x", [])
+    # accuracy(): a list of references is scored with VQA accuracy (whatever the task type),
+    # a single answer with the task type's rule.
+    preds = ["tree", "stop", "B"]
+    answers = [refs, "STOP.", "B"]
+    assert E.accuracy("short", preds, answers) == pytest.approx(100 * (1 / 3 + 1 + 1) / 3)
+
+
+def test_reference_answers_from_test_files(tmp_path):
+    import json
+
+    from cl_core.continual.tasks import reference_answers
+
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps([{"text": "q", "answer": "a"},
+                             {"text": "q", "answer": "a", "answers": ["a", "b"]},
+                             {"text": "q", "answers": [{"answer": "x"}, {"answer": "y"}]}]))
+    assert reference_answers(f) == {1: ["a", "b"], 2: ["x", "y"]}
+    g = tmp_path / "t.jsonl"
+    g.write_text('{"instruction": "i", "output": "o"}\n\n{"instruction": "i", "answers": ["o", "p"]}\n')
+    assert reference_answers(g) == {1: ["o", "p"]}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"text": "q", "answers": ["a", 3]}]))
+    with pytest.raises(ValueError, match="record 0 has an 'answers' list with a non-text entry"):
+        reference_answers(bad)
+
+
 def test_encode_example_masks_the_prompt(tiny):
     _, tok = tiny
     ex = E.encode_example(tok, "scene : red big circle 1 2 3 5 stop ;", "1 2 3 5", max_length=64)

@@ -53,9 +53,34 @@ def test_maa_hand_computed():
     assert m["bwt"] == pytest.approx(((40 - 80) + (70 - 90) + 0) / 3)
 
 
+def test_max_forgetting_hand_computed():
+    # Task 0 peaks after task 1 (90 > its 60 right after training), task 1 after itself.
+    a = [[60, 0, 0, 0],
+         [90, 50, 0, 0],
+         [70, 80, 40, 0],
+         [30, 20, 35, 70]]
+    m = metrics.summarize(a)
+    # LCIA: from the diagonal.   Continual-NExT: from the best value in rows i .. T-2.
+    assert m["forgetting"] == pytest.approx(((60 - 30) + (50 - 20) + (40 - 35)) / 3)
+    assert m["forgetting_max"] == pytest.approx(((90 - 30) + (80 - 20) + (40 - 35)) / 3)
+    # The last row does not count as a peak: a task better at the end has negative forgetting.
+    b = [[50, 0], [70, 60]]
+    assert metrics.summarize(b)["forgetting_max"] == pytest.approx(50 - 70)
+    assert metrics.summarize(b)["forgetting"] == pytest.approx(50 - 70)
+    # Without any later peak the two definitions agree.
+    c = [[80, 0, 0], [60, 90, 0], [40, 70, 100]]
+    assert metrics.summarize(c)["forgetting_max"] == metrics.summarize(c)["forgetting"]
+
+
+def test_max_forgetting_partial_and_upper_triangle():
+    rows = [[60, 99, 99], [90, 50, 99]]        # entries above the diagonal never count
+    m = metrics.summarize_partial(rows)
+    assert m["forgetting_max"] == pytest.approx(60 - 90) and m["forgetting"] == pytest.approx(60 - 90)
+
+
 def test_single_task():
     m = metrics.summarize([[55.0]])
-    assert m == {"avg_acc": 55.0, "forgetting": 0.0, "new_acc": 55.0, "bwt": 0.0, "maa": 55.0}
+    assert m == {"avg_acc": 55.0, "forgetting": 0.0, "forgetting_max": 0.0, "new_acc": 55.0, "bwt": 0.0, "maa": 55.0}
 
 
 def test_partial_equals_leading_block():

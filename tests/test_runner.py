@@ -1,4 +1,5 @@
-"""The continual runner on a tiny configuration: outputs, method rules, resume, validation."""
+"""The continual runner on a tiny configuration: outputs, method and recipe rules, resume
+(also of a folder written before the recipes existed), validation."""
 import json
 import shutil
 
@@ -9,7 +10,7 @@ from cl_core.continual.run import METHODS, RunConfig, run
 
 # textvqa and gqa share the "original" template, imagenet has its own: with grouping, task 3
 # (gqa) re-uses group 0 and gets DEMA, task 2 (imagenet) opens group 1 without it.
-TINY = dict(seeds=(0,), tasks=("textvqa", "imagenet", "gqa"), n_train=48, n_test=12, hidden_size=32,
+TINY = dict(methods=METHODS, seeds=(0,), tasks=("textvqa", "imagenet", "gqa"), n_train=48, n_test=12, hidden_size=32,
             num_layers=1, num_heads=2, stage1_steps=20, stage1_batch_size=8, steps=6, batch_size=8,
             warmup_steps=1, max_length=96)
 
@@ -45,8 +46,17 @@ def test_outputs(full_run):
     assert {k: len(v["tasks"]) for k, v in state["chains"].items()} == {f"{m}/seed0": 3 for m in METHODS}
     report = (out / "report.md").read_text()
     assert "Plain sequential LoRA forgets" in report
-    for png in ("heatmap_lora.png", "heatmap_dema_group.png", "per_task_accuracy.png", "alpha_trace.png"):
+    for png in ("heatmap_lora.png", "heatmap_dema_group.png", "heatmap_lcia.png", "per_task_accuracy.png",
+                "alpha_trace.png", "alpha_hist.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each method's settings are stated; the α histogram is summarised in words from the run.
+    assert "### Settings of each method" in report
+    assert "| lcia | grouping (one per instruction group) | the last trained set |" in report
+    assert "every trainable tensor | none | one decision per test file |" in report
+    assert "scale 0.01, fallback 0.001" in report
+    assert "## Where DEMA's α landed" in report and "Why the official scale behaves like this here" in report
+    assert "over 1 seed)" in report and "1 seeds" not in report
+    assert "Model: the bundled tiny Llama (" in report and saved["model"]["source"] == "tiny"
 
 
 def test_method_rules(full_run):
@@ -55,9 +65,25 @@ def test_method_rules(full_run):
     assert seeds["lora"]["ema"] == [False, False, False]
     assert seeds["ema"]["ema"] == [False, True, True]
     assert seeds["dema"]["ema"] == [False, True, True]
+    # `dema`: the dynamic EMA was on (a fixed EMA is not DEMA); `init_from`: the task whose
+    # weights the trained set started from (None: fresh).
+    assert seeds["lora"]["dema"] == seeds["ema"]["dema"] == [False, False, False]
+    assert seeds["dema"]["dema"] == seeds["cl-next"]["dema"] == [False, True, True]
+    for m in ("lora", "ema", "dema", "cl-next"):
+        assert seeds[m]["init_from"] == [None, 0, 1], m
+        assert seeds[m]["groups"] == [0, 0, 0], m
     # Grouping: textvqa -> group 0 (new), imagenet -> group 1 (new), gqa -> group 0 again (DEMA).
     g = seeds["dema+group"]
     assert g["groups"] == [0, 1, 0] and g["reused"] == [False, False, True] and g["ema"] == [False, False, True]
+    assert g["dema"] == [False, False, True] and g["init_from"] == [None, None, 0]
+    # The official recipe: the new set of task 2 starts from task 1's weights, DEMA only on the re-train.
+    lc = seeds["lcia"]
+    assert lc["groups"] == [0, 1, 0] and lc["dema"] == [False, False, True] and lc["init_from"] == [None, 0, 0]
+    # α histogram counts: one value per (step, tensor) of the DEMA tasks.
+    n_tensors = len(json.loads((out / "chains" / "lcia" / "seed0" / "alpha_task2.json").read_text())["names"])
+    assert lc["alpha_counts"]["n"] == TINY["steps"] * n_tensors
+    assert results["methods"]["cl-next"]["alpha_counts"]["fallback"] == 0.001
+    assert results["methods"]["ema"]["alpha_counts"]["fallback"] is None  # fixed EMA: no fallback
     assert (out / "chains" / "dema_group" / "seed0" / "task2" / "group_1" / "adapter_config.json").is_file()
     assert (out / "chains" / "dema_group" / "seed0" / "task2" / "grouper.json").is_file()
     # α traces: one per optimizer step on the tasks with an EMA.
@@ -75,6 +101,80 @@ def test_method_rules(full_run):
     # (no EMA on task 1), and the first unit of dema+group too.
     first = {m: results["methods"][m]["seeds"]["0"]["matrix"][0] for m in METHODS}
     assert first["lora"] == first["ema"] == first["dema"] == first["dema+group"]
+
+
+def test_older_run_folder_resumes(full_run, tmp_path):
+    """A folder written before recipes, `dema`, `init_from` and α counts existed: resumed
+    (nothing retrained), with the missing record fields filled in as those versions ran."""
+    out, reference = full_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    cfg = json.loads((old / "config.json").read_text())
+    custom = ["lora", "ema", "dema", "dema+group"]
+    for k in ("recipe", "route", "new_set_init", "max_grad_norm", "dema_params"):
+        del cfg[k]
+    cfg["methods"] = custom
+    (old / "config.json").write_text(json.dumps(cfg))
+    state = json.loads((old / "state.json").read_text())
+    state["chains"] = {k: v for k, v in state["chains"].items() if v["method"] in custom}
+    for chain in state["chains"].values():
+        for t in chain["tasks"]:
+            for k in ("dema", "init_from", "alpha_counts"):
+                del t[k]
+    (old / "state.json").write_text(json.dumps(state))
+    results = run(tiny_config(methods=tuple(custom)), old, quiet=True, threads=1)
+    for m in custom:
+        a, b = results["methods"][m]["seeds"]["0"], reference["methods"][m]["seeds"]["0"]
+        assert a["matrix"] == b["matrix"] and a["loss"] == b["loss"], m
+        assert a["dema"] == b["dema"] and a["init_from"] == b["init_from"], m
+
+
+def test_file_routing_one_decision_per_test_set():
+    from cl_core.continual.run import route_groups
+    from cl_core.grouping import InstructionGrouper
+
+    g = InstructionGrouper(threshold=0.3)
+    g.assign(["Answer the question using a single word or phrase."])
+    g.assign(["Please provide the bounding box coordinate of the region this sentence describes."])
+    ins = ["Answer the question using a single word or phrase.",
+           "Please provide the bounding box coordinate of the region this sentence describes.",
+           "Answer the question using a single word or phrase.",
+           "Answer the question using a single word or phrase."]
+    spans = [(0, 2), (2, 4)]
+    assert route_groups(g, ins, spans, "instance") == [0, 1, 0, 0]
+    # The first test set as a whole: the mean over its two instructions decides, for both.
+    whole = g.route_set(ins[0:2]).group
+    assert route_groups(g, ins, spans, "file") == [whole, whole, 0, 0]
+    with pytest.raises(ValueError, match="route='task'"):
+        route_groups(g, ins, spans, "task")
+
+
+def test_warm_start_copies_the_last_trained_set():
+    import torch
+    from peft import LoraConfig
+
+    from cl_core.continual import tiny_model
+    from cl_core.continual.run import _copy_adapter
+    from cl_core.grouping import Decision
+    from cl_core.lora_sets import LoRASets
+
+    model = tiny_model.build_model(50, hidden_size=16, num_layers=1, num_heads=2)
+    sets = LoRASets(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    sets.prepare_task(Decision(group=0, reused=False, similarities=[]))
+    with torch.no_grad():
+        for n, p in sets.model.named_parameters():
+            if ".group_0." in n:
+                p.normal_()
+    sets.prepare_task(Decision(group=1, reused=False, similarities=[]))
+    params = dict(sets.model.named_parameters())
+    new = [n for n in params if ".group_1." in n]
+    assert new and not all(torch.equal(params[n], params[n.replace(".group_1.", ".group_0.")]) for n in new)
+    _copy_adapter(sets.model, "group_0", "group_1")
+    for n in new:
+        assert torch.equal(params[n], params[n.replace(".group_1.", ".group_0.")]), n
+        assert params[n].requires_grad  # the new set is the one being trained
+    with pytest.raises(RuntimeError, match="no tensors"):
+        _copy_adapter(sets.model, "group_0", "group_7")
 
 
 def test_resume_after_interrupt_equals_uninterrupted(full_run, tmp_path):
@@ -129,6 +229,26 @@ def test_base_is_shared_and_cached(full_run, tmp_path):
     assert results["methods"]["lora"]["matrix"] == reference["methods"]["lora"]["matrix"]
 
 
+def test_recipes():
+    assert RunConfig().methods == ("lora", "ema", "dema", "dema+group")
+    assert RunConfig(recipe="lcia").methods == ("lcia",)
+    assert RunConfig(recipe="cl-next").methods == ("cl-next",)
+    lcia, nx = RunConfig().plan("lcia"), RunConfig().plan("cl-next")
+    assert lcia.grouping and lcia.new_set_init == "latest" and lcia.params == "trainable"
+    assert lcia.max_grad_norm == 0 and lcia.route == "file"
+    assert (lcia.ema.formula, lcia.ema.scale, lcia.ema.fallback) == ("official", 2.0, 0.01)
+    assert not nx.grouping and (nx.ema.scale, nx.ema.fallback) == (0.01, 0.001)
+    # The custom methods take the flags; the recipes ignore them (and validation refuses
+    # a flag that only recipes would see).
+    cfg = RunConfig(route="file", new_set_init="latest", max_grad_norm=0.0, dema_params="trainable",
+                    dema_scale=0.5)
+    p = cfg.plan("dema+group")
+    assert (p.route, p.new_set_init, p.max_grad_norm, p.params, p.ema.scale) == ("file", "latest", 0.0,
+                                                                                "trainable", 0.5)
+    assert cfg.plan("lcia") == lcia
+    assert cfg.ema_config("ema").formula == "fixed" and cfg.ema_config("lora") is None
+
+
 @pytest.mark.parametrize("kw, needle", [
     (dict(methods=("lora", "sgd")), "unknown method 'sgd'"),
     (dict(methods=()), "no methods"),
@@ -141,6 +261,13 @@ def test_base_is_shared_and_cached(full_run, tmp_path):
     (dict(dema_formula="magic"), "formula"),
     (dict(seeds=(0, 0)), "seeds"),
     (dict(model="/nonexistent/model"), "not a folder"),
+    (dict(recipe="official"), "unknown recipe 'official'"),
+    (dict(route="task"), "route='task' is not known"),
+    (dict(new_set_init="best"), "new_set_init='best'"),
+    (dict(dema_params="all"), "dema_params='all'"),
+    (dict(max_grad_norm=-1.0), "max_grad_norm=-1.0"),
+    (dict(methods=("lcia",), route="file"), "only recipe methods run"),
+    (dict(methods=("cl-next",), dema_scale=0.5), "only recipe methods run"),
     (dict(task_files=("a.json",), tasks=("gqa",)), "cannot be mixed"),
 ])
 def test_bad_settings_fail_before_training(tmp_path, kw, needle):

@@ -3,7 +3,25 @@ method trains with (the one place a run's DEMAConfig is built).
 
     cfg = RunConfig(methods=("lora", "dema"), seeds=(0, 1))
     cfg.validate()                    # ValueError for settings that cannot work
+    cfg.plan("lcia")                  # MethodPlan: grouping, EMA settings, new-set start,
+                                      # averaged tensors, clipping, test routing
     cfg.ema_config("dema")            # the DEMAConfig the method's tasks use (None for lora)
+
+Methods and recipes. ``lora``, ``ema``, ``dema`` and ``dema+group`` are the "custom" methods:
+they take the run's flags (``route``, ``new_set_init``, ``max_grad_norm``, ``dema_params``,
+``dema_*``). ``lcia`` and ``cl-next`` are recipes with fixed settings:
+
+    lcia     the official LCIA recipe (JingyangQiao/CoIN): instruction grouping; a task that
+             opens a new LoRA set starts from the most recently trained set's weights with
+             DEMA off, a task that re-trains a set starts from that set's latest weights with
+             DEMA on; every trainable tensor averaged; no gradient clipping (DeepSpeed's
+             default 0); one routing decision per test file; scale 2.0, fallback 0.01.
+    cl-next  the Continual-NExT toolkit: one LoRA set, DEMA from task 2, scale 0.01,
+             fallback 0.001, every trainable tensor averaged, the trainer's default
+             clipping (1.0).
+
+``RunConfig(recipe="lcia")`` runs the lcia method (``recipe`` picks the default method list);
+``recipe="custom"`` (the default) runs the four custom methods.
 
 The EMA defaults come from :class:`cl_core.DEMAConfig` (they are typed there only).
 """
@@ -17,10 +35,49 @@ from typing import Optional
 
 from cl_core.dema.config import FORMULAS, DEMAConfig
 
-METHODS = ("lora", "ema", "dema", "dema+group")
+CUSTOM_METHODS = ("lora", "ema", "dema", "dema+group")
+RECIPE_METHODS = ("lcia", "cl-next")
+METHODS = CUSTOM_METHODS + RECIPE_METHODS
+RECIPES = ("custom",) + RECIPE_METHODS
 ORDERS = ("origin", "reverse", "alphabet")
+ROUTES = ("instance", "file")            # test routing: per test instance, or one decision per test file
+NEW_SET_INITS = ("fresh", "latest")      # a new LoRA set: fresh init, or the last trained set's weights
+DEMA_PARAMS = ("lora", "trainable")      # averaged tensors: the LoRA tensors, or every trainable one
 
 _DEMA_DEFAULTS = DEMAConfig()
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """How one method trains and evaluates (RunConfig.plan)."""
+
+    grouping: bool                  # instruction grouping (several LoRA sets) or one set
+    ema: Optional[DEMAConfig]       # the EMA of a task that re-trains a set (None: never)
+    new_set_init: str               # fresh | latest (only matters with grouping)
+    params: str                     # lora | trainable: the tensors the EMA averages
+    max_grad_norm: float            # gradient clipping (0: none)
+    route: str                      # instance | file (only matters with grouping)
+
+    def describe(self) -> dict:
+        """The plan in words, for the report."""
+        if self.ema is None:
+            ema = "none"
+        elif self.ema.formula == "fixed":
+            ema = f"fixed β = {self.ema.beta}"
+        else:
+            ema = f"DEMA `{self.ema.formula}`, scale {self.ema.scale}, fallback {self.ema.fallback}"
+        return {
+            "LoRA sets": "grouping (one per instruction group)" if self.grouping else "one",
+            "a new set starts from": ("the last trained set" if self.new_set_init == "latest" else "fresh init")
+                                     if self.grouping else "fresh init (task 1)",
+            "EMA": ema,
+            "EMA on": "-" if self.ema is None else "when a task re-trains a set" if self.grouping else "from task 2",
+            "averaged tensors": "-" if self.ema is None else
+                                ("every trainable tensor" if self.params == "trainable" else "LoRA A/B"),
+            "gradient clipping": f"{self.max_grad_norm:g}" if self.max_grad_norm > 0 else "none",
+            "test routing": ("one decision per test file" if self.route == "file" else "per instance")
+                            if self.grouping else "-",
+        }
 
 
 @dataclass
@@ -28,7 +85,8 @@ class RunConfig:
     """Settings of a continual run. Everything here is part of the run's identity: a
     folder is only resumed with an equal config."""
 
-    methods: tuple = METHODS
+    methods: Optional[tuple] = None        # None: the recipe's (custom: lora, ema, dema, dema+group)
+    recipe: str = "custom"                 # custom | lcia | cl-next (see the module docstring)
     seeds: tuple = (0,)
     # Data: the bundled benchmark (cl_core.continual.synthetic) unless task_files is given.
     tasks: Optional[tuple] = None          # bundled task names, in order (None: the order preset)
@@ -67,6 +125,17 @@ class RunConfig:
     dema_scale: float = _DEMA_DEFAULTS.scale
     dema_fallback: float = _DEMA_DEFAULTS.fallback
     group_threshold: Optional[float] = None  # None: the official 0.9 (original) / 0.3 (diverse, 10type)
+    # Settings of the custom methods (the recipes fix their own).
+    route: str = "instance"                # test routing of dema+group: instance | file
+    new_set_init: str = "fresh"            # a new LoRA set of dema+group: fresh | latest
+    max_grad_norm: float = 1.0             # gradient clipping (0: none)
+    dema_params: str = "lora"              # tensors the EMA averages: lora | trainable
+
+    def __post_init__(self):
+        if self.methods is None:
+            self.methods = CUSTOM_METHODS if self.recipe == "custom" else (self.recipe,)
+        elif isinstance(self.methods, list):
+            self.methods = tuple(self.methods)
 
     # ------------------------------------------------------------ (de)serialising
     def to_dict(self) -> dict:
@@ -99,13 +168,27 @@ class RunConfig:
 
         return THRESHOLDS.get(self.variant, 0.9) if self.bundled else 0.9
 
+    def plan(self, method: str) -> MethodPlan:
+        """How ``method`` trains and evaluates under this config."""
+        if method == "lcia":
+            return MethodPlan(grouping=True, ema=DEMAConfig(formula="official", scale=2.0, fallback=0.01),
+                              new_set_init="latest", params="trainable", max_grad_norm=0.0, route="file")
+        if method == "cl-next":
+            return MethodPlan(grouping=False, ema=DEMAConfig(formula="official", scale=0.01, fallback=0.001),
+                              new_set_init="fresh", params="trainable", max_grad_norm=1.0, route="instance")
+        if method not in CUSTOM_METHODS:
+            raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+        ema = None
+        if method == "ema":
+            ema = DEMAConfig(formula="fixed", beta=self.ema_beta)
+        elif method != "lora":
+            ema = DEMAConfig(formula=self.dema_formula, scale=self.dema_scale, fallback=self.dema_fallback)
+        return MethodPlan(grouping=method == "dema+group", ema=ema, new_set_init=self.new_set_init,
+                          params=self.dema_params, max_grad_norm=float(self.max_grad_norm), route=self.route)
+
     def ema_config(self, method: str) -> Optional[DEMAConfig]:
         """The EMA settings of ``method``'s tasks with an EMA (None: the method has none)."""
-        if method == "lora":
-            return None
-        if method == "ema":
-            return DEMAConfig(formula="fixed", beta=self.ema_beta)
-        return DEMAConfig(formula=self.dema_formula, scale=self.dema_scale, fallback=self.dema_fallback)
+        return self.plan(method).ema
 
     # ------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -121,6 +204,9 @@ class RunConfig:
                 raise ValueError(f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
         if len(set(methods)) != len(methods):
             raise ValueError(f"methods listed twice: {methods}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; allowed: {', '.join(RECIPES)}")
+        self._validate_custom_flags(methods)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one: {list(self.seeds)}")
         for s in self.seeds:
@@ -148,6 +234,9 @@ class RunConfig:
         # EMA settings go through DEMAConfig's own validation (the configs the methods will use).
         for m in ("ema", "dema"):
             self.ema_config(m)
+        v = self.max_grad_norm
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"max_grad_norm={v!r} must be a number >= 0 (0: no clipping)")
         if self.group_threshold is not None and not 0 <= self.group_threshold <= 1:
             raise ValueError(f"group_threshold={self.group_threshold!r} must be in [0, 1]")
         if self.bundled:
@@ -171,6 +260,20 @@ class RunConfig:
             if not (p / "config.json").is_file():
                 raise ValueError(f"--model {self.model}: no config.json inside; not a Hugging Face model folder")
 
+    def _validate_custom_flags(self, methods) -> None:
+        for name, allowed in (("route", ROUTES), ("new_set_init", NEW_SET_INITS), ("dema_params", DEMA_PARAMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not known; allowed: {', '.join(allowed)}")
+        if any(m in CUSTOM_METHODS for m in methods):
+            return
+        # Only recipes run: a custom setting that differs from its default would be ignored.
+        base = RunConfig(recipe=self.recipe, methods=self.methods)
+        changed = [f for f in _CUSTOM_FLAGS if getattr(self, f) != getattr(base, f)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} set, but only recipe methods run ({', '.join(methods)}), and a "
+                             f"recipe fixes its own settings; those settings apply to the custom methods "
+                             f"({', '.join(CUSTOM_METHODS)}): add one, or drop the setting")
+
     def _validate_bundled(self) -> None:
         if self.test_files or self.task_types:
             raise ValueError("test files and task types go with task files (--tasks FILE ...)")
@@ -184,6 +287,11 @@ class RunConfig:
                     raise ValueError(f"unknown bundled task {t!r}; the bundled tasks are: {', '.join(TASK_NAMES)}")
             if len(set(self.tasks)) != len(self.tasks):
                 raise ValueError(f"a task is listed twice: {list(self.tasks)}")
+
+
+# Settings that only the custom methods use (validate refuses them when only recipes run).
+_CUSTOM_FLAGS = ("route", "new_set_init", "max_grad_norm", "dema_params", "dema_formula", "dema_scale",
+                 "dema_fallback", "ema_beta")
 
 
 def defaults() -> RunConfig:

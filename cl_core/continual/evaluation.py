@@ -12,6 +12,11 @@ Task types and their rules, after the official CoIN evaluation scripts:
     box     grounding: four numbers parsed from the output (brackets and commas allowed);
             correct when IoU with the answer box is at least 0.5.
 
+Several reference answers (a test record whose answer is a list, as TextVQA / VQAv2 /
+VizWiz annotations carry ten): VQA accuracy, min(#references equal to the output / 3, 1),
+after the VQA evaluators' answer normalisation (:func:`normalize_vqa`), as CoIN scores those
+datasets; whatever the task type.
+
 Prompts and answers are turned into token ids by :func:`encode_example` for training and
 :func:`encode_prompt` for generation, so the two always agree.
 """
@@ -28,6 +33,41 @@ _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve".split())}
 _NUM_RE = re.compile(r"-?\d+(?:\.\d+)?")
 _LETTER_RE = re.compile(r"\b(\w)\b")
+
+
+# The VQA evaluators' answer normalisation (written from their description, not copied):
+# lower case; punctuation removed when it touches a space, else replaced by a space; commas
+# inside numbers and periods outside numbers dropped; number words as digits; articles dropped.
+_VQA_PUNCT = ";/[]\"{}()=+\\_-><@`,?!*#%^&$:"
+_VQA_NUMBERS = {w: str(i) for i, w in enumerate(
+    "none one two three four five six seven eight nine ten".split())}
+_VQA_NUMBERS["zero"] = "0"
+_VQA_ARTICLES = {"a", "an", "the"}
+_DIGIT_COMMA_RE = re.compile(r"(?<=\d),(?=\d)")
+_PERIOD_RE = re.compile(r"(?<!\d)\.(?!\d)")
+VQA_MATCHES_FOR_FULL_CREDIT = 3
+
+
+def normalize_vqa(text: str) -> str:
+    """An answer as the VQA evaluators compare it. Apostrophes are dropped on both sides
+    ("don't" == "dont"), where the evaluators' contraction table maps some words only."""
+    t = str(text).replace("\n", " ").replace("\t", " ").strip().lower()
+    t = _DIGIT_COMMA_RE.sub("", t).replace("'", "")
+    for p in _VQA_PUNCT:
+        if p in t:
+            t = t.replace(p, "") if (p + " " in t or " " + p in t) else t.replace(p, " ")
+    t = _PERIOD_RE.sub("", t)
+    words = [_VQA_NUMBERS.get(w, w) for w in t.split()]
+    return " ".join(w for w in words if w not in _VQA_ARTICLES)
+
+
+def vqa_accuracy(prediction: str, references: Sequence[str]) -> float:
+    """min(#references equal to the prediction / 3, 1), after :func:`normalize_vqa`."""
+    if not references:
+        raise ValueError("VQA accuracy needs at least one reference answer")
+    pred = normalize_vqa(prediction)
+    matches = sum(normalize_vqa(r) == pred for r in references)
+    return min(matches / VQA_MATCHES_FOR_FULL_CREDIT, 1.0)
 
 
 def check_task_type(task_type: str) -> str:
@@ -89,14 +129,22 @@ def score(task_type: str, prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
 
 
-def accuracy(task_type: str, predictions: Sequence[str], answers: Sequence[str]) -> float:
-    """Percentage (0-100) of correct predictions."""
+def credit(task_type: str, prediction: str, answer) -> float:
+    """1.0 / 0.0 for one reference answer (:func:`score`); VQA accuracy for a list of them."""
+    if isinstance(answer, (list, tuple)):
+        return vqa_accuracy(prediction, answer)
+    return float(score(task_type, prediction, answer))
+
+
+def accuracy(task_type: str, predictions: Sequence[str], answers: Sequence) -> float:
+    """Percentage (0-100): the mean credit of the predictions. An answer may be a list of
+    reference answers (VQA accuracy for that record)."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
     if not answers:
         raise ValueError("no answers to score")
-    right = sum(score(task_type, p, a) for p, a in zip(predictions, answers))
-    return 100.0 * right / len(answers)
+    total = sum(credit(task_type, p, a) for p, a in zip(predictions, answers))
+    return 100.0 * total / len(answers)
 
 
 def infer_task_type(answers: Sequence[str], prompts: Sequence[str] = ()) -> str:

@@ -4,14 +4,19 @@
     write_report(results, out_dir)      # results: the dict of results.json
 
 Plots: ``heatmap_<method>.png`` (seed-mean accuracy matrix), ``per_task_accuracy.png``
-(accuracy on each task over the sequence, one panel per task, one line per method) and
-``alpha_trace.png`` (mean α = 1 − β per optimizer step, for the methods with an EMA).
+(accuracy on each task over the sequence, one panel per task, one line per method),
+``alpha_trace.png`` (mean α = 1 − β per optimizer step, for the methods with an EMA) and
+``alpha_hist.png`` (where every per-tensor α of the dynamic methods landed).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from cl_core.continual import alpha as alpha_stats
 from cl_core.metrics import METRIC_LABELS, METRIC_NAMES
+
+# Line styles and markers per method: overlapping lines (equal accuracies) stay visible.
+_STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "x"), ("-.", "P"), (":", "*")]
 
 
 def _slug(method: str) -> str:
@@ -20,6 +25,10 @@ def _slug(method: str) -> str:
 
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f} ± {std:.2f}"
+
+
+def _seeds_text(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
 def _pyplot():
@@ -59,11 +68,16 @@ def plot_per_task(results: dict, path: Path) -> None:
     rows = (t + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False, sharey=True)
     x = list(range(1, t + 1))
+    n_methods = len(results["methods"])
     for i, name in enumerate(tasks):
         ax = axes[i // cols][i % cols]
-        for method, r in results["methods"].items():
+        for k, (method, r) in enumerate(results["methods"].items()):
             col = [row[i] for row in r["matrix"]]
-            ax.plot(x[i:], col[i:], marker="o", markersize=3, label=method)
+            ls, marker = _STYLES[k % len(_STYLES)]
+            # A small sideways offset per method: equal accuracies do not hide each other.
+            dx = (k - (n_methods - 1) / 2) * 0.06
+            ax.plot([v + dx for v in x[i:]], col[i:], ls=ls, marker=marker, markersize=4, lw=1.2,
+                    alpha=0.85, label=method)
         ax.axvline(i + 1, color="grey", lw=0.6, ls=":")
         ax.set_title(f"task {i + 1}: {name}", fontsize=9)
         ax.set_xticks(x)
@@ -95,7 +109,8 @@ def plot_alpha(results: dict, path: Path) -> bool:
             ys.extend(trace)
             offset += steps
         if ys:
-            ax.plot(xs, ys, lw=0.9, label=f"{method} (seed {seed})")
+            k = list(results["methods"]).index(method)
+            ax.plot(xs, ys, lw=0.9, ls=_STYLES[k % len(_STYLES)][0], label=f"{method} (seed {seed})")
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -136,38 +151,39 @@ def write_report(results: dict, out_dir) -> Path:
     if results["benchmark"] == "bundled":
         lines.append(f"Benchmark: the bundled synthetic CoIN-like tasks (cl_core.continual.synthetic), instruction "
                      f"templates `{cfg['variant']}`, order `{cfg['order']}`; {cfg['n_train']} training and "
-                     f"{cfg['n_test']} test samples per task. Model: a tiny Llama (hidden {cfg['hidden_size']}, "
-                     f"{cfg['num_layers']} layers) trained from scratch in stage 1 ({cfg['stage1_steps']} steps, "
-                     f"once per seed, shared by all methods).")
+                     f"{cfg['n_test']} test samples per task.")
     else:
-        lines.append(f"Tasks: {len(tasks)} task files; model `{cfg['model']}`.")
+        lines.append(f"Tasks: {len(tasks)} task files.")
+    lines[-1] += " " + _model_text(results)
     lines += [
         "",
         f"Stage 2, the same for every method: {cfg['steps']} optimizer steps per task, batch {cfg['batch_size']}, "
         f"learning rate {cfg['lr']} (cosine, {cfg['warmup_steps']} warm-up steps), LoRA r={cfg['lora_r']} "
         f"alpha={cfg['lora_alpha']} on `{cfg['target_modules']}`. Seeds: {', '.join(map(str, seeds))}. "
-        f"Fixed EMA β={cfg['ema_beta']}; DEMA formula `{cfg['dema_formula']}` (scale {cfg['dema_scale']}, "
-        f"fallback {cfg['dema_fallback']}).",
+        "Each method's EMA, LoRA-set and routing settings are in the table below.",
         "",
         "Tasks in training order: " + ", ".join(f"{i + 1}. {n} ({tt})" for i, (n, tt) in
                                                enumerate(zip(tasks, results["task_types"]))) + ".",
         "",
-        f"## Methods compared (mean ± std over {len(seeds)} seed{'s' if len(seeds) != 1 else ''})",
+        f"## Methods compared (mean ± std over {_seeds_text(len(seeds))})",
         "",
         "| method | " + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES) + " |",
         "|---" * (len(METRIC_NAMES) + 1) + "|",
     ]
     for method, r in methods.items():
-        lines.append(f"| {method} | " + " | ".join(_pm(r["metrics"][m], r["metrics_std"][m]) for m in METRIC_NAMES)
-                     + " |")
+        lines.append(f"| {method} | " + " | ".join(_pm(r["metrics"][m], r["metrics_std"][m])
+                                                  for m in METRIC_NAMES if m in r["metrics"]) + " |")
     lines += [
         "",
         "Avg.ACC: mean accuracy on all tasks after the last one. Forgetting: mean drop from each task's "
-        "accuracy right after training it to its final accuracy (tasks 1..T-1). New.ACC: mean accuracy on "
-        "each task right after training it. BWT = (1/T)·Σ(final − just-trained) (CoIN). MAA: mean over "
-        "steps of the mean accuracy on the tasks seen so far (CoIN). All in percentage points.",
+        "accuracy right after training it to its final accuracy (tasks 1..T-1; LCIA). Forgetting (max): the "
+        "same drop from the best accuracy the task ever had after it was trained (Continual-NExT). New.ACC: "
+        "mean accuracy on each task right after training it. BWT = (1/T)·Σ(final − just-trained) (CoIN). MAA: "
+        "mean over steps of the mean accuracy on the tasks seen so far (CoIN). All in percentage points.",
         "",
     ]
+    lines += _never_on_lines(methods)
+    lines += _settings_lines(methods)
     if "lora" in methods:
         r = methods["lora"]
         lines += [f"**Plain sequential LoRA forgets {r['metrics']['forgetting']:.1f} ± "
@@ -191,12 +207,13 @@ def write_report(results: dict, out_dir) -> Path:
               "trained yet (not used by the metrics).", ""]
     for method, r in methods.items():
         png = f"heatmap_{_slug(method)}.png"
-        plot_heatmap(r["matrix"], tasks, f"{method}: accuracy after each task (mean of {len(seeds)} seeds)",
-                     out / png)
+        title = (f"{method}: accuracy after each task (mean of {_seeds_text(len(seeds))})" if len(seeds) > 1
+                 else f"{method}: accuracy after each task (seed {seeds[0]})")
+        plot_heatmap(r["matrix"], tasks, title, out / png)
         lines += [f"### {method}", "", f"![{method} accuracy matrix]({png})", ""]
         lines += _matrix_table(r["matrix"], r["matrix_std"], tasks)
         lines.append("")
-        if method == "dema+group":
+        if any(len(set(s["groups"])) > 1 for s in r["seeds"].values()):
             lines += _grouping_lines(r, tasks)
 
     plot_per_task(results, out / "per_task_accuracy.png")
@@ -214,12 +231,14 @@ def write_report(results: dict, out_dir) -> Path:
                 lines.append(f"| {method} | {n_tasks} | {sum(vals) / len(vals):.4f} | {min(vals):.4f} | "
                              f"{max(vals):.4f} |")
         lines.append("")
+    lines += _alpha_hist_lines(results, out)
     lines += ["## Files", "",
               "`results.json` (per method: seed-mean `matrix` and `metrics`, per seed the same plus α traces), "
               "`state.json` (finished units, for resuming), `config.json`, `chains/<method>/seed<s>/task<j>/` "
               "(final LoRA adapters, PEFT format), `base/seed<s>/` (stage-1 base model).", ""]
     if "wall_seconds_this_call" in results:
-        lines += [f"Wall time of the call that finished this run: {results['wall_seconds_this_call']:.0f} s.", ""]
+        lines += [f"Wall time of the call that finished this run: {results['wall_seconds_this_call']:.0f} s "
+                  "(the time `cl-core` prints; a resumed run counts only its last call).", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -227,10 +246,154 @@ def write_report(results: dict, out_dir) -> Path:
 
 def _grouping_lines(r: dict, tasks) -> list[str]:
     lines = ["Instruction grouping decisions (first seed; every seed sees the same templates):", "",
-             "| task | group | re-used (DEMA on) | similarity to earlier groups |", "|---|---|---|---|"]
+             "| task | group | re-used | DEMA on | set started from | similarity to earlier groups |",
+             "|---|---|---|---|---|---|"]
     seed = next(iter(r["seeds"].values()))
-    for name, g, reused, sims in zip(tasks, seed["groups"], seed["reused"], seed["similarities"]):
-        lines.append(f"| {name} | {g} | {'yes' if reused else 'no (new set)'} | "
+    n = len(seed["groups"])
+    dema = seed.get("dema") or seed.get("ema") or [False] * n
+    init = seed.get("init_from") or [None] * n
+    for name, g, reused, on, src, sims in zip(tasks, seed["groups"], seed["reused"], dema, init,
+                                              seed["similarities"]):
+        start = "fresh" if src is None else f"task {src + 1} ({tasks[src]})"
+        lines.append(f"| {name} | {g} | {'yes' if reused else 'no (new set)'} | {'yes' if on else 'no'} | {start} | "
                      f"{', '.join(f'{s:.2f}' for s in sims) or '-'} |")
     lines.append("")
     return lines
+
+
+def _model_text(results: dict) -> str:
+    """The model actually used, from what the run recorded (older results: from the config)."""
+    cfg = results["config"]
+    m = results.get("model")
+    if m:
+        size = f"{m['parameters']:,} parameters"
+        shape = ", ".join(f"{k} {m[k]}" for k in ("hidden_size", "num_layers", "vocab_size") if m.get(k) is not None)
+        if m.get("source") == "tiny":
+            return (f"Model: the bundled tiny Llama ({size}; {shape}), trained from scratch in stage 1 "
+                    f"({cfg['stage1_steps']} steps, once per seed, shared by all methods).")
+        return f"Model: `{m['source']}` ({m.get('model_type', '?')}, {size}; {shape})."
+    if cfg.get("model"):
+        return f"Model: `{cfg['model']}`."
+    return (f"Model: a tiny Llama (hidden {cfg['hidden_size']}, {cfg['num_layers']} layers) trained from scratch "
+            f"in stage 1 ({cfg['stage1_steps']} steps, once per seed, shared by all methods).")
+
+
+def _settings_lines(methods: dict) -> list[str]:
+    rows = [(m, r["settings"]) for m, r in methods.items() if r.get("settings")]
+    if not rows:
+        return []
+    keys = list(rows[0][1])
+    lines = ["### Settings of each method", "",
+             "`lora`, `ema`, `dema`, `dema+group` take the run's flags (the custom recipe); `lcia` is the official "
+             "LCIA recipe and `cl-next` Continual-NExT's, with their own fixed settings.", "",
+             "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for m, st in rows:
+        lines.append(f"| {m} | " + " | ".join(str(st.get(k, "-")) for k in keys) + " |")
+    return lines + [""]
+
+
+def _never_on_lines(methods: dict) -> list[str]:
+    """Say so when a method with an EMA never turned it on (its numbers are then LoRA's)."""
+    lines = []
+    for m, r in methods.items():
+        st = r.get("settings") or {}
+        if st.get("EMA", "none") == "none":
+            continue
+        if not any(on for s in r["seeds"].values() for on in s.get("ema", [])):
+            why = ("every task opened a new LoRA set (no task re-trained one)" if "grouping" in st.get("LoRA sets", "")
+                   else "the run has a single task")
+            lines.append(f"**{m} never turned its EMA on in this run:** {why}, so its numbers show "
+                         f"{'grouping, routing and the new-set start' if 'grouping' in st.get('LoRA sets', '') else 'plain LoRA'}"
+                         ", not the EMA.")
+    return lines + [""] if lines else []
+
+
+def plot_alpha_hist(results: dict, path: Path) -> bool:
+    """Per dynamic-EMA method: where its per-tensor α landed (all seeds, all tasks)."""
+    rows = [(m, r["alpha_counts"]) for m, r in results["methods"].items()
+            if r.get("alpha_counts", {}).get("n") and r["alpha_counts"].get("fallback") is not None]
+    if not rows:
+        return False
+    plt = _pyplot()
+    edges = alpha_stats.bin_edges()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(7.5, 1.9 * len(rows) + 0.4), squeeze=False, sharex=True)
+    for ax, (method, c) in zip(axes[:, 0], rows):
+        shares = [b / c["n"] for b in c["bins"]]
+        ax.bar(edges[:-1], shares, width=[hi - lo for lo, hi in zip(edges, edges[1:])], align="edge",
+               color="tab:blue", edgecolor="white", lw=0.3)
+        ax.axvline(c["fallback"], color="tab:red", lw=1.0, ls="--", label=f"fallback {c['fallback']:g}")
+        ax.axvline(alpha_stats.ABOVE, color="black", lw=0.8, ls=":", label="0.1")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("share", fontsize=8)
+        ax.set_title(f"{method}: {alpha_stats.share(c, 'at_fallback'):.0%} at the fallback, "
+                     f"{alpha_stats.share(c, 'between'):.0%} between, {alpha_stats.share(c, 'above'):.0%} above 0.1 "
+                     f"({c['n']:,} values)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[-1, 0].set_xlabel("α = 1 − β per tensor and step (log scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+# A LLaVA-7B LoRA tensor at the official rank 128: 4096 x 128 elements.
+_LLAVA_LORA_NUMEL = 4096 * 128
+
+
+def _alpha_hist_lines(results: dict, out: Path) -> list[str]:
+    methods = results["methods"]
+    rows = [(m, r["alpha_counts"]) for m, r in methods.items()
+            if r.get("alpha_counts", {}).get("n") and r["alpha_counts"].get("fallback") is not None]
+    if not rows:
+        return []
+    plot_alpha_hist(results, out / "alpha_hist.png")
+    lines = ["## Where DEMA's α landed", "",
+             "Every per-tensor α of the dynamic-EMA methods (all seeds and tasks with DEMA on): the share that "
+             "landed exactly on the fallback (the formula left (0, 1) or could not be computed), between the "
+             "fallback and 0.1, and above 0.1.", "", "![alpha histogram](alpha_hist.png)", "",
+             "| method | EMA | α values | at the fallback | between | above 0.1 | below the fallback | "
+             "geometric mean of the rest | tensor sizes |", "|---|---|---|---|---|---|---|---|---|"]
+    for m, c in rows:
+        gm = alpha_stats.geometric_mean_in_range(c)
+        size = f"{c['numel_min']:,}–{c['numel_max']:,}" if c.get("numel_min") is not None else "-"
+        lines.append(f"| {m} | {methods[m].get('settings', {}).get('EMA', '-')} | {c['n']:,} | "
+                     f"{alpha_stats.share(c, 'at_fallback'):.0%} | {alpha_stats.share(c, 'between'):.0%} | "
+                     f"{alpha_stats.share(c, 'above'):.0%} | {alpha_stats.share(c, 'below'):.0%} | "
+                     f"{'-' if gm is None else f'{gm:.3g}'} | {size} |")
+    lines.append("")
+    lines += _alpha_why(rows, methods)
+    return lines
+
+
+def _alpha_why(rows, methods) -> list[str]:
+    """The official constant on small tensors, in words, from this run's numbers."""
+    official = [(m, c) for m, c in rows if "scale 2" in methods[m].get("settings", {}).get("EMA", "")]
+    if not official:
+        return []
+    m, c = max(official, key=lambda mc: mc[1]["n"])
+    if c.get("numel_max") is None:
+        return []
+    fb, hi, mid = (alpha_stats.share(c, k) for k in ("at_fallback", "above", "between"))
+    ratio = _LLAVA_LORA_NUMEL / c["numel_max"]
+    gm = alpha_stats.geometric_mean_in_range(c)
+    text = (f"**Why the official scale behaves like this here.** α = scale·(1 + ‖g‖₁)/(‖θ − θ*‖₁·‖g − g_prev‖₁) "
+            f"sums L1 norms over whole tensors. For the same per-element numbers each of the three norms grows with "
+            f"the element count n, so α shrinks about as 1/n (faster while ‖g‖₁ < 1). The tensors averaged here hold "
+            f"{c['numel_min']:,}–{c['numel_max']:,} elements, and with scale 2 the formula for {m} gave α outside "
+            f"(0, 1) on {fb:.0%} of the updates, which then took the fallback {c['fallback']:g}; {hi:.0%} landed "
+            f"above 0.1 and only {mid:.0%} in between")
+    if gm is not None:
+        text += f" (geometric mean of the values off the fallback: {gm:.3g})"
+    text += (f". A LLaVA-7B LoRA tensor at the official rank 128 holds {_LLAVA_LORA_NUMEL:,} elements, "
+             f"{ratio:,.0f}× more, so the same per-element numbers give α about {ratio:,.0f}× smaller")
+    if gm is not None:
+        text += f" (≈ {gm / ratio:.2g} for the values above)"
+    text += ": well below the fallback, a slowly moving EMA. The constant was set for those tensors, not these."
+    nx = [(mm, cc) for mm, cc in rows if "scale 0.01" in methods[mm].get("settings", {}).get("EMA", "")]
+    if nx:
+        mm, cc = nx[0]
+        text += (f" Continual-NExT's scale 0.01 (200× smaller) is closer to right for tensors of this size: "
+                 f"{mm} had {alpha_stats.share(cc, 'at_fallback'):.0%} of its α at its fallback "
+                 f"{cc['fallback']:g} and {alpha_stats.share(cc, 'above'):.0%} above 0.1.")
+    return [text, ""]

@@ -14,6 +14,11 @@ weights at the task's end):
     dema+group  instruction grouping: a task that continues a group's LoRA set gets DEMA, a
                 task that opens a new set does not; at evaluation each test instance is routed
                 to a group by its instruction and answered by that group's adapter
+    lcia        the official LCIA recipe; cl-next: Continual-NExT's (cl_core.continual.config)
+
+The custom methods take the run's flags (new-set start, averaged tensors, clipping, test
+routing); the recipes fix their own. Per task the state records whether DEMA was on
+(``dema``) and which task's weights the trained set started from (``init_from``).
 
 Every method sees the same seeds, data, steps and learning rate. Stage 2 uses the real
 ``transformers.Trainer`` (and ``cl_core.DEMACallback``); with the bundled benchmark a tiny
@@ -47,8 +52,10 @@ from cl_core.atomic_io import atomic_dir, write_json_atomic
 from cl_core.continual.config import METHODS, ORDERS, RunConfig, method_slug  # noqa: F401 - re-exported
 from cl_core.continual.state import RunState, TaskRecord, check_run_folder, write_json
 from cl_core.continual.tasks import Task, load_tasks  # noqa: F401 - re-exported
-from cl_core.continual.training import (load_base, quiet_libraries, seed_for, stage1_score, tiny_tokenizer,
-                                        train, train_stage1, user_tokenizer)
+from cl_core.continual.alpha import alpha_counts
+from cl_core.continual.alpha import merge as merge_alpha
+from cl_core.continual.training import (dema_callback, describe_model, load_base, quiet_libraries, seed_for,
+                                        stage1_score, tiny_tokenizer, train, train_stage1, user_tokenizer)
 
 log = logging.getLogger("cl_core.continual.run")
 
@@ -73,13 +80,20 @@ class ContinualRun:
         """Everything that can fail on bad input, before any training."""
         check_run_folder(self.out, self.cfg.to_dict(), RunConfig().to_dict())
         self.tasks = load_tasks(self.cfg)
+        if not self.cfg.bundled and self.cfg.model is None:
+            raise ValueError("--tasks without --model: the bundled tiny model only knows the bundled benchmark's "
+                             "words (yours would become <unk>); give --model DIR, a local causal-LM folder "
+                             "with its tokenizer")
         if self.cfg.model is not None:
             self.tokenizer = user_tokenizer(self.cfg.model)
+            # Weights that do not match config.json fail here, before anything is written.
+            load_base(Path(self.cfg.model), self.tokenizer)
         else:
             self.tokenizer = tiny_tokenizer()
         if self.max_new_tokens is None:
             longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"])
-                          for t in self.tasks for _, a, _ in t.test)
+                          for t in self.tasks for _, refs, _ in t.test
+                          for a in ([refs] if isinstance(refs, str) else refs))
             self.max_new_tokens = min(64, longest + 2)
         for t in self.tasks:
             if not t.train:
@@ -104,7 +118,9 @@ class ContinualRun:
             else:
                 model = self._load_base(seed)
                 row = self._evaluate(model, None)
-                info = {"zero_shot": row}
+                info = {"zero_shot": row,
+                        "model": describe_model(model, self.tokenizer, "tiny" if self.cfg.model is None
+                                                else str(self.cfg.model))}
                 if self.cfg.model is None:
                     info["stage1"] = stage1_score(model, self.tokenizer, seed, self.cfg)
             state.base[key] = info
@@ -115,8 +131,11 @@ class ContinualRun:
         return load_base(self.base_dir(seed), self.tokenizer)
 
     # ------------------------------------------------------------ evaluation
-    def _evaluate(self, model, grouper, progress_desc: str = "eval") -> list:
-        """Accuracy (%) on every task's test set; with a grouper, each instance is routed."""
+    def _evaluate(self, model, grouper, route: str = "instance", progress_desc: str = "eval") -> list:
+        """Accuracy (%) on every task's test set. With a grouper, each test instance goes to
+        a LoRA set by its instruction (``route="instance"``), or every instance of a task's
+        test set goes to the set chosen for the set's instructions as a whole (``"file"``,
+        the official script's one decision per test file)."""
         from tqdm.auto import tqdm
 
         from cl_core.continual.evaluation import accuracy, generate
@@ -132,7 +151,7 @@ class ContinualRun:
             spans.append((start, len(prompts)))
         adapters = None
         if grouper is not None:
-            adapters = [adapter_name(g) for g in grouper.route(instructions)]
+            adapters = [adapter_name(g) for g in route_groups(grouper, instructions, spans, route)]
         with tqdm(total=len(prompts), desc=progress_desc, disable=self.quiet, leave=False, unit="q") as bar:
             preds = generate(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
                              batch_size=self.cfg.eval_batch_size, max_prompt_tokens=self.cfg.max_length,
@@ -153,18 +172,18 @@ class ContinualRun:
     def run_chain(self, method: str, seed: int, state: RunState) -> None:
         import torch
 
-        from cl_core.callback import DEMACallback
         from cl_core.grouping import Decision, InstructionGrouper
         from cl_core.lora_sets import LoRASets
 
         cfg, tasks = self.cfg, self.tasks
+        plan = cfg.plan(method)
         done = state.finished(method, seed)
         if len(done) >= len(tasks):
             return
         cdir = self.chain_dir(method, seed)
         cdir.mkdir(parents=True, exist_ok=True)
         base = self._load_base(seed)
-        grouper = InstructionGrouper(threshold=cfg.threshold()) if method == "dema+group" else None
+        grouper = InstructionGrouper(threshold=cfg.threshold()) if plan.grouping else None
         if done:
             last = cdir / done[-1].adapters
             log.info("%s seed %d: resuming after task %d/%d (%s)", method, seed, len(done), len(tasks), last)
@@ -173,6 +192,7 @@ class ContinualRun:
                 grouper = InstructionGrouper.load(last / "grouper.json")
         else:
             sets = LoRASets(base, self._lora_config())
+        last_of_group = {r.group: k for k, r in enumerate(done)}  # the task that last trained each set
         for j in range(len(done), len(tasks)):
             task = tasks[j]
             t0 = time.time()
@@ -182,26 +202,36 @@ class ContinualRun:
                 decision = Decision(group=0, reused=j > 0, similarities=[])
             torch.manual_seed(seed_for(seed, method, "adapter", j))  # new adapters: same init on resume
             adapter, reused = sets.prepare_task(decision)
-            use_ema = method != "lora" and reused
-            callbacks = []
-            if use_ema:
-                callbacks.append(DEMACallback(cfg.ema_config(method), replace_at_end=True, record_alpha=True))
+            if reused:
+                init_from = last_of_group[decision.group]   # the set's own latest weights
+            elif plan.new_set_init == "latest" and j > 0:
+                init_from = j - 1                            # the most recently trained set's weights
+                _copy_adapter(sets.model, done[j - 1].adapter, adapter)
+            else:
+                init_from = None
+            use_ema = plan.ema is not None and reused
+            callbacks = [dema_callback(plan.ema, plan.params)] if use_ema else []
             if not self.quiet:
-                log.info("%s seed %d: task %d/%d %s (adapter %s%s)", method, seed, j + 1, len(tasks), task.name,
-                         adapter, ", EMA on" if use_ema else "")
+                log.info("%s seed %d: task %d/%d %s (adapter %s%s%s)", method, seed, j + 1, len(tasks), task.name,
+                         adapter, "" if init_from is None else f", from task {init_from + 1}",
+                         ", EMA on" if use_ema else "")
             loss = train(sets.model, self.tokenizer, [(p, a) for p, a, _ in task.train],
                          out_dir=self.out / ".trainer", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                          warmup=cfg.warmup_steps, seed=seed_for(seed, "data", j), quiet=self.quiet,
-                         callbacks=callbacks, max_length=cfg.max_length)
+                         callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm)
             train_s = time.time() - t0
-            row = self._evaluate(sets.model, grouper, progress_desc=f"eval {method} s{seed} t{j + 1}")
-            alpha_mean = []
+            row = self._evaluate(sets.model, grouper, route=plan.route,
+                                 progress_desc=f"eval {method} s{seed} t{j + 1}")
+            alpha_mean, counts = [], {}
             if callbacks:
                 cb = callbacks[0]
                 hist = [a.tolist() for a in cb.alpha_history]
                 alpha_mean = [sum(a) / len(a) for a in hist if a]
-                write_json_atomic({"task": task.name, "names": list(cb.engine.names), "alpha": hist},
-                                  cdir / f"alpha_task{j}.json", indent=None)
+                numel = [p.numel() for p in cb.engine.params]
+                fallback = None if plan.ema.formula == "fixed" else plan.ema.fallback
+                counts = alpha_counts(hist, fallback, numel)
+                write_json_atomic({"task": task.name, "names": list(cb.engine.names), "numel": numel,
+                                   "alpha": hist}, cdir / f"alpha_task{j}.json", indent=None)
             # Persist: adapters of this task first, then the state that points at them.
             adir_name = f"task{j}"
             with atomic_dir(cdir / adir_name) as tmp:
@@ -210,10 +240,13 @@ class ContinualRun:
                     grouper.save(tmp / "grouper.json")
             done.append(TaskRecord(
                 task=task.name, row=row, loss=loss, adapter=adapter, group=decision.group,
-                reused=bool(reused), ema=use_ema, adapters=adir_name,
+                reused=bool(reused), ema=use_ema, dema=use_ema and plan.ema.formula != "fixed",
+                init_from=init_from, adapters=adir_name,
                 similarities=[round(float(s), 4) for s in getattr(decision, "similarities", [])],
-                alpha_mean=alpha_mean, train_seconds=round(train_s, 2), seconds=round(time.time() - t0, 2),
+                alpha_mean=alpha_mean, alpha_counts=counts,
+                train_seconds=round(train_s, 2), seconds=round(time.time() - t0, 2),
             ))
+            last_of_group[decision.group] = j
             state.save()
             for old in cdir.glob("task*"):
                 if old.is_dir() and old.name != adir_name:
@@ -227,13 +260,13 @@ class ContinualRun:
     def run(self) -> dict:
         import torch
 
+        t0 = time.time()  # the run's wall time: the report and the CLI state this one number
         self.prepare()
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "config.json", self.cfg.to_dict())
         state = RunState.load(self.out / "state.json")
         if self.threads:
             torch.set_num_threads(self.threads)
-        t0 = time.time()
         with quiet_libraries():
             for seed in self.cfg.seeds:
                 self.ensure_base(seed, state)
@@ -257,6 +290,9 @@ class ContinualRun:
             "tasks": names, "task_types": [t.task_type for t in self.tasks],
             "config": self.cfg.to_dict(), "base": state.base, "methods": {},
         }
+        described = [b["model"] for b in state.base.values() if "model" in b]
+        if described:
+            out["model"] = described[0]
         for method in self.cfg.methods:
             seeds = {}
             for seed in self.cfg.seeds:
@@ -268,7 +304,9 @@ class ContinualRun:
                     "matrix": rows, "metrics": cl_metrics.summarize(rows),
                     "alpha": [d.alpha_mean for d in done],
                     "groups": [d.group for d in done], "reused": [d.reused for d in done],
-                    "ema": [d.ema for d in done], "similarities": [d.similarities for d in done],
+                    "ema": [d.ema for d in done], "dema": [d.dema for d in done],
+                    "init_from": [d.init_from for d in done], "similarities": [d.similarities for d in done],
+                    "alpha_counts": merge_alpha([d.alpha_counts for d in done]),
                     "loss": [d.loss for d in done],
                     "train_seconds": sum(d.train_seconds for d in done),
                 }
@@ -283,8 +321,46 @@ class ContinualRun:
             out["methods"][method] = {
                 "matrix": matrix, "matrix_std": matrix_std, "metrics": mean, "metrics_std": std,
                 "metrics_of_mean_matrix": cl_metrics.summarize(matrix), "seeds": seeds,
+                "settings": self.cfg.plan(method).describe(),
+                "ema_config": None if self.cfg.plan(method).ema is None else self.cfg.plan(method).ema.to_dict(),
+                "alpha_counts": merge_alpha([s["alpha_counts"] for s in per]),
             }
         return out
+
+
+def route_groups(grouper, instructions: list, spans: list, route: str) -> list:
+    """The LoRA set (group) of every test instance. ``spans``: (start, end) of each task's
+    test set in ``instructions``. ``route="instance"``: each instance by its own instruction;
+    ``"file"``: every instance of a test set goes to the group chosen for that set's
+    instructions as a whole (the official script's one decision per test file)."""
+    if route == "instance":
+        return grouper.route(instructions)
+    if route != "file":
+        raise ValueError(f"route={route!r}; allowed: instance, file")
+    groups = []
+    for a, b in spans:
+        groups += [grouper.route_set(instructions[a:b]).group] * (b - a)
+    return groups
+
+
+def _copy_adapter(model, source: str, target: str) -> None:
+    """Warm start: every tensor of adapter ``target`` (LoRA A/B, and any trainable module
+    copy PEFT keeps per adapter) takes the values of adapter ``source``."""
+    import torch
+
+    params = dict(model.named_parameters())
+    src_tag, dst_tag = f".{source}.", f".{target}."
+    copied = 0
+    with torch.no_grad():
+        for name, p in params.items():
+            if dst_tag in name:
+                src = params.get(name.replace(dst_tag, src_tag))
+                if src is None or src.shape != p.shape:
+                    raise RuntimeError(f"warm start: adapter {source!r} has no tensor matching {name}")
+                p.copy_(src)
+                copied += 1
+    if not copied:
+        raise RuntimeError(f"warm start: adapter {target!r} has no tensors to copy into")
 
 
 def _fmt_row(row) -> str:

@@ -45,8 +45,11 @@ class TaskRecord:
     reused: bool                # the task re-trained an existing set
     ema: bool                   # an EMA (fixed or dynamic) was on
     adapters: str               # folder (in the chain folder) of the adapters after this task
+    dema: Optional[bool] = None         # the dynamic EMA was on (None only while reading an old record)
+    init_from: Optional[int] = -1       # task whose weights the set started from (None: fresh; -1: unknown)
     similarities: list = field(default_factory=list)   # grouping: similarity to each earlier group
     alpha_mean: list = field(default_factory=list)     # mean α over tensors, per optimizer step
+    alpha_counts: dict = field(default_factory=dict)   # α histogram of the task (cl_core.continual.alpha)
     train_seconds: float = 0.0
     seconds: float = 0.0
 
@@ -72,7 +75,8 @@ class RunState:
         self.data = data or {"format": STATE_FORMAT, "version": STATE_VERSION, "chains": {}, "base": {}}
         self._records: dict = {}  # chain key -> list[TaskRecord] (the live view of data["chains"])
         for key, chain in self.data["chains"].items():
-            self._records[key] = [TaskRecord.from_dict(t, f"{self.path} ({key})") for t in chain["tasks"]]
+            records = [TaskRecord.from_dict(t, f"{self.path} ({key})") for t in chain["tasks"]]
+            self._records[key] = _fill_old_fields(records, chain.get("method", key.split("/")[0]))
 
     @classmethod
     def load(cls, path: Path) -> "RunState":
@@ -103,6 +107,20 @@ class RunState:
     def base(self) -> dict:
         """Per seed (str) the base model's zero-shot row (and stage-1 score)."""
         return self.data["base"]
+
+
+def _fill_old_fields(records: list, method: str) -> list:
+    """Records written before ``dema`` and ``init_from`` existed: those versions used the
+    dynamic EMA on every EMA task of a method other than ``ema``, and started a re-trained
+    set from its own latest weights and a new set fresh."""
+    last_of_group: dict = {}
+    for j, r in enumerate(records):
+        if r.dema is None:
+            r.dema = bool(r.ema) and method != "ema"
+        if r.init_from == -1:
+            r.init_from = last_of_group.get(r.group) if r.reused else None
+        last_of_group[r.group] = j
+    return records
 
 
 def check_run_folder(out: Path, config: dict, defaults: Optional[dict] = None) -> None:

@@ -75,9 +75,10 @@ def load_tasks(cfg: RunConfig) -> list:
             train = [r for i, r in enumerate(records) if i not in test_set]
         answers = [str(r.answer) for r in test_records]
         task_type = cfg.task_types[k] if cfg.task_types else infer_task_type(answers)
+        refs = reference_answers(Path(cfg.test_files[k]) if cfg.test_files else path)
         tasks.append(Task(name, task_type,
                           [(r.prompt, str(r.answer), r.instruction) for r in train],
-                          [(r.prompt, str(r.answer), r.instruction) for r in test_records],
+                          [(r.prompt, refs.get(r.index) or str(r.answer), r.instruction) for r in test_records],
                           templates(train)))
     if cfg.order == "reverse":
         tasks = tasks[::-1]
@@ -86,3 +87,28 @@ def load_tasks(cfg: RunConfig) -> list:
     return tasks
 
 
+
+
+def reference_answers(path: Path) -> dict:
+    """Record index -> list of reference answers, for the records of a JSON / JSONL task file
+    that carry an ``answers`` list (strings, or VQA-annotation objects ``{"answer": ...}``);
+    such test records are scored with VQA accuracy. Records without one are not listed."""
+    import json
+
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+        rows = data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:  # JSONL (the task-file reader has already validated the file)
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    out = {}
+    for i, rec in enumerate(rows):
+        refs = rec.get("answers") if isinstance(rec, dict) else None
+        if not isinstance(refs, list) or not refs:
+            continue
+        values = [r.get("answer") if isinstance(r, dict) else r for r in refs]
+        if not all(isinstance(v, str) for v in values):
+            raise ValueError(f"task file {path}: record {i} has an 'answers' list with a non-text entry; give "
+                             "strings or {\"answer\": \"...\"} objects")
+        out[i] = values
+    return out

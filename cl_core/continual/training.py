@@ -52,7 +52,7 @@ def _collate(pad_id: int):
     return collate
 
 
-def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet):
+def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet, max_grad_norm):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -60,13 +60,14 @@ def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet):
         logging_strategy="no", disable_tqdm=quiet, per_device_train_batch_size=batch_size,
         max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=warmup,
         weight_decay=0.0, seed=seed, data_seed=seed, dataloader_num_workers=0,
-        remove_unused_columns=False, optim="adamw_torch",
+        remove_unused_columns=False, optim="adamw_torch", max_grad_norm=max_grad_norm,
     )
 
 
 def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup, seed, quiet,
-           callbacks=(), max_length):
-    """One Trainer run over (prompt, answer) pairs; returns the mean training loss."""
+           callbacks=(), max_length, max_grad_norm: float = 1.0):
+    """One Trainer run over (prompt, answer) pairs; returns the mean training loss.
+    ``max_grad_norm`` 0 turns gradient clipping off (the Trainer skips it then)."""
     from transformers import Trainer
 
     from cl_core.continual.evaluation import encode_example
@@ -75,7 +76,7 @@ def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(
         model=model, args=_trainer_args(out_dir, steps=steps, batch_size=batch_size, lr=lr,
-                                        warmup=warmup, seed=seed, quiet=quiet),
+                                        warmup=warmup, seed=seed, quiet=quiet, max_grad_norm=max_grad_norm),
         train_dataset=_Dataset(items), data_collator=_collate(pad), callbacks=list(callbacks),
     )
     # The Trainer prints a metrics dict at the end (PrinterCallback / ProgressCallback.on_log);
@@ -119,6 +120,41 @@ def quiet_libraries():
                 hf_logging.enable_progress_bar()
 
 
+def dema_callback(config, params: str):
+    """A recording ``DEMACallback`` (α per step kept) that averages ``params``: "lora" (the
+    LoRA tensors of the active adapter) or "trainable" (every trainable tensor, as the
+    official code does: LoRA A/B and, in LLaVA, the trainable projector)."""
+    import inspect
+
+    from cl_core.callback import DEMACallback
+
+    if "params" in inspect.signature(DEMACallback.__init__).parameters:
+        return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True)
+    if params == "lora":
+        return DEMACallback(config, replace_at_end=True, record_alpha=True)
+    return _TrainableDEMACallback(config, replace_at_end=True, record_alpha=True)
+
+
+def _trainable_callback_class():
+    from cl_core.callback import DEMACallback
+
+    class TrainableDEMACallback(DEMACallback):
+        """DEMACallback over every trainable parameter. Stop-gap until the callback takes
+        ``params="trainable"`` itself (single process: no sharded statistics here)."""
+
+        def _build_engine(self, model):
+            from cl_core import DEMA
+
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            return DEMA([p for _, p in named], self.config, names=[n for n, _ in named])
+
+    return TrainableDEMACallback
+
+
+def _TrainableDEMACallback(*args, **kwargs):
+    return _trainable_callback_class()(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------- models
 
 def tiny_tokenizer():
@@ -145,10 +181,15 @@ def user_tokenizer(path: str):
                ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")):
         raise ValueError(f"--model {path}: no weights (model.safetensors / pytorch_model.bin) inside")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+    if not any((Path(path) / f).is_file() for f in tokenizer_files):
+        raise ValueError(f"--model {path}: no tokenizer inside (none of {', '.join(tokenizer_files)}); save it "
+                         "with the model: tokenizer.save_pretrained(DIR)")
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"--model {path}: cannot load its tokenizer ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' messages run to pages: keep the first line
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ValueError(f"--model {path}: cannot load its tokenizer ({first[:200]})") from None
     if tok.eos_token_id is None:
         raise ValueError(f"--model {path}: the tokenizer has no end-of-sequence token")
     if tok.pad_token_id is None:
@@ -161,13 +202,33 @@ def load_base(folder: Path, tokenizer):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder))
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"cannot load the model from {folder}: {exc}") from None
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ValueError(f"cannot load the model from {folder}: {first[:300]}") from None
+    # A config that does not match the weights leaves tensors randomly initialised, with only
+    # a warning (which the runner silences): refuse instead of training a random model.
+    bad = list(info.get("missing_keys") or []) + [str(k[0]) if isinstance(k, tuple) else str(k)
+                                                  for k in info.get("mismatched_keys") or []]
+    if bad:
+        raise ValueError(f"the model in {folder} does not match its config.json: {len(bad)} weight tensors are "
+                         f"missing or of another shape (first: {bad[0]}); they would be random. Check that "
+                         "config.json belongs to these weights")
     model.float()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def describe_model(model, tokenizer, source: str) -> dict:
+    """What the report says about the model: where it came from, its type and size."""
+    c = model.config
+    return {
+        "source": source, "model_type": getattr(c, "model_type", None),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "hidden_size": getattr(c, "hidden_size", None), "num_layers": getattr(c, "num_hidden_layers", None),
+        "vocab_size": len(tokenizer),
+    }
 
 
 # --------------------------------------------------------------------------- stage 1
