@@ -177,6 +177,9 @@ class DEMACallback(pl.Callback):
             self.fused = opt.fused
             self.not_fused_reason = None if opt.fused else (
                 "the module's DEMAOptimizer takes its two-pass path (its log line says why)")
+            if opt.engine.config != self.config:
+                logger.info("DEMACallback: the module's DEMAOptimizer has its own config %s; the callback's "
+                            "config is not used", opt.engine.config)
             if {id(p) for p in opt.engine.params} != selected:
                 logger.info("DEMACallback: the module returns a DEMAOptimizer; its engine (%d tensors) is used "
                             "instead of the params=%r selection (%d tensors)",
@@ -211,6 +214,10 @@ class DEMACallback(pl.Callback):
             reason = "DEMAOptimizer has no fused kernel for this optimizer's settings (its log line says why)"
         if self._fused_arg is True:
             raise ValueError(f"DEMACallback(fused=True): no one-pass step possible: {reason}")
+        # the optimizer's order, as a DEMAOptimizer's engine has it: a checkpoint of either path
+        # loads into the other
+        position = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+        named = sorted(named, key=lambda item: position.get(id(item[1]), len(position)))
         self.engine = DEMA([p for _, p in named], self.config, names=[n for n, _ in named])
         self.names = [n for n, _ in named]
         self._stepper, self._wrapper, self._update_in_hook = opt, None, True
@@ -338,6 +345,9 @@ class DEMACallback(pl.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         # The callback entry holds the DEMA state; drop the copy a DEMAOptimizer adds to its own
         # state dict, so the optimizer entry stays a plain torch one (loadable without cl_core).
+        if self._swap_ctx is not None:
+            logger.warning("DEMACallback: a checkpoint is being saved while the EMA weights are swapped in for "
+                           "evaluation, so its model weights are the EMA's; save outside validation/test")
         states = checkpoint.get("optimizer_states")
         if self._stepper is None or not isinstance(self._stepper, DEMAOptimizer) or not states:
             return
