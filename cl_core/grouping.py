@@ -4,7 +4,8 @@ API
 ---
     from cl_core.grouping import InstructionGrouper, Decision
 
-    g = InstructionGrouper(threshold=0.9)          # 0.9 "Original" sets, 0.3 "Diverse"/"10Type"
+    g = InstructionGrouper(threshold=0.9)          # 0.9 "Original" sets, 0.3 "Diverse"/"10Type";
+                                                   #   any real number in [0, 1], NumPy ones too
     d = g.assign(templates, name="TextVQA")        # -> Decision; records the task's new templates
     d.group, d.reused, d.similarities              # int from 0; bool; one float per group that
                                                    #   existed before the task
@@ -12,9 +13,17 @@ API
     g.route(instructions) -> list[int]             # one group per instruction (vectorised)
     g.route_set(instructions) -> Decision          # the official test-time rule for a whole test
                                                    #   file: its unique instructions as one set
+    assign / route / route_set(..., threshold=T)   # T for that call only; g.threshold unchanged
     g.save(path); InstructionGrouper.load(path)    # readable JSON, written atomically
     g.groups -> list[list[str]]                    # templates per group (copies)
     g.tasks -> list[dict]                          # {"name", "group", "reused"} per assign()
+    check_threshold(value) -> float                # the threshold check, for callers' own options
+
+Templates and instructions are lists of strings: a bare string is refused (it would be read
+as one template per character), and so is an empty or blank template. A codebook that does
+not hold together (a template twice in a group, an id or group that is not an integer in
+range, a history without groups, group "tasks" that disagree with the history) is refused
+on load with the field named.
 
     pair_cosines(texts_a, texts_b) -> scipy.sparse.csr_matrix   # all pair similarities, fast
     literal_pair_similarity(a, b) -> float        # the official one-vectorizer-per-pair maths
