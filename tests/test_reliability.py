@@ -85,6 +85,12 @@ results["assign_full"] = cli(*assign, "--codebook", str(full / "cb.json"))
 results["run_full"] = cli(*run, "--out", str(full / "run"))
 results["assign_ro"] = cli(*assign, "--codebook", str(ro / "cb.json"))
 results["run_ro"] = cli(*run, "--out", str(ro / "run"))
+# safetensors (PEFT adapters) reports a full disk as its own SafetensorError, "(os error 28)"
+import cl_core.cli.group as group_cli
+from safetensors.torch import save_file
+import torch
+group_cli._assign = lambda args: save_file({"w": torch.zeros(4096)}, str(full / "adapter.safetensors"))
+results["safetensors_full"] = cli(*assign, "--codebook", str(full / "cb.json"))
 results["after"] = {"full": (full / "cb.json").read_text(), "ro": (ro / "cb.json").read_text(),
                     "full_files": sorted(str(p.relative_to(full)) for p in full.rglob("*")),
                     "ro_files": sorted(str(p.relative_to(ro)) for p in ro.rglob("*"))}
@@ -144,7 +150,11 @@ def test_real_full_disk_and_read_only_mount(tmp_path):
     a = r["run_full"]
     assert a["rc"] == 2 and len(a["errors"]) == 1, a
     assert a["errors"][0].startswith(f"{full / 'run' / 'config.json'}: No space left on device (ENOSPC)")
-    assert set(r["after"]["full_files"]) <= {"cb.json", "filler", "run"}  # (an empty run/ may be there)
+    assert set(r["after"]["full_files"]) <= {"cb.json", "filler", "run", "adapter.safetensors"}  # (an empty run/ may be there)
+    # an adapter write (Rust) on the full disk: the same one line, not a traceback
+    a = r["safetensors_full"]
+    assert a["rc"] == 2 and len(a["errors"]) == 1 and "SafetensorError" not in a["errors"][0]
+    assert "No space left on device (os error 28) (ENOSPC); the disk is full: free some space" in a["errors"][0]
     # read-only: assign shows the decision and says EROFS; run is refused before anything
     a = r["assign_ro"]
     assert a["rc"] == 2 and "decision: re-train group 0" in a["stdout"] and len(a["errors"]) == 1
