@@ -19,9 +19,9 @@ from cl_core import __version__
 _DISK_HINTS = {
     errno.ENOSPC: "the disk is full: free some space and run the same command again",
     errno.EDQUOT: "the disk quota is used up: free some space and run the same command again",
-    errno.EROFS: "the file system is read-only: choose a writable folder",
-    errno.EACCES: "permission denied: choose a folder you can write to, or fix its permissions",
-    errno.EPERM: "permission denied: choose a folder you can write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable disk",
+    errno.EACCES: "fix the permissions, or choose another location",
+    errno.EPERM: "fix the permissions, or choose another location",
     errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
     errno.EISDIR: "it is a folder, not a file: choose a file path",
 }
