@@ -227,3 +227,32 @@ def test_overflow_step_skipped_by_accelerate_scaler_is_not_averaged(tmp_path, op
     for a, b in zip(cb.engine.ema_tensors(), by_hand.ema_tensors()):
         assert torch.equal(a, b)
     assert torch.equal(cb.alpha_history[1], torch.zeros(len(cb.engine.names)))
+
+
+def test_first_step_without_any_gradient_refuses_to_run(tmp_path):
+    """An engine that hides gradients from callbacks (as DeepSpeed did before it was supported)
+    must not turn DEMA into a fixed EMA at the fallback α: the first step raises."""
+    from transformers import TrainerControl, TrainerState
+
+    args, state, control = training_args(tmp_path), TrainerState(), TrainerControl()
+    cb = DEMACallback()
+    cb.on_train_begin(args, state, control, model=tiny_peft_llama())
+    with pytest.raises(RuntimeError, match=r"no averaged tensor has a gradient.*DeepSpeed ZeRO 0-3"):
+        cb.on_optimizer_step(args, state, control, optimizer=object())
+    assert cb.engine.num_updates == 0
+
+
+def test_params_trainable_averages_every_trainable_tensor(tmp_path):
+    model = tiny_peft_llama()
+    head = model.base_model.model.lm_head.weight
+    head.requires_grad_(True)                        # e.g. LLaVA's projector, trained beside the LoRA
+    cb = DEMACallback(params="trainable")
+    _train(model, tmp_path, [cb], max_steps=2).train()
+    want = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert cb.engine.names == want and any("lm_head" in n for n in want)
+    assert any(".lora_" in n for n in want)
+    lora_only = DEMACallback()
+    _train(tiny_peft_llama(), tmp_path / "lora", [lora_only], max_steps=1).train()
+    assert all(".lora_" in n for n in lora_only.engine.names)
+    with pytest.raises(ValueError, match="params='all'.*'lora'.*'trainable'"):
+        DEMACallback(params="all")

@@ -38,6 +38,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_scripts"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ONE_RANK = [{"name": f"z{s}{'b' if bf16 else ''}", "stage": s, "bf16": bf16} for bf16 in (False, True) for s in range(4)]
+REFUSED = [{"name": "dema_optimizer", "stage": 2, "bf16": False, "dema_optimizer": True}]
 TWO_RANKS = [{"name": "z2", "stage": 2, "bf16": False, "resume": True},
              {"name": "z3", "stage": 3, "bf16": False, "resume": True},
              {"name": "z3b", "stage": 3, "bf16": True}]
@@ -80,7 +81,7 @@ def plain(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds1")
-    return out, _launch(out, 1, ONE_RANK)[0]
+    return out, _launch(out, 1, ONE_RANK + REFUSED)[0]
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,11 @@ def test_two_ranks_partitioned_statistics_one_all_reduce_per_step(two_ranks, pla
                 # the same α for steps 3-4 and the same final EMA, bit for bit
                 _close_list(r["resumed_alpha"], r["alpha"], rtol=0, atol=0)
                 _close_list(r["resumed_ema"], r["ema"], rtol=0, atol=0)
+
+
+def test_dema_optimizer_under_deepspeed_is_refused_at_the_start_naming_the_callback(one_rank):
+    # DeepSpeed steps the DEMAOptimizer over its own flat partitions: refused before any step
+    res = one_rank[1]["dema_optimizer"]
+    assert res["steps"] == 0
+    assert "DEMAOptimizer does not run under DeepSpeed" in res["error"]
+    assert "callbacks=[cl_core.DEMACallback()]" in res["error"]

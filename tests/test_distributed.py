@@ -68,7 +68,10 @@ def test_ddp_trainer_every_rank_equals_single_process(tmp_path):
         for a, b in zip(r["ema_resumed"], r0["ema"]):
             assert torch.equal(a, b)
 
-    # the EMA adapter rank 0 wrote loads into PEFT and equals the EMA
+    # both ranks saved the adapter into one folder at once: no error, the folder holds exactly
+    # the two PEFT files (no temporary folder left), loads into PEFT and equals the EMA
+    assert r0["adapter_files"] == r1["adapter_files"] == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".ema_adapter")]
     loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ema_adapter"))
     got = dict(loaded.named_parameters())
     for name, ema in zip(r0["names"], r0["ema"]):
@@ -112,7 +115,7 @@ def test_sharded_stats_one_all_reduce_per_step_equal_unsharded(tmp_path):
 
 
 def test_auto_reduce_stats_is_none_without_sharding():
-    from cl_core import distributed as cl_dist
+    from cl_core.dema import distributed as cl_dist
 
     params = list(torch.nn.Linear(3, 2).parameters())
     assert cl_dist.auto_reduce_stats(params) is None

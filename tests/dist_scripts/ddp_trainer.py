@@ -4,7 +4,7 @@ Real DDP over gloo through transformers.Trainer + accelerate, 2 ranks x 2 sequen
 step (global batch 4). Several checks in one launch:
   run   4 optimizer steps with DEMACallback(record_alpha=True), checkpoint at step 2;
   res   a fresh model resumed from run/checkpoint-2 for the last 2 steps;
-  ema   the EMA adapter written by rank 0 (PEFT folder).
+  ema   the EMA adapter (PEFT folder), saved by both ranks at once into one folder.
 Each rank writes OUT/rank{r}.pt with its EMA, α history and what the callback saw.
 """
 import os
@@ -32,7 +32,10 @@ def main(out):
     trainer.train()
     rank = dist.get_rank()
     world = dist.get_world_size()
-    if rank == 0:
+    # every rank saves into the same folder at once (issue 12.11: used to fail with
+    # "Directory not empty" on the rank that lost the rename race)
+    dist.barrier()
+    for _ in range(3):
         cb.save_ema_adapter(os.path.join(out, "ema_adapter"))   # the EMA was copied in: same as live now
 
     cb_res = DEMACallback()
@@ -50,6 +53,7 @@ def main(out):
         "num_updates": cb.engine.num_updates,
         "ema_resumed": [t.clone() for t in cb_res.engine.ema_tensors()],
         "resumed_from": cb_res.resumed_from,
+        "adapter_files": sorted(os.listdir(os.path.join(out, "ema_adapter"))),
         "state_files": sorted(f for f in os.listdir(os.path.join(out, "run", "checkpoint-2")) if "dema" in f),
     }, os.path.join(out, f"rank{rank}.pt"))
     # Tear the gloo group down before interpreter exit: left to the atexit order, its

@@ -13,6 +13,9 @@ into OUT/rank{r}.pt:
   live       the model's LoRA tensors after training (the EMA replace), gathered under ZeRO-3;
   adapter    OUT/<name>/ema_adapter written by save_ema_adapter called on every rank;
   resumed    with "resume": the EMA of a second run resumed from checkpoint-2 of the first.
+A case with "dema_optimizer": true hands the Trainer a DEMAOptimizer (through
+optimizer_cls_and_kwargs, the route DeepSpeed keeps) plus the callback, and records the
+error the start of training raises ("error") and the optimizer steps taken ("steps").
 """
 import json
 import os
@@ -73,6 +76,24 @@ def live_lora(model, names):
     return [p.detach().float().clone() for p in ps]
 
 
+def dema_adamw(params, **kw):
+    from cl_core import DEMAOptimizer
+
+    return DEMAOptimizer(torch.optim.AdamW(params, **kw))
+
+
+def refused_case(out, case, T, kw):
+    cb = DEMACallback()
+    model = tiny_peft_llama()
+    trainer = T(model=model, args=training_args(os.path.join(out, case["name"]), **kw), train_dataset=TokenDataset(),
+                callbacks=[cb], optimizer_cls_and_kwargs=(dema_adamw, {"lr": 5e-2}))
+    try:
+        trainer.train()
+    except RuntimeError as exc:
+        return {"error": str(exc), "steps": trainer.state.global_step}
+    return {"error": None, "steps": trainer.state.global_step}
+
+
 def run_case(out, case, rank):
     T = sequential_trainer_cls()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -80,6 +101,8 @@ def run_case(out, case, rank):
     folder = os.path.join(out, case["name"])
     kw = dict(per_device_train_batch_size=per_device, max_steps=STEPS, deepspeed=ds_config(case["stage"]),
               bf16=case["bf16"])
+    if case.get("dema_optimizer"):
+        return refused_case(out, case, T, kw)
     cb = DEMACallback(record_alpha=True)
     rep = Replay(cb)
     save = dict(save_strategy="steps", save_steps=2) if case.get("resume") else {}
