@@ -115,13 +115,13 @@ def by_hand(optimizer, steps, fused, scheduler=False, config=None):
         opt = torch.optim.AdamW(params, lr=5e-2, weight_decay=0.01)
     else:
         opt = torch.optim.RMSprop(params, lr=5e-3)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduler else None
     if fused:
         wrapped = DEMAOptimizer(opt, config)
         assert wrapped.fused
         engine, stepper = wrapped.engine, wrapped
     else:
         engine, stepper = DEMA(select_dema_parameters(model), config), opt
+    sched = torch.optim.lr_scheduler.StepLR(stepper, step_size=2, gamma=0.5) if scheduler else None
     for ids in batches()[:steps]:
         stepper.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
