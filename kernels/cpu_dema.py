@@ -1,23 +1,43 @@
 """The "torch" DEMA backend: the fast path wherever Triton is not used.
 
 On CPU tensors it calls the native kernels (csrc/dema_cpu.c, one pass per tensor
-while it is hot in cache, tensors split over torch's intra-op thread count). On any
-other device, or where no C compiler is available, it runs a pure-torch path over
-flat fp32 buffers with `torch._foreach_norm`: a fixed number of ops per step whatever
-the tensor count, no `.item()`, and no allocation the size of the parameters after
-the first step (scratch buffers are allocated once).
+while it is hot in cache, tensors split over torch's intra-op thread count). A tensor
+the kernel of its group cannot read directly (a non-contiguous parameter, a gradient
+of another dtype or a non-contiguous one) does not send the group elsewhere: that one
+tensor is read through float32 contiguous copies by the float32 kernel (exact: the
+kernels load every dtype to float32), counted in `slow_tensor_updates` and logged
+once.
+
+On any other device, for float64 groups, or where no C compiler is available, it runs
+a pure-torch path, one tensor at a time: its only scratch is one temporary the size
+of the tensor being processed, so the engine's memory stays at the EMA and g_prev
+(2x fp32 parameters) plus the largest tensor (<= 3x in all). Its L1 sums are
+`torch.sum` of float32 (cascade/tree summation on CPU/CUDA, accurate to float32
+rounding), not `torch.norm(p=1)`, whose CPU accumulator stops growing at 2^24.
+No `.item()`: decisions are device tensors.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from cl_core.kernels import native
 from cl_core.dema.config import DEMAConfig
 from cl_core.dema.state import GroupState
+from cl_core.kernels import native
 from cl_core.kernels.native import address
 from cl_core.kernels.native import int64_table as _i64
 
+log = logging.getLogger(__name__)
+
 MODE_STATS, MODE_APPLY, MODE_BOTH = 1, 2, 3
+
+
+def _flat32(t: torch.Tensor) -> torch.Tensor:
+    """t flat; float64 rounded to float32 first (as the reference does). float32,
+    bfloat16 and float16 stay as they are: torch promotes them to float32 exactly."""
+    t = t.reshape(-1)
+    return t.float() if t.dtype == torch.float64 else t
 
 
 class TorchBackend:
@@ -26,10 +46,19 @@ class TorchBackend:
         self.config = config
         self.dtype = dtype
         self._native = native.function_for(dtype) if state.device.type == "cpu" else None
-        self._scratch = None
         self._grad_key = None
-        if self._native is not None:
+        self.slow_tensor_updates = 0  # tensor-updates that went through float32 copies
+        self._warned_slow = False
+        if self._native is None:
+            self._warn_pure()
+        else:
             self._setup_native()
+
+    def _warn_pure(self) -> None:
+        dev = self.state.device
+        if dev.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # native.load() already said why (no compiler, build failure, CL_CORE_NO_NATIVE).
+            log.info("DEMA %s group on CPU runs the pure-torch path (no native kernels)", self.dtype)
 
     # ------------------------------------------------------------------ native CPU
     def _setup_native(self):
@@ -45,127 +74,165 @@ class TorchBackend:
         self._g_ptr = torch.zeros(len(s), dtype=torch.int64)
         self._stats = torch.zeros(len(s), 5, dtype=torch.float32)
         self._runner = native.ShardedRunner(s.numels)
+        self._f32 = native.function_for(torch.float32)
+        self._odd_runs = {}  # tuple(odd positions) -> (runner over the others, odd index table)
 
-    def _native_usable(self, thetas, grads) -> bool:
-        return all(t.is_contiguous() for t in thetas) and all(
-            g is None or (g.is_contiguous() and g.dtype == self.dtype and g.device.type == "cpu") for g in grads
-        )
+    def _odd_reason(self, t, g) -> str | None:
+        if not t.is_contiguous():
+            return "non-contiguous parameter"
+        if g is not None:
+            if g.dtype != self.dtype:
+                return f"{g.dtype} gradient for a {self.dtype} parameter"
+            if not g.is_contiguous():
+                return "non-contiguous gradient"
+        return None
 
-    def _run_native(self, mode: int) -> None:
-        s, cfg = self.state, self.config
+    def _run_native(self, mode: int, runner, odd_idx) -> None:
+        s = self.state
         args = [
             self._numel, self._th_ptr, self._g_ptr, self._e_ptr, self._gp_ptr,
             s.started, s.has_prev, s.d, s.alpha, s.skips, self._stats,
         ]
         ptrs = [address(a) for a in args]
-        consts = cfg.kernel_scalars()
-        self._runner.run(lambda count, idx: self._native(mode, count, idx, *ptrs, *consts))
+        consts = self.config.kernel_scalars()
+        fn = self._native
+        runner.run(lambda count, idx: fn(mode, count, idx, *ptrs, *consts))
+        if odd_idx is not None:
+            self._f32(mode, odd_idx.numel(), address(odd_idx), *ptrs, *consts)
 
     def _update_native(self, thetas, grads, reduce_stats) -> None:
-        th = [t.data_ptr() for t in thetas]
-        # 0 means "no gradient" to the kernel; an empty local shard (FSDP) has a null
-        # data pointer but does have a gradient, so it gets a harmless non-null one.
-        g = [0 if x is None else (x.data_ptr() or self._nonnull.data_ptr()) for x in grads]
+        nonnull = self._nonnull.data_ptr()
+        odd, reasons, keep_alive = [], [], []
+        th, g = [], []
+        for j, (t, x) in enumerate(zip(thetas, grads)):
+            reason = self._odd_reason(t, x)
+            if reason is not None:
+                # Read by the float32 kernel from float32 contiguous copies (exact).
+                odd.append(j)
+                reasons.append(reason)
+                t = t.float().contiguous()
+                x = None if x is None else x.float().contiguous()
+                keep_alive += [t, x]
+            th.append(t.data_ptr())
+            # 0 means "no gradient" to the kernel; an empty local shard (FSDP) has a null
+            # data pointer but does have a gradient, so it gets a harmless non-null one.
+            g.append(0 if x is None else (x.data_ptr() or nonnull))
         key = (th, g)
         if key != self._grad_key:  # pointers move when grads are re-created (zero_grad(set_to_none))
             self._th_ptr.copy_(_i64(th))
             self._g_ptr.copy_(_i64(g))
-            self._grad_key = key
+            self._grad_key = None if odd else key  # copies are new every step
+        runner, odd_idx = self._runner, None
+        if odd:
+            runner, odd_idx = self._odd_run(odd, reasons)
         if reduce_stats is None:
-            self._run_native(MODE_BOTH)
+            self._run_native(MODE_BOTH, runner, odd_idx)
         else:
-            self._run_native(MODE_STATS)
+            self._run_native(MODE_STATS, runner, odd_idx)
             reduce_stats(self._stats)
-            self._run_native(MODE_APPLY)
+            self._run_native(MODE_APPLY, runner, odd_idx)
+        del keep_alive
+
+    def _odd_run(self, odd, reasons):
+        self.slow_tensor_updates += len(odd)
+        if not self._warned_slow:
+            self._warned_slow = True
+            log.warning(
+                "DEMA: %d tensor(s) of the %s group take a slower path (float32 copies each update), the "
+                "others keep the native kernel; first: position %d in the group, %s (warned once; "
+                "backend.slow_tensor_updates counts them)", len(odd), self.dtype, odd[0], reasons[0],
+            )
+        key = tuple(odd)
+        run = self._odd_runs.get(key)
+        if run is None:
+            odd_set = set(odd)
+            rest = [j for j in range(len(self.state)) if j not in odd_set]
+            run = (native.ShardedRunner(self.state.numels, indices=rest), _i64(odd))
+            if len(self._odd_runs) > 8:  # the odd set changes: keep the cache small
+                self._odd_runs.clear()
+            self._odd_runs[key] = run
+        return run
 
     # ------------------------------------------------------------------ pure torch
-    def _alloc_scratch(self):
-        s = self.state
-        n, dev = s.offsets[-1], s.device
-        seg = torch.repeat_interleave(
-            torch.arange(len(s), device=dev), torch.tensor(s.numels, device=dev), output_size=n
-        )
-        self._scratch = {
-            "theta": torch.empty(n, dtype=torch.float32, device=dev),
-            "grad": torch.zeros(n, dtype=torch.float32, device=dev) if s.needs_grad_prev else None,
-            "diff": torch.empty(n, dtype=torch.float32, device=dev),
-            "weight": torch.empty(n, dtype=torch.float32, device=dev),
-            "mask": torch.empty(n, dtype=torch.bool, device=dev),
-            "seg": seg,
-        }
-        self._scratch_views = {k: s._views(v) for k, v in self._scratch.items() if v is not None and k != "seg"}
-
-    def _norms(self, views) -> torch.Tensor:
-        if not views:
-            return torch.zeros(0, dtype=torch.float32, device=self.state.device)
-        return torch.stack(torch._foreach_norm(views, 1)).float()
-
     def _update_torch(self, thetas, grads, reduce_stats) -> None:
         s, cfg = self.state, self.config
-        if self._scratch is None:
-            self._alloc_scratch()
-        sc, sv, dev = self._scratch, self._scratch_views, s.device
-        present = [i for i, g in enumerate(grads) if g is not None]
-        has_grad = torch.zeros(len(s), dtype=torch.bool)
-        has_grad[present] = True
-        has_grad = has_grad.to(dev, non_blocking=True)
-        present_idx = torch.tensor(present, dtype=torch.int64).to(dev, non_blocking=True)
+        dev, n = s.device, len(s)
+        zero = torch.zeros((), dtype=torch.float32, device=dev)
+        a_l, b_l, c_l, fin_l = [], [], [], []
+        with torch.no_grad():
+            for j, (theta, grad) in enumerate(zip(thetas, grads)):
+                # One temporary of this tensor's size at a time (see the module docstring).
+                tmp = torch.sub(_flat32(theta), s.ema_views[j])
+                a = tmp.abs_().sum()  # finite iff θ is (the EMA always is)
+                del tmp
+                if grad is None:
+                    b = c = zero
+                    fin = torch.isfinite(a)
+                else:
+                    gf = _flat32(grad)
+                    b = gf.abs().sum(dtype=torch.float32)
+                    fin = torch.isfinite(a) & torch.isfinite(b)
+                    if s.needs_grad_prev:
+                        tmp = torch.sub(gf, s.gprev_views[j])
+                        c = tmp.abs_().sum()
+                        del tmp
+                    else:
+                        c = zero
+                a_l.append(a), b_l.append(b), c_l.append(c), fin_l.append(fin)
+            if n:
+                a, b, c = torch.stack(a_l), torch.stack(b_l), torch.stack(c_l)
+                nonfinite = ~torch.stack(fin_l)
+            else:
+                a = b = c = torch.zeros(0, dtype=torch.float32, device=dev)
+                nonfinite = torch.zeros(0, dtype=torch.bool, device=dev)
+            has_grad = torch.tensor([g is not None for g in grads], dtype=torch.bool).to(dev, non_blocking=True)
+            stats_ok = has_grad & s.has_prev.bool() & s.started.bool() & ~nonfinite
+            # Only the statistics the rule uses (the native kernel's need_stats): zeros elsewhere.
+            if cfg.formula == "fixed":
+                a = b = c = torch.zeros_like(a)
+            else:
+                a, b, c = (torch.where(stats_ok, x, 0.0) for x in (a, b, c))
+            stats = torch.stack([a, b, c, nonfinite.float(), s.d], 1)
+            if reduce_stats is not None:
+                reduce_stats(stats)
+            a, b, c, nonfinite, d = stats.unbind(1)
+            skip = nonfinite > 0
+            started = s.started.bool()
 
-        torch._foreach_copy_(sv["theta"], [t.detach().reshape(-1) for t in thetas])
-        grads_flat = [grads[i].detach().reshape(-1) for i in present]
-        if s.needs_grad_prev and present:
-            # b from the fp32 copies: a norm of bf16/fp16 tensors comes back rounded.
-            torch._foreach_copy_([sv["grad"][i] for i in present], grads_flat)
-            grads_flat = [sv["grad"][i] for i in present]
-        theta_norm = self._norms(sv["theta"])
-        b = torch.zeros(len(s), dtype=torch.float32, device=dev)
-        b.index_copy_(0, present_idx, self._norms(grads_flat))
-        nonfinite = ~(torch.isfinite(theta_norm) & torch.isfinite(b))
-        a = torch.zeros_like(b)
-        c = torch.zeros_like(b)
-        if s.needs_grad_prev:
-            torch.sub(sc["theta"], s.ema_flat, out=sc["diff"])
-            a = self._norms(sv["diff"])
-            torch.sub(sc["grad"], s.gprev_flat, out=sc["diff"])
-            c = self._norms(sv["diff"])
-        b = torch.where(nonfinite, 0.0, b)
-        stats = torch.stack([a, b, c, nonfinite.float(), s.d], 1)
-        if reduce_stats is not None:
-            reduce_stats(stats)
-        a, b, c, nonfinite, d = stats.unbind(1)
-        skip = nonfinite > 0
-        started = s.started.bool()
-
-        if cfg.formula == "fixed":
-            alpha = torch.full_like(a, 1.0 - cfg.beta)
-        else:
-            q = (1.0 + b) / (a * c)
-            dyn = q * (cfg.scale if cfg.formula == "official" else d)
-            dyn = torch.where((dyn > 0) & (dyn < 1), dyn, cfg.fallback)
-            use_dyn = started & has_grad & s.has_prev.bool()
-            alpha = torch.where(use_dyn, dyn, cfg.fallback)
-        # Weight actually applied: 1 at the lazy start (θ* = θ exactly); a skipped
-        # tensor gets θ replaced by θ* below, so any weight leaves it unchanged.
-        weight = torch.where(started, alpha, 1.0)
-        torch.index_select(weight, 0, sc["seg"], out=sc["weight"])
-        torch.index_select(skip, 0, sc["seg"], out=sc["mask"])
-        torch.where(sc["mask"], s.ema_flat, sc["theta"], out=sc["theta"])
-        s.ema_flat.lerp_(sc["theta"], sc["weight"])
-
-        torch.sub(sc["theta"], s.ema_flat, out=sc["diff"])
-        s.d.copy_(torch.where(skip, s.d, self._norms(sv["diff"])))
-        if s.needs_grad_prev:
-            keep = skip | ~has_grad
-            torch.index_select(keep, 0, sc["seg"], out=sc["mask"])
-            torch.where(sc["mask"], s.gprev_flat, sc["grad"], out=s.gprev_flat)
-            s.has_prev.copy_(torch.where(skip, s.has_prev.bool(), has_grad).to(torch.uint8))
-        s.started.copy_((started | ~skip).to(torch.uint8))
-        s.skips.add_(skip.to(torch.int64))
-        s.alpha.copy_(torch.where(skip, 0.0, alpha))
+            if cfg.formula == "fixed":
+                alpha = torch.full_like(a, 1.0 - cfg.beta)
+            else:
+                q = (1.0 + b) / (a * c)
+                dyn = q * (cfg.scale if cfg.formula == "official" else d)
+                dyn = torch.where((dyn > 0) & (dyn < 1), dyn, cfg.fallback)
+                use_dyn = started & has_grad & s.has_prev.bool()
+                alpha = torch.where(use_dyn, dyn, cfg.fallback)
+            # Weight applied: 1 at the lazy start (θ* = θ exactly); 0 for a skipped tensor,
+            # whose θ is replaced by θ* below so that NaN/inf never reach the EMA.
+            weight = torch.where(skip, 0.0, torch.where(started, alpha, 1.0))
+            keep_gprev = skip | ~has_grad
+            new_d = []
+            for j, (theta, grad) in enumerate(zip(thetas, grads)):
+                e = s.ema_views[j]
+                tmp = torch.where(skip[j], e, _flat32(theta))  # float32 (type promotion)
+                e.lerp_(tmp, weight[j])
+                tmp.sub_(e)
+                new_d.append(tmp.abs_().sum())
+                del tmp
+                if s.needs_grad_prev and grad is not None:
+                    gp = s.gprev_views[j]
+                    torch.where(keep_gprev[j], gp, _flat32(grad), out=gp)
+            if n:
+                s.d.copy_(torch.where(skip, s.d, torch.stack(new_d)))
+            if s.needs_grad_prev:
+                s.has_prev.copy_(torch.where(skip, s.has_prev.bool(), has_grad).to(torch.uint8))
+            s.started.copy_((started | ~skip).to(torch.uint8))
+            s.skips.add_(skip.to(torch.int64))
+            s.alpha.copy_(torch.where(skip, 0.0, alpha))
 
     # ------------------------------------------------------------------ entry point
     def update(self, thetas, grads, reduce_stats=None) -> None:
-        if self._native is not None and self._native_usable(thetas, grads):
+        if self._native is not None:
             self._update_native(thetas, grads, reduce_stats)
         else:
             self._update_torch(thetas, grads, reduce_stats)

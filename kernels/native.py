@@ -155,11 +155,15 @@ class ShardedRunner:
     # than it saves (the pool round trip is tens of microseconds).
     MIN_PER_THREAD = 1 << 19
 
-    def __init__(self, numels: list[int], threads: int | None = None):
+    def __init__(self, numels: list[int], threads: int | None = None, indices: list[int] | None = None):
+        """Shards of the tensors at `indices` (all of them when None)."""
+        if indices is None:
+            indices = list(range(len(numels)))
+        sizes = [numels[i] for i in indices]
         threads = threads or torch.get_num_threads()
-        threads = max(1, min(threads, sum(numels) // self.MIN_PER_THREAD))
-        shards = balanced_shards(numels, threads)
-        self.shards = [int64_table(sh) for sh in shards]
+        threads = max(1, min(threads, sum(sizes) // self.MIN_PER_THREAD))
+        shards = balanced_shards(sizes, threads)
+        self.shards = [int64_table([indices[k] for k in sh]) for sh in shards]
         self.pool = ThreadPoolExecutor(len(shards) - 1) if len(shards) > 1 else None
 
     def run(self, call) -> None:

@@ -178,3 +178,54 @@ def test_numpy_counts_in_a_state_are_accepted():
     sd["num_updates"] = np.int64(3)
     e.load_state_dict(sd)
     assert e.num_updates == 3 and type(e.num_updates) is int
+
+
+# ---------------------------------------------------------------- inputs refused up front (issue 12.2)
+@pytest.mark.parametrize("tensor, needle", [
+    (torch.tensor([1, 2, 3]), "int64 .integer"),
+    (torch.tensor([True, False]), "bool .boolean"),
+    (torch.ones(2, dtype=torch.complex64), "complex64 .complex"),
+    (torch.empty(3, device="meta"), "meta tensor"),
+    (torch.ones(2).to_sparse(), "sparse_coo"),
+])
+def test_tensors_the_ema_cannot_average_are_refused_naming_them(tensor, needle):
+    with pytest.raises((TypeError, ValueError), match=needle) as info:
+        DEMA([("ok", torch.ones(2)), ("layer.w", tensor)])
+    assert "params[1] ('layer.w')" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"fallback": 1e-50}, "fallback=1e-50 .*float32"),
+    ({"fallback": 1e-9}, "fallback=1e-09 .*EMA never moves"),  # 1 - 1e-9 rounds to 1 in float32
+    ({"fallback": 0.9999999999}, "fallback=0.9999999999 .*rounds to 1.0"),
+    ({"scale": 1e300}, "scale=1e.300 is not representable in float32"),
+    ({"scale": 1e-50}, "scale=1e-50 is not representable"),
+    ({"scale": 10**400}, "scale=1000.* too large"),
+    ({"formula": "fixed", "beta": 0.999999999999}, "beta=0.999999999999 .*1 - beta"),
+    ({"scale": torch.tensor(2.0)}, "must be a number"),
+])
+def test_config_values_the_float32_kernels_cannot_represent_are_refused(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        DEMAConfig(**kwargs)
+
+
+def test_config_accepts_numpy_numbers_as_python_floats():
+    np = pytest.importorskip("numpy")
+    c = DEMAConfig(scale=np.float32(0.5), fallback=np.float64(0.001), beta=np.float32(0.9))
+    assert type(c.scale) is float and c.scale == 0.5 and c.fallback == 0.001
+    assert DEMAConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="must be a number"):
+        DEMAConfig(scale=np.bool_(True))
+    # beta only matters for "fixed": a beta that rounds to 1 is fine for the dynamic formulas
+    DEMAConfig(formula="official", beta=0.999999999999)
+
+
+def test_float64_parameters_match_the_reference():
+    from tests.dema_sequences import make_script, play
+    shapes = [(5, 3), (17,)]
+    script = make_script(3, 2, 5, events=("grad", "none", "same", "nan_grad"))
+    ref, _ = play("reference", shapes, script, dtypes=torch.float64)
+    eng, _ = play("torch", shapes, script, dtypes=torch.float64)
+    for a, b in zip(eng.ema_tensors(), ref.ema_tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert eng.stats.nonfinite_skips.tolist() == ref.stats.nonfinite_skips.tolist()

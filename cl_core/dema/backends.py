@@ -42,11 +42,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend that runs tensors of `device` for the configured name."""
+# Parameter dtypes the Triton kernels take (float64 groups run the torch backend).
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_backend(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs tensors of `device` (and `dtype`) for the configured name."""
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        usable = dtype is None or dtype in TRITON_DTYPES
+        return "triton" if device.type == "cuda" and usable and triton_available() else "torch"
     if name == "triton":
+        if dtype is not None and dtype not in TRITON_DTYPES:
+            raise ValueError(f"DEMAConfig.backend='triton' takes float32/bfloat16/float16 tensors, got {dtype}; "
+                             "use backend='auto' (float64 groups then run the torch backend)")
         if not triton_available():
             raise ValueError("DEMAConfig.backend='triton' needs the triton package: pip install triton (or use backend='auto')")
         if device.type != "cuda" and not _interpreting():

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import struct
 from dataclasses import asdict, dataclass
 
 FORMULAS = ("official", "paper", "fixed")
@@ -36,9 +38,23 @@ class DEMAConfig:
             raise ValueError(f"DEMAConfig.formula={self.formula!r} is not known; allowed: {', '.join(FORMULAS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"DEMAConfig.backend={self.backend!r} is not known; allowed: {', '.join(BACKENDS)}")
-        _check_number("scale", self.scale, "scale > 0 (finite)", lambda v: v > 0)
-        _check_number("fallback", self.fallback, "0 < fallback < 1", lambda v: 0 < v < 1)
-        _check_number("beta", self.beta, "0 < beta < 1", lambda v: 0 < v < 1)
+        # NumPy (and other numbers.Real) values are stored as Python floats.
+        for field, allowed, ok in (("scale", "scale > 0 (finite)", lambda v: v > 0),
+                                   ("fallback", "0 < fallback < 1", lambda v: 0 < v < 1),
+                                   ("beta", "0 < beta < 1", lambda v: 0 < v < 1)):
+            given = getattr(self, field)
+            value = _as_float(field, given, allowed)
+            if not math.isfinite(value) or not ok(value):
+                raise ValueError(f"DEMAConfig.{field}={given!r} is out of range; allowed range: {allowed}")
+            object.__setattr__(self, field, value)
+        # The kernels compute in float32: a value that rounds to 0, 1 or inf there, or an α
+        # so small that 1 - α rounds to 1 (the EMA would never move), cannot work.
+        if not 0.0 < _f32(self.scale) < math.inf:
+            raise ValueError(f"DEMAConfig.scale={self.scale!r} is not representable in float32 (the kernels' "
+                             f"precision): it rounds to {_f32(self.scale)}; use a scale between 1e-38 and 3e38")
+        _check_alpha("fallback", self.fallback, _f32(self.fallback))
+        if self.formula == "fixed":
+            _check_alpha("beta", self.beta, _f32(1.0 - _f32(self.beta)), via="1 - beta")
 
     def kernel_scalars(self) -> tuple:
         """(formula code, scale, fallback, beta): the scalars every kernel takes, in this order."""
@@ -55,8 +71,33 @@ class DEMAConfig:
         return cls(**d)
 
 
-def _check_number(field: str, value, allowed: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+_F32_MAX = 3.4028234663852886e38
+# Smallest α for which float32 1 - α is below 1 (else the EMA update is a no-op).
+_MIN_ALPHA = 2.0**-24
+
+
+def _f32(v: float) -> float:
+    """v rounded to float32 (inf when it overflows)."""
+    if abs(v) > _F32_MAX * (1 + 2.0**-25):
+        return math.copysign(math.inf, v)
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _as_float(field: str, value, allowed: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
         raise ValueError(f"DEMAConfig.{field}={value!r} must be a number; allowed range: {allowed}")
-    if not math.isfinite(value) or not ok(value):
-        raise ValueError(f"DEMAConfig.{field}={value!r} is out of range; allowed range: {allowed}")
+    try:
+        return float(value)
+    except OverflowError:
+        shown = repr(value) if len(repr(value)) < 40 else repr(value)[:20] + "..."
+        raise ValueError(f"DEMAConfig.{field}={shown} is too large for a float; allowed range: {allowed}") from None
+
+
+def _check_alpha(field: str, value: float, alpha32: float, via: str = "") -> None:
+    """The α a setting gives, in float32, must move the EMA and not replace it."""
+    if not _MIN_ALPHA <= alpha32 < 1.0 or _f32(1.0 - alpha32) >= 1.0:
+        what = f"alpha = {via} = {alpha32!r}" if via else f"rounds to {alpha32!r}"
+        raise ValueError(
+            f"DEMAConfig.{field}={value!r} gives an alpha the float32 kernels cannot use ({what}): "
+            f"alpha must lie in [{_MIN_ALPHA:.3g}, 1) after rounding to float32, or the EMA never moves"
+        )

@@ -84,6 +84,8 @@ class DEMA:
         names = [str(n) for n in names]
         if len(names) != len(params):
             raise ValueError(f"DEMA got {len(names)} names for {len(params)} tensors")
+        for i, p in enumerate(params):
+            _check_param(i, names[i], p)
         self.params = params
         self.names = names
         self.config = config if config is not None else DEMAConfig()
@@ -95,7 +97,7 @@ class DEMA:
             keys.setdefault((local_tensor(p).device, p.dtype), []).append(i)
         # Fail early on an unusable backend, before any training step.
         self.groups = [
-            EngineGroup(indices, dev, dtype, resolve_backend(self.config.backend, dev))
+            EngineGroup(indices, dev, dtype, resolve_backend(self.config.backend, dev, dtype))
             for (dev, dtype), indices in keys.items()
         ]
         self._started = False  # the groups' state and backends exist (first update)
@@ -105,6 +107,8 @@ class DEMA:
         # list (no device sync); DESIGN.md §2: a trainer hiding gradients must be seen.
         self._missing = [0] * len(params)
         self._warned_no_grads = False
+        self.densified_grads = 0  # sparse gradients made dense (tensor-updates)
+        self._warned_sparse = False
         self._pending_flush = None  # set by a fused optimizer whose EMA lags one step
 
     # ------------------------------------------------------------------ lifecycle
@@ -122,9 +126,23 @@ class DEMA:
             if g is None:
                 missing.append(i)
                 out.append(None)
-            else:
-                out.append(local_tensor(g).detach())
+                continue
+            g = local_tensor(g).detach()
+            if g.layout != torch.strided:
+                g = self._densify(i, g)
+            out.append(g)
         return out
+
+    def _densify(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        # A sparse gradient (nn.Embedding(sparse=True)) is averaged like its dense
+        # equivalent: a full-size copy per update, the slower path (counted, logged once).
+        self.densified_grads += 1
+        if not self._warned_sparse:
+            self._warned_sparse = True
+            log.warning("DEMA: tensor %d (%r) has a %s gradient; it is made dense for every update "
+                        "(a full-size copy; warned once, counted in engine.densified_grads)",
+                        i, self.names[i], g.layout)
+        return g.to_dense()
 
     def ensure_groups(self) -> None:
         """Create each group's state and backend (the EMA starts as the parameters now)."""
@@ -419,6 +437,28 @@ class DEMA:
                     f"DEMA state tensor {i} is {s!r} but this engine's tensor {i} is {m!r} ({how}); "
                     "build the engine over the same tensors in the same order as when it was saved"
                 )
+
+
+# Dtypes the EMA maths is defined for (it is computed in float32 or wider).
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_param(i: int, name, p: torch.Tensor) -> None:
+    """Refuse, up front, a tensor the EMA cannot average (naming it and saying why)."""
+    what = f"DEMA params[{i}]" + (f" ({name!r})" if name is not None else "")
+    if p.dtype not in PARAM_DTYPES:
+        kind = "complex" if p.is_complex() else "boolean" if p.dtype == torch.bool else \
+            "integer" if not p.is_floating_point() else "low-precision float"
+        raise TypeError(
+            f"{what} has dtype {p.dtype} ({kind}): an EMA of it cannot be written back exactly "
+            f"(it would be truncated or lose a part); DEMA averages float32, bfloat16, float16 and "
+            f"float64 tensors; leave this tensor out of params"
+        )
+    if local_tensor(p).device.type == "meta":
+        raise ValueError(f"{what} is a meta tensor (no data): materialise the model (e.g. "
+                         f"model.to_empty(device=...) and load the weights) before building DEMA")
+    if p.layout != torch.strided:
+        raise ValueError(f"{what} has layout {p.layout}: DEMA averages dense (strided) tensors")
 
 
 _POSITIONAL = re.compile(r"param_\d+|param_groups\.\d+\.params\.\d+")
