@@ -2,8 +2,8 @@
 
 All tensors of one (device, dtype) group are handled by each launch: the kernels read
 a table of `data_ptr()`s (int64, cast in-kernel with `.to(tl.pointer_type(...))`) and
-a block table mapping each program to (tensor, offset). So one update is three
-launches whatever the number of LoRA tensors:
+a block table mapping each program to its tensor. So one update is three launches
+whatever the number of LoRA tensors:
 
     stats   grid = blocks   partial a, b, c and a NaN/inf probe per block
     decide  grid = tensors  sums the partials of its tensor (and the previous step's
@@ -13,149 +13,186 @@ launches whatever the number of LoRA tensors:
 With a `reduce_stats` hook (sharded parameters) `decide` is split in two around it.
 Nothing here reads a device value on the host. Under TRITON_INTERPRET=1 the same
 kernels run on CPU tensors, which is how the tests check them.
+
+The sweeping kernels (stats, apply) take ALIGNED (every address 16-byte aligned and
+every numel a multiple of the vector width, checked on the host per update): with it
+each thread's VEC elements are one 128-bit access (tests/test_triton_compile.py checks
+the PTX for sm_80 and sm_90); without it the same kernels run unhinted on any layout.
 """
 from __future__ import annotations
+
+import functools
+import operator
 
 import torch
 import triton
 import triton.language as tl
 
-from cl_core.dema.config import FORMULA_CODE, DEMAConfig
+from cl_core.dema.config import DEMAConfig
 from cl_core.dema.state import GroupState
+from cl_core.kernels import layouts as L
 
-BLOCK = 1024
+# Launch shape of the sweeping kernels: VEC = 16 bytes / element size elements per
+# thread (one 128-bit θ/g access; θ*, g_prev are fp32), 4 warps. stats and apply need
+# ≤ 64 registers per thread (checked by the compile test), so register count does not
+# limit occupancy (up to 16 blocks = 64 warps per SM on sm_80/sm_90); BLOCK elements per
+# program (512 fp32, 1,024 16-bit) keep a LoRA step at thousands of programs.
+NUM_WARPS = 4
 CHUNK = 128  # partials summed per loop iteration in `decide`
-_MODE_SKIP, _MODE_INIT, _MODE_EMA = 0, 1, 2
+DECIDE_WARPS = 1  # decide reads 4 partials x a few blocks per tensor: one warp is plenty
+# decide's two halves (REDUCE, DECIDE): both at once, or split around a reduce_stats hook
+DECIDE_ALL, DECIDE_REDUCE_ONLY, DECIDE_ONLY = (True, True), (True, False), (False, True)
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+def launch_shape(elem_size: int) -> tuple[int, int]:
+    """(VEC, BLOCK) for parameters of `elem_size` bytes."""
+    vec = 16 // elem_size
+    return vec, vec * 32 * NUM_WARPS
 
 
 @triton.jit
-def alpha_rule(a, b, c, d, use_dynamic, scale, fallback, beta, FORMULA: tl.constexpr):
+def alpha_rule(a, b, c, d, use_dynamic, formula, scale, fallback, beta):
     """α of DESIGN.md §2 from a tensor's sums (same operation order as the reference);
-    `use_dynamic` is false where the formula cannot apply (no gradient or no previous one)."""
-    if FORMULA == 2:
-        al = 1.0 - beta
-    else:
-        q = (1.0 + b) / (a * c)
-        if FORMULA == 0:
-            dyn = q * scale
-        else:
-            dyn = q * d
-        dyn = tl.where((dyn > 0.0) & (dyn < 1.0), dyn, fallback)
-        al = tl.where(use_dynamic, dyn, fallback)
-    return al
+    `use_dynamic` is false where the formula cannot apply (no gradient or no previous
+    one). `formula` is a runtime value (FORMULA_*): a few scalar operations per program."""
+    q = (1.0 + b) / (a * c)
+    dyn = tl.where(formula == L.FORMULA_OFFICIAL, q * scale, q * d)
+    dyn = tl.where((dyn > 0.0) & (dyn < 1.0), dyn, fallback)
+    al = tl.where(use_dynamic, dyn, fallback)
+    return tl.where(formula == L.FORMULA_FIXED, 1.0 - beta, al)
 
 
 @triton.jit
-def _dema_stats_kernel(
-    blk_tensor, blk_start, numel, dyn_tab, e_tab, gp_tab, partials, T,
-    DTYPE: tl.constexpr, NEED_GP: tl.constexpr, BLOCK: tl.constexpr,
-):
+def _bcast(flag, BLOCK: tl.constexpr):
+    """A per-tensor scalar switch as a [BLOCK] mask. The interpreter rejects a scalar
+    bool combined with a block mask; compiled, this folds away."""
+    return (tl.zeros([BLOCK], dtype=tl.int32) + flag.to(tl.int32)) != 0
+
+
+@triton.jit
+def _block_of_program(blk_tensor, blk0, BLOCK: tl.constexpr):
+    """(t, offsets) of this program's block."""
     pid = tl.program_id(0)
     t = tl.load(blk_tensor + pid)
-    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numel + t)
-    th_ptr = tl.load(dyn_tab + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(dyn_tab + T + t).to(tl.pointer_type(DTYPE))
-    # Scalars are broadcast to the block before they enter a mask (the interpreter
-    # rejects a scalar-bool & block-bool mask).
-    has_g = (tl.load(dyn_tab + 2 * T + t) + tl.zeros([BLOCK], dtype=tl.int64)) != 0
+    start = (pid - tl.load(blk0 + t)) * BLOCK
+    return t, start + tl.arange(0, BLOCK)
+
+
+@triton.jit(do_not_specialize=["T", "need_gp"])
+def _dema_stats_kernel(
+    blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, partials, T, need_gp,
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t, offs = _block_of_program(blk_tensor, blk0, BLOCK)
+    n = tl.load(numel + t)
+    th_ptr = tl.load(dyn_tab + L.DT_PARAM * T + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(dyn_tab + L.DT_GRAD * T + t).to(tl.pointer_type(DTYPE))
+    has_g = tl.load(dyn_tab + L.DT_HAS_GRAD * T + t) != 0
     e_ptr = tl.load(e_tab + t).to(tl.pointer_type(tl.float32))
+    gp_ptr = tl.load(gp_tab + t).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        th_ptr = tl.multiple_of(th_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        e_ptr = tl.multiple_of(e_ptr, 16)
+        gp_ptr = tl.multiple_of(gp_ptr, 16)
+        n = tl.multiple_of(n, VEC)
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    mask = offs < n
     th = tl.load(th_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask & has_g, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask & _bcast(has_g, BLOCK), other=0.0).to(tl.float32)
     e = tl.load(e_ptr + offs, mask=mask, other=0.0)
+    gprev = tl.load(gp_ptr + offs, mask=mask & _bcast(need_gp != 0, BLOCK), other=0.0)
+    row = partials + pid * L.N_STAT
     # x - x is NaN exactly where x is NaN or inf: a cheap finiteness probe.
-    probe = tl.sum(th - th, axis=0) + tl.sum(g - g, axis=0)
-    a = tl.sum(tl.abs(th - e), axis=0)
-    b = tl.sum(tl.abs(g), axis=0)
-    c = a * 0.0
-    if NEED_GP:
-        gp_ptr = tl.load(gp_tab + t).to(tl.pointer_type(tl.float32))
-        gprev = tl.load(gp_ptr + offs, mask=mask, other=0.0)
-        c = tl.sum(tl.abs(g - gprev), axis=0)
-    tl.store(partials + pid * 4 + 0, a)
-    tl.store(partials + pid * 4 + 1, b)
-    tl.store(partials + pid * 4 + 2, c)
-    tl.store(partials + pid * 4 + 3, probe)
+    tl.store(row + L.ST_PROBE, tl.sum(th - th, axis=0) + tl.sum(g - g, axis=0))
+    tl.store(row + L.ST_A, tl.sum(tl.abs(th - e), axis=0))
+    tl.store(row + L.ST_B, tl.sum(tl.abs(g), axis=0))
+    tl.store(row + L.ST_C, tl.where(need_gp != 0, tl.sum(tl.abs(g - gprev), axis=0), 0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "formula", "need_gp"])
 def _dema_decide_kernel(
     blk0, partials, dpart, stats, mode, started, has_prev, d, alpha, skips, dyn_tab, T,
-    scale, fallback, beta,
-    FORMULA: tl.constexpr, NEED_GP: tl.constexpr, REDUCE: tl.constexpr, DECIDE: tl.constexpr,
-    CHUNK: tl.constexpr,
+    formula, need_gp, scale, fallback, beta,
+    REDUCE: tl.constexpr, DECIDE: tl.constexpr, CHUNK: tl.constexpr,
 ):
     t = tl.program_id(0)
     if REDUCE:
         b_lo = tl.load(blk0 + t)
         b_hi = tl.load(blk0 + t + 1)
-        acc_a = tl.zeros([CHUNK], dtype=tl.float32)
-        acc_b = tl.zeros([CHUNK], dtype=tl.float32)
-        acc_c = tl.zeros([CHUNK], dtype=tl.float32)
-        acc_p = tl.zeros([CHUNK], dtype=tl.float32)
+        rows = tl.arange(0, CHUNK)[:, None]
+        cols = tl.arange(0, L.N_STAT)[None, :]
+        acc = tl.zeros([CHUNK, L.N_STAT], dtype=tl.float32)
         acc_d = tl.zeros([CHUNK], dtype=tl.float32)
         for j in range(b_lo, b_hi, CHUNK):
-            idx = j + tl.arange(0, CHUNK)
-            m = idx < b_hi
-            acc_a += tl.load(partials + idx * 4 + 0, mask=m, other=0.0)
-            acc_b += tl.load(partials + idx * 4 + 1, mask=m, other=0.0)
-            acc_c += tl.load(partials + idx * 4 + 2, mask=m, other=0.0)
-            acc_p += tl.load(partials + idx * 4 + 3, mask=m, other=0.0)
-            acc_d += tl.load(dpart + idx, mask=m, other=0.0)
-        probe = tl.sum(acc_p, axis=0)
+            idx = j + rows
+            acc += tl.load(partials + idx * L.N_STAT + cols, mask=(idx < b_hi) & (cols >= 0), other=0.0)
+            idx1 = j + tl.arange(0, CHUNK)
+            acc_d += tl.load(dpart + idx1, mask=idx1 < b_hi, other=0.0)
+        s = tl.sum(acc, axis=0)
+        c1 = tl.arange(0, L.N_STAT)
+        probe = tl.sum(tl.where(c1 == L.ST_PROBE, s, 0.0), axis=0)
         # d of the previous update lives in its apply's partials, unless that update
         # skipped this tensor (then d keeps its value).
-        d_prev = tl.where(tl.load(mode + t) != 0, tl.sum(acc_d, axis=0), tl.load(d + t))
+        d_prev = tl.where(tl.load(mode + t) != L.MODE_SKIP, tl.sum(acc_d, axis=0), tl.load(d + t))
         tl.store(d + t, d_prev)
-        tl.store(stats + t * 5 + 0, tl.sum(acc_a, axis=0))
-        tl.store(stats + t * 5 + 1, tl.sum(acc_b, axis=0))
-        tl.store(stats + t * 5 + 2, tl.sum(acc_c, axis=0))
-        tl.store(stats + t * 5 + 3, tl.where(probe != probe, 1.0, 0.0))
-        tl.store(stats + t * 5 + 4, d_prev)
+        out = stats + t * L.N_DSTAT
+        tl.store(out + L.DS_A, tl.sum(tl.where(c1 == L.ST_A, s, 0.0), axis=0))
+        tl.store(out + L.DS_B, tl.sum(tl.where(c1 == L.ST_B, s, 0.0), axis=0))
+        tl.store(out + L.DS_C, tl.sum(tl.where(c1 == L.ST_C, s, 0.0), axis=0))
+        tl.store(out + L.DS_NONFINITE, tl.where(probe != probe, 1.0, 0.0))
+        tl.store(out + L.DS_D, d_prev)
     if DECIDE:
-        a = tl.load(stats + t * 5 + 0)
-        b = tl.load(stats + t * 5 + 1)
-        c = tl.load(stats + t * 5 + 2)
-        skip = tl.load(stats + t * 5 + 3) > 0
-        dv = tl.load(stats + t * 5 + 4)
+        row = stats + t * L.N_DSTAT
+        skip = tl.load(row + L.DS_NONFINITE) > 0
         st = tl.load(started + t) != 0
         hp = tl.load(has_prev + t) != 0
-        hg = tl.load(dyn_tab + 2 * T + t) != 0
-        al = alpha_rule(a, b, c, dv, st & hg & hp, scale, fallback, beta, FORMULA)
+        hg = tl.load(dyn_tab + L.DT_HAS_GRAD * T + t) != 0
+        al = alpha_rule(tl.load(row + L.DS_A), tl.load(row + L.DS_B), tl.load(row + L.DS_C), tl.load(row + L.DS_D),
+                        st & hg & hp, formula, scale, fallback, beta)
         tl.store(alpha + t, tl.where(skip, 0.0, al))
-        tl.store(mode + t, tl.where(skip, 0, tl.where(st, 2, 1)).to(tl.int8))
+        tl.store(mode + t, tl.where(skip, L.MODE_SKIP, tl.where(st, L.MODE_EMA, L.MODE_INIT)).to(tl.int8))
         tl.store(skips + t, tl.load(skips + t) + skip.to(tl.int64))
         tl.store(started + t, tl.where(skip, st, True).to(tl.uint8))
-        if NEED_GP:
-            tl.store(has_prev + t, tl.where(skip, hp, hg).to(tl.uint8))
+        tl.store(has_prev + t, tl.where(need_gp == 0, hp, tl.where(skip, hp, hg)).to(tl.uint8))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "need_gp"])
 def _dema_apply_kernel(
-    blk_tensor, blk_start, numel, dyn_tab, e_tab, gp_tab, mode, alpha, dpart, T,
-    DTYPE: tl.constexpr, NEED_GP: tl.constexpr, BLOCK: tl.constexpr,
+    blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, mode, alpha, dpart, T, need_gp,
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    t = tl.load(blk_tensor + pid)
-    offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
+    t, offs = _block_of_program(blk_tensor, blk0, BLOCK)
+    n = tl.load(numel + t)
     md = tl.load(mode + t)
-    upd = (offs < tl.load(numel + t)) & ((md + tl.zeros([BLOCK], dtype=tl.int8)) != 0)
-    th_ptr = tl.load(dyn_tab + t).to(tl.pointer_type(DTYPE))
+    th_ptr = tl.load(dyn_tab + L.DT_PARAM * T + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(dyn_tab + L.DT_GRAD * T + t).to(tl.pointer_type(DTYPE))
+    has_g = tl.load(dyn_tab + L.DT_HAS_GRAD * T + t) != 0
     e_ptr = tl.load(e_tab + t).to(tl.pointer_type(tl.float32))
+    gp_ptr = tl.load(gp_tab + t).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        th_ptr = tl.multiple_of(th_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        e_ptr = tl.multiple_of(e_ptr, 16)
+        gp_ptr = tl.multiple_of(gp_ptr, 16)
+        n = tl.multiple_of(n, VEC)
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    upd = (offs < n) & _bcast(md != L.MODE_SKIP, BLOCK)
     al = tl.load(alpha + t)
     th = tl.load(th_ptr + offs, mask=upd, other=0.0).to(tl.float32)
     e = tl.load(e_ptr + offs, mask=upd, other=0.0)
-    e_new = tl.where(md == 2, e * (1.0 - al) + th * al, th)
+    e_new = tl.where(_bcast(md == L.MODE_EMA, BLOCK), e * (1.0 - al) + th * al, th)
     tl.store(e_ptr + offs, e_new, mask=upd)
     tl.store(dpart + pid, tl.sum(tl.where(upd, tl.abs(th - e_new), 0.0), axis=0))
-    if NEED_GP:
-        has_g = (tl.load(dyn_tab + 2 * T + t) + tl.zeros([BLOCK], dtype=tl.int64)) != 0
-        g_ptr = tl.load(dyn_tab + T + t).to(tl.pointer_type(DTYPE))
-        gp_ptr = tl.load(gp_tab + t).to(tl.pointer_type(tl.float32))
-        g = tl.load(g_ptr + offs, mask=upd & has_g, other=0.0).to(tl.float32)
-        tl.store(gp_ptr + offs, g, mask=upd & has_g)
+    gm = upd & _bcast(has_g & (need_gp != 0), BLOCK)
+    g = tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32)
+    tl.store(gp_ptr + offs, g, mask=gm)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_PTR = torch.Tensor.data_ptr
 
 
 class TritonBackend:
@@ -166,70 +203,75 @@ class TritonBackend:
             raise ValueError(f"the triton DEMA backend supports float32/bfloat16/float16 parameters, got {dtype}")
         self.state, self.config, self.dtype = state, config, dtype
         s, dev = state, state.device
-        blocks = [(t, start) for t, n in enumerate(s.numels) for start in range(0, n, BLOCK)]
+        self.vec, self.block = launch_shape(torch.empty(0, dtype=dtype).element_size())
+        counts = [(n + self.block - 1) // self.block for n in s.numels]
         blk0 = [0]
-        for n in s.numels:
-            blk0.append(blk0[-1] + (n + BLOCK - 1) // BLOCK)
-        self.n_blocks = len(blocks)
-        self.blk_tensor = torch.tensor([b[0] for b in blocks], dtype=torch.int32, device=dev)
-        self.blk_start = torch.tensor([b[1] for b in blocks], dtype=torch.int64, device=dev)
+        for c in counts:
+            blk0.append(blk0[-1] + c)
+        self.n_blocks = blk0[-1]
+        self.blk_tensor = torch.tensor([t for t, c in enumerate(counts) for _ in range(c)], dtype=torch.int32, device=dev)
         self.blk0 = torch.tensor(blk0, dtype=torch.int32, device=dev)
         self.numel = torch.tensor(s.numels, dtype=torch.int64, device=dev)
-        self.e_tab = torch.tensor([v.data_ptr() for v in s.ema_views], dtype=torch.int64, device=dev)
-        gp_views = s.gprev_views if s.gprev_views is not None else s.ema_views
-        self.gp_tab = torch.tensor([v.data_ptr() for v in gp_views], dtype=torch.int64, device=dev)
-        self.dyn_tab = torch.zeros(3 * len(s), dtype=torch.int64, device=dev)
-        self.partials = torch.zeros(max(1, self.n_blocks) * 4, dtype=torch.float32, device=dev)
+        e = [v.data_ptr() for v in s.ema_views]
+        gp = [v.data_ptr() for v in s.gprev_views] if s.gprev_views is not None else e
+        self.e_tab = torch.tensor(e, dtype=torch.int64, device=dev)
+        self.gp_tab = torch.tensor(gp, dtype=torch.int64, device=dev)
+        # θ* and g_prev views are aligned when every numel is a multiple of VEC
+        self._static_aligned = (functools.reduce(operator.or_, e + gp, 0) & 15) == 0 and all(
+            n % self.vec == 0 for n in s.numels)
+        self.dyn_tab = torch.zeros(L.N_DT, max(1, len(s)), dtype=torch.int64, device=dev)
+        self.partials = torch.zeros(max(1, self.n_blocks), L.N_STAT, dtype=torch.float32, device=dev)
         self.dpart = torch.zeros(max(1, self.n_blocks), dtype=torch.float32, device=dev)
-        self.stats = torch.zeros(len(s), 5, dtype=torch.float32, device=dev)
+        self.stats = torch.zeros(len(s), L.N_DSTAT, dtype=torch.float32, device=dev)
         self.mode = torch.zeros(len(s), dtype=torch.int8, device=dev)
         self._dyn_key = None
+        self._aligned = False
 
     def _set_pointers(self, thetas, grads) -> None:
-        th = [t.data_ptr() for t in thetas]
+        th = list(map(_PTR, thetas))
         g = [th[i] if x is None else x.data_ptr() for i, x in enumerate(grads)]
-        has = [0 if x is None else 1 for x in grads]
-        key = (th, g, has)
+        key = (th, g)
         if key != self._dyn_key:  # grads are re-created by zero_grad(set_to_none=True)
-            self.dyn_tab.copy_(torch.tensor(th + g + has, dtype=torch.int64), non_blocking=True)
+            rows = [None] * L.N_DT
+            rows[L.DT_PARAM], rows[L.DT_GRAD] = th, g
+            rows[L.DT_HAS_GRAD] = [0 if x is None else 1 for x in grads]
+            self.dyn_tab.copy_(torch.tensor(rows, dtype=torch.int64), non_blocking=True)
             self._dyn_key = key
+            self._aligned = self._static_aligned and (functools.reduce(operator.or_, th + g, 0) & 15) == 0
 
     def update(self, thetas, grads, reduce_stats=None) -> None:
         s, cfg = self.state, self.config
         for x in list(thetas) + [g for g in grads if g is not None]:
-            if not x.is_contiguous() or x.dtype != self.dtype:
-                raise ValueError("the triton DEMA backend needs contiguous parameters and gradients of the parameter dtype")
+            if not x.is_contiguous() or x.dtype != self.dtype or x.device != s.device:
+                raise ValueError(
+                    f"the triton DEMA backend was built for contiguous {self.dtype} tensors on {s.device}; got a "
+                    f"{'non-contiguous ' if not x.is_contiguous() else ''}{x.dtype} tensor on {x.device}"
+                )
         if len(s) == 0:
             return
         self._set_pointers(thetas, grads)
-        dt, need_gp = _TL_DTYPES[self.dtype], s.needs_grad_prev
-        gp_tab = self.gp_tab
+        formula, scale, fallback, beta = cfg.kernel_scalars()
+        need_gp = int(s.needs_grad_prev)
+        dt, n = _TL_DTYPES[self.dtype], len(s)
+        sweep = dict(DTYPE=dt, ALIGNED=self._aligned, VEC=self.vec, BLOCK=self.block, num_warps=NUM_WARPS)
         if self.n_blocks:
             _dema_stats_kernel[(self.n_blocks,)](
-                self.blk_tensor, self.blk_start, self.numel, self.dyn_tab, self.e_tab, gp_tab, self.partials,
-                len(s), DTYPE=dt, NEED_GP=need_gp, BLOCK=BLOCK,
+                self.blk_tensor, self.blk0, self.numel, self.dyn_tab, self.e_tab, self.gp_tab, self.partials,
+                n, need_gp, **sweep,
             )
         decide_args = (
             self.blk0, self.partials, self.dpart, self.stats, self.mode, s.started, s.has_prev, s.d,
-            s.alpha, s.skips, self.dyn_tab, len(s), cfg.scale, cfg.fallback, cfg.beta,
+            s.alpha, s.skips, self.dyn_tab, n, formula, need_gp, scale, fallback, beta,
         )
-        formula = FORMULA_CODE[cfg.formula]
-        if reduce_stats is None:
-            _dema_decide_kernel[(len(s),)](
-                *decide_args, FORMULA=formula, NEED_GP=need_gp, REDUCE=True, DECIDE=True, CHUNK=CHUNK
-            )
-        else:
-            _dema_decide_kernel[(len(s),)](
-                *decide_args, FORMULA=formula, NEED_GP=need_gp, REDUCE=True, DECIDE=False, CHUNK=CHUNK
-            )
-            reduce_stats(self.stats)
-            _dema_decide_kernel[(len(s),)](
-                *decide_args, FORMULA=formula, NEED_GP=need_gp, REDUCE=False, DECIDE=True, CHUNK=CHUNK
-            )
+        halves = [DECIDE_ALL] if reduce_stats is None else [DECIDE_REDUCE_ONLY, DECIDE_ONLY]
+        for k, (red, dec) in enumerate(halves):
+            if k == 1:
+                reduce_stats(self.stats)
+            _dema_decide_kernel[(n,)](*decide_args, REDUCE=red, DECIDE=dec, CHUNK=CHUNK, num_warps=DECIDE_WARPS)
         if self.n_blocks:
             _dema_apply_kernel[(self.n_blocks,)](
-                self.blk_tensor, self.blk_start, self.numel, self.dyn_tab, self.e_tab, gp_tab, self.mode,
-                s.alpha, self.dpart, len(s), DTYPE=dt, NEED_GP=need_gp, BLOCK=BLOCK,
+                self.blk_tensor, self.blk0, self.numel, self.dyn_tab, self.e_tab, self.gp_tab, self.mode,
+                s.alpha, self.dpart, n, need_gp, **sweep,
             )
 
     def canonicalize(self) -> None:
@@ -239,10 +281,35 @@ class TritonBackend:
             return
         sums = torch.zeros(len(s), dtype=torch.float32, device=s.device)
         sums.index_add_(0, self.blk_tensor.long(), self.dpart)
-        s.d.copy_(torch.where(self.mode != 0, sums, s.d))
+        s.d.copy_(torch.where(self.mode != L.MODE_SKIP, sums, s.d))
         self.mode.zero_()
 
     def state_loaded(self) -> None:
         """A checkpoint was written into the shared state: drop pending partials."""
         self.mode.zero_()
         self.dpart.zero_()
+
+
+def compile_specs():
+    """Every specialisation the launcher above can produce: (name, kernel, signature,
+    constexprs, num_warps). tests/test_triton_compile.py compiles each for sm_80/sm_90."""
+    ptr = "*i64"
+    sweep_sig = dict(blk_tensor="*i32", blk0="*i32", numel="*i64", dyn_tab=ptr, e_tab=ptr, gp_tab=ptr)
+    stats_sig = dict(sweep_sig, partials="*fp32", T="i32", need_gp="i32")
+    apply_sig = dict(sweep_sig, mode="*i8", alpha="*fp32", dpart="*fp32", T="i32", need_gp="i32")
+    decide_sig = dict(blk0="*i32", partials="*fp32", dpart="*fp32", stats="*fp32", mode="*i8", started="*u8",
+                      has_prev="*u8", d="*fp32", alpha="*fp32", skips="*i64", dyn_tab=ptr, T="i32", formula="i32",
+                      need_gp="i32", scale="fp32", fallback="fp32", beta="fp32")
+    specs = []
+    for dtype, tdt in _TL_DTYPES.items():
+        vec, block = launch_shape(torch.empty(0, dtype=dtype).element_size())
+        name = str(dtype).replace("torch.", "")
+        for aligned in (True, False):
+            tag = "aligned" if aligned else "general"
+            ce = dict(DTYPE=tdt, ALIGNED=aligned, VEC=vec, BLOCK=block)
+            specs.append((f"dema_stats/{name}/{tag}", _dema_stats_kernel, stats_sig, ce, NUM_WARPS))
+            specs.append((f"dema_apply/{name}/{tag}", _dema_apply_kernel, apply_sig, ce, NUM_WARPS))
+    for red, dec in (DECIDE_ALL, DECIDE_REDUCE_ONLY, DECIDE_ONLY):
+        specs.append((f"dema_decide/reduce={int(red)}/decide={int(dec)}", _dema_decide_kernel, decide_sig,
+                      dict(REDUCE=red, DECIDE=dec, CHUNK=CHUNK), DECIDE_WARPS))
+    return specs

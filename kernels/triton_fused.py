@@ -1,160 +1,231 @@
-"""Triton kernel of the one-pass optimizer step + DEMA (one launch per step).
+"""Triton kernels of the one-pass optimizer step + DEMA (one launch per step), and the
+fused group that launches them for one (device, dtype) group of a DEMA engine.
 
 Each program sweeps one tile (TILE elements) of one tensor. Per element it finishes the
 previous step's EMA update, applies Adam/AdamW/SGD exactly as torch orders the maths,
-and accumulates this step's statistics (a, b, c, NaN probe) and d for the tile.
+and accumulates this step's statistics (a, b with the NaN/inf probe folded in, c) and
+d for the tile.
 
-Per-tensor decisions need the whole tensor's statistics, which the previous launch
-left as per-tile partials: every program of a tensor sums them itself (a few dozen
-loads), so no second launch is needed. Per-tensor flags are double-buffered by step
-parity (read [1−p], written [p] by the tensor's first tile), so no program reads what
-another program of the same launch writes. The engine's canonical state (started,
-has_prev, d, alpha, skips) is written by `flush` (two launches, only when the EMA is
-read); `alpha` and `skips` are kept current by every step.
+Per-tensor decisions need the whole tensor's statistics, which the previous launch left
+as per-tile partials: every program of a tensor sums them itself (a few dozen loads),
+so no second launch is needed. Per-tensor flags are double-buffered by step parity
+(read [r], written [w] by the tensor's first tile), so no program reads what another
+program of the same launch writes (tests/test_program_order.py runs the programs in
+shuffled order). The engine's canonical state (started, has_prev, d, alpha, skips) is
+written by `flush` (only when the EMA is read); `alpha` and `skips` are kept current by
+every step.
+
+Tables (names in kernels/layouts.py): a static per-tensor table (addresses of θ, the
+optimizer state, θ*, g_prev; numel; param group; first tile), built when the group's
+tensors change, never per step; a dynamic per-tensor table (gradient address, step
+count, flags) uploaded once per step in one copy; one hyper-parameter row per optimizer
+param group.
+
+Machine code (checked by tests/test_triton_compile.py for sm_80 and sm_90 from the PTX
+and `ptxas -v`): with ALIGNED (every address 16-byte aligned, every numel a multiple of
+the vector width, decided on the host per step) all θ, g, m, v, θ*, g_prev accesses are
+128-bit; otherwise the same kernel without the hints (scalar accesses, any numel).
 """
 from __future__ import annotations
+
+import functools
+import logging
+import operator
 
 import torch
 import triton
 import triton.language as tl
 
-from cl_core.kernels.triton_dema import alpha_rule
+from cl_core.kernels import layouts as L
+from cl_core.kernels.triton_dema import _bcast, alpha_rule
 
-BLOCK = 1024
-ITERS = 16  # a tile is BLOCK * ITERS elements: few partials per tensor
-TILE = BLOCK * ITERS
-CHUNK = 64
+log = logging.getLogger(__name__)
 
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-# Double-buffered per-tensor flags: rows of `flags` (int32 [2, 6, T]); the kernels
-# index them by these numbers written out.
-F_STARTED, F_HAS_PREV, F_PEND, F_PEND_G, F_PEND_P, F_APPLIED = range(6)
-PEND_NONE, PEND_INIT, PEND_EMA = 0, 1, 2
+# Launch shape. Each thread owns VEC contiguous elements per iteration: VEC = 16 bytes /
+# element size, so a thread's θ, g, m, v access is one 128-bit load/store (θ*, g_prev are
+# fp32: one or two). 4 warps x 32 threads x VEC = BLOCK. Why 4 warps and not more: the
+# register count per thread does not depend on the warp count; 4 warps give many small
+# blocks per SM (good tail behaviour over ~1,000 tiles of a LoRA step). Compiled, the
+# step kernel needs ≤ 128 registers per thread (fp32 ≈ 70, 16-bit ≈ 110: 8 elements per
+# thread), so an H100/A100 SM holds 4 (16-bit) to 7 (fp32) blocks = 16–28 warps, 25–44%
+# occupancy. That is enough for a streaming kernel: each thread has 6 independent 128-bit
+# loads in flight per iteration, 16 warps x 32 x 96 B ≈ 48 KB per SM, above the ≈ 15 KB per
+# SM that HBM3 bandwidth x latency (3.35 TB/s x ~600 ns / 132 SMs) asks for.
+NUM_WARPS = 4
+TILE = 16384  # elements per program: few partials per tensor, ~1,250 programs per LoRA-7B step
+CHUNK = 64  # partial rows summed per iteration in the pending decision
+
+
+def launch_shape(elem_size: int, aligned: bool) -> tuple[int, int, int]:
+    """(VEC, BLOCK, ITERS) for parameters of `elem_size` bytes. The general (unaligned)
+    path accesses memory element by element anyway, so it keeps 4 elements per thread:
+    8 would cost 16-bit parameters > 128 registers there for nothing."""
+    vec = 16 // elem_size if aligned else 4
+    block = vec * 32 * NUM_WARPS
+    return vec, block, TILE // block
 
 
 @triton.jit
-def _sum_tiles(part, t0, t1, col, CHUNK: tl.constexpr):
-    acc = tl.zeros([CHUNK], dtype=tl.float32)
+def _vsum(x, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Sum each thread's VEC elements in registers: accumulators of BLOCK // VEC lanes
+    (one register per thread) instead of BLOCK (VEC registers): fewer live registers."""
+    return tl.sum(tl.reshape(x, (BLOCK // VEC, VEC)), axis=1)
+
+
+@triton.jit
+def _tile_sums(part, t0, t1, CHUNK: tl.constexpr):
+    """Column sums of rows t0..t1 of a [tiles, N_PART] partials table: (a, b, c, d)."""
+    rows = tl.arange(0, CHUNK)[:, None]
+    cols = tl.arange(0, L.N_PART)[None, :]
+    acc = tl.zeros([CHUNK, L.N_PART], dtype=tl.float32)
     for j in range(t0, t1, CHUNK):
-        idx = j + tl.arange(0, CHUNK)
-        acc += tl.load(part + idx * 5 + col, mask=idx < t1, other=0.0)
-    return tl.sum(acc, axis=0)
+        idx = j + rows
+        acc += tl.load(part + idx * L.N_PART + cols, mask=(idx < t1) & (cols >= 0), other=0.0)
+    s = tl.sum(acc, axis=0)
+    c1 = tl.arange(0, L.N_PART)
+    a = tl.sum(tl.where(c1 == L.P_A, s, 0.0), axis=0)
+    b = tl.sum(tl.where(c1 == L.P_B, s, 0.0), axis=0)
+    c = tl.sum(tl.where(c1 == L.P_C, s, 0.0), axis=0)
+    d = tl.sum(tl.where(c1 == L.P_D, s, 0.0), axis=0)
+    return a, b, c, d
 
 
 @triton.jit
-def _pending_alpha(part_r, flags_r, dcarry_r, tile_tensor, tile_start, tile0, numel, T, scale, fallback, beta,
-                   FORMULA: tl.constexpr, CHUNK: tl.constexpr):
-    """This program's tile (t, start, n, t0, t1) and the decision on the update the
-    previous launch left pending: (apply, alpha, skip, d_in, pend)."""
+def _tiles_of(stab, t, T, n_tiles):
+    """(t0, t1): the tile range of tensor t (tiles of a tensor are consecutive)."""
+    t0 = tl.load(stab + L.S_TILE0 * T + t).to(tl.int32)
+    last = t + 1 >= T
+    t1 = tl.where(last, n_tiles, tl.load(stab + L.S_TILE0 * T + t + 1, mask=last == 0, other=0).to(tl.int32))
+    return t0, t1
+
+
+@triton.jit
+def _tile_of_program(tile_tensor, stab, T, n_tiles, TILE: tl.constexpr):
+    """(t, t0, t1, start): this program's tensor, its tile range and the tile's offset."""
     pid = tl.program_id(0)
     t = tl.load(tile_tensor + pid)
-    start = tl.load(tile_start + pid)
-    n = tl.load(numel + t)
-    t0 = tl.load(tile0 + t)
-    t1 = tl.load(tile0 + t + 1)
-    pend = tl.load(flags_r + 2 * T + t)
-    applied = tl.load(flags_r + 5 * T + t)
-    d_in = tl.where(applied != 0, _sum_tiles(part_r, t0, t1, 4, CHUNK), tl.load(dcarry_r + t))
-    a = _sum_tiles(part_r, t0, t1, 0, CHUNK)
-    b = _sum_tiles(part_r, t0, t1, 1, CHUNK)
-    c = _sum_tiles(part_r, t0, t1, 2, CHUNK)
-    probe = _sum_tiles(part_r, t0, t1, 3, CHUNK)
-    skip = (pend != 0) & (probe != probe)
-    use = (tl.load(flags_r + 3 * T + t) != 0) & (tl.load(flags_r + 4 * T + t) != 0)
-    al = alpha_rule(a, b, c, d_in, use, scale, fallback, beta, FORMULA)
-    apply = (pend == 2) & (probe == probe)
-    return pid, t, start, n, t0, t1, apply, al, skip, d_in, pend
+    t0, t1 = _tiles_of(stab, t, T, n_tiles)
+    return t, t0, t1, (pid - t0) * TILE
 
 
 @triton.jit
-def _record_decision(alpha, skips, t, apply, al, skip, pend, fallback, beta, FORMULA: tl.constexpr):
+def _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK: tl.constexpr):
+    """The decision on the EMA update the previous launch left pending for tensor t:
+    (apply, alpha, skip, d_in, pend)."""
+    pend = tl.load(flags_r + L.F_PEND * T + t)
+    a, b, c, d_sum = _tile_sums(part_r, t0, t1, CHUNK)
+    d_in = tl.where(tl.load(flags_r + L.F_APPLIED * T + t) != 0, d_sum, tl.load(dcarry_r + t))
+    finite = b == b  # P_B carries the NaN/inf probe
+    skip = (pend != L.PEND_NONE) & (finite == 0)
+    use = (tl.load(flags_r + L.F_PEND_HAS_GRAD * T + t) != 0) & (tl.load(flags_r + L.F_PEND_HAS_PREV * T + t) != 0)
+    al = alpha_rule(a, b, c, d_in, use, formula, scale, fallback, beta)
+    apply = (pend == L.PEND_EMA) & finite
+    return apply, al, skip, d_in, pend
+
+
+@triton.jit
+def _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, beta):
     """Canonical α (0 when skipped; the start value after an init) and skip count of tensor t."""
-    if FORMULA == 2:
-        init_alpha = 1.0 - beta
-    else:
-        init_alpha = fallback
-    new_alpha = tl.where(skip, 0.0, tl.where(apply, al, tl.where(pend == 1, init_alpha, tl.load(alpha + t))))
+    init_alpha = tl.where(formula == L.FORMULA_FIXED, 1.0 - beta, fallback)
+    new_alpha = tl.where(skip, 0.0, tl.where(apply, al, tl.where(pend == L.PEND_INIT, init_alpha, tl.load(alpha + t))))
     tl.store(alpha + t, new_alpha)
     tl.store(skips + t, tl.load(skips + t) + skip.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
 def _fused_step_kernel(
-    tile_tensor, tile_start, tile0, numel, dyn, e_tab, gp_tab, hyper,
-    part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha, skips, T,
-    scale, fallback, beta,
-    DTYPE: tl.constexpr, KIND: tl.constexpr, FORMULA: tl.constexpr, NEED_GP: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr, CHUNK: tl.constexpr,
+    tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha, skips, T, n_tiles,
+    formula, scale, fallback, beta,
+    DTYPE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr,
+    VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    pid, t, start, n, t0, t1, apply, al, skip, d_in, pend = _pending_alpha(
-        part_r, flags_r, dcarry_r, tile_tensor, tile_start, tile0, numel, T, scale, fallback, beta, FORMULA, CHUNK
-    )
+    # The formula is a runtime value, not a specialisation: it only changes a few scalar
+    # operations per program (and, for "fixed", masks that switch g_prev traffic off).
+    pid = tl.program_id(0)
+    t, t0, t1, start = _tile_of_program(tile_tensor, stab, T, n_tiles, BLOCK * ITERS)
+    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK)
     # An init left pending becomes "started" once its probe shows it was finite.
-    started = (tl.load(flags_r + 0 * T + t) != 0) | ((pend == 1) & (skip == 0))
+    started = (tl.load(flags_r + L.F_STARTED * T + t) != 0) | ((pend == L.PEND_INIT) & (skip == 0))
     init_now = started == 0
-    hp = tl.load(flags_r + 1 * T + t) != 0
-    th_ptr = tl.load(dyn + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(dyn + T + t).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(dyn + 2 * T + t).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(dyn + 3 * T + t).to(tl.pointer_type(DTYPE))
-    has_g_s = tl.load(dyn + 4 * T + t)
-    e_ptr = tl.load(e_tab + t).to(tl.pointer_type(tl.float32))
-    gp_ptr = tl.load(gp_tab + t).to(tl.pointer_type(tl.float32))
-    # Hyper-parameters arrive in fp64; derived scalars are rounded to fp32 the way
-    # torch rounds a Python scalar for an fp32 tensor op.
-    h0 = tl.load(hyper + t * 8 + 0)
-    h1 = tl.load(hyper + t * 8 + 1)
-    h2 = tl.load(hyper + t * 8 + 2)
-    h3 = tl.load(hyper + t * 8 + 3)
-    lr = h0.to(tl.float32)
-    wd = h1.to(tl.float32)
-    decay = (1.0 - h0 * h1).to(tl.float32)
-    c2 = h2.to(tl.float32)  # SGD momentum / Adam beta1
-    w1 = (1.0 - h2).to(tl.float32)
-    c3 = h3.to(tl.float32)  # SGD dampening / Adam beta2
-    w3 = (1.0 - h3).to(tl.float32)
-    h4 = tl.load(hyper + t * 8 + 4).to(tl.float32)  # SGD nesterov / Adam eps
-    h5 = tl.load(hyper + t * 8 + 5).to(tl.float32)  # SGD first step / Adam step size
-    h6 = tl.load(hyper + t * 8 + 6).to(tl.float32)  # Adam sqrt(bias correction 2)
-    need = ((init_now == 0) & (has_g_s != 0) & hp).to(tl.int32)
-    if not NEED_GP:
-        need = need * 0
-    if FORMULA == 2:
-        need = need * 0
-    zb = tl.zeros([BLOCK], dtype=tl.int32)
-    apply_b = (zb + apply.to(tl.int32)) != 0
-    init_b = (zb + init_now.to(tl.int32)) != 0
-    has_g = (zb + has_g_s.to(tl.int32)) != 0
-    need_b = (zb + need) != 0
-    # SGD switches, as blocks (the interpreter mishandles scalar comparisons in masks)
-    zf = tl.zeros([BLOCK], dtype=tl.float32)
-    mom_b = (zf + c2) != 0.0
-    first_b = (zf + h5) != 0.0
-    nest_b = (zf + h4) != 0.0
-    sa = tl.zeros([BLOCK], dtype=tl.float32)
-    sb = tl.zeros([BLOCK], dtype=tl.float32)
-    sc = tl.zeros([BLOCK], dtype=tl.float32)
-    sd = tl.zeros([BLOCK], dtype=tl.float32)
-    probe = tl.zeros([BLOCK], dtype=tl.float32)
-    for it in range(ITERS):
+    hp = tl.load(flags_r + L.F_HAS_PREV * T + t) != 0
+    need_gp = formula != L.FORMULA_FIXED
+    n = tl.load(stab + L.S_NUMEL * T + t)
+    th_ptr = tl.load(stab + L.S_PARAM * T + t).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(stab + L.S_EXP_AVG * T + t).to(tl.pointer_type(DTYPE))
+    v_ptr = tl.load(stab + L.S_EXP_AVG_SQ * T + t).to(tl.pointer_type(DTYPE))
+    e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(tl.float32))
+    gp_ptr = tl.load(stab + L.S_GRAD_PREV * T + t).to(tl.pointer_type(tl.float32))
+    hrow = hyper + tl.load(stab + L.S_GROUP * T + t) * L.N_HYPER
+    g_ptr = tl.load(dyn + L.D_GRAD * T + t).to(tl.pointer_type(DTYPE))
+    dflags = tl.load(dyn + L.D_FLAGS * T + t)
+    has_g = (dflags & L.DF_HAS_GRAD) != 0
+    if ALIGNED:
+        # The host checked every address is 16-byte aligned and every numel a multiple
+        # of VEC: with these hints each thread's VEC elements are one 128-bit access and
+        # the mask `offs < n` is uniform per vector.
+        th_ptr = tl.multiple_of(th_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        e_ptr = tl.multiple_of(e_ptr, 16)
+        gp_ptr = tl.multiple_of(gp_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        n = tl.multiple_of(n, VEC)
+    # Hyper-parameters arrive in fp64 (Python floats); derived scalars are rounded to
+    # fp32 the way torch rounds a Python scalar for an fp32 tensor op.
+    lr64 = tl.load(hrow + L.H_LR)
+    wd64 = tl.load(hrow + L.H_WEIGHT_DECAY)
+    lr = lr64.to(tl.float32)
+    wd = wd64.to(tl.float32)
+    if KIND == L.KIND_SGD:
+        mom64 = tl.load(hrow + L.H_MOMENTUM)
+        mom = mom64.to(tl.float32)
+        w_damp = (1.0 - tl.load(hrow + L.H_DAMPENING)).to(tl.float32)
+        nesterov = tl.load(hrow + L.H_NESTEROV) != 0.0
+        first = (dflags & L.DF_FIRST) != 0
+        has_mom = mom64 != 0.0
+    else:
+        # Bias corrections from this tensor's step count (device-side, like torch's
+        # capturable Adam): β^step = exp(step · log β) in fp64.
+        step = tl.load(dyn + L.D_STEP * T + t).to(tl.float64)
+        bc1 = 1.0 - tl.exp(step * tl.load(hrow + L.H_LOG_BETA1))
+        bc2 = 1.0 - tl.exp(step * tl.load(hrow + L.H_LOG_BETA2))
+        step_size = (lr64 / bc1).to(tl.float32)
+        bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
+        eps = tl.load(hrow + L.H_EPS).to(tl.float32)
+        decay = (1.0 - lr64 * wd64).to(tl.float32)
+        beta1 = tl.load(hrow + L.H_BETA1)
+        beta2 = tl.load(hrow + L.H_BETA2)
+        w_m = (1.0 - beta1).to(tl.float32)
+        b2 = beta2.to(tl.float32)
+        w_v = (1.0 - beta2).to(tl.float32)
+    need = (init_now == 0) & has_g & hp & need_gp  # this step's a, b, c are meaningful
+    keep_al = 1.0 - al
+    sa = tl.zeros([BLOCK // VEC], dtype=tl.float32)
+    sb = tl.zeros([BLOCK // VEC], dtype=tl.float32)
+    sc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
+    sd = tl.zeros([BLOCK // VEC], dtype=tl.float32)
+    # Only the blocks this tile covers (a small tensor's tile is mostly past its end).
+    for it in range(0, tl.minimum(tl.cdiv(n - start, BLOCK), ITERS)):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        if ALIGNED:
+            offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
         mask = offs < n
+        gm = mask & _bcast(has_g, BLOCK)
+        # The optimizer update first (θ, g, m, v live), then the EMA (θ*, g_prev): fewer
+        # values live at once than loading everything up front.
         th = tl.load(th_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + offs, mask=mask, other=0.0)
-        e = tl.where(apply_b, e * (1.0 - al) + th * al, e)
-        sd += tl.where(apply_b & mask, tl.abs(th - e), 0.0)
-        gm = mask & has_g
         g = tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32)
-        if KIND == 2:  # SGD (momentum buffer in m)
+        if KIND == L.KIND_SGD:
             gw = g + wd * th
-            buf = tl.load(m_ptr + offs, mask=gm & mom_b, other=0.0).to(tl.float32)
-            buf = tl.where(first_b, gw, buf * c2 + w3 * gw)
-            tl.store(m_ptr + offs, buf.to(DTYPE, fp_downcast_rounding="rtne"), mask=gm & mom_b)
-            buf = buf.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
-            gw = tl.where(mom_b, tl.where(nest_b, gw + c2 * buf, buf), gw)
+            bm = gm & _bcast(has_mom, BLOCK)
+            buf = tl.load(m_ptr + offs, mask=bm & _bcast(first == 0, BLOCK), other=0.0).to(tl.float32)
+            buf = tl.where(_bcast(first, BLOCK), gw, buf * mom + w_damp * gw).to(DTYPE, fp_downcast_rounding="rtne")
+            tl.store(m_ptr + offs, buf, mask=bm)
+            buf = buf.to(tl.float32)
+            gw = tl.where(_bcast(has_mom, BLOCK), tl.where(_bcast(nesterov, BLOCK), gw + mom * buf, buf), gw)
             th2 = th - lr * gw
-        else:  # Adam (KIND 0) / AdamW (KIND 1)
-            if KIND == 1:
+        else:
+            if KIND == L.KIND_ADAMW:
                 gw = g
                 th2 = th * decay
             else:
@@ -162,162 +233,343 @@ def _fused_step_kernel(
                 th2 = th
             mm = tl.load(m_ptr + offs, mask=gm, other=0.0).to(tl.float32)
             vv = tl.load(v_ptr + offs, mask=gm, other=0.0).to(tl.float32)
-            mm = mm + w1 * (gw - mm)
-            vv = vv * c3 + w3 * gw * gw
-            tl.store(m_ptr + offs, mm.to(DTYPE, fp_downcast_rounding="rtne"), mask=gm)
-            tl.store(v_ptr + offs, vv.to(DTYPE, fp_downcast_rounding="rtne"), mask=gm)
-            mm = mm.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
-            vv = vv.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
-            denom = tl.sqrt(vv) / h6 + h4
-            th2 = th2 - h5 * mm / denom
-        th2 = tl.where(has_g, th2, th)
-        tl.store(th_ptr + offs, th2.to(DTYPE, fp_downcast_rounding="rtne"), mask=gm)
-        th2 = th2.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
-        e = tl.where(init_b, th2, e)
-        tl.store(e_ptr + offs, e, mask=mask & (apply_b | init_b))
-        sa += tl.where(need_b & mask, tl.abs(th2 - e), 0.0)
-        sb += tl.where(need_b & mask, tl.abs(g), 0.0)
-        if NEED_GP:
-            gprev = tl.load(gp_ptr + offs, mask=mask & need_b, other=0.0)
-            sc += tl.where(need_b & mask, tl.abs(g - gprev), 0.0)
-            tl.store(gp_ptr + offs, g, mask=gm)
-        probe += (th2 - th2) + (g - g)
-    tl.store(part_w + pid * 5 + 0, tl.sum(sa, axis=0))
-    tl.store(part_w + pid * 5 + 1, tl.sum(sb, axis=0))
-    tl.store(part_w + pid * 5 + 2, tl.sum(sc, axis=0))
-    tl.store(part_w + pid * 5 + 3, tl.sum(probe, axis=0))
-    tl.store(part_w + pid * 5 + 4, tl.sum(sd, axis=0))
+            mm = (mm + w_m * (gw - mm)).to(DTYPE, fp_downcast_rounding="rtne")
+            vv = (vv * b2 + w_v * gw * gw).to(DTYPE, fp_downcast_rounding="rtne")
+            tl.store(m_ptr + offs, mm, mask=gm)
+            tl.store(v_ptr + offs, vv, mask=gm)
+            denom = tl.sqrt(vv.to(tl.float32)) / bc2_sqrt + eps
+            th2 = th2 - step_size * mm.to(tl.float32) / denom
+        th2 = tl.where(_bcast(has_g, BLOCK), th2, th).to(DTYPE, fp_downcast_rounding="rtne")
+        tl.store(th_ptr + offs, th2, mask=gm)
+        th2 = th2.to(tl.float32)
+        # Finish the previous step's EMA update with θ_t (th, before this step's update).
+        e = tl.load(e_ptr + offs, mask=mask, other=0.0)
+        e = tl.where(_bcast(apply, BLOCK), e * keep_al + th * al, e)
+        sd += _vsum(tl.where(mask & _bcast(apply, BLOCK), tl.abs(th - e), 0.0), BLOCK, VEC)
+        e = tl.where(_bcast(init_now, BLOCK), th2, e)
+        tl.store(e_ptr + offs, e, mask=mask & _bcast(apply | init_now, BLOCK))
+        # x - x is NaN exactly where x is NaN or inf: the probe rides on b's sum.
+        nm = mask & _bcast(need, BLOCK)
+        sb += _vsum(tl.where(nm, tl.abs(g), 0.0) + (th2 - th2) + (g - g), BLOCK, VEC)
+        sa += _vsum(tl.where(nm, tl.abs(th2 - e), 0.0), BLOCK, VEC)
+        gprev = tl.load(gp_ptr + offs, mask=nm, other=0.0)
+        sc += _vsum(tl.where(nm, tl.abs(g - gprev), 0.0), BLOCK, VEC)
+        tl.store(gp_ptr + offs, g, mask=gm & _bcast(need_gp, BLOCK))
+    row = part_w + pid * L.N_PART
+    tl.store(row + L.P_A, tl.sum(sa, axis=0))
+    tl.store(row + L.P_B, tl.sum(sb, axis=0))
+    tl.store(row + L.P_C, tl.sum(sc, axis=0))
+    tl.store(row + L.P_D, tl.sum(sd, axis=0))
     if pid == t0:  # the tensor's first tile records its per-tensor state
-        tl.store(flags_w + 0 * T + t, started.to(tl.int32))
-        if NEED_GP:
-            tl.store(flags_w + 1 * T + t, (has_g_s != 0).to(tl.int32))
-        else:
-            tl.store(flags_w + 1 * T + t, hp.to(tl.int32))
-        tl.store(flags_w + 2 * T + t, tl.where(init_now, 1, 2).to(tl.int32))
-        tl.store(flags_w + 3 * T + t, (has_g_s != 0).to(tl.int32))
-        tl.store(flags_w + 4 * T + t, hp.to(tl.int32))
-        tl.store(flags_w + 5 * T + t, apply.to(tl.int32))
+        tl.store(flags_w + L.F_STARTED * T + t, started.to(tl.int32))
+        tl.store(flags_w + L.F_HAS_PREV * T + t, tl.where(need_gp, has_g, hp).to(tl.int32))
+        tl.store(flags_w + L.F_PEND * T + t, tl.where(init_now, L.PEND_INIT, L.PEND_EMA).to(tl.int32))
+        tl.store(flags_w + L.F_PEND_HAS_GRAD * T + t, has_g.to(tl.int32))
+        tl.store(flags_w + L.F_PEND_HAS_PREV * T + t, hp.to(tl.int32))
+        tl.store(flags_w + L.F_APPLIED * T + t, apply.to(tl.int32))
         # d of this step if nothing is applied now: kept on a skip, 0 after an init.
-        tl.store(dcarry_w + t, tl.where(init_now | (pend == 1), 0.0, d_in))
-        _record_decision(alpha, skips, t, apply, al, skip, pend, fallback, beta, FORMULA)
+        tl.store(dcarry_w + t, tl.where(init_now | (pend == L.PEND_INIT), 0.0, d_in))
+        _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, beta)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
 def _fused_flush_kernel(
-    tile_tensor, tile_start, tile0, numel, dyn, e_tab, part_r, part_w, flags_r, dcarry_r, alpha, skips,
-    T, scale, fallback, beta,
-    DTYPE: tl.constexpr, FORMULA: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, CHUNK: tl.constexpr,
+    tile_tensor, stab, theta, part_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale, fallback,
+    beta, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    pid, t, start, n, t0, t1, apply, al, skip, d_in, pend = _pending_alpha(
-        part_r, flags_r, dcarry_r, tile_tensor, tile_start, tile0, numel, T, scale, fallback, beta, FORMULA, CHUNK
-    )
-    th_ptr = tl.load(dyn + t).to(tl.pointer_type(DTYPE))
-    e_ptr = tl.load(e_tab + t).to(tl.pointer_type(tl.float32))
-    apply_b = (tl.zeros([BLOCK], dtype=tl.int32) + apply.to(tl.int32)) != 0
-    sd = tl.zeros([BLOCK], dtype=tl.float32)
-    for it in range(ITERS):
+    """Finish the pending EMA update (θ read through `theta`, a table of θ addresses)."""
+    pid = tl.program_id(0)
+    t, t0, t1, start = _tile_of_program(tile_tensor, stab, T, n_tiles, BLOCK * ITERS)
+    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK)
+    n = tl.load(stab + L.S_NUMEL * T + t)
+    th_ptr = tl.load(theta + t).to(tl.pointer_type(DTYPE))
+    e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        th_ptr = tl.multiple_of(th_ptr, 16)
+        e_ptr = tl.multiple_of(e_ptr, 16)
+        n = tl.multiple_of(n, VEC)
+    keep_al = 1.0 - al
+    sd = tl.zeros([BLOCK // VEC], dtype=tl.float32)
+    # Only the blocks this tile covers (a small tensor's tile is mostly past its end).
+    for it in range(0, tl.minimum(tl.cdiv(n - start, BLOCK), ITERS)):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
-        m = (offs < n) & apply_b
+        if ALIGNED:
+            offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        m = (offs < n) & _bcast(apply, BLOCK)
         th = tl.load(th_ptr + offs, mask=m, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + offs, mask=m, other=0.0)
-        e = e * (1.0 - al) + th * al
+        e = e * keep_al + th * al
         tl.store(e_ptr + offs, e, mask=m)
-        sd += tl.where(m, tl.abs(th - e), 0.0)
-    tl.store(part_w + pid * 5 + 4, tl.sum(sd, axis=0))
+        sd += _vsum(tl.where(m, tl.abs(th - e), 0.0), BLOCK, VEC)
+    tl.store(part_w + pid * L.N_PART + L.P_D, tl.sum(sd, axis=0))
     if pid == t0:
-        _record_decision(alpha, skips, t, apply, al, skip, pend, fallback, beta, FORMULA)
+        _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, beta)
+
+
+@triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
+def _fused_pending_kernel(
+    stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, n_tiles, formula, scale, fallback, beta,
+    CHUNK: tl.constexpr,
+):
+    """Grid = tensors: the decision on the pending update (α, skip count) written to
+    alpha_out/skips_out, without touching the EMA (engine stats between flushes)."""
+    t = tl.program_id(0)
+    t0, t1 = _tiles_of(stab, t, T, n_tiles)
+    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK)
+    init_alpha = tl.where(formula == L.FORMULA_FIXED, 1.0 - beta, fallback)
+    new_alpha = tl.where(skip, 0.0, tl.where(apply, al, tl.where(pend == L.PEND_INIT, init_alpha, tl.load(alpha + t))))
+    tl.store(alpha_out + t, new_alpha)
+    tl.store(skips_out + t, tl.load(skips + t) + skip.to(tl.int64))
+
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_PTR = torch.Tensor.data_ptr
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _or_all(values) -> int:
+    return functools.reduce(operator.or_, values, 0)
 
 
 class TritonFusedGroup:
-    """Launches the fused kernels for one (device, dtype) group of a DEMA engine."""
+    """The fused group of one (device, dtype) engine group on the Triton kernels; the
+    per-step interface is documented in cl_core/dema/fused.py."""
 
-    def __init__(self, state, dtype, params):
-        self.state, self.dtype, self.params = state, dtype, params
-        dev, n = state.device, len(state)
-        tiles = [(t, s) for t, k in enumerate(state.numels) for s in range(0, k, TILE)]
+    def __init__(self, members):
+        from cl_core.dema.fused import check_tensors
+
+        self._check = check_tensors
+        self.members = members
+        eg = members.engine_group
+        self.state, self.device, self.dtype = eg.state, eg.device, eg.dtype
+        s, dev, n = eg.state, eg.device, len(eg.state)
+        self.n = n
         tile0 = [0]
-        for k in state.numels:
+        for k in s.numels:
             tile0.append(tile0[-1] + (k + TILE - 1) // TILE)
-        self.n_tiles = len(tiles)
-        i64 = dict(dtype=torch.int64, device=dev)
-        self.tile_tensor = torch.tensor([x[0] for x in tiles], dtype=torch.int32, device=dev)
-        self.tile_start = torch.tensor([x[1] for x in tiles], **i64)
-        self.tile0 = torch.tensor(tile0, dtype=torch.int32, device=dev)
-        self.numel = torch.tensor(state.numels, **i64)
-        self.e_tab = torch.tensor([v.data_ptr() for v in state.ema_views], **i64)
-        gp = state.gprev_views if state.gprev_views is not None else state.ema_views
-        self.gp_tab = torch.tensor([v.data_ptr() for v in gp], **i64)
-        self.dyn = torch.zeros(5 * n, **i64)
-        self.part = torch.zeros(2, max(1, self.n_tiles) * 5, dtype=torch.float32, device=dev)
-        self.flags = torch.zeros(2, 6, n, dtype=torch.int32, device=dev)
-        self.dcarry = torch.zeros(2, n, dtype=torch.float32, device=dev)
-        self.hyper_dev = torch.zeros(n, 8, dtype=torch.float64, device=dev)
-        self.hyper = torch.zeros(n, 8, dtype=torch.float64)  # this step's rows, filled on the host
+        self.n_tiles = tile0[-1]
+        self.tile0 = tile0[:-1]
+        self.tile_tensor = torch.tensor([t for t, k in enumerate(s.numels) for _ in range((k + TILE - 1) // TILE)],
+                                        dtype=torch.int32, device=dev)
+        self.stab = torch.zeros(L.N_STATIC, max(1, n), dtype=torch.int64, device=dev)
+        self.part = torch.zeros(2, max(1, self.n_tiles), L.N_PART, dtype=torch.float32, device=dev)
+        self.flags = torch.zeros(2, L.N_FLAGS, max(1, n), dtype=torch.int32, device=dev)
+        self.dcarry = torch.zeros(2, max(1, n), dtype=torch.float32, device=dev)
+        self.upload = None  # device copy of this step's dynamic table + hyper rows (one H2D copy)
         self.parity = 0
         self._dirty = True  # the canonical state is newer than the flags
+        self._built = None  # (param addresses, dtype, members.version) the static table describes
+        self._static_aligned = False
+        self._pending = False  # a step ran since the last flush
+        self.unaligned_steps = 0  # steps that took the general (unaligned) kernel
+
+    # ------------------------------------------------------------------ tables
+    def _build_static(self, ptrs, dtype) -> str | None:
+        """The per-tensor static table for parameters at `ptrs` of `dtype` (on a rebuild
+        the optimizer state is checked too: the kernel reads it as `dtype`)."""
+        mem, s, dev = self.members, self.state, self.device
+        for x in list(mem.exp_avg) + list(mem.exp_avg_sq):
+            if x is not None and (x.dtype != dtype or x.device != dev or not x.is_contiguous()):
+                return f"optimizer state of dtype {x.dtype} on {x.device} does not match the parameters ({dtype} on {dev})"
+        m = [ptrs[k] if x is None else x.data_ptr() for k, x in enumerate(mem.exp_avg)]
+        v = [ptrs[k] if x is None else x.data_ptr() for k, x in enumerate(mem.exp_avg_sq)]
+        e = [x.data_ptr() for x in s.ema_views]
+        gp = [x.data_ptr() for x in s.gprev_views] if s.gprev_views is not None else e
+        rows = [None] * L.N_STATIC
+        rows[L.S_PARAM], rows[L.S_EXP_AVG], rows[L.S_EXP_AVG_SQ] = ptrs, m, v
+        rows[L.S_EMA], rows[L.S_GRAD_PREV] = e, gp
+        rows[L.S_NUMEL], rows[L.S_GROUP], rows[L.S_TILE0] = s.numels, mem.param_group, self.tile0
+        self.stab.copy_(torch.tensor(rows, dtype=torch.int64))
+        vec = 16 // torch.empty(0, dtype=dtype).element_size()
+        # 128-bit accesses need 16-byte aligned addresses and numels that are a multiple
+        # of the vector width (then the fp32 views of θ*, g_prev are aligned too).
+        self._static_aligned = (_or_all(ptrs + m + v + e + gp) & 15) == 0 and all(k % vec == 0 for k in s.numels)
+        self.dtype = dtype
+        self._built = (ptrs, dtype, mem.version)
+        return None
+
+    # ------------------------------------------------------------------ the interface
+    def prepare(self, batch) -> str | None:
+        mem = self.members
+        dtypes = set(map(_DTYPE, mem.params))
+        if len(dtypes) != 1 or next(iter(dtypes)) not in _TL:
+            return f"the parameters of one group have dtypes {sorted(map(str, dtypes))}; the fused kernel needs one of float32/bfloat16/float16"
+        dtype = next(iter(dtypes))
+        reason = self._check(mem.params, batch.grads, dtype, self.device, batch.has_all_grads)
+        if reason is not None:
+            return reason
+        ptrs = list(map(_PTR, mem.params))
+        if self._built is None or self._built[0] != ptrs or self._built[1] != dtype or self._built[2] != mem.version:
+            if self._built is not None and self._built[1] != dtype:
+                log.info("fused DEMA step: parameters are now %s (tables were built for %s); rebuilt", dtype, self._built[1])
+            return self._build_static(ptrs, dtype)
+        return None
+
+    def step(self, batch) -> None:
+        s, mem, n = self.state, self.members, self.n
+        if n == 0:
+            return
+        if self._built is None or self._built[2] != mem.version:  # optimizer state created this step
+            reason = self._build_static(list(map(_PTR, mem.params)), self.dtype)
+            if reason is not None:
+                raise RuntimeError(f"fused DEMA step: {reason}")
+        if self._dirty:
+            self._from_canonical()
+        grads = batch.grads
+        ptrs = self._built[0]
+        if batch.has_all_grads:
+            gptr = list(map(_PTR, grads))
+        else:  # θ's address for a missing gradient: valid, never read (DF_HAS_GRAD off)
+            gptr = [ptrs[k] if g is None else g.data_ptr() for k, g in enumerate(grads)]
+        aligned = self._static_aligned and (_or_all(gptr) & 15) == 0
+        if not aligned:
+            self.unaligned_steps += 1
+        # One staging buffer, one host-to-device copy: the dynamic table then the hyper
+        # rows (float64 bits). Fresh pinned memory per step: torch's host allocator reuses
+        # a block only after the copy that read it has finished.
+        n_hyper = batch.hyper.numel()
+        cuda = self.device.type == "cuda"
+        staging = torch.empty(L.N_DYNAMIC * n + n_hyper, dtype=torch.int64, pin_memory=cuda)
+        st = staging.numpy()
+        st[L.D_GRAD * n:(L.D_GRAD + 1) * n] = gptr
+        if mem.steps is not None:
+            st[L.D_STEP * n:(L.D_STEP + 1) * n] = mem.steps.numpy()
+        else:
+            st[L.D_STEP * n:(L.D_STEP + 1) * n] = 0
+        fl = st[L.D_FLAGS * n:(L.D_FLAGS + 1) * n]
+        if batch.has_all_grads:
+            fl[:] = L.DF_HAS_GRAD
+        else:
+            fl[:] = [0 if g is None else L.DF_HAS_GRAD for g in grads]
+        for k in batch.first:
+            fl[k] |= L.DF_FIRST
+        st[L.N_DYNAMIC * n:].view("float64")[:] = batch.hyper.numpy().reshape(-1)
+        if self.upload is None or self.upload.numel() != staging.numel():
+            self.upload = torch.empty(staging.numel(), dtype=torch.int64, device=self.device)
+        self.upload.copy_(staging, non_blocking=cuda)
+        dyn = self.upload[: L.N_DYNAMIC * n]
+        hyper = self.upload[L.N_DYNAMIC * n:].view(torch.float64)
+        formula, scale, fallback, beta = batch.consts
+        w, r = self.parity, 1 - self.parity
+        vec, block, iters = launch_shape(torch.empty(0, dtype=self.dtype).element_size(), aligned)
+        if self.n_tiles:
+            _fused_step_kernel[(self.n_tiles,)](
+                self.tile_tensor, self.stab, dyn, hyper, self.part[r], self.part[w], self.flags[r], self.flags[w],
+                self.dcarry[r], self.dcarry[w], s.alpha, s.skips, n, self.n_tiles, formula, scale, fallback, beta,
+                DTYPE=_TL[self.dtype], KIND=batch.kind, ALIGNED=aligned, VEC=vec, BLOCK=block, ITERS=iters,
+                CHUNK=CHUNK, num_warps=NUM_WARPS,
+            )
+        self.parity = r
+        self._consts = batch.consts
+        self._pending = True
 
     def _from_canonical(self) -> None:
         s, r = self.state, 1 - self.parity
         self.flags[r].zero_()
-        self.flags[r, F_STARTED].copy_(s.started)
-        self.flags[r, F_HAS_PREV].copy_(s.has_prev)
-        self.dcarry[r].copy_(s.d)
+        self.flags[r, L.F_STARTED, : self.n].copy_(s.started)
+        self.flags[r, L.F_HAS_PREV, : self.n].copy_(s.has_prev)
+        self.dcarry[r, : self.n].copy_(s.d)
         self._dirty = False
 
-    def step(self, kind, th, g, m, v, consts) -> None:
-        s = self.state
-        if len(s) == 0:
-            return
-        if self._dirty:
-            self._from_canonical()
-        has = [0 if x == 0 else 1 for x in g]
-        g = [th[i] if x == 0 else x for i, x in enumerate(g)]  # a valid address, never read
-        m = [th[i] if x == 0 else x for i, x in enumerate(m)]
-        v = [th[i] if x == 0 else x for i, x in enumerate(v)]
-        self.dyn.copy_(torch.tensor(th + g + m + v + has, dtype=torch.int64), non_blocking=True)
-        self.hyper_dev.copy_(self.hyper, non_blocking=True)
-        formula, scale, fallback, beta = consts
-        w, r = self.parity, 1 - self.parity
-        if self.n_tiles:
-            _fused_step_kernel[(self.n_tiles,)](
-                self.tile_tensor, self.tile_start, self.tile0, self.numel, self.dyn, self.e_tab, self.gp_tab,
-                self.hyper_dev, self.part[r], self.part[w], self.flags[r], self.flags[w], self.dcarry[r],
-                self.dcarry[w], s.alpha, s.skips, len(s), scale, fallback, beta,
-                DTYPE=_TL[self.dtype], KIND=kind, FORMULA=formula,
-                NEED_GP=s.needs_grad_prev, BLOCK=BLOCK, ITERS=ITERS, CHUNK=CHUNK,
-            )
-        self.parity = r
+    def _theta_table(self):
+        """Addresses of θ for the flush, as the tables assumed (dtype, device,
+        contiguity); temporary converted copies where the parameters changed since."""
+        mem = self.members
+        ptrs = list(map(_PTR, mem.params))
+        if ptrs == self._built[0] and all(p.dtype == self.dtype and p.device == self.device for p in mem.params):
+            return self.stab[L.S_PARAM], None
+        try:
+            tmp = [p.detach().to(device=self.device, dtype=self.dtype).contiguous() for p in mem.params]
+        except (RuntimeError, NotImplementedError) as exc:
+            raise RuntimeError(
+                "DEMA: the EMA update left pending by the last fused step needs the parameters' values, "
+                f"but they cannot be read on {self.device} any more ({exc}); read the EMA (engine.flush()) "
+                "before moving the parameters"
+            ) from exc
+        return torch.tensor([t.data_ptr() for t in tmp], dtype=torch.int64, device=self.device), tmp
 
-    def flush(self, consts) -> None:
+    def flush(self) -> None:
         """Finish the pending EMA update and write the engine's canonical state."""
-        s = self.state
-        if len(s) == 0 or self._dirty or self.n_tiles == 0:
+        s, n = self.state, self.n
+        if n == 0 or self._dirty or not self._pending or self.n_tiles == 0:
             return
+        theta, keep = self._theta_table()
+        formula, scale, fallback, beta = self._consts
         w, r = self.parity, 1 - self.parity
-        formula, scale, fallback, beta = consts
-        self.dyn[: len(s)].copy_(torch.tensor([p.data_ptr() for p in self.params], dtype=torch.int64))
+        aligned = self._static_aligned and keep is None
+        vec, block, iters = launch_shape(torch.empty(0, dtype=self.dtype).element_size(), aligned)
         self.part[w].zero_()
         _fused_flush_kernel[(self.n_tiles,)](
-            self.tile_tensor, self.tile_start, self.tile0, self.numel, self.dyn, self.e_tab, self.part[r],
-            self.part[w], self.flags[r], self.dcarry[r], s.alpha, s.skips, len(s), scale, fallback,
-            beta, DTYPE=_TL[self.dtype], FORMULA=formula, BLOCK=BLOCK, ITERS=ITERS,
-            CHUNK=CHUNK,
+            self.tile_tensor, self.stab, theta, self.part[r], self.part[w], self.flags[r], self.dcarry[r], s.alpha,
+            s.skips, n, self.n_tiles, formula, scale, fallback, beta, DTYPE=_TL[self.dtype], ALIGNED=aligned,
+            VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK, num_warps=NUM_WARPS,
         )
-        # Canonical per-tensor state, from the flags the last step wrote (torch ops, no sync).
-        fr = self.flags[r]
-        pend = fr[F_PEND]
-        probe = torch.zeros(len(s), dtype=torch.float32, device=s.device)
-        probe.index_add_(0, self.tile_tensor.long(), self.part[r].view(-1, 5)[: self.n_tiles, 3])
+        del keep  # the temporaries live until the launch is queued (stream order keeps them valid)
+        # Canonical per-tensor state from the flags the last step wrote (torch ops, no sync).
+        fr = self.flags[r, :, :n]
+        pend = fr[L.F_PEND]
+        idx = self.tile_tensor.long()
+        probe = torch.zeros(n, dtype=torch.float32, device=s.device)
+        probe.index_add_(0, idx, self.part[r, : self.n_tiles, L.P_B])
         finite = probe == probe
-        started = (fr[F_STARTED] != 0) | ((pend == PEND_INIT) & finite)
-        d_flush = torch.zeros(len(s), dtype=torch.float32, device=s.device)
-        d_flush.index_add_(0, self.tile_tensor.long(), self.part[w].view(-1, 5)[: self.n_tiles, 4])
+        started = (fr[L.F_STARTED] != 0) | ((pend == L.PEND_INIT) & finite)
+        d_flush = torch.zeros(n, dtype=torch.float32, device=s.device)
+        d_flush.index_add_(0, idx, self.part[w, : self.n_tiles, L.P_D])
         d_prev = torch.zeros_like(d_flush)
-        d_prev.index_add_(0, self.tile_tensor.long(), self.part[r].view(-1, 5)[: self.n_tiles, 4])
-        d_in = torch.where(fr[F_APPLIED] != 0, d_prev, self.dcarry[r])
-        applied_now = (pend == PEND_EMA) & finite
-        d = torch.where(applied_now, d_flush, torch.where(pend == PEND_INIT, 0.0, d_in))
+        d_prev.index_add_(0, idx, self.part[r, : self.n_tiles, L.P_D])
+        d_in = torch.where(fr[L.F_APPLIED] != 0, d_prev, self.dcarry[r, :n])
+        applied_now = (pend == L.PEND_EMA) & finite
+        d = torch.where(applied_now, d_flush, torch.where(pend == L.PEND_INIT, 0.0, d_in))
         s.started.copy_(started.to(torch.uint8))
-        s.has_prev.copy_(fr[F_HAS_PREV].to(torch.uint8))
+        s.has_prev.copy_(fr[L.F_HAS_PREV].to(torch.uint8))
         s.d.copy_(d)
         self._dirty = True
+        self._pending = False
+
+    def pending_stats(self):
+        """(alpha, skips) of the pending step, decided on the device (one small launch
+        over the tensors, no host sync, the EMA untouched); None when nothing is pending."""
+        s, n = self.state, self.n
+        if n == 0 or self._dirty or not self._pending or self.n_tiles == 0:
+            return None
+        formula, scale, fallback, beta = self._consts
+        r = 1 - self.parity
+        alpha = torch.empty_like(s.alpha)
+        skips = torch.empty_like(s.skips)
+        _fused_pending_kernel[(n,)](
+            self.stab, self.part[r], self.flags[r], self.dcarry[r], s.alpha, s.skips, alpha, skips, n, self.n_tiles,
+            formula, scale, fallback, beta, CHUNK=CHUNK, num_warps=1,
+        )
+        return alpha, skips
+
+
+def compile_specs():
+    """Every specialisation the launchers above can produce: (name, kernel, signature,
+    constexprs, num_warps). tests/test_triton_compile.py compiles each for sm_80/sm_90."""
+    ptr = "*i64"
+    step_sig = dict(tile_tensor="*i32", stab=ptr, dyn=ptr, hyper="*fp64", part_r="*fp32", part_w="*fp32",
+                    flags_r="*i32", flags_w="*i32", dcarry_r="*fp32", dcarry_w="*fp32", alpha="*fp32",
+                    skips="*i64", T="i32", n_tiles="i32", formula="i32", scale="fp32", fallback="fp32", beta="fp32")
+    flush_sig = dict(tile_tensor="*i32", stab=ptr, theta=ptr, part_r="*fp32", part_w="*fp32", flags_r="*i32",
+                     dcarry_r="*fp32", alpha="*fp32", skips="*i64", T="i32", n_tiles="i32", formula="i32",
+                     scale="fp32", fallback="fp32", beta="fp32")
+    pend_sig = dict(stab=ptr, part_r="*fp32", flags_r="*i32", dcarry_r="*fp32", alpha="*fp32", skips="*i64",
+                    alpha_out="*fp32", skips_out="*i64", T="i32", n_tiles="i32", formula="i32", scale="fp32",
+                    fallback="fp32", beta="fp32")
+    kinds = {L.KIND_ADAM: "adam", L.KIND_ADAMW: "adamw", L.KIND_SGD: "sgd"}
+    specs = []
+    for dtype, tdt in _TL.items():
+        size = torch.empty(0, dtype=dtype).element_size()
+        name = str(dtype).replace("torch.", "")
+        for aligned in (True, False):
+            vec, block, iters = launch_shape(size, aligned)
+            shape = dict(VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK)
+            tag = "aligned" if aligned else "general"
+            for kind, kname in kinds.items():
+                specs.append((f"fused_step/{kname}/{name}/{tag}", _fused_step_kernel, step_sig,
+                              dict(DTYPE=tdt, KIND=kind, ALIGNED=aligned, **shape), NUM_WARPS))
+            specs.append((f"fused_flush/{name}/{tag}", _fused_flush_kernel, flush_sig,
+                          dict(DTYPE=tdt, ALIGNED=aligned, **shape), NUM_WARPS))
+    specs.append(("fused_pending", _fused_pending_kernel, pend_sig, dict(CHUNK=CHUNK), 1))
+    return specs

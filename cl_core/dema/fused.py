@@ -10,23 +10,57 @@ accumulates this step's statistics. The EMA in memory lags one step, so the engi
 
 The optimizer state lives where torch keeps it (`optimizer.state[p]["exp_avg"]`, ...),
 so the wrapped optimizer's `state_dict()` and a switch back to the generic path work.
-CPU tensors run the native kernels (csrc/fused_cpu.c), CUDA tensors the Triton kernel
-(kernels/fused_dema.py); anything else keeps the generic path.
+CPU tensors run the native kernels (kernels/cpu_fused.py), CUDA tensors the Triton
+kernel (kernels/triton_fused.py); anything else keeps the generic path.
+
+The per-step interface of a fused group (one per engine group; FusedStep is its only
+caller, both drivers implement it; numbers and slots are named in kernels/layouts.py):
+
+    drv = Driver(members)            members: `GroupMembers` (the group's tensors, their
+                                     optimizer param group, optimizer state, step counts)
+    reason = drv.prepare(batch)      cheap check, every step, that what this step hands over
+                                     (parameter storage, dtype, device, contiguity, gradient
+                                     dtype/device/contiguity) is what the driver's tables were
+                                     built for; rebuilds the tables when they can be rebuilt
+                                     (new storage, a new common dtype), returns None when the
+                                     step can run fused, else a sentence saying why not (the
+                                     whole step then takes the generic path). Changes no state
+                                     the generic path would see.
+    drv.step(batch)                  the fused sweep of this step (`StepBatch`)
+    drv.flush()                      finish the pending EMA update (reads the parameters'
+                                     current storage; never memory the tables assumed)
+    drv.pending_stats() -> (alpha, skips) or None
+                                     this step's α and skip counts from the pending state,
+                                     computed on the device without finishing the EMA
+
+Host work per step does not loop over tensors in Python beyond reading each tensor's
+`.grad` and the checks (`map` over C methods): hyper-parameters are one row per optimizer
+param group (`H_*` slots), step counts one CPU tensor per engine group whose elements are
+torch's own `state["step"]` tensors, bumped by one op; the optimizer state of a tensor is
+created (the way torch does) only at its first gradient.
 """
 from __future__ import annotations
 
 import logging
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
+from cl_core.kernels import layouts as L
 from cl_core.kernels import native
-from cl_core.kernels.cpu_fused import NONNULL, CpuFusedGroup
 
 log = logging.getLogger(__name__)
 
-KIND_ADAM, KIND_ADAMW, KIND_SGD = 0, 1, 2
+KIND_ADAM, KIND_ADAMW, KIND_SGD = L.KIND_ADAM, L.KIND_ADAMW, L.KIND_SGD
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_ZERO_ROW = [0.0] * 8
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_PTR = torch.Tensor.data_ptr
+_CONTIG = torch.Tensor.is_contiguous
 
 
 def optimizer_kind(opt: torch.optim.Optimizer) -> int | None:
@@ -76,6 +110,58 @@ def unsupported_reason(opt: torch.optim.Optimizer, engine) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------- the interface
+@dataclass
+class GroupMembers:
+    """What a driver is built from: one engine group's tensors and their optimizer side.
+    Lists are in engine order (position k of the group = engine.params[indices[k]])."""
+
+    engine_group: object  # cl_core.dema.engine.EngineGroup (state: GroupState)
+    params: list  # the parameters (torch.nn.Parameter)
+    param_group: list  # per tensor: index of its optimizer param group (row of StepBatch.hyper)
+    exp_avg: list  # per tensor: exp_avg (Adam) / momentum_buffer (SGD) or None (no state yet)
+    exp_avg_sq: list  # per tensor: exp_avg_sq (Adam) or None
+    steps: Optional[torch.Tensor]  # Adam: float32 CPU [T], torch's state["step"] are its elements
+    stateless: list = field(default_factory=list)  # positions whose optimizer state starts at their first gradient
+    version: int = 0  # bumped whenever an optimizer-state tensor above was created or replaced
+
+
+@dataclass
+class StepBatch:
+    """What one step hands a driver (built by FusedStep, O(param groups) + the grads)."""
+
+    kind: int  # KIND_* of every tensor this step
+    consts: tuple  # DEMAConfig.kernel_scalars(): (formula code, scale, fallback, beta)
+    hyper: torch.Tensor  # float64 CPU [optimizer param groups, N_HYPER] (H_* slots)
+    grads: list  # per tensor: its gradient this step, None = none (torch skips the tensor)
+    has_all_grads: bool  # no None in grads (the common case: fewer per-tensor checks)
+    first: list = field(default_factory=list)  # SGD: positions whose momentum buffer starts now
+
+
+def check_tensors(params, grads, dtype, device, has_all_grads: bool) -> str | None:
+    """Why the kernels must not read these tensors as `dtype` on `device`, or None.
+    `map` over C-implemented methods: a few hundred ns per tensor."""
+    if set(map(_DTYPE, params)) != {dtype}:
+        return f"the parameters are no longer all {dtype} (dtype changed after the optimizer was built)"
+    if set(map(_DEVICE, params)) != {device}:
+        return f"the parameters are no longer all on {device} (moved after the optimizer was built)"
+    if not all(map(_CONTIG, params)):
+        return "a parameter is no longer contiguous"
+    present = grads if has_all_grads else [g for g in grads if g is not None]
+    if not present:
+        return None
+    if set(map(_DTYPE, present)) != {dtype}:
+        return f"a gradient is not {dtype} (the parameter dtype)"
+    if set(map(_DEVICE, present)) != {device}:
+        return f"a gradient is not on {device} (the parameters' device)"
+    if not all(map(_CONTIG, present)):
+        return "a gradient is not contiguous"
+    if any(g.is_sparse for g in present if g.layout != torch.strided):
+        return "a gradient is sparse"
+    return None
+
+
+# ---------------------------------------------------------------------- the orchestration
 class FusedStep:
     """The one-pass step of a DEMAOptimizer (see the module docstring)."""
 
@@ -83,10 +169,12 @@ class FusedStep:
         self.opt = optimizer
         self.engine = engine
         self.kind = optimizer_kind(optimizer)
-        self._groups = None
-        self._engine_groups = None
-        self._steps = {}  # id(param) -> optimizer step count (mirror of state["step"])
-        self._group_of = {}
+        self._members = None  # [GroupMembers]
+        self._drivers = None
+        self._engine_states = None
+        self._state_obj = None  # opt.state when the members were collected
+        self._warned = set()
+        self.generic_steps = 0  # steps that took the generic path (a reason was logged once)
 
     @classmethod
     def create(cls, optimizer, engine):
@@ -98,116 +186,210 @@ class FusedStep:
         return cls(optimizer, engine)
 
     def reset_step_counts(self) -> None:
-        """Forget the step mirror (after the optimizer's state was loaded)."""
-        self._steps = {}
+        """The optimizer's state was loaded: collect its tensors again at the next step."""
+        self._members = None
 
     # ------------------------------------------------------------------ set-up
-    def _ensure_groups(self) -> None:
+    def _setup(self) -> None:
         eng = self.engine
         eng.ensure_groups()
         states = [g.state for g in eng.groups]
-        if self._engine_groups != states:  # new after a reset of the engine
-            self._groups = [_fused_group(g, eng.params) for g in eng.groups]
-            self._engine_groups = states
-            self._group_of = {}
-            for gi, group in enumerate(self.opt.param_groups):
-                for p in group["params"]:
-                    self._group_of[id(p)] = gi
+        if self._engine_states != states:  # new after a reset of the engine: new drivers
+            self._members = None
+            self._drivers = None
+        if self._members is None or self._state_obj is not self.opt.state:
+            self._members = [self._collect(g) for g in eng.groups]
+            self._state_obj = self.opt.state
+            if self._drivers is None:
+                self._drivers = [_driver(m) for m in self._members]
+                self._engine_states = states
+            else:
+                for drv, m in zip(self._drivers, self._members):
+                    drv.members = m
+                    m.version += 1
 
-    def _optimizer_state(self, p):
-        """torch's own per-parameter state, created the way torch creates it."""
-        state = self.opt.state[p]
-        if self.kind == KIND_SGD:
-            return state.get("momentum_buffer"), None
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state["exp_avg"], state["exp_avg_sq"]
+    def _collect(self, group) -> GroupMembers:
+        """The members of one engine group; torch's step counters become elements of one
+        CPU tensor (value kept), so one op bumps them all."""
+        params = [self.engine.params[i] for i in group.indices]
+        of = {}
+        for gi, pg in enumerate(self.opt.param_groups):
+            for p in pg["params"]:
+                of[id(p)] = gi
+        m, v = [], []
+        steps = torch.zeros(len(params), dtype=torch.float32) if self.kind != KIND_SGD else None
+        for k, p in enumerate(params):
+            st = self.opt.state.get(p, {})
+            if self.kind == KIND_SGD:
+                m.append(st.get("momentum_buffer"))
+                v.append(None)
+                continue
+            m.append(st.get("exp_avg"))
+            v.append(st.get("exp_avg_sq"))
+            if "step" in st:
+                steps[k] = float(st["step"])  # a CPU scalar in torch's non-capturable Adam: no sync
+                st["step"] = steps[k]
+        groups = [of[id(p)] for p in params]
+        if self.kind == KIND_SGD:  # SGD without momentum keeps no state
+            stateless = [k for k, x in enumerate(m) if x is None and self.opt.param_groups[groups[k]]["momentum"] != 0]
+        else:
+            stateless = [k for k, x in enumerate(m) if x is None]
+        return GroupMembers(group, params, groups, m, v, steps, stateless)
 
-    def _hyper_row(self, p, gi: int, group, rows_cache: dict) -> list[float]:
-        """The 8 numbers the kernel needs for parameter p this step (see csrc/fused_cpu.c)."""
-        if self.kind == KIND_SGD:
-            first = 0.0
-            if group["momentum"] != 0 and self.opt.state[p].get("momentum_buffer") is None:
-                # torch starts the buffer as a copy of the gradient
-                self.opt.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                first = 1.0
-            return [group["lr"], group["weight_decay"], group["momentum"], group["dampening"],
-                    float(bool(group["nesterov"])), first, 0.0, 0.0]
-        pid = id(p)
-        if pid not in self._steps:
-            self._steps[pid] = int(self.opt.state[p]["step"])  # CPU scalar; read once
-        self._steps[pid] += 1
-        step = self._steps[pid]
-        row = rows_cache.get((gi, step))
-        if row is None:  # the same for every parameter of the group at this step count
-            beta1, beta2 = group["betas"]
-            lr = group["lr"]
-            bias_correction1 = 1 - beta1**step
-            bias_correction2 = 1 - beta2**step
-            row = [lr, group["weight_decay"], beta1, beta2, group["eps"], lr / bias_correction1,
-                   bias_correction2**0.5, 0.0]
-            rows_cache[(gi, step)] = row
-        return row
+    def _hyper(self, kind: int) -> torch.Tensor:
+        """One float64 row of N_HYPER per optimizer param group (never per tensor)."""
+        rows = []
+        for pg in self.opt.param_groups:
+            row = [0.0] * L.N_HYPER
+            row[L.H_LR] = float(pg["lr"])
+            row[L.H_WEIGHT_DECAY] = float(pg["weight_decay"])
+            if kind == KIND_SGD:
+                row[L.H_MOMENTUM] = float(pg["momentum"])
+                row[L.H_DAMPENING] = float(pg["dampening"])
+                row[L.H_NESTEROV] = float(bool(pg["nesterov"]))
+            else:
+                beta1, beta2 = (float(b) for b in pg["betas"])
+                row[L.H_BETA1], row[L.H_BETA2], row[L.H_EPS] = beta1, beta2, float(pg["eps"])
+                row[L.H_LOG_BETA1], row[L.H_LOG_BETA2] = math.log(beta1), math.log(beta2)
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.float64)
 
-    def _kind_for(self, group) -> int:
-        if self.kind == KIND_ADAM and group.get("decoupled_weight_decay"):
-            return KIND_ADAMW
-        return self.kind
+    def _create_state(self, mem: GroupMembers, positions) -> list:
+        """torch's own per-parameter state for tensors that get their first gradient now,
+        created the way torch creates it. Returns the SGD positions whose buffer starts."""
+        first = []
+        for k in positions:
+            p = mem.params[k]
+            state = self.opt.state[p]
+            if self.kind == KIND_SGD:
+                if self.opt.param_groups[mem.param_group[k]]["momentum"] != 0:
+                    # torch starts the buffer as a copy of the (decayed) gradient: the
+                    # kernel writes it, told by the DF_FIRST flag
+                    state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                    mem.exp_avg[k] = state["momentum_buffer"]
+                    first.append(k)
+                continue
+            mem.steps[k] = 0.0
+            state["step"] = mem.steps[k]
+            state["exp_avg"] = mem.exp_avg[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = mem.exp_avg_sq[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        started = set(positions)
+        mem.stateless = [k for k in mem.stateless if k not in started]
+        mem.version += 1
+        return first
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self) -> None:
         eng = self.engine
-        self._ensure_groups()
-        cfg = eng.config
-        consts = cfg.kernel_scalars()
-        groups = self.opt.param_groups
-        kind = self._kind_for(groups[0])  # one kind for all groups: checked by unsupported_reason
-        rows_cache, step_counters = {}, []
-        for grp in self._groups:
-            th, g, m, v, rows = [], [], [], [], []
-            for p in grp.params:
-                gi = self._group_of[id(p)]
-                th.append(p.data_ptr())
-                if p.grad is None:  # torch skips such a parameter: no update, no state
-                    g.append(0), m.append(0), v.append(0), rows.append(_ZERO_ROW)
-                    continue
-                if p.grad.is_sparse or p.grad.dtype != p.dtype or not p.grad.is_contiguous():
-                    raise RuntimeError("fused DEMA step: gradients must be dense, contiguous and of the parameter dtype")
-                # 0 means "no gradient" to the kernels; an empty tensor has a null pointer
-                g.append(p.grad.data_ptr() or NONNULL.data_ptr())
-                mm, vv = self._optimizer_state(p)
-                rows.append(self._hyper_row(p, gi, groups[gi], rows_cache))
-                if self.kind == KIND_SGD:
-                    mm = self.opt.state[p].get("momentum_buffer")
+        self._setup()
+        pg0 = self.opt.param_groups[0]
+        kind = KIND_ADAMW if self.kind == KIND_ADAM and pg0.get("decoupled_weight_decay") else self.kind
+        hyper = self._hyper(kind)
+        consts = eng.config.kernel_scalars()
+        batches, missing = [], []
+        for mem, drv in zip(self._members, self._drivers):
+            grads = list(map(_GRAD, mem.params))
+            has_all = None not in grads
+            batch = StepBatch(kind, consts, hyper, grads, has_all)
+            reason = drv.prepare(batch)
+            if reason is not None:
+                return self._generic_step(reason)
+            batches.append(batch)
+        for mem, drv, batch in zip(self._members, self._drivers, batches):
+            grads = batch.grads
+            if not batch.has_all_grads:
+                missing.extend(mem.engine_group.indices[k] for k, g in enumerate(grads) if g is None)
+            new = [k for k in mem.stateless if grads[k] is not None]
+            if new:
+                batch.first = self._create_state(mem, new)
+            if mem.steps is not None:  # torch's state["step"] of the tensors that step now
+                if batch.has_all_grads:
+                    mem.steps.add_(1.0)
                 else:
-                    step_counters.append(self.opt.state[p]["step"])
-                m.append(0 if mm is None else mm.data_ptr())
-                v.append(0 if vv is None else vv.data_ptr())
-            grp.hyper.copy_(torch.tensor(rows, dtype=torch.float64).reshape(-1, 8))
-            grp.step(kind, th, g, m, v, consts)
-        if step_counters:  # torch's own step counters, in one call
-            torch._foreach_add_(step_counters, 1.0)
+                    mem.steps.add_(torch.tensor([g is not None for g in grads], dtype=torch.float32))
+            drv.step(batch)
+        eng.count_missing(missing)
         eng.count_update()
         eng.set_pending_flush(self.flush)
+
+    def _generic_step(self, reason: str) -> None:
+        """This step cannot run fused: finish the pending EMA, then the separate passes."""
+        self.generic_steps += 1
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("DEMAOptimizer: this step takes the generic path (optimizer step, then a DEMA pass): "
+                        "%s (logged once per reason; FusedStep.generic_steps counts such steps)", reason)
+        self.engine.flush()
+        self._members = None  # the optimizer creates and replaces its own state meanwhile
+        self.opt.step()
+        self.engine.update()
 
     @torch.no_grad()
     def flush(self) -> None:
         """Finish the EMA update that the last fused step left pending."""
-        if self._groups is None:
-            return
-        consts = self.engine.config.kernel_scalars()
-        for grp in self._groups:
-            grp.flush(consts)
+        for drv in self._drivers or ():
+            drv.flush()
+
+    def pending_stats(self):
+        """This step's (alpha, skips) per engine group, decided on the device from the
+        pending state without finishing the EMA; None for a group whose driver cannot."""
+        return [drv.pending_stats() for drv in self._drivers or ()]
 
 
-def _fused_group(group, params):
+def _driver(members: GroupMembers):
     """The fused-kernel driver of one engine group: CPU (native C) or Triton."""
-    members = [params[i] for i in group.indices]
-    if group.backend_name == "triton":
+    if members.engine_group.backend_name == "triton":
         from cl_core.kernels.triton_fused import TritonFusedGroup
 
-        return TritonFusedGroup(group.state, group.dtype, members)
-    return CpuFusedGroup(group.state, group.dtype, members)
+        return TritonFusedGroup(members)
+    return _CpuDriver(members)
+
+
+class _CpuDriver:
+    """The interface above over kernels/cpu_fused.py's per-tensor-row call (until the CPU
+    group implements the interface itself): per-tensor hyper rows from the group rows."""
+
+    def __init__(self, members: GroupMembers):
+        from cl_core.kernels.cpu_fused import CpuFusedGroup
+
+        self.members = members
+        eg = members.engine_group
+        self.dtype, self.device = eg.dtype, eg.device
+        self.group = CpuFusedGroup(eg.state, eg.dtype, members.params)
+        self._group_index = torch.tensor(members.param_group, dtype=torch.long)
+
+    def prepare(self, batch: StepBatch) -> str | None:
+        return check_tensors(self.members.params, batch.grads, self.dtype, self.device, batch.has_all_grads)
+
+    def step(self, batch: StepBatch) -> None:
+        from cl_core.kernels.cpu_fused import NONNULL
+
+        mem, nonnull = self.members, NONNULL.data_ptr()
+        th = list(map(_PTR, mem.params))
+        g = [0 if x is None else (x.data_ptr() or nonnull) for x in batch.grads]
+        m = [0 if x is None else x.data_ptr() for x in mem.exp_avg]
+        v = [0 if x is None else x.data_ptr() for x in mem.exp_avg_sq]
+        rows = batch.hyper.index_select(0, self._group_index)
+        out = torch.zeros(len(th), 8, dtype=torch.float64)
+        out[:, :5] = rows[:, :5]
+        if batch.kind == KIND_SGD:
+            if batch.first:
+                out[batch.first, 5] = 1.0
+        else:
+            steps = mem.steps.double()
+            out[:, 5] = rows[:, L.H_LR] / (1 - rows[:, L.H_BETA1] ** steps)
+            out[:, 6] = (1 - rows[:, L.H_BETA2] ** steps) ** 0.5
+        no_grad = torch.tensor([x is None for x in batch.grads])
+        out[no_grad] = 0.0
+        self.group.hyper.copy_(out)
+        self.group.step(batch.kind, th, g, m, v, batch.consts)
+        self._consts = batch.consts
+
+    def flush(self) -> None:
+        consts = getattr(self, "_consts", None)
+        if consts is not None:
+            self.group.flush(consts)
+
+    def pending_stats(self):
+        return None
