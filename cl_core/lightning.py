@@ -101,6 +101,7 @@ class DEMACallback(pl.Callback):
         self._hooks = []
         self._expect_step = False      # on_before_optimizer_step seen, step not yet taken
         self._stepped = False          # a step was taken during this batch
+        self._first_step = True        # the first step of this fit checks that gradients exist
         self._pending_state = None     # a checkpoint state waiting for the engine
         self._swap_ctx = None
 
@@ -151,6 +152,7 @@ class DEMACallback(pl.Callback):
         self._setup_engine(trainer, pl_module, named)
         self.resumed = False
         self._expect_step = self._stepped = False
+        self._first_step = True
         if self._pending_state is not None:
             self._apply_pending_state()
 
@@ -240,6 +242,14 @@ class DEMACallback(pl.Callback):
 
     def _after_step(self, optimizer, args, kwargs):
         # Right after the optimizer's step(): the gradients it used are still in p.grad.
+        if self._first_step:
+            self._first_step = False
+            if not any(p.grad is not None for p in self.engine.params):
+                # Refuse rather than let DEMA degrade into a fixed EMA at the fallback α.
+                raise RuntimeError(
+                    "DEMACallback: at the first optimizer step no averaged tensor has a gradient "
+                    f"({len(self.engine.params)} tensors, e.g. {self.names[0]!r}), so DEMA cannot compute its α: "
+                    "the averaged tensors take no part in the loss (check params= and the training_step)")
         if self._update_in_hook:
             self.engine.update()
         self._expect_step = False

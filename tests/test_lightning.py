@@ -374,6 +374,28 @@ def test_params_option(tmp_path):
     assert "not averaged" in cb3.not_fused_reason and cb3.engine.num_updates == N_BATCHES
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
+def test_no_gradient_on_the_averaged_tensors_stops_training(tmp_path, optimizer):
+    class AdapterOff(LitLM):
+        def __init__(self):
+            super().__init__(tiny_peft_llama(), optimizer=optimizer)
+            self.offset = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, ids, batch_idx):
+            with self.model.disable_adapter():          # the LoRA tensors get no gradient
+                return self(ids) + self.offset
+
+        def configure_optimizers(self):                 # the LoRA tensors only (one pass for AdamW)
+            lora = lora_of(self)
+            return torch.optim.AdamW(lora) if optimizer == "adamw" else torch.optim.RMSprop(lora)
+
+    module = AdapterOff()
+    cb = module.callback = DEMACallback()
+    with pytest.raises(RuntimeError, match="no averaged tensor has a gradient"):
+        trainer(tmp_path, [cb]).fit(module, loader(batches()))
+    assert cb.fused == (optimizer == "adamw")
+
+
 def test_bad_arguments_raise_at_construction():
     with pytest.raises(ValueError, match="params='everything'"):
         DEMACallback(params="everything")
