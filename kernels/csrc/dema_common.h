@@ -1,11 +1,41 @@
-/* Shared by the native CPU kernels: dtype conversions and the α rule of DESIGN.md §2. */
+/* Shared by the native CPU kernels: the named layouts (the C mirror of
+ * kernels/layouts.py), dtype conversions and the α rule of DESIGN.md §2. */
 #ifndef CL_CORE_DEMA_COMMON_H
 #define CL_CORE_DEMA_COMMON_H
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-enum { F_OFFICIAL = 0, F_PAPER = 1, F_FIXED = 2 };
+/* Every number the C kernels share with Python, each under the name kernels/layouts.py
+ * gives it: X(name, value). The values are written here once; fused_cpu.c exports the
+ * list (cpu_fused_layout) and kernels/cpu_fused.py checks it against layouts.py, so
+ * the two sides cannot drift apart. A slot index means one value for one optimizer kind
+ * (H_BETA1 and H_MOMENTUM are both slot 2: Adam reads one, SGD the other). */
+#define CL_CORE_SHARED_LAYOUT(X)                                                                 \
+    /* α formula (DEMAConfig.formula) */                                                         \
+    X(FORMULA_OFFICIAL, 0) X(FORMULA_PAPER, 1) X(FORMULA_FIXED, 2)                               \
+    /* optimizer kinds of the fused step */                                                      \
+    X(KIND_ADAM, 0) X(KIND_ADAMW, 1) X(KIND_SGD, 2)                                              \
+    /* the EMA update a fused step leaves pending */                                             \
+    X(PEND_NONE, 0) X(PEND_INIT, 1) X(PEND_EMA, 2)                                               \
+    /* hyper-parameter row (float64, one per optimizer param group) */                           \
+    X(N_HYPER, 8) X(H_LR, 0) X(H_WEIGHT_DECAY, 1)                                                \
+    X(H_BETA1, 2) X(H_BETA2, 3) X(H_EPS, 4)                                                      \
+    X(H_MOMENTUM, 2) X(H_DAMPENING, 3) X(H_NESTEROV, 4)                                          \
+    /* per-tensor static table, int64 [N_STATIC, T] */                                           \
+    X(N_STATIC, 8) X(S_PARAM, 0) X(S_EXP_AVG, 1) X(S_EXP_AVG_SQ, 2) X(S_EMA, 3)                  \
+    X(S_GRAD_PREV, 4) X(S_NUMEL, 5) X(S_GROUP, 6)                                                \
+    /* per-tensor dynamic table, int64 [N_DYNAMIC, T], written every step */                     \
+    X(N_DYNAMIC, 3) X(D_GRAD, 0) X(D_STEP, 1) X(D_FLAGS, 2)                                      \
+    X(DF_HAS_GRAD, 1) X(DF_FIRST, 2)                                                             \
+    /* per-tensor statistics, fp32 [T, N_DSTAT] */                                               \
+    X(N_DSTAT, 5) X(DS_A, 0) X(DS_B, 1) X(DS_C, 2) X(DS_NONFINITE, 3) X(DS_D, 4)
+
+#define CL_CORE_ENUM_ITEM(name, value) name = value,
+enum { CL_CORE_SHARED_LAYOUT(CL_CORE_ENUM_ITEM) };
+
+/* dema_cpu.c's spelling of FORMULA_FIXED (kept until that file uses the layout name). */
+#define F_FIXED FORMULA_FIXED
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
@@ -27,14 +57,14 @@ typedef struct {
     float scale, fallback, beta;
 } dema_params;
 
-/* st: a, b, c, nonfinite, d. Same operation order as the reference backend. */
+/* st: one row of N_DSTAT statistics (DS_*). Same operation order as the reference backend. */
 static inline float decide_alpha(const dema_params *p, int started, int has_grad, int has_prev,
                                  const float *st) {
-    if (!started) return p->formula == F_FIXED ? 1.0f - p->beta : p->fallback;
-    if (p->formula == F_FIXED) return 1.0f - p->beta;
+    if (!started) return p->formula == FORMULA_FIXED ? 1.0f - p->beta : p->fallback;
+    if (p->formula == FORMULA_FIXED) return 1.0f - p->beta;
     if (!has_grad || !has_prev) return p->fallback;
-    float q = (1.0f + st[1]) / (st[0] * st[2]);
-    float alpha = q * (p->formula == F_OFFICIAL ? p->scale : st[4]);
+    float q = (1.0f + st[DS_B]) / (st[DS_A] * st[DS_C]);
+    float alpha = q * (p->formula == FORMULA_OFFICIAL ? p->scale : st[DS_D]);
     if (!(alpha > 0.0f && alpha < 1.0f)) alpha = p->fallback;
     return alpha;
 }

@@ -7,69 +7,143 @@
  *   2. the optimizer update (Adam, AdamW or SGD with momentum), with torch's own
  *      operation order, in fp32;
  *   3. accumulate this step's a, b, c against θ*_t, and g_prev ← g.
- * The EMA in memory therefore lags one step; `fused_flush_*` finishes it.
- * Tables: P[k] is the address of the k-th array (see cl_core/fused.py, FIELDS).
+ * The EMA in memory therefore lags one step; `cpu_fused_flush_*` finishes it.
+ *
+ * Tables (names and numbers in dema_common.h, mirrored from kernels/layouts.py; the
+ * driver is kernels/cpu_fused.py): S, the per-tensor static table int64 [N_STATIC, T]
+ * (addresses of θ, optimizer state, θ*, g_prev; numel; optimizer param group), D, the
+ * per-tensor dynamic table int64 [N_DYNAMIC, T] (gradient address, torch's step count,
+ * DF_* flags), hyper, one float64 row of N_HYPER per optimizer param group, and CS, the
+ * addresses of this group's per-tensor state arrays (CS_* below).
  */
 #include "dema_common.h"
 
-enum { K_ADAM = 0, K_ADAMW = 1, K_SGD = 2 };
-enum { PEND_NONE = 0, PEND_EMA = 2 };
 #define CHUNK 1024
-enum {
-    P_NUMEL, P_TH, P_G, P_M, P_V, P_E, P_GP, P_STARTED, P_HAS_PREV, P_D, P_ALPHA, P_SKIPS,
-    P_PEND_MODE, P_PEND_STATS, P_PEND_HAS_GRAD, P_PEND_HAS_PREV, P_COUNT
-};
 
-#define ARR(type, k) ((type *)(intptr_t)P[k])
-#define PTR(type, k, j) ((type *)(intptr_t)ARR(const int64_t, k)[j])
+/* The CPU group's own table: addresses of its per-tensor state arrays. The engine's
+ * canonical state (started .. skips, kernels/cpu_fused.py GroupState) and the decision
+ * the last step left pending (pend_*). */
+#define CL_CORE_CPU_LAYOUT(X)                                                                    \
+    X(N_CS, 9) X(CS_STARTED, 0) X(CS_HAS_PREV, 1) X(CS_D, 2) X(CS_ALPHA, 3) X(CS_SKIPS, 4)       \
+    X(CS_PEND_MODE, 5) X(CS_PEND_STATS, 6) X(CS_PEND_HAS_GRAD, 7) X(CS_PEND_HAS_PREV, 8)
+enum { CL_CORE_CPU_LAYOUT(CL_CORE_ENUM_ITEM) };
 
-/* Decide the pending update of tensor j; returns 1 when the EMA must be moved by *al. */
-static int take_pending(const int64_t *P, int64_t j, const dema_params *dp, float *al) {
-    uint8_t *pend = ARR(uint8_t, P_PEND_MODE);
-    if (pend[j] != PEND_EMA) return 0;
-    pend[j] = PEND_NONE;
-    const float *st = ARR(float, P_PEND_STATS) + 5 * j;
-    if (st[3] > 0.0f) { /* non-finite θ or g at that step: EMA untouched */
-        ARR(int64_t, P_SKIPS)[j] += 1;
-        ARR(float, P_ALPHA)[j] = 0.0f;
-        return 0;
-    }
-    *al = decide_alpha(dp, 1, ARR(uint8_t, P_PEND_HAS_GRAD)[j], ARR(uint8_t, P_PEND_HAS_PREV)[j], st);
-    ARR(float, P_ALPHA)[j] = *al;
+/* The layout as (name, value) pairs for Python's check: index i gives one pair;
+ * returns 0 past the end. */
+#define CL_CORE_LAYOUT_ENTRY(name, value) {#name, name},
+static const struct {
+    const char *name;
+    int64_t value;
+} layout_table[] = {CL_CORE_SHARED_LAYOUT(CL_CORE_LAYOUT_ENTRY) CL_CORE_CPU_LAYOUT(CL_CORE_LAYOUT_ENTRY)};
+
+int cpu_fused_layout(int64_t i, const char **name, int64_t *value) {
+    if (i < 0 || i >= (int64_t)(sizeof layout_table / sizeof layout_table[0])) return 0;
+    *name = layout_table[i].name;
+    *value = layout_table[i].value;
     return 1;
 }
 
-/* Per-tensor scalars of one step, rounded to fp32 the way torch rounds a Python
- * scalar for an fp32 tensor op. */
+/* Typed views of the CS table. */
 typedef struct {
-    float al, om;                        /* pending EMA weight and 1 - α */
-    float lr, wd, decay, mom, w1, b2, w2, eps, bc2, neg_ss, neg_lr, damp;
-    int first, nesterov;                 /* SGD: momentum buffer starts now; Nesterov */
+    uint8_t *started, *has_prev;
+    float *d, *alpha;
+    int64_t *skips;
+    uint8_t *pend_mode;
+    float *pend_stats; /* [T, N_DSTAT] */
+    uint8_t *pend_has_grad, *pend_has_prev;
+} group_state;
+
+static group_state state_from(const int64_t *CS) {
+    group_state s = {
+        (uint8_t *)(intptr_t)CS[CS_STARTED],     (uint8_t *)(intptr_t)CS[CS_HAS_PREV],
+        (float *)(intptr_t)CS[CS_D],             (float *)(intptr_t)CS[CS_ALPHA],
+        (int64_t *)(intptr_t)CS[CS_SKIPS],       (uint8_t *)(intptr_t)CS[CS_PEND_MODE],
+        (float *)(intptr_t)CS[CS_PEND_STATS],    (uint8_t *)(intptr_t)CS[CS_PEND_HAS_GRAD],
+        (uint8_t *)(intptr_t)CS[CS_PEND_HAS_PREV],
+    };
+    return s;
+}
+
+/* The decision on tensor j's pending update, without changing anything: returns 1 when
+ * the EMA must be moved by *al, 0 when nothing is pending; *skip is 1 when the pending
+ * step saw NaN/inf (EMA left untouched, counted). */
+static int pending_decision(const group_state *gs, int64_t j, const dema_params *dp, float *al, int *skip) {
+    *skip = 0;
+    if (gs->pend_mode[j] != PEND_EMA) return 0;
+    const float *st = gs->pend_stats + N_DSTAT * j;
+    if (st[DS_NONFINITE] > 0.0f) {
+        *skip = 1;
+        return 0;
+    }
+    *al = decide_alpha(dp, 1, gs->pend_has_grad[j], gs->pend_has_prev[j], st);
+    return 1;
+}
+
+/* Decide and record tensor j's pending update; returns 1 when the EMA must move by *al. */
+static int take_pending(const group_state *gs, int64_t j, const dema_params *dp, float *al) {
+    int skip;
+    if (gs->pend_mode[j] != PEND_EMA) return 0;
+    const int apply = pending_decision(gs, j, dp, al, &skip);
+    gs->pend_mode[j] = PEND_NONE;
+    if (skip) {
+        gs->skips[j] += 1;
+        gs->alpha[j] = 0.0f;
+    } else {
+        gs->alpha[j] = *al;
+    }
+    return apply;
+}
+
+/* Per-tensor scalars of one step, rounded to fp32 the way torch rounds a Python scalar
+ * for an fp32 tensor op. One field per value; each optimizer kind fills its own. */
+typedef struct {
+    float al, om;        /* pending EMA weight α and 1 − α */
+    float lr, wd;        /* every kind */
+    float decay;         /* AdamW: 1 − lr·wd */
+    float one_m_beta1;   /* Adam: the lerp weight 1 − β1 */
+    float beta2, one_m_beta2, eps;
+    float neg_step_size; /* Adam: −lr / (1 − β1^step) */
+    float bc2_sqrt;      /* Adam: (1 − β2^step)^0.5 */
+    float momentum;      /* SGD */
+    float one_m_damp;    /* SGD: 1 − dampening */
+    float neg_lr;        /* SGD */
+    int nesterov, first; /* SGD: Nesterov; the momentum buffer starts now (a copy of g) */
 } step_consts;
+
+/* Adam/AdamW scalars from a param group's row and torch's step count (after this step),
+ * in torch's order: Python floats (double), `1 - beta ** step`, `lr / bc1`, `bc2 ** 0.5`. */
+static void consts_adam(const double *h, double step, step_consts *c) {
+    const double lr = h[H_LR], wd = h[H_WEIGHT_DECAY], beta1 = h[H_BETA1], beta2 = h[H_BETA2];
+    const double bc1 = 1.0 - pow(beta1, step), bc2 = 1.0 - pow(beta2, step);
+    c->lr = (float)lr;
+    c->wd = (float)wd;
+    c->decay = (float)(1.0 - lr * wd);
+    c->one_m_beta1 = (float)(1.0 - beta1);
+    c->beta2 = (float)beta2;
+    c->one_m_beta2 = (float)(1.0 - beta2);
+    c->eps = (float)h[H_EPS];
+    c->neg_step_size = (float)(-(lr / bc1));
+    c->bc2_sqrt = (float)pow(bc2, 0.5);
+    c->momentum = c->one_m_damp = c->neg_lr = 0.0f;
+    c->nesterov = c->first = 0;
+}
+
+static void consts_sgd(const double *h, int first, step_consts *c) {
+    c->lr = (float)h[H_LR];
+    c->wd = (float)h[H_WEIGHT_DECAY];
+    c->momentum = (float)h[H_MOMENTUM];
+    c->one_m_damp = (float)(1.0 - h[H_DAMPENING]);
+    c->neg_lr = (float)(-h[H_LR]);
+    c->nesterov = h[H_NESTEROV] != 0.0;
+    c->first = first;
+    c->decay = c->one_m_beta1 = c->beta2 = c->one_m_beta2 = c->eps = 0.0f;
+    c->neg_step_size = c->bc2_sqrt = 0.0f;
+}
 
 typedef struct {
     double sa, sb, sc, sd;
     float fin;
 } step_sums;
-
-static void consts_from(const double *h, int kind, float al, step_consts *c) {
-    c->al = al;
-    c->om = 1.0f - al;
-    c->lr = (float)h[0];
-    c->wd = (float)h[1];
-    c->decay = (float)(1.0 - h[0] * h[1]);
-    c->mom = (float)h[2];
-    c->w1 = (float)(1.0 - h[2]);
-    c->b2 = (float)h[3];
-    c->w2 = (float)(1.0 - h[3]);
-    c->damp = (float)(1.0 - h[3]);
-    c->eps = (float)h[4];
-    c->bc2 = (float)h[6];
-    c->neg_ss = (float)(-h[5]);
-    c->neg_lr = (float)(-h[0]);
-    c->nesterov = kind == K_SGD && h[4] != 0.0;
-    c->first = kind == K_SGD && h[5] != 0.0;
-}
 
 /* The element sweep. Every flag is a compile-time constant at each call site below,
  * so the compiler emits one branch-free (vectorisable) loop per combination. */
@@ -99,28 +173,31 @@ static void consts_from(const double *h, int kind, float al, step_consts *c) {
             if (HAS_G) {                                                                         \
                 gg = LOAD(g[i]);                                                                 \
                 float gw = gg;                                                                   \
-                if (KIND == K_SGD) {                                                             \
+                if (KIND == KIND_SGD) {                                                          \
                     if (k.wd != 0.0f) gw = STOREBACK(gg + k.wd * t);                             \
-                    if (k.mom != 0.0f) {                                                         \
-                        float buf = k.first ? gw : STOREBACK(LOAD(m[i]) * k.mom) + k.damp * gw;  \
+                    if (k.momentum != 0.0f) {                                                    \
+                        float buf = k.first ? gw                                                 \
+                                            : STOREBACK(LOAD(m[i]) * k.momentum) + k.one_m_damp * gw; \
                         m[i] = STORE(buf);                                                       \
                         buf = LOAD(m[i]);                                                        \
-                        gw = k.nesterov ? STOREBACK(gw + k.mom * buf) : buf;                     \
+                        gw = k.nesterov ? STOREBACK(gw + k.momentum * buf) : buf;                \
                     }                                                                            \
                     t2 = t + k.neg_lr * gw;                                                      \
                 } else {                                                                         \
-                    if (KIND == K_ADAMW) t2 = STOREBACK(t * k.decay);                            \
+                    if (KIND == KIND_ADAMW) t2 = STOREBACK(t * k.decay);                         \
                     else if (k.wd != 0.0f) gw = STOREBACK(gg + k.wd * t);                        \
+                    /* torch's lerp_(g, 1 − β1), both of its branches */                         \
                     float mm = LOAD(m[i]);                                                       \
-                    mm = k.w1 < 0.5f ? mm + k.w1 * (gw - mm) : gw - (gw - mm) * (1.0f - k.w1);   \
+                    mm = k.one_m_beta1 < 0.5f ? mm + k.one_m_beta1 * (gw - mm)                   \
+                                              : gw - (gw - mm) * (1.0f - k.one_m_beta1);         \
                     m[i] = STORE(mm);                                                            \
                     mm = LOAD(m[i]);                                                             \
-                    float vv = STOREBACK(LOAD(v[i]) * k.b2);                                     \
-                    vv = vv + k.w2 * gw * gw;                                                    \
+                    float vv = STOREBACK(LOAD(v[i]) * k.beta2);                                  \
+                    vv = vv + k.one_m_beta2 * gw * gw;                                           \
                     v[i] = STORE(vv);                                                            \
                     vv = LOAD(v[i]);                                                             \
-                    const float denom = STOREBACK(STOREBACK(STOREBACK(sqrtf(vv)) / k.bc2) + k.eps); \
-                    t2 = t2 + k.neg_ss * mm / denom;                                             \
+                    const float denom = STOREBACK(STOREBACK(STOREBACK(sqrtf(vv)) / k.bc2_sqrt) + k.eps); \
+                    t2 = t2 + k.neg_step_size * mm / denom;                                      \
                 }                                                                                \
                 th[i] = STORE(t2);                                                               \
                 t2 = LOAD(th[i]);                                                                \
@@ -144,81 +221,98 @@ static void consts_from(const double *h, int kind, float al, step_consts *c) {
 /* Hot path (a gradient, EMA started) per optimizer kind: constants for every flag. */
 #define HOT(SUFFIX, KIND)                                                                        \
     if (apply) {                                                                                 \
-        if (need) sweep_##SUFFIX(KIND, 1, 1, 0, 1, 1, n, th, g, m, v, e, gp, &c, &s);            \
-        else if (wgp) sweep_##SUFFIX(KIND, 1, 1, 0, 0, 1, n, th, g, m, v, e, gp, &c, &s);        \
-        else sweep_##SUFFIX(KIND, 1, 1, 0, 0, 0, n, th, g, m, v, e, gp, &c, &s);                 \
+        if (need) sweep_##SUFFIX(KIND, 1, 1, 0, 1, 1, n, th, g, m, v, e, gp, c, &s);             \
+        else if (wgp) sweep_##SUFFIX(KIND, 1, 1, 0, 0, 1, n, th, g, m, v, e, gp, c, &s);         \
+        else sweep_##SUFFIX(KIND, 1, 1, 0, 0, 0, n, th, g, m, v, e, gp, c, &s);                  \
     } else {                                                                                     \
-        if (need) sweep_##SUFFIX(KIND, 0, 1, 0, 1, 1, n, th, g, m, v, e, gp, &c, &s);            \
-        else if (wgp) sweep_##SUFFIX(KIND, 0, 1, 0, 0, 1, n, th, g, m, v, e, gp, &c, &s);        \
-        else sweep_##SUFFIX(KIND, 0, 1, 0, 0, 0, n, th, g, m, v, e, gp, &c, &s);                 \
+        if (need) sweep_##SUFFIX(KIND, 0, 1, 0, 1, 1, n, th, g, m, v, e, gp, c, &s);             \
+        else if (wgp) sweep_##SUFFIX(KIND, 0, 1, 0, 0, 1, n, th, g, m, v, e, gp, c, &s);         \
+        else sweep_##SUFFIX(KIND, 0, 1, 0, 0, 0, n, th, g, m, v, e, gp, c, &s);                  \
     }
 
 #define DEFINE_FUSED(SUFFIX, T, LOAD, STORE)                                                     \
     DEFINE_SWEEP(SUFFIX, T, LOAD, STORE)                                                         \
-    void fused_step_##SUFFIX(int kind, int64_t count, const int64_t *idx, const int64_t *P,     \
-                             const double *hyper, int formula, float scale, float fallback,     \
-                             float beta) {                                                       \
-        dema_params dp = {formula, scale, fallback, beta};                                       \
+    /* One tensor of one step: finish its pending update, optimizer update, statistics.   \
+     * c holds the optimizer scalars; wgp: the formula keeps g_prev. */                     \
+    static void tensor_step_##SUFFIX(int kind, const dema_params *dp, const group_state *gs,   \
+                                     int64_t j, int64_t n, T *th, const T *g, T *m, T *v,       \
+                                     float *e, float *gp, int has_g, int wgp, step_consts *c) { \
+        float al = 0.0f;                                                                         \
+        const int apply = take_pending(gs, j, dp, &al);                                          \
+        c->al = al;                                                                              \
+        c->om = 1.0f - al;                                                                       \
+        const int init_now = !gs->started[j];                                                    \
+        const int hp = gs->has_prev[j];                                                          \
+        const int need = !init_now && has_g && hp && wgp && dp->formula != FORMULA_FIXED;        \
+        step_sums s;                                                                             \
+        if (init_now) /* the first step of this tensor: rare, generic loop */                    \
+            sweep_##SUFFIX(kind, apply, has_g, 1, 0, wgp, n, th, g, m, v, e, gp, c, &s);         \
+        else if (!has_g) /* no gradient: finish the EMA only */                                  \
+            sweep_##SUFFIX(kind, apply, 0, 0, 0, wgp, n, th, g, m, v, e, gp, c, &s);             \
+        else if (kind == KIND_ADAMW) { HOT(SUFFIX, KIND_ADAMW) }                                 \
+        else if (kind == KIND_ADAM) { HOT(SUFFIX, KIND_ADAM) }                                   \
+        else { HOT(SUFFIX, KIND_SGD) }                                                           \
+        if (apply) gs->d[j] = (float)s.sd;                                                       \
+        if (init_now) {                                                                          \
+            if (isnan(s.fin)) {                                                                  \
+                gs->skips[j] += 1;                                                               \
+                gs->alpha[j] = 0.0f;                                                             \
+            } else {                                                                             \
+                gs->started[j] = 1;                                                              \
+                gs->alpha[j] = dp->formula == FORMULA_FIXED ? 1.0f - dp->beta : dp->fallback;    \
+                gs->d[j] = 0.0f;                                                                 \
+            }                                                                                    \
+        } else {                                                                                 \
+            float *st = gs->pend_stats + N_DSTAT * j;                                            \
+            st[DS_A] = (float)s.sa;                                                              \
+            st[DS_B] = (float)s.sb;                                                              \
+            st[DS_C] = (float)s.sc;                                                              \
+            st[DS_NONFINITE] = isnan(s.fin) ? 1.0f : 0.0f;                                       \
+            st[DS_D] = gs->d[j];                                                                 \
+            gs->pend_mode[j] = PEND_EMA;                                                         \
+            gs->pend_has_grad[j] = has_g;                                                        \
+            gs->pend_has_prev[j] = hp;                                                           \
+        }                                                                                        \
+        if (wgp) gs->has_prev[j] = has_g;                                                        \
+    }                                                                                            \
+    /* One step over the tensors idx[0..count) of a group of nt tensors. */                    \
+    void cpu_fused_step_##SUFFIX(int kind, int64_t count, const int64_t *idx, const int64_t *S, \
+                                 const int64_t *D, const double *hyper, const int64_t *CS,      \
+                                 int64_t nt, int formula, float scale, float fallback,           \
+                                 float beta) {                                                   \
+        const dema_params dp = {formula, scale, fallback, beta};                                 \
+        const group_state gs = state_from(CS);                                                   \
+        const int wgp = formula != FORMULA_FIXED;                                                \
         for (int64_t q = 0; q < count; q++) {                                                    \
             const int64_t j = idx[q];                                                            \
-            const int64_t n = ARR(const int64_t, P_NUMEL)[j];                                    \
-            T *th = PTR(T, P_TH, j);                                                             \
-            const T *g = PTR(const T, P_G, j);                                                   \
-            T *m = PTR(T, P_M, j);                                                               \
-            T *v = PTR(T, P_V, j);                                                               \
-            float *e = PTR(float, P_E, j);                                                       \
-            float *gp = PTR(float, P_GP, j);                                                     \
-            float al = 0.0f;                                                                     \
-            const int apply = take_pending(P, j, &dp, &al);                                      \
-            const int init_now = !ARR(uint8_t, P_STARTED)[j];                                    \
-            const int has_g = g != 0;                                                            \
-            const int hp = ARR(uint8_t, P_HAS_PREV)[j];                                          \
-            const int wgp = gp != 0;                                                             \
-            const int need = !init_now && has_g && hp && wgp && formula != F_FIXED;              \
+            const int64_t flags = D[D_FLAGS * nt + j];                                            \
+            const double *h = hyper + N_HYPER * S[S_GROUP * nt + j];                              \
             step_consts c;                                                                       \
-            step_sums s;                                                                         \
-            consts_from(hyper + 8 * j, kind, al, &c);                                            \
-            if (init_now) /* the first step of this tensor: rare, generic loop */                \
-                sweep_##SUFFIX(kind, apply, has_g, 1, 0, wgp, n, th, g, m, v, e, gp, &c, &s);    \
-            else if (!has_g) /* no gradient: finish the EMA only */                              \
-                sweep_##SUFFIX(kind, apply, 0, 0, 0, wgp, n, th, g, m, v, e, gp, &c, &s);        \
-            else if (kind == K_ADAMW) { HOT(SUFFIX, K_ADAMW) }                                   \
-            else if (kind == K_ADAM) { HOT(SUFFIX, K_ADAM) }                                     \
-            else { HOT(SUFFIX, K_SGD) }                                                          \
-            if (apply) ARR(float, P_D)[j] = (float)s.sd;                                         \
-            if (init_now) {                                                                      \
-                if (isnan(s.fin)) {                                                              \
-                    ARR(int64_t, P_SKIPS)[j] += 1;                                               \
-                    ARR(float, P_ALPHA)[j] = 0.0f;                                               \
-                } else {                                                                         \
-                    ARR(uint8_t, P_STARTED)[j] = 1;                                              \
-                    ARR(float, P_ALPHA)[j] = formula == F_FIXED ? 1.0f - beta : fallback;        \
-                    ARR(float, P_D)[j] = 0.0f;                                                   \
-                }                                                                                \
-            } else {                                                                             \
-                float *st = ARR(float, P_PEND_STATS) + 5 * j;                                    \
-                st[0] = (float)s.sa;                                                             \
-                st[1] = (float)s.sb;                                                             \
-                st[2] = (float)s.sc;                                                             \
-                st[3] = isnan(s.fin) ? 1.0f : 0.0f;                                              \
-                st[4] = ARR(float, P_D)[j];                                                      \
-                ARR(uint8_t, P_PEND_MODE)[j] = PEND_EMA;                                         \
-                ARR(uint8_t, P_PEND_HAS_GRAD)[j] = has_g;                                        \
-                ARR(uint8_t, P_PEND_HAS_PREV)[j] = hp;                                           \
-            }                                                                                    \
-            if (wgp) ARR(uint8_t, P_HAS_PREV)[j] = has_g;                                        \
+            if (kind == KIND_SGD) consts_sgd(h, (flags & DF_FIRST) != 0, &c);                    \
+            else consts_adam(h, (double)D[D_STEP * nt + j], &c);                                  \
+            tensor_step_##SUFFIX(kind, &dp, &gs, j, S[S_NUMEL * nt + j],                          \
+                                 (T *)(intptr_t)S[S_PARAM * nt + j],                              \
+                                 (const T *)(intptr_t)D[D_GRAD * nt + j],                         \
+                                 (T *)(intptr_t)S[S_EXP_AVG * nt + j],                            \
+                                 (T *)(intptr_t)S[S_EXP_AVG_SQ * nt + j],                         \
+                                 (float *)(intptr_t)S[S_EMA * nt + j],                            \
+                                 (float *)(intptr_t)S[S_GRAD_PREV * nt + j],                      \
+                                 (flags & DF_HAS_GRAD) != 0, wgp, &c);                           \
         }                                                                                        \
     }                                                                                            \
-    void fused_flush_##SUFFIX(int64_t count, const int64_t *idx, const int64_t *P, int formula, \
-                              float scale, float fallback, float beta) {                         \
-        dema_params dp = {formula, scale, fallback, beta};                                       \
+    /* Finish the pending updates of idx[0..count); theta[j]: θ's address now.    */       \
+    void cpu_fused_flush_##SUFFIX(int64_t count, const int64_t *idx, const int64_t *S,          \
+                                  const int64_t *theta, const int64_t *CS, int64_t nt,          \
+                                  int formula, float scale, float fallback, float beta) {       \
+        const dema_params dp = {formula, scale, fallback, beta};                                 \
+        const group_state gs = state_from(CS);                                                   \
         for (int64_t k = 0; k < count; k++) {                                                    \
             const int64_t j = idx[k];                                                            \
             float al = 0.0f;                                                                     \
-            if (!take_pending(P, j, &dp, &al)) continue;                                         \
-            const int64_t n = ARR(const int64_t, P_NUMEL)[j];                                    \
-            const T *th = PTR(const T, P_TH, j);                                                 \
-            float *e = PTR(float, P_E, j);                                                       \
+            if (!take_pending(&gs, j, &dp, &al)) continue;                                       \
+            const int64_t n = S[S_NUMEL * nt + j];                                                \
+            const T *th = (const T *)(intptr_t)theta[j];                                         \
+            float *e = (float *)(intptr_t)S[S_EMA * nt + j];                                      \
             const float om = 1.0f - al;                                                          \
             double sd = 0;                                                                       \
             _Pragma("omp simd reduction(+:sd)")                                                  \
@@ -228,7 +322,7 @@ static void consts_from(const double *h, int kind, float al, step_consts *c) {
                 e[i] = en;                                                                       \
                 sd += fabsf(t - en);                                                             \
             }                                                                                    \
-            ARR(float, P_D)[j] = (float)sd;                                                      \
+            gs.d[j] = (float)sd;                                                                 \
         }                                                                                        \
     }
 
@@ -243,4 +337,110 @@ DEFINE_FUSED(bf16, uint16_t, LOAD_BF16, STORE_BF16)
 #define STOREBACK(x) ((float)(_Float16)(x))
 DEFINE_FUSED(f16, _Float16, LOAD_F16, STORE_F16)
 #undef STOREBACK
+#endif
+
+/* α and skip count per tensor as the next step or flush will record them, without
+ * changing anything (engine.stats right after a fused step). Any dtype. */
+void cpu_fused_pending(int64_t T, const int64_t *CS, float *alpha_out, int64_t *skips_out, int formula,
+                       float scale, float fallback, float beta) {
+    const dema_params dp = {formula, scale, fallback, beta};
+    const group_state gs = state_from(CS);
+    for (int64_t j = 0; j < T; j++) {
+        float al = gs.alpha[j];
+        int skip = 0;
+        pending_decision(&gs, j, &dp, &al, &skip);
+        alpha_out[j] = skip ? 0.0f : al;
+        skips_out[j] = gs.skips[j] + skip;
+    }
+}
+
+/* ---- Transitional: the previous per-tensor-row interface (kernels/cpu_fused.py
+ * CpuFusedGroup, driven by fused.py's _CpuDriver). Removed once fused.py drives
+ * CpuFusedDriver. Table P: addresses in the order of cpu_fused.LEGACY_FIELDS; hyper:
+ * one row of 8 per tensor (lr, wd, β1|momentum, β2|dampening, eps|nesterov,
+ * step size|first, sqrt(bias correction 2), unused). */
+enum {
+    LP_NUMEL, LP_TH, LP_G, LP_M, LP_V, LP_E, LP_GP, LP_STARTED, LP_HAS_PREV, LP_D, LP_ALPHA,
+    LP_SKIPS, LP_PEND_MODE, LP_PEND_STATS, LP_PEND_HAS_GRAD, LP_PEND_HAS_PREV, LP_COUNT
+};
+static group_state legacy_state(const int64_t *P) {
+    int64_t cs[N_CS];
+    cs[CS_STARTED] = P[LP_STARTED];
+    cs[CS_HAS_PREV] = P[LP_HAS_PREV];
+    cs[CS_D] = P[LP_D];
+    cs[CS_ALPHA] = P[LP_ALPHA];
+    cs[CS_SKIPS] = P[LP_SKIPS];
+    cs[CS_PEND_MODE] = P[LP_PEND_MODE];
+    cs[CS_PEND_STATS] = P[LP_PEND_STATS];
+    cs[CS_PEND_HAS_GRAD] = P[LP_PEND_HAS_GRAD];
+    cs[CS_PEND_HAS_PREV] = P[LP_PEND_HAS_PREV];
+    return state_from(cs);
+}
+static void legacy_consts(const double *h, int kind, step_consts *c) {
+    if (kind == KIND_SGD) {
+        double row[N_HYPER] = {0};
+        row[H_LR] = h[0];
+        row[H_WEIGHT_DECAY] = h[1];
+        row[H_MOMENTUM] = h[2];
+        row[H_DAMPENING] = h[3];
+        row[H_NESTEROV] = h[4];
+        consts_sgd(row, h[5] != 0.0, c);
+        return;
+    }
+    double row[N_HYPER] = {0};
+    row[H_LR] = h[0];
+    row[H_WEIGHT_DECAY] = h[1];
+    row[H_BETA1] = h[2];
+    row[H_BETA2] = h[3];
+    row[H_EPS] = h[4];
+    consts_adam(row, 1.0, c);
+    c->neg_step_size = (float)(-h[5]);
+    c->bc2_sqrt = (float)h[6];
+}
+#define LARR(type, k) ((type *)(intptr_t)P[k])
+#define LPTR(type, k, j) ((type *)(intptr_t)LARR(const int64_t, k)[j])
+#define DEFINE_LEGACY(SUFFIX, T, LOAD)                                                           \
+    void fused_step_##SUFFIX(int kind, int64_t count, const int64_t *idx, const int64_t *P,     \
+                             const double *hyper, int formula, float scale, float fallback,     \
+                             float beta) {                                                       \
+        const dema_params dp = {formula, scale, fallback, beta};                                 \
+        const group_state gs = legacy_state(P);                                                  \
+        for (int64_t q = 0; q < count; q++) {                                                    \
+            const int64_t j = idx[q];                                                            \
+            step_consts c;                                                                       \
+            legacy_consts(hyper + 8 * j, kind, &c);                                              \
+            const T *g = LPTR(const T, LP_G, j);                                                 \
+            float *gp = LPTR(float, LP_GP, j);                                                   \
+            tensor_step_##SUFFIX(kind, &dp, &gs, j, LARR(const int64_t, LP_NUMEL)[j],           \
+                                 LPTR(T, LP_TH, j), g, LPTR(T, LP_M, j), LPTR(T, LP_V, j),       \
+                                 LPTR(float, LP_E, j), gp, g != 0, gp != 0, &c);                 \
+        }                                                                                        \
+    }                                                                                            \
+    void fused_flush_##SUFFIX(int64_t count, const int64_t *idx, const int64_t *P, int formula, \
+                              float scale, float fallback, float beta) {                         \
+        const dema_params dp = {formula, scale, fallback, beta};                                 \
+        const group_state gs = legacy_state(P);                                                  \
+        for (int64_t k = 0; k < count; k++) {                                                    \
+            const int64_t j = idx[k];                                                            \
+            float al = 0.0f;                                                                     \
+            if (!take_pending(&gs, j, &dp, &al)) continue;                                       \
+            const int64_t n = LARR(const int64_t, LP_NUMEL)[j];                                  \
+            const T *th = LPTR(const T, LP_TH, j);                                               \
+            float *e = LPTR(float, LP_E, j);                                                     \
+            const float om = 1.0f - al;                                                          \
+            double sd = 0;                                                                       \
+            _Pragma("omp simd reduction(+:sd)")                                                  \
+            for (int64_t i = 0; i < n; i++) {                                                    \
+                const float t = LOAD(th[i]);                                                     \
+                const float en = e[i] * om + t * al;                                             \
+                e[i] = en;                                                                       \
+                sd += fabsf(t - en);                                                             \
+            }                                                                                    \
+            gs.d[j] = (float)sd;                                                                 \
+        }                                                                                        \
+    }
+DEFINE_LEGACY(f32, float, LOAD_F32)
+DEFINE_LEGACY(bf16, uint16_t, LOAD_BF16)
+#ifdef CL_CORE_HAVE_F16
+DEFINE_LEGACY(f16, _Float16, LOAD_F16)
 #endif
