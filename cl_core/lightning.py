@@ -19,10 +19,13 @@ The same meaning as the Hugging Face :class:`cl_core.DEMACallback`:
   - anything else: a :class:`cl_core.DEMA` engine updated right after each step of the
     optimizer (a step hook), with one log line saying why it is not one pass.
 
-* A step the precision plugin skipped (AMP overflow) is counted, not averaged.
+* A step the precision plugin skipped (AMP overflow) is counted, not averaged; a first step
+  where no averaged tensor has a gradient stops training with an error (never a silent fixed EMA).
 * Validation and test run with the EMA weights swapped in (``eval_with_ema=True``).
 * The DEMA state goes into the ``.ckpt`` (the callback's ``state_dict``), so a run resumed
-  with ``trainer.fit(..., ckpt_path=...)`` ends with exactly the EMA of an uninterrupted run.
+  with ``trainer.fit(..., ckpt_path=...)`` ends with exactly the EMA of an uninterrupted run
+  (from an epoch-end checkpoint, or mid-epoch with a stateful dataloader: Lightning restarts a
+  plain DataLoader from its first batch).
 * At the end of training the EMA replaces the live weights (``replace_at_end=True``).
 * ``save_ema_adapter(dir)`` writes the EMA as a standard PEFT adapter folder.
 * Mean α, the share of tensors at the fallback α and the skip counters go to the trainer's
@@ -325,6 +328,7 @@ class DEMACallback(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self._swap_out()     # never leave the EMA in the live weights
+        self._remove_hooks()  # nor a hook on an optimizer the user may step again
 
     def swap(self):
         """``with callback.swap(): ...`` — the EMA weights live inside."""
