@@ -35,3 +35,16 @@ def test_fixed_ema_has_no_fallback_and_merge_adds_up():
     assert m["bins"] == [x + y for x, y in zip(b["bins"], c["bins"])]
     assert (m["numel_min"], m["numel_max"]) == (2, 16)
     assert A.merge([]) == {} and A.share({}, "above") == 0.0
+
+
+def test_histogram_layout_travels_with_the_counts():
+    c = A.alpha_counts([[0.01, 0.001]], fallback=0.01)
+    assert A.bin_edges(c) == A.bin_edges() and len(c["bins"]) == len(A.bin_edges()) - 1
+    # The powers of ten sit mid-bin: a fallback of 0.01 is not split across two bars.
+    edges = A.bin_edges()
+    k = next(i for i in range(len(edges) - 1) if edges[i] <= 0.01 < edges[i + 1])
+    assert edges[k] < 0.01 * 0.9 and edges[k + 1] > 0.01 * 1.1
+    other = dict(c, bins=c["bins"][:-1], bin_log10_low=-6.0)   # counts saved with another layout
+    assert len(A.bin_edges(other)) == len(other["bins"]) + 1 and A.bin_edges(other)[0] == 1e-6
+    with pytest.raises(ValueError, match="different histogram layouts"):
+        A.merge([c, other])

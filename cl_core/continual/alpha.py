@@ -15,15 +15,21 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional, Sequence
 
-# Histogram bins: log10(α) from -6 to 0 in quarter decades; smaller values go to the first bin.
-LOG10_LOW, LOG10_STEP, N_BINS = -6.0, 0.25, 24
+# Histogram bins: quarter decades centred on the powers of ten (so a fallback of 0.01 or 0.001
+# sits in the middle of its bar), from 10^-6 to 10^0; values outside go to the end bins.
+LOG10_LOW, LOG10_STEP, N_BINS = -6.125, 0.25, 25
 ABOVE = 0.1  # the "large α" mark of the report
 # α is recorded in float32: a value within this relative distance of the fallback is the fallback.
 _FALLBACK_RTOL = 1e-6
 
 
-def bin_edges() -> list:
-    return [10 ** (LOG10_LOW + k * LOG10_STEP) for k in range(N_BINS + 1)]
+def bin_edges(counts: Optional[dict] = None) -> list:
+    """The histogram's bin edges (of ``counts``' own layout when given: counts saved by
+    another version keep theirs)."""
+    low = (counts or {}).get("bin_log10_low", LOG10_LOW)
+    step = (counts or {}).get("bin_log10_step", LOG10_STEP)
+    n = len(counts["bins"]) if counts and "bins" in counts else N_BINS
+    return [10 ** (low + k * step) for k in range(n + 1)]
 
 
 def alpha_counts(history: Iterable[Sequence[float]], fallback: Optional[float],
@@ -53,7 +59,7 @@ def alpha_counts(history: Iterable[Sequence[float]], fallback: Optional[float],
                 bins[min(max(k, 0), N_BINS - 1)] += 1
     numel = [int(x) for x in numel]
     return {"n": n, "at_fallback": at_fallback, "above": above, "between": between, "below": below,
-            "in_range": in_range,
+            "in_range": in_range, "bin_log10_low": LOG10_LOW, "bin_log10_step": LOG10_STEP,
             "log10_sum_in_range": log_sum, "bins": bins, "fallback": fallback,
             "numel_min": min(numel) if numel else None, "numel_max": max(numel) if numel else None}
 
@@ -63,9 +69,14 @@ def merge(counts: Iterable[dict]) -> dict:
     counts = [c for c in counts if c and c.get("n")]
     if not counts:
         return {}
+    layout = [(c.get("bin_log10_low", LOG10_LOW), c.get("bin_log10_step", LOG10_STEP), len(c["bins"]))
+              for c in counts]
+    if len(set(layout)) > 1:
+        raise ValueError(f"α counts with different histogram layouts cannot be merged: {sorted(set(layout))}")
     out = {"n": 0, "at_fallback": 0, "above": 0, "between": 0, "below": 0, "in_range": 0,
-           "log10_sum_in_range": 0.0,
-           "bins": [0] * N_BINS, "fallback": counts[0]["fallback"], "numel_min": None, "numel_max": None}
+           "log10_sum_in_range": 0.0, "bins": [0] * layout[0][2], "fallback": counts[0]["fallback"],
+           "numel_min": None, "numel_max": None}
+    out["bin_log10_low"], out["bin_log10_step"] = layout[0][0], layout[0][1]
     for c in counts:
         for k in ("n", "at_fallback", "above", "between", "below", "in_range", "log10_sum_in_range"):
             out[k] += c.get(k, 0)

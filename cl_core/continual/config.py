@@ -74,7 +74,7 @@ class MethodPlan:
             "EMA on": "-" if self.ema is None else "when a task re-trains a set" if self.grouping else "from task 2",
             "averaged tensors": "-" if self.ema is None else
                                 ("every trainable tensor" if self.params == "trainable" else "LoRA A/B"),
-            "gradient clipping": f"{self.max_grad_norm:g}" if self.max_grad_norm > 0 else "none",
+            "gradient clipping": f"max norm {self.max_grad_norm:g}" if self.max_grad_norm > 0 else "none",
             "test routing": ("one decision per test file" if self.route == "file" else "per instance")
                             if self.grouping else "-",
         }

@@ -81,6 +81,7 @@ def plot_per_task(results: dict, path: Path) -> None:
         ax.axvline(i + 1, color="grey", lw=0.6, ls=":")
         ax.set_title(f"task {i + 1}: {name}", fontsize=9)
         ax.set_xticks(x)
+        ax.set_xlim(0.6, t + 0.4)
         ax.set_ylim(-3, 103)
         ax.set_xlabel("after training task", fontsize=8)
         if i % cols == 0:
@@ -274,7 +275,8 @@ def _model_text(results: dict) -> str:
         return f"Model: `{m['source']}` ({m.get('model_type', '?')}, {size}; {shape})."
     if cfg.get("model"):
         return f"Model: `{cfg['model']}`."
-    return (f"Model: a tiny Llama (hidden {cfg['hidden_size']}, {cfg['num_layers']} layers) trained from scratch "
+    layers = f"{cfg['num_layers']} layer" + ("s" if cfg["num_layers"] != 1 else "")
+    return (f"Model: a tiny Llama (hidden {cfg['hidden_size']}, {layers}) trained from scratch "
             f"in stage 1 ({cfg['stage1_steps']} steps, once per seed, shared by all methods).")
 
 
@@ -315,15 +317,17 @@ def plot_alpha_hist(results: dict, path: Path) -> bool:
     if not rows:
         return False
     plt = _pyplot()
-    edges = alpha_stats.bin_edges()
     fig, axes = plt.subplots(len(rows), 1, figsize=(7.5, 1.9 * len(rows) + 0.4), squeeze=False, sharex=True)
     for ax, (method, c) in zip(axes[:, 0], rows):
+        edges = alpha_stats.bin_edges(c)
         shares = [b / c["n"] for b in c["bins"]]
         ax.bar(edges[:-1], shares, width=[hi - lo for lo, hi in zip(edges, edges[1:])], align="edge",
                color="tab:blue", edgecolor="white", lw=0.3)
         ax.axvline(c["fallback"], color="tab:red", lw=1.0, ls="--", label=f"fallback {c['fallback']:g}")
         ax.axvline(alpha_stats.ABOVE, color="black", lw=0.8, ls=":", label="0.1")
         ax.set_xscale("log")
+        used = [k for k, b in enumerate(c["bins"]) if b]
+        ax.set_xlim(min(edges[used[0]], c["fallback"] / 2), max(edges[used[-1] + 1], 1.5))
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("share", fontsize=8)
         ax.set_title(f"{method}: {alpha_stats.share(c, 'at_fallback'):.0%} at the fallback, "
@@ -381,7 +385,8 @@ def _alpha_why(rows, methods) -> list[str]:
             f"sums L1 norms over whole tensors. For the same per-element numbers each of the three norms grows with "
             f"the element count n, so α shrinks about as 1/n (faster while ‖g‖₁ < 1). The tensors averaged here hold "
             f"{c['numel_min']:,}–{c['numel_max']:,} elements, and with scale 2 the formula for {m} gave α outside "
-            f"(0, 1) on {fb:.0%} of the updates, which then took the fallback {c['fallback']:g}; {hi:.0%} landed "
+            f"(0, 1) on {fb:.0%} of the updates, which then took the fallback {c['fallback']:g} (as does a task's "
+            f"first step, which has no previous gradient); {hi:.0%} landed "
             f"above 0.1 and only {mid:.0%} in between")
     if gm is not None:
         text += f" (geometric mean of the values off the fallback: {gm:.3g})"

@@ -87,7 +87,8 @@ class ContinualRun:
         if self.cfg.model is not None:
             self.tokenizer = user_tokenizer(self.cfg.model)
             # Weights that do not match config.json fail here, before anything is written.
-            load_base(Path(self.cfg.model), self.tokenizer)
+            with quiet_libraries():
+                load_base(Path(self.cfg.model), self.tokenizer)
         else:
             self.tokenizer = tiny_tokenizer()
         if self.max_new_tokens is None:

@@ -124,35 +124,9 @@ def dema_callback(config, params: str):
     """A recording ``DEMACallback`` (α per step kept) that averages ``params``: "lora" (the
     LoRA tensors of the active adapter) or "trainable" (every trainable tensor, as the
     official code does: LoRA A/B and, in LLaVA, the trainable projector)."""
-    import inspect
-
     from cl_core.callback import DEMACallback
 
-    if "params" in inspect.signature(DEMACallback.__init__).parameters:
-        return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True)
-    if params == "lora":
-        return DEMACallback(config, replace_at_end=True, record_alpha=True)
-    return _TrainableDEMACallback(config, replace_at_end=True, record_alpha=True)
-
-
-def _trainable_callback_class():
-    from cl_core.callback import DEMACallback
-
-    class TrainableDEMACallback(DEMACallback):
-        """DEMACallback over every trainable parameter. Stop-gap until the callback takes
-        ``params="trainable"`` itself (single process: no sharded statistics here)."""
-
-        def _build_engine(self, model):
-            from cl_core import DEMA
-
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            return DEMA([p for _, p in named], self.config, names=[n for n, _ in named])
-
-    return TrainableDEMACallback
-
-
-def _TrainableDEMACallback(*args, **kwargs):
-    return _trainable_callback_class()(*args, **kwargs)
+    return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True)
 
 
 # --------------------------------------------------------------------------- models
