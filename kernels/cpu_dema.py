@@ -9,12 +9,14 @@ kernels load every dtype to float32), counted in `slow_tensor_updates` and logge
 once.
 
 On any other device, for float64 groups, or where no C compiler is available, it runs
-a pure-torch path, one tensor at a time: its only scratch is one temporary the size
-of the tensor being processed, so the engine's memory stays at the EMA and g_prev
-(2x fp32 parameters) plus the largest tensor (<= 3x in all). Its L1 sums are
-`torch.sum` of float32 (cascade/tree summation on CPU/CUDA, accurate to float32
-rounding), not `torch.norm(p=1)`, whose CPU accumulator stops growing at 2^24.
-No `.item()`: decisions are device tensors.
+a pure-torch path, one tensor (or slice of PIECE elements) at a time, every op writing
+into one reused float32 scratch buffer the size of the largest slice: the engine's
+memory stays at the EMA and g_prev (2x fp32 parameters) plus that buffer (<= 3x in
+all; bench/bench_dema.py reports it). Its L1 sums are `torch.sum` of float32 slices
+(cascade/tree summation, accurate to float32 rounding) added in float64, not
+`torch.norm(p=1)`, whose CPU accumulator stops growing at 2^24. No `.item()`:
+decisions are device tensors; the op count grows with the tensor count (the fast
+paths are the native kernels on CPU and Triton on CUDA).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from cl_core.kernels.native import int64_table as _i64
 log = logging.getLogger(__name__)
 
 MODE_STATS, MODE_APPLY, MODE_BOTH = 1, 2, 3
+PIECE = 1 << 22  # pure-torch path: elements per slice of a large tensor (16 MB of scratch)
 
 
 def _flat32(t: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,7 @@ class TorchBackend:
         self.dtype = dtype
         self._native = native.function_for(dtype) if state.device.type == "cpu" else None
         self._grad_key = None
+        self._tmp = None
         self.slow_tensor_updates = 0  # tensor-updates that went through float32 copies
         self._warned_slow = False
         if self._native is None:
@@ -154,81 +158,87 @@ class TorchBackend:
         return run
 
     # ------------------------------------------------------------------ pure torch
+    def _pieces(self, j):
+        """(start, stop) slices of tensor j, at most PIECE elements each."""
+        n = self.state.numels[j]
+        return [(lo, min(n, lo + PIECE)) for lo in range(0, n, PIECE)] or [(0, 0)]
+
+    def _scratch(self) -> torch.Tensor:
+        # One float32 buffer of the largest piece, reused by every op (out=): no
+        # allocation the size of a tensor per step, and no heap fragmentation.
+        if self._tmp is None:
+            s = self.state
+            size = max([min(n, PIECE) for n in s.numels] or [0])
+            self._tmp = torch.empty(size, dtype=torch.float32, device=s.device)
+            self._sums = torch.zeros(4, len(s), dtype=torch.float64, device=s.device)
+        return self._tmp
+
     def _update_torch(self, thetas, grads, reduce_stats) -> None:
         s, cfg = self.state, self.config
         dev, n = s.device, len(s)
-        zero = torch.zeros((), dtype=torch.float32, device=dev)
-        a_l, b_l, c_l, fin_l = [], [], [], []
-        with torch.no_grad():
-            for j, (theta, grad) in enumerate(zip(thetas, grads)):
-                # One temporary of this tensor's size at a time (see the module docstring).
-                tmp = torch.sub(_flat32(theta), s.ema_views[j])
-                a = tmp.abs_().sum()  # finite iff θ is (the EMA always is)
-                del tmp
-                if grad is None:
-                    b = c = zero
-                    fin = torch.isfinite(a)
-                else:
-                    gf = _flat32(grad)
-                    b = gf.abs().sum(dtype=torch.float32)
-                    fin = torch.isfinite(a) & torch.isfinite(b)
-                    if s.needs_grad_prev:
-                        tmp = torch.sub(gf, s.gprev_views[j])
-                        c = tmp.abs_().sum()
-                        del tmp
-                    else:
-                        c = zero
-                a_l.append(a), b_l.append(b), c_l.append(c), fin_l.append(fin)
-            if n:
-                a, b, c = torch.stack(a_l), torch.stack(b_l), torch.stack(c_l)
-                nonfinite = ~torch.stack(fin_l)
-            else:
-                a = b = c = torch.zeros(0, dtype=torch.float32, device=dev)
-                nonfinite = torch.zeros(0, dtype=torch.bool, device=dev)
-            has_grad = torch.tensor([g is not None for g in grads], dtype=torch.bool).to(dev, non_blocking=True)
+        scratch = self._scratch()
+        sums = self._sums
+        sums.zero_()
+        sa, sb, sc, sd = sums.unbind(0)  # float64 [T] each: a, b, c and the new d
+        gp_views = s.gprev_views
+        for j, (theta, grad) in enumerate(zip(thetas, grads)):
+            th, e = _flat32(theta), s.ema_views[j]
+            g = None if grad is None else _flat32(grad)
+            for lo, hi in self._pieces(j):
+                tmp = scratch[: hi - lo]
+                torch.sub(th[lo:hi], e[lo:hi], out=tmp)
+                sa[j] += tmp.abs_().sum()  # finite iff θ is (the EMA always is)
+                if g is None:
+                    continue
+                sb[j] += tmp.copy_(g[lo:hi]).abs_().sum()
+                if gp_views is not None:
+                    torch.sub(g[lo:hi], gp_views[j][lo:hi], out=tmp)
+                    sc[j] += tmp.abs_().sum()
+        a, b, c = sa.float(), sb.float(), sc.float()
+        nonfinite = ~(torch.isfinite(a) & torch.isfinite(b))
+        has_grad = torch.tensor([g is not None for g in grads], dtype=torch.bool).to(dev, non_blocking=True)
+        # Only the statistics the rule uses (as the native kernel's need_stats): zeros elsewhere.
+        if cfg.formula == "fixed":
+            a = b = c = torch.zeros_like(a)
+        else:
             stats_ok = has_grad & s.has_prev.bool() & s.started.bool() & ~nonfinite
-            # Only the statistics the rule uses (the native kernel's need_stats): zeros elsewhere.
-            if cfg.formula == "fixed":
-                a = b = c = torch.zeros_like(a)
-            else:
-                a, b, c = (torch.where(stats_ok, x, 0.0) for x in (a, b, c))
-            stats = torch.stack([a, b, c, nonfinite.float(), s.d], 1)
-            if reduce_stats is not None:
-                reduce_stats(stats)
-            a, b, c, nonfinite, d = stats.unbind(1)
-            skip = nonfinite > 0
-            started = s.started.bool()
+            a, b, c = (torch.where(stats_ok, x, 0.0) for x in (a, b, c))
+        stats = torch.stack([a, b, c, nonfinite.float(), s.d], 1)
+        if reduce_stats is not None:
+            reduce_stats(stats)
+        a, b, c, nonfinite, d = stats.unbind(1)
+        skip = nonfinite > 0
+        started = s.started.bool()
 
-            if cfg.formula == "fixed":
-                alpha = torch.full_like(a, 1.0 - cfg.beta)
-            else:
-                q = (1.0 + b) / (a * c)
-                dyn = q * (cfg.scale if cfg.formula == "official" else d)
-                dyn = torch.where((dyn > 0) & (dyn < 1), dyn, cfg.fallback)
-                use_dyn = started & has_grad & s.has_prev.bool()
-                alpha = torch.where(use_dyn, dyn, cfg.fallback)
-            # Weight applied: 1 at the lazy start (θ* = θ exactly); 0 for a skipped tensor,
-            # whose θ is replaced by θ* below so that NaN/inf never reach the EMA.
-            weight = torch.where(skip, 0.0, torch.where(started, alpha, 1.0))
-            keep_gprev = skip | ~has_grad
-            new_d = []
-            for j, (theta, grad) in enumerate(zip(thetas, grads)):
-                e = s.ema_views[j]
-                tmp = torch.where(skip[j], e, _flat32(theta))  # float32 (type promotion)
-                e.lerp_(tmp, weight[j])
-                tmp.sub_(e)
-                new_d.append(tmp.abs_().sum())
-                del tmp
-                if s.needs_grad_prev and grad is not None:
-                    gp = s.gprev_views[j]
-                    torch.where(keep_gprev[j], gp, _flat32(grad), out=gp)
-            if n:
-                s.d.copy_(torch.where(skip, s.d, torch.stack(new_d)))
-            if s.needs_grad_prev:
-                s.has_prev.copy_(torch.where(skip, s.has_prev.bool(), has_grad).to(torch.uint8))
-            s.started.copy_((started | ~skip).to(torch.uint8))
-            s.skips.add_(skip.to(torch.int64))
-            s.alpha.copy_(torch.where(skip, 0.0, alpha))
+        if cfg.formula == "fixed":
+            alpha = torch.full_like(a, 1.0 - cfg.beta)
+        else:
+            q = (1.0 + b) / (a * c)
+            dyn = q * (cfg.scale if cfg.formula == "official" else d)
+            dyn = torch.where((dyn > 0) & (dyn < 1), dyn, cfg.fallback)
+            use_dyn = started & has_grad & s.has_prev.bool()
+            alpha = torch.where(use_dyn, dyn, cfg.fallback)
+        # Weight applied: 1 at the lazy start (θ* = θ exactly); 0 for a skipped tensor,
+        # whose θ is replaced by θ* below so that NaN/inf never reach the EMA.
+        weight = torch.where(skip, 0.0, torch.where(started, alpha, 1.0))
+        keep_gprev = skip | ~has_grad
+        for j, (theta, grad) in enumerate(zip(thetas, grads)):
+            th, e = _flat32(theta), s.ema_views[j]
+            skip_j, weight_j = skip[j], weight[j]
+            for lo, hi in self._pieces(j):
+                tmp = scratch[: hi - lo]
+                torch.where(skip_j, e[lo:hi], th[lo:hi], out=tmp)
+                e[lo:hi].lerp_(tmp, weight_j)
+                sd[j] += tmp.sub_(e[lo:hi]).abs_().sum()
+            if gp_views is not None and grad is not None:
+                gp = gp_views[j]
+                torch.where(keep_gprev[j], gp, _flat32(grad), out=gp)
+        s.d.copy_(torch.where(skip, s.d, sd.float()))
+        if gp_views is not None:
+            s.has_prev.copy_(torch.where(skip, s.has_prev.bool(), has_grad).to(torch.uint8))
+        s.started.copy_((started | ~skip).to(torch.uint8))
+        s.skips.add_(skip.to(torch.int64))
+        s.alpha.copy_(torch.where(skip, 0.0, alpha))
 
     # ------------------------------------------------------------------ entry point
     def update(self, thetas, grads, reduce_stats=None) -> None:
