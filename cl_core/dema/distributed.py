@@ -213,8 +213,8 @@ def _torch_optimizer_inside(ds_opt):
     """The ``torch.optim.Optimizer`` that DeepSpeed steps (the "basic optimizer")."""
     inner = ds_opt
     for _ in range(3):
-        if isinstance(inner, torch.optim.Optimizer) and not hasattr(inner, "inner"):
-            return inner
+        if isinstance(inner, torch.optim.Optimizer) and not hasattr(inner, "optimizer"):
+            return inner          # (a DEMAOptimizer is returned too, to be refused by name)
         inner = getattr(inner, "optimizer", None)
         if inner is None:
             return None
@@ -252,7 +252,9 @@ class DeepSpeedLink:
                 f"DEMACallback: DeepSpeed's optimizer {kind} holds no torch.optim optimizer the callback can "
                 "read gradients from; DEMA would never see a gradient. Supported: ZeRO stage 0-3 with a "
                 "torch optimizer (the Trainer's default, no \"optimizer\" section in the DeepSpeed config)")
-        if type(self.inner).__name__ == "DEMAOptimizer" or hasattr(self.inner, "engine"):
+        from cl_core.dema.optim import DEMAOptimizer
+
+        if isinstance(self.inner, DEMAOptimizer):
             raise RuntimeError(_DEMA_OPTIMIZER_UNDER_DEEPSPEED)
         if getattr(ds_optimizer, "zenflow", False) or getattr(ds_optimizer, "swap_optimizer", False) \
                 or getattr(ds_optimizer, "offload_param", False):

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import TokenDataset, sequential_trainer_cls, tiny_peft_llama, training_args  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from cl_core import DEMA, DEMACallback, DEMAConfig  # noqa: E402
+from cl_core import DEMA, DEMACallback, DEMAConfig, DEMAOptimizer  # noqa: E402
 
 STEPS = 4
 
@@ -76,17 +76,18 @@ def live_lora(model, names):
     return [p.detach().float().clone() for p in ps]
 
 
-def dema_adamw(params, **kw):
-    from cl_core import DEMAOptimizer
+class DEMAAdamW(DEMAOptimizer):
+    """What a user might hand to optimizer_cls_and_kwargs: AdamW wrapped in a DEMAOptimizer."""
 
-    return DEMAOptimizer(torch.optim.AdamW(params, **kw))
+    def __init__(self, params, **kw):
+        super().__init__(torch.optim.AdamW(params, **kw))
 
 
 def refused_case(out, case, T, kw):
     cb = DEMACallback()
     model = tiny_peft_llama()
     trainer = T(model=model, args=training_args(os.path.join(out, case["name"]), **kw), train_dataset=TokenDataset(),
-                callbacks=[cb], optimizer_cls_and_kwargs=(dema_adamw, {"lr": 5e-2}))
+                callbacks=[cb], optimizer_cls_and_kwargs=(DEMAAdamW, {"lr": 5e-2}))
     try:
         trainer.train()
     except RuntimeError as exc:
