@@ -309,6 +309,50 @@ def test_resume_from_ckpt_ends_with_exactly_the_same_ema(tmp_path, optimizer):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+class StatefulBatches:
+    """Fixed batches that remember how far the epoch got: Lightning keeps a loader's state_dict
+    in the .ckpt, which makes a mid-epoch resume continue with the next batch."""
+
+    def __init__(self, data):
+        self.data, self.pos, self.start = data, 0, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        for i in range(start, len(self.data)):
+            self.pos = i + 1
+            yield self.data[i]
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.start = state["pos"] % len(self.data)
+
+
+def test_mid_epoch_resume_with_a_stateful_loader_is_exact(tmp_path):
+    data = batches()
+
+    def run(folder, max_steps, ckpt_path=None):
+        module = LitLM(tiny_peft_llama(), scheduler=True)
+        cb = module.callback = DEMACallback()
+        ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(folder), every_n_train_steps=3, save_top_k=-1,
+                                            filename="{step}")
+        t = trainer(folder, [cb, ckpt], max_steps=max_steps, max_epochs=-1, enable_checkpointing=True,
+                    val_check_interval=2)
+        t.fit(module, StatefulBatches(data), loader(data[:1]), ckpt_path=ckpt_path)
+        return cb
+
+    full = run(tmp_path / "full", N_BATCHES + 2)
+    run(tmp_path / "cut", 4)                                      # stopped after step 4; resumed from 3
+    resumed = run(tmp_path / "resumed", N_BATCHES + 2, str(tmp_path / "cut" / "step=3.ckpt"))
+    assert resumed.resumed and resumed.fused and resumed.engine.num_updates == N_BATCHES + 2
+    for a, b in zip(resumed.engine.ema_tensors(), full.engine.ema_tensors()):
+        assert torch.equal(a, b)
+
+
 def test_test_from_a_ckpt_uses_its_ema(tmp_path):
     module = LitLM(tiny_peft_llama(), scheduler=False)
     cb = module.callback = DEMACallback(replace_at_end=False)
