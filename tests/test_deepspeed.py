@@ -1,7 +1,8 @@
 """DEMACallback under real DeepSpeed 0.19 (DS_ACCELERATOR=cpu, gloo) through transformers.Trainer.
 
 Two torchrun launches (each runs several trainings; tests/dist_scripts/ds_trainer.py):
-1 rank, ZeRO stage 0-3 in fp32 and bf16; 2 ranks, ZeRO-2 and ZeRO-3 (fp32, with resume
+1 rank, ZeRO stage 0-3 in fp32 and bf16 (and ZeRO-3 bf16 with the optimizer offloaded to
+the CPU); 2 ranks, ZeRO-2 and ZeRO-3 (fp32, with resume
 from a checkpoint) and ZeRO-3 bf16, with "stage3_param_persistence_threshold": 0 so the
 LoRA tensors really are partitioned. Compared with the same training without DeepSpeed
 (plain Trainer, global batch 4) in this process.
@@ -38,6 +39,8 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_scripts"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ONE_RANK = [{"name": f"z{s}{'b' if bf16 else ''}", "stage": s, "bf16": bf16} for bf16 in (False, True) for s in range(4)]
+# ZeRO-3 with the optimizer offloaded to the CPU, as the MoELoRA baselines run
+ONE_RANK += [{"name": "z3bo", "stage": 3, "bf16": True, "offload": True}]
 REFUSED = [{"name": "dema_optimizer", "stage": 2, "bf16": False, "dema_optimizer": True}]
 TWO_RANKS = [{"name": "z2", "stage": 2, "bf16": False, "resume": True},
              {"name": "z3", "stage": 3, "bf16": False, "resume": True},
@@ -128,7 +131,7 @@ def test_one_rank_every_zero_stage_equals_training_without_deepspeed(one_rank, p
         assert r["reducer_calls"] is None            # one rank: nothing to sum
     # each DeepSpeed optimizer layout was exercised
     assert modes == {"z0": "direct", "z1": "fragments", "z2": "fragments", "z3": "zero3",
-                     "z0b": "master", "z1b": "fragments", "z2b": "fragments", "z3b": "zero3"}
+                     "z0b": "master", "z1b": "fragments", "z2b": "fragments", "z3b": "zero3", "z3bo": "zero3"}
 
 
 def test_two_ranks_partitioned_statistics_one_all_reduce_per_step(two_ranks, plain):

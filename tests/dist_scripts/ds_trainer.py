@@ -34,13 +34,17 @@ from cl_core import DEMA, DEMACallback, DEMAConfig, DEMAOptimizer  # noqa: E402
 STEPS = 4
 
 
-def ds_config(stage):
+def ds_config(stage, offload=False):
     # "auto" lets the Trainer fill batch sizes, clipping and bf16 from TrainingArguments
     # (the official LCIA/CoIN scripts' zero1.json has stage 0 and bf16 "auto" the same way).
-    return {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-            "bf16": {"enabled": "auto"},
-            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    cfg = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+           "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+           "bf16": {"enabled": "auto"},
+           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    if offload:   # the optimizer step on the CPU copies (ZeRO-Offload), with the Trainer's torch AdamW
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    return cfg
 
 
 class Replay(TrainerCallback):
@@ -100,7 +104,7 @@ def run_case(out, case, rank):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = 4 // world
     folder = os.path.join(out, case["name"])
-    kw = dict(per_device_train_batch_size=per_device, max_steps=STEPS, deepspeed=ds_config(case["stage"]),
+    kw = dict(per_device_train_batch_size=per_device, max_steps=STEPS, deepspeed=ds_config(case["stage"], case.get("offload", False)),
               bf16=case["bf16"])
     if case.get("dema_optimizer"):
         return refused_case(out, case, T, kw)
