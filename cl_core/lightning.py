@@ -282,17 +282,11 @@ class DEMACallback(pl.Callback):
         alpha = stats.alpha.float()
         fallback = torch.tensor(self.config.fallback, dtype=torch.float32, device=alpha.device)
         parts = [alpha.mean(), (alpha == fallback).float().mean(), stats.nonfinite_skips.sum().float()]
-        missing = getattr(stats, "missing_grads", None)
-        if isinstance(missing, torch.Tensor):
-            parts.append(missing.sum().float().to(alpha.device))
-        values = torch.stack(parts).tolist()       # the one host sync, on logging steps only
+        values = torch.stack(parts).tolist()       # the one device sync, on logging steps only
         metrics = {"dema/alpha_mean": values[0], "dema/fallback_share": values[1],
                    "dema/nonfinite_skips": values[2], "dema/skipped_steps": float(stats.skipped_steps),
-                   "dema/updates": float(stats.updates)}
-        if len(values) > 3:
-            metrics["dema/missing_grads"] = values[3]
-        elif isinstance(missing, (int, float)):
-            metrics["dema/missing_grads"] = float(missing)
+                   "dema/updates": float(stats.updates),
+                   "dema/missing_grads": float(stats.missing_grads.sum())}   # a CPU counter
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 

@@ -393,6 +393,7 @@ def test_stats_go_to_the_loggers_on_the_logging_interval(tmp_path):
         assert 0 < float(r["dema/alpha_mean"]) < 1
         assert 0 <= float(r["dema/fallback_share"]) <= 1
         assert float(r["dema/nonfinite_skips"]) == 0 and float(r["dema/skipped_steps"]) == 0
+        assert float(r["dema/missing_grads"]) == 0
     assert [float(r["dema/updates"]) for r in rows] == [2, 4, 6]
 
 
