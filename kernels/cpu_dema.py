@@ -9,7 +9,7 @@ kernels load every dtype to float32), counted in `slow_tensor_updates` and logge
 once.
 
 On any other device, for float64 groups, or where no C compiler is available, it runs
-a pure-torch path, one tensor (or slice of PIECE elements) at a time, every op writing
+a pure-torch path, one tensor (or slice of at most 1/8 of the group) at a time, every op writing
 into one reused float32 scratch buffer the size of the largest slice: the engine's
 memory stays at the EMA and g_prev (2x fp32 parameters) plus that buffer (<= 3x in
 all; bench/bench_dema.py reports it). Its L1 sums are `torch.sum` of float32 slices
@@ -33,7 +33,9 @@ from cl_core.kernels.native import int64_table as _i64
 log = logging.getLogger(__name__)
 
 MODE_STATS, MODE_APPLY, MODE_BOTH = 1, 2, 3
-PIECE = 1 << 22  # pure-torch path: elements per slice of a large tensor (16 MB of scratch)
+# Pure-torch path: elements per slice of a tensor, 1/8 of the group (so the scratch
+# stays small beside the parameters) within [64K, 4M] elements.
+MIN_PIECE, MAX_PIECE = 1 << 16, 1 << 22
 
 
 def _flat32(t: torch.Tensor) -> torch.Tensor:
@@ -159,16 +161,17 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ pure torch
     def _pieces(self, j):
-        """(start, stop) slices of tensor j, at most PIECE elements each."""
-        n = self.state.numels[j]
-        return [(lo, min(n, lo + PIECE)) for lo in range(0, n, PIECE)] or [(0, 0)]
+        """(start, stop) slices of tensor j, at most self._piece elements each."""
+        n, step = self.state.numels[j], self._piece
+        return [(lo, min(n, lo + step)) for lo in range(0, n, step)] or [(0, 0)]
 
     def _scratch(self) -> torch.Tensor:
         # One float32 buffer of the largest piece, reused by every op (out=): no
         # allocation the size of a tensor per step, and no heap fragmentation.
         if self._tmp is None:
             s = self.state
-            size = max([min(n, PIECE) for n in s.numels] or [0])
+            self._piece = max(MIN_PIECE, min(MAX_PIECE, s.offsets[-1] // 8))
+            size = max([min(n, self._piece) for n in s.numels] or [0])
             self._tmp = torch.empty(size, dtype=torch.float32, device=s.device)
             self._sums = torch.zeros(4, len(s), dtype=torch.float64, device=s.device)
         return self._tmp

@@ -229,3 +229,110 @@ def test_float64_parameters_match_the_reference():
     for a, b in zip(eng.ema_tensors(), ref.ema_tensors()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert eng.stats.nonfinite_skips.tolist() == ref.stats.nonfinite_skips.tolist()
+
+
+# ---------------------------------------------------------------- no silent cliff (issue 12.3)
+def _odd_cases():
+    g = torch.Generator().manual_seed(11)
+    regular = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    transposed = torch.randn(8, 16, generator=g).t()  # non-contiguous parameter
+    return regular, transposed
+
+
+def _grad_for(kind, p, g):
+    base = torch.randn(p.shape, generator=g)
+    if kind == "f64":
+        return base.double()
+    if kind == "bf16":
+        return base.bfloat16()
+    if kind == "noncontig":
+        return torch.randn(p.shape[::-1], generator=g).t() if p.dim() == 2 else base
+    return base
+
+
+@pytest.mark.parametrize("odd", ["param", "f64", "bf16", "noncontig"])
+@pytest.mark.parametrize("reduce", [False, True])
+def test_one_odd_tensor_takes_the_slow_path_alone_and_matches_reference(odd, reduce, caplog):
+    regular, transposed = _odd_cases()
+    params = regular + [transposed if odd == "param" else torch.randn(6, 5)]
+    ref_params = [p.clone() for p in params]
+    reduce_stats = (lambda st: st.mul_(1.0)) if reduce else None  # exercises the two-phase calls
+    e = DEMA(params, DEMAConfig(backend="torch"), reduce_stats=reduce_stats)
+    r = DEMA(ref_params, DEMAConfig(backend="reference"))
+    gen = torch.Generator().manual_seed(3)
+    with caplog.at_level(logging.WARNING, logger="cl_core.kernels.cpu_dema"):
+        for step in range(5):
+            for k, (p, q) in enumerate(zip(params, ref_params)):
+                delta = 0.1 * torch.randn(p.shape, generator=gen)
+                p.add_(delta), q.add_(delta)
+                kind = odd if k == 3 and odd != "param" else "plain"
+                if kind in ("f64", "bf16") and hasattr(p, "grad_dtype"):
+                    p.grad_dtype = q.grad_dtype = None  # newer torch checks gradient dtypes unless told not to
+                p.grad = _grad_for(kind, p, gen)
+                q.grad = p.grad.clone()
+            e.update(), r.update()
+    backend = e.groups[0].backend
+    assert backend._native is not None  # the group kept the native kernel
+    assert backend.slow_tensor_updates == 5  # one tensor, five updates
+    assert len([r_ for r_ in caplog.records if "slower path" in r_.getMessage()]) == 1
+    for a, b in zip(e.ema_tensors(), r.ema_tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(e.stats.alpha, r.stats.alpha, rtol=0, atol=1e-5)
+    assert e.state_dict()["has_prev"].tolist() == r.state_dict()["has_prev"].tolist()
+
+
+def test_sparse_gradient_is_averaged_like_its_dense_equivalent(caplog):
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    dense = torch.nn.Embedding(10, 4)
+    dense.weight.data.copy_(emb.weight.data)
+    e = DEMA([emb.weight], DEMAConfig(backend="torch"))
+    r = DEMA([dense.weight], DEMAConfig(backend="reference"))
+    with caplog.at_level(logging.WARNING, logger="cl_core.dema.engine"):
+        for step in range(4):
+            idx = torch.tensor([step, step + 1, 7])
+            for m in (emb, dense):
+                m.weight.grad = None
+                m(idx).sum().backward()
+                with torch.no_grad():
+                    m.weight.sub_(0.1 * m.weight.grad.to_dense())
+            assert emb.weight.grad.is_sparse
+            e.update(), r.update()
+    assert e.densified_grads == 4
+    assert len([x for x in caplog.records if "sparse" in x.getMessage()]) == 1
+    torch.testing.assert_close(e.ema_tensors()[0], r.ema_tensors()[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(e.stats.alpha, r.stats.alpha, rtol=0, atol=1e-5)
+
+
+_MEMORY_SCRIPT = r"""
+import sys, torch
+import cl_core.kernels.native as native
+from cl_core import DEMA, DEMAConfig
+if sys.argv[1] == "pure":
+    native.function_for = lambda dtype, prefix="dema_cpu": None
+g = torch.Generator().manual_seed(0)
+shapes = [(4096, 8)] * 24 + [(3_000_000,)]  # many LoRA-like tensors and one large one
+params = [torch.randn(s, generator=g) for s in shapes]
+for p in params:
+    p.grad = torch.randn(p.shape, generator=g)
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
+before = kib("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM)
+e = DEMA(params, DEMAConfig(backend="torch"))
+for _ in range(3):
+    e.update()
+print((kib("VmHWM") - before) * 1024 / sum(p.numel() * 4 for p in params))
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak RSS")
+@pytest.mark.parametrize("path", ["native", "pure"])
+def test_engine_memory_is_at_most_three_times_the_parameters(path):
+    """Peak RSS growth over the parameters (EMA + g_prev are 2x; was 8.4x on the pure path)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, path], capture_output=True, text=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, check=True)
+    ratio = float(out.stdout.strip().splitlines()[-1])
+    assert 1.9 < ratio <= 3.0, ratio
