@@ -99,7 +99,6 @@ class DEMACallback(pl.Callback):
         self.resumed = False
         self._module = None
         self._stepper = None           # the optimizer whose steps drive the EMA
-        self._wrapper = None           # a DEMAOptimizer this callback put into the Trainer
         self._update_in_hook = False   # two-pass path: engine.update() in the step hook
         self._hooks = []
         self._expect_step = False      # on_before_optimizer_step seen, step not yet taken
@@ -178,7 +177,7 @@ class DEMACallback(pl.Callback):
         if owned:
             # The module's own DEMAOptimizer: share its engine, never a second one.
             opt = owned[0]
-            self.engine, self._stepper, self._wrapper, self._update_in_hook = opt.engine, opt, None, False
+            self.engine, self._stepper, self._update_in_hook = opt.engine, opt, False
             self.fused = opt.fused
             self.not_fused_reason = None if opt.fused else (
                 "the module's DEMAOptimizer takes its two-pass path (its log line says why)")
@@ -211,7 +210,7 @@ class DEMACallback(pl.Callback):
                 optimizers[index] = wrapper
                 trainer.strategy.optimizers = optimizers      # rebuilds Lightning's optimizer wrappers
                 _mark_step_called(opt, wrapper)
-                self.engine, self._stepper, self._wrapper, self._update_in_hook = wrapper.engine, wrapper, wrapper, False
+                self.engine, self._stepper, self._update_in_hook = wrapper.engine, wrapper, False
                 self.fused, self.not_fused_reason = True, None
                 self.names = [canonical.get(id(p), n) for p, n in zip(wrapper.engine.params, wrapper.engine.names)]
                 self._hook_steps(wrapper)
@@ -225,7 +224,7 @@ class DEMACallback(pl.Callback):
         named = sorted(named, key=lambda item: position.get(id(item[1]), len(position)))
         self.engine = DEMA([p for _, p in named], self.config, names=[n for n, _ in named])
         self.names = [n for n, _ in named]
-        self._stepper, self._wrapper, self._update_in_hook = opt, None, True
+        self._stepper, self._update_in_hook = opt, True
         self.fused, self.not_fused_reason = False, reason
         self._hook_steps(opt)
         logger.info("DEMACallback: not one pass (optimizer step, then a separate DEMA pass): %s", reason)
@@ -473,10 +472,13 @@ def _same_optimizer(a, b) -> bool:
 
 
 def _check_strategy(trainer):
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch import strategies
 
+    # ModelParallelStrategy exists from Lightning 2.4 on
+    sharded = tuple(getattr(strategies, name) for name in ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy")
+                    if hasattr(strategies, name))
     strategy = trainer.strategy
-    if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+    if isinstance(strategy, sharded):
         raise ValueError(f"DEMACallback (Lightning) does not support {type(strategy).__name__} yet: sharded "
                          "parameters need per-tensor statistics summed across ranks. Use a single device or "
                          "DDP, or the Hugging Face Trainer's cl_core.DEMACallback")

@@ -145,9 +145,10 @@ def lora_of(module):
 
 
 def test_adamw_takes_the_fused_path_and_matches_a_plain_loop_with_a_scheduler(tmp_path):
+    cfg = DEMAConfig(formula="paper")          # a non-default config reaches the wrapped optimizer
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        module, cb, t = fit(tmp_path, "adamw", DEMACallback(replace_at_end=False), scheduler=True)
+        module, cb, t = fit(tmp_path, "adamw", DEMACallback(cfg, replace_at_end=False), scheduler=True)
     assert cb.fused and cb.not_fused_reason is None
     assert isinstance(t.optimizers[0], DEMAOptimizer) and t.optimizers[0].engine is cb.engine
     assert cb.engine.num_updates == N_BATCHES
@@ -156,7 +157,8 @@ def test_adamw_takes_the_fused_path_and_matches_a_plain_loop_with_a_scheduler(tm
     # "lr_scheduler.step() before optimizer.step()" warning
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(5e-2 * 0.5 ** (N_BATCHES // 2))
     assert not [w for w in seen if "lr_scheduler.step()" in str(w.message)]
-    model, engine, opt = by_hand("adamw", N_BATCHES, fused=False, scheduler=True)
+    assert t.optimizers[0].engine.config == cfg
+    model, engine, opt = by_hand("adamw", N_BATCHES, fused=False, scheduler=True, config=cfg)
     assert opt.param_groups[0]["lr"] == t.optimizers[0].param_groups[0]["lr"]
     # fused and two-pass differ by float rounding only (tests/test_fused.py); 1e-5 relative here
     for a, b in zip(cb.engine.ema_tensors(), engine.ema_tensors()):
@@ -164,9 +166,11 @@ def test_adamw_takes_the_fused_path_and_matches_a_plain_loop_with_a_scheduler(tm
     for a, b in zip(lora_of(module), (p for _, p in select_dema_parameters(model))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # same maths as DEMAOptimizer in a plain loop: equal bit for bit
-    _, engine_f, _ = by_hand("adamw", N_BATCHES, fused=True, scheduler=True)
+    _, engine_f, _ = by_hand("adamw", N_BATCHES, fused=True, scheduler=True, config=cfg)
     for a, b in zip(cb.engine.ema_tensors(), engine_f.ema_tensors()):
         assert torch.equal(a, b)
+    _, engine_o, _ = by_hand("adamw", N_BATCHES, fused=True, scheduler=True)    # the official formula differs
+    assert any(not torch.equal(a, b) for a, b in zip(cb.engine.ema_tensors(), engine_o.ema_tensors()))
 
 
 def test_other_optimizer_takes_the_two_pass_path_and_says_why(tmp_path, caplog):
