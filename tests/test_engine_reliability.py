@@ -336,3 +336,83 @@ def test_engine_memory_is_at_most_three_times_the_parameters(path):
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, check=True)
     ratio = float(out.stdout.strip().splitlines()[-1])
     assert 1.9 < ratio <= 3.0, ratio
+
+
+# ---------------------------------------------------------------- copies and pickles (issue 12.4)
+def _drive(engine_or_opt, params, seed, steps, opt_step=None):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+            if opt_step is None:
+                with torch.no_grad():
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+        if opt_step is None:
+            engine_or_opt.update()
+        else:
+            opt_step()
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "torch-pure"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_engine_copies_are_independent_and_continue_exactly(backend, how, monkeypatch):
+    import copy
+    import pickle
+
+    if backend == "torch-pure":
+        import cl_core.kernels.native as native
+        monkeypatch.setattr(native, "function_for", lambda dtype, prefix="dema_cpu": None)
+        backend = "torch"
+    params = _params((5, 3), (7,), (2, 9))
+    e = DEMA(params, DEMAConfig(backend=backend, formula="paper"))
+    _drive(e, params, 1, 3)
+    c = copy.deepcopy(e) if how == "deepcopy" else pickle.loads(pickle.dumps(e))
+    c_params = c.params
+    assert all(a is not b for a, b in zip(c_params, params))
+    for a, b in zip(c_params, params):
+        a.data.copy_(b.data)  # pickle does not carry .grad/values beyond data; same start
+    _drive(e, params, 2, 3)
+    _drive(c, c_params, 2, 3)
+    for a, b in zip(e.ema_tensors(), c.ema_tensors()):
+        assert torch.equal(a, b)
+    assert torch.equal(e.stats.alpha, c.stats.alpha) and c.num_updates == e.num_updates == 6
+    # independent: updating the copy leaves the original alone
+    before = [t.clone() for t in e.ema_tensors()]
+    _drive(c, c_params, 3, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, e.ema_tensors()))
+
+
+@pytest.mark.parametrize("inner", ["adamw", "rmsprop"])  # fused path and generic path
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_dema_optimizer_copies_continue_exactly(inner, how):
+    import copy
+    import pickle
+
+    from cl_core import DEMAOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    make = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05), "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01)}
+    opt = DEMAOptimizer(make[inner](model.parameters()))
+    assert opt.fused == (inner == "adamw")
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+
+    def step(m, o):
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        o.step()
+
+    for _ in range(3):
+        step(model, opt)
+    pair = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    model2, opt2 = pair
+    for _ in range(3):
+        step(model, opt)
+        step(model2, opt2)
+    assert opt2.fused == opt.fused
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(opt.engine.ema_tensors(), opt2.engine.ema_tensors()):
+        assert torch.equal(a, b)
+    assert opt2.engine.params[0] is next(model2.parameters()) or any(
+        opt2.engine.params[0] is p for p in model2.parameters())

@@ -9,6 +9,7 @@ fixed number of launches per update whatever the tensor count).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import numbers
 import re
@@ -147,6 +148,9 @@ class DEMA:
     def ensure_groups(self) -> None:
         """Create each group's state and backend (the EMA starts as the parameters now)."""
         if self._started:
+            for g in self.groups:
+                if g.backend is None:  # dropped by pickling / deepcopy: rebuilt on the copy's buffers
+                    g.backend = make_backend(g.backend_name, g.state, self.config, g.dtype)
             return
         with torch.no_grad():
             for g in self.groups:
@@ -273,7 +277,24 @@ class DEMA:
     def _canonicalize(self) -> None:
         # Backends that keep partial sums (Triton) fold them into the shared state.
         for g in self.groups:
-            g.backend.canonicalize()
+            if g.backend is not None:  # a rebuilt backend has nothing to fold yet
+                g.backend.canonicalize()
+
+    # ------------------------------------------------------------------ copy.deepcopy / pickle
+    def __getstate__(self) -> dict:
+        """Everything but the backends (they hold native handles and pointer tables into
+        this engine's buffers); the copy rebuilds them at its first use. A pending fused
+        EMA update is finished first, so the copy continues exactly like the original."""
+        self.flush()
+        if self._started:
+            self._canonicalize()
+        state = dict(self.__dict__)
+        state["groups"] = [dataclasses.replace(g, backend=None) for g in self.groups]
+        state["_pending_flush"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

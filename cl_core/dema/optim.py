@@ -128,14 +128,14 @@ class DEMAOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         """Inner optimizer step, then the DEMA update. Returns the closure's loss."""
-        if self._fused is not None:
+        if self._fused_driver() is not None:
             return self._step_fused(closure)
         return self._step_generic(closure)
 
     @property
     def fused(self) -> bool:
         """Whether steps run the one-pass fused optimizer + DEMA kernel."""
-        return self._fused is not None
+        return self._fused_driver() is not None
 
     def _step_fused(self, closure=None):
         # One sweep per step: the optimizer update and DEMA together (cl_core/fused.py).
@@ -190,16 +190,29 @@ class DEMAOptimizer(torch.optim.Optimizer):
             # the EMA first: a mismatch (ValueError) then leaves the inner state untouched
             self.engine.load_state_dict(dema_sd)
         self.inner.load_state_dict(state_dict)
-        if self._fused is not None:
+        if self._fused_driver() is not None:
             self._fused.reset_step_counts()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
     def __getstate__(self):
-        return dict(self.__dict__)
+        # The fused driver holds native handles and pointer tables into this object's
+        # tensors: the copy rebuilds it at its first step (the engine finishes any pending
+        # EMA update when it is pickled, so nothing is lost).
+        state = dict(self.__dict__)
+        state["_fused"] = None
+        state["_rebuild_fused"] = self._fused is not None or self.__dict__.get("_rebuild_fused", False)
+        return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+
+    def _fused_driver(self):
+        """The FusedStep, rebuilt after a copy/unpickle; None on the generic path."""
+        if self.__dict__.get("_rebuild_fused"):
+            self._rebuild_fused = False
+            self._fused = self._build_fused(self.engine)
+        return self._fused
 
     def __repr__(self) -> str:
         return f"DEMAOptimizer({self.inner!r}, config={self.config!r})"

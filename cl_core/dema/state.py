@@ -72,6 +72,18 @@ class GroupState:
                 view.copy_(t.detach().reshape(-1))
             self.ema_flat.nan_to_num_(0.0, 0.0, 0.0)
 
+    # Pickle and deepcopy keep the flat buffers only; the per-tensor views are rebuilt on
+    # the copy (pickled views would not share storage with the copied buffer).
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["ema_views"] = state["gprev_views"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.ema_views = self._views(self.ema_flat)
+        self.gprev_views = self._views(self.gprev_flat) if self.gprev_flat is not None else None
+
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[o : o + n] for o, n in zip(self.offsets[:-1], self.numels)]
 
