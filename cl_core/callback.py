@@ -27,8 +27,9 @@ from transformers import TrainerCallback
 
 from cl_core.dema import distributed as cl_dist
 from cl_core.dema.config import DEMAConfig
-from cl_core.peft_export import (atomic_save, load_state_file, save_ema_adapter,
-                                 select_dema_parameters, unwrap_model)
+from cl_core.dema.fused import optimizer_kind
+from cl_core.peft_export import (active_adapter_names, atomic_save, is_peft_model, load_state_file,
+                                 save_ema_adapter, select_dema_parameters, unwrap_model)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class DEMACallback(TrainerCallback):
     """
 
     def __init__(self, config: DEMAConfig | None = None, *, params: str = "lora", replace_at_end: bool = True,
-                 record_alpha: bool = False):
+                 record_alpha: bool = False, fused="auto", save_adapter: bool = True):
         if config is not None and not isinstance(config, DEMAConfig):
             raise TypeError(f"DEMACallback(config=...) takes a cl_core.DEMAConfig, got {type(config).__name__}")
         if params not in PARAM_CHOICES:
@@ -61,6 +62,13 @@ class DEMACallback(TrainerCallback):
                              "adapter) or 'trainable' (every trainable tensor, e.g. LLaVA's projector too, as "
                              "the official LCIA code averages)")
         self.params = params
+        if fused not in ("auto", True, False):
+            raise ValueError(f"DEMACallback(fused={fused!r}): use 'auto', True or False")
+        self._fused_arg = fused
+        self.save_adapter = bool(save_adapter)
+        self.fused = False                 # the Trainer's optimizer step runs optimizer + DEMA in one pass
+        self.not_fused_reason: str | None = None
+        self._owns_update = True           # False when a DEMAOptimizer inside the Trainer's optimizer updates
         self.config = config if config is not None else DEMAConfig()
         self.replace_at_end = bool(replace_at_end)
         self.record_alpha = bool(record_alpha)
@@ -114,7 +122,66 @@ class DEMACallback(TrainerCallback):
         params = [p for _, p in named]
         reduce_stats = cl_dist.auto_reduce_stats(params, model)
         self._sharded = reduce_stats is not None
+        shared = self._one_pass_engine(named, optimizer, sharded=self._sharded)
+        if shared is not None:
+            return shared
         return DEMA(params, self.config, names=names, reduce_stats=reduce_stats)
+
+    def _one_pass_engine(self, named, optimizer, sharded):
+        """The engine of a DEMAOptimizer inside the Trainer's optimizer, which then does the
+        update in its step (one pass over memory where the fused kernel applies): the user's
+        own DEMAOptimizer, or one wrapped here around the Trainer's AdamW/Adam/SGD. None
+        (two passes: the optimizer step, then the callback's update) with a log line why."""
+        from cl_core.dema.optim import DEMAOptimizer
+
+        inner = getattr(optimizer, "optimizer", optimizer)
+        canonical = {id(p): n for n, p in named}
+        if isinstance(inner, DEMAOptimizer):
+            # the user's DEMAOptimizer: one engine, updated by the optimizer's step
+            missing = [n for n, p in named if id(p) not in {id(q) for q in inner.engine.params}]
+            if missing:
+                raise ValueError(f"DEMACallback: the Trainer's DEMAOptimizer does not average {len(missing)} of the "
+                                 f"tensors the callback selects (e.g. {missing[0]!r}); build it over them")
+            self._owns_update = False
+            self.fused = inner.fused
+            self.not_fused_reason = None if inner.fused else "the Trainer's DEMAOptimizer takes its two-pass path"
+            inner.engine.names = [canonical.get(id(p), n) for p, n in zip(inner.engine.params, inner.engine.names)]
+            return inner.engine
+        reason = self._why_not_fusable(inner, named, sharded)
+        if reason is None:
+            wrapper = DEMAOptimizer(inner, self.config, fused=self._fused_arg, reduce_stats=None)
+            if wrapper.fused:
+                _install(optimizer, wrapper)
+                self._owns_update = False
+                self.fused, self.not_fused_reason = True, None
+                wrapper.engine.names = [canonical[id(p)] for p in wrapper.engine.params]
+                return wrapper.engine
+            reason = "the fused kernel does not cover this optimizer's settings (DEMAOptimizer's log line says why)"
+        if self._fused_arg is True:
+            raise ValueError(f"DEMACallback(fused=True): no one-pass step possible: {reason}")
+        self.fused, self.not_fused_reason = False, reason
+        logger.info("DEMACallback: not one pass (optimizer step, then a separate DEMA pass): %s", reason)
+        return None
+
+    def _why_not_fusable(self, inner, named, sharded) -> str | None:
+        if self._fused_arg is False:
+            return "fused=False"
+        if sharded:
+            return "the parameters are sharded (FSDP)"
+        if optimizer_is_unknown(inner):
+            return (f"the optimizer is a {type(inner).__name__}; the one-pass step exists for torch AdamW, Adam "
+                    "and SGD (TrainingArguments(optim='adamw_torch_fused'), the default, or 'adamw_torch' / 'sgd')")
+        selected = {id(p) for _, p in named}
+        trained = [p for g in inner.param_groups for p in g["params"] if p.requires_grad]
+        extra = [p for p in trained if id(p) not in selected]
+        if extra:
+            return (f"the optimizer also updates {len(extra)} trainable tensor(s) that are not averaged "
+                    "(params='trainable' averages them all)")
+        trained_ids = {id(p) for p in trained}
+        outside = [n for n, p in named if id(p) not in trained_ids]
+        if outside:
+            return f"{len(outside)} averaged tensor(s) are not updated by the optimizer (e.g. {outside[0]!r})"
+        return None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
@@ -165,11 +232,14 @@ class DEMACallback(TrainerCallback):
                     "FSDP, DeepSpeed ZeRO 0-3 through TrainingArguments(deepspeed=...)), or the averaged tensors "
                     "take no part in the loss")
             self._first_step = False
-            self.engine.update()
+            if self._owns_update:
+                self.engine.update()
+            # else: the DEMAOptimizer inside the Trainer's optimizer updated in its step
         if self.record_alpha:
             if skipped:  # nothing was averaged at this step
                 self.alpha_history.append(torch.zeros(len(self.engine.params), dtype=torch.float32))
             else:
+                self.engine.flush()      # the one-pass step leaves the EMA (and α) one step behind
                 self.alpha_history.append(self.engine.stats.alpha.detach().to("cpu", torch.float32).clone())
         self._pending_step = True
 
@@ -250,6 +320,20 @@ class DEMACallback(TrainerCallback):
                                "the DEMA state was not saved; call callback.save_state(folder)", folder)
                 return
             self.save_state(folder)
+        self._save_checkpoint_adapter(args, folder)
+
+    def _save_checkpoint_adapter(self, args, folder):
+        """``checkpoint-*/ema_adapter/``: the EMA as a PEFT adapter beside the live one."""
+        if not self.save_adapter or not is_peft_model(self._model) or len(active_adapter_names(self._model)) != 1:
+            return
+        ds_partitioned = self._ds_link is not None and self._ds_link.partitioned and cl_dist.world_size() > 1
+        if self._sharded and not ds_partitioned:
+            if not getattr(self, "_warned_fsdp_adapter", False):
+                self._warned_fsdp_adapter = True
+                logger.info("DEMACallback: FSDP shards: checkpoints hold the per-rank DEMA state, no ema_adapter/")
+            return
+        if ds_partitioned or args.should_save:     # DeepSpeed partitions: a gather every rank joins
+            self.save_ema_adapter(os.path.join(folder, "ema_adapter"))
 
     # ------------------------------------------------------------------ end
 
@@ -348,3 +432,24 @@ def _resume_checkpoint(args, state) -> str | None:
         return os.fspath(value)
     guess = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
     return guess if os.path.isdir(guess) else None
+
+
+def optimizer_is_unknown(opt) -> bool:
+    """True unless ``opt`` is exactly a torch AdamW, Adam or SGD (what the fused kernel covers)."""
+    return type(opt) not in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD) or optimizer_kind(opt) is None
+
+
+def _install(accelerated, wrapper) -> None:
+    """Put ``wrapper`` (a DEMAOptimizer around the Trainer's optimizer) inside accelerate's
+    AcceleratedOptimizer, so the Trainer's ``optimizer.step()`` runs it. The LR scheduler keeps
+    working: it reads ``param_groups``, which the wrapper shares with the optimizer it wraps."""
+    if accelerated is wrapper.inner or not hasattr(accelerated, "optimizer"):
+        raise RuntimeError("DEMACallback: the Trainer's optimizer is not wrapped by accelerate; cannot install "
+                           "the one-pass step (pass fused=False)")
+    accelerated.optimizer = wrapper
+    if hasattr(accelerated, "_optimizer_original_step_method"):
+        # with a GradScaler accelerate swaps in a patched step of the optimizer it wraps: rebuild it
+        from accelerate.optimizer import patch_optimizer_step
+
+        accelerated._optimizer_original_step_method = wrapper.step
+        accelerated._optimizer_patched_step_method = patch_optimizer_step(accelerated, wrapper.step)

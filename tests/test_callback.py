@@ -19,7 +19,7 @@ def _train(model, out, callbacks, **kw):
 
 def test_ema_equals_engine_by_hand_with_accumulation_and_clipping(tmp_path):
     model = tiny_peft_llama()
-    cb = DEMACallback(record_alpha=True)
+    cb = DEMACallback(record_alpha=True, fused=False)     # the two-pass path: bit-exact with a replay
     rec = RecorderCallback(select_dema_parameters)
     max_norm = 0.05
     trainer = _train(model, tmp_path, [rec.callback, cb], max_steps=5, gradient_accumulation_steps=2,
@@ -215,7 +215,7 @@ def test_overflow_step_skipped_by_accelerate_scaler_is_not_averaged(tmp_path, op
         return grad
 
     select_dema_parameters(model)[0][1].register_hook(poison_second_backward)
-    cb = DEMACallback(record_alpha=True)
+    cb = DEMACallback(record_alpha=True, fused=False)
     rec = RecorderCallback(select_dema_parameters)
     trainer = _train(model, tmp_path, [rec.callback, cb], max_steps=3, max_grad_norm=0.0, optim=optim)
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
@@ -256,3 +256,68 @@ def test_params_trainable_averages_every_trainable_tensor(tmp_path):
     assert all(".lora_" in n for n in lora_only.engine.names)
     with pytest.raises(ValueError, match="params='all'.*'lora'.*'trainable'"):
         DEMACallback(params="all")
+
+
+def test_one_pass_in_the_trainer_equals_two_passes_with_scheduler_and_clipping(tmp_path):
+    """callbacks=[DEMACallback()] with the Trainer's default optimizer (fused torch AdamW) runs the
+    one-pass optimizer+DEMA step inside the Trainer's optimizer. The LR schedule (cosine with
+    warm-up) and the gradient clipping still act: the trajectory equals the plain two-pass run.
+    Tolerance: the fused kernel sums in another order than torch (1e-5 relative, 1e-6 absolute)."""
+    kw = dict(max_steps=6, gradient_accumulation_steps=2, per_device_train_batch_size=2, max_grad_norm=0.05,
+              lr_scheduler_type="cosine", warmup_steps=2, weight_decay=0.01, save_strategy="steps", save_steps=3)
+    one = DEMACallback(record_alpha=True)
+    m1 = tiny_peft_llama()
+    t1 = _train(m1, tmp_path / "one", [one], **kw)
+    t1.train()
+    assert one.fused and one.not_fused_reason is None
+    assert type(t1.optimizer.optimizer).__name__ == "DEMAOptimizer" and t1.optimizer.optimizer.engine is one.engine
+    two = DEMACallback(record_alpha=True, fused=False)
+    m2 = tiny_peft_llama()
+    _train(m2, tmp_path / "two", [two], **kw).train()
+    assert not two.fused and two.not_fused_reason == "fused=False"
+    assert one.engine.names == two.engine.names and one.engine.num_updates == two.engine.num_updates == 6
+    for a, b in zip(one.alpha_history, two.alpha_history):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(((a != one.config.fallback) & (a > 0)).any() for a in one.alpha_history)
+    for a, b in zip(_ema(one), _ema(two)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for (_, p), (_, q) in zip(select_dema_parameters(m1), select_dema_parameters(m2)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)      # the same training (schedule, clipping)
+    # the Trainer's optimizer.pt carries the DEMA state, and checkpoint-*/ema_adapter/ is the EMA then
+    ckpt = tmp_path / "one" / "checkpoint-3"
+    assert "dema" in torch.load(ckpt / "optimizer.pt", weights_only=False)
+    assert sorted(os.listdir(ckpt / "ema_adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_checkpoint_ema_adapter_loads_and_resume_of_one_pass_is_exact(tmp_path):
+    from peft import PeftModel
+
+    cb = DEMACallback()
+    _train(tiny_peft_llama(), tmp_path / "run", [cb], max_steps=4, save_strategy="steps", save_steps=2,
+           lr_scheduler_type="cosine").train()
+    ema_full = _ema(cb)
+    res = DEMACallback()
+    _train(tiny_peft_llama(lora_seed=5), tmp_path / "res", [res], max_steps=4, lr_scheduler_type="cosine").train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert res.fused and res.engine.num_updates == 4
+    for a, b in zip(_ema(res), ema_full):
+        assert torch.equal(a, b)
+    # the adapter of checkpoint-4 is the EMA at step 4: PEFT loads it unchanged
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "run" / "checkpoint-4" / "ema_adapter"))
+    got = dict(loaded.named_parameters())
+    for name, e in zip(cb.engine.names, ema_full):
+        assert torch.equal(got[name], e), name
+
+
+def test_not_one_pass_says_why(tmp_path, caplog):
+    model = tiny_peft_llama()
+    model.base_model.model.lm_head.weight.requires_grad_(True)     # trained but not averaged
+    cb = DEMACallback()
+    with caplog.at_level("INFO", logger="cl_core.callback"):
+        _train(model, tmp_path, [cb], max_steps=1).train()
+    assert not cb.fused and "not averaged" in cb.not_fused_reason and "not one pass" in caplog.text
+    with pytest.raises(ValueError, match="fused=True.*not averaged"):
+        _train(model, tmp_path / "f", [DEMACallback(fused=True)], max_steps=1).train()
+    every = DEMACallback(params="trainable")                       # averages the head too: one pass
+    _train(model, tmp_path / "t", [every], max_steps=1).train()
+    assert every.fused
