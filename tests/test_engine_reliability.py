@@ -416,3 +416,80 @@ def test_dema_optimizer_copies_continue_exactly(inner, how):
         assert torch.equal(a, b)
     assert opt2.engine.params[0] is next(model2.parameters()) or any(
         opt2.engine.params[0] is p for p in model2.parameters())
+
+
+# ---------------------------------------------------------------- skipped AMP steps (issue 11.5)
+def test_grad_scaler_skipped_steps_are_counted():
+    """torch.amp.GradScaler on CPU: scaler.step(opt) does not call opt.step() on inf/NaN;
+    the wrapper counts the step at the next zero_grad (and averages nothing)."""
+    from cl_core import DEMAOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = DEMAOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+    for i in range(6):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        if i in (1, 4):
+            model.weight.grad[0, 0] = float("nan")  # the scaler skips these steps
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        opt.zero_grad()  # a second call without a backward counts nothing
+    assert opt.engine.stats.skipped_steps == 2
+    assert opt.engine.num_updates == 4
+
+
+def test_gradient_accumulation_and_set_to_none_false_count_no_skips():
+    from cl_core import DEMAOptimizer
+
+    model = torch.nn.Linear(3, 1)
+    opt = DEMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(3):
+        for _ in range(2):  # two micro-batches per step
+            model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    assert opt.engine.stats.skipped_steps == 0 and opt.engine.num_updates == 3
+
+
+# ---------------------------------------------------------------- sparse gradients (issue 12.5)
+def _sparse_model():
+    torch.manual_seed(0)
+    return torch.nn.Embedding(12, 4, sparse=True)
+
+
+def test_sparse_gradients_take_the_generic_path_before_any_weight_moves(caplog):
+    from cl_core import DEMA, DEMAOptimizer
+
+    emb, ref = _sparse_model(), _sparse_model()
+    opt = DEMAOptimizer(torch.optim.SGD(emb.parameters(), lr=0.5))
+    assert opt.fused  # SGD on CPU: the fused path is picked up front
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    by_hand = DEMA([ref.weight], DEMAConfig(backend="reference"))
+    with caplog.at_level(logging.WARNING):
+        for step in range(4):
+            idx = torch.tensor([step, 3, 9])
+            for m, o in ((emb, opt), (ref, ref_opt)):
+                o.zero_grad()
+                m(idx).pow(2).sum().backward()
+                o.step()
+            by_hand.update()
+    assert not opt.fused and "sparse" in opt.not_fused_reason
+    assert len([r for r in caplog.records if "fused kernel cannot read" in r.getMessage()]) == 1
+    assert torch.equal(emb.weight, ref.weight)
+    torch.testing.assert_close(opt.engine.ema_tensors()[0], by_hand.ema_tensors()[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_true_refuses_sparse_gradients_before_anything_changes():
+    from cl_core import DEMAOptimizer
+
+    emb = _sparse_model()
+    opt = DEMAOptimizer(torch.optim.SGD(emb.parameters(), lr=0.5), fused=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="sparse_coo gradient.*nothing was changed"):
+        opt.step()
+    assert torch.equal(emb.weight, before) and opt.engine.num_updates == 0

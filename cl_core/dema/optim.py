@@ -13,10 +13,20 @@ optimizer that have ``requires_grad``.  The wrapper is a ``torch.optim.Optimizer
 is the inner state dict plus one key ``"dema"`` with the engine state.
 
 With ``GradScaler``, ``scaler.step(opt)`` calls ``opt.step()`` only when the gradients are
-finite, so a step the scaler skips is neither taken nor averaged.
+finite, so a step the scaler skips is neither taken nor averaged. Such a step is counted
+(``engine.stats.skipped_steps``) at the next ``opt.zero_grad()``: gradients computed after
+the last step (a new gradient tensor, or one changed in place) that are cleared without a
+step mean a skipped step. (A loop that clears gradients with ``model.zero_grad()`` instead
+is not seen here; ``DEMACallback`` counts the Trainer's skipped steps itself.)
+
+Gradients the one-pass fused kernel cannot read (sparse, another dtype than the parameter,
+non-contiguous) are found before anything changes: ``fused="auto"`` then switches to the
+generic path for good (logged once; ``not_fused_reason`` says why), ``fused=True`` raises.
 """
 from __future__ import annotations
 
+import logging
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -24,6 +34,8 @@ import torch
 from cl_core.dema.config import DEMAConfig
 
 DEMA_STATE_KEY = "dema"
+
+log = logging.getLogger(__name__)
 
 
 class DEMAOptimizer(torch.optim.Optimizer):
@@ -56,7 +68,9 @@ class DEMAOptimizer(torch.optim.Optimizer):
         if fused not in ("auto", True, False):
             raise ValueError(f"DEMAOptimizer: fused={fused!r}; use 'auto', True or False")
         self._fused_arg = fused
+        self.not_fused_reason = None  # set when a step found gradients the fused kernel cannot read
         self.engine = self._build_engine()
+        self._grad_marks = self._mark_grads()
 
     # ------------------------------------------------------------------ engine
 
@@ -129,8 +143,38 @@ class DEMAOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """Inner optimizer step, then the DEMA update. Returns the closure's loss."""
         if self._fused_driver() is not None:
-            return self._step_fused(closure)
-        return self._step_generic(closure)
+            loss = self._step_fused(closure)
+        else:
+            loss = self._step_generic(closure)
+        self._grad_marks = self._mark_grads()
+        return loss
+
+    def _check_fused_grads(self) -> None:
+        """Before any weight moves: gradients the fused kernel cannot read take the
+        generic path (fused="auto") or raise (fused=True)."""
+        reason = None
+        for i, p in enumerate(self.engine.params):
+            g = p.grad
+            if g is None:
+                continue
+            if g.layout != torch.strided:
+                reason = f"tensor {i} ({self.engine.names[i]}) has a {g.layout} gradient"
+            elif g.dtype != p.dtype:
+                reason = f"tensor {i} ({self.engine.names[i]}) has a {g.dtype} gradient for a {p.dtype} parameter"
+            elif not g.is_contiguous():
+                reason = f"tensor {i} ({self.engine.names[i]}) has a non-contiguous gradient"
+            if reason is not None:
+                break
+        if reason is None:
+            return
+        if self._fused_arg is True:
+            raise ValueError(f"DEMAOptimizer(fused=True): {reason}, which the fused kernel cannot read; "
+                             "nothing was changed; use fused='auto' (the generic path) for this model")
+        log.warning("DEMAOptimizer: %s, which the fused kernel cannot read; using the generic path "
+                    "(optimizer step, then a DEMA pass) from now on", reason)
+        self.not_fused_reason = reason
+        self.engine.flush()  # the fused step's pending EMA update, before the generic path
+        self._fused = None
 
     @property
     def fused(self) -> bool:
@@ -138,11 +182,16 @@ class DEMAOptimizer(torch.optim.Optimizer):
         return self._fused_driver() is not None
 
     def _step_fused(self, closure=None):
-        # One sweep per step: the optimizer update and DEMA together (cl_core/fused.py).
+        # One sweep per step: the optimizer update and DEMA together (cl_core/dema/fused.py).
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_fused_grads()
+        if self._fused is None:  # switched to the generic path just now (gradients checked)
+            self.inner.step()
+            self.engine.update()
+            return loss
         self._fused.step()
         return loss
 
@@ -153,7 +202,26 @@ class DEMAOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._grads_changed():
+            # Gradients from a backward pass are cleared without a step: the step was
+            # skipped (GradScaler found inf/NaN). See the module docstring.
+            self.engine.skip_step()
         self.inner.zero_grad(set_to_none=set_to_none)
+        self._grad_marks = self._mark_grads()
+
+    def _mark_grads(self) -> list:
+        """Which gradient tensor each parameter holds now, and its in-place version."""
+        return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in self.engine.params]
+
+    def _grads_changed(self) -> bool:
+        marks = self.__dict__.get("_grad_marks")
+        if marks is None:  # unknown (just unpickled): count nothing
+            return False
+        for p, mark in zip(self.engine.params, marks):
+            g = p.grad
+            if g is not None and (mark is None or mark[0]() is not g or mark[1] != g._version):
+                return True
+        return False
 
     def add_param_group(self, param_group: dict) -> None:
         if self.engine.initialized:
@@ -161,6 +229,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
                                "exists for the old parameters; add every group before training")
         self.inner.add_param_group(param_group)
         self.engine = self._build_engine()
+        self._grad_marks = self._mark_grads()
 
     def state_dict(self) -> dict:
         """The inner optimizer's state dict plus ``"dema"``: the engine state."""
@@ -200,6 +269,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         # tensors: the copy rebuilds it at its first step (the engine finishes any pending
         # EMA update when it is pickled, so nothing is lost).
         state = dict(self.__dict__)
+        state["_grad_marks"] = None  # weak references do not pickle
         state["_fused"] = None
         state["_rebuild_fused"] = self._fused is not None or self.__dict__.get("_rebuild_fused", False)
         return state
