@@ -51,10 +51,17 @@ class DEMACallback(TrainerCallback):
     replace_at_end: copy the EMA into the model at the end of training (default True).
     record_alpha:   keep ``.alpha_history``, one 1-D float CPU tensor of per-tensor α per
                     optimizer step (this syncs with the device each step, hence opt-in).
+    params:         ``"lora"`` (the adapter tensors of the active adapter; every trainable
+                    tensor of a model without adapters) or ``"trainable"`` (every trainable tensor).
+    fused:          ``"auto"``: the Trainer's AdamW/Adam/SGD runs the one-pass optimizer+DEMA
+                    step (``.fused``; ``.not_fused_reason`` and a log line when not); ``True``
+                    raises where it cannot; ``False``: optimizer step, then a DEMA pass.
+    save_adapter:   each ``checkpoint-*`` folder gets ``ema_adapter/`` (a PEFT adapter).
+    eval_with_ema:  ``trainer.evaluate()`` (during and after training) runs on the EMA weights.
     """
 
     def __init__(self, config: DEMAConfig | None = None, *, params: str = "lora", replace_at_end: bool = True,
-                 record_alpha: bool = False, fused="auto", save_adapter: bool = True):
+                 record_alpha: bool = False, fused="auto", save_adapter: bool = True, eval_with_ema: bool = False):
         if config is not None and not isinstance(config, DEMAConfig):
             raise TypeError(f"DEMACallback(config=...) takes a cl_core.DEMAConfig, got {type(config).__name__}")
         if params not in PARAM_CHOICES:
@@ -66,6 +73,9 @@ class DEMACallback(TrainerCallback):
             raise ValueError(f"DEMACallback(fused={fused!r}): use 'auto', True or False")
         self._fused_arg = fused
         self.save_adapter = bool(save_adapter)
+        self.eval_with_ema = bool(eval_with_ema)
+        self._swap_ctx = None              # the engine's swap() while an evaluation runs on the EMA
+        self._eval_hook = None
         self.fused = False                 # the Trainer's optimizer step runs optimizer + DEMA in one pass
         self.not_fused_reason: str | None = None
         self._owns_update = True           # False when a DEMAOptimizer inside the Trainer's optimizer updates
@@ -187,7 +197,15 @@ class DEMACallback(TrainerCallback):
         if model is None:
             raise RuntimeError("DEMACallback.on_train_begin got no model; it must be used as a Trainer callback")
         self._model = unwrap_model(model)
+        self._swap_out()
         self.engine = self._build_engine(self._model, optimizer)
+        if self._eval_hook is not None:
+            self._eval_hook.remove()
+            self._eval_hook = None
+        if self.eval_with_ema:
+            # The Trainer has no "evaluation begins" event: the first forward in eval mode swaps
+            # the EMA in; on_evaluate / on_predict / the next training step swap it out.
+            self._eval_hook = self._model.register_forward_pre_hook(self._eval_forward)
         self.alpha_history = []
         self.resumed_from = None
         self._pending_step = False
@@ -242,6 +260,26 @@ class DEMACallback(TrainerCallback):
                 self.engine.flush()      # the one-pass step leaves the EMA (and α) one step behind
                 self.alpha_history.append(self.engine.stats.alpha.detach().to("cpu", torch.float32).clone())
         self._pending_step = True
+
+    def _eval_forward(self, module, args):
+        if (self.eval_with_ema and not module.training and self._swap_ctx is None and self.engine is not None
+                and self.engine.initialized):
+            self._swap_ctx = self.engine.swap()
+            self._swap_ctx.__enter__()
+
+    def _swap_out(self) -> None:
+        if self._swap_ctx is not None:
+            ctx, self._swap_ctx = self._swap_ctx, None
+            ctx.__exit__(None, None, None)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._swap_out()
+
+    def on_predict(self, args, state, control, **kwargs):
+        self._swap_out()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._swap_out()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.engine is None:
@@ -311,6 +349,7 @@ class DEMACallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.engine is None:
             return
+        self._swap_out()          # (the Trainer already wrote the model: the live weights)
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if self._sharded:
             self.save_state(folder)           # every rank its own slice
@@ -340,6 +379,7 @@ class DEMACallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is None:
             return
+        self._swap_out()
         if self.replace_at_end:
             self.engine.copy_to_params()
 

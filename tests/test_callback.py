@@ -321,3 +321,31 @@ def test_not_one_pass_says_why(tmp_path, caplog):
     every = DEMACallback(params="trainable")                       # averages the head too: one pass
     _train(model, tmp_path / "t", [every], max_steps=1).train()
     assert every.fused
+
+
+def test_eval_with_ema_evaluates_on_the_ema_during_and_after_training(tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class AtEvaluate(TrainerCallback):                 # before the DEMACallback: EMA still swapped in
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            live = [p.detach().clone() for _, p in select_dema_parameters(model)]
+            seen.append(all(torch.equal(a, b) for a, b in zip(live, cb.engine.ema_tensors())))
+
+    cb = DEMACallback(eval_with_ema=True, replace_at_end=False)
+    model = tiny_peft_llama()
+    trainer = sequential_trainer_cls()(
+        model=model, args=training_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2),
+        train_dataset=TokenDataset(), eval_dataset=TokenDataset(n=8, seed=1), callbacks=[AtEvaluate(), cb])
+    trainer.train()
+    assert seen == [True, True]                       # both evaluations during training ran on the EMA
+    live = [p.detach().clone() for _, p in select_dema_parameters(model)]
+    assert any(not torch.equal(a, b) for a, b in zip(live, cb.engine.ema_tensors()))
+    on_ema = trainer.evaluate()["eval_loss"]
+    assert seen[-1] and all(torch.equal(a, p) for a, (_, p) in zip(live, select_dema_parameters(model)))
+    cb.eval_with_ema = False
+    on_live = trainer.evaluate()["eval_loss"]
+    with cb.swap():
+        by_hand = trainer.evaluate()["eval_loss"]
+    assert on_ema == by_hand and on_live != on_ema
