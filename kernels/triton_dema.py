@@ -22,6 +22,7 @@ the PTX for sm_80 and sm_90); without it the same kernels run unhinted on any la
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 
 import torch
@@ -32,6 +33,8 @@ from cl_core.dema.config import DEMAConfig
 from cl_core.dema.state import GroupState
 from cl_core.kernels import layouts as L
 
+log = logging.getLogger(__name__)
+
 # Launch shape of the sweeping kernels: VEC = 16 bytes / element size elements per
 # thread (one 128-bit θ/g access; θ*, g_prev are fp32), 4 warps. stats and apply need
 # ≤ 64 registers per thread (checked by the compile test), so register count does not
@@ -40,6 +43,8 @@ from cl_core.kernels import layouts as L
 NUM_WARPS = 4
 CHUNK = 128  # partials summed per loop iteration in `decide`
 DECIDE_WARPS = 1  # decide reads 4 partials x a few blocks per tensor: one warp is plenty
+SWEEP_LAUNCH = {"num_warps": NUM_WARPS, "maxnreg": 128}  # the register budget ptxas may use
+DECIDE_LAUNCH = {"num_warps": DECIDE_WARPS}
 # decide's two halves (REDUCE, DECIDE): both at once, or split around a reduce_stats hook
 DECIDE_ALL, DECIDE_REDUCE_ONLY, DECIDE_ONLY = (True, True), (True, False), (False, True)
 
@@ -201,31 +206,43 @@ class TritonBackend:
     def __init__(self, state: GroupState, config: DEMAConfig, dtype: torch.dtype):
         if dtype not in _TL_DTYPES:
             raise ValueError(f"the triton DEMA backend supports float32/bfloat16/float16 parameters, got {dtype}")
-        self.state, self.config, self.dtype = state, config, dtype
+        self.state, self.config = state, config
         s, dev = state, state.device
-        self.vec, self.block = launch_shape(torch.empty(0, dtype=dtype).element_size())
-        counts = [(n + self.block - 1) // self.block for n in s.numels]
-        blk0 = [0]
-        for c in counts:
-            blk0.append(blk0[-1] + c)
-        self.n_blocks = blk0[-1]
-        self.blk_tensor = torch.tensor([t for t, c in enumerate(counts) for _ in range(c)], dtype=torch.int32, device=dev)
-        self.blk0 = torch.tensor(blk0, dtype=torch.int32, device=dev)
         self.numel = torch.tensor(s.numels, dtype=torch.int64, device=dev)
         e = [v.data_ptr() for v in s.ema_views]
         gp = [v.data_ptr() for v in s.gprev_views] if s.gprev_views is not None else e
         self.e_tab = torch.tensor(e, dtype=torch.int64, device=dev)
         self.gp_tab = torch.tensor(gp, dtype=torch.int64, device=dev)
-        # θ* and g_prev views are aligned when every numel is a multiple of VEC
-        self._static_aligned = (functools.reduce(operator.or_, e + gp, 0) & 15) == 0 and all(
-            n % self.vec == 0 for n in s.numels)
+        self._ema_addresses = e + gp
         self.dyn_tab = torch.zeros(L.N_DT, max(1, len(s)), dtype=torch.int64, device=dev)
-        self.partials = torch.zeros(max(1, self.n_blocks), L.N_STAT, dtype=torch.float32, device=dev)
-        self.dpart = torch.zeros(max(1, self.n_blocks), dtype=torch.float32, device=dev)
         self.stats = torch.zeros(len(s), L.N_DSTAT, dtype=torch.float32, device=dev)
         self.mode = torch.zeros(len(s), dtype=torch.int8, device=dev)
         self._dyn_key = None
         self._aligned = False
+        self.dpart = None
+        self._bind(dtype)
+
+    def _bind(self, dtype: torch.dtype) -> None:
+        """Block tables for parameters of `dtype` (again when the parameters' dtype changed
+        after the engine was built, e.g. model.to(torch.bfloat16))."""
+        s, dev = self.state, self.state.device
+        self.dtype = dtype
+        self.vec, self.block = launch_shape(torch.empty(0, dtype=dtype).element_size())
+        counts = [(n + self.block - 1) // self.block for n in s.numels]
+        blk0 = [0]
+        for c in counts:
+            blk0.append(blk0[-1] + c)
+        if self.dpart is not None:  # pending d partials belong to the old blocks: fold them first
+            self.canonicalize()
+        self.n_blocks = blk0[-1]
+        self.blk_tensor = torch.tensor([t for t, c in enumerate(counts) for _ in range(c)], dtype=torch.int32, device=dev)
+        self.blk0 = torch.tensor(blk0, dtype=torch.int32, device=dev)
+        # θ* and g_prev views are aligned when every numel is a multiple of VEC
+        self._static_aligned = (functools.reduce(operator.or_, self._ema_addresses, 0) & 15) == 0 and all(
+            n % self.vec == 0 for n in s.numels)
+        self.partials = torch.zeros(max(1, self.n_blocks), L.N_STAT, dtype=torch.float32, device=dev)
+        self.dpart = torch.zeros(max(1, self.n_blocks), dtype=torch.float32, device=dev)
+        self._dyn_key = None
 
     def _set_pointers(self, thetas, grads) -> None:
         th = list(map(_PTR, thetas))
@@ -241,6 +258,11 @@ class TritonBackend:
 
     def update(self, thetas, grads, reduce_stats=None) -> None:
         s, cfg = self.state, self.config
+        dtypes = {x.dtype for x in thetas}
+        if len(dtypes) == 1 and self.dtype not in dtypes and next(iter(dtypes)) in _TL_DTYPES:
+            log.info("triton DEMA backend: parameters are now %s (built for %s); block tables rebuilt",
+                     next(iter(dtypes)), self.dtype)
+            self._bind(next(iter(dtypes)))
         for x in list(thetas) + [g for g in grads if g is not None]:
             if not x.is_contiguous() or x.dtype != self.dtype or x.device != s.device:
                 raise ValueError(
@@ -253,7 +275,7 @@ class TritonBackend:
         formula, scale, fallback, beta = cfg.kernel_scalars()
         need_gp = int(s.needs_grad_prev)
         dt, n = _TL_DTYPES[self.dtype], len(s)
-        sweep = dict(DTYPE=dt, ALIGNED=self._aligned, VEC=self.vec, BLOCK=self.block, num_warps=NUM_WARPS)
+        sweep = dict(DTYPE=dt, ALIGNED=self._aligned, VEC=self.vec, BLOCK=self.block, **SWEEP_LAUNCH)
         if self.n_blocks:
             _dema_stats_kernel[(self.n_blocks,)](
                 self.blk_tensor, self.blk0, self.numel, self.dyn_tab, self.e_tab, self.gp_tab, self.partials,
@@ -267,7 +289,7 @@ class TritonBackend:
         for k, (red, dec) in enumerate(halves):
             if k == 1:
                 reduce_stats(self.stats)
-            _dema_decide_kernel[(n,)](*decide_args, REDUCE=red, DECIDE=dec, CHUNK=CHUNK, num_warps=DECIDE_WARPS)
+            _dema_decide_kernel[(n,)](*decide_args, REDUCE=red, DECIDE=dec, CHUNK=CHUNK, **DECIDE_LAUNCH)
         if self.n_blocks:
             _dema_apply_kernel[(self.n_blocks,)](
                 self.blk_tensor, self.blk0, self.numel, self.dyn_tab, self.e_tab, self.gp_tab, self.mode,
@@ -290,9 +312,16 @@ class TritonBackend:
         self.dpart.zero_()
 
 
+def expect_v4(vec: int, param_loads: int, fp32_loads: int, param_stores: int, fp32_stores: int) -> dict:
+    """128-bit accesses per loop iteration of an ALIGNED sweep: one per stream in the
+    parameter dtype (VEC elements), VEC / 4 per fp32 stream (θ*, g_prev)."""
+    return {"ld_v4": param_loads + fp32_loads * vec // 4, "st_v4": param_stores + fp32_stores * vec // 4}
+
+
 def compile_specs():
     """Every specialisation the launcher above can produce: (name, kernel, signature,
-    constexprs, num_warps). tests/test_triton_compile.py compiles each for sm_80/sm_90."""
+    constexprs, launch options, expected 128-bit accesses or None). tests/test_triton_compile.py
+    compiles each for sm_80/sm_90."""
     ptr = "*i64"
     sweep_sig = dict(blk_tensor="*i32", blk0="*i32", numel="*i64", dyn_tab=ptr, e_tab=ptr, gp_tab=ptr)
     stats_sig = dict(sweep_sig, partials="*fp32", T="i32", need_gp="i32")
@@ -307,9 +336,12 @@ def compile_specs():
         for aligned in (True, False):
             tag = "aligned" if aligned else "general"
             ce = dict(DTYPE=tdt, ALIGNED=aligned, VEC=vec, BLOCK=block)
-            specs.append((f"dema_stats/{name}/{tag}", _dema_stats_kernel, stats_sig, ce, NUM_WARPS))
-            specs.append((f"dema_apply/{name}/{tag}", _dema_apply_kernel, apply_sig, ce, NUM_WARPS))
+            # stats reads θ, g, θ*, g_prev; apply reads θ, g, θ* and writes θ*, g_prev
+            specs.append((f"dema_stats/{name}/{tag}", _dema_stats_kernel, stats_sig, ce, SWEEP_LAUNCH,
+                          expect_v4(vec, 2, 2, 0, 0) if aligned else None))
+            specs.append((f"dema_apply/{name}/{tag}", _dema_apply_kernel, apply_sig, ce, SWEEP_LAUNCH,
+                          expect_v4(vec, 2, 1, 0, 2) if aligned else None))
     for red, dec in (DECIDE_ALL, DECIDE_REDUCE_ONLY, DECIDE_ONLY):
         specs.append((f"dema_decide/reduce={int(red)}/decide={int(dec)}", _dema_decide_kernel, decide_sig,
-                      dict(REDUCE=red, DECIDE=dec, CHUNK=CHUNK), DECIDE_WARPS))
+                      dict(REDUCE=red, DECIDE=dec, CHUNK=CHUNK), DECIDE_LAUNCH, None))
     return specs

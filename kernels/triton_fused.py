@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from cl_core.kernels import layouts as L
-from cl_core.kernels.triton_dema import _bcast, alpha_rule
+from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 # loads in flight per iteration, 16 warps x 32 x 96 B ≈ 48 KB per SM, above the ≈ 15 KB per
 # SM that HBM3 bandwidth x latency (3.35 TB/s x ~600 ns / 132 SMs) asks for.
 NUM_WARPS = 4
+# ptxas's own heuristic targets ~80 registers on sm_80 and spills a few bytes to get
+# there (seen on the general path); telling it the real budget keeps every
+# specialisation spill-free at <= 128 (tests/test_triton_compile.py).
+MAX_REGISTERS = 128
+LAUNCH = {"num_warps": NUM_WARPS, "maxnreg": MAX_REGISTERS}
+PENDING_LAUNCH = {"num_warps": 1}  # one tensor per program, a few dozen partials
 TILE = 16384  # elements per program: few partials per tensor, ~1,250 programs per LoRA-7B step
 CHUNK = 64  # partial rows summed per iteration in the pending decision
 
@@ -458,7 +464,7 @@ class TritonFusedGroup:
                 self.tile_tensor, self.stab, dyn, hyper, self.part[r], self.part[w], self.flags[r], self.flags[w],
                 self.dcarry[r], self.dcarry[w], s.alpha, s.skips, n, self.n_tiles, formula, scale, fallback, beta,
                 DTYPE=_TL[self.dtype], KIND=batch.kind, ALIGNED=aligned, VEC=vec, BLOCK=block, ITERS=iters,
-                CHUNK=CHUNK, num_warps=NUM_WARPS,
+                CHUNK=CHUNK, **LAUNCH,
             )
         self.parity = r
         self._consts = batch.consts
@@ -503,7 +509,7 @@ class TritonFusedGroup:
         _fused_flush_kernel[(self.n_tiles,)](
             self.tile_tensor, self.stab, theta, self.part[r], self.part[w], self.flags[r], self.dcarry[r], s.alpha,
             s.skips, n, self.n_tiles, formula, scale, fallback, beta, DTYPE=_TL[self.dtype], ALIGNED=aligned,
-            VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK, num_warps=NUM_WARPS,
+            VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
         )
         del keep  # the temporaries live until the launch is queued (stream order keeps them valid)
         # Canonical per-tensor state from the flags the last step wrote (torch ops, no sync).
@@ -539,14 +545,15 @@ class TritonFusedGroup:
         skips = torch.empty_like(s.skips)
         _fused_pending_kernel[(n,)](
             self.stab, self.part[r], self.flags[r], self.dcarry[r], s.alpha, s.skips, alpha, skips, n, self.n_tiles,
-            formula, scale, fallback, beta, CHUNK=CHUNK, num_warps=1,
+            formula, scale, fallback, beta, CHUNK=CHUNK, **PENDING_LAUNCH,
         )
         return alpha, skips
 
 
 def compile_specs():
     """Every specialisation the launchers above can produce: (name, kernel, signature,
-    constexprs, num_warps). tests/test_triton_compile.py compiles each for sm_80/sm_90."""
+    constexprs, launch options, expected 128-bit accesses or None). tests/test_triton_compile.py
+    compiles each for sm_80/sm_90."""
     ptr = "*i64"
     step_sig = dict(tile_tensor="*i32", stab=ptr, dyn=ptr, hyper="*fp64", part_r="*fp32", part_w="*fp32",
                     flags_r="*i32", flags_w="*i32", dcarry_r="*fp32", dcarry_w="*fp32", alpha="*fp32",
@@ -567,9 +574,13 @@ def compile_specs():
             shape = dict(VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK)
             tag = "aligned" if aligned else "general"
             for kind, kname in kinds.items():
+                # Adam reads θ, g, m, v, θ*, g_prev and writes θ, m, v, θ*, g_prev; SGD has no v
+                streams = (3, 2, 2, 2) if kind == L.KIND_SGD else (4, 2, 3, 2)
                 specs.append((f"fused_step/{kname}/{name}/{tag}", _fused_step_kernel, step_sig,
-                              dict(DTYPE=tdt, KIND=kind, ALIGNED=aligned, **shape), NUM_WARPS))
+                              dict(DTYPE=tdt, KIND=kind, ALIGNED=aligned, **shape), LAUNCH,
+                              expect_v4(vec, *streams) if aligned else None))
             specs.append((f"fused_flush/{name}/{tag}", _fused_flush_kernel, flush_sig,
-                          dict(DTYPE=tdt, ALIGNED=aligned, **shape), NUM_WARPS))
-    specs.append(("fused_pending", _fused_pending_kernel, pend_sig, dict(CHUNK=CHUNK), 1))
+                          dict(DTYPE=tdt, ALIGNED=aligned, **shape), LAUNCH,
+                          expect_v4(vec, 1, 1, 0, 1) if aligned else None))
+    specs.append(("fused_pending", _fused_pending_kernel, pend_sig, dict(CHUNK=CHUNK), PENDING_LAUNCH, None))
     return specs

@@ -93,6 +93,22 @@ def test_triton_fused_equals_generic(opt_name, formula):
     _compare(_run(True, opt_name, backend="triton", **kw), _run(False, opt_name, backend="triton", **kw))
 
 
+@pytest.mark.parametrize("opt_name,dtype", [("adamw", torch.float32), ("sgd-nesterov", torch.float32),
+                                            ("adam", torch.float16)])
+def test_triton_fused_aligned_kernels_equal_generic(opt_name, dtype):
+    """Every numel a multiple of 8 and every address 16-byte aligned: the ALIGNED kernels
+    (128-bit accesses on a GPU) run, and equal the generic path."""
+    shapes = [(3, 8), (16,), (4, 40), (8,)]
+    kw = dict(backend="triton", steps=5, read_at=(2,), shapes=shapes, dtype=dtype)
+    fused, generic = _run(True, opt_name, **kw), _run(False, opt_name, **kw)
+    drv = fused[0]._fused._drivers[0]
+    assert drv._static_aligned and drv.unaligned_steps == 0
+    if dtype == torch.float32:
+        _compare(fused, generic)
+    else:  # fp16: a few ulps (the interpreter truncates 16-bit stores; see the module docstring)
+        _close(fused[1], generic[1], rtol=8 * 2.0**-10, atol=8 * 2.0**-10)
+
+
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd-nesterov"])
 def test_bf16_parameters(opt_name):
     steps = 10
@@ -178,3 +194,88 @@ def test_fused_step_makes_no_host_sync(backend):
                 p.grad = torch.randn(p.shape, generator=gen)
             opt.step()
     assert mode.syncs == []
+
+
+# ---------------------------------------------------------------------- never the wrong memory (issue 9.5)
+def _steps(opt, params, gen, n, change=None, at=None):
+    for t in range(n):
+        if change is not None and t == at:
+            change(params)
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 0.5).to(p.dtype)
+        opt.step()
+
+
+def _pair(backend, build_opt=lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)):
+    out = []
+    for fused in (True, False):
+        params = _params()
+        out.append((DEMAOptimizer(build_opt(params), DEMAConfig(backend=backend), fused=fused), params))
+    return out
+
+
+def _to_bf16(params):
+    for p in params:
+        p.data = p.data.to(torch.bfloat16)  # what model.to(torch.bfloat16) does to each parameter
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dtype_change_after_construction_equals_the_generic_path(backend):
+    """model.to(bf16) after the optimizer was built: the fused kernel must read bf16
+    storage as bf16 (it rebuilds its tables or takes the generic path), never as fp32."""
+    (fo, fp), (go, gp) = _pair(backend)
+    _to_bf16(fp), _to_bf16(gp)
+    steps = 3
+    _steps(fo, fp, torch.Generator().manual_seed(3), steps)
+    _steps(go, gp, torch.Generator().manual_seed(3), steps)
+    ulp = 2.0**-7  # bf16; the interpreter truncates bf16 stores (see the module docstring)
+    _close(fp, gp, rtol=8 * ulp, atol=8 * ulp)
+    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), rtol=8 * ulp, atol=8 * ulp)
+    assert all(p.dtype == torch.bfloat16 for p in fp)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_replaced_storage_is_followed(backend):
+    """p.data = p.data.clone() between steps (and mid-pending EMA): the tables follow."""
+    (fo, fp), (go, gp) = _pair(backend)
+
+    def replace(params):
+        for p in params[::2]:
+            p.data = p.data.clone()
+
+    _steps(fo, fp, torch.Generator().manual_seed(4), 6, replace, at=3)
+    _steps(go, gp, torch.Generator().manual_seed(4), 6, replace, at=3)
+    _close(fp, gp, 1e-5, 1e-6)
+    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 1e-5, 1e-6)
+    old = fp[0].data_ptr()
+    replace(fp)  # again, right before an EMA read: the flush reads the new storage
+    assert fp[0].data_ptr() != old
+    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_parameters_moved_to_another_device_are_never_read_at_old_addresses(backend, caplog):
+    """Parameters moved (to meta: the other device there is without a GPU) after a fused
+    step: the step refuses with a clear error instead of handing the kernels addresses
+    of another device, and the pending EMA update is kept, not dropped."""
+    (fo, fp), _ = _pair(backend)
+    gen = torch.Generator().manual_seed(5)
+    _steps(fo, fp, gen, 2)
+    saved = [p.detach().clone() for p in fp]
+    # what Module.to("meta") does with torch.__future__.set_swap_module_params_on_conversion(True):
+    # the same Parameter objects (the optimizer's) now live on another device
+    for p in fp:
+        p.grad = None
+        torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().to("meta")))
+        p.grad = torch.zeros_like(p)
+    with caplog.at_level(logging.WARNING, logger="cl_core.dema.fused"):
+        with pytest.raises(RuntimeError, match="pending.*parameters"):
+            fo.step()
+    assert "no longer all on cpu" in caplog.text
+    assert fo._fused.generic_steps == 1
+    for p, d in zip(fp, saved):  # back on the CPU: the pending update is still there and finishes
+        p.grad = None
+        torch.utils.swap_tensors(p, torch.nn.Parameter(d))
+    (go, gp), = [pair for pair in _pair(backend)[1:]]
+    _steps(go, gp, torch.Generator().manual_seed(5), 2)
+    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 1e-5, 1e-6)

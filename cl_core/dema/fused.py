@@ -328,8 +328,12 @@ class FusedStep:
     @torch.no_grad()
     def flush(self) -> None:
         """Finish the EMA update that the last fused step left pending."""
-        for drv in self._drivers or ():
-            drv.flush()
+        try:
+            for drv in self._drivers or ():
+                drv.flush()
+        except Exception:
+            self.engine.set_pending_flush(self.flush)  # still pending: never dropped silently
+            raise
 
     def pending_stats(self):
         """This step's (alpha, skips) per engine group, decided on the device from the
@@ -388,8 +392,15 @@ class _CpuDriver:
 
     def flush(self) -> None:
         consts = getattr(self, "_consts", None)
-        if consts is not None:
-            self.group.flush(consts)
+        if consts is None:
+            return
+        reason = check_tensors(self.members.params, [], self.dtype, self.device, True)
+        if reason is not None:  # the C kernel would read the parameters at their new addresses
+            raise RuntimeError(
+                "DEMA: the EMA update left pending by the last fused step needs the parameters' values, "
+                f"but {reason}; read the EMA (engine.flush()) before changing the parameters"
+            )
+        self.group.flush(consts)
 
     def pending_stats(self):
         return None

@@ -1,0 +1,169 @@
+"""No race between the programs of one launch (issue 9): every Triton kernel gives
+bit-identical results whatever order its programs run in.
+
+On a GPU the programs of a launch run in any order and concurrently; the kernels are
+written so that no program reads what another program of the same launch writes
+(per-tensor flags and partial sums are double-buffered by step parity). The Triton
+interpreter runs programs one by one in grid order; here its grid loop is patched to
+run them reversed and shuffled, and every result (parameters, optimizer state, EMA,
+α, skip counts, d, flags) must equal the in-order run exactly.
+"""
+from __future__ import annotations
+
+import random
+import sys
+
+import pytest
+import torch
+
+from cl_core import DEMA, DEMAConfig, DEMAOptimizer
+
+ORDERS = ("reversed", "shuffled")
+
+
+@pytest.fixture
+def program_order(monkeypatch):
+    """Set `program_order["mode"]` to "reversed" or "shuffled" to reorder the grid loop
+    of every interpreted launch (only that loop: the interpreter's other loops keep `range`)."""
+    from triton.runtime import interpreter
+
+    grid_loop = interpreter.GridExecutor.__call__.__code__
+    builtin_range = range
+    state = {"mode": None, "rng": random.Random(1234)}
+
+    def grid_range(*args):
+        r = builtin_range(*args)
+        if state["mode"] is None or sys._getframe(1).f_code is not grid_loop or len(r) < 2:
+            return r
+        order = list(r)
+        if state["mode"] == "reversed":
+            order.reverse()
+        else:
+            state["rng"].shuffle(order)
+        return order
+
+    monkeypatch.setattr(interpreter, "range", grid_range, raising=False)
+    return state
+
+
+def test_the_order_patch_reorders_programs(program_order):
+    """The check can fail: programs record the order they ran in."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def record(counter, out):
+        tl.store(out + tl.program_id(0), tl.atomic_add(counter, 1))
+
+    seen = {}
+    for mode in (None, "reversed", "shuffled"):
+        program_order["mode"] = mode
+        counter, out = torch.zeros(1, dtype=torch.int32), torch.zeros(8, dtype=torch.int32)
+        record[(8,)](counter, out)
+        seen[mode] = out.tolist()
+    assert seen[None] == list(range(8))
+    assert seen["reversed"] == list(range(7, -1, -1))
+    assert seen["shuffled"] != seen[None] and sorted(seen["shuffled"]) == list(range(8))
+
+
+def _snapshot(engine, params, opt=None) -> list[torch.Tensor]:
+    sd = engine.state_dict()  # flushes: the flush kernel runs too
+    out = [p.detach().clone() for p in params] + [e.clone() for e in sd["ema"]]
+    out += [g.clone() for g in sd["grad_prev"] if g is not None]
+    out += [sd[k].clone() for k in ("started", "has_prev", "d", "alpha", "skips")]
+    if opt is not None:
+        for p in params:
+            out += [v.clone() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def _assert_identical(a, b, what):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        # bit patterns, so that NaN == NaN and -0.0 != 0.0
+        assert x.dtype == y.dtype and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), (what, i)
+
+
+# Several blocks per tensor (DEMA blocks are 512 fp32 / 1,024 16-bit elements) and, for
+# the fused kernels, more than one tile (16,384 elements) for the first tensor: programs
+# of one tensor share its per-tensor state. Small otherwise: the interpreter is slow.
+DEMA_SHAPES = [(3, 700), (1030,), (2, 3), (5,)]
+# Fused tiles shrink to 2,048 elements here (monkeypatched TILE: the same code with more
+# tiles per tensor and several loop iterations per tile, at interpreter speed).
+SMALL_TILE = 2048
+ALIGNED_SHAPES = [(3, 1504), (4, 8), (16,), (8,)]  # every numel a multiple of 8: the ALIGNED kernels
+GENERAL_SHAPES = [(3, 1500), (3, 5), (7,), (5,)]
+
+
+def _params(dtype, shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+
+
+def _grads(params, gen, t):
+    for i, p in enumerate(params):
+        p.grad = None if (t == 2 and i == 2) else (torch.randn(p.shape, generator=gen) * 0.5).to(p.dtype)
+    if t == 1:
+        params[1].grad.view(-1)[0] = float("nan")  # a skipped tensor must stay skipped in any order
+
+
+def _dema_run(dtype, formula, hook):
+    params = _params(dtype, DEMA_SHAPES)
+    engine = DEMA(params, DEMAConfig(backend="triton", formula=formula), reduce_stats=hook)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.add_((torch.randn(p.shape, generator=gen) * 0.1).to(dtype))
+        _grads(params, gen, t)
+        engine.update()
+    return _snapshot(engine, params)
+
+
+@pytest.mark.parametrize("dtype,formula,hook", [
+    (torch.float32, "paper", None),
+    (torch.bfloat16, "official", lambda stats: None),  # the decide kernel split around a hook
+])
+def test_dema_kernels_do_not_depend_on_program_order(program_order, dtype, formula, hook):
+    ref = _dema_run(dtype, formula, hook)
+    for mode in ORDERS:
+        program_order["mode"] = mode
+        _assert_identical(_dema_run(dtype, formula, hook), ref, mode)
+
+
+OPTIMIZERS = {
+    "adamw": lambda ps: torch.optim.AdamW([{"params": ps[:2], "lr": 5e-3}, {"params": ps[2:]}], lr=1e-2,
+                                          weight_decay=0.1),
+    "adam-l2": lambda ps: torch.optim.Adam(ps, lr=3e-3, weight_decay=0.05),
+    "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01),
+}
+
+
+def _fused_run(opt_name, dtype, formula, shapes):
+    params = _params(dtype, shapes)
+    opt = DEMAOptimizer(OPTIMIZERS[opt_name](params), DEMAConfig(backend="triton", formula=formula), fused=True)
+    gen = torch.Generator().manual_seed(1)
+    pending = []
+    for t in range(3):
+        _grads(params, gen, t)
+        opt.step()
+        if t == 1:  # the on-device decision of the pending step, without a flush
+            pending += [x.clone() for x in opt._fused.pending_stats()[0]]
+    aligned = [drv._static_aligned for drv in opt._fused._drivers]
+    return _snapshot(opt.engine, params, opt.inner) + pending, aligned
+
+
+@pytest.mark.parametrize("opt_name,dtype,formula,shapes", [
+    ("adamw", torch.float32, "paper", ALIGNED_SHAPES),
+    ("adam-l2", torch.float16, "official", ALIGNED_SHAPES),
+    ("sgd-nesterov", torch.bfloat16, "fixed", GENERAL_SHAPES),
+])
+def test_fused_kernels_do_not_depend_on_program_order(program_order, monkeypatch, opt_name, dtype, formula, shapes):
+    from cl_core.kernels import triton_fused
+
+    monkeypatch.setattr(triton_fused, "TILE", SMALL_TILE)
+    ref, aligned = _fused_run(opt_name, dtype, formula, shapes)
+    assert aligned == [shapes is ALIGNED_SHAPES]
+    for mode in ORDERS:
+        program_order["mode"] = mode
+        _assert_identical(_fused_run(opt_name, dtype, formula, shapes)[0], ref, mode)

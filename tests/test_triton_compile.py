@@ -1,0 +1,189 @@
+"""Every Triton kernel specialisation the library launches, compiled for real GPUs
+(sm_80 and sm_90) by Triton's own compiler, no GPU needed, on every test run (issue 9).
+
+The specialisations come from the launchers themselves (`compile_specs()` in
+kernels/triton_dema.py and kernels/triton_fused.py: every dtype, ALIGNED on/off, every
+optimizer kind; the formula is a runtime value of each kernel), so a new launch shape
+cannot escape the check. Compiles run in subprocesses without TRITON_INTERPRET (under
+the interpreter kernels are not compiled), in parallel, with a fresh Triton cache that
+is deleted afterwards (nothing cached between runs can hide a failure). From the PTX and
+the `ptxas -v` log Triton itself runs, the tests assert:
+
+- every specialisation compiles for both targets;
+- no spill bytes and at most 128 registers per thread at the launch's warp count;
+- with ALIGNED, every data stream of a sweeping kernel moves through 128-bit global
+  loads/stores (`ld.global.v4` / `st.global.v4`): per iteration one v4 per stream in the
+  parameter dtype and VEC/4 per fp32 stream (θ*, g_prev) — the counts each spec declares.
+
+Budget: about 60 s on 2 cores (80 compiles).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ARCHS = (80, 90)
+MAX_REGISTERS = 128
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _specs():
+    from cl_core.kernels import triton_dema, triton_fused
+
+    return triton_dema.compile_specs() + triton_fused.compile_specs()
+
+
+def _ptx_counts(ptx: str) -> dict:
+    ops = re.findall(r"\b((?:ld|st)\.global[\w.:]*)", ptx)
+    return {
+        "ld": sum(op.startswith("ld.") for op in ops),
+        "st": sum(op.startswith("st.") for op in ops),
+        "ld_v4": sum(op.startswith("ld.") and ".v4." in op for op in ops),
+        "st_v4": sum(op.startswith("st.") and ".v4." in op for op in ops),
+    }
+
+
+def _compile_job(spec, arch: int) -> dict:
+    """Compile one specialisation (in a worker process) and read its machine code."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, fn, sig, constexprs, launch, _expect = spec
+    signature = {a: ("constexpr" if a in constexprs else sig[a]) for a in fn.arg_names}
+    # A real launch marks 16-byte aligned pointer arguments (every torch allocation is).
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*")}
+    knobs.nvidia.dump_ptxas_log = True  # Triton prints its own `ptxas -v` log
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            k = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                               target=GPUTarget("cuda", arch, 32), options=dict(launch))
+    except Exception as exc:  # reported by the test, with the kernel's name
+        return {"name": name, "arch": arch, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    log = out.getvalue()
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    res = {"name": name, "arch": arch, "num_warps": launch["num_warps"], **_ptx_counts(k.asm["ptx"])}
+    res["registers"] = int(regs.group(1)) if regs else None
+    res["spill"] = int(spill.group(1)) + int(spill.group(2)) if spill else None
+    if regs is None or spill is None:
+        res["error"] = "no ptxas -v report in Triton's log: " + log[-500:]
+    return res
+
+
+def _worker(jobs_json: str, out_path: str) -> None:
+    specs = _specs()
+    jobs = json.loads(jobs_json)
+    results = [_compile_job(specs[i], arch) for i, arch in jobs]
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton): the GPU kernels cannot be compiled here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the launches' default (FMA contraction on), stated
+    n_specs = len(_specs())
+    jobs = [(i, arch) for i in range(n_specs) for arch in ARCHS]
+    workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
+    tmp = tempfile.mkdtemp(prefix="cl_core_triton_compile_")
+    env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")  # fresh: nothing from earlier runs
+    try:
+        procs = []
+        for w in range(workers):
+            out_path = os.path.join(tmp, f"results_{w}.json")
+            code = (f"import sys; sys.path.insert(0, {ROOT!r}); from tests.test_triton_compile import _worker; "
+                    f"_worker(sys.argv[1], sys.argv[2])")
+            procs.append((subprocess.Popen([sys.executable, "-c", code, json.dumps(jobs[w::workers]), out_path],
+                                           env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           text=True), out_path))
+        results = []
+        for p, out_path in procs:
+            output, _ = p.communicate(timeout=600)
+            assert p.returncode == 0, f"compile worker failed:\n{output[-3000:]}"
+            with open(out_path) as f:
+                results.extend(json.load(f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    specs = {s[0]: s for s in _specs()}
+    assert len(results) == len(jobs)
+    return results, specs
+
+
+def test_every_specialisation_compiles_for_sm80_and_sm90(compiled):
+    results, specs = compiled
+    errors = [f"{r['name']} sm_{r['arch']}: {r['error']}" for r in results if "error" in r]
+    assert not errors, "\n".join(errors)
+    assert {(r["name"], r["arch"]) for r in results} == {(n, a) for n in specs for a in ARCHS}
+    names = set(specs)
+    for kind in ("adam", "adamw", "sgd"):  # the brief's list: every kind and dtype, both paths
+        for dt in ("float32", "bfloat16", "float16"):
+            for path in ("aligned", "general"):
+                assert f"fused_step/{kind}/{dt}/{path}" in names
+                assert f"fused_flush/{dt}/{path}" in names
+                assert f"dema_stats/{dt}/{path}" in names and f"dema_apply/{dt}/{path}" in names
+
+
+def test_no_spills_and_at_most_128_registers(compiled):
+    results, _ = compiled
+    bad = [f"{r['name']} sm_{r['arch']}: {r['registers']} registers, {r['spill']} spill bytes"
+           for r in results if "error" not in r and (r["spill"] != 0 or r["registers"] > MAX_REGISTERS)]
+    assert not bad, "\n".join(bad)
+
+
+def test_aligned_sweeps_use_128_bit_global_accesses(compiled):
+    results, specs = compiled
+    checked = 0
+    for r in results:
+        expect = specs[r["name"]][5]
+        if "error" in r or expect is None:
+            continue
+        checked += 1
+        assert r["ld_v4"] >= expect["ld_v4"] and r["st_v4"] >= expect["st_v4"], (
+            f"{r['name']} sm_{r['arch']}: {r['ld_v4']} ld.global.v4 / {r['st_v4']} st.global.v4 of "
+            f"{r['ld']} / {r['st']} global accesses; expected at least {expect['ld_v4']} / {expect['st_v4']}"
+        )
+    assert checked >= 2 * 18  # every aligned sweep (3 dtypes x (3 kinds + flush + stats + apply)), both archs
+
+
+def test_the_general_path_is_really_unhinted(compiled):
+    """The check above can fail: without ALIGNED the same kernels have no 128-bit access."""
+    results, _ = compiled
+    general = [r for r in results if r["name"].endswith("/general") and "error" not in r]
+    assert general and all(r["ld_v4"] == 0 and r["st_v4"] == 0 for r in general)
+
+
+def test_layout_codes_agree_with_the_config():
+    from cl_core.dema.config import FORMULA_CODE
+    from cl_core.kernels import layouts
+
+    assert layouts.FORMULA_CODE == FORMULA_CODE
+
+
+if __name__ == "__main__":  # print the table (registers, spills, vector accesses) for bench/README.md
+    import time
+
+    t0 = time.time()
+    all_specs = _specs()
+    for i, spec in enumerate(all_specs):
+        for arch in ARCHS:
+            r = _compile_job(spec, arch)
+            print(f"{r['name']:36s} sm_{arch} warps={spec[4]['num_warps']} regs={r.get('registers')} spill={r.get('spill')} "
+                  f"ld.v4={r.get('ld_v4')}/{r.get('ld')} st.v4={r.get('st_v4')}/{r.get('st')} {r.get('error', '')}",
+                  flush=True)
+    print(f"{time.time() - t0:.0f} s")
