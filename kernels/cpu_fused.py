@@ -50,7 +50,6 @@ CS_PEND_HAS_GRAD = 7  # uint8 [T]  that step had a gradient
 CS_PEND_HAS_PREV = 8  # uint8 [T]  ... and a previous gradient
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-_DTYPE = operator.attrgetter("dtype")
 _PTR = torch.Tensor.data_ptr
 _NUMEL = torch.Tensor.numel
 
@@ -192,10 +191,10 @@ class CpuFusedDriver:
     def prepare(self, batch) -> str | None:
         """None when this step can run fused (tables rebuilt where needed), else why not."""
         mem = self.members
-        dtypes = set(map(_DTYPE, mem.params))
-        if len(dtypes) > 1 or not dtypes.issubset(_SUFFIX):
-            return f"the parameters of one group have dtypes {sorted(map(str, dtypes))}; the fused kernel needs one of float32/bfloat16/float16"
-        dtype = next(iter(dtypes)) if dtypes else self.dtype
+        # the first parameter's dtype is the candidate; check_tensors checks every tensor
+        dtype = mem.params[0].dtype if mem.params else self.dtype
+        if dtype not in _SUFFIX:
+            return f"the parameters are now {dtype}; the fused kernel takes float32, bfloat16 or float16"
         reason = self._check(mem.params, batch.grads, dtype, self.device, batch.has_all_grads)
         if reason is not None:
             return reason

@@ -102,6 +102,24 @@ def test_dtype_changed_after_the_optimizer_was_built(dtype, opt_name):
     assert torch.equal(opt.engine.stats.nonfinite_skips, ref.engine.stats.nonfinite_skips)
 
 
+def test_dtype_without_a_kernel_takes_the_generic_path(caplog):
+    """model.to(float64) after the optimizer was built: no fused kernel for float64, so
+    every step takes the generic path (logged once) and equals a model converted first."""
+    late = _model()
+    opt = DEMAOptimizer(torch.optim.AdamW(late.parameters(), lr=1e-2), fused=True)
+    late.to(torch.float64)
+    with caplog.at_level("WARNING", logger="cl_core.dema.fused"):
+        _train(late, opt, 4, dtype=torch.float64)
+    assert opt._fused.generic_steps == 4
+    fused_logs = [r.getMessage() for r in caplog.records if r.name == "cl_core.dema.fused"]
+    assert len(fused_logs) == 1 and "float64" in fused_logs[0]
+    early = _model().to(torch.float64)
+    ref = DEMAOptimizer(torch.optim.AdamW(early.parameters(), lr=1e-2), fused=False)
+    _train(early, ref, 4, dtype=torch.float64)
+    _close(list(late.parameters()), list(early.parameters()), 1e-12)
+    _close(opt.engine.ema_tensors(), ref.engine.ema_tensors(), 1e-6)
+
+
 def test_dtype_changed_mid_run_never_sweeps_the_old_layout():
     """After fused steps, model.to(bf16): torch's own AdamW state stays fp32, so the
     generic path raises torch's error; the fused path must not hand the kernel the fp32
@@ -205,7 +223,7 @@ def test_prepare_refuses_resized_parameters_and_gradients():
     consts = opt.engine.config.kernel_scalars()
 
     def prepare(grads):
-        return drv.prepare(StepBatch(L.KIND_ADAMW, consts, hyper, grads, None not in grads))
+        return drv.prepare(StepBatch(L.KIND_ADAMW, consts, hyper, grads, all(g is not None for g in grads)))
 
     assert prepare([torch.randn(5), torch.randn(3, 2)]) is None
     assert "size" in prepare([torch.randn(4), torch.randn(3, 2)])
