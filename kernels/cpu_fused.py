@@ -132,6 +132,12 @@ class CpuFusedDriver:
         self.dtype = eg.dtype
         self.n = n = len(s)
         self.numels = list(s.numels)
+        # The kernels keep θ* and g_prev in fp32; an engine that keeps them in the
+        # parameter dtype (DEMAConfig(ema_dtype="param")) takes the generic path.
+        buffers = [s.ema_flat] + ([s.gprev_flat] if s.gprev_flat is not None else [])
+        self._unsupported = next(
+            (f"the EMA buffers are {b.dtype} (ema_dtype='param'); the CPU fused kernel keeps them in float32"
+             for b in buffers if b.dtype != torch.float32), None)
         cols = max(1, n)
         self.stab = torch.zeros(L.N_STATIC, cols, dtype=torch.int64)
         self.dyn = torch.zeros(L.N_DYNAMIC, cols, dtype=torch.int64)
@@ -190,6 +196,8 @@ class CpuFusedDriver:
     # ------------------------------------------------------------------ the interface
     def prepare(self, batch) -> str | None:
         """None when this step can run fused (tables rebuilt where needed), else why not."""
+        if self._unsupported is not None:
+            return self._unsupported
         mem = self.members
         # the first parameter's dtype is the candidate; check_tensors checks every tensor
         dtype = mem.params[0].dtype if mem.params else self.dtype

@@ -290,3 +290,23 @@ def test_pending_stats_equal_what_the_flush_records(formula):
         assert torch.equal(pend[1], state.skips), t
         assert drv.pending_stats() is None  # flushed: nothing pending
     assert state.skips[3] >= 1  # the NaN step was counted
+
+
+def test_ema_in_the_parameter_dtype_is_never_swept_as_fp32():
+    """DEMAConfig(ema_dtype="param") keeps θ* and g_prev in the parameter dtype; the CPU
+    fused kernel keeps them in fp32, so such an engine runs the generic path (refused up
+    front or per step) and equals fused=False exactly."""
+    try:
+        config = DEMAConfig(ema_dtype="param")
+    except TypeError:
+        pytest.skip("DEMAConfig has no ema_dtype in this tree yet")
+    runs = []
+    for fused in ("auto", False):
+        model = _model().to(torch.bfloat16)
+        opt = DEMAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), config, fused=fused)
+        _train(model, opt, 4, dtype=torch.bfloat16)
+        runs.append((model, opt))
+    (fm, fo), (gm, go) = runs
+    assert not fo.fused or fo._fused.generic_steps == 4
+    _close(list(fm.parameters()), list(gm.parameters()), 0.0)
+    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 0.0)
