@@ -75,6 +75,7 @@ class DEMACallback(TrainerCallback):
         self.save_adapter = bool(save_adapter)
         self.eval_with_ema = bool(eval_with_ema)
         self._swap_ctx = None              # the engine's swap() while an evaluation runs on the EMA
+        self._log_acc = None               # device sums of α since the last training log line
         self._eval_hook = None
         self.fused = False                 # the Trainer's optimizer step runs optimizer + DEMA in one pass
         self.not_fused_reason: str | None = None
@@ -253,6 +254,7 @@ class DEMACallback(TrainerCallback):
             if self._owns_update:
                 self.engine.update()
             # else: the DEMAOptimizer inside the Trainer's optimizer updated in its step
+            self._accumulate_log_stats()
         if self.record_alpha:
             if skipped:  # nothing was averaged at this step
                 self.alpha_history.append(torch.zeros(len(self.engine.params), dtype=torch.float32))
@@ -260,6 +262,39 @@ class DEMACallback(TrainerCallback):
                 self.engine.flush()      # the one-pass step leaves the EMA (and α) one step behind
                 self.alpha_history.append(self.engine.stats.alpha.detach().to("cpu", torch.float32).clone())
         self._pending_step = True
+
+    def _accumulate_log_stats(self) -> None:
+        # On the device, no sync: Σα and the number of tensors at the fallback since the last log.
+        # (In the one-pass path the α in the engine is the one decided at the previous step.)
+        alpha = self.engine.stats.alpha.float()
+        at_fallback = ((alpha - self.config.fallback).abs() <= 1e-7 * max(1.0, self.config.fallback)).float()
+        if self._log_acc is None:
+            self._log_acc = [alpha.sum(), at_fallback.sum(), 0]
+        else:
+            self._log_acc[0] += alpha.sum()
+            self._log_acc[1] += at_fallback.sum()
+        self._log_acc[2] += alpha.numel()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Adds the DEMA numbers to each training log line: ``trainer.state.log_history`` and the
+        callbacks after this one (the Trainer puts its report_to callbacks before the user's: to
+        send the numbers to a backend, list its callback after this one, with report_to=[]): ``dema/alpha_mean`` and
+        ``dema/fallback_share`` over the updates since the last line, and the running counts
+        ``dema/nonfinite_skips``, ``dema/missing_grads``, ``dema/skipped_steps``."""
+        if self.engine is None or logs is None or "loss" not in logs or self._log_acc is None:
+            return
+        total_alpha, at_fallback, n = self._log_acc
+        self._log_acc = None
+        stats = self.engine.stats
+        sums = torch.stack([total_alpha, at_fallback, stats.nonfinite_skips.sum().float()]).tolist()  # one sync
+        numbers = {"dema/alpha_mean": sums[0] / max(n, 1), "dema/fallback_share": sums[1] / max(n, 1),
+                   "dema/nonfinite_skips": int(sums[2]), "dema/missing_grads": int(stats.missing_grads.sum()),
+                   "dema/skipped_steps": int(stats.skipped_steps)}
+        logs.update(numbers)
+        # the Trainer appended a copy of these logs to its history just before this event
+        last = state.log_history[-1] if state.log_history else None
+        if isinstance(last, dict) and last.get("step") == state.global_step and "loss" in last:
+            last.update(numbers)
 
     def _eval_forward(self, module, args):
         if (self.eval_with_ema and not module.training and self._swap_ctx is None and self.engine is not None

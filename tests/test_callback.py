@@ -349,3 +349,28 @@ def test_eval_with_ema_evaluates_on_the_ema_during_and_after_training(tmp_path):
     with cb.swap():
         by_hand = trainer.evaluate()["eval_loss"]
     assert on_ema == by_hand and on_live != on_ema
+
+
+def test_dema_numbers_go_into_the_trainer_logs(tmp_path):
+    from transformers import TrainerCallback
+
+    sent = []
+
+    class Backend(TrainerCallback):                   # a report_to backend listed after the callback
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                sent.append(dict(logs))
+
+    cb = DEMACallback(record_alpha=True, fused=False)
+    trainer = _train(tiny_peft_llama(), tmp_path, [cb, Backend()], max_steps=4, logging_strategy="steps",
+                     logging_steps=2)
+    trainer.train()
+    lines = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(lines) == 2 and [s["dema/alpha_mean"] for s in sent] == [h["dema/alpha_mean"] for h in lines]
+    for k, line in enumerate(lines):
+        window = torch.stack(cb.alpha_history[2 * k:2 * k + 2])
+        assert line["dema/alpha_mean"] == pytest.approx(float(window.mean()), rel=1e-6)
+        assert line["dema/fallback_share"] == pytest.approx(float((window == cb.config.fallback).float().mean()))
+        assert line["dema/nonfinite_skips"] == 0 and line["dema/missing_grads"] == 0
+        assert line["dema/skipped_steps"] == 0
+    assert 0 < lines[1]["dema/fallback_share"] < 1
