@@ -125,6 +125,7 @@ class DEMACallback(TrainerCallback):
             self._sharded = link.partitioned and cl_dist.world_size() > 1
             engine = cl_dist.make_deepspeed_engine(link, self.config, names)
             engine.model_params = [p for _, p in named]
+            self.fused, self.not_fused_reason = False, "DeepSpeed steps its own optimizer (DEMA reads it in the step)"
             logger.info("DEMACallback: DeepSpeed %s (%s): DEMA reads the fp32 %s and the gradients inside "
                         "DeepSpeed's step%s", type(ds_opt).__name__, link.mode,
                         "partitions" if link.partitioned else "parameters",
