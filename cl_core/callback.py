@@ -5,16 +5,22 @@
 * ``on_train_begin``: builds ``.engine`` (a :class:`cl_core.DEMA`) over the LoRA tensors of
   the active adapter of a PEFT model, else over every trainable parameter; when the
   Trainer resumes from a checkpoint, the DEMA state saved in that checkpoint is loaded.
+  With the Trainer's AdamW/Adam/SGD it puts a DEMAOptimizer inside the Trainer's optimizer,
+  so each step is one fused optimizer+DEMA pass (``.fused``, ``.not_fused_reason``).
 * ``on_optimizer_step`` (where the official code hooks in): one update per optimizer
   step, on the accumulated and clipped gradient; a step that accelerate's GradScaler
-  skipped (overflow) is counted with ``engine.skip_step()`` and not averaged.
+  skipped (overflow) is counted with ``engine.skip_step()`` and not averaged. A first
+  step where no averaged tensor has a gradient stops training (never a silent fixed EMA).
 * ``on_save``: the DEMA state goes into the checkpoint folder as ``dema_state.pt``
-  (one ``dema_state_rank{r}.pt`` per rank when the parameters are FSDP shards).
+  (one ``dema_state_rank{r}.pt`` per rank when the parameters are FSDP shards or DeepSpeed
+  partitions), and the EMA as a PEFT adapter into ``ema_adapter/``.
+* ``on_log``: mean α, share at the fallback and the skip counters in each training log line.
 * ``on_train_end``: the EMA replaces the live weights (the official "EMA replace"),
-  unless ``replace_at_end=False``.
+  unless ``replace_at_end=False``. ``eval_with_ema=True``: evaluations run on the EMA.
 
 Under DDP (``torchrun``) every rank computes the same EMA, no communication needed;
-with FSDP the per-tensor statistics are summed across ranks (cl_core.dema.distributed).
+with FSDP the per-tensor statistics are summed across ranks, and under DeepSpeed (ZeRO
+0-3) the gradients are read inside DeepSpeed's step (cl_core.dema.distributed).
 """
 from __future__ import annotations
 
@@ -109,6 +115,7 @@ class DEMACallback(TrainerCallback):
 
         named = self._select(model)
         names = [n for n, _ in named]
+        self._owns_update, self.fused, self.not_fused_reason = True, False, None
         if self._ds_link is not None:
             self._ds_link.close()
             self._ds_link = None
