@@ -41,6 +41,7 @@ created (the way torch does) only at its first gradient.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import operator
@@ -61,6 +62,7 @@ _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 _PTR = torch.Tensor.data_ptr
 _CONTIG = torch.Tensor.is_contiguous
+_IS_NONE = functools.partial(operator.is_, None)
 
 
 def optimizer_kind(opt: torch.optim.Optimizer) -> int | None:
@@ -290,7 +292,7 @@ class FusedStep:
         batches, missing = [], []
         for mem, drv in zip(self._members, self._drivers):
             grads = list(map(_GRAD, mem.params))
-            has_all = None not in grads
+            has_all = not any(map(_IS_NONE, grads))  # not `None in grads`: that calls Tensor.__eq__
             batch = StepBatch(kind, consts, hyper, grads, has_all)
             reason = drv.prepare(batch)
             if reason is not None:
