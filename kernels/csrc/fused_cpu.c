@@ -55,11 +55,15 @@ typedef struct {
 
 static group_state state_from(const int64_t *CS) {
     group_state s = {
-        (uint8_t *)(intptr_t)CS[CS_STARTED],     (uint8_t *)(intptr_t)CS[CS_HAS_PREV],
-        (float *)(intptr_t)CS[CS_D],             (float *)(intptr_t)CS[CS_ALPHA],
-        (int64_t *)(intptr_t)CS[CS_SKIPS],       (uint8_t *)(intptr_t)CS[CS_PEND_MODE],
-        (float *)(intptr_t)CS[CS_PEND_STATS],    (uint8_t *)(intptr_t)CS[CS_PEND_HAS_GRAD],
-        (uint8_t *)(intptr_t)CS[CS_PEND_HAS_PREV],
+        .started = (uint8_t *)(intptr_t)CS[CS_STARTED],
+        .has_prev = (uint8_t *)(intptr_t)CS[CS_HAS_PREV],
+        .d = (float *)(intptr_t)CS[CS_D],
+        .alpha = (float *)(intptr_t)CS[CS_ALPHA],
+        .skips = (int64_t *)(intptr_t)CS[CS_SKIPS],
+        .pend_mode = (uint8_t *)(intptr_t)CS[CS_PEND_MODE],
+        .pend_stats = (float *)(intptr_t)CS[CS_PEND_STATS],
+        .pend_has_grad = (uint8_t *)(intptr_t)CS[CS_PEND_HAS_GRAD],
+        .pend_has_prev = (uint8_t *)(intptr_t)CS[CS_PEND_HAS_PREV],
     };
     return s;
 }
