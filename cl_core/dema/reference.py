@@ -21,9 +21,10 @@ STAT_A, STAT_B, STAT_C, STAT_NONFINITE, STAT_D = range(5)
 _ROW = 4096  # float32 partial sums over rows this long, float64 across rows
 
 
-def l1(x: torch.Tensor) -> torch.Tensor:
-    """‖x‖₁ of a float32 tensor, accumulated in float64 (a 0-dim float64 tensor)."""
-    a = x.reshape(-1).abs()
+def l1(x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    """‖x‖₁ of a float32 tensor, accumulated in float64 (a 0-dim float64 tensor).
+    scratch=True: x is a temporary and may be overwritten (saves a copy)."""
+    a = x.reshape(-1).abs_() if scratch else x.reshape(-1).abs()
     head = a.numel() - a.numel() % _ROW
     # float32 row sums (exact to float32 rounding), then float64 across rows: the float64
     # copy is small.
@@ -45,9 +46,9 @@ class ReferenceBackend:
             nonfinite = not bool(torch.isfinite(th).all()) or (g is not None and not bool(torch.isfinite(g).all()))
             stats[i, STAT_NONFINITE] = float(nonfinite)
             if not nonfinite and g is not None and s.needs_grad_prev:
-                stats[i, STAT_A] = l1(th - s.ema_views[i])
+                stats[i, STAT_A] = l1(th - s.ema_views[i], scratch=True)
                 stats[i, STAT_B] = l1(g)
-                stats[i, STAT_C] = l1(g - s.gprev_views[i])
+                stats[i, STAT_C] = l1(g - s.gprev_views[i], scratch=True)
             stats[i, STAT_D] = s.d[i]
         if reduce_stats is not None:
             # Sharded parameters: sum the local statistics over ranks (one call).
@@ -71,11 +72,11 @@ class ReferenceBackend:
                 s.started[i] = 1
             elif cfg.formula != "fixed" and (grad is None or not s.has_prev[i]):
                 alpha = cfg.fallback
-                ema.copy_(ema * (1.0 - alpha) + th * alpha)
+                ema.mul_(1.0 - alpha).add_(th * alpha)  # = ema * (1 - α) + θ * α
             else:
                 a, b, c, d = (float(stats[i, k]) for k in (STAT_A, STAT_B, STAT_C, STAT_D))
                 alpha = alpha_rule(cfg, a, b, c, d)
-                ema.copy_(ema * (1.0 - alpha) + th * alpha)
+                ema.mul_(1.0 - alpha).add_(th * alpha)  # = ema * (1 - α) + θ * α
             s.alpha[i] = alpha
             if s.needs_grad_prev:
                 if grad is None:
@@ -83,7 +84,7 @@ class ReferenceBackend:
                 else:
                     s.gprev_views[i].copy_(grad.detach().reshape(-1).float())
                     s.has_prev[i] = 1
-            s.d[i] = l1(th - ema)
+            s.d[i] = l1(th - ema, scratch=True)
 
     def canonicalize(self) -> None:
         """Nothing to fold: this backend writes the shared state directly."""
