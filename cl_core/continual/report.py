@@ -234,9 +234,12 @@ def write_report(results: dict, out_dir) -> Path:
         lines.append("")
     lines += _alpha_hist_lines(results, out)
     lines += ["## Files", "",
-              "`results.json` (per method: seed-mean `matrix` and `metrics`, per seed the same plus α traces), "
+              "`results.json` (per method: seed-mean `matrix`, `metrics` and `settings`; per seed the same plus, "
+              "one entry per task, `groups`, `reused`, `ema`, `dema` (DEMA on), `init_from` (the task whose "
+              "weights the trained set started from; null: fresh), mean α per step and `alpha_counts`), "
               "`state.json` (finished units, for resuming), `config.json`, `chains/<method>/seed<s>/task<j>/` "
-              "(final LoRA adapters, PEFT format), `base/seed<s>/` (stage-1 base model).", ""]
+              "(final LoRA adapters, PEFT format), `chains/<method>/seed<s>/alpha_task<j>.json` (α per step and "
+              "tensor, with the tensors' sizes), `base/seed<s>/` (stage-1 base model).", ""]
     if "wall_seconds_this_call" in results:
         lines += [f"Wall time of the call that finished this run: {results['wall_seconds_this_call']:.0f} s "
                   "(the time `cl-core` prints; a resumed run counts only its last call).", ""]
@@ -307,7 +310,8 @@ def _never_on_lines(methods: dict) -> list[str]:
             lines.append(f"**{m} never turned its EMA on in this run:** {why}, so its numbers show "
                          f"{'grouping, routing and the new-set start' if 'grouping' in st.get('LoRA sets', '') else 'plain LoRA'}"
                          ", not the EMA.")
-    return lines + [""] if lines else []
+            lines.append("")
+    return lines
 
 
 def plot_alpha_hist(results: dict, path: Path) -> bool:
