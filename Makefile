@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.cl_core_installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 
 $(STAMP): setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -25,6 +25,18 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results.json
+
+# The one command for a machine with a CUDA GPU (README: "make gpu-check"): the CUDA cases
+# of the test suite on compiled kernels (every backend against the reference, launch
+# counts, no host sync under torch.cuda.set_sync_debug_mode("error")), then the benchmarks
+# on CUDA with their ratios and bandwidth. Needs a CUDA build of torch in .venv.
+gpu-check: $(STAMP)
+	@if ! $(VPY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		echo "gpu-check: torch $$($(VPY) -c 'import torch; print(torch.__version__)') sees no CUDA GPU here;" \
+			"nothing to check (install a CUDA build of torch into .venv on a GPU machine). The CPU suite is 'make test'."; \
+		exit 0; fi; \
+	TRITON_INTERPRET=0 $(VPY) -m pytest -q tests -k "cuda or triton_compile" -p no:cacheprovider && \
+	$(VPY) -m pytest bench -q --benchmark-only --device cuda -p no:cacheprovider --benchmark-json=bench/results_cuda.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -73,8 +73,10 @@ class Report:
         lines = []
         if bw:
             lines.append(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s (read + write bytes per second)\n")
-        lines.append("| group | what | median ms | × baseline | effective B/elem | floor B/elem | note |")
-        lines.append("|---|---|---:|---:|---:|---:|---|")
+        # "of copy": floor / effective = the achieved bandwidth (the bytes the method must
+        # move, per second) as a fraction of the measured copy bandwidth
+        lines.append("| group | what | median ms | × baseline | effective B/elem | floor B/elem | of copy | note |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---|")
         groups = []
         for r in self.rows:
             if r["group"] not in groups:
@@ -89,8 +91,12 @@ class Report:
                 floor = "" if r["floor_bytes"] is None else str(r["floor_bytes"])
                 ratio = r["median_s"] / base["median_s"]
                 mark = " (baseline)" if r is base else ""
+                frac = ""
+                if eff and r["floor_bytes"]:
+                    frac = f"{100 * r['floor_bytes'] / float(eff):.0f}%"
                 lines.append(
-                    f"| {g} | {r['name']}{mark} | {r['median_s'] * 1e3:.2f} | {ratio:.2f} | {eff} | {floor} | {r['note']} |"
+                    f"| {g} | {r['name']}{mark} | {r['median_s'] * 1e3:.2f} | {ratio:.2f} | {eff} | {floor} | {frac} | "
+                    f"{r['note']} |"
                 )
         ratios = self.ratios()
         if ratios:

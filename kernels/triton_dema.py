@@ -252,7 +252,11 @@ class TritonBackend:
             rows = [None] * L.N_DT
             rows[L.DT_PARAM], rows[L.DT_GRAD] = th, g
             rows[L.DT_HAS_GRAD] = [0 if x is None else 1 for x in grads]
-            self.dyn_tab.copy_(torch.tensor(rows, dtype=torch.int64), non_blocking=True)
+            host = torch.tensor(rows, dtype=torch.int64)
+            cuda = self.dyn_tab.device.type == "cuda"
+            # pinned + non_blocking: no host sync (torch's host allocator keeps the block
+            # until the copy has run)
+            self.dyn_tab.copy_(host.pin_memory() if cuda else host, non_blocking=cuda)
             self._dyn_key = key
             self._aligned = self._static_aligned and (functools.reduce(operator.or_, th + g, 0) & 15) == 0
 

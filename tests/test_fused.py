@@ -279,3 +279,37 @@ def test_parameters_moved_to_another_device_are_never_read_at_old_addresses(back
     (go, gp), = [pair for pair in _pair(backend)[1:]]
     _steps(go, gp, torch.Generator().manual_seed(5), 2)
     _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 1e-5, 1e-6)
+
+
+# ---------------------------------------------------------------------- CUDA (make gpu-check)
+from tests.test_launches_and_syncs import CUDA_ALIGNED, CUDA_GENERAL, cuda  # noqa: E402
+
+
+@cuda
+@pytest.mark.parametrize("shapes", [CUDA_ALIGNED, CUDA_GENERAL], ids=["aligned", "general"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("opt_name", ["adamw", "adam-l2", "sgd-nesterov", "sgd-dampening"])
+def test_cuda_fused_equals_generic(opt_name, dtype, shapes):
+    """The compiled fused kernel against torch's optimizer + the generic DEMA, on CUDA.
+    fp32: the tolerances of this module; bf16: 2 ulps per step (torch rounds some
+    scalars to bf16, the kernel does not)."""
+    def run(fused):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to("cuda", dtype)) for s in shapes]
+        groups = [{"params": params[:2], "lr": 5e-3}, {"params": params[2:]}]
+        opt = DEMAOptimizer(OPTIMIZERS[opt_name](groups), DEMAConfig(backend="triton", formula="paper"), fused=fused)
+        for t in range(8):
+            for i, p in enumerate(params):
+                p.grad = None if (t == 4 and i == 1) else (torch.randn(p.shape, generator=gen) * 0.5).to("cuda", dtype)
+            opt.step()
+        return opt, params
+
+    (fo, fp), (go, gp) = run(True), run(False)
+    assert fo.fused and fo._fused.generic_steps == 0
+    if dtype == torch.float32:
+        tol = dict(rtol=1e-5, atol=1e-6)
+    else:
+        tol = dict(rtol=16 * 2.0**-7, atol=16 * 2.0**-7)
+    _close(fp, gp, **tol)
+    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), **tol)
+    torch.testing.assert_close(fo.engine.stats.alpha, go.engine.stats.alpha, rtol=2e-3 if dtype == torch.float32 else 5e-2, atol=1e-5)
