@@ -20,8 +20,8 @@ step mean a skipped step. (A loop that clears gradients with ``model.zero_grad()
 is not seen here; ``DEMACallback`` counts the Trainer's skipped steps itself.)
 
 Gradients the one-pass fused kernel cannot read (sparse, another dtype than the parameter,
-non-contiguous) are found before anything changes: ``fused="auto"`` then switches to the
-generic path for good (logged once; ``not_fused_reason`` says why), ``fused=True`` raises.
+non-contiguous) are found by the fused step before anything changes; that step takes the
+generic path (logged once per reason), and the engine averages sparse gradients as dense.
 """
 from __future__ import annotations
 
@@ -68,7 +68,6 @@ class DEMAOptimizer(torch.optim.Optimizer):
         if fused not in ("auto", True, False):
             raise ValueError(f"DEMAOptimizer: fused={fused!r}; use 'auto', True or False")
         self._fused_arg = fused
-        self.not_fused_reason = None  # set when a step found gradients the fused kernel cannot read
         self.engine = self._build_engine()
         self._grad_marks = self._mark_grads()
 
@@ -149,33 +148,6 @@ class DEMAOptimizer(torch.optim.Optimizer):
         self._grad_marks = self._mark_grads()
         return loss
 
-    def _check_fused_grads(self) -> None:
-        """Before any weight moves: gradients the fused kernel cannot read take the
-        generic path (fused="auto") or raise (fused=True)."""
-        reason = None
-        for i, p in enumerate(self.engine.params):
-            g = p.grad
-            if g is None:
-                continue
-            if g.layout != torch.strided:
-                reason = f"tensor {i} ({self.engine.names[i]}) has a {g.layout} gradient"
-            elif g.dtype != p.dtype:
-                reason = f"tensor {i} ({self.engine.names[i]}) has a {g.dtype} gradient for a {p.dtype} parameter"
-            elif not g.is_contiguous():
-                reason = f"tensor {i} ({self.engine.names[i]}) has a non-contiguous gradient"
-            if reason is not None:
-                break
-        if reason is None:
-            return
-        if self._fused_arg is True:
-            raise ValueError(f"DEMAOptimizer(fused=True): {reason}, which the fused kernel cannot read; "
-                             "nothing was changed; use fused='auto' (the generic path) for this model")
-        log.warning("DEMAOptimizer: %s, which the fused kernel cannot read; using the generic path "
-                    "(optimizer step, then a DEMA pass) from now on", reason)
-        self.not_fused_reason = reason
-        self.engine.flush()  # the fused step's pending EMA update, before the generic path
-        self._fused = None
-
     @property
     def fused(self) -> bool:
         """Whether steps run the one-pass fused optimizer + DEMA kernel."""
@@ -183,15 +155,12 @@ class DEMAOptimizer(torch.optim.Optimizer):
 
     def _step_fused(self, closure=None):
         # One sweep per step: the optimizer update and DEMA together (cl_core/dema/fused.py).
+        # FusedStep checks the gradients first and takes the generic path for a step whose
+        # gradients its kernels cannot read (sparse, another dtype, non-contiguous).
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_fused_grads()
-        if self._fused is None:  # switched to the generic path just now (gradients checked)
-            self.inner.step()
-            self.engine.update()
-            return loss
         self._fused.step()
         return loss
 
