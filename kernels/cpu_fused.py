@@ -159,7 +159,9 @@ class CpuFusedDriver:
         arrays[CS_PEND_HAS_GRAD], arrays[CS_PEND_HAS_PREV] = self.pend_has_grad, self.pend_has_prev
         self.cs = int64_table([a.data_ptr() for a in arrays])
         self.runner = native.ShardedRunner(self.numels)
-        self._built = None  # (parameter addresses, dtype, members.version) the static table describes
+        # (parameter addresses, dtype, members object, members.version) the static table
+        # describes: a new members object (optimizer state loaded) starts its own count
+        self._built = None
         self._fns = None
         self._gptr = None  # gradient addresses in the dynamic table
         self._flags = None  # ("all", ()) or the flag list in the dynamic table
@@ -190,7 +192,7 @@ class CpuFusedDriver:
         if self._built is not None and self._built[1] != dtype:
             log.info("fused DEMA step: parameters are now %s (tables were built for %s); rebuilt", dtype, self._built[1])
         self.dtype, self._fns = dtype, fns
-        self._built = (ptrs, dtype, mem.version)
+        self._built = (ptrs, dtype, mem, mem.version)
         return None
 
     # ------------------------------------------------------------------ the interface
@@ -217,7 +219,7 @@ class CpuFusedDriver:
             return "a gradient's size differs from its parameter's"
         ptrs = list(map(_PTR, mem.params))
         built = self._built
-        if built is None or built[0] != ptrs or built[1] != dtype or built[2] != mem.version:
+        if built is None or built[0] != ptrs or built[1] != dtype or built[2] is not mem or built[3] != mem.version:
             return self._build(ptrs, dtype)
         return None
 
@@ -226,7 +228,7 @@ class CpuFusedDriver:
         n, mem = self.n, self.members
         if n == 0:
             return
-        if self._built[2] != mem.version:  # the orchestration created optimizer state after prepare
+        if self._built[2] is not mem or self._built[3] != mem.version:  # optimizer state created after prepare
             reason = self._build(self._built[0], self.dtype)
             if reason is not None:
                 raise RuntimeError(f"fused DEMA step: {reason}")

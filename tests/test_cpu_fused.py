@@ -9,6 +9,8 @@ decides both.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -310,3 +312,24 @@ def test_ema_in_the_parameter_dtype_is_never_swept_as_fp32():
     assert not fo.fused or fo._fused.generic_steps == 4
     _close(list(fm.parameters()), list(gm.parameters()), 0.0)
     _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 0.0)
+
+
+def test_optimizer_state_loaded_mid_run_is_followed():
+    """opt.load_state_dict(...) replaces torch's exp_avg/exp_avg_sq tensors: the kernel
+    must update the new ones (the old ones are freed), like the generic path."""
+    runs = []
+    for fused in (True, False):
+        model = _model()
+        opt = DEMAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), fused=fused)
+        _train(model, opt, 3)
+        old_state = [dict(st) for st in opt.state.values()]  # alive: the new tensors get new addresses
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new state tensors, same values
+        _train(model, opt, 3, seed=2)
+        runs.append((model, opt))
+        del old_state
+    (fm, fo), (gm, go) = runs
+    assert fo._fused.generic_steps == 0
+    _close(list(fm.parameters()), list(gm.parameters()), 1e-5)
+    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 1e-5)
+    for pf, pg in zip(fm.parameters(), gm.parameters()):
+        _close([fo.state[pf]["exp_avg"], fo.state[pf]["exp_avg_sq"]], [go.state[pg]["exp_avg"], go.state[pg]["exp_avg_sq"]], 1e-5)
