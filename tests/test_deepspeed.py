@@ -165,6 +165,8 @@ def test_two_ranks_partitioned_statistics_one_all_reduce_per_step(two_ranks, pla
             for r in rs:
                 assert r["resumed_from"].endswith("checkpoint-2")
                 assert r["state_files"] == ["dema_state_rank0.pt", "dema_state_rank1.pt"]
+                # the checkpoint's EMA adapter, gathered from both ranks' partitions
+                assert r["ckpt_adapter"] == ["adapter_config.json", "adapter_model.safetensors"]
                 # resumed at step 2 of 4 (the α history of steps 1-2 comes from the checkpoint):
                 # the same α for steps 3-4 and the same final EMA, bit for bit
                 _close_list(r["resumed_alpha"], r["alpha"], rtol=0, atol=0)
