@@ -374,3 +374,18 @@ def test_dema_numbers_go_into_the_trainer_logs(tmp_path):
         assert line["dema/nonfinite_skips"] == 0 and line["dema/missing_grads"] == 0
         assert line["dema/skipped_steps"] == 0
     assert 0 < lines[1]["dema/fallback_share"] < 1
+
+
+def test_user_dema_optimizer_and_callback_share_one_engine(tmp_path):
+    from cl_core import DEMAOptimizer
+
+    model = tiny_peft_llama()
+    lora = [p for _, p in select_dema_parameters(model)]
+    opt = DEMAOptimizer(torch.optim.AdamW(lora, lr=5e-2, weight_decay=0.0))
+    cb = DEMACallback(record_alpha=True)
+    trainer = sequential_trainer_cls()(model=model, args=training_args(tmp_path, max_steps=3),
+                                       train_dataset=TokenDataset(), callbacks=[cb], optimizers=(opt, None))
+    trainer.train()
+    assert cb.engine is opt.engine and cb.fused == opt.fused
+    assert opt.engine.num_updates == 3 and len(cb.alpha_history) == 3     # one update per step, not two
+    assert cb.engine.names == [n for n, _ in select_dema_parameters(model)]
