@@ -333,3 +333,25 @@ def test_optimizer_state_loaded_mid_run_is_followed():
     _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 1e-5)
     for pf, pg in zip(fm.parameters(), gm.parameters()):
         _close([fo.state[pf]["exp_avg"], fo.state[pf]["exp_avg_sq"]], [go.state[pg]["exp_avg"], go.state[pg]["exp_avg_sq"]], 1e-5)
+
+
+def test_tensors_split_over_threads_equal_one_thread(monkeypatch):
+    """The runner hands each thread its own tensors (per-tensor state only): the same
+    numbers as the generic path when the step is split over 3 threads."""
+    monkeypatch.setattr(native.ShardedRunner, "MIN_PER_THREAD", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        runs = []
+        for fused in (True, False):
+            model = _model()
+            opt = DEMAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), DEMAConfig(formula="paper"), fused=fused)
+            _train(model, opt, 5)
+            runs.append((model, opt))
+    finally:
+        torch.set_num_threads(threads)
+    (fm, fo), (gm, go) = runs
+    assert len(_drivers(fo)[0].runner.shards) == 3
+    _close(list(fm.parameters()), list(gm.parameters()), 1e-5)
+    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 1e-5)
+    torch.testing.assert_close(fo.engine.stats.alpha, go.engine.stats.alpha, rtol=2e-3, atol=1e-5)
