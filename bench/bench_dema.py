@@ -83,3 +83,75 @@ def test_first_call_warmup(benchmark, report, tmp_path):
     report.add("warm-up", "first update() incl. native build, cold cache", first_update,
                note=f"whole process {time.perf_counter() - start:.1f} s")
     report.check("torch backend first-call warm-up, s", first_update, "< 5", lambda v: v < 5)
+
+
+def test_dema_update_with_one_odd_tensor(benchmark, params, report, device):
+    """448 LoRA tensors + one transposed 16x8 one: only the odd tensor may take a slower
+    path (it once sent the whole group to pure torch: 12 ms -> 174 ms per update)."""
+    if device != "cpu":
+        pytest.skip("the odd-tensor path is the native CPU kernels'")
+    odd = torch.randn(8, 16).t()
+    odd.grad = torch.randn(16, 8)
+    engine = DEMA([*params, odd], DEMAConfig(backend="torch"))
+    engine.update()
+    benchmark.pedantic(engine.update, rounds=9, warmup_rounds=1)
+    report.add(GROUP, "DEMA backend=torch, + 1 transposed 16x8 tensor", benchmark, numel=NUMEL, floor_bytes=24)
+    report.want("torch backend with one odd tensor / without", "DEMA backend=torch, + 1 transposed 16x8 tensor",
+                "DEMA backend=torch", "<= 1.2", lambda r: r <= 1.2)
+
+
+# Peak memory of the engine in a fresh process: RSS high-water mark (Linux VmHWM, reset
+# through /proc/self/clear_refs) after three updates, minus the RSS before the engine,
+# per byte of parameters. The EMA and g_prev alone are 2.0 for fp32 parameters.
+_MEMORY_CODE = r"""
+import sys; sys.path.insert(0, 'bench')
+import torch
+import cl_core.kernels.native as native
+from shapes import llava7b_lora_shapes, make_params
+from cl_core import DEMA, DEMAConfig
+path = sys.argv[1]
+if path == "pure":
+    native.function_for = lambda dtype, prefix="dema_cpu": None
+params = make_params(llava7b_lora_shapes(8))
+if path == "odd":
+    odd = torch.randn(8, 16).t(); odd.grad = torch.randn(16, 8); params.append(odd)
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
+before = kib("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")
+if path == "lerp":
+    emas = [p.detach().clone() for p in params]
+    for _ in range(3):
+        torch._foreach_lerp_(emas, params, 0.01)
+else:
+    engine = DEMA(params, DEMAConfig(backend="reference" if path == "reference" else "torch"))
+    for _ in range(3):
+        engine.update()
+print((kib("VmHWM") - before) * 1024 / sum(p.numel() * p.element_size() for p in params))
+"""
+
+
+@pytest.mark.parametrize("path", ["lerp", "native", "odd", "pure", "reference"])
+def test_engine_peak_memory(benchmark, report, device, path):
+    """Peak bytes per parameter byte (CPU, Linux): the torch backend's native and pure-torch
+    paths and the reference, against a fixed-β lerp EMA (1.0: its EMA copy)."""
+    import os
+    import subprocess
+    import sys
+
+    if device != "cpu" or not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak RSS is measured on Linux CPU runs")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = benchmark.pedantic(  # one run in a fresh process (the benchmark fixture: --benchmark-only runs it)
+        lambda: subprocess.run([sys.executable, "-c", _MEMORY_CODE, path], capture_output=True, text=True,
+                               check=True, env=env, cwd=root),
+        rounds=1, iterations=1,
+    )
+    ratio = float(out.stdout.strip().splitlines()[-1])
+    names = {"lerp": "fixed-β lerp EMA", "native": "DEMA torch backend (native CPU)",
+             "odd": "DEMA torch backend (native CPU) + 1 transposed tensor",
+             "pure": "DEMA torch backend (pure torch)", "reference": "DEMA reference backend"}
+    target = {"reference": "no target (the test oracle)", "lerp": "1.0 (its EMA copy)"}.get(path, "<= 3")
+    ok = (lambda v: v <= 3.0) if target == "<= 3" else (lambda v: True)
+    report.check(f"peak memory / parameter bytes, {names[path]}", ratio, target, ok)
