@@ -161,3 +161,36 @@ def test_transformers_native_adapter_exports_for_both_loaders(tmp_path):
     native = tiny_llama()
     native.load_adapter(out)
     torch.testing.assert_close(_logits(native, ids), want, rtol=0, atol=0)
+
+
+def test_save_ema_adapter_when_another_process_creates_the_folder_first(tmp_path, monkeypatch):
+    """Two DDP ranks saving one folder at once: the one that loses the rename (the folder
+    appeared after it looked) replaces the two files inside instead of failing with
+    "Directory not empty"; the folder ends complete and holds the EMA."""
+    from cl_core import DEMA
+    import cl_core.peft_export as pe
+
+    model = tiny_peft_llama()
+    named = pe.select_dema_parameters(model)
+    engine = DEMA(named)
+    for _, p in named:
+        p.grad = torch.ones_like(p)
+    engine.update()
+    out = tmp_path / "ema"
+    save_ema_adapter(model, engine, str(out))            # the other rank's copy, already in place
+    (out / "adapter_model.safetensors").write_bytes(b"stale")
+    real_isdir = os.path.isdir
+    looked = []
+
+    def isdir_racing(path):                              # this rank looked before the other renamed
+        if os.path.abspath(path) == str(out) and not looked:
+            looked.append(path)
+            return False
+        return real_isdir(path)
+
+    monkeypatch.setattr(pe.os.path, "isdir", isdir_racing)
+    save_ema_adapter(model, engine, str(out))
+    assert looked and sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".ema.tmp")]
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert len(saved) == len(named)
