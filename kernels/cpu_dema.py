@@ -55,9 +55,16 @@ class TorchBackend:
         self._tmp = None
         self.slow_tensor_updates = 0  # tensor-updates that went through float32 copies
         self._warned_slow = False
-        if self._native is None:
+        # ema_dtype="param" (bfloat16/float16 EMA): the native kernels keep θ* in float32,
+        # so such a group runs the pure-torch path (said once, at the group's start).
+        self._low = state.ema_dtype != torch.float32
+        if self._low and self._native is not None:
+            self._native = None
+            log.warning("DEMA: ema_dtype='param' keeps the %s group's EMA in %s; the native CPU kernels "
+                        "keep it in float32, so this group runs the slower pure-torch path", dtype, dtype)
+        elif self._native is None:
             self._warn_pure()
-        else:
+        if self._native is not None:
             self._setup_native()
 
     def _warn_pure(self) -> None:
@@ -172,9 +179,18 @@ class TorchBackend:
             s = self.state
             self._piece = max(MIN_PIECE, min(MAX_PIECE, s.offsets[-1] // 8))
             size = max([min(n, self._piece) for n in s.numels] or [0])
-            self._tmp = torch.empty(size, dtype=torch.float32, device=s.device)
+            self._tmp = torch.empty(size, dtype=s.ema_dtype, device=s.device)
             self._sums = torch.zeros(4, len(s), dtype=torch.float64, device=s.device)
         return self._tmp
+
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        if self._low:  # ema_dtype="param": the parameter dtype's arithmetic
+            return t.reshape(-1).to(self.state.ema_dtype)
+        return _flat32(t)
+
+    def _number(self, sums: torch.Tensor) -> torch.Tensor:
+        """float64 sums as the statistics: float32, or rounded to the EMA dtype first."""
+        return sums.to(self.state.ema_dtype).float() if self._low else sums.float()
 
     def _update_torch(self, thetas, grads, reduce_stats) -> None:
         s, cfg = self.state, self.config
@@ -184,20 +200,22 @@ class TorchBackend:
         sums.zero_()
         sa, sb, sc, sd = sums.unbind(0)  # float64 [T] each: a, b, c and the new d
         gp_views = s.gprev_views
+        flat = self._flat
+        f32 = torch.float32
         for j, (theta, grad) in enumerate(zip(thetas, grads)):
-            th, e = _flat32(theta), s.ema_views[j]
-            g = None if grad is None else _flat32(grad)
+            th, e = flat(theta), s.ema_views[j]
+            g = None if grad is None else flat(grad)
             for lo, hi in self._pieces(j):
                 tmp = scratch[: hi - lo]
                 torch.sub(th[lo:hi], e[lo:hi], out=tmp)
-                sa[j] += tmp.abs_().sum()  # finite iff θ is (the EMA always is)
+                sa[j] += tmp.abs_().sum(dtype=f32)  # finite iff θ is (the EMA always is)
                 if g is None:
                     continue
-                sb[j] += tmp.copy_(g[lo:hi]).abs_().sum()
+                sb[j] += tmp.copy_(g[lo:hi]).abs_().sum(dtype=f32)
                 if gp_views is not None:
                     torch.sub(g[lo:hi], gp_views[j][lo:hi], out=tmp)
-                    sc[j] += tmp.abs_().sum()
-        a, b, c = sa.float(), sb.float(), sc.float()
+                    sc[j] += tmp.abs_().sum(dtype=f32)
+        a, b, c = (self._number(x) for x in (sa, sb, sc))
         nonfinite = ~(torch.isfinite(a) & torch.isfinite(b))
         has_grad = torch.tensor([g is not None for g in grads], dtype=torch.bool).to(dev, non_blocking=True)
         # Only the statistics the rule uses (as the native kernel's need_stats): zeros elsewhere.
@@ -226,17 +244,22 @@ class TorchBackend:
         weight = torch.where(skip, 0.0, torch.where(started, alpha, 1.0))
         keep_gprev = skip | ~has_grad
         for j, (theta, grad) in enumerate(zip(thetas, grads)):
-            th, e = _flat32(theta), s.ema_views[j]
+            th, e = flat(theta), s.ema_views[j]
             skip_j, weight_j = skip[j], weight[j]
             for lo, hi in self._pieces(j):
-                tmp = scratch[: hi - lo]
-                torch.where(skip_j, e[lo:hi], th[lo:hi], out=tmp)
-                e[lo:hi].lerp_(tmp, weight_j)
-                sd[j] += tmp.sub_(e[lo:hi]).abs_().sum()
+                tmp, ej, tj = scratch[: hi - lo], e[lo:hi], th[lo:hi]
+                torch.where(skip_j, ej, tj, out=tmp)
+                if self._low:
+                    # the reference's op order in the EMA dtype: θ* · (1 − w) + θ · w
+                    ej.mul_(1.0 - weight_j).add_(tmp.mul_(weight_j))
+                    torch.where(skip_j, ej, tj, out=tmp)
+                else:
+                    ej.lerp_(tmp, weight_j)
+                sd[j] += tmp.sub_(ej).abs_().sum(dtype=f32)
             if gp_views is not None and grad is not None:
                 gp = gp_views[j]
-                torch.where(keep_gprev[j], gp, _flat32(grad), out=gp)
-        s.d.copy_(torch.where(skip, s.d, sd.float()))
+                torch.where(keep_gprev[j], gp, flat(grad), out=gp)
+        s.d.copy_(torch.where(skip, s.d, self._number(sd)))
         if gp_views is not None:
             s.has_prev.copy_(torch.where(skip, s.has_prev.bool(), has_grad).to(torch.uint8))
         s.started.copy_((started | ~skip).to(torch.uint8))

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 FORMULAS = ("official", "paper", "fixed")
 BACKENDS = ("auto", "triton", "torch", "reference")
+EMA_DTYPES = ("float32", "param")
 
 # Integer codes shared by every backend (C, Triton, torch) for the formula.
 FORMULA_CODE = {"official": 0, "paper": 1, "fixed": 2}
@@ -25,6 +26,9 @@ class DEMAConfig:
     beta:     EMA weight of the "fixed" formula.
     backend:  "auto" (triton on CUDA, torch elsewhere), "triton", "torch" or
               "reference" (the literal per-tensor maths).
+    ema_dtype: "float32" (θ*, g_prev and their arithmetic in float32) or "param" (in the
+              parameter dtype, as the official code keeps them; in bfloat16 the EMA
+              stops moving once α·|θ − θ*| falls under half a bfloat16 step of θ*).
     """
 
     formula: str = "official"
@@ -32,12 +36,15 @@ class DEMAConfig:
     fallback: float = 0.01
     beta: float = 0.99
     backend: str = "auto"
+    ema_dtype: str = "float32"
 
     def __post_init__(self):
         if self.formula not in FORMULAS:
             raise ValueError(f"DEMAConfig.formula={self.formula!r} is not known; allowed: {', '.join(FORMULAS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"DEMAConfig.backend={self.backend!r} is not known; allowed: {', '.join(BACKENDS)}")
+        if self.ema_dtype not in EMA_DTYPES:
+            raise ValueError(f"DEMAConfig.ema_dtype={self.ema_dtype!r} is not known; allowed: {', '.join(EMA_DTYPES)}")
         # NumPy (and other numbers.Real) values are stored as Python floats.
         for field, allowed, ok in (("scale", "scale > 0 (finite)", lambda v: v > 0),
                                    ("fallback", "0 < fallback < 1", lambda v: 0 < v < 1),

@@ -20,7 +20,7 @@ import torch
 
 from cl_core.dema.backends import DEMABackend, make_backend, resolve_backend
 from cl_core.dema.config import DEMAConfig
-from cl_core.dema.state import GroupState, local_tensor
+from cl_core.dema.state import GroupState, ema_dtype_for, local_tensor
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class DEMA:
             keys.setdefault((local_tensor(p).device, p.dtype), []).append(i)
         # Fail early on an unusable backend, before any training step.
         self.groups = [
-            EngineGroup(indices, dev, dtype, resolve_backend(self.config.backend, dev, dtype))
+            EngineGroup(indices, dev, dtype, resolve_backend(self.config.backend, dev, dtype, ema_dtype_for(self.config, dtype)))
             for (dev, dtype), indices in keys.items()
         ]
         self._started = False  # the groups' state and backends exist (first update)
@@ -219,10 +219,11 @@ class DEMA:
         return out
 
     def ema_tensors(self) -> list[torch.Tensor]:
-        """θ* per tensor (fp32, parameter shape); before the first update, the parameters."""
+        """θ* per tensor (parameter shape; float32, or the parameter dtype with
+        ema_dtype="param"); before the first update, the parameters."""
         self.flush()
         if not self._started:
-            return [local_tensor(p).detach().float().clone() for p in self.params]
+            return [local_tensor(p).detach().to(ema_dtype_for(self.config, p.dtype)).clone() for p in self.params]
         self._canonicalize()
         return self._per_param(lambda s, k: s.ema_views[k].view(s.shapes[k]))
 
@@ -326,7 +327,7 @@ class DEMA:
     def load_state_dict(self, sd: dict) -> None:
         """Restore a `state_dict()`; checks everything before changing anything."""
         self._check_state(sd)
-        if sd["config"] != self.config.to_dict():
+        if {**DEMAConfig().to_dict(), **sd["config"]} != self.config.to_dict():  # older states lack newer fields
             log.warning("DEMA state was saved with config %s; continuing with %s", sd["config"], self.config.to_dict())
         self.flush()
         if not sd["initialized"]:
@@ -415,8 +416,9 @@ class DEMA:
                 if not isinstance(t, torch.Tensor) or list(t.shape) != shape:
                     got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"{where} has shape {got}, expected {shape}")
-                if t.dtype != torch.float32:
-                    raise ValueError(f"{where} has dtype {t.dtype}, expected torch.float32")
+                allowed = {torch.float32, ema_dtype_for(self.config, p.dtype)}  # loads across ema_dtype
+                if t.dtype not in allowed:
+                    raise ValueError(f"{where} has dtype {t.dtype}, expected one of {sorted(map(str, allowed))}")
                 if not bool(torch.isfinite(t).all()):
                     raise ValueError(f"{where} holds NaN/inf; the file is corrupt")
         for key, dtype in (("started", torch.uint8), ("has_prev", torch.uint8), ("d", torch.float32),

@@ -2,7 +2,9 @@
 
 Readable on purpose (one tensor at a time, the L1 norms of the official code, Python
 floats for α). The tests use it as the oracle for every fast path and the benchmarks
-as the baseline; it is not meant to be fast.
+as the baseline; it is not meant to be fast. With DEMAConfig(ema_dtype="param") every
+difference, product and sum of the update runs in the parameter dtype (bfloat16 /
+float16), and each norm is rounded to it, as the official code computes.
 
 The norms are the official `torch.norm(x, p=1)` with accurate numbers (`l1`): float32
 differences, float32 sums over rows of 4096 elements, float64 across rows. torch.norm accumulates float32 in one running
@@ -28,7 +30,8 @@ def l1(x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
     head = a.numel() - a.numel() % _ROW
     # float32 row sums (exact to float32 rounding), then float64 across rows: the float64
     # copy is small.
-    rows = a[:head].view(-1, _ROW).sum(1).double().sum() if head else a.new_zeros((), dtype=torch.float64)
+    rows = (a[:head].view(-1, _ROW).sum(1, dtype=torch.float32).double().sum() if head
+            else a.new_zeros((), dtype=torch.float64))
     return rows + a[head:].sum(dtype=torch.float64)
 
 
@@ -37,18 +40,27 @@ class ReferenceBackend:
         self.state = state
         self.config = config
 
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        # float32 arithmetic, or (ema_dtype="param") the parameter dtype's own arithmetic
+        return t.detach().reshape(-1).to(self.state.ema_dtype)
+
+    def _norm(self, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+        # With ema_dtype="param" a norm is a number of the parameter dtype (torch.norm of a
+        # bfloat16 tensor returns a bfloat16): the float64 sum rounded to that dtype.
+        return l1(x, scratch).to(self.state.ema_dtype).float()
+
     def update(self, thetas, grads, reduce_stats=None) -> None:
         s, cfg = self.state, self.config
         stats = torch.zeros(len(s), 5, dtype=torch.float32)
         for i, (theta, grad) in enumerate(zip(thetas, grads)):
-            th = theta.detach().reshape(-1).float()
-            g = None if grad is None else grad.detach().reshape(-1).float()
+            th = self._flat(theta)
+            g = None if grad is None else self._flat(grad)
             nonfinite = not bool(torch.isfinite(th).all()) or (g is not None and not bool(torch.isfinite(g).all()))
             stats[i, STAT_NONFINITE] = float(nonfinite)
             if not nonfinite and g is not None and s.needs_grad_prev:
-                stats[i, STAT_A] = l1(th - s.ema_views[i], scratch=True)
-                stats[i, STAT_B] = l1(g)
-                stats[i, STAT_C] = l1(g - s.gprev_views[i], scratch=True)
+                stats[i, STAT_A] = self._norm(th - s.ema_views[i], scratch=True)
+                stats[i, STAT_B] = self._norm(g)
+                stats[i, STAT_C] = self._norm(g - s.gprev_views[i], scratch=True)
             stats[i, STAT_D] = s.d[i]
         if reduce_stats is not None:
             # Sharded parameters: sum the local statistics over ranks (one call).
@@ -62,7 +74,7 @@ class ReferenceBackend:
                 s.skips[i] += 1
                 s.alpha[i] = 0.0
                 continue
-            th = theta.detach().reshape(-1).float()
+            th = self._flat(theta)
             ema = s.ema_views[i]
             if not s.started[i]:
                 # Lazy start: the EMA is a copy of the parameters (the official
@@ -82,9 +94,9 @@ class ReferenceBackend:
                 if grad is None:
                     s.has_prev[i] = 0
                 else:
-                    s.gprev_views[i].copy_(grad.detach().reshape(-1).float())
+                    s.gprev_views[i].copy_(self._flat(grad))
                     s.has_prev[i] = 1
-            s.d[i] = l1(th - ema, scratch=True)
+            s.d[i] = self._norm(th - ema, scratch=True)
 
     def canonicalize(self) -> None:
         """Nothing to fold: this backend writes the shared state directly."""

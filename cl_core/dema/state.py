@@ -1,8 +1,10 @@
 """Per-group DEMA state shared by every backend, and the per-tensor α rule.
 
 The engine splits its tensors into groups of one (device, dtype). Each group keeps
-its EMA and previous gradients as one flat fp32 buffer each (views per tensor), so a
-backend can address all tensors of a step at once, plus small per-tensor vectors:
+its EMA and previous gradients as one flat buffer each (views per tensor), so a
+backend can address all tensors of a step at once. Their dtype is `ema_dtype`: float32,
+or the parameter dtype with DEMAConfig(ema_dtype="param") (float64 parameters keep a
+float32 EMA either way). Small per-tensor vectors:
 
     started   uint8 [T]  the EMA of this tensor exists (lazy start, DESIGN.md §2)
     has_prev  uint8 [T]  g_prev holds the previous step's gradient
@@ -39,6 +41,13 @@ def alpha_rule(config: DEMAConfig, a: float, b: float, c: float, d: float) -> fl
     return alpha
 
 
+def ema_dtype_for(config: DEMAConfig, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of θ* and g_prev for parameters of `param_dtype`."""
+    if config.ema_dtype == "param" and param_dtype in (torch.bfloat16, torch.float16):
+        return param_dtype
+    return torch.float32
+
+
 class GroupState:
     """EMA buffers and per-tensor flags of one (device, dtype) group."""
 
@@ -51,11 +60,12 @@ class GroupState:
         device = locals_[0].device
         total = self.offsets[-1]
         self.device = device
-        self.ema_flat = torch.empty(total, dtype=torch.float32, device=device)
+        self.ema_dtype = ema_dtype_for(config, locals_[0].dtype)
+        self.ema_flat = torch.empty(total, dtype=self.ema_dtype, device=device)
         # g_prev is only needed by the dynamic formulas; "fixed" moves 12 B/element.
         self.needs_grad_prev = config.formula != "fixed"
         self.gprev_flat = (
-            torch.zeros(total, dtype=torch.float32, device=device) if self.needs_grad_prev else None
+            torch.zeros(total, dtype=self.ema_dtype, device=device) if self.needs_grad_prev else None
         )
         n = len(locals_)
         self.started = torch.zeros(n, dtype=torch.uint8, device=device)
