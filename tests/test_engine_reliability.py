@@ -519,3 +519,60 @@ def test_backends_agree_on_alpha_for_one_50m_element_tensor(monkeypatch):
     for name in ("torch", "torch-pure"):
         torch.testing.assert_close(results[name][0], alpha_ref, rtol=1e-5, atol=0, msg=name)
         torch.testing.assert_close(results[name][1], d_ref, rtol=1e-5, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------- EMA in the parameter dtype (issue 11.6)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
+def test_ema_in_the_parameter_dtype_matches_the_reference(dtype, formula):
+    """ema_dtype="param": θ*, g_prev and the arithmetic in bf16/fp16 (the official code's
+    precision). The torch backend equals the reference to one unit in the last place of
+    the dtype (the reference's (1 - α) is a double, the backend's a float32)."""
+    from tests.dema_sequences import EVENTS, make_script, play
+
+    shapes = [(5, 3), (33,), (1,), (130,)]
+    script = make_script(4, len(shapes), 7, events=EVENTS)
+    ref, _ = play("reference", shapes, script, formula=formula, dtypes=dtype, ema_dtype="param")
+    eng, _ = play("torch", shapes, script, formula=formula, dtypes=dtype, ema_dtype="param")
+    ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
+    for a, b in zip(eng.ema_tensors(), ref.ema_tensors()):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=ulp, atol=1e-3)
+    torch.testing.assert_close(eng.stats.alpha, ref.stats.alpha, rtol=2 * ulp, atol=1e-5)
+    assert eng.stats.nonfinite_skips.tolist() == ref.stats.nonfinite_skips.tolist()
+    sd = eng.state_dict()
+    assert sd["ema"][0].dtype == dtype and sd["config"]["ema_dtype"] == "param"
+    float_engine = DEMA(eng.params, DEMAConfig(formula=formula))  # a param-dtype state loads into float32
+    float_engine.load_state_dict(sd)
+    assert float_engine.ema_tensors()[0].dtype == torch.float32
+
+
+def test_ema_dtype_param_float32_parameters_and_triton_refusal():
+    ps = _params((4,))
+    e = DEMA(ps, DEMAConfig(ema_dtype="param"))
+    e.update()
+    assert e.groups[0].state.ema_dtype == torch.float32  # fp32 params: nothing changes
+    assert e.groups[0].backend._native is not None
+    with pytest.raises(ValueError, match="ema_dtype='param'"):
+        DEMA([torch.ones(3, dtype=torch.bfloat16)], DEMAConfig(backend="triton", ema_dtype="param"))
+    with pytest.raises(ValueError, match="ema_dtype='bf16' is not known"):
+        DEMAConfig(ema_dtype="bf16")
+
+
+def test_bfloat16_ema_freezes_once_alpha_is_small():
+    """Why float32 is the default: with α = 0.001 a bfloat16 EMA mostly stops moving
+    (θ* · (1 − α) rounds back to θ*), while the float32 EMA follows the exact one."""
+    n = 2048
+    moved = {}
+    for mode in ("float32", "param"):
+        p = torch.randn(n, generator=torch.Generator().manual_seed(0)).bfloat16()
+        e = DEMA([p], DEMAConfig(formula="fixed", beta=0.999, ema_dtype=mode, backend="reference"))
+        g = torch.Generator().manual_seed(1)
+        e.update()
+        start = e.ema_tensors()[0].float().clone()
+        for _ in range(200):
+            with torch.no_grad():
+                p.add_((0.01 * torch.randn(n, generator=g)).bfloat16())
+            e.update()
+        moved[mode] = (e.ema_tensors()[0].float() != start).float().mean().item()
+    assert moved["float32"] > 0.99 and moved["param"] < 0.5, moved

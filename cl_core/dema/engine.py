@@ -416,7 +416,8 @@ class DEMA:
                 if not isinstance(t, torch.Tensor) or list(t.shape) != shape:
                     got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"{where} has shape {got}, expected {shape}")
-                allowed = {torch.float32, ema_dtype_for(self.config, p.dtype)}  # loads across ema_dtype
+                # float32 or the parameter's half dtype: a state loads across ema_dtype settings
+                allowed = {torch.float32, ema_dtype_for(DEMAConfig(ema_dtype="param"), p.dtype)}
                 if t.dtype not in allowed:
                     raise ValueError(f"{where} has dtype {t.dtype}, expected one of {sorted(map(str, allowed))}")
                 if not bool(torch.isfinite(t).all()):
