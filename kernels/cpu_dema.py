@@ -6,7 +6,8 @@ the kernel of its group cannot read directly (a non-contiguous parameter, a grad
 of another dtype or a non-contiguous one) does not send the group elsewhere: that one
 tensor is read through float32 contiguous copies by the float32 kernel (exact: the
 kernels load every dtype to float32), counted in `slow_tensor_updates` and logged
-once.
+once. With DEMAConfig(ema_dtype="param") bfloat16/float16 groups use the kernels that
+keep θ* and g_prev in that dtype (dema_cpu_param_*, the reference's rounding).
 
 On any other device, for float64 groups, or where no C compiler is available, it runs
 a pure-torch path, one tensor (or slice of at most 1/8 of the group) at a time, every op writing
@@ -57,12 +58,11 @@ class TorchBackend:
         self._warned_slow = False
         # ema_dtype="param" (bfloat16/float16 EMA): the native kernels keep θ* in float32,
         # so such a group runs the pure-torch path (said once, at the group's start).
+        # ema_dtype="param" (bfloat16/float16 EMA): the kernels that store θ* in that dtype.
         self._low = state.ema_dtype != torch.float32
         if self._low and self._native is not None:
-            self._native = None
-            log.warning("DEMA: ema_dtype='param' keeps the %s group's EMA in %s; the native CPU kernels "
-                        "keep it in float32, so this group runs the slower pure-torch path", dtype, dtype)
-        elif self._native is None:
+            self._native = native.function_for(dtype, "dema_cpu_param")
+        if self._native is None:
             self._warn_pure()
         if self._native is not None:
             self._setup_native()
@@ -87,7 +87,11 @@ class TorchBackend:
         self._g_ptr = torch.zeros(len(s), dtype=torch.int64)
         self._stats = torch.zeros(len(s), 5, dtype=torch.float32)
         self._runner = native.ShardedRunner(s.numels)
-        self._f32 = native.function_for(torch.float32)
+        # Odd tensors (see the module docstring) go through contiguous copies: float32 ones
+        # for the float32 kernel, or, with an EMA in the parameter dtype, copies in that
+        # dtype for this group's own kernel (its EMA buffers are of that dtype).
+        self._odd_fn, self._odd_dtype = (
+            (self._native, self.dtype) if self._low else (native.function_for(torch.float32), torch.float32))
         self._odd_runs = {}  # tuple(odd positions) -> (runner over the others, odd index table)
 
     def _odd_reason(self, t, g) -> str | None:
@@ -111,7 +115,7 @@ class TorchBackend:
         fn = self._native
         runner.run(lambda count, idx: fn(mode, count, idx, *ptrs, *consts))
         if odd_idx is not None:
-            self._f32(mode, odd_idx.numel(), address(odd_idx), *ptrs, *consts)
+            self._odd_fn(mode, odd_idx.numel(), address(odd_idx), *ptrs, *consts)
 
     def _update_native(self, thetas, grads, reduce_stats) -> None:
         nonnull = self._nonnull.data_ptr()
@@ -123,8 +127,8 @@ class TorchBackend:
                 # Read by the float32 kernel from float32 contiguous copies (exact).
                 odd.append(j)
                 reasons.append(reason)
-                t = t.float().contiguous()
-                x = None if x is None else x.float().contiguous()
+                t = t.to(self._odd_dtype).contiguous()
+                x = None if x is None else x.to(self._odd_dtype).contiguous()
                 keep_alive += [t, x]
             th.append(t.data_ptr())
             # 0 means "no gradient" to the kernel; an empty local shard (FSDP) has a null

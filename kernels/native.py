@@ -105,6 +105,7 @@ def _load(name: str):
         vp, i64, f32, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
         signatures = {
             "dema_cpu": [cint, i64] + [vp] * 12 + [cint, f32, f32, f32],
+            "dema_cpu_param": [cint, i64] + [vp] * 12 + [cint, f32, f32, f32],
             "fused_step": [cint, i64, vp, vp, vp, cint, f32, f32, f32],
             "fused_flush": [i64, vp, vp, cint, f32, f32, f32],
         }
@@ -121,7 +122,7 @@ def _load(name: str):
 
 def function_for(dtype, prefix: str = "dema_cpu"):
     """The C entry point `prefix` for a parameter dtype, or None when there is none."""
-    lib = load("dema" if prefix == "dema_cpu" else "fused")
+    lib = load("dema" if prefix.startswith("dema_cpu") else "fused")
     if lib is None:
         return None
     suffix = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}.get(dtype)

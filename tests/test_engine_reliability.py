@@ -522,9 +522,10 @@ def test_backends_agree_on_alpha_for_one_50m_element_tensor(monkeypatch):
 
 
 # ---------------------------------------------------------------- EMA in the parameter dtype (issue 11.6)
+@pytest.mark.parametrize("path", ["native", "pure"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
-def test_ema_in_the_parameter_dtype_matches_the_reference(dtype, formula):
+def test_ema_in_the_parameter_dtype_matches_the_reference(dtype, formula, path, monkeypatch):
     """ema_dtype="param": θ*, g_prev and the arithmetic in bf16/fp16 (the official code's
     precision). The torch backend equals the reference to one unit in the last place of
     the dtype (the reference's (1 - α) is a double, the backend's a float32)."""
@@ -533,7 +534,11 @@ def test_ema_in_the_parameter_dtype_matches_the_reference(dtype, formula):
     shapes = [(5, 3), (33,), (1,), (130,)]
     script = make_script(4, len(shapes), 7, events=EVENTS)
     ref, _ = play("reference", shapes, script, formula=formula, dtypes=dtype, ema_dtype="param")
+    if path == "pure":
+        import cl_core.kernels.native as native
+        monkeypatch.setattr(native, "function_for", lambda dtype, prefix="dema_cpu": None)
     eng, _ = play("torch", shapes, script, formula=formula, dtypes=dtype, ema_dtype="param")
+    assert (eng.groups[0].backend._native is None) == (path == "pure")
     ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
     for a, b in zip(eng.ema_tensors(), ref.ema_tensors()):
         assert a.dtype == b.dtype == dtype
@@ -576,3 +581,25 @@ def test_bfloat16_ema_freezes_once_alpha_is_small():
             e.update()
         moved[mode] = (e.ema_tensors()[0].float() != start).float().mean().item()
     assert moved["float32"] > 0.99 and moved["param"] < 0.5, moved
+
+
+def test_ema_in_the_parameter_dtype_with_an_odd_tensor_matches_the_reference():
+    """A transposed bf16 parameter in an ema_dtype="param" group goes through bf16 copies
+    into the group's own (bf16-EMA) kernel; the rest stays on it."""
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(6, 5, generator=g).bfloat16(), torch.randn(8, 16, generator=g).bfloat16().t()]
+    ref_params = [p.clone() for p in params]
+    cfg = dict(ema_dtype="param", formula="paper")
+    e = DEMA(params, DEMAConfig(backend="torch", **cfg))
+    r = DEMA(ref_params, DEMAConfig(backend="reference", **cfg))
+    for _ in range(5):
+        for p, q in zip(params, ref_params):
+            delta = (0.1 * torch.randn(p.shape, generator=g)).bfloat16()
+            p.add_(delta), q.add_(delta)
+            p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            q.grad = p.grad.clone()
+        e.update(), r.update()
+    assert e.groups[0].backend.slow_tensor_updates == 5
+    for a, b in zip(e.ema_tensors(), r.ema_tensors()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2.0 ** -7, atol=1e-3)
+    torch.testing.assert_close(e.stats.alpha, r.stats.alpha, rtol=2.0 ** -6, atol=1e-5)

@@ -104,3 +104,84 @@ DEFINE_TENSOR_FN(bf16, uint16_t, LOAD_BF16)
 #ifdef CL_CORE_HAVE_F16
 DEFINE_TENSOR_FN(f16, _Float16, LOAD_F16)
 #endif
+
+/* DEMAConfig(ema_dtype="param"): θ* and g_prev stored in the parameter dtype T, and every
+ * difference, product and sum rounded to T as the reference computes in that dtype
+ * (ROUND = store to T and load back). Statistics: double sums of the rounded |differences|,
+ * the totals rounded to T. */
+#define DEFINE_PARAM_FN(SUFFIX, T, LOAD, STORE)                                                  \
+    static inline float round_##SUFFIX(float x) { T h = STORE(x); return LOAD(h); }           \
+    void dema_cpu_param_##SUFFIX(int mode, int64_t count, const int64_t *idx,                  \
+                                 const int64_t *numel, const int64_t *th_ptr,                  \
+                                 const int64_t *g_ptr, const int64_t *e_ptr,                   \
+                                 const int64_t *gp_ptr, uint8_t *started, uint8_t *has_prev,   \
+                                 float *d, float *alpha, int64_t *skips, float *stats,         \
+                                 int formula, float scale, float fallback, float beta) {       \
+        dema_params p = {formula, scale, fallback, beta};                                      \
+        for (int64_t k = 0; k < count; k++) {                                                  \
+            int64_t j = idx[k];                                                                \
+            int64_t n = numel[j];                                                              \
+            const T *th = (const T *)(intptr_t)th_ptr[j];                                      \
+            const T *g = (const T *)(intptr_t)g_ptr[j];                                        \
+            T *e = (T *)(intptr_t)e_ptr[j];                                                    \
+            T *gp = (T *)(intptr_t)gp_ptr[j];                                                  \
+            float *st = stats + 5 * j;                                                         \
+            if (mode & MODE_STATS) {                                                           \
+                double sa = 0, sb = 0, sc = 0, fin = 0;                                        \
+                int need = started[j] && g && gp && has_prev[j] && formula != F_FIXED;         \
+                for (int64_t i = 0; i < n; i++) {                                              \
+                    float t = LOAD(th[i]);                                                     \
+                    fin += t - t;                                                              \
+                    if (need) {                                                                \
+                        float gg = LOAD(g[i]);                                                 \
+                        sa += fabsf(round_##SUFFIX(t - LOAD(e[i])));                           \
+                        sb += fabsf(gg);                                                       \
+                        sc += fabsf(round_##SUFFIX(gg - LOAD(gp[i])));                         \
+                    }                                                                          \
+                }                                                                              \
+                if (g) {                                                                       \
+                    for (int64_t i = 0; i < n; i++) {                                          \
+                        float gg = LOAD(g[i]);                                                 \
+                        fin += gg - gg;                                                        \
+                    }                                                                          \
+                }                                                                              \
+                st[0] = round_##SUFFIX((float)sa);                                             \
+                st[1] = round_##SUFFIX((float)sb);                                             \
+                st[2] = round_##SUFFIX((float)sc);                                             \
+                st[3] = isnan(fin) ? 1.0f : 0.0f;                                              \
+                st[4] = d[j];                                                                  \
+            }                                                                                  \
+            if (!(mode & MODE_APPLY)) continue;                                                \
+            if (st[3] > 0.0f) {                                                                \
+                skips[j] += 1;                                                                 \
+                alpha[j] = 0.0f;                                                               \
+                continue;                                                                      \
+            }                                                                                  \
+            float al = decide_alpha(&p, started[j], g != 0, has_prev[j], st);                  \
+            double sd = 0;                                                                     \
+            if (started[j]) {                                                                  \
+                const float om = 1.0f - al;                                                    \
+                for (int64_t i = 0; i < n; i++) {                                              \
+                    float t = LOAD(th[i]);                                                     \
+                    float en = round_##SUFFIX(round_##SUFFIX(LOAD(e[i]) * om) +                \
+                                              round_##SUFFIX(t * al));                         \
+                    e[i] = STORE(en);                                                          \
+                    sd += fabsf(round_##SUFFIX(t - en));                                       \
+                }                                                                              \
+            } else {                                                                           \
+                for (int64_t i = 0; i < n; i++) e[i] = th[i];                                  \
+            }                                                                                  \
+            if (g && gp) {                                                                     \
+                for (int64_t i = 0; i < n; i++) gp[i] = g[i];                                  \
+            }                                                                                  \
+            d[j] = round_##SUFFIX((float)sd);                                                  \
+            alpha[j] = al;                                                                     \
+            started[j] = 1;                                                                    \
+            if (gp) has_prev[j] = g != 0;                                                      \
+        }                                                                                      \
+    }
+
+DEFINE_PARAM_FN(bf16, uint16_t, LOAD_BF16, STORE_BF16)
+#ifdef CL_CORE_HAVE_F16
+DEFINE_PARAM_FN(f16, _Float16, LOAD_F16, STORE_F16)
+#endif
