@@ -25,7 +25,6 @@ generic path (logged once per reason), and the engine averages sparse gradients 
 """
 from __future__ import annotations
 
-import logging
 import weakref
 from collections import OrderedDict
 
@@ -34,8 +33,6 @@ import torch
 from cl_core.dema.config import DEMAConfig
 
 DEMA_STATE_KEY = "dema"
-
-log = logging.getLogger(__name__)
 
 
 class DEMAOptimizer(torch.optim.Optimizer):
