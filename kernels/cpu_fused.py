@@ -141,13 +141,12 @@ class CpuFusedDriver:
         cols = max(1, n)
         self.stab = torch.zeros(L.N_STATIC, cols, dtype=torch.int64)
         self.dyn = torch.zeros(L.N_DYNAMIC, cols, dtype=torch.int64)
-        # rows that never change for the life of the engine group's state
+        # rows that never change for the life of the engine group's state (the others: _build)
         e = [v.data_ptr() for v in s.ema_views]
         self.stab[L.S_EMA, :n] = int64_table(e)
         gp = [v.data_ptr() for v in s.gprev_views] if s.gprev_views is not None else e  # never read for "fixed"
         self.stab[L.S_GRAD_PREV, :n] = int64_table(gp)
         self.stab[L.S_NUMEL, :n] = int64_table(self.numels)
-        self.stab[L.S_GROUP, :n] = int64_table(members.param_group)
         self.pend_mode = torch.zeros(n, dtype=torch.uint8)
         self.pend_stats = torch.zeros(n, L.N_DSTAT, dtype=torch.float32)
         self.pend_has_grad = torch.zeros(n, dtype=torch.uint8)
@@ -164,7 +163,7 @@ class CpuFusedDriver:
         self._built = None
         self._fns = None
         self._gptr = None  # gradient addresses in the dynamic table
-        self._flags = None  # ("all", ()) or the flag list in the dynamic table
+        self._flags = None  # "all" (every tensor has a gradient) or the flag list in the dynamic table
         self._consts = None  # kernel scalars of the last step (the flush decides with them)
         self._pending = False  # a step ran since the last flush
 
@@ -189,6 +188,7 @@ class CpuFusedDriver:
             self.stab[L.S_PARAM, :n] = int64_table(ptrs)
             self.stab[L.S_EXP_AVG, :n] = int64_table(m)
             self.stab[L.S_EXP_AVG_SQ, :n] = int64_table(v)
+            self.stab[L.S_GROUP, :n] = int64_table(mem.param_group)
         if self._built is not None and self._built[1] != dtype:
             log.info("fused DEMA step: parameters are now %s (tables were built for %s); rebuilt", dtype, self._built[1])
         self.dtype, self._fns = dtype, fns
