@@ -43,14 +43,15 @@ log = logging.getLogger(__name__)
 
 # Launch shape. Each thread owns VEC contiguous elements per iteration: VEC = 16 bytes /
 # element size, so a thread's θ, g, m, v access is one 128-bit load/store (θ*, g_prev are
-# fp32: one or two). 4 warps x 32 threads x VEC = BLOCK. Why 4 warps and not more: the
-# register count per thread does not depend on the warp count; 4 warps give many small
-# blocks per SM (good tail behaviour over ~1,000 tiles of a LoRA step). Compiled, the
-# step kernel needs ≤ 128 registers per thread (fp32 ≈ 70, 16-bit ≈ 110: 8 elements per
-# thread), so an H100/A100 SM holds 4 (16-bit) to 7 (fp32) blocks = 16–28 warps, 25–44%
-# occupancy. That is enough for a streaming kernel: each thread has 6 independent 128-bit
-# loads in flight per iteration, 16 warps x 32 x 96 B ≈ 48 KB per SM, above the ≈ 15 KB per
-# SM that HBM3 bandwidth x latency (3.35 TB/s x ~600 ns / 132 SMs) asks for.
+# fp32: one or two). 4 warps x 32 threads x VEC = BLOCK. Why 4 warps: the registers per
+# thread do not depend on the warp count, and small blocks fill the SMs evenly over the
+# ~1,250 tiles of a LoRA-7B step. Compiled (tests/test_triton_compile.py, bench/README.md),
+# the step kernel uses 80-90 registers per thread for fp32 and 107-128 for 16-bit
+# parameters (8 elements per thread), no spills: 5-6 (fp32) or 4 (16-bit) blocks per SM,
+# 25-38% occupancy on A100/H100. Enough for a streaming kernel: each thread has 6
+# independent 128-bit loads in flight per iteration, >= 16 warps x 32 x 96 B ≈ 48 KB per
+# SM, above the ≈ 18 KB per SM that HBM3 bandwidth x latency (3.35 TB/s x ~700 ns / 132
+# SMs) asks for.
 NUM_WARPS = 4
 # ptxas's own heuristic targets ~80 registers on sm_80 and spills a few bytes to get
 # there (seen on the general path); telling it the real budget keeps every
@@ -365,10 +366,17 @@ class TritonFusedGroup:
         self.upload = None  # device copy of this step's dynamic table + hyper rows (one H2D copy)
         self.parity = 0
         self._dirty = True  # the canonical state is newer than the flags
-        self._built = None  # (param addresses, dtype, members.version) the static table describes
+        # (param addresses, dtype, members object, members.version) the static table
+        # describes: a new members object (optimizer state loaded) restarts its version
+        self._built = None
         self._static_aligned = False
         self._pending = False  # a step ran since the last flush
         self.unaligned_steps = 0  # steps that took the general (unaligned) kernel
+        # The kernels keep θ* and g_prev in fp32: any other EMA buffer is a reason for the
+        # generic path, never swept as fp32.
+        bufs = [s.ema_flat] + ([s.gprev_flat] if s.gprev_flat is not None else [])
+        self._unsupported = next((f"the EMA buffers are {b.dtype}; the Triton fused kernel keeps them in float32"
+                                  for b in bufs if b.dtype != torch.float32), None)
 
     # ------------------------------------------------------------------ tables
     def _build_static(self, ptrs, dtype) -> str | None:
@@ -378,6 +386,9 @@ class TritonFusedGroup:
         for x in list(mem.exp_avg) + list(mem.exp_avg_sq):
             if x is not None and (x.dtype != dtype or x.device != dev or not x.is_contiguous()):
                 return f"optimizer state of dtype {x.dtype} on {x.device} does not match the parameters ({dtype} on {dev})"
+        for k, (x, p) in enumerate(zip(mem.exp_avg, mem.params)):
+            if x is not None and x.numel() != p.numel():
+                return f"optimizer state of tensor {k} has {x.numel()} elements, its parameter {p.numel()}"
         m = [ptrs[k] if x is None else x.data_ptr() for k, x in enumerate(mem.exp_avg)]
         v = [ptrs[k] if x is None else x.data_ptr() for k, x in enumerate(mem.exp_avg_sq)]
         e = [x.data_ptr() for x in s.ema_views]
@@ -392,7 +403,7 @@ class TritonFusedGroup:
         # of the vector width (then the fp32 views of θ*, g_prev are aligned too).
         self._static_aligned = (_or_all(ptrs + m + v + e + gp) & 15) == 0 and all(k % vec == 0 for k in s.numels)
         self.dtype = dtype
-        self._built = (ptrs, dtype, mem.version)
+        self._built = (ptrs, dtype, mem, mem.version)
         return None
 
     # ------------------------------------------------------------------ the interface
@@ -406,7 +417,10 @@ class TritonFusedGroup:
         if reason is not None:
             return reason
         ptrs = list(map(_PTR, mem.params))
-        if self._built is None or self._built[0] != ptrs or self._built[1] != dtype or self._built[2] != mem.version:
+        if self._unsupported is not None:
+            return self._unsupported
+        if (self._built is None or self._built[0] != ptrs or self._built[1] != dtype or self._built[2] is not mem
+                or self._built[3] != mem.version):
             if self._built is not None and self._built[1] != dtype:
                 log.info("fused DEMA step: parameters are now %s (tables were built for %s); rebuilt", dtype, self._built[1])
             return self._build_static(ptrs, dtype)
@@ -416,7 +430,7 @@ class TritonFusedGroup:
         s, mem, n = self.state, self.members, self.n
         if n == 0:
             return
-        if self._built is None or self._built[2] != mem.version:  # optimizer state created this step
+        if self._built is None or self._built[2] is not mem or self._built[3] != mem.version:  # new optimizer state
             reason = self._build_static(list(map(_PTR, mem.params)), self.dtype)
             if reason is not None:
                 raise RuntimeError(f"fused DEMA step: {reason}")

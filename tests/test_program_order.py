@@ -87,12 +87,13 @@ def _assert_identical(a, b, what):
 # Several blocks per tensor (DEMA blocks are 512 fp32 / 1,024 16-bit elements) and, for
 # the fused kernels, more than one tile (16,384 elements) for the first tensor: programs
 # of one tensor share its per-tensor state. Small otherwise: the interpreter is slow.
-DEMA_SHAPES = [(3, 700), (1030,), (2, 3), (5,)]
-# Fused tiles shrink to 2,048 elements here (monkeypatched TILE: the same code with more
+DEMA_GENERAL = [(3, 344), (1030,), (2, 3), (5,)]
+DEMA_ALIGNED = [(3, 344), (1032,), (2, 4), (8,)]  # numels multiple of 8: the ALIGNED sweeps
+# Fused tiles shrink to 1,024 elements here (monkeypatched TILE: the same code with more
 # tiles per tensor and several loop iterations per tile, at interpreter speed).
-SMALL_TILE = 2048
-ALIGNED_SHAPES = [(3, 1504), (4, 8), (16,), (8,)]  # every numel a multiple of 8: the ALIGNED kernels
-GENERAL_SHAPES = [(3, 1500), (3, 5), (7,), (5,)]
+SMALL_TILE = 1024
+ALIGNED_SHAPES = [(2, 1032), (4, 8), (16,), (8,)]  # every numel a multiple of 8: the ALIGNED kernels
+GENERAL_SHAPES = [(2, 1030), (3, 5), (7,), (5,)]
 
 
 def _params(dtype, shapes, seed=0):
@@ -107,8 +108,8 @@ def _grads(params, gen, t):
         params[1].grad.view(-1)[0] = float("nan")  # a skipped tensor must stay skipped in any order
 
 
-def _dema_run(dtype, formula, hook):
-    params = _params(dtype, DEMA_SHAPES)
+def _dema_run(dtype, formula, hook, shapes):
+    params = _params(dtype, shapes)
     engine = DEMA(params, DEMAConfig(backend="triton", formula=formula), reduce_stats=hook)
     gen = torch.Generator().manual_seed(1)
     for t in range(3):
@@ -117,18 +118,19 @@ def _dema_run(dtype, formula, hook):
                 p.add_((torch.randn(p.shape, generator=gen) * 0.1).to(dtype))
         _grads(params, gen, t)
         engine.update()
-    return _snapshot(engine, params)
+    return _snapshot(engine, params), engine.groups[0].backend._aligned
 
 
-@pytest.mark.parametrize("dtype,formula,hook", [
-    (torch.float32, "paper", None),
-    (torch.bfloat16, "official", lambda stats: None),  # the decide kernel split around a hook
+@pytest.mark.parametrize("dtype,formula,hook,shapes", [
+    (torch.float32, "paper", None, DEMA_ALIGNED),
+    (torch.bfloat16, "official", lambda stats: None, DEMA_GENERAL),  # decide split around a hook
 ])
-def test_dema_kernels_do_not_depend_on_program_order(program_order, dtype, formula, hook):
-    ref = _dema_run(dtype, formula, hook)
+def test_dema_kernels_do_not_depend_on_program_order(program_order, dtype, formula, hook, shapes):
+    ref, aligned = _dema_run(dtype, formula, hook, shapes)
+    assert aligned == (shapes is DEMA_ALIGNED)
     for mode in ORDERS:
         program_order["mode"] = mode
-        _assert_identical(_dema_run(dtype, formula, hook), ref, mode)
+        _assert_identical(_dema_run(dtype, formula, hook, shapes)[0], ref, mode)
 
 
 OPTIMIZERS = {

@@ -60,6 +60,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
+_LAYOUT = operator.attrgetter("layout")
 _PTR = torch.Tensor.data_ptr
 _CONTIG = torch.Tensor.is_contiguous
 _IS_NONE = functools.partial(operator.is_, None)
@@ -152,14 +153,14 @@ def check_tensors(params, grads, dtype, device, has_all_grads: bool) -> str | No
     present = grads if has_all_grads else [g for g in grads if g is not None]
     if not present:
         return None
+    if set(map(_LAYOUT, present)) != {torch.strided}:
+        return "a gradient is sparse"
     if set(map(_DTYPE, present)) != {dtype}:
         return f"a gradient is not {dtype} (the parameter dtype)"
     if set(map(_DEVICE, present)) != {device}:
         return f"a gradient is not on {device} (the parameters' device)"
     if not all(map(_CONTIG, present)):
         return "a gradient is not contiguous"
-    if any(g.is_sparse for g in present if g.layout != torch.strided):
-        return "a gradient is sparse"
     return None
 
 
@@ -349,7 +350,12 @@ def _driver(members: GroupMembers):
         from cl_core.kernels.triton_fused import TritonFusedGroup
 
         return TritonFusedGroup(members)
-    return _CpuDriver(members)
+    from cl_core.kernels import cpu_fused
+
+    # kernels/cpu_fused.py may implement the interface itself (class CpuFusedDriver,
+    # built from GroupMembers); until then the shim below adapts its per-tensor-row call.
+    driver = getattr(cpu_fused, "CpuFusedDriver", _CpuDriver)
+    return driver(members)
 
 
 class _CpuDriver:
