@@ -196,6 +196,30 @@ def test_fused_step_makes_no_host_sync(backend):
     assert mode.syncs == []
 
 
+def test_triton_pending_stats_equal_the_flushed_decision():
+    """After a fused step, the pending step's α and skip counts, decided on the device
+    without finishing the EMA (issue 11.5), equal what the flush then records."""
+    params = _params()
+    opt = DEMAOptimizer(OPTIMIZERS["adamw"](params), DEMAConfig(backend="triton", formula="paper"), fused=True)
+    gen = torch.Generator().manual_seed(2)
+    for t in range(5):
+        for i, p in enumerate(params):
+            p.grad = None if (t == 3 and i == 2) else torch.randn(p.shape, generator=gen)
+        if t == 2:
+            params[4].grad[0] = float("inf")
+        opt.step()
+        (alpha, skips), = opt._fused.pending_stats()
+        ema_before = opt.engine.groups[0].state.ema_flat.clone()
+        assert torch.equal(opt.engine.groups[0].state.ema_flat, ema_before)  # nothing finished
+        opt.engine.flush()
+        stats = opt.engine.stats
+        assert torch.equal(alpha, stats.alpha), t
+        assert torch.equal(skips, stats.nonfinite_skips), t
+    # the inf gradient makes AdamW write NaN into tensor 4: skipped at steps 2, 3 and 4
+    assert stats.nonfinite_skips.tolist() == [0, 0, 0, 0, 3]
+    assert opt._fused.pending_stats() == [None]  # nothing pending after a flush
+
+
 # ---------------------------------------------------------------------- never the wrong memory (issue 9.5)
 def _steps(opt, params, gen, n, change=None, at=None):
     for t in range(n):
