@@ -265,8 +265,10 @@ class DEMACallback(pl.Callback):
         if self.engine is None:
             return
         if self._expect_step:
-            # the precision plugin (GradScaler overflow) or a skipped backward did not call step()
-            self.engine.skip_step()
+            # the precision plugin (GradScaler overflow) or a skipped backward did not call step();
+            # a DEMAOptimizer counts such a step itself (at its next zero_grad), our own engine here
+            if self._update_in_hook:
+                self.engine.skip_step()
             self._expect_step = False
         if self._stepped:
             self._stepped = False

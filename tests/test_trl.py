@@ -87,8 +87,14 @@ def test_sft_trainer_updates_dema_each_step_and_replaces_at_end(tmp_path):
         engine.update()
         alphas.append(engine.stats.alpha.clone())
     ema = dema.engine.ema_tensors()
-    for a, b in zip(ema, engine.ema_tensors()):
-        assert torch.equal(a, b)
+    if dema.fused:
+        # the callback runs the Trainer's AdamW and DEMA as one pass; it differs from the separate
+        # pass by float rounding only (tests/test_fused.py): 1e-5 relative here
+        for a, b in zip(ema, engine.ema_tensors()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    else:
+        for a, b in zip(ema, engine.ema_tensors()):
+            assert torch.equal(a, b)
     # it is a real average: different from the weights the last step left, which it then replaced
     assert any(not torch.equal(e, p) for e, p in zip(ema, rec.steps[-1][0]))
     for (_, p), e in zip(lora, ema):
