@@ -337,3 +337,29 @@ def test_cuda_fused_equals_generic(opt_name, dtype, shapes):
     _close(fp, gp, **tol)
     _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), **tol)
     torch.testing.assert_close(fo.engine.stats.alpha, go.engine.stats.alpha, rtol=2e-3 if dtype == torch.float32 else 5e-2, atol=1e-5)
+
+
+@cuda
+def test_cuda_inner_fused_adamw_survives_a_generic_step():
+    """AdamW(fused=True) inside (the Trainer's adamw_torch_fused): torch keeps its step
+    counters on the GPU; a step that takes the generic path (forced here) hands them
+    back there, and the run still equals the generic path."""
+    def run(fused):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in CUDA_ALIGNED]
+        inner = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+        opt = DEMAOptimizer(inner, DEMAConfig(backend="triton"), fused=fused)
+        for t in range(5):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen) * 0.5).cuda()
+            if t == 2 and opt.fused:
+                opt._fused._generic_step("forced by the test")
+            else:
+                opt.step()
+        return opt, params
+
+    (fo, fp), (go, gp) = run("auto"), run(False)
+    assert fo._fused.generic_steps == 1
+    _close(fp, gp, 1e-5, 1e-6)
+    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 1e-5, 1e-6)
+    assert all(float(fo.inner.state[p]["step"]) == 5 for p in fp)

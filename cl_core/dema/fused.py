@@ -230,7 +230,9 @@ class FusedStep:
             m.append(st.get("exp_avg"))
             v.append(st.get("exp_avg_sq"))
             if "step" in st:
-                steps[k] = float(st["step"])  # a CPU scalar in torch's non-capturable Adam: no sync
+                # a CPU scalar in torch's default Adam (no sync); on the device for fused=True
+                # groups: read once here, when the tables are (re)collected
+                steps[k] = float(st["step"])
                 st["step"] = steps[k]
         groups = [of[id(p)] for p in params]
         if self.kind == KIND_SGD:  # SGD without momentum keeps no state
@@ -324,9 +326,22 @@ class FusedStep:
             log.warning("DEMAOptimizer: this step takes the generic path (optimizer step, then a DEMA pass): "
                         "%s (logged once per reason; FusedStep.generic_steps counts such steps)", reason)
         self.engine.flush()
+        self._restore_step_tensors()
         self._members = None  # the optimizer creates and replaces its own state meanwhile
         self.opt.step()
         self.engine.update()
+
+    def _restore_step_tensors(self) -> None:
+        """Before torch's own step: a param group with fused=True or capturable keeps its
+        step counters on the parameters' device (torch's layout); give them back there."""
+        for mem in self._members or ():
+            if mem.steps is None:
+                continue
+            for k, p in enumerate(mem.params):
+                pg = self.opt.param_groups[mem.param_group[k]]
+                st = self.opt.state.get(p)
+                if st and "step" in st and (pg.get("fused") or pg.get("capturable")) and p.device.type != "cpu":
+                    st["step"] = st["step"].to(p.device, copy=True)
 
     @torch.no_grad()
     def flush(self) -> None:
