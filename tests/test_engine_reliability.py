@@ -603,3 +603,23 @@ def test_ema_in_the_parameter_dtype_with_an_odd_tensor_matches_the_reference():
     for a, b in zip(e.ema_tensors(), r.ema_tensors()):
         torch.testing.assert_close(a.float(), b.float(), rtol=2.0 ** -7, atol=1e-3)
     torch.testing.assert_close(e.stats.alpha, r.stats.alpha, rtol=2.0 ** -6, atol=1e-5)
+
+
+def test_closure_zero_grad_inside_a_step_is_not_a_skipped_step():
+    """LBFGS evaluates its closure (zero_grad + backward) several times inside one step."""
+    from cl_core import DEMAOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = DEMAOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    assert opt.engine.stats.skipped_steps == 0 and opt.engine.num_updates == 3

@@ -138,10 +138,14 @@ class DEMAOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         """Inner optimizer step, then the DEMA update. Returns the closure's loss."""
-        if self._fused_driver() is not None:
-            loss = self._step_fused(closure)
-        else:
-            loss = self._step_generic(closure)
+        self._in_step = True  # a closure's zero_grad() inside the step is not a skipped step
+        try:
+            if self._fused_driver() is not None:
+                loss = self._step_fused(closure)
+            else:
+                loss = self._step_generic(closure)
+        finally:
+            self._in_step = False
         self._grad_marks = self._mark_grads()
         return loss
 
@@ -168,7 +172,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._grads_changed():
+        if not self.__dict__.get("_in_step") and self._grads_changed():
             # Gradients from a backward pass are cleared without a step: the step was
             # skipped (GradScaler found inf/NaN). See the module docstring.
             self.engine.skip_step()
