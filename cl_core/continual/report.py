@@ -402,7 +402,8 @@ def _alpha_why(rows, methods) -> list[str]:
     nx = [(mm, cc) for mm, cc in rows if "scale 0.01" in methods[mm].get("settings", {}).get("EMA", "")]
     if nx:
         mm, cc = nx[0]
-        text += (f" Continual-NExT's scale 0.01 (200× smaller) is closer to right for tensors of this size: "
-                 f"{mm} had {alpha_stats.share(cc, 'at_fallback'):.0%} of its α at its fallback "
-                 f"{cc['fallback']:g} and {alpha_stats.share(cc, 'above'):.0%} above 0.1.")
+        text += (f" With Continual-NExT's scale 0.01 (200× smaller) {mm} had "
+                 f"{alpha_stats.share(cc, 'at_fallback'):.0%} of its α at its fallback {cc['fallback']:g}, "
+                 f"{alpha_stats.share(cc, 'between'):.0%} between it and 0.1, "
+                 f"{alpha_stats.share(cc, 'below'):.0%} below it and {alpha_stats.share(cc, 'above'):.0%} above 0.1.")
     return [text, ""]
