@@ -71,7 +71,10 @@ def test_llava_lora_trains_with_dema_vision_tower_frozen(tmp_path):
     # the gradients reached the LoRA tensors through the image-conditioned sequence
     assert all(g is not None and g.abs().sum() > 0 for g in rec.steps[-1][1])
     by_hand, _ = replay(cb.config, rec.steps, names=names)
+    # The callback runs the one-pass fused step here (the Trainer's AdamW), equal to the
+    # two-pass replay to float rounding, not bit for bit.
+    assert cb.fused
     for a, b in zip(cb.engine.ema_tensors(), by_hand.ema_tensors()):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for (_, p), e in zip(select_dema_parameters(model), cb.engine.ema_tensors()):
         assert torch.equal(p.detach(), e)                          # EMA replace at the end
