@@ -244,3 +244,36 @@ def test_inside_the_trainer_with_checkpoint_resume(tmp_path):
     assert resumed.engine.num_updates == 4
     for a, b in zip(resumed.engine.ema_tensors(), full.engine.ema_tensors()):
         assert torch.equal(a, b)
+
+
+def test_replaced_param_groups_are_refused_before_anything_moves():
+    # DeepSpeed ZeRO (through optimizer_cls_and_kwargs) swaps the groups' lists for its own
+    # flat partitions; stepping would average tensors the engine was never built for.
+    model = torch.nn.Linear(4, 3)
+    opt = DEMAOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1))
+    model(torch.randn(2, 4)).sum().backward()
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    flat.grad = torch.ones_like(flat)
+    opt.inner.param_groups[0]["params"] = [flat]
+    before = flat.detach().clone()
+    with pytest.raises(RuntimeError, match="was not built"):
+        opt.step()
+    assert torch.equal(flat.detach(), before) and opt.engine.num_updates == 0
+    flat._hp_mapping = object()  # what DeepSpeed's ZeRO-1/2 attach to the partitions they step
+    with pytest.raises(RuntimeError, match="DEMACallback"):
+        opt.step()
+
+
+def test_scheduler_on_the_inner_optimizer_sees_the_fused_step(recwarn):
+    model = torch.nn.Linear(4, 3)
+    inner = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(inner, step_size=1, gamma=0.5)  # built before wrapping
+    opt = DEMAOptimizer(inner)
+    assert opt.fused
+    for _ in range(2):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+    assert inner.param_groups[0]["lr"] == pytest.approx(0.025)

@@ -255,7 +255,7 @@ class DeepSpeedLink:
         from cl_core.dema.optim import DEMAOptimizer
 
         if isinstance(self.inner, DEMAOptimizer):
-            raise RuntimeError(_DEMA_OPTIMIZER_UNDER_DEEPSPEED)
+            raise RuntimeError(DEMA_OPTIMIZER_UNDER_DEEPSPEED)
         if getattr(ds_optimizer, "zenflow", False) or getattr(ds_optimizer, "swap_optimizer", False) \
                 or getattr(ds_optimizer, "offload_param", False):
             raise RuntimeError(
@@ -435,7 +435,7 @@ class DeepSpeedLink:
         return out
 
 
-_DEMA_OPTIMIZER_UNDER_DEEPSPEED = (
+DEMA_OPTIMIZER_UNDER_DEEPSPEED = (
     "DEMAOptimizer does not run under DeepSpeed: DeepSpeed steps its inner optimizer over its own flat fp32 "
     "partitions, not over the parameters the DEMAOptimizer was built for. Pass the plain torch optimizer "
     "(or none: the Trainer builds AdamW) and add the callback: Trainer(..., callbacks=[cl_core.DEMACallback()])")

@@ -25,6 +25,8 @@ generic path (logged once per reason), and the engine averages sparse gradients 
 """
 from __future__ import annotations
 
+import logging
+import os
 import weakref
 from collections import OrderedDict
 
@@ -33,6 +35,7 @@ import torch
 from cl_core.dema.config import DEMAConfig
 
 DEMA_STATE_KEY = "dema"
+log = logging.getLogger(__name__)
 
 
 class DEMAOptimizer(torch.optim.Optimizer):
@@ -67,6 +70,13 @@ class DEMAOptimizer(torch.optim.Optimizer):
         self._fused_arg = fused
         self.engine = self._build_engine()
         self._grad_marks = self._mark_grads()
+        self._param_lists = self._param_list_ids()
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            # transformers' DeepSpeed set-up replaces any optimizer handed to the Trainer
+            # with its own, so nothing of this wrapper would run: say so where it is built.
+            log.warning("DEMAOptimizer built while DeepSpeed is enabled: the Trainer discards optimizers "
+                        "passed to it under DeepSpeed, so this one would never step. Use "
+                        "Trainer(..., callbacks=[cl_core.DEMACallback()]) instead (README, DeepSpeed).")
 
     # ------------------------------------------------------------------ engine
 
@@ -136,8 +146,35 @@ class DEMAOptimizer(torch.optim.Optimizer):
     def defaults(self, value):
         self.inner.defaults = value
 
+    def _param_list_ids(self) -> tuple:
+        return tuple(id(g["params"]) for g in self.inner.param_groups)
+
+    def _check_params_unchanged(self) -> None:
+        """Refuse a step over parameters the engine was not built for (cheap: list identities).
+
+        DeepSpeed ZeRO, given this wrapper through `optimizer_cls_and_kwargs`, replaces the
+        param groups' lists with its own flat fp32 partitions; averaging those would be wrong."""
+        ids = self._param_list_ids()
+        if ids == self.__dict__.get("_param_lists"):
+            return
+        engine_ids = {id(p) for p in self.engine.params}
+        for group in self.inner.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in engine_ids:
+                    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") or \
+                            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+                        from cl_core.dema.distributed import DEMA_OPTIMIZER_UNDER_DEEPSPEED
+
+                        raise RuntimeError(DEMA_OPTIMIZER_UNDER_DEEPSPEED)
+                    raise RuntimeError(
+                        "DEMAOptimizer: the inner optimizer now updates a tensor the DEMA engine was not built "
+                        "for (param_groups were replaced after wrapping); wrap the optimizer after it is final, "
+                        "or add groups with DEMAOptimizer.add_param_group before the first step")
+        self._param_lists = ids
+
     def step(self, closure=None):
         """Inner optimizer step, then the DEMA update. Returns the closure's loss."""
+        self._check_params_unchanged()
         self._in_step = True  # a closure's zero_grad() inside the step is not a skipped step
         try:
             if self._fused_driver() is not None:
@@ -163,6 +200,9 @@ class DEMAOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._fused.step()
+        # The inner optimizer's step() did not run; an LR scheduler built on the inner
+        # optimizer checks this flag and would warn that it stepped before the optimizer.
+        self.inner._opt_called = True
         return loss
 
     def _step_generic(self, closure=None):
@@ -200,6 +240,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         self.inner.add_param_group(param_group)
         self.engine = self._build_engine()
         self._grad_marks = self._mark_grads()
+        self._param_lists = self._param_list_ids()
 
     def state_dict(self) -> dict:
         """The inner optimizer's state dict plus ``"dema"``: the engine state."""
