@@ -25,7 +25,7 @@ from typing import Iterable
 import torch
 
 from cl_core.atomic_io import torch_save_atomic
-from cl_core.atomic_io import write_json_atomic as _write_json_atomic
+from cl_core.dema.distributed import is_dtensor
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -218,7 +218,7 @@ def save_ema_adapter(model, engine, out_dir: str, adapter_name: str | None = Non
         raise ValueError(
             f"save_ema_adapter: the DEMA engine does not average {len(missing)} trainable tensor(s) of "
             f"adapter {adapter_name!r}, e.g. {missing[0]!r}; was it built for another adapter?")
-    if any(_is_dtensor(p) for p in engine.params):
+    if any(is_dtensor(p) for p in engine.params):
         raise ValueError("save_ema_adapter: parameters are sharded (FSDP); gather a full state first")
 
     full = getattr(engine, "full_ema_tensors", None)
@@ -288,14 +288,6 @@ def _is_peft_model_wrapper(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:
-        return False
-    return isinstance(t, DTensor)
-
-
 def _fsync_dir_files(folder: str) -> None:
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
@@ -341,9 +333,3 @@ def load_state_file(path: str):
         else:
             why = f"could not be read ({type(exc).__name__}: {exc})"
         raise ValueError(f"DEMA state file {path} {why}") from exc
-
-
-def write_json_atomic(obj, path: str) -> str:
-    """JSON counterpart of :func:`atomic_save`."""
-    return str(_write_json_atomic(obj, path, sort_keys=True))
-

@@ -57,11 +57,6 @@ def is_dtensor(t) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor; the tensor itself otherwise."""
-    return t.to_local() if is_dtensor(t) else t
-
-
 def _shard_dims(t) -> list[int]:
     return [i for i, pl in enumerate(t.placements) if pl.is_shard()]
 
@@ -132,11 +127,6 @@ class StatsReducer:
 
     def __repr__(self):
         return f"StatsReducer(group={self.group!r}, calls={self.calls})"
-
-
-def make_stats_reducer(group=None) -> StatsReducer:
-    """A ``reduce_stats`` callable over ``group`` (default: the world)."""
-    return StatsReducer(group)
 
 
 def auto_reduce_stats(params: Iterable[torch.Tensor], model=None) -> Callable | None:
