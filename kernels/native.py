@@ -106,9 +106,7 @@ def _load(name: str):
         signatures = {
             "dema_cpu": [cint, i64] + [vp] * 12 + [cint, f32, f32, f32],
             "dema_cpu_param": [cint, i64] + [vp] * 12 + [cint, f32, f32, f32],
-            "fused_step": [cint, i64, vp, vp, vp, cint, f32, f32, f32],
-            "fused_flush": [i64, vp, vp, cint, f32, f32, f32],
-        }
+        }  # the fused library's entry points are typed by kernels/cpu_fused.py, which calls them
         for prefix, argtypes in signatures.items():
             for suffix in ("f32", "bf16", "f16"):
                 fn = getattr(lib, f"{prefix}_{suffix}", None)
@@ -121,8 +119,8 @@ def _load(name: str):
 
 
 def function_for(dtype, prefix: str = "dema_cpu"):
-    """The C entry point `prefix` for a parameter dtype, or None when there is none."""
-    lib = load("dema" if prefix.startswith("dema_cpu") else "fused")
+    """The DEMA library's entry point `prefix` for a parameter dtype, or None when there is none."""
+    lib = load("dema")
     if lib is None:
         return None
     suffix = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}.get(dtype)

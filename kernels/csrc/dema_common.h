@@ -34,9 +34,6 @@
 #define CL_CORE_ENUM_ITEM(name, value) name = value,
 enum { CL_CORE_SHARED_LAYOUT(CL_CORE_ENUM_ITEM) };
 
-/* dema_cpu.c's spelling of FORMULA_FIXED (kept until that file uses the layout name). */
-#define F_FIXED FORMULA_FIXED
-
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
     float f;
