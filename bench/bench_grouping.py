@@ -1,4 +1,4 @@
-"""Instruction grouping speed (DESIGN.md §4), in one run:
+"""Instruction grouping speed (docs/design.md §4), in one run:
 
 1. 100 x 100 templates: the official pair-by-pair procedure (one TfidfVectorizer fit per pair)
    against cl_core's sparse-product path; the speed-up is printed (target >= 50x) and the two

@@ -1,4 +1,4 @@
-"""Instruction grouping (LCIA, DESIGN.md §4): re-train an existing LoRA set or open a new one.
+"""Instruction grouping (LCIA, docs/design.md §4): re-train an existing LoRA set or open a new one.
 
 API
 ---

@@ -1,4 +1,4 @@
-"""LoRA sets as PEFT adapters, driven by instruction-grouping decisions (LCIA, DESIGN.md §4).
+"""LoRA sets as PEFT adapters, driven by instruction-grouping decisions (LCIA, docs/design.md §4).
 
 API
 ---

@@ -1,4 +1,4 @@
-"""DEMA engine: every backend against the reference, plus the edge cases of DESIGN.md §2.
+"""DEMA engine: every backend against the reference, plus the edge cases of docs/design.md §2.
 
 Tolerances (fp32 statistics, different summation orders): EMA rtol 1e-5 / atol 1e-6,
 α atol 1e-5, d rtol 1e-4 (d is a large sum of small differences).

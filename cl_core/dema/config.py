@@ -1,4 +1,4 @@
-"""DEMAConfig: the settings of the dynamic EMA (DESIGN.md §2) and their validation."""
+"""DEMAConfig: the settings of the dynamic EMA (docs/design.md §2) and their validation."""
 from __future__ import annotations
 
 import math

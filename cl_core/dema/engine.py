@@ -1,4 +1,4 @@
-"""cl_core.DEMA: the dynamic-EMA engine over a list of tensors (DESIGN.md §2, §6).
+"""cl_core.DEMA: the dynamic-EMA engine over a list of tensors (docs/design.md §2, §6).
 
 The engine owns the EMA θ* of each tensor (fp32), its previous gradient and a few
 per-tensor numbers. Tensors are grouped by (device, dtype); each group runs on one
@@ -33,7 +33,7 @@ class EngineGroup:
     """The tensors of one (device, dtype) that one backend updates together.
 
     `state` and `backend` exist once the engine has started (the lazy start of
-    DESIGN.md §2); before that they are None.
+    docs/design.md §2); before that they are None.
     """
 
     indices: list  # positions in engine.params
@@ -105,7 +105,7 @@ class DEMA:
         self.num_updates = 0
         self.skipped_steps = 0
         # Updates that found p.grad None, per tensor. Host-side knowledge, so a Python
-        # list (no device sync); DESIGN.md §2: a trainer hiding gradients must be seen.
+        # list (no device sync); docs/design.md §2: a trainer hiding gradients must be seen.
         self._missing = [0] * len(params)
         self._warned_no_grads = False
         self.densified_grads = 0  # sparse gradients made dense (tensor-updates)

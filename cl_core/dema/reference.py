@@ -1,4 +1,4 @@
-"""The reference DEMA backend: the literal per-tensor maths of DESIGN.md §2.
+"""The reference DEMA backend: the literal per-tensor maths of docs/design.md §2.
 
 Readable on purpose (one tensor at a time, the L1 norms of the official code, Python
 floats for α). The tests use it as the oracle for every fast path and the benchmarks

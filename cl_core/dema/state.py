@@ -6,7 +6,7 @@ backend can address all tensors of a step at once. Their dtype is `ema_dtype`: f
 or the parameter dtype with DEMAConfig(ema_dtype="param") (float64 parameters keep a
 float32 EMA either way). Small per-tensor vectors:
 
-    started   uint8 [T]  the EMA of this tensor exists (lazy start, DESIGN.md §2)
+    started   uint8 [T]  the EMA of this tensor exists (lazy start, docs/design.md §2)
     has_prev  uint8 [T]  g_prev holds the previous step's gradient
     d         fp32  [T]  ‖θ − θ*‖₁ after the last update (the "paper" formula's d)
     alpha     fp32  [T]  α applied at the last update (0 when the tensor was skipped)
@@ -26,7 +26,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def alpha_rule(config: DEMAConfig, a: float, b: float, c: float, d: float) -> float:
-    """α of one tensor from its statistics, exactly as DESIGN.md §2 (fp32 arithmetic).
+    """α of one tensor from its statistics, exactly as docs/design.md §2 (fp32 arithmetic).
 
     Used by the reference backend; the vectorised backends implement the same
     expression (same operation order) on device.

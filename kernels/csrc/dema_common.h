@@ -1,5 +1,5 @@
 /* Shared by the native CPU kernels: the named layouts (the C mirror of
- * kernels/layouts.py), dtype conversions and the α rule of DESIGN.md §2. */
+ * kernels/layouts.py), dtype conversions and the α rule of docs/design.md §2. */
 #ifndef CL_CORE_DEMA_COMMON_H
 #define CL_CORE_DEMA_COMMON_H
 #include <math.h>

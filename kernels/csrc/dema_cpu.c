@@ -1,7 +1,7 @@
 /* Native CPU kernels of the DEMA engine (cl_core "torch" backend on CPU tensors).
  *
  * One call processes a list of tensors given as pointer tables. Per tensor it does
- * the two phases of DESIGN.md §2 back to back (statistics, then the EMA update)
+ * the two phases of docs/design.md §2 back to back (statistics, then the EMA update)
  * while the tensor is still hot in cache, so DRAM sees close to the 24 B/element
  * floor. Sums are accumulated in double; α is computed in float with the same
  * operation order as the reference ((1 + b) / (a * c) * scale).

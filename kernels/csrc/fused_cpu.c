@@ -1,4 +1,4 @@
-/* Native CPU kernels of the one-pass optimizer step + DEMA (DESIGN.md §3, "One pass").
+/* Native CPU kernels of the one-pass optimizer step + DEMA (docs/design.md §3, "One pass").
  *
  * Per tensor, one sweep over memory does, element by element:
  *   1. finish the previous step's EMA update with its α (decided from the statistics
