@@ -229,6 +229,19 @@ def test_base_is_shared_and_cached(full_run, tmp_path):
     assert results["methods"]["lora"]["matrix"] == reference["methods"]["lora"]["matrix"]
 
 
+def test_one_stage1_base_for_every_seed(full_run, tmp_path):
+    # stage1_seed=0: one stage 1 (as LLaVA is one pre-trained model); seed 1's chains start
+    # from seed 0's base, and both seeds record that base's scores.
+    _, reference = full_run
+    out = tmp_path / "shared"
+    results = run(tiny_config(methods=("lora",), seeds=(0, 1), stage1_seed=0), out, quiet=True, threads=1)
+    assert sorted(p.name for p in (out / "base").iterdir()) == ["seed0"]
+    assert results["base"]["0"] == results["base"]["1"] == reference["base"]["0"]
+    # seed 0 trains exactly as in a run with a base per seed
+    assert results["methods"]["lora"]["seeds"]["0"]["matrix"] == reference["methods"]["lora"]["matrix"]
+    assert "once, with seed 0, for every seed" in (out / "report.md").read_text()
+
+
 def test_recipes():
     assert RunConfig().methods == ("lora", "ema", "dema", "dema+group")
     assert RunConfig(recipe="lcia").methods == ("lcia",)
@@ -266,6 +279,7 @@ def test_recipes():
     (dict(new_set_init="best"), "new_set_init='best'"),
     (dict(dema_params="all"), "dema_params='all'"),
     (dict(max_grad_norm=-1.0), "max_grad_norm=-1.0"),
+    (dict(stage1_seed=-1), "stage1_seed=-1"),
     (dict(methods=("lcia",), route="file"), "only recipe methods run"),
     (dict(methods=("cl-next",), dema_scale=0.5), "only recipe methods run"),
     (dict(task_files=("a.json",), tasks=("gqa",)), "cannot be mixed"),

@@ -106,6 +106,8 @@ class RunConfig:
     num_layers: int = 2
     num_heads: int = 4
     stage1_steps: int = 1200
+    stage1_seed: Optional[int] = None      # None: a base per seed; S: one base (trained with seed S)
+                                           #   for every seed, as LLaVA is one pre-trained model
     stage1_batch_size: int = 32
     stage1_lr: float = 3e-3
     # Stage 2 (per task): the same for every method.
@@ -222,6 +224,9 @@ class RunConfig:
                      "eval_batch_size", "stage1_batch_size", "hidden_size", "num_layers", "num_heads", "max_test"):
             _check_positive(name, getattr(self, name))
         _check_positive("stage1_steps", self.stage1_steps, 0)
+        s1 = self.stage1_seed
+        if s1 is not None and (isinstance(s1, bool) or not isinstance(s1, int) or s1 < 0):
+            raise ValueError(f"stage1_seed={s1!r} must be None (a base per seed) or an int >= 0")
         _check_positive("warmup_steps", self.warmup_steps, 0)
         if self.max_new_tokens is not None:
             _check_positive("max_new_tokens", self.max_new_tokens)

@@ -274,13 +274,18 @@ def _model_text(results: dict) -> str:
         shape = ", ".join(f"{k} {m[k]}" for k in ("hidden_size", "num_layers", "vocab_size") if m.get(k) is not None)
         if m.get("source") == "tiny":
             return (f"Model: the bundled tiny Llama ({size}; {shape}), trained from scratch in stage 1 "
-                    f"({cfg['stage1_steps']} steps, once per seed, shared by all methods).")
+                    f"({cfg['stage1_steps']} steps, {_stage1_once(cfg)}, shared by all methods).")
         return f"Model: `{m['source']}` ({m.get('model_type', '?')}, {size}; {shape})."
     if cfg.get("model"):
         return f"Model: `{cfg['model']}`."
     layers = f"{cfg['num_layers']} layer" + ("s" if cfg["num_layers"] != 1 else "")
     return (f"Model: a tiny Llama (hidden {cfg['hidden_size']}, {layers}) trained from scratch "
-            f"in stage 1 ({cfg['stage1_steps']} steps, once per seed, shared by all methods).")
+            f"in stage 1 ({cfg['stage1_steps']} steps, {_stage1_once(cfg)}, shared by all methods).")
+
+
+def _stage1_once(cfg: dict) -> str:
+    s1 = cfg.get("stage1_seed")
+    return "once per seed" if s1 is None else f"once, with seed {s1}, for every seed"
 
 
 def _settings_lines(methods: dict) -> list[str]:
