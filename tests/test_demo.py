@@ -28,8 +28,13 @@ def test_demo_quick(tmp_path):
         assert set(r["metrics"]) == set(metrics.METRIC_NAMES)
         seed = r["seeds"]["0"]
         assert len(seed["dema"]) == len(seed["init_from"]) == t
-    # Plain sequential LoRA forgets on the bundled benchmark.
-    assert results["methods"]["lora"]["metrics"]["forgetting"] > 10
+    # The quick preset is a pipeline check (a 300-step base, 30 steps per task: little is
+    # learned), yet plain sequential LoRA forgets what it learned, and grouping, whose four
+    # tasks each train their own LoRA set and get their test questions routed back to it,
+    # keeps every earlier task's accuracy exactly.
+    assert results["methods"]["lora"]["metrics"]["forgetting"] > 0
+    assert results["methods"]["dema+group"]["metrics"]["forgetting"] == 0
+    assert results["methods"]["dema+group"]["seeds"]["0"]["groups"] == [0, 1, 2, 3]
     report = (out / "report.md").read_text()
     for method in METHODS:
         assert f"| {method} |" in report
