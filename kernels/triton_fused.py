@@ -416,6 +416,12 @@ class TritonFusedGroup:
         reason = self._check(mem.params, batch.grads, dtype, self.device, batch.has_all_grads)
         if reason is not None:
             return reason
+        # The tiles were laid out for these element counts: a parameter or gradient given
+        # other storage of another size (p.data = x[:k]) must never be swept past its end.
+        numels = self.state.numels
+        if list(map(torch.Tensor.numel, mem.params)) != numels or any(
+                g is not None and g.numel() != n for g, n in zip(batch.grads, numels)):
+            return "a parameter or gradient no longer has the element count the tables were built for"
         ptrs = list(map(_PTR, mem.params))
         if self._unsupported is not None:
             return self._unsupported

@@ -363,3 +363,29 @@ def test_cuda_inner_fused_adamw_survives_a_generic_step():
     _close(fp, gp, 1e-5, 1e-6)
     _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 1e-5, 1e-6)
     assert all(float(fo.inner.state[p]["step"]) == 5 for p in fp)
+
+
+@pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
+def test_stats_are_current_after_each_fused_step_without_a_flush(formula):
+    # issue 11.5: engine.stats after a fused step shows that step's α and skip counts,
+    # decided from the pending state; the EMA itself stays one step behind (no flush).
+    def make(fused):
+        params = _params()
+        opt = DEMAOptimizer(OPTIMIZERS["adamw"]([{"params": params}]), DEMAConfig(formula=formula), fused=fused)
+        return opt, params
+
+    (fo, fp), (go, gp) = make(True), make(False)
+    gen = torch.Generator().manual_seed(3)
+    for t in range(8):
+        grads = [torch.randn(p.shape, generator=gen) for p in fp]
+        if t == 5:
+            grads[2][0] = float("nan")  # counted as a skip at this very step
+        for ps in (fp, gp):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        fo.step()
+        go.step()
+        f, g = fo.engine.stats, go.engine.stats
+        assert fo.engine._pending_flush is not None, "reading stats must not finish the EMA update"
+        torch.testing.assert_close(f.alpha, g.alpha, rtol=2e-3, atol=1e-5, msg=f"step {t}")
+        assert f.nonfinite_skips.tolist() == g.nonfinite_skips.tolist(), t

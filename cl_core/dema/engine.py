@@ -111,6 +111,7 @@ class DEMA:
         self.densified_grads = 0  # sparse gradients made dense (tensor-updates)
         self._warned_sparse = False
         self._pending_flush = None  # set by a fused optimizer whose EMA lags one step
+        self._pending_stats = None  # its current decision, readable without the flush
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -159,10 +160,14 @@ class DEMA:
         self._started = True
 
     # ------------------------------------------------------------------ hooks for a fused optimizer
-    def set_pending_flush(self, finish) -> None:
+    def set_pending_flush(self, finish, pending_stats=None) -> None:
         """A fused optimizer left the EMA one step behind; `finish()` completes it.
-        Every read of the EMA (and the next `update`) calls it first."""
+        Every read of the EMA (and the next `update`) calls it first. `pending_stats()`,
+        when given, returns this step's (alpha, skips) per group (in `self.groups` order,
+        None for a group that cannot tell) decided on the device without finishing the
+        EMA, so `stats` is current after a fused step without a flush."""
         self._pending_flush = finish
+        self._pending_stats = pending_stats
 
     def count_update(self) -> None:
         """One DEMA update happened outside `update()` (inside a fused optimizer step)."""
@@ -207,7 +212,7 @@ class DEMA:
     def flush(self) -> None:
         """Finish an EMA update that a fused optimizer left pending (no-op otherwise)."""
         if self._pending_flush is not None:
-            pending, self._pending_flush = self._pending_flush, None
+            pending, self._pending_flush, self._pending_stats = self._pending_flush, None, None
             pending()
 
     # ------------------------------------------------------------------ reading the EMA
@@ -253,7 +258,10 @@ class DEMA:
 
     @property
     def stats(self) -> DEMAStats:
-        if not self._started:
+        pending = self._pending_decision()
+        if pending is not None:
+            alpha, skips = pending
+        elif not self._started:
             dev = local_tensor(self.params[0]).device if self.params else torch.device("cpu")
             alpha = torch.zeros(len(self.params), dtype=torch.float32, device=dev)
             skips = torch.zeros(len(self.params), dtype=torch.int64, device=dev)
@@ -264,6 +272,26 @@ class DEMA:
         missing = torch.tensor(self._missing, dtype=torch.int64)
         return DEMAStats(alpha=alpha, nonfinite_skips=skips, missing_grads=missing,
                          updates=self.num_updates, skipped_steps=self.skipped_steps)
+
+    def _pending_decision(self):
+        """(alpha, skips) in parameter order from a fused step's pending state, or None."""
+        fn = self.__dict__.get("_pending_stats")
+        if self._pending_flush is None or fn is None or not self._started:
+            return None
+        per_group = fn()
+        if len(per_group) != len(self.groups) or any(x is None for x in per_group):
+            self.flush()  # a group cannot tell without finishing the update
+            return None
+        if len(self.groups) == 1:  # the one group holds every tensor, in order
+            return per_group[0][0].clone(), per_group[0][1].clone()
+        dev = self.groups[0].device
+        alpha = torch.zeros(len(self.params), dtype=torch.float32, device=dev)
+        skips = torch.zeros(len(self.params), dtype=torch.int64, device=dev)
+        for g, (a, k) in zip(self.groups, per_group):
+            idx = torch.tensor(g.indices, device=dev)
+            alpha.index_copy_(0, idx, a.to(dev, torch.float32))
+            skips.index_copy_(0, idx, k.to(dev, torch.int64))
+        return alpha, skips
 
     def _gather(self, field: str) -> torch.Tensor:
         if not self.groups:
@@ -291,7 +319,7 @@ class DEMA:
             self._canonicalize()
         state = dict(self.__dict__)
         state["groups"] = [dataclasses.replace(g, backend=None) for g in self.groups]
-        state["_pending_flush"] = None
+        state["_pending_flush"] = state["_pending_stats"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:

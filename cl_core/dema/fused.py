@@ -50,6 +50,7 @@ from typing import Optional
 
 import torch
 
+from cl_core.dema.distributed import is_dtensor
 from cl_core.kernels import layouts as L
 from cl_core.kernels import native
 
@@ -101,7 +102,7 @@ def unsupported_reason(opt: torch.optim.Optimizer, engine) -> str | None:
             return f"parameter dtype {p.dtype} has no fused kernel"
         if not p.is_contiguous():
             return "a parameter is not contiguous"
-        if hasattr(p, "to_local"):
+        if is_dtensor(p):
             return "the parameters are DTensors (sharded)"
     for group in engine.groups:
         if group.backend_name == "triton":
@@ -208,8 +209,10 @@ class FusedStep:
                 self._engine_states = states
             else:
                 for drv, m in zip(self._drivers, self._members):
+                    # a fresh members object restarts at version 0: number it past the old
+                    # one so a driver comparing versions rebuilds (the old state may be freed)
+                    m.version = drv.members.version + 1
                     drv.members = m
-                    m.version += 1
 
     def _collect(self, group) -> GroupMembers:
         """The members of one engine group; torch's step counters become elements of one
@@ -316,7 +319,7 @@ class FusedStep:
             drv.step(batch)
         eng.count_missing(missing)
         eng.count_update()
-        eng.set_pending_flush(self.flush)
+        eng.set_pending_flush(self.flush, self.pending_stats)
 
     def _generic_step(self, reason: str) -> None:
         """This step cannot run fused: finish the pending EMA, then the separate passes."""
@@ -350,7 +353,7 @@ class FusedStep:
             for drv in self._drivers or ():
                 drv.flush()
         except Exception:
-            self.engine.set_pending_flush(self.flush)  # still pending: never dropped silently
+            self.engine.set_pending_flush(self.flush, self.pending_stats)  # still pending: never dropped silently
             raise
 
     def pending_stats(self):
@@ -365,65 +368,6 @@ def _driver(members: GroupMembers):
         from cl_core.kernels.triton_fused import TritonFusedGroup
 
         return TritonFusedGroup(members)
-    from cl_core.kernels import cpu_fused
+    from cl_core.kernels.cpu_fused import CpuFusedDriver
 
-    # kernels/cpu_fused.py may implement the interface itself (class CpuFusedDriver,
-    # built from GroupMembers); until then the shim below adapts its per-tensor-row call.
-    driver = getattr(cpu_fused, "CpuFusedDriver", _CpuDriver)
-    return driver(members)
-
-
-class _CpuDriver:
-    """The interface above over kernels/cpu_fused.py's per-tensor-row call (until the CPU
-    group implements the interface itself): per-tensor hyper rows from the group rows."""
-
-    def __init__(self, members: GroupMembers):
-        from cl_core.kernels.cpu_fused import CpuFusedGroup
-
-        self.members = members
-        eg = members.engine_group
-        self.dtype, self.device = eg.dtype, eg.device
-        self.group = CpuFusedGroup(eg.state, eg.dtype, members.params)
-        self._group_index = torch.tensor(members.param_group, dtype=torch.long)
-
-    def prepare(self, batch: StepBatch) -> str | None:
-        return check_tensors(self.members.params, batch.grads, self.dtype, self.device, batch.has_all_grads)
-
-    def step(self, batch: StepBatch) -> None:
-        from cl_core.kernels.cpu_fused import NONNULL
-
-        mem, nonnull = self.members, NONNULL.data_ptr()
-        th = list(map(_PTR, mem.params))
-        g = [0 if x is None else (x.data_ptr() or nonnull) for x in batch.grads]
-        m = [0 if x is None else x.data_ptr() for x in mem.exp_avg]
-        v = [0 if x is None else x.data_ptr() for x in mem.exp_avg_sq]
-        rows = batch.hyper.index_select(0, self._group_index)
-        out = torch.zeros(len(th), 8, dtype=torch.float64)
-        out[:, :5] = rows[:, :5]
-        if batch.kind == KIND_SGD:
-            if batch.first:
-                out[batch.first, 5] = 1.0
-        else:
-            steps = mem.steps.double()
-            out[:, 5] = rows[:, L.H_LR] / (1 - rows[:, L.H_BETA1] ** steps)
-            out[:, 6] = (1 - rows[:, L.H_BETA2] ** steps) ** 0.5
-        no_grad = torch.tensor([x is None for x in batch.grads])
-        out[no_grad] = 0.0
-        self.group.hyper.copy_(out)
-        self.group.step(batch.kind, th, g, m, v, batch.consts)
-        self._consts = batch.consts
-
-    def flush(self) -> None:
-        consts = getattr(self, "_consts", None)
-        if consts is None:
-            return
-        reason = check_tensors(self.members.params, [], self.dtype, self.device, True)
-        if reason is not None:  # the C kernel would read the parameters at their new addresses
-            raise RuntimeError(
-                "DEMA: the EMA update left pending by the last fused step needs the parameters' values, "
-                f"but {reason}; read the EMA (engine.flush()) before changing the parameters"
-            )
-        self.group.flush(consts)
-
-    def pending_stats(self):
-        return None
+    return CpuFusedDriver(members)
