@@ -16,7 +16,7 @@ the Triton DEMA backend (DS_* is also the layout a `reduce_stats` hook receives)
 """
 from __future__ import annotations
 
-# ---- α formula (DEMAConfig.formula), DESIGN.md §2
+# ---- α formula (DEMAConfig.formula), docs/design.md §2
 FORMULA_OFFICIAL = 0  # α = scale·(1+b)/(a·c)
 FORMULA_PAPER = 1  # α = d·(1+b)/(a·c)
 FORMULA_FIXED = 2  # α = 1 − β

@@ -58,7 +58,7 @@ def launch_shape(elem_size: int) -> tuple[int, int]:
 
 @triton.jit
 def alpha_rule(a, b, c, d, use_dynamic, formula, scale, fallback, beta):
-    """α of DESIGN.md §2 from a tensor's sums (same operation order as the reference);
+    """α of docs/design.md §2 from a tensor's sums (same operation order as the reference);
     `use_dynamic` is false where the formula cannot apply (no gradient or no previous
     one). `formula` is a runtime value (FORMULA_*): a few scalar operations per program."""
     q = (1.0 + b) / (a * c)

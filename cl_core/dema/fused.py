@@ -1,4 +1,4 @@
-"""One pass per step: the optimizer update and DEMA fused (DESIGN.md §3, "One pass, exact").
+"""One pass per step: the optimizer update and DEMA fused (docs/design.md §3, "One pass, exact").
 
 `FusedStep` replaces `inner.step(); engine.update()` of a `DEMAOptimizer` whose inner
 optimizer is a plain `torch.optim.Adam`, `AdamW` or `SGD`. Each step sweeps every
