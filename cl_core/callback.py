@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from cl_core.dema import distributed as cl_dist
 from cl_core.dema.config import DEMAConfig
 from cl_core.dema.fused import optimizer_kind
-from cl_core.peft_export import (active_adapter_names, atomic_save, is_peft_model, load_state_file,
+from cl_core.peft_export import (active_adapter_names, atomic_save, is_peft_model, load_state_file, names_mismatch,
                                  save_ema_adapter, select_dema_parameters, unwrap_model)
 
 logger = logging.getLogger(__name__)
@@ -360,18 +360,11 @@ class DEMACallback(TrainerCallback):
                              f"(this cl_core writes version {STATE_VERSION})")
         saved = list(sd.get("names", []))
         mine = list(self.engine.names)
-        if saved != mine:
-            extra = [n for n in saved if n not in mine]
-            lack = [n for n in mine if n not in saved]
-            detail = []
-            if lack:
-                detail.append(f"{len(lack)} tensor(s) of the model are not in it, e.g. {lack[0]!r}")
-            if extra:
-                detail.append(f"{len(extra)} tensor(s) in it are not in the model, e.g. {extra[0]!r}")
-            if not detail:
-                detail.append("the tensors are in a different order")
+        detail = names_mismatch(saved, mine, current_what="tensor(s) of the model are",
+                                saved_what="are not in the model")
+        if detail is not None:
             raise ValueError(f"{source}: the DEMA state does not match the model's trainable tensors "
-                             f"({len(saved)} saved vs {len(mine)} in the model): " + "; ".join(detail))
+                             f"({len(saved)} saved vs {len(mine)} in the model): " + detail)
         try:
             self.engine.load_state_dict(sd["engine"])
         except ValueError as exc:

@@ -49,7 +49,7 @@ except ImportError as exc:  # an optional extra
                       "(or pip install lightning)") from exc
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
-from cl_core.peft_export import is_peft_model, save_ema_adapter, select_dema_parameters
+from cl_core.peft_export import is_peft_model, names_mismatch, save_ema_adapter, select_dema_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -365,19 +365,11 @@ class DEMACallback(pl.Callback):
                 states[i] = {k: v for k, v in states[i].items() if k != "dema"}
 
     def _check_names(self, saved):
-        if list(saved) == list(self.names):
-            return
-        lack = [n for n in self.names if n not in saved]
-        extra = [n for n in saved if n not in self.names]
-        detail = []
-        if lack:
-            detail.append(f"{len(lack)} averaged tensor(s) are not in it, e.g. {lack[0]!r}")
-        if extra:
-            detail.append(f"{len(extra)} tensor(s) in it are not averaged now, e.g. {extra[0]!r}")
-        if not detail:
-            detail.append("the tensors are in a different order")
-        raise ValueError(f"the checkpoint's DEMA state does not match the averaged tensors ({len(saved)} saved, "
-                         f"{len(self.names)} now): " + "; ".join(detail))
+        detail = names_mismatch(saved, self.names, current_what="averaged tensor(s) are",
+                                saved_what="are not averaged now")
+        if detail is not None:
+            raise ValueError(f"the checkpoint's DEMA state does not match the averaged tensors ({len(saved)} saved, "
+                             f"{len(self.names)} now): " + detail)
 
     def _apply_pending_state(self):
         sd, self._pending_state = self._pending_state, None

@@ -1,4 +1,4 @@
-"""Continual-learning metrics from an accuracy matrix (DESIGN.md §5).
+"""Continual-learning metrics from an accuracy matrix (docs/design.md §5).
 
 ``A[j][i]`` is the accuracy (percent, 0-100) on task ``i`` after training task ``j``
 (0-based). Only the lower triangle (``i <= j``) enters the metrics; entries above the

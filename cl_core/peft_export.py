@@ -333,3 +333,21 @@ def load_state_file(path: str):
         else:
             why = f"could not be read ({type(exc).__name__}: {exc})"
         raise ValueError(f"DEMA state file {path} {why}") from exc
+
+
+def names_mismatch(saved, current, *, current_what: str, saved_what: str) -> str | None:
+    """Why a saved DEMA state's tensor names differ from the current ones (None when equal):
+    what is missing on each side, or that the order differs. Shared by the trainer callbacks."""
+    saved, current = list(saved), list(current)
+    if saved == current:
+        return None
+    lack = [n for n in current if n not in saved]
+    extra = [n for n in saved if n not in current]
+    detail = []
+    if lack:
+        detail.append(f"{len(lack)} {current_what} not in it, e.g. {lack[0]!r}")
+    if extra:
+        detail.append(f"{len(extra)} tensor(s) in it {saved_what}, e.g. {extra[0]!r}")
+    if not detail:
+        detail.append("the tensors are in a different order")
+    return "; ".join(detail)

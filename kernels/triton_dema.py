@@ -84,12 +84,12 @@ def _block_of_program(blk_tensor, blk0, BLOCK: tl.constexpr):
     return t, start + tl.arange(0, BLOCK)
 
 
-@triton.jit(do_not_specialize=["T", "need_gp"])
-def _dema_stats_kernel(
-    blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, partials, T, need_gp,
-    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
+@triton.jit
+def _block_pointers(blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE: tl.constexpr,
+                    ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of its tensor t: (t, offsets, numel, θ, g, has_g, θ*, g_prev
+    pointers). On the ALIGNED path the addresses and sizes carry the alignment and
+    contiguity the host checked, so the compiler emits 128-bit accesses."""
     t, offs = _block_of_program(blk_tensor, blk0, BLOCK)
     n = tl.load(numel + t)
     th_ptr = tl.load(dyn_tab + L.DT_PARAM * T + t).to(tl.pointer_type(DTYPE))
@@ -104,6 +104,17 @@ def _dema_stats_kernel(
         gp_ptr = tl.multiple_of(gp_ptr, 16)
         n = tl.multiple_of(n, VEC)
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    return t, offs, n, th_ptr, g_ptr, has_g, e_ptr, gp_ptr
+
+
+@triton.jit(do_not_specialize=["T", "need_gp"])
+def _dema_stats_kernel(
+    blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, partials, T, need_gp,
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t, offs, n, th_ptr, g_ptr, has_g, e_ptr, gp_ptr = _block_pointers(
+        blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE, ALIGNED, VEC, BLOCK)
     mask = offs < n
     th = tl.load(th_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask & _bcast(has_g, BLOCK), other=0.0).to(tl.float32)
@@ -170,21 +181,9 @@ def _dema_apply_kernel(
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    t, offs = _block_of_program(blk_tensor, blk0, BLOCK)
-    n = tl.load(numel + t)
+    t, offs, n, th_ptr, g_ptr, has_g, e_ptr, gp_ptr = _block_pointers(
+        blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE, ALIGNED, VEC, BLOCK)
     md = tl.load(mode + t)
-    th_ptr = tl.load(dyn_tab + L.DT_PARAM * T + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(dyn_tab + L.DT_GRAD * T + t).to(tl.pointer_type(DTYPE))
-    has_g = tl.load(dyn_tab + L.DT_HAS_GRAD * T + t) != 0
-    e_ptr = tl.load(e_tab + t).to(tl.pointer_type(tl.float32))
-    gp_ptr = tl.load(gp_tab + t).to(tl.pointer_type(tl.float32))
-    if ALIGNED:
-        th_ptr = tl.multiple_of(th_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        e_ptr = tl.multiple_of(e_ptr, 16)
-        gp_ptr = tl.multiple_of(gp_ptr, 16)
-        n = tl.multiple_of(n, VEC)
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     upd = (offs < n) & _bcast(md != L.MODE_SKIP, BLOCK)
     al = tl.load(alpha + t)
     th = tl.load(th_ptr + offs, mask=upd, other=0.0).to(tl.float32)

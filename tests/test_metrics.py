@@ -1,4 +1,4 @@
-"""cl_core.metrics against the published numbers of DESIGN.md §5 and hand-computed cases."""
+"""cl_core.metrics against the published numbers of docs/design.md §5 and hand-computed cases."""
 import math
 
 import pytest

@@ -4,7 +4,7 @@ each one, with plain LoRA, fixed-β EMA, DEMA, or DEMA with instruction grouping
     from cl_core.continual.run import RunConfig, run
     results = run(RunConfig(methods=("lora", "dema"), seeds=(0, 1)), "runs/x")
 
-Methods (DESIGN.md §2, last paragraph; as in the official code every task is its own
+Methods (docs/design.md §2, last paragraph; as in the official code every task is its own
 training run, the EMA starts lazily at the task's first optimizer step and replaces the
 weights at the task's end):
 
