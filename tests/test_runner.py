@@ -295,3 +295,11 @@ def test_foreign_folder_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a cl_core run folder"):
         run(tiny_config(), tmp_path, quiet=True)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True])
+def test_bad_thread_counts_are_refused_before_anything_is_written(tmp_path, threads):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="threads="):
+        run(RunConfig(), out, threads=threads)
+    assert not out.exists()

@@ -67,6 +67,9 @@ class ContinualRun:
     def __init__(self, cfg: RunConfig, out_dir, *, quiet: bool = False, threads: int | None = None,
                  on_task_end: Callable | None = None):
         cfg.validate()
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            # refused before anything is written (the CLI checks --threads the same way)
+            raise ValueError(f"threads={threads!r}: give a whole number >= 1, or None for torch's default")
         self.cfg = cfg
         self.out = Path(out_dir)
         self.quiet = quiet
