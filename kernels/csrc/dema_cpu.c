@@ -81,7 +81,7 @@ enum { MODE_STATS = 1, MODE_APPLY = 2, MODE_BOTH = 3 };
             float *gp = (float *)(intptr_t)gp_ptr[j];                                           \
             float *st = stats + 5 * j;                                                          \
             if (mode & MODE_STATS) {                                                            \
-                int need = started[j] && g && gp && has_prev[j] && formula != FORMULA_FIXED;          \
+                int need = started[j] && g && gp && has_prev[j] && formula != FORMULA_FIXED;  \
                 stats_##SUFFIX(n, th, g, e, gp, need, st);                                      \
                 st[4] = d[j];                                                                   \
             }                                                                                   \
@@ -128,7 +128,7 @@ DEFINE_TENSOR_FN(f16, _Float16, LOAD_F16)
             float *st = stats + 5 * j;                                                         \
             if (mode & MODE_STATS) {                                                           \
                 double sa = 0, sb = 0, sc = 0, fin = 0;                                        \
-                int need = started[j] && g && gp && has_prev[j] && formula != FORMULA_FIXED;         \
+                int need = started[j] && g && gp && has_prev[j] && formula != FORMULA_FIXED; \
                 for (int64_t i = 0; i < n; i++) {                                              \
                     float t = LOAD(th[i]);                                                     \
                     fin += t - t;                                                              \
