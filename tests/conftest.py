@@ -27,3 +27,16 @@ def launches(monkeypatch):
 
     monkeypatch.setattr(InterpretedFunction, "run", counting_run)
     return count
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained tiny Llama with its tokenizer: an ordinary local causal-LM folder."""
+    from cl_core.continual import synthetic as S
+    from cl_core.continual import tiny_model as T
+
+    path = tmp_path_factory.mktemp("model")
+    tok = T.build_tokenizer(T.build_vocab(S.vocabulary_texts() + ["summarize translate the input"]))
+    T.build_model(len(tok), hidden_size=32, num_layers=1, num_heads=2).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

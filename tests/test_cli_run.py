@@ -8,18 +8,8 @@ import sys
 import pytest
 
 from cl_core.continual import synthetic as S
-from cl_core.continual import tiny_model as T
 from cl_core.cli import main
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """An untrained tiny Llama with its tokenizer: an ordinary local causal-LM folder."""
-    path = tmp_path_factory.mktemp("model")
-    tok = T.build_tokenizer(T.build_vocab(S.vocabulary_texts() + ["summarize translate the input"]))
-    T.build_model(len(tok), hidden_size=32, num_layers=1, num_heads=2).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _llava_file(folder, task, n):

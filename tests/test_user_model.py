@@ -6,18 +6,8 @@ import shutil
 
 import pytest
 
-from cl_core.continual import synthetic as S
-from cl_core.continual import tiny_model as T
 from cl_core.continual.run import RunConfig, run
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    tok = T.build_tokenizer(T.build_vocab(S.vocabulary_texts() + ["summarize translate the input"]))
-    T.build_model(len(tok), hidden_size=32, num_layers=1, num_heads=2).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _task_file(path, n=6):
