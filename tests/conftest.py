@@ -13,20 +13,33 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """Counts Triton kernel launches (the interpreter's `run`, one call per launch)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
+def count_launches(monkeypatch, kernel_cls) -> dict:
+    """Counts calls of `kernel_cls.run` (one per Triton launch) in the returned {"n": ...}."""
     count = {"n": 0}
-    original = InterpretedFunction.run
+    original = kernel_cls.run
 
     def counting_run(self, *args, **kwargs):
         count["n"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(InterpretedFunction, "run", counting_run)
+    monkeypatch.setattr(kernel_cls, "run", counting_run)
     return count
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts Triton kernel launches under the interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return count_launches(monkeypatch, InterpretedFunction)
+
+
+@pytest.fixture
+def cuda_launches(monkeypatch):
+    """Counts compiled Triton launches (make gpu-check)."""
+    from triton.runtime.jit import JITFunction
+
+    return count_launches(monkeypatch, JITFunction)
 
 
 @pytest.fixture(scope="module")

@@ -86,15 +86,16 @@ def test_one_update_per_real_step_and_equal_to_a_plain_loop(uninterrupted):
             ref_sched.step()
             ref_opt.zero_grad()
     assert ref_opt.engine.num_updates == steps
-    for a, b in zip(dema_opt.engine.ema_tensors(), ref_opt.engine.ema_tensors()):
+    assert_same_run(dema_opt, model, ref_opt, ref_model)
+
+
+def assert_same_run(opt, model, ref_opt, ref_model):
+    """Bit-identical EMA, LoRA weights and learning rates."""
+    for a, b in zip(opt.engine.ema_tensors(), ref_opt.engine.ema_tensors()):
         assert torch.equal(a, b)
     for a, b in zip(lora(model), lora(ref_model)):
         assert torch.equal(a, b)
-    assert opt_lr(dema_opt) == opt_lr(ref_opt)
-
-
-def opt_lr(opt):
-    return [g["lr"] for g in opt.param_groups]
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref_opt.param_groups]
 
 
 def test_save_state_load_state_mid_run_ends_with_the_same_ema(tmp_path, uninterrupted):
@@ -115,11 +116,7 @@ def test_save_state_load_state_mid_run_ends_with_the_same_ema(tmp_path, uninterr
     second = run(accelerator, model, opt, sched, accelerator.skip_first_batches(loader, half))
     assert first + second == steps_full
     assert dema_opt.engine.num_updates == steps_full
-    for a, b in zip(dema_opt.engine.ema_tensors(), full_opt.engine.ema_tensors()):
-        assert torch.equal(a, b)
-    for a, b in zip(lora(model), lora(full_model)):
-        assert torch.equal(a, b)
-    assert opt_lr(dema_opt) == opt_lr(full_opt)
+    assert_same_run(dema_opt, model, full_opt, full_model)
 
 
 def _take(loader, n):

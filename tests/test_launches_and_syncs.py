@@ -137,22 +137,6 @@ def _compiled_cuda() -> bool:
 cuda = pytest.mark.skipif(not _compiled_cuda(), reason="needs a CUDA GPU and compiled kernels: run `make gpu-check`")
 
 
-@pytest.fixture
-def cuda_launches(monkeypatch):
-    """Counts compiled Triton launches (JITFunction.run: one call per launch)."""
-    from triton.runtime.jit import JITFunction
-
-    count = {"n": 0}
-    original = JITFunction.run
-
-    def counting_run(self, *args, **kwargs):
-        count["n"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(JITFunction, "run", counting_run)
-    return count
-
-
 # LoRA-like shapes (every numel a multiple of 8: the ALIGNED kernels) and odd ones (the general path)
 CUDA_ALIGNED = [(8, 4096), (4096, 8), (8, 11008), (16,)]
 CUDA_GENERAL = [(3, 5), (1030,), (7, 33), (1,)]
