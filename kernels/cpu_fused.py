@@ -5,7 +5,9 @@ kernels (csrc/fused_cpu.c) for one CPU engine group.
 documented there (prepare / step / flush / pending_stats); `kernels/triton_fused.py` is
 its twin on CUDA. The kernel sweeps each tensor once per step (finish the previous EMA
 update, optimizer update, this step's statistics), tensors split over threads by
-`native.ShardedRunner`.
+`native.ShardedRunner`. θ* and g_prev are fp32, or with DEMAConfig(ema_dtype="param") of
+the parameter dtype (bf16/fp16): then the `cpu_fused_*_param_*` entry points round the
+DEMA half exactly as the engine's dema_cpu_param_* kernels do.
 
 Tables (slot names in kernels/layouts.py; csrc/dema_common.h mirrors them and the
 library exports its numbers, checked against Python before first use):
@@ -50,6 +52,8 @@ CS_PEND_HAS_GRAD = 7  # uint8 [T]  that step had a gradient
 CS_PEND_HAS_PREV = 8  # uint8 [T]  ... and a previous gradient
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# ema_dtype="param": θ* and g_prev in the parameter dtype (cpu_fused_*_param_*)
+_PARAM_SUFFIX = {torch.bfloat16: "param_bf16", torch.float16: "param_f16"}
 _PTR = torch.Tensor.data_ptr
 _NUMEL = torch.Tensor.numel
 
@@ -95,7 +99,7 @@ def _library():
         bad = layout_mismatches(lib)
         if bad:
             raise RuntimeError("csrc/dema_common.h / fused_cpu.c and kernels/layouts.py disagree: " + "; ".join(bad))
-        for suffix in _SUFFIX.values():
+        for suffix in [*_SUFFIX.values(), *_PARAM_SUFFIX.values()]:
             for prefix, argtypes in _SIGNATURES.items():
                 fn = getattr(lib, f"{prefix}_{suffix}", None)
                 if fn is not None:
@@ -106,15 +110,18 @@ def _library():
     return lib
 
 
-def _kernels(dtype):
-    """(step, flush) entry points for parameters of `dtype`, or None when the library has
-    none (float16 where the compiler lacks _Float16)."""
-    if dtype not in _functions:
-        lib, suffix = _library(), _SUFFIX[dtype]
+def _kernels(dtype, ema_dtype=torch.float32):
+    """(step, flush) entry points for parameters of `dtype` whose θ* and g_prev are
+    `ema_dtype` (float32, or `dtype` itself), or None when the library has none (float16
+    where the compiler lacks _Float16)."""
+    key = (dtype, ema_dtype)
+    if key not in _functions:
+        lib = _library()
+        suffix = _SUFFIX[dtype] if ema_dtype == torch.float32 else _PARAM_SUFFIX[dtype]
         step = getattr(lib, f"cpu_fused_step_{suffix}", None)
         flush = getattr(lib, f"cpu_fused_flush_{suffix}", None)
-        _functions[dtype] = (step, flush) if step is not None and flush is not None else None
-    return _functions[dtype]
+        _functions[key] = (step, flush) if step is not None and flush is not None else None
+    return _functions[key]
 
 
 class CpuFusedDriver:
@@ -132,12 +139,13 @@ class CpuFusedDriver:
         self.dtype = eg.dtype
         self.n = n = len(s)
         self.numels = list(s.numels)
-        # The kernels keep θ* and g_prev in fp32; an engine that keeps them in the
-        # parameter dtype (DEMAConfig(ema_dtype="param")) takes the generic path.
-        buffers = [s.ema_flat] + ([s.gprev_flat] if s.gprev_flat is not None else [])
-        self._unsupported = next(
-            (f"the EMA buffers are {b.dtype} (ema_dtype='param'); the CPU fused kernel keeps them in float32"
-             for b in buffers if b.dtype != torch.float32), None)
+        # θ* and g_prev: float32, or (DEMAConfig(ema_dtype="param")) bf16/fp16, which the
+        # kernels read as the parameter dtype: parameters of any other dtype are refused
+        # per step (prepare), never swept against buffers of another width.
+        self.ema_dtype = s.ema_dtype
+        self._unsupported = None
+        if s.ema_dtype not in (torch.float32, *_PARAM_SUFFIX):
+            self._unsupported = f"the EMA buffers are {s.ema_dtype}; the CPU fused kernels take float32, bfloat16 or float16"
         cols = max(1, n)
         self.stab = torch.zeros(L.N_STATIC, cols, dtype=torch.int64)
         self.dyn = torch.zeros(L.N_DYNAMIC, cols, dtype=torch.int64)
@@ -172,7 +180,7 @@ class CpuFusedDriver:
         """The static rows for parameters at `ptrs` of `dtype`; the optimizer state is
         checked too (the kernel reads it as `dtype`, numel elements)."""
         mem, n = self.members, self.n
-        fns = _kernels(dtype)
+        fns = _kernels(dtype, self.ema_dtype)
         if fns is None:
             return f"the native CPU fused kernels have no {dtype} entry point (compiler without _Float16)"
         for k, (m, v) in enumerate(zip(mem.exp_avg, mem.exp_avg_sq)):
@@ -205,6 +213,9 @@ class CpuFusedDriver:
         dtype = mem.params[0].dtype if mem.params else self.dtype
         if dtype not in _SUFFIX:
             return f"the parameters are now {dtype}; the fused kernel takes float32, bfloat16 or float16"
+        if self.ema_dtype != torch.float32 and dtype != self.ema_dtype:
+            return (f"the parameters are now {dtype} but the EMA is kept in {self.ema_dtype} (ema_dtype='param'); "
+                    "the fused kernel reads θ* and g_prev in the parameter dtype")
         reason = self._check(mem.params, batch.grads, dtype, self.device, batch.has_all_grads)
         if reason is not None:
             return reason

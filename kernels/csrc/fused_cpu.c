@@ -9,6 +9,13 @@
  *   3. accumulate this step's a, b, c against θ*_t, and g_prev ← g.
  * The EMA in memory therefore lags one step; `cpu_fused_flush_*` finishes it.
  *
+ * θ* and g_prev are fp32 (`cpu_fused_*_{f32,bf16,f16}`), or, with DEMAConfig(ema_dtype=
+ * "param"), of the parameter dtype (`cpu_fused_*_param_{bf16,f16}`): then every difference,
+ * product and sum of the DEMA half is rounded to that dtype and the statistics are
+ * double sums in element order, rounded to it, exactly as dema_cpu.c's dema_cpu_param_*
+ * (the engine's kernels for that mode) computes them, so fused and generic agree bit for bit
+ * on the same parameters.
+ *
  * Tables (names and numbers in dema_common.h, mirrored from kernels/layouts.py; the
  * driver is kernels/cpu_fused.py): S, the per-tensor static table int64 [N_STATIC, T]
  * (addresses of θ, optimizer state, θ*, g_prev; numel; optimizer param group), D, the
@@ -158,16 +165,20 @@ typedef struct {
 
 /* The element sweep. Every flag is a compile-time constant at each call site below,
  * so the compiler emits one branch-free (vectorisable) loop per combination. */
-#define DEFINE_SWEEP(SUFFIX, T, LOAD, STORE)                                                     \
+#define DEFINE_SWEEP(SUFFIX, T, LOAD, STORE, ET, ELOAD, ESTORE, EROUND, EXACT)                  \
     static inline __attribute__((always_inline)) void sweep_##SUFFIX(                            \
         const int KIND, const int APPLY, const int HAS_G, const int INIT, const int NEED,       \
         const int WGP, int64_t n, T *restrict th, const T *restrict g, T *restrict m,           \
-        T *restrict v, float *restrict e, float *restrict gp, const step_consts *c,             \
+        T *restrict v, ET *restrict e, ET *restrict gp, const step_consts *c,                   \
         step_sums *s) {                                                                          \
-        /* float sums per chunk of CHUNK elements (fast in vector lanes), double across     \
-         * chunks, so precision does not degrade with the tensor size */                        \
+        /* fp32 EMA: float sums per chunk of CHUNK elements (fast in vector lanes), double  \
+         * across chunks, so precision does not degrade with the tensor size. EXACT (EMA in \
+         * the parameter dtype): the vector loop writes each term, then one double sum in   \
+         * element order, as dema_cpu_param_* (bit-identical statistics). */                  \
         double sa = 0, sb = 0, sc = 0, sd = 0;                                                   \
         float fin = 0.0f;                                                                        \
+        float ta[EXACT ? CHUNK : 1], tb[EXACT ? CHUNK : 1], tc[EXACT ? CHUNK : 1];              \
+        float td[EXACT ? CHUNK : 1];                                                             \
         const step_consts k = *c;                                                                \
         /* loop-invariant switches as ints: a float compare in the loop may trap, which     \
          * keeps the compiler from turning the selects below into vector blends */             \
@@ -178,10 +189,12 @@ typedef struct {
         _Pragma("omp simd reduction(+:ca,cb,cc,cd,fin)")                                         \
         for (int64_t i = i0; i < i1; i++) {                                                      \
             const float t = LOAD(th[i]);                                                         \
-            float en = e[i];                                                                     \
+            float en = ELOAD(e[i]);                                                              \
             if (APPLY) {                                                                         \
-                en = en * k.om + t * k.al;                                                       \
-                cd += fabsf(t - en);                                                             \
+                en = EROUND(EROUND(en * k.om) + EROUND(t * k.al));                               \
+                const float dd = fabsf(EROUND(t - en));                                          \
+                if (EXACT) td[i - i0] = dd;                                                      \
+                else cd += dd;                                                                   \
             }                                                                                    \
             float t2 = t, gg = 0.0f;                                                             \
             if (HAS_G) {                                                                         \
@@ -224,17 +237,29 @@ typedef struct {
                 t2 = LOAD(th[i]);                                                                \
                 fin += gg - gg;                                                                  \
             }                                                                                    \
-            if (INIT) en = t2;                                                                   \
-            if (APPLY || INIT) e[i] = en;                                                        \
+            /* INIT (first step of the tensor): θ* and g_prev are written after the sweep, \
+             * and only when it was finite (init_copy), as the engine leaves them on a skip */ \
+            if (APPLY) e[i] = ESTORE(en);                                                        \
             if (NEED) {                                                                          \
-                ca += fabsf(t2 - en);                                                            \
-                cb += fabsf(gg);                                                                 \
-                cc += fabsf(gg - gp[i]);                                                         \
+                const float da = fabsf(EROUND(t2 - en)), db = fabsf(gg);                         \
+                const float dc = fabsf(EROUND(gg - ELOAD(gp[i])));                               \
+                if (EXACT) {                                                                     \
+                    ta[i - i0] = da; tb[i - i0] = db; tc[i - i0] = dc;                           \
+                } else {                                                                         \
+                    ca += da; cb += db; cc += dc;                                                \
+                }                                                                                \
             }                                                                                    \
             fin += t2 - t2;                                                                      \
-            if (HAS_G && WGP) gp[i] = gg;                                                        \
+            if (HAS_G && WGP && !INIT) gp[i] = ESTORE(gg);                                       \
         }                                                                                        \
-        sa += ca; sb += cb; sc += cc; sd += cd;                                                  \
+        if (EXACT) { /* element order, in double: dema_cpu_param_*'s sums exactly */             \
+            for (int64_t i = 0; i < i1 - i0; i++) {                                              \
+                if (APPLY) sd += td[i];                                                          \
+                if (NEED) { sa += ta[i]; sb += tb[i]; sc += tc[i]; }                             \
+            }                                                                                    \
+        } else {                                                                                 \
+            sa += ca; sb += cb; sc += cc; sd += cd;                                              \
+        }                                                                                        \
         }                                                                                        \
         s->sa = sa; s->sb = sb; s->sc = sc; s->sd = sd; s->fin = fin;                            \
     }
@@ -251,13 +276,17 @@ typedef struct {
         else sweep_##SUFFIX(KIND, 0, 1, 0, 0, 0, n, th, g, m, v, e, gp, c, &s);                  \
     }
 
-#define DEFINE_FUSED(SUFFIX, T, LOAD, STORE)                                                     \
-    DEFINE_SWEEP(SUFFIX, T, LOAD, STORE)                                                         \
+/* DEFINE_FUSED(SUFFIX, T, LOAD, STORE, ET, ELOAD, ESTORE, EROUND, EXACT): the entry points
+ * cpu_fused_{step,flush}_SUFFIX for parameters of type T (LOAD/STORE: to and from fp32)
+ * with θ* and g_prev of type ET (ELOAD/ESTORE); EROUND rounds a result to ET (the
+ * identity for an fp32 EMA); EXACT: the statistics as dema_cpu_param_* sums them. */
+#define DEFINE_FUSED(SUFFIX, T, LOAD, STORE, ET, ELOAD, ESTORE, EROUND, EXACT)                   \
+    DEFINE_SWEEP(SUFFIX, T, LOAD, STORE, ET, ELOAD, ESTORE, EROUND, EXACT)                       \
     /* One tensor of one step: finish its pending update, optimizer update, statistics.   \
      * c holds the optimizer scalars; wgp: the formula keeps g_prev. */                     \
     static void tensor_step_##SUFFIX(int kind, const dema_params *dp, const group_state *gs,   \
                                      int64_t j, int64_t n, T *th, const T *g, T *m, T *v,       \
-                                     float *e, float *gp, int has_g, int wgp, step_consts *c) { \
+                                     ET *e, ET *gp, int has_g, int wgp, step_consts *c) {       \
         float al = 0.0f;                                                                         \
         const int apply = take_pending(gs, j, dp, &al);                                          \
         c->al = al;                                                                              \
@@ -273,21 +302,25 @@ typedef struct {
         else if (kind == KIND_ADAMW) { HOT(SUFFIX, KIND_ADAMW) }                                 \
         else if (kind == KIND_ADAM) { HOT(SUFFIX, KIND_ADAM) }                                   \
         else { HOT(SUFFIX, KIND_SGD) }                                                           \
-        if (apply) gs->d[j] = (float)s.sd;                                                       \
+        if (apply) gs->d[j] = EROUND((float)s.sd);                                               \
         if (init_now) {                                                                          \
             if (isnan(s.fin)) {                                                                  \
                 gs->skips[j] += 1;                                                               \
                 gs->alpha[j] = 0.0f;                                                             \
             } else {                                                                             \
+                /* the lazy start: θ* ← θ (after this step's update), g_prev ← g */             \
+                for (int64_t i = 0; i < n; i++) e[i] = ESTORE(LOAD(th[i]));                      \
+                if (has_g && wgp)                                                                \
+                    for (int64_t i = 0; i < n; i++) gp[i] = ESTORE(LOAD(g[i]));                  \
                 gs->started[j] = 1;                                                              \
                 gs->alpha[j] = dp->formula == FORMULA_FIXED ? 1.0f - dp->beta : dp->fallback;    \
                 gs->d[j] = 0.0f;                                                                 \
             }                                                                                    \
         } else {                                                                                 \
             float *st = gs->pend_stats + N_DSTAT * j;                                            \
-            st[DS_A] = (float)s.sa;                                                              \
-            st[DS_B] = (float)s.sb;                                                              \
-            st[DS_C] = (float)s.sc;                                                              \
+            st[DS_A] = EROUND((float)s.sa);                                                      \
+            st[DS_B] = EROUND((float)s.sb);                                                      \
+            st[DS_C] = EROUND((float)s.sc);                                                      \
             st[DS_NONFINITE] = isnan(s.fin) ? 1.0f : 0.0f;                                       \
             st[DS_D] = gs->d[j];                                                                 \
             gs->pend_mode[j] = PEND_EMA;                                                         \
@@ -316,8 +349,8 @@ typedef struct {
                                  (const T *)(intptr_t)D[D_GRAD * nt + j],                         \
                                  (T *)(intptr_t)S[S_EXP_AVG * nt + j],                            \
                                  (T *)(intptr_t)S[S_EXP_AVG_SQ * nt + j],                         \
-                                 (float *)(intptr_t)S[S_EMA * nt + j],                            \
-                                 (float *)(intptr_t)S[S_GRAD_PREV * nt + j],                      \
+                                 (ET *)(intptr_t)S[S_EMA * nt + j],                               \
+                                 (ET *)(intptr_t)S[S_GRAD_PREV * nt + j],                         \
                                  (flags & DF_HAS_GRAD) != 0, wgp, &c);                           \
         }                                                                                        \
     }                                                                                            \
@@ -333,32 +366,52 @@ typedef struct {
             if (!take_pending(&gs, j, &dp, &al)) continue;                                       \
             const int64_t n = S[S_NUMEL * nt + j];                                                \
             const T *th = (const T *)(intptr_t)theta[j];                                         \
-            float *e = (float *)(intptr_t)S[S_EMA * nt + j];                                      \
+            ET *e = (ET *)(intptr_t)S[S_EMA * nt + j];                                           \
             const float om = 1.0f - al;                                                          \
             double sd = 0;                                                                       \
-            _Pragma("omp simd reduction(+:sd)")                                                  \
-            for (int64_t i = 0; i < n; i++) {                                                    \
-                const float t = LOAD(th[i]);                                                     \
-                const float en = e[i] * om + t * al;                                             \
-                e[i] = en;                                                                       \
-                sd += fabsf(t - en);                                                             \
+            if (EXACT) { /* terms per chunk in vector lanes, the sum in element order */        \
+                float td[EXACT ? CHUNK : 1];                                                     \
+                for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                      \
+                    const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                          \
+                    _Pragma("omp simd")                                                          \
+                    for (int64_t i = i0; i < i1; i++) {                                          \
+                        const float t = LOAD(th[i]);                                             \
+                        const float en = EROUND(EROUND(ELOAD(e[i]) * om) + EROUND(t * al));      \
+                        e[i] = ESTORE(en);                                                       \
+                        td[i - i0] = fabsf(EROUND(t - en));                                      \
+                    }                                                                            \
+                    for (int64_t i = 0; i < i1 - i0; i++) sd += td[i];                           \
+                }                                                                                \
+            } else {                                                                             \
+                _Pragma("omp simd reduction(+:sd)")                                              \
+                for (int64_t i = 0; i < n; i++) {                                                \
+                    const float t = LOAD(th[i]);                                                 \
+                    const float en = ELOAD(e[i]) * om + t * al;                                  \
+                    e[i] = ESTORE(en);                                                           \
+                    sd += fabsf(t - en);                                                         \
+                }                                                                                \
             }                                                                                    \
-            gs.d[j] = (float)sd;                                                                 \
+            gs.d[j] = EROUND((float)sd);                                                         \
         }                                                                                        \
     }
 
 /* Round-trip through the storage type where torch stores an intermediate tensor. */
+#define IDENT(x) (x)
 #define STOREBACK(x) (x)
-DEFINE_FUSED(f32, float, LOAD_F32, STORE_F32)
+DEFINE_FUSED(f32, float, LOAD_F32, STORE_F32, float, IDENT, IDENT, IDENT, 0)
 #undef STOREBACK
 #define STOREBACK(x) bf16_to_f32(f32_to_bf16(x))
-DEFINE_FUSED(bf16, uint16_t, LOAD_BF16, STORE_BF16)
+DEFINE_FUSED(bf16, uint16_t, LOAD_BF16, STORE_BF16, float, IDENT, IDENT, IDENT, 0)
+/* ema_dtype="param": θ* and g_prev in bfloat16, every DEMA result rounded to it */
+DEFINE_FUSED(param_bf16, uint16_t, LOAD_BF16, STORE_BF16, uint16_t, LOAD_BF16, STORE_BF16, STOREBACK, 1)
 #undef STOREBACK
 #ifdef CL_CORE_HAVE_F16
 #define STOREBACK(x) ((float)(_Float16)(x))
-DEFINE_FUSED(f16, _Float16, LOAD_F16, STORE_F16)
+DEFINE_FUSED(f16, _Float16, LOAD_F16, STORE_F16, float, IDENT, IDENT, IDENT, 0)
+DEFINE_FUSED(param_f16, _Float16, LOAD_F16, STORE_F16, _Float16, LOAD_F16, STORE_F16, STOREBACK, 1)
 #undef STOREBACK
 #endif
+#undef IDENT
 
 /* α and skip count per tensor as the next step or flush will record them, without
  * changing anything (engine.stats right after a fused step). Any dtype. */
