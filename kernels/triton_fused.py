@@ -21,6 +21,12 @@ tensors change, never per step; a dynamic per-tensor table (gradient address, st
 count, flags) uploaded once per step in one copy; one hyper-parameter row per optimizer
 param group.
 
+θ* and g_prev are float32, or with DEMAConfig(ema_dtype="param") on 16-bit parameters
+the parameters' dtype (EMA_IN_PARAM_DTYPE): then every difference, product, sum and norm
+of the EMA maths is rounded to that dtype as the reference (cl_core/dema/reference.py)
+and the native CPU kernel (kernels/csrc/dema_cpu.c, DEFINE_PARAM_FN) do (tests/test_triton_fused_param.py);
+8 B per element and step less traffic (θ*, g_prev read and written in 2 B, not 4).
+
 Machine code (checked by tests/test_triton_compile.py for sm_80 and sm_90 from the PTX
 and `ptxas -v`): with ALIGNED (every address 16-byte aligned, every numel a multiple of
 the vector width, decided on the host per step) all θ, g, m, v, θ*, g_prev accesses are
@@ -31,6 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import os
 
 import torch
 import triton
@@ -42,8 +49,8 @@ from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4
 log = logging.getLogger(__name__)
 
 # Launch shape. Each thread owns VEC contiguous elements per iteration: VEC = 16 bytes /
-# element size, so a thread's θ, g, m, v access is one 128-bit load/store (θ*, g_prev are
-# fp32: one or two). 4 warps x 32 threads x VEC = BLOCK. Why 4 warps: the registers per
+# element size, so a thread's θ, g, m, v access is one 128-bit load/store (θ*, g_prev:
+# one or two in fp32, one in the parameter dtype). 4 warps x 32 threads x VEC = BLOCK. Why 4 warps: the registers per
 # thread do not depend on the warp count, and small blocks fill the SMs evenly over the
 # ~1,250 tiles of a LoRA-7B step. Compiled (tests/test_triton_compile.py, bench/README.md),
 # the step kernel uses 80-90 registers per thread for fp32 and 107-128 for 16-bit
@@ -77,6 +84,30 @@ def _vsum(x, BLOCK: tl.constexpr, VEC: tl.constexpr):
     """Sum each thread's VEC elements in registers: accumulators of BLOCK // VEC lanes
     (one register per thread) instead of BLOCK (VEC registers): fewer live registers."""
     return tl.sum(tl.reshape(x, (BLOCK // VEC, VEC)), axis=1)
+
+
+@triton.jit
+def _rnd(x, DTYPE: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr):
+    """x rounded to DTYPE (round to nearest, ties to even) and back to fp32 when the EMA
+    is kept in the parameter dtype (DEMAConfig(ema_dtype="param"): every difference,
+    product, sum and norm of the EMA maths is a number of that dtype, as in the reference
+    and the native CPU kernel); x itself otherwise.
+
+    bfloat16 is rounded with integer operations on the fp32 bits (torch's own recipe),
+    not `.to(tl.bfloat16)`: the Triton interpreter truncates on that conversion, and the
+    tests compare this rounding with the reference under the interpreter. Same result as
+    the GPU's cvt.rn.bf16.f32 for every finite value and ±inf; NaN stays NaN. float16
+    uses the conversion (round to nearest even on the GPU and in the interpreter)."""
+    if EMA_IN_PARAM_DTYPE:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            up = bits + (0x7FFF + ((bits >> 16) & 1))
+            r = (up & 0xFFFF0000).to(tl.float32, bitcast=True)
+            return tl.where(x == x, r, x)
+        else:
+            return x.to(DTYPE).to(tl.float32)
+    else:
+        return x
 
 
 @triton.jit
@@ -116,11 +147,18 @@ def _tile_of_program(tile_tensor, stab, T, n_tiles, TILE: tl.constexpr):
 
 
 @triton.jit
-def _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK: tl.constexpr):
+def _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK: tl.constexpr,
+             DTYPE: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr):
     """The decision on the EMA update the previous launch left pending for tensor t:
-    (apply, alpha, skip, d_in, pend)."""
+    (apply, alpha, skip, d_in, pend). With the EMA in the parameter dtype each norm is
+    the fp32 total rounded to that dtype (the reference's `l1(x).to(dtype)`); d carried
+    from an earlier step (dcarry) was rounded when it was summed."""
     pend = tl.load(flags_r + L.F_PEND * T + t)
     a, b, c, d_sum = _tile_sums(part_r, t0, t1, CHUNK)
+    a = _rnd(a, DTYPE, EMA_IN_PARAM_DTYPE)
+    b = _rnd(b, DTYPE, EMA_IN_PARAM_DTYPE)
+    c = _rnd(c, DTYPE, EMA_IN_PARAM_DTYPE)
+    d_sum = _rnd(d_sum, DTYPE, EMA_IN_PARAM_DTYPE)
     d_in = tl.where(tl.load(flags_r + L.F_APPLIED * T + t) != 0, d_sum, tl.load(dcarry_r + t))
     finite = b == b  # P_B carries the NaN/inf probe
     skip = (pend != L.PEND_NONE) & (finite == 0)
@@ -143,14 +181,18 @@ def _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, 
 def _fused_step_kernel(
     tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha, skips, T, n_tiles,
     formula, scale, fallback, beta,
-    DTYPE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr,
+    DTYPE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr,
     VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, CHUNK: tl.constexpr,
 ):
     # The formula is a runtime value, not a specialisation: it only changes a few scalar
     # operations per program (and, for "fixed", masks that switch g_prev traffic off).
+    # EMA_IN_PARAM_DTYPE: θ* and g_prev are stored in DTYPE and the EMA maths is rounded
+    # to DTYPE step by step (_rnd), exactly as kernels/csrc/dema_cpu.c (DEFINE_PARAM_FN).
+    EDT: tl.constexpr = DTYPE if EMA_IN_PARAM_DTYPE else tl.float32  # θ*, g_prev in memory
     pid = tl.program_id(0)
     t, t0, t1, start = _tile_of_program(tile_tensor, stab, T, n_tiles, BLOCK * ITERS)
-    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK)
+    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
+                                           DTYPE, EMA_IN_PARAM_DTYPE)
     # An init left pending becomes "started" once its probe shows it was finite.
     started = (tl.load(flags_r + L.F_STARTED * T + t) != 0) | ((pend == L.PEND_INIT) & (skip == 0))
     init_now = started == 0
@@ -160,8 +202,8 @@ def _fused_step_kernel(
     th_ptr = tl.load(stab + L.S_PARAM * T + t).to(tl.pointer_type(DTYPE))
     m_ptr = tl.load(stab + L.S_EXP_AVG * T + t).to(tl.pointer_type(DTYPE))
     v_ptr = tl.load(stab + L.S_EXP_AVG_SQ * T + t).to(tl.pointer_type(DTYPE))
-    e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(tl.float32))
-    gp_ptr = tl.load(stab + L.S_GRAD_PREV * T + t).to(tl.pointer_type(tl.float32))
+    e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(EDT))
+    gp_ptr = tl.load(stab + L.S_GRAD_PREV * T + t).to(tl.pointer_type(EDT))
     hrow = hyper + tl.load(stab + L.S_GROUP * T + t) * L.N_HYPER
     g_ptr = tl.load(dyn + L.D_GRAD * T + t).to(tl.pointer_type(DTYPE))
     dflags = tl.load(dyn + L.D_FLAGS * T + t)
@@ -250,18 +292,26 @@ def _fused_step_kernel(
         tl.store(th_ptr + offs, th2, mask=gm)
         th2 = th2.to(tl.float32)
         # Finish the previous step's EMA update with θ_t (th, before this step's update).
-        e = tl.load(e_ptr + offs, mask=mask, other=0.0)
-        e = tl.where(_bcast(apply, BLOCK), e * keep_al + th * al, e)
-        sd += _vsum(tl.where(mask & _bcast(apply, BLOCK), tl.abs(th - e), 0.0), BLOCK, VEC)
+        # In the parameter dtype: round(round(θ*·(1−α)) + round(θ·α)) (no FMA can form
+        # across the roundings); an fp32 EMA keeps the plain expression.
+        e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if EMA_IN_PARAM_DTYPE:
+            e_new = _rnd(_rnd(e * keep_al, DTYPE, True) + _rnd(th * al, DTYPE, True), DTYPE, True)
+        else:
+            e_new = e * keep_al + th * al
+        e = tl.where(_bcast(apply, BLOCK), e_new, e)
+        sd += _vsum(tl.where(mask & _bcast(apply, BLOCK), tl.abs(_rnd(th - e, DTYPE, EMA_IN_PARAM_DTYPE)), 0.0),
+                    BLOCK, VEC)
         e = tl.where(_bcast(init_now, BLOCK), th2, e)
-        tl.store(e_ptr + offs, e, mask=mask & _bcast(apply | init_now, BLOCK))
+        # exact: e is a DTYPE number in the parameter-dtype mode
+        tl.store(e_ptr + offs, e.to(EDT), mask=mask & _bcast(apply | init_now, BLOCK))
         # x - x is NaN exactly where x is NaN or inf: the probe rides on b's sum.
         nm = mask & _bcast(need, BLOCK)
         sb += _vsum(tl.where(nm, tl.abs(g), 0.0) + (th2 - th2) + (g - g), BLOCK, VEC)
-        sa += _vsum(tl.where(nm, tl.abs(th2 - e), 0.0), BLOCK, VEC)
-        gprev = tl.load(gp_ptr + offs, mask=nm, other=0.0)
-        sc += _vsum(tl.where(nm, tl.abs(g - gprev), 0.0), BLOCK, VEC)
-        tl.store(gp_ptr + offs, g, mask=gm & _bcast(need_gp, BLOCK))
+        sa += _vsum(tl.where(nm, tl.abs(_rnd(th2 - e, DTYPE, EMA_IN_PARAM_DTYPE)), 0.0), BLOCK, VEC)
+        gprev = tl.load(gp_ptr + offs, mask=nm, other=0.0).to(tl.float32)
+        sc += _vsum(tl.where(nm, tl.abs(_rnd(g - gprev, DTYPE, EMA_IN_PARAM_DTYPE)), 0.0), BLOCK, VEC)
+        tl.store(gp_ptr + offs, g.to(EDT), mask=gm & _bcast(need_gp, BLOCK))
     row = part_w + pid * L.N_PART
     tl.store(row + L.P_A, tl.sum(sa, axis=0))
     tl.store(row + L.P_B, tl.sum(sb, axis=0))
@@ -282,16 +332,18 @@ def _fused_step_kernel(
 @triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
 def _fused_flush_kernel(
     tile_tensor, stab, theta, part_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale, fallback,
-    beta, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-    CHUNK: tl.constexpr,
+    beta, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr, VEC: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Finish the pending EMA update (θ read through `theta`, a table of θ addresses)."""
+    EDT: tl.constexpr = DTYPE if EMA_IN_PARAM_DTYPE else tl.float32
     pid = tl.program_id(0)
     t, t0, t1, start = _tile_of_program(tile_tensor, stab, T, n_tiles, BLOCK * ITERS)
-    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK)
+    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
+                                           DTYPE, EMA_IN_PARAM_DTYPE)
     n = tl.load(stab + L.S_NUMEL * T + t)
     th_ptr = tl.load(theta + t).to(tl.pointer_type(DTYPE))
-    e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(tl.float32))
+    e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(EDT))
     if ALIGNED:
         th_ptr = tl.multiple_of(th_ptr, 16)
         e_ptr = tl.multiple_of(e_ptr, 16)
@@ -305,10 +357,13 @@ def _fused_flush_kernel(
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
         m = (offs < n) & _bcast(apply, BLOCK)
         th = tl.load(th_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + offs, mask=m, other=0.0)
-        e = e * keep_al + th * al
-        tl.store(e_ptr + offs, e, mask=m)
-        sd += _vsum(tl.where(m, tl.abs(th - e), 0.0), BLOCK, VEC)
+        e = tl.load(e_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if EMA_IN_PARAM_DTYPE:  # as in the step kernel
+            e = _rnd(_rnd(e * keep_al, DTYPE, True) + _rnd(th * al, DTYPE, True), DTYPE, True)
+        else:
+            e = e * keep_al + th * al
+        tl.store(e_ptr + offs, e.to(EDT), mask=m)
+        sd += _vsum(tl.where(m, tl.abs(_rnd(th - e, DTYPE, EMA_IN_PARAM_DTYPE)), 0.0), BLOCK, VEC)
     tl.store(part_w + pid * L.N_PART + L.P_D, tl.sum(sd, axis=0))
     if pid == t0:
         _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, beta)
@@ -317,13 +372,15 @@ def _fused_flush_kernel(
 @triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
 def _fused_pending_kernel(
     stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, n_tiles, formula, scale, fallback, beta,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, DTYPE: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr,
 ):
     """Grid = tensors: the decision on the pending update (α, skip count) written to
-    alpha_out/skips_out, without touching the EMA (engine stats between flushes)."""
+    alpha_out/skips_out, without touching the EMA (engine stats between flushes). DTYPE
+    only matters with EMA_IN_PARAM_DTYPE (the dtype the norms are rounded to)."""
     t = tl.program_id(0)
     t0, t1 = _tiles_of(stab, t, T, n_tiles)
-    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK)
+    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
+                                           DTYPE, EMA_IN_PARAM_DTYPE)
     init_alpha = tl.where(formula == L.FORMULA_FIXED, 1.0 - beta, fallback)
     new_alpha = tl.where(skip, 0.0, tl.where(apply, al, tl.where(pend == L.PEND_INIT, init_alpha, tl.load(alpha + t))))
     tl.store(alpha_out + t, new_alpha)
@@ -372,11 +429,11 @@ class TritonFusedGroup:
         self._static_aligned = False
         self._pending = False  # a step ran since the last flush
         self.unaligned_steps = 0  # steps that took the general (unaligned) kernel
-        # The kernels keep θ* and g_prev in fp32: any other EMA buffer is a reason for the
-        # generic path, never swept as fp32.
-        bufs = [s.ema_flat] + ([s.gprev_flat] if s.gprev_flat is not None else [])
-        self._unsupported = next((f"the EMA buffers are {b.dtype}; the Triton fused kernel keeps them in float32"
-                                  for b in bufs if b.dtype != torch.float32), None)
+        # θ* and g_prev in fp32, or (DEMAConfig(ema_dtype="param")) in the parameters'
+        # 16-bit dtype: then the kernels run with EMA_IN_PARAM_DTYPE, and only for
+        # parameters of exactly that dtype (prepare() refuses any other).
+        self.ema_dtype = s.ema_dtype
+        self.ema_in_param_dtype = s.ema_dtype != torch.float32
 
     # ------------------------------------------------------------------ tables
     def _build_static(self, ptrs, dtype) -> str | None:
@@ -400,7 +457,7 @@ class TritonFusedGroup:
         self.stab.copy_(torch.tensor(rows, dtype=torch.int64))
         vec = 16 // torch.empty(0, dtype=dtype).element_size()
         # 128-bit accesses need 16-byte aligned addresses and numels that are a multiple
-        # of the vector width (then the fp32 views of θ*, g_prev are aligned too).
+        # of the vector width (then the views of θ*, g_prev, fp32 or 16-bit, are aligned too).
         self._static_aligned = (_or_all(ptrs + m + v + e + gp) & 15) == 0 and all(k % vec == 0 for k in s.numels)
         self.dtype = dtype
         self._built = (ptrs, dtype, mem, mem.version)
@@ -423,8 +480,10 @@ class TritonFusedGroup:
                 g is not None and g.numel() != n for g, n in zip(batch.grads, numels)):
             return "a parameter or gradient no longer has the element count the tables were built for"
         ptrs = list(map(_PTR, mem.params))
-        if self._unsupported is not None:
-            return self._unsupported
+        if self.ema_in_param_dtype and dtype != self.ema_dtype:
+            # the kernel would read the 16-bit EMA as the new dtype's numbers
+            return (f"the EMA is kept in {self.ema_dtype} (ema_dtype='param') but the parameters are now {dtype}; "
+                    "the fused kernel keeps the EMA in the parameters' own dtype")
         if (self._built is None or self._built[0] != ptrs or self._built[1] != dtype or self._built[2] is not mem
                 or self._built[3] != mem.version):
             if self._built is not None and self._built[1] != dtype:
@@ -483,8 +542,8 @@ class TritonFusedGroup:
             _fused_step_kernel[(self.n_tiles,)](
                 self.tile_tensor, self.stab, dyn, hyper, self.part[r], self.part[w], self.flags[r], self.flags[w],
                 self.dcarry[r], self.dcarry[w], s.alpha, s.skips, n, self.n_tiles, formula, scale, fallback, beta,
-                DTYPE=_TL[self.dtype], KIND=batch.kind, ALIGNED=aligned, VEC=vec, BLOCK=block, ITERS=iters,
-                CHUNK=CHUNK, **LAUNCH,
+                DTYPE=_TL[self.dtype], KIND=batch.kind, ALIGNED=aligned, EMA_IN_PARAM_DTYPE=self.ema_in_param_dtype,
+                VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
             )
         self.parity = r
         self._consts = batch.consts
@@ -529,7 +588,7 @@ class TritonFusedGroup:
         _fused_flush_kernel[(self.n_tiles,)](
             self.tile_tensor, self.stab, theta, self.part[r], self.part[w], self.flags[r], self.dcarry[r], s.alpha,
             s.skips, n, self.n_tiles, formula, scale, fallback, beta, DTYPE=_TL[self.dtype], ALIGNED=aligned,
-            VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
+            EMA_IN_PARAM_DTYPE=self.ema_in_param_dtype, VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
         )
         del keep  # the temporaries live until the launch is queued (stream order keeps them valid)
         # Canonical per-tensor state from the flags the last step wrote (torch ops, no sync).
@@ -544,6 +603,9 @@ class TritonFusedGroup:
         d_flush.index_add_(0, idx, self.part[w, : self.n_tiles, L.P_D])
         d_prev = torch.zeros_like(d_flush)
         d_prev.index_add_(0, idx, self.part[r, : self.n_tiles, L.P_D])
+        if self.ema_in_param_dtype:  # the norm d is a number of the EMA dtype, as in the kernels
+            d_flush = d_flush.to(self.ema_dtype).float()
+            d_prev = d_prev.to(self.ema_dtype).float()
         d_in = torch.where(fr[L.F_APPLIED] != 0, d_prev, self.dcarry[r, :n])
         applied_now = (pend == L.PEND_EMA) & finite
         d = torch.where(applied_now, d_flush, torch.where(pend == L.PEND_INIT, 0.0, d_in))
@@ -565,15 +627,39 @@ class TritonFusedGroup:
         skips = torch.empty_like(s.skips)
         _fused_pending_kernel[(n,)](
             self.stab, self.part[r], self.flags[r], self.dcarry[r], s.alpha, s.skips, alpha, skips, n, self.n_tiles,
-            formula, scale, fallback, beta, CHUNK=CHUNK, **PENDING_LAUNCH,
+            formula, scale, fallback, beta, CHUNK=CHUNK, DTYPE=_TL[self.ema_dtype],
+            EMA_IN_PARAM_DTYPE=self.ema_in_param_dtype, **PENDING_LAUNCH,
         )
         return alpha, skips
 
 
-def compile_specs():
+# The EMA-in-parameter-dtype specialisations compiled on every test run: each dtype, each
+# optimizer kind, both paths and the flush appear at least once, and the register-heaviest
+# (Adam, 8 elements per thread) for both dtypes' rounding code. The other seven step
+# specialisations differ from one of these only in the dtype's rounding or Adam vs AdamW
+# (a handful of scalar operations); all 18 are compiled with
+# CL_CORE_COMPILE_EVERY_SPEC=1 (bench/README.md numbers, before a kernel change lands).
+# Why not always: the compile test's budget (~50 CPU-s for the fp32-EMA set, +20 % here).
+_PARAM_EMA_SPECS_ALWAYS = (
+    "fused_step/adam/bfloat16/param-ema/aligned",
+    "fused_step/adamw/float16/param-ema/aligned",
+    "fused_step/sgd/bfloat16/param-ema/aligned",
+    "fused_step/adamw/bfloat16/param-ema/general",
+    "fused_step/sgd/float16/param-ema/general",
+    "fused_flush/bfloat16/param-ema/aligned",
+    "fused_flush/float16/param-ema/general",
+    "fused_pending/bfloat16/param-ema",
+    "fused_pending/float16/param-ema",
+)
+
+
+def compile_specs(every: bool | None = None):
     """Every specialisation the launchers above can produce: (name, kernel, signature,
     constexprs, launch options, expected 128-bit accesses or None). tests/test_triton_compile.py
-    compiles each for sm_80/sm_90."""
+    compiles each for sm_80/sm_90. Of the ema_dtype="param" ones (EMA_IN_PARAM_DTYPE)
+    only _PARAM_EMA_SPECS_ALWAYS unless `every` (default: CL_CORE_COMPILE_EVERY_SPEC=1)."""
+    if every is None:
+        every = os.environ.get("CL_CORE_COMPILE_EVERY_SPEC", "0") not in ("", "0")
     ptr = "*i64"
     step_sig = dict(tile_tensor="*i32", stab=ptr, dyn=ptr, hyper="*fp64", part_r="*fp32", part_w="*fp32",
                     flags_r="*i32", flags_w="*i32", dcarry_r="*fp32", dcarry_w="*fp32", alpha="*fp32",
@@ -589,18 +675,32 @@ def compile_specs():
     for dtype, tdt in _TL.items():
         size = torch.empty(0, dtype=dtype).element_size()
         name = str(dtype).replace("torch.", "")
-        for aligned in (True, False):
-            vec, block, iters = launch_shape(size, aligned)
-            shape = dict(VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK)
-            tag = "aligned" if aligned else "general"
-            for kind, kname in kinds.items():
-                # Adam reads θ, g, m, v, θ*, g_prev and writes θ, m, v, θ*, g_prev; SGD has no v
-                streams = (3, 2, 2, 2) if kind == L.KIND_SGD else (4, 2, 3, 2)
-                specs.append((f"fused_step/{kname}/{name}/{tag}", _fused_step_kernel, step_sig,
-                              dict(DTYPE=tdt, KIND=kind, ALIGNED=aligned, **shape), LAUNCH,
-                              expect_v4(vec, *streams) if aligned else None))
-            specs.append((f"fused_flush/{name}/{tag}", _fused_flush_kernel, flush_sig,
-                          dict(DTYPE=tdt, ALIGNED=aligned, **shape), LAUNCH,
-                          expect_v4(vec, 1, 1, 0, 1) if aligned else None))
-    specs.append(("fused_pending", _fused_pending_kernel, pend_sig, dict(CHUNK=CHUNK), PENDING_LAUNCH, None))
+        # the EMA in fp32, and for 16-bit parameters also in their dtype (ema_dtype="param")
+        for param_ema in (False, True) if size == 2 else (False,):
+            mode = "/param-ema" if param_ema else ""
+            # 128-bit accesses per iteration: θ*, g_prev are parameter-dtype streams
+            # (one v4 each) in that mode, fp32 streams (VEC/4 v4 each) otherwise
+            ema_streams = (lambda pl, el, ps, es: (pl + el, 0, ps + es, 0)) if param_ema else (
+                lambda pl, el, ps, es: (pl, el, ps, es))
+            for aligned in (True, False):
+                vec, block, iters = launch_shape(size, aligned)
+                shape = dict(VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK)
+                tag = "aligned" if aligned else "general"
+                ce = dict(DTYPE=tdt, ALIGNED=aligned, EMA_IN_PARAM_DTYPE=param_ema)
+                for kind, kname in kinds.items():
+                    # Adam reads θ, g, m, v, θ*, g_prev and writes θ, m, v, θ*, g_prev; SGD has no v
+                    streams = ema_streams(*((3, 2, 2, 2) if kind == L.KIND_SGD else (4, 2, 3, 2)))
+                    specs.append((f"fused_step/{kname}/{name}{mode}/{tag}", _fused_step_kernel, step_sig,
+                                  dict(ce, KIND=kind, **shape), LAUNCH, expect_v4(vec, *streams) if aligned else None))
+                # the flush reads θ, θ* and writes θ*
+                specs.append((f"fused_flush/{name}{mode}/{tag}", _fused_flush_kernel, flush_sig, dict(ce, **shape),
+                              LAUNCH, expect_v4(vec, *ema_streams(1, 1, 0, 1)) if aligned else None))
+            if param_ema:
+                specs.append((f"fused_pending/{name}{mode}", _fused_pending_kernel, pend_sig,
+                              dict(CHUNK=CHUNK, DTYPE=tdt, EMA_IN_PARAM_DTYPE=True), PENDING_LAUNCH, None))
+    # every fp32-EMA launch uses this one (DTYPE fp32: no rounding)
+    specs.append(("fused_pending", _fused_pending_kernel, pend_sig,
+                  dict(CHUNK=CHUNK, DTYPE=tl.float32, EMA_IN_PARAM_DTYPE=False), PENDING_LAUNCH, None))
+    if not every:
+        specs = [s for s in specs if "/param-ema" not in s[0] or s[0] in _PARAM_EMA_SPECS_ALWAYS]
     return specs
