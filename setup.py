@@ -34,7 +34,8 @@ setup(
         "deepspeed": ["deepspeed>=0.15"],
         "lightning": ["lightning>=2.2"],
         "trl": ["trl>=0.12"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0"],
+        # tensorboardX: a real report_to backend for the Trainer log tests
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "tensorboardX"],
     },
     entry_points={"console_scripts": ["cl-core=cl_core.cli:main"]},
 )

@@ -3,28 +3,40 @@
     trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[DEMACallback()])
 
 * ``on_train_begin``: builds ``.engine`` (a :class:`cl_core.DEMA`) over the LoRA tensors of
-  the active adapter of a PEFT model, else over every trainable parameter; when the
-  Trainer resumes from a checkpoint, the DEMA state saved in that checkpoint is loaded.
+  the active adapter of a PEFT model, else over every trainable parameter. The DEMA state
+  travels inside the optimizer state the Trainer already saves and restores (see
+  "Checkpoints" below), so a resumed run picks it up with nothing to find on disk.
   With the Trainer's AdamW/Adam/SGD it puts a DEMAOptimizer inside the Trainer's optimizer,
   so each step is one fused optimizer+DEMA pass (``.fused``, ``.not_fused_reason``).
 * ``on_optimizer_step`` (where the official code hooks in): one update per optimizer
   step, on the accumulated and clipped gradient; a step that accelerate's GradScaler
   skipped (overflow) is counted with ``engine.skip_step()`` and not averaged. A first
   step where no averaged tensor has a gradient stops training (never a silent fixed EMA).
-* ``on_save``: the DEMA state goes into the checkpoint folder as ``dema_state.pt``
-  (one ``dema_state_rank{r}.pt`` per rank when the parameters are FSDP shards or DeepSpeed
-  partitions), and the EMA as a PEFT adapter into ``ema_adapter/``.
-* ``on_log``: mean α, share at the fallback and the skip counters in each training log line.
+* ``on_save``: a standalone copy of the DEMA state goes into the checkpoint folder as
+  ``dema_state.pt`` (one ``dema_state_rank{r}.pt`` per rank when the parameters are FSDP
+  shards or DeepSpeed partitions; ``callback.load_state(folder)`` reads it), and the EMA as
+  a PEFT adapter into ``ema_adapter/``.
+* ``on_log``: mean α, share at the fallback and the skip counters in each training log line,
+  before the ``report_to`` callbacks see it (so every logging backend gets them).
 * ``on_train_end``: the EMA replaces the live weights (the official "EMA replace"),
   unless ``replace_at_end=False``. ``eval_with_ema=True``: evaluations run on the EMA.
 
 Under DDP (``torchrun``) every rank computes the same EMA, no communication needed;
 with FSDP the per-tensor statistics are summed across ranks, and under DeepSpeed (ZeRO
 0-3) the gradients are read inside DeepSpeed's step (cl_core.dema.distributed).
+
+Checkpoints. A state-dict hook on the torch optimizer that holds the averaged tensors puts
+the callback's state into the first parameter group of the optimizer's state dict, under
+``"cl_core.dema"``: the one place of an optimizer state dict that ``torch.optim.Optimizer.
+load_state_dict`` keeps (it restores the saved groups' entries, as it restores their ``lr``).
+The Trainer writes that state into ``optimizer.pt`` (DeepSpeed: into each rank's optimizer
+file, which suits the per-rank partitions) and loads it back before ``on_train_begin``, where
+the callback takes it out of the group again. FSDP saves optimizer states in its own
+(consolidated or distributed) format, so FSDP shards resume from the per-rank files instead,
+found at ``args.resume_from_checkpoint`` or ``output_dir/checkpoint-{global_step}``.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 
@@ -34,6 +46,7 @@ from transformers import TrainerCallback
 from cl_core.dema import distributed as cl_dist
 from cl_core.dema.config import DEMAConfig
 from cl_core.dema.fused import optimizer_kind
+from cl_core.dema.optim import CARRIED_KEY as CARRY_KEY     # the first param group's entry carrying the state
 from cl_core.peft_export import (active_adapter_names, atomic_save, is_peft_model, load_state_file, names_mismatch,
                                  save_ema_adapter, select_dema_parameters, unwrap_model)
 
@@ -91,7 +104,10 @@ class DEMACallback(TrainerCallback):
         self.record_alpha = bool(record_alpha)
         self.engine = None
         self.alpha_history: list[torch.Tensor] = []
-        self.resumed_from: str | None = None
+        self.resumed_from: str | None = None   # "optimizer", or the state file an FSDP run resumed from
+        self._carrier = None           # the torch optimizer whose state dict carries the DEMA state
+        self._user_optimizer = None
+        self._carry_hook = None
         self._sharded = False
         self._model = None
         self._ds_link = None           # cl_core.dema.distributed.DeepSpeedLink under DeepSpeed
@@ -116,6 +132,7 @@ class DEMACallback(TrainerCallback):
         named = self._select(model)
         names = [n for n, _ in named]
         self._owns_update, self.fused, self.not_fused_reason = True, False, None
+        self._user_optimizer = None    # the user's own DEMAOptimizer, when the Trainer runs one
         if self._ds_link is not None:
             self._ds_link.close()
             self._ds_link = None
@@ -162,6 +179,7 @@ class DEMACallback(TrainerCallback):
                 raise ValueError(f"DEMACallback: the Trainer's DEMAOptimizer does not average {len(missing)} of the "
                                  f"tensors the callback selects (e.g. {missing[0]!r}); build it over them")
             self._owns_update = False
+            self._user_optimizer = inner
             self.fused = inner.fused
             self.not_fused_reason = None if inner.fused else "the Trainer's DEMAOptimizer takes its two-pass path"
             inner.engine.names = [canonical.get(id(p), n) for p, n in zip(inner.engine.params, inner.engine.names)]
@@ -202,6 +220,9 @@ class DEMACallback(TrainerCallback):
             return f"{len(outside)} averaged tensor(s) are not updated by the optimizer (e.g. {outside[0]!r})"
         return None
 
+    def on_init_end(self, args, state, control, **kwargs):
+        self._report_before_loggers()
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise RuntimeError("DEMACallback.on_train_begin got no model; it must be used as a Trainer callback")
@@ -219,17 +240,104 @@ class DEMACallback(TrainerCallback):
         self.resumed_from = None
         self._pending_step = False
         self._first_step = True
+        self._attach_carrier(optimizer)
+        carried = None
+        if self._carrier is not None:
+            carried = self._carrier.param_groups[0].pop(CARRY_KEY, None)
+            if carried is None and self._carrier is self._user_optimizer:
+                # a DEMAOptimizer sets the entry aside when it loads (DEMAOptimizer.load_state_dict)
+                carried, self._carrier.carried_state = self._carrier.carried_state, None
         if state.global_step > 0:
-            ckpt = _resume_checkpoint(args, state)
-            path = self._state_path(ckpt) if ckpt is not None else None
-            if path is not None and os.path.isfile(path):
-                self.load_state(path)
-                self.resumed_from = ckpt
-            else:
-                logger.warning(
-                    "DEMACallback: training resumes at step %d but no %s was found in the checkpoint "
-                    "(%s); the EMA restarts from the current weights", state.global_step,
-                    os.path.basename(self._state_path("")), ckpt)
+            self._resume(args, state, carried)
+        self._report_before_loggers()
+
+    def _attach_carrier(self, optimizer) -> None:
+        """Hook the torch optimizer that holds the averaged tensors, so its state dict (which
+        the Trainer saves and restores) carries the DEMA state: DeepSpeed's inner optimizer,
+        else the one inside accelerate's wrapper (a DEMAOptimizer when one runs)."""
+        if self._carry_hook is not None:
+            self._carry_hook.remove()
+            self._carry_hook = None
+        if self._ds_link is not None:
+            carrier = self._ds_link.inner
+        elif self._sharded:
+            carrier = None           # FSDP writes optimizer states in its own format: per-rank files
+        else:
+            carrier = getattr(optimizer, "optimizer", optimizer)
+        if not isinstance(carrier, torch.optim.Optimizer) or not carrier.param_groups:
+            carrier = None
+        self._carrier = carrier
+        if carrier is not None:
+            self._carry_hook = carrier.register_state_dict_post_hook(self._carry_state)
+
+    def _carry_state(self, optimizer, sd: dict) -> dict:
+        """State-dict post hook: the callback's state into the first param group's entries."""
+        if self.engine is None or not sd.get("param_groups"):
+            return sd
+        from cl_core.dema.optim import DEMA_STATE_KEY
+
+        sd = dict(sd)
+        if optimizer is not self._user_optimizer:
+            # the one-pass wrapper this callback installed: its own "dema" entry is the same engine
+            # state (a user's DEMAOptimizer keeps its entry, so it still loads without the callback)
+            sd.pop(DEMA_STATE_KEY, None)
+        groups = list(sd["param_groups"])
+        groups[0] = {**groups[0], CARRY_KEY: self.state_dict()}
+        sd["param_groups"] = groups
+        return sd
+
+    def _resume(self, args, state, carried) -> None:
+        if carried is not None:
+            self.load_state_dict(carried, source=f"the DEMA state in the resumed optimizer state (step "
+                                                 f"{state.global_step}, param_groups[0][{CARRY_KEY!r}])")
+            self.resumed_from = "optimizer"
+            return
+        if self._carrier is None:     # FSDP shards: the per-rank state files of the checkpoint
+            for folder in (getattr(args, "resume_from_checkpoint", None),
+                           os.path.join(args.output_dir, f"checkpoint-{state.global_step}")):
+                path = self._state_path(os.fspath(folder)) if isinstance(folder, (str, os.PathLike)) else None
+                if path is not None and os.path.isfile(path):
+                    self.load_state(path)
+                    self.resumed_from = path
+                    return
+            logger.warning("DEMACallback: training resumes at step %d, but no %s was found in "
+                           "args.resume_from_checkpoint or %s/checkpoint-%d (FSDP shards resume from these "
+                           "files; set TrainingArguments(resume_from_checkpoint=<folder>) when it is elsewhere, or "
+                           "call callback.load_state(folder)); the EMA restarts from the current weights",
+                           state.global_step, os.path.basename(self._state_path("")), args.output_dir,
+                           state.global_step)
+            return
+        logger.warning("DEMACallback: training resumes at step %d, but the optimizer state the Trainer restored "
+                       "carries no DEMA state (the checkpoint was written without DEMACallback, or its optimizer "
+                       "state was not saved); the EMA restarts from the current weights", state.global_step)
+
+    def _report_before_loggers(self) -> None:
+        """Move this callback before the Trainer's ``report_to`` callbacks.
+
+        transformers lists its logging integrations (TensorBoard, W&B, MLflow, ...) before the
+        user's callbacks and hands them each log line first, with no earlier event in which a
+        callback can add to it; so the DEMA numbers would reach ``log_history`` but no backend.
+        The Trainer's callback list is only reachable from the list itself (callbacks are not
+        given the Trainer), hence the garbage collector's referrers.
+        """
+        import gc
+
+        lists = [r for r in gc.get_referrers(self)
+                 if isinstance(r, list) and any(type(c).__name__ == "DefaultFlowCallback" for c in r)]
+        if len(lists) != 1:
+            if not getattr(self, "_warned_order", False):
+                self._warned_order = True
+                logger.warning("DEMACallback: could not find the Trainer's callback list, so report_to backends "
+                               "listed before this callback miss the DEMA numbers (they are in log_history)")
+            return
+        callbacks = lists[0]
+        loggers = [i for i, c in enumerate(callbacks) if _is_report_callback(c)]
+        mine = next(i for i, c in enumerate(callbacks) if c is self)
+        if loggers and loggers[0] < mine:
+            callbacks.pop(mine)
+            callbacks.insert(loggers[0], self)
+            logger.info("DEMACallback: runs before the report_to callbacks (%s) so they log the DEMA numbers",
+                        ", ".join(type(callbacks[i + 1]).__name__ for i in loggers))
 
     # ------------------------------------------------------------------ per step
 
@@ -284,9 +392,8 @@ class DEMACallback(TrainerCallback):
         self._log_acc[2] += alpha.numel()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        """Adds the DEMA numbers to each training log line: ``trainer.state.log_history`` and the
-        callbacks after this one (the Trainer puts its report_to callbacks before the user's: to
-        send the numbers to a backend, list its callback after this one, with report_to=[]): ``dema/alpha_mean`` and
+        """Adds the DEMA numbers to each training log line (``trainer.state.log_history``, every
+        ``report_to`` backend, the progress bar): ``dema/alpha_mean`` and
         ``dema/fallback_share`` over the updates since the last line, and the running counts
         ``dema/nonfinite_skips``, ``dema/missing_grads``, ``dema/skipped_steps``."""
         if self.engine is None or logs is None or "loss" not in logs or self._log_acc is None:
@@ -483,31 +590,9 @@ def _step_was_skipped(optimizer, scale_before=None) -> bool:
     return False
 
 
-def _resume_checkpoint(args, state) -> str | None:
-    """The checkpoint folder the Trainer is resuming from.
-
-    transformers does not hand the path to callbacks: ``Trainer.train(resume_from_checkpoint=...)``
-    keeps it in a local of ``_inner_training_loop`` (``args.resume_from_checkpoint`` is only
-    set by scripts that use it). Look there first, then at the args, then at the usual
-    ``output_dir/checkpoint-{global_step}``.
-    """
-    frame = inspect.currentframe()
-    try:
-        f = frame.f_back
-        while f is not None:
-            if f.f_code.co_name == "_inner_training_loop" and "resume_from_checkpoint" in f.f_locals:
-                value = f.f_locals["resume_from_checkpoint"]
-                if isinstance(value, (str, os.PathLike)):
-                    return os.fspath(value)
-                break
-            f = f.f_back
-    finally:
-        del frame
-    value = getattr(args, "resume_from_checkpoint", None)
-    if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
-        return os.fspath(value)
-    guess = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-    return guess if os.path.isdir(guess) else None
+def _is_report_callback(callback) -> bool:
+    """One of transformers' ``report_to`` integrations (TensorBoard, W&B, MLflow, ...)."""
+    return type(callback).__module__.startswith("transformers.integrations")
 
 
 def optimizer_is_unknown(opt) -> bool:

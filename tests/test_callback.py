@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cl_core import DEMACallback, DEMAConfig
+from cl_core.callback import CARRY_KEY
 from cl_core.peft_export import select_dema_parameters
 from tests.dist_scripts.common import (RecorderCallback, TokenDataset, replay, sequential_trainer_cls, tiny_llama,
                                  tiny_peft_llama, training_args)
@@ -82,15 +83,21 @@ def test_resume_ends_with_the_same_ema(tmp_path):
     _train(model_full, full_dir, [cb_full], max_steps=6, save_strategy="steps", save_steps=3).train()
     ema_full = _ema(cb_full)
     ckpt = full_dir / "checkpoint-3"
-    assert (ckpt / "dema_state.pt").is_file()
+    assert (ckpt / "dema_state.pt").is_file()             # the standalone copy (callback.load_state)
     assert not [f for f in os.listdir(ckpt) if f.startswith(".")]   # no temp files left behind
+    # the state the resume uses travels in the optimizer state the Trainer writes
+    opt_sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    carried = opt_sd["param_groups"][0][CARRY_KEY]
+    assert carried["names"] == cb_full.engine.names and "dema" not in opt_sd
+    os.remove(ckpt / "dema_state.pt")                     # not needed to resume
 
     # resume by path into another output dir (the path only lives inside Trainer.train)
     cb_res = DEMACallback(cfg)
     model_res = tiny_peft_llama(lora_seed=123)          # other initial weights: the checkpoint must set them
-    _train(model_res, tmp_path / "res", [cb_res], max_steps=6, save_strategy="no").train(
-        resume_from_checkpoint=str(ckpt))
-    assert cb_res.resumed_from == str(ckpt)
+    trainer = _train(model_res, tmp_path / "res", [cb_res], max_steps=6, save_strategy="no")
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    assert cb_res.resumed_from == "optimizer"
+    assert all(CARRY_KEY not in g for g in trainer.optimizer.param_groups)   # taken out again
     assert cb_res.engine.num_updates == 6
     for a, b in zip(_ema(cb_res), ema_full):
         assert torch.equal(a, b)
@@ -107,24 +114,34 @@ def test_resume_ends_with_the_same_ema(tmp_path):
         assert torch.equal(a, b)
 
 
+def _carry_other_state(ckpt, other):
+    """Put the DEMA state of another run into the checkpoint's optimizer state."""
+    path = ckpt / "optimizer.pt"
+    sd = torch.load(path, weights_only=True)
+    sd["param_groups"][0][CARRY_KEY] = other.state_dict()
+    torch.save(sd, path)
+
+
 def test_resume_with_mismatched_dema_state_fails_clearly(tmp_path):
     run = tmp_path / "run"
     _train(tiny_peft_llama(), run, [DEMACallback()], max_steps=2, save_strategy="steps", save_steps=2).train()
+    ckpt = run / "checkpoint-2"
     # the DEMA state of a model with another LoRA rank
     other = DEMACallback()
     _train(tiny_peft_llama(r=2), tmp_path / "other", [other], max_steps=1).train()
-    other.save_state(str(run / "checkpoint-2"))
-    trainer = _train(tiny_peft_llama(), tmp_path / "res", [DEMACallback()], max_steps=3)
-    with pytest.raises(ValueError, match=r"dema_state\.pt.*does not match.*lora_A"):
-        trainer.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    _carry_other_state(ckpt, other)
+    cb = DEMACallback()
+    trainer = _train(tiny_peft_llama(), tmp_path / "res", [cb], max_steps=3)
+    with pytest.raises(ValueError, match=r"resumed optimizer state \(step 2.*does not match.*lora_A"):
+        trainer.train(resume_from_checkpoint=str(ckpt))
 
     # a state saved for other tensors (q only vs q and v)
     other = DEMACallback()
     _train(tiny_peft_llama(target_modules=["q_proj"]), tmp_path / "other2", [other], max_steps=1).train()
-    other.save_state(str(run / "checkpoint-2"))
+    _carry_other_state(ckpt, other)
     trainer = _train(tiny_peft_llama(), tmp_path / "res2", [DEMACallback()], max_steps=3)
     with pytest.raises(ValueError, match=r"does not match the model's trainable tensors.*v_proj"):
-        trainer.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+        trainer.train(resume_from_checkpoint=str(ckpt))
 
 
 def test_resume_without_dema_state_warns(tmp_path, caplog):
@@ -134,8 +151,8 @@ def test_resume_without_dema_state_warns(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="cl_core.callback"):
         _train(tiny_peft_llama(), tmp_path / "res", [cb], max_steps=3).train(
             resume_from_checkpoint=str(run / "checkpoint-2"))
-    assert "no dema_state.pt" in caplog.text
-    assert cb.engine.num_updates == 1
+    assert "carries no DEMA state" in caplog.text
+    assert cb.engine.num_updates == 1 and cb.resumed_from is None
 
 
 def test_no_trainable_parameters_is_a_clear_error(tmp_path):
@@ -283,10 +300,51 @@ def test_one_pass_in_the_trainer_equals_two_passes_with_scheduler_and_clipping(t
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for (_, p), (_, q) in zip(select_dema_parameters(m1), select_dema_parameters(m2)):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)      # the same training (schedule, clipping)
-    # the Trainer's optimizer.pt carries the DEMA state, and checkpoint-*/ema_adapter/ is the EMA then
+    # the Trainer's optimizer.pt carries the DEMA state (once: not also the wrapper's own "dema"
+    # entry), and checkpoint-*/ema_adapter/ is the EMA then
     ckpt = tmp_path / "one" / "checkpoint-3"
-    assert "dema" in torch.load(ckpt / "optimizer.pt", weights_only=False)
+    opt_sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert CARRY_KEY in opt_sd["param_groups"][0] and "dema" not in opt_sd
     assert sorted(os.listdir(ckpt / "ema_adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("route", ["one_pass", "two_pass", "user_optimizer"])
+def test_resume_through_the_optimizer_state_is_exact(tmp_path, route):
+    """Whichever optimizer runs (the callback's one-pass wrapper, the Trainer's plain AdamW
+    with a separate DEMA pass, or the user's own DEMAOptimizer), the DEMA state rides in the
+    optimizer state the Trainer saves, and a resumed run ends bit-identical."""
+    from cl_core import DEMAOptimizer
+
+    def run(out, resume=None, lora_seed=None):
+        model = tiny_peft_llama(lora_seed=lora_seed)
+        cb = DEMACallback(fused=route != "two_pass", record_alpha=True)
+        kw = {}
+        if route == "user_optimizer":
+            kw["optimizers"] = (DEMAOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                                                lr=5e-2)), None)
+        trainer = sequential_trainer_cls()(model=model, args=training_args(out, max_steps=4, save_strategy="steps",
+                                                                           save_steps=2, lr_scheduler_type="linear"),
+                                           train_dataset=TokenDataset(), callbacks=[cb], **kw)
+        trainer.train(resume_from_checkpoint=resume)
+        return cb
+
+    full = run(tmp_path / "full")
+    assert full.fused == (route != "two_pass")
+    # a DEMAOptimizer outside any Trainer loads what the Trainer wrote, whichever entry holds it
+    opt_sd = torch.load(tmp_path / "full" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert CARRY_KEY in opt_sd["param_groups"][0] and ("dema" in opt_sd) == (route == "user_optimizer")
+    lora = [p for p in tiny_peft_llama().parameters() if p.requires_grad]
+    groups = [{"params": lora if i == 0 else []} for i in range(len(opt_sd["param_groups"]))]  # as saved
+    fresh = DEMAOptimizer(torch.optim.AdamW(groups, lr=5e-2))
+    fresh.load_state_dict(opt_sd)
+    assert fresh.engine.num_updates == 2 and CARRY_KEY not in fresh.param_groups[0]
+    res = run(tmp_path / "res", resume=str(tmp_path / "full" / "checkpoint-2"), lora_seed=5)
+    assert res.resumed_from == "optimizer" and res.engine.num_updates == 4
+    for a, b in zip(_ema(res), _ema(full)):
+        assert torch.equal(a, b)
+    assert len(res.alpha_history) == 4           # the recorded α of the first two steps came along
+    for a, b in zip(res.alpha_history, full.alpha_history):
+        assert torch.equal(a, b)
 
 
 def test_checkpoint_ema_adapter_loads_and_resume_of_one_pass_is_exact(tmp_path):
@@ -374,6 +432,48 @@ def test_dema_numbers_go_into_the_trainer_logs(tmp_path):
         assert line["dema/nonfinite_skips"] == 0 and line["dema/missing_grads"] == 0
         assert line["dema/skipped_steps"] == 0
     assert 0 < lines[1]["dema/fallback_share"] < 1
+
+
+def _tensorboard_scalars(folder) -> dict:
+    """{tag: [(step, value)]} from the TensorBoard event files under ``folder`` (TFRecord
+    framing: length u64, its crc u32, the Event bytes, their crc u32)."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in glob.glob(os.path.join(folder, "**", "events.out.tfevents.*"), recursive=True):
+        data, pos = open(path, "rb").read(), 0
+        while pos < len(data):
+            n = struct.unpack("<Q", data[pos:pos + 8])[0]
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_dema_numbers_reach_a_report_to_backend(tmp_path):
+    """report_to=["tensorboard"] (the real TensorBoardCallback, writing through tensorboardX):
+    transformers lists it before the user's callbacks, so the callback moves itself before it
+    and the backend writes the same DEMA numbers as log_history."""
+    pytest.importorskip("tensorboardX")
+    from transformers.integrations import TensorBoardCallback
+
+    cb = DEMACallback(fused=False)
+    trainer = _train(tiny_peft_llama(), tmp_path / "out", [cb], max_steps=4, logging_strategy="steps",
+                     logging_steps=2, report_to=["tensorboard"])
+    order = [type(c) for c in trainer.callback_handler.callbacks]
+    assert order.index(DEMACallback) < order.index(TensorBoardCallback)
+    trainer.train()
+    lines = [h for h in trainer.state.log_history if "loss" in h]
+    written = _tensorboard_scalars(str(tmp_path / "out"))        # the event files under out/runs/
+    for key in ("dema/alpha_mean", "dema/fallback_share", "dema/nonfinite_skips", "dema/skipped_steps"):
+        assert [step for step, _ in written["train/" + key]] == [2, 4]
+        for (_, value), line in zip(written["train/" + key], lines):
+            assert value == pytest.approx(line[key], rel=1e-6)
+    assert 0 < written["train/dema/alpha_mean"][0][1] < 1
 
 
 def test_user_dema_optimizer_and_callback_share_one_engine(tmp_path):

@@ -10,7 +10,9 @@
 optimizer that have ``requires_grad``.  The wrapper is a ``torch.optim.Optimizer``
 (LR schedulers, ``torch.amp.GradScaler`` and accelerate accept it): ``param_groups``,
 ``state`` and ``defaults`` are the inner optimizer's own objects, and ``state_dict()``
-is the inner state dict plus one key ``"dema"`` with the engine state.
+is the inner state dict plus one key ``"dema"`` with the engine state (``load_state_dict``
+also takes a state that ``DEMACallback`` wrote through a Trainer, where it rides in the first
+param group as ``"cl_core.dema"``).
 
 With ``GradScaler``, ``scaler.step(opt)`` calls ``opt.step()`` only when the gradients are
 finite, so a step the scaler skips is neither taken nor averaged. Such a step is counted
@@ -35,6 +37,8 @@ import torch
 from cl_core.dema.config import DEMAConfig
 
 DEMA_STATE_KEY = "dema"
+# Where DEMACallback carries its state inside a Trainer's optimizer state dict (cl_core.callback).
+CARRIED_KEY = "cl_core.dema"
 log = logging.getLogger(__name__)
 
 
@@ -68,6 +72,8 @@ class DEMAOptimizer(torch.optim.Optimizer):
         if fused not in ("auto", True, False):
             raise ValueError(f"DEMAOptimizer: fused={fused!r}; use 'auto', True or False")
         self._fused_arg = fused
+        # DEMACallback's state when load_state_dict found one in param_groups[0] (see there)
+        self.carried_state = None
         self.engine = self._build_engine()
         self._grad_marks = self._mark_grads()
         self._param_lists = self._param_list_ids()
@@ -266,10 +272,23 @@ class DEMAOptimizer(torch.optim.Optimizer):
                 state_dict = out
         state_dict = dict(state_dict)
         dema_sd = state_dict.pop(DEMA_STATE_KEY, None)
+        groups = state_dict.get("param_groups")
+        carried = None
+        if groups and isinstance(groups[0], dict) and CARRIED_KEY in groups[0]:
+            # written through a Trainer by DEMACallback: its state rides in the first param group.
+            # Kept aside (not in the inner's groups) for a DEMACallback resuming with this optimizer.
+            carried = groups[0][CARRIED_KEY]
+            if not isinstance(carried, dict) or not isinstance(carried.get("engine"), dict):
+                raise ValueError(f"DEMAOptimizer.load_state_dict: param_groups[0][{CARRIED_KEY!r}] is not a "
+                                 "DEMACallback state (no 'engine' entry)")
+            if dema_sd is None:
+                dema_sd = carried["engine"]
+            state_dict["param_groups"] = [{k: v for k, v in groups[0].items() if k != CARRIED_KEY}, *groups[1:]]
         if dema_sd is not None:
             # the EMA first: a mismatch (ValueError) then leaves the inner state untouched
             self.engine.load_state_dict(dema_sd)
         self.inner.load_state_dict(state_dict)
+        self.carried_state = carried
         if self._fused_driver() is not None:
             self._fused.reset_step_counts()
         for hook in self._optimizer_load_state_dict_post_hooks.values():

@@ -122,8 +122,8 @@ def run_fsdp2(cfg, rank, world, out):
     dist.barrier()
     cb_files = sorted(f for f in os.listdir(ckpt) if f.startswith("dema_state"))
     cb2 = DEMACallback(cfg)
-    cb2.on_train_begin(args, tstate, None, model=m)           # resumes from out/checkpoint-5
-    cb_resumed = cb2.resumed_from == ckpt and all(
+    cb2.on_train_begin(args, tstate, None, model=m)           # FSDP shards: from out/checkpoint-5's files
+    cb_resumed = cb2.resumed_from == os.path.join(ckpt, f"dema_state_rank{rank}.pt") and all(
         torch.equal(a, b) for a, b in zip(cb2.engine.ema_tensors(), cb.engine.ema_tensors()))
     # state_dict round trip on the shards
     sd = opt.state_dict()
