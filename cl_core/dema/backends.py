@@ -7,7 +7,6 @@ inside one. "reference" is the literal per-tensor maths (cl_core.dema.reference)
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -15,8 +14,6 @@ import torch
 
 from cl_core.dema.config import DEMAConfig
 from cl_core.dema.state import GroupState
-
-log = logging.getLogger(__name__)
 
 
 class DEMABackend(Protocol):
@@ -52,18 +49,15 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def resolve_backend(name: str, device: torch.device, dtype: Optional[torch.dtype] = None,
                     ema_dtype: torch.dtype = torch.float32) -> str:
     """The backend that runs tensors of `device` (and `dtype`) for the configured name.
-    The Triton kernels keep θ* and g_prev in float32: a group whose EMA is kept in the
-    parameter dtype (ema_dtype="param") runs the torch backend."""
+    Every backend keeps θ* and g_prev in float32 or (ema_dtype="param") in the 16-bit
+    parameter dtype with that dtype's rounding; `ema_dtype` is checked to be one of them."""
+    if ema_dtype not in (torch.float32, dtype):
+        raise ValueError(f"DEMA keeps the EMA in float32 or in the parameter dtype, got ema_dtype {ema_dtype} "
+                         f"for {dtype} tensors")
     if name == "auto":
-        usable = (dtype is None or dtype in TRITON_DTYPES) and ema_dtype == torch.float32
-        if device.type == "cuda" and not usable and ema_dtype != torch.float32:
-            log.warning("DEMA: ema_dtype='param' keeps the %s EMA in %s; the triton kernels keep it in "
-                        "float32, so this group runs the (slower) torch backend", dtype, ema_dtype)
+        usable = dtype is None or dtype in TRITON_DTYPES
         return "triton" if device.type == "cuda" and usable and triton_available() else "torch"
     if name == "triton":
-        if ema_dtype != torch.float32:
-            raise ValueError(f"DEMAConfig.backend='triton' keeps the EMA in float32, but ema_dtype='param' asks "
-                             f"for {ema_dtype}; use backend='auto' or 'torch' (or ema_dtype='float32')")
         if dtype is not None and dtype not in TRITON_DTYPES:
             raise ValueError(f"DEMAConfig.backend='triton' takes float32/bfloat16/float16 tensors, got {dtype}; "
                              "use backend='auto' (float64 groups then run the torch backend)")

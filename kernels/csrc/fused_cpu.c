@@ -327,7 +327,8 @@ typedef struct {
             gs->pend_has_grad[j] = has_g;                                                        \
             gs->pend_has_prev[j] = hp;                                                           \
         }                                                                                        \
-        if (wgp) gs->has_prev[j] = has_g;                                                        \
+        /* a non-finite step leaves has_prev as the engine does (the tensor is skipped) */     \
+        if (wgp && !isnan(s.fin)) gs->has_prev[j] = has_g;                                       \
     }                                                                                            \
     /* One step over the tensors idx[0..count) of a group of nt tensors. */                    \
     void cpu_fused_step_##SUFFIX(int kind, int64_t count, const int64_t *idx, const int64_t *S, \

@@ -1,0 +1,193 @@
+"""The Triton DEMA backend with DEMAConfig(ema_dtype="param") (issue 11.6): θ* and g_prev
+in the bfloat16/float16 parameter dtype, every difference, product, sum and norm rounded to
+it, against the reference and the torch backend (its native kernel dema_cpu_param_*).
+
+Tolerances, measured on these scripts (interpreter):
+- vs the reference: EMA within 1 unit in the last place of the dtype (the reference's
+  1 − α is a double rounded by torch, the kernels' a float32: equal values here, measured
+  0 ulp), α rtol 2 ulps of the dtype (measured: equal).
+- vs the torch backend's native param kernel: bit-identical θ*, g_prev, d, flags, skips
+  and (official/paper) α. Both round the same way; they differ only in how the rounded
+  |differences| are summed (float32 block sums here, double in C), which agrees once the
+  totals are rounded to the 16-bit dtype unless a total falls within ~2^-16 (relative) of a
+  rounding boundary: not the case for these fixed scripts. α of "fixed" differs by
+  < 1e-8: the interpreter evaluates 1 − β from the Python double β, C as 1.0f − 0.99f
+  (compiled Triton takes β as a float32 argument, as C does).
+Small tensors (the interpreter runs about 1 s per million elements); shapes span several
+blocks (1,024 16-bit elements per block) and odd sizes (general path), or are all multiples
+of 8 (the ALIGNED path).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cl_core import DEMA, DEMAConfig
+from tests.dema_sequences import EVENTS, make_script, play
+from tests.test_engine import assert_same
+from tests.test_program_order import (  # noqa: F401  (program_order is a fixture)
+    ORDERS, _assert_identical, _grads, _params, _snapshot, program_order)
+
+GENERAL = [(5, 3), (33,), (1,), (2, 1030)]  # 2,060 elements: three blocks
+ALIGNED = [(2, 1032), (2, 4), (8,)]  # every numel a multiple of 8; 2,064 elements: three blocks
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}  # relative spacing just above 1
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units in the last place between two 16-bit float tensors
+    (ordered bit patterns: adjacent representable values are 1 apart, ±0 both 0)."""
+    def ordered(x):
+        bits = x.reshape(-1).view(torch.int16).int()
+        return torch.where(bits < 0, -(bits + 32768), bits)
+    assert a.dtype == b.dtype and a.dtype in ULP
+    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1).view(torch.uint8)
+
+
+def _check(tri, ref, tor, dtype, formula):
+    # vs the reference: EMA within 1 ulp, α within 2 ulps (relative) of the dtype
+    for i, (a, b) in enumerate(zip(tri.ema_tensors(), ref.ema_tensors())):
+        assert a.dtype == b.dtype == dtype
+        assert ulp_distance(a, b) <= 1, f"EMA of tensor {i}"
+    torch.testing.assert_close(tri.stats.alpha, ref.stats.alpha, rtol=2 * ULP[dtype], atol=0)
+    assert tri.stats.nonfinite_skips.tolist() == ref.stats.nonfinite_skips.tolist()
+    # vs the torch backend's native param kernel: bit-identical (module docstring)
+    st, so = tri.state_dict(), tor.state_dict()
+    for key in ("ema", "grad_prev"):
+        for i, (a, b) in enumerate(zip(st[key], so[key])):
+            if a is None or b is None:  # no g_prev with the "fixed" formula
+                assert a is None and b is None and formula == "fixed", (key, i)
+                continue
+            assert a.dtype == b.dtype == dtype and torch.equal(_bits(a), _bits(b)), (key, i)
+    for key in ("started", "has_prev", "d", "skips"):
+        assert torch.equal(st[key], so[key]), key
+    if formula == "fixed":
+        torch.testing.assert_close(st["alpha"], so["alpha"], rtol=0, atol=1e-8)
+    else:
+        assert torch.equal(st["alpha"], so["alpha"])
+
+
+@pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_param_ema_matches_reference_and_torch_backend(dtype, formula):
+    """Every event of tests/dema_sequences.py (missing, repeated, zero, NaN/inf gradients,
+    NaN parameters), odd sizes and tensors of several blocks: the general path."""
+    script = make_script(5, len(GENERAL), 6, events=EVENTS)
+    script[0] = ["grad"] * len(GENERAL)
+    alphas = []  # the reference's α after each step (reading its stats changes nothing)
+
+    def record(t, engine):
+        if engine.config.backend == "reference" and t:
+            alphas.extend(engine.stats.alpha.tolist())
+
+    runs = {b: play(b, GENERAL, script, formula=formula, dtypes=dtype, ema_dtype="param", between=record)[0]
+            for b in ("reference", "torch", "triton")}
+    tri = runs["triton"]
+    g = tri.groups[0]
+    assert g.backend_name == "triton" and g.state.ema_dtype == dtype and not g.backend._aligned
+    _check(tri, runs["reference"], runs["torch"], dtype, formula)
+    # the script has teeth: skips, missing gradients, and (dynamic formulas) α from the rule
+    ref = runs["reference"]
+    assert sum(ref.stats.nonfinite_skips.tolist()) > 0 and sum(ref.stats.missing_grads.tolist()) > 0
+    if formula != "fixed":
+        assert any(0 < a < 1 and a != pytest.approx(0.01) for a in alphas + ref.stats.alpha.tolist())
+
+
+@pytest.mark.parametrize("dtype,formula", [(torch.bfloat16, "paper"), (torch.float16, "official")])
+def test_param_ema_aligned_path(dtype, formula):
+    """Every numel a multiple of 8 and 16-byte aligned buffers: the ALIGNED kernels."""
+    script = make_script(6, len(ALIGNED), 6, events=("grad", "none", "same", "nan_grad"))
+    script[0] = ["grad"] * len(ALIGNED)
+    runs = {b: play(b, ALIGNED, script, formula=formula, dtypes=dtype, ema_dtype="param")[0]
+            for b in ("reference", "torch", "triton")}
+    assert runs["triton"].groups[0].backend._aligned
+    _check(runs["triton"], runs["reference"], runs["torch"], dtype, formula)
+
+
+def _param_run(dtype, formula, hook, shapes):
+    params = _params(dtype, shapes)
+    engine = DEMA(params, DEMAConfig(backend="triton", formula=formula, ema_dtype="param"), reduce_stats=hook)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.add_((torch.randn(p.shape, generator=gen) * 0.1).to(dtype))
+        _grads(params, gen, t)
+        engine.update()
+    assert engine.groups[0].state.ema_dtype == dtype
+    return _snapshot(engine, params), engine.groups[0].backend._aligned
+
+
+@pytest.mark.parametrize("dtype,formula,hook,shapes", [
+    (torch.bfloat16, "paper", None, ALIGNED),
+    (torch.float16, "official", lambda stats: None, GENERAL),  # decide split around a hook
+])
+def test_param_kernels_do_not_depend_on_program_order(program_order, dtype, formula, hook, shapes):
+    """Partial sums per block, totals rounded once by `decide`: any program order gives
+    the same bits (tests/test_program_order.py reorders the interpreter's grid)."""
+    ref, aligned = _param_run(dtype, formula, hook, shapes)
+    assert aligned == (shapes is ALIGNED)
+    if hook is not None:  # an identity hook splits decide in two; same result
+        _assert_identical(_param_run(dtype, formula, None, shapes)[0], ref, "no hook")
+    for mode in ORDERS:
+        program_order["mode"] = mode
+        _assert_identical(_param_run(dtype, formula, hook, shapes)[0], ref, mode)
+
+
+@pytest.mark.parametrize("first,then", [("param", "float32"), ("float32", "param")])
+def test_state_dict_round_trip_between_ema_dtypes(first, then):
+    """A checkpoint of one ema_dtype continues under the other: the Triton engine as
+    the reference does (bf16 EMA values load into float32 exactly; float32 ones are
+    rounded to bf16 at the load), then a checkpoint of the continued run loads back."""
+    dtype, shapes = torch.bfloat16, [(5, 3), (1030,)]
+    script = make_script(8, len(shapes), 6, events=("grad", "none", "same"))
+    script[0] = ["grad"] * len(shapes)
+
+    def switch(backend):
+        def between(t, engine):
+            if t != 3:
+                return None
+            new = DEMA(engine.params, DEMAConfig(backend=backend, formula="paper", ema_dtype=then))
+            new.load_state_dict(engine.state_dict())
+            return new
+        return between
+
+    runs = {b: play(b, shapes, script, formula="paper", dtypes=dtype, ema_dtype=first, between=switch(b))[0]
+            for b in ("reference", "triton")}
+    tri, ref = runs["triton"], runs["reference"]
+    assert [e.dtype for e in tri.ema_tensors()] == [dtype if then == "param" else torch.float32] * 2
+    if then == "param":
+        for a, b in zip(tri.ema_tensors(), ref.ema_tensors()):
+            assert ulp_distance(a, b) <= 1
+        torch.testing.assert_close(tri.stats.alpha, ref.stats.alpha, rtol=2 * ULP[dtype], atol=0)
+    else:
+        assert_same(tri, ref)  # float32 statistics: tests/test_engine.py's tolerances
+    # and back into an engine of the first ema_dtype: the EMA as saved (rounded to bf16 if first == "param")
+    back = DEMA(tri.params, DEMAConfig(backend="triton", formula="paper", ema_dtype=first))
+    back.load_state_dict(tri.state_dict())
+    for a, b in zip(back.ema_tensors(), tri.ema_tensors()):
+        assert torch.equal(a, b.to(a.dtype))
+    assert torch.equal(back.state_dict()["d"], tri.state_dict()["d"])
+
+
+def test_param_dtype_change_is_refused_before_anything_changes():
+    """A bf16 EMA (ema_dtype="param") has no kernel for fp16 parameters: the update that
+    finds them refuses, and the state is as before."""
+    p = torch.randn(40, generator=torch.Generator().manual_seed(3)).bfloat16()
+    engine = DEMA([p], DEMAConfig(backend="triton", ema_dtype="param"))
+    p.grad = torch.ones_like(p)
+    engine.update()
+    before = engine.state_dict()
+    engine.params[0] = p.half()
+    engine.params[0].grad = torch.ones_like(engine.params[0])
+    with pytest.raises(ValueError, match=r"EMA in torch.bfloat16 .*now torch.float16.*ema_dtype='float32'"):
+        engine.update()
+    engine.params[0] = p
+    after = engine.state_dict()
+    for key in ("ema", "grad_prev"):
+        assert all(torch.equal(a, b) for a, b in zip(before[key], after[key]))
+    for key in ("started", "has_prev", "d", "alpha", "skips"):
+        assert torch.equal(before[key], after[key])
