@@ -324,20 +324,20 @@ class DEMACallback(TrainerCallback):
 
         lists = [r for r in gc.get_referrers(self)
                  if isinstance(r, list) and any(type(c).__name__ == "DefaultFlowCallback" for c in r)]
-        if len(lists) != 1:
+        if not lists:
             if not getattr(self, "_warned_order", False):
                 self._warned_order = True
                 logger.warning("DEMACallback: could not find the Trainer's callback list, so report_to backends "
                                "listed before this callback miss the DEMA numbers (they are in log_history)")
             return
-        callbacks = lists[0]
-        loggers = [i for i, c in enumerate(callbacks) if _is_report_callback(c)]
-        mine = next(i for i, c in enumerate(callbacks) if c is self)
-        if loggers and loggers[0] < mine:
-            callbacks.pop(mine)
-            callbacks.insert(loggers[0], self)
-            logger.info("DEMACallback: runs before the report_to callbacks (%s) so they log the DEMA numbers",
-                        ", ".join(type(callbacks[i + 1]).__name__ for i in loggers))
+        for callbacks in lists:          # (one per Trainer this callback was given to)
+            loggers = [i for i, c in enumerate(callbacks) if _is_report_callback(c)]
+            mine = next(i for i, c in enumerate(callbacks) if c is self)
+            if loggers and loggers[0] < mine:
+                callbacks.pop(mine)
+                callbacks.insert(loggers[0], self)
+                logger.info("DEMACallback: runs before the report_to callbacks (%s) so they log the DEMA numbers",
+                            ", ".join(type(callbacks[i + 1]).__name__ for i in loggers))
 
     # ------------------------------------------------------------------ per step
 
