@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from cl_core.kernels import layouts as L
-from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4
+from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +87,6 @@ def _vsum(x, BLOCK: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _rnd(x, DTYPE: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr):
-    """x rounded to DTYPE (round to nearest, ties to even) and back to fp32 when the EMA
-    is kept in the parameter dtype (DEMAConfig(ema_dtype="param"): every difference,
-    product, sum and norm of the EMA maths is a number of that dtype, as in the reference
-    and the native CPU kernel); x itself otherwise.
-
-    bfloat16 is rounded with integer operations on the fp32 bits (torch's own recipe),
-    not `.to(tl.bfloat16)`: the Triton interpreter truncates on that conversion, and the
-    tests compare this rounding with the reference under the interpreter. Same result as
-    the GPU's cvt.rn.bf16.f32 for every finite value and ±inf; NaN stays NaN. float16
-    uses the conversion (round to nearest even on the GPU and in the interpreter)."""
-    if EMA_IN_PARAM_DTYPE:
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            up = bits + (0x7FFF + ((bits >> 16) & 1))
-            r = (up & 0xFFFF0000).to(tl.float32, bitcast=True)
-            return tl.where(x == x, r, x)
-        else:
-            return x.to(DTYPE).to(tl.float32)
-    else:
-        return x
-
-
-@triton.jit
 def _tile_sums(part, t0, t1, CHUNK: tl.constexpr):
     """Column sums of rows t0..t1 of a [tiles, N_PART] partials table: (a, b, c, d)."""
     rows = tl.arange(0, CHUNK)[:, None]
@@ -148,17 +124,17 @@ def _tile_of_program(tile_tensor, stab, T, n_tiles, TILE: tl.constexpr):
 
 @triton.jit
 def _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK: tl.constexpr,
-             DTYPE: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr):
+             EMA_DTYPE: tl.constexpr):
     """The decision on the EMA update the previous launch left pending for tensor t:
-    (apply, alpha, skip, d_in, pend). With the EMA in the parameter dtype each norm is
-    the fp32 total rounded to that dtype (the reference's `l1(x).to(dtype)`); d carried
-    from an earlier step (dcarry) was rounded when it was summed."""
+    (apply, alpha, skip, d_in, pend). With the EMA in a 16-bit EMA_DTYPE each norm is
+    the fp32 total rounded to it (the reference's `l1(x).to(dtype)`; round_to is a no-op
+    for fp32); d carried from an earlier step (dcarry) was rounded when it was summed."""
     pend = tl.load(flags_r + L.F_PEND * T + t)
     a, b, c, d_sum = _tile_sums(part_r, t0, t1, CHUNK)
-    a = _rnd(a, DTYPE, EMA_IN_PARAM_DTYPE)
-    b = _rnd(b, DTYPE, EMA_IN_PARAM_DTYPE)
-    c = _rnd(c, DTYPE, EMA_IN_PARAM_DTYPE)
-    d_sum = _rnd(d_sum, DTYPE, EMA_IN_PARAM_DTYPE)
+    a = round_to(a, EMA_DTYPE)
+    b = round_to(b, EMA_DTYPE)  # NaN (the probe) stays NaN
+    c = round_to(c, EMA_DTYPE)
+    d_sum = round_to(d_sum, EMA_DTYPE)
     d_in = tl.where(tl.load(flags_r + L.F_APPLIED * T + t) != 0, d_sum, tl.load(dcarry_r + t))
     finite = b == b  # P_B carries the NaN/inf probe
     skip = (pend != L.PEND_NONE) & (finite == 0)
@@ -187,12 +163,15 @@ def _fused_step_kernel(
     # The formula is a runtime value, not a specialisation: it only changes a few scalar
     # operations per program (and, for "fixed", masks that switch g_prev traffic off).
     # EMA_IN_PARAM_DTYPE: θ* and g_prev are stored in DTYPE and the EMA maths is rounded
-    # to DTYPE step by step (_rnd), exactly as kernels/csrc/dema_cpu.c (DEFINE_PARAM_FN).
-    EDT: tl.constexpr = DTYPE if EMA_IN_PARAM_DTYPE else tl.float32  # θ*, g_prev in memory
+    # to DTYPE step by step (round_to: integer RTNE for bf16, so that the interpreter,
+    # which truncates on a bf16 cast, computes what a GPU does), exactly as
+    # kernels/csrc/dema_cpu.c (DEFINE_PARAM_FN). EDT: θ*, g_prev in memory and the
+    # dtype of the EMA maths (fp32: round_to is a no-op).
+    EDT: tl.constexpr = DTYPE if EMA_IN_PARAM_DTYPE else tl.float32
     pid = tl.program_id(0)
     t, t0, t1, start = _tile_of_program(tile_tensor, stab, T, n_tiles, BLOCK * ITERS)
     apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
-                                           DTYPE, EMA_IN_PARAM_DTYPE)
+                                           EDT)
     # An init left pending becomes "started" once its probe shows it was finite.
     started = (tl.load(flags_r + L.F_STARTED * T + t) != 0) | ((pend == L.PEND_INIT) & (skip == 0))
     init_now = started == 0
@@ -296,21 +275,20 @@ def _fused_step_kernel(
         # across the roundings); an fp32 EMA keeps the plain expression.
         e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if EMA_IN_PARAM_DTYPE:
-            e_new = _rnd(_rnd(e * keep_al, DTYPE, True) + _rnd(th * al, DTYPE, True), DTYPE, True)
+            e_new = round_to(round_to(e * keep_al, EDT) + round_to(th * al, EDT), EDT)
         else:
             e_new = e * keep_al + th * al
         e = tl.where(_bcast(apply, BLOCK), e_new, e)
-        sd += _vsum(tl.where(mask & _bcast(apply, BLOCK), tl.abs(_rnd(th - e, DTYPE, EMA_IN_PARAM_DTYPE)), 0.0),
-                    BLOCK, VEC)
+        sd += _vsum(tl.where(mask & _bcast(apply, BLOCK), tl.abs(round_to(th - e, EDT)), 0.0), BLOCK, VEC)
         e = tl.where(_bcast(init_now, BLOCK), th2, e)
         # exact: e is a DTYPE number in the parameter-dtype mode
         tl.store(e_ptr + offs, e.to(EDT), mask=mask & _bcast(apply | init_now, BLOCK))
         # x - x is NaN exactly where x is NaN or inf: the probe rides on b's sum.
         nm = mask & _bcast(need, BLOCK)
         sb += _vsum(tl.where(nm, tl.abs(g), 0.0) + (th2 - th2) + (g - g), BLOCK, VEC)
-        sa += _vsum(tl.where(nm, tl.abs(_rnd(th2 - e, DTYPE, EMA_IN_PARAM_DTYPE)), 0.0), BLOCK, VEC)
+        sa += _vsum(tl.where(nm, tl.abs(round_to(th2 - e, EDT)), 0.0), BLOCK, VEC)
         gprev = tl.load(gp_ptr + offs, mask=nm, other=0.0).to(tl.float32)
-        sc += _vsum(tl.where(nm, tl.abs(_rnd(g - gprev, DTYPE, EMA_IN_PARAM_DTYPE)), 0.0), BLOCK, VEC)
+        sc += _vsum(tl.where(nm, tl.abs(round_to(g - gprev, EDT)), 0.0), BLOCK, VEC)
         tl.store(gp_ptr + offs, g.to(EDT), mask=gm & _bcast(need_gp, BLOCK))
     row = part_w + pid * L.N_PART
     tl.store(row + L.P_A, tl.sum(sa, axis=0))
@@ -340,7 +318,7 @@ def _fused_flush_kernel(
     pid = tl.program_id(0)
     t, t0, t1, start = _tile_of_program(tile_tensor, stab, T, n_tiles, BLOCK * ITERS)
     apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
-                                           DTYPE, EMA_IN_PARAM_DTYPE)
+                                           EDT)
     n = tl.load(stab + L.S_NUMEL * T + t)
     th_ptr = tl.load(theta + t).to(tl.pointer_type(DTYPE))
     e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(EDT))
@@ -359,11 +337,11 @@ def _fused_flush_kernel(
         th = tl.load(th_ptr + offs, mask=m, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if EMA_IN_PARAM_DTYPE:  # as in the step kernel
-            e = _rnd(_rnd(e * keep_al, DTYPE, True) + _rnd(th * al, DTYPE, True), DTYPE, True)
+            e = round_to(round_to(e * keep_al, EDT) + round_to(th * al, EDT), EDT)
         else:
             e = e * keep_al + th * al
         tl.store(e_ptr + offs, e.to(EDT), mask=m)
-        sd += _vsum(tl.where(m, tl.abs(_rnd(th - e, DTYPE, EMA_IN_PARAM_DTYPE)), 0.0), BLOCK, VEC)
+        sd += _vsum(tl.where(m, tl.abs(round_to(th - e, EDT)), 0.0), BLOCK, VEC)
     tl.store(part_w + pid * L.N_PART + L.P_D, tl.sum(sd, axis=0))
     if pid == t0:
         _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, beta)
@@ -372,15 +350,15 @@ def _fused_flush_kernel(
 @triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
 def _fused_pending_kernel(
     stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, n_tiles, formula, scale, fallback, beta,
-    CHUNK: tl.constexpr, DTYPE: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr, EMA_DTYPE: tl.constexpr,
 ):
     """Grid = tensors: the decision on the pending update (α, skip count) written to
-    alpha_out/skips_out, without touching the EMA (engine stats between flushes). DTYPE
-    only matters with EMA_IN_PARAM_DTYPE (the dtype the norms are rounded to)."""
+    alpha_out/skips_out, without touching the EMA (engine stats between flushes).
+    EMA_DTYPE: fp32, or the 16-bit dtype the norms are rounded to (ema_dtype="param")."""
     t = tl.program_id(0)
     t0, t1 = _tiles_of(stab, t, T, n_tiles)
     apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
-                                           DTYPE, EMA_IN_PARAM_DTYPE)
+                                           EMA_DTYPE)
     init_alpha = tl.where(formula == L.FORMULA_FIXED, 1.0 - beta, fallback)
     new_alpha = tl.where(skip, 0.0, tl.where(apply, al, tl.where(pend == L.PEND_INIT, init_alpha, tl.load(alpha + t))))
     tl.store(alpha_out + t, new_alpha)
@@ -627,8 +605,7 @@ class TritonFusedGroup:
         skips = torch.empty_like(s.skips)
         _fused_pending_kernel[(n,)](
             self.stab, self.part[r], self.flags[r], self.dcarry[r], s.alpha, s.skips, alpha, skips, n, self.n_tiles,
-            formula, scale, fallback, beta, CHUNK=CHUNK, DTYPE=_TL[self.ema_dtype],
-            EMA_IN_PARAM_DTYPE=self.ema_in_param_dtype, **PENDING_LAUNCH,
+            formula, scale, fallback, beta, CHUNK=CHUNK, EMA_DTYPE=_TL[self.ema_dtype], **PENDING_LAUNCH,
         )
         return alpha, skips
 
@@ -697,10 +674,10 @@ def compile_specs(every: bool | None = None):
                               LAUNCH, expect_v4(vec, *ema_streams(1, 1, 0, 1)) if aligned else None))
             if param_ema:
                 specs.append((f"fused_pending/{name}{mode}", _fused_pending_kernel, pend_sig,
-                              dict(CHUNK=CHUNK, DTYPE=tdt, EMA_IN_PARAM_DTYPE=True), PENDING_LAUNCH, None))
-    # every fp32-EMA launch uses this one (DTYPE fp32: no rounding)
-    specs.append(("fused_pending", _fused_pending_kernel, pend_sig,
-                  dict(CHUNK=CHUNK, DTYPE=tl.float32, EMA_IN_PARAM_DTYPE=False), PENDING_LAUNCH, None))
+                              dict(CHUNK=CHUNK, EMA_DTYPE=tdt), PENDING_LAUNCH, None))
+    # every fp32-EMA launch uses this one
+    specs.append(("fused_pending", _fused_pending_kernel, pend_sig, dict(CHUNK=CHUNK, EMA_DTYPE=tl.float32),
+                  PENDING_LAUNCH, None))
     if not every:
         specs = [s for s in specs if "/param-ema" not in s[0] or s[0] in _PARAM_EMA_SPECS_ALWAYS]
     return specs

@@ -26,13 +26,9 @@ Run under the Triton interpreter (tests/conftest.py), small tensors. Three check
    reversed or shuffled (the machinery of tests/test_program_order.py).
 
 Every run asserts the fused kernel really ran in the parameter-dtype mode: each step is one
-launch of the step kernel with EMA_IN_PARAM_DTYPE=True, and no step took the generic path.
-
-Until the engine routes an ema_dtype="param" group to the Triton backend (a change in
-cl_core/dema/backends.py resolve_backend, and the Triton DEMA backend taking 16-bit EMA
-buffers in kernels/triton_dema.py), the `param_routing` fixture below lets such a group
-carry backend_name "triton" so that the fused path picks the Triton fused group; it
-changes nothing once the tree does this itself.
+launch of the step kernel with EMA_IN_PARAM_DTYPE=True, and no step took the generic path
+(whose DEMA pass is the Triton DEMA backend's own ema_dtype="param" mode, tested in
+tests/test_triton_param.py).
 """
 from __future__ import annotations
 
@@ -67,48 +63,6 @@ OPTIMIZERS = {
 # buffer 16-byte aligned (the ALIGNED kernel)
 GENERAL = [(3, 5), (1030,), (7,), (5,)]
 ALIGNED = [(3, 8), (1032,), (16,), (8,)]
-
-
-@pytest.fixture(autouse=True)
-def param_routing(monkeypatch):
-    """Route an ema_dtype="param" group with backend="triton" to the Triton backend
-    name where the tree does not yet (see the module docstring). Its generic DEMA
-    backend object is then the reference one (it only runs on generic steps, which these
-    tests assert never happen, and for fused=False runs, where it is the generic path)."""
-    from cl_core.dema import backends, engine
-    from cl_core.dema.state import GroupState
-
-    cpu, bf16 = torch.device("cpu"), torch.bfloat16
-    try:
-        backends.resolve_backend("triton", cpu, bf16, bf16)
-        routed = True
-    except ValueError:
-        routed = False
-    try:
-        from cl_core.kernels.triton_dema import TritonBackend
-
-        config = DEMAConfig(ema_dtype="param", backend="triton")
-        TritonBackend(GroupState([torch.zeros(8, dtype=bf16)], config), config, bf16)
-        backend_ok = True
-    except ValueError:
-        backend_ok = False
-    real_resolve, real_make = engine.resolve_backend, engine.make_backend
-    if not routed:
-        def resolve(name, device, dtype=None, ema_dtype=torch.float32):
-            if name == "triton" and ema_dtype != torch.float32:
-                return "triton"
-            return real_resolve(name, device, dtype, ema_dtype)
-
-        monkeypatch.setattr(engine, "resolve_backend", resolve)
-    if not backend_ok:
-        from cl_core.dema.reference import ReferenceBackend
-
-        def make(name, state, config, dtype):
-            if name == "triton" and state.ema_dtype != torch.float32:
-                return ReferenceBackend(state, config)
-            return real_make(name, state, config, dtype)
-
-        monkeypatch.setattr(engine, "make_backend", make)
 
 
 @pytest.fixture
@@ -250,7 +204,7 @@ def test_fused_param_ema_equals_the_reference_and_the_generic_path(step_launches
         return
     # 2. the generic path: inner step, then the DEMA backend
     go, gp, _, greads = _run(False, opt_name, dtype, formula, shapes, steps=steps)
-    assert go._fused is None
+    assert go._fused is None and go.engine.groups[0].backend_name == "triton"
     tol = 2 * steps * 2.0 ** -ULP_EXP[dtype]  # 2 ulps per step, relative (see the module docstring)
 
     def close(a, b):
