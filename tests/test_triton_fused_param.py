@@ -47,7 +47,7 @@ from tests.test_program_order import (  # noqa: F401  (program_order is a fixtur
     program_order,
 )
 
-ULP_EXP = {torch.bfloat16: 7, torch.float16: 10}  # ulp(x) = 2^(exponent(x) - these) in [1, 2)
+ULP_EXP = {torch.bfloat16: 7, torch.float16: 10}  # the ulp of a number in [1, 2) is 2^-ULP_EXP
 
 OPTIMIZERS = {
     "adamw": lambda ps: torch.optim.AdamW([{"params": ps[:2], "lr": 5e-3}, {"params": ps[2:]}], lr=1e-2,
