@@ -55,7 +55,8 @@ CHUNK = 128  # partials summed per loop iteration in `decide`
 DECIDE_WARPS = 1  # decide reads 4 partials x a few blocks per tensor: one warp is plenty
 SWEEP_LAUNCH = {"num_warps": NUM_WARPS, "maxnreg": 128}  # the register budget ptxas may use
 DECIDE_LAUNCH = {"num_warps": DECIDE_WARPS}
-# decide's two halves (REDUCE, DECIDE): both at once, or split around a reduce_stats hook
+# decide's two halves (REDUCE, DECIDE): both at once, or split around a reduce_stats hook;
+# the reducing half alone also folds d for a read of the state (canonicalize)
 DECIDE_ALL, DECIDE_REDUCE_ONLY, DECIDE_ONLY = (True, True), (True, False), (False, True)
 
 
@@ -312,7 +313,7 @@ class TritonBackend:
             self._aligned = self._static_aligned and (functools.reduce(operator.or_, th + g, 0) & 15) == 0
 
     def update(self, thetas, grads, reduce_stats=None) -> None:
-        s, cfg = self.state, self.config
+        s = self.state
         dtypes = {x.dtype for x in thetas}
         if len(dtypes) == 1 and self.dtype not in dtypes and next(iter(dtypes)) in _TL_DTYPES:
             _check_ema_dtype(s, next(iter(dtypes)))  # before anything changes
@@ -328,43 +329,47 @@ class TritonBackend:
         if len(s) == 0:
             return
         self._set_pointers(thetas, grads)
-        formula, scale, fallback, beta = cfg.kernel_scalars()
         need_gp = int(s.needs_grad_prev)
         dt, n = _TL_DTYPES[self.dtype], len(s)
-        edt = self.ema_dtype
-        sweep = dict(DTYPE=dt, EMA_DTYPE=edt, ALIGNED=self._aligned, VEC=self.vec, BLOCK=self.block, **SWEEP_LAUNCH)
+        sweep = dict(DTYPE=dt, EMA_DTYPE=self.ema_dtype, ALIGNED=self._aligned, VEC=self.vec, BLOCK=self.block,
+                     **SWEEP_LAUNCH)
         if self.n_blocks:
             _dema_stats_kernel[(self.n_blocks,)](
                 self.blk_tensor, self.blk0, self.numel, self.dyn_tab, self.e_tab, self.gp_tab, self.partials,
                 n, need_gp, **sweep,
             )
-        decide_args = (
-            self.blk0, self.partials, self.dpart, self.stats, self.mode, s.started, s.has_prev, s.d,
-            s.alpha, s.skips, self.dyn_tab, n, formula, need_gp, scale, fallback, beta,
-        )
         halves = [DECIDE_ALL] if reduce_stats is None else [DECIDE_REDUCE_ONLY, DECIDE_ONLY]
-        for k, (red, dec) in enumerate(halves):
+        for k, half in enumerate(halves):
             if k == 1:
                 reduce_stats(self.stats)
-            # only the reducing half rounds (the totals): one decide-only specialisation
-            _dema_decide_kernel[(n,)](*decide_args, REDUCE=red, DECIDE=dec, CHUNK=CHUNK,
-                                      EMA_DTYPE=edt if red else tl.float32, **DECIDE_LAUNCH)
+            self._decide(*half)
         if self.n_blocks:
             _dema_apply_kernel[(self.n_blocks,)](
                 self.blk_tensor, self.blk0, self.numel, self.dyn_tab, self.e_tab, self.gp_tab, self.mode,
                 s.alpha, self.dpart, n, need_gp, **sweep,
             )
 
-    def canonicalize(self) -> None:
-        """Fold the pending d partials into state.d (for checkpoints and reads)."""
+    def _decide(self, reduce: bool, decide: bool) -> None:
         s = self.state
-        if len(s) == 0 or self.n_blocks == 0:
+        formula, scale, fallback, beta = self.config.kernel_scalars()
+        # only the reducing half rounds (the totals): one decide-only specialisation
+        _dema_decide_kernel[(len(s),)](
+            self.blk0, self.partials, self.dpart, self.stats, self.mode, s.started, s.has_prev, s.d,
+            s.alpha, s.skips, self.dyn_tab, len(s), formula, int(s.needs_grad_prev), scale, fallback, beta,
+            REDUCE=reduce, DECIDE=decide, CHUNK=CHUNK, EMA_DTYPE=self.ema_dtype if reduce else tl.float32,
+            **DECIDE_LAUNCH,
+        )
+
+    def canonicalize(self) -> None:
+        """Fold the pending d partials into state.d (for checkpoints and reads). The
+        reducing half of `decide` does it, the very sum (and rounding) the next update
+        would form: reading the state never changes the trajectory (summed on the host
+        in another order, d could differ in its last bit, and α with it). Its other
+        output, the statistics table, is only read within an update."""
+        if len(self.state) == 0 or self.n_blocks == 0:
             return
-        sums = torch.zeros(len(s), dtype=torch.float32, device=s.device)
-        sums.index_add_(0, self.blk_tensor.long(), self.dpart)
-        sums = sums.to(s.ema_dtype).float()  # a number of the EMA dtype, as decide rounds it
-        s.d.copy_(torch.where(self.mode != L.MODE_SKIP, sums, s.d))
-        self.mode.zero_()
+        self._decide(*DECIDE_REDUCE_ONLY)
+        self.mode.zero_()  # MODE_SKIP: the next decide keeps the folded d
 
     def state_loaded(self) -> None:
         """A checkpoint was written into the shared state: drop pending partials."""

@@ -191,3 +191,18 @@ def test_param_dtype_change_is_refused_before_anything_changes():
         assert all(torch.equal(a, b) for a, b in zip(before[key], after[key]))
     for key in ("started", "has_prev", "d", "alpha", "skips"):
         assert torch.equal(before[key], after[key])
+
+
+@pytest.mark.parametrize("dtype,ema_dtype", [(torch.float32, "float32"), (torch.bfloat16, "param")])
+def test_reading_the_state_does_not_change_the_trajectory(dtype, ema_dtype):
+    """engine.stats / state_dict() fold the pending d partials with the same reduction (and
+    rounding) as the next update would: a run that reads the state after every update is
+    bit-identical to one that does not. (Summed on the host in another order, d changed
+    in its last bit on this float32 script, and α and θ* with it.)"""
+    shapes, script = [(2048,), (3,)], make_script(1, 2, 4)
+    quiet, _ = play("triton", shapes, script, formula="paper", dtypes=dtype, ema_dtype=ema_dtype, seed=1)
+    read, _ = play("triton", shapes, script, formula="paper", dtypes=dtype, ema_dtype=ema_dtype, seed=1,
+                   between=lambda t, engine: (engine.stats, engine.state_dict(), None)[-1])
+    a, b = quiet.state_dict(), read.state_dict()
+    assert torch.equal(a["d"], b["d"]) and torch.equal(a["alpha"], b["alpha"])
+    assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"]))
