@@ -75,7 +75,7 @@ def _check(tri, ref, tor, dtype, formula):
 def test_param_ema_matches_reference_and_torch_backend(dtype, formula):
     """Every event of tests/dema_sequences.py (missing, repeated, zero, NaN/inf gradients,
     NaN parameters), odd sizes and tensors of several blocks: the general path."""
-    script = make_script(5, len(GENERAL), 6, events=EVENTS)
+    script = make_script(5, len(GENERAL), 5, events=EVENTS)
     script[0] = ["grad"] * len(GENERAL)
     alphas = []  # the reference's α after each step (reading its stats changes nothing)
 
@@ -191,6 +191,11 @@ def test_param_dtype_change_is_refused_before_anything_changes():
         assert all(torch.equal(a, b) for a, b in zip(before[key], after[key]))
     for key in ("started", "has_prev", "d", "alpha", "skips"):
         assert torch.equal(before[key], after[key])
+    # the engine never asks for such a pair (ema_dtype_for), and backend selection refuses it
+    from cl_core.dema.backends import resolve_backend
+
+    with pytest.raises(ValueError, match="float32 or in the parameter dtype"):
+        resolve_backend("triton", torch.device("cpu"), torch.float16, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype,ema_dtype", [(torch.float32, "float32"), (torch.bfloat16, "param")])
