@@ -95,6 +95,8 @@ class TorchBackend:
         self._odd_runs = {}  # tuple(odd positions) -> (runner over the others, odd index table)
 
     def _odd_reason(self, t, g) -> str | None:
+        if t.dtype != self.dtype:      # p.data replaced by another dtype after the engine was built
+            return f"{t.dtype} parameter in a {self.dtype} group"
         if not t.is_contiguous():
             return "non-contiguous parameter"
         if g is not None:

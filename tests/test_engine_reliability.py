@@ -633,3 +633,21 @@ def test_closure_zero_grad_inside_a_step_is_not_a_skipped_step():
     for _ in range(3):
         opt.step(closure)
     assert opt.engine.stats.skipped_steps == 0 and opt.engine.num_updates == 3
+
+
+@pytest.mark.parametrize("ema_dtype", ["float32", "param"])
+def test_parameter_whose_dtype_changed_after_the_start_is_read_as_its_dtype(ema_dtype):
+    """``p.data = p.data.half()`` in a bf16 group: the native bf16 kernel must not read the
+    fp16 storage as bf16 (it did: θ stayed 1.5 while the EMA drifted to 1.486); the tensor
+    goes through the copy path, as the reference reads it."""
+    cfg = dict(formula="fixed", beta=0.9, ema_dtype=ema_dtype)
+    p = torch.full((64,), 1.5, dtype=torch.bfloat16)
+    q = p.clone()
+    e, r = DEMA([p], DEMAConfig(backend="torch", **cfg)), DEMA([q], DEMAConfig(backend="reference", **cfg))
+    e.update(), r.update()
+    p.data, q.data = p.data.half(), q.data.half()
+    for _ in range(3):
+        e.update(), r.update()
+    # (the reference's 1 - α is a double, the kernel's a float32: one unit in the last place)
+    torch.testing.assert_close(e.ema_tensors()[0], r.ema_tensors()[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(e.ema_tensors()[0].float(), torch.full((64,), 1.5), rtol=1e-6, atol=0)

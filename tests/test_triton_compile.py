@@ -13,10 +13,16 @@ the `ptxas -v` log Triton itself runs, the tests assert:
 - no spill bytes and at most 128 registers per thread at the launch's warp count;
 - with ALIGNED, every data stream of a sweeping kernel moves through 128-bit global
   loads/stores (`ld.global.v4` / `st.global.v4`): per iteration one v4 per stream in the
-  parameter dtype and VEC/4 per fp32 stream (θ*, g_prev) — the counts each spec declares.
+  parameter dtype and VEC/4 per fp32 stream (θ*, g_prev; one v4 when ema_dtype="param"
+  keeps them in the 16-bit parameter dtype) — the counts each spec declares.
 
-Cost: 80 compiles, about 50 CPU-seconds in all (measured with resource.getrusage of the
-workers), so about 30 s on 2 idle cores; far more wall time on a loaded machine.
+The fused step's param-dtype-EMA specialisations (EMA_IN_PARAM_DTYPE) are a covering subset
+by default: every kind, dtype and path plus the heaviest (register-wise) step kernel of each
+dtype, 9 of 18; CL_CORE_COMPILE_EVERY_SPEC=1 compiles all of them.
+
+Cost: 61 specialisations x 2 targets = 122 compiles, about 70 CPU-seconds in all (measured
+with resource.getrusage of the workers), so about 40 s on 2 idle cores; far more wall time
+on a loaded machine.
 """
 from __future__ import annotations
 
