@@ -34,6 +34,10 @@
 
 #define CHUNK 1024
 
+/* The sweep's own kind for SGD with momentum (KIND_SGD: without): whether the momentum
+ * buffer is written is fixed per loop, so that the loop has no conditional store. */
+enum { SWEEP_SGD_MOMENTUM = 100 };
+
 /* bf16 <-> fp32 as dema_common.h's bf16_to_f32 / f32_to_bf16 (round to nearest even,
  * NaN -> 0x7FC0), bit for bit, but always inlined and without a branch: the sweeps below
  * inline many specialised loops into one function, past GCC's inlining budget, and a
@@ -203,6 +207,7 @@ typedef struct {
         /* loop-invariant switches as ints: a float compare in the loop may trap, which     \
          * keeps the compiler from turning the selects below into vector blends */             \
         const int lerp_low = k.one_m_beta1 < 0.5f, adam_l2 = k.wd != 0.0f;                      \
+        const int sgd_wd = k.wd != 0.0f, sgd_first = k.first, sgd_nesterov = k.nesterov;        \
         for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                              \
         const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                      \
         float ca = 0.0f, cb = 0.0f, cc = 0.0f, cd = 0.0f;                                        \
@@ -220,14 +225,18 @@ typedef struct {
             if (HAS_G) {                                                                         \
                 gg = LOAD(g[i]);                                                                 \
                 float gw = gg;                                                                   \
-                if (KIND == KIND_SGD) {                                                          \
-                    if (k.wd != 0.0f) gw = STOREBACK(gg + k.wd * t);                             \
-                    if (k.momentum != 0.0f) {                                                    \
-                        float buf = k.first ? gw                                                 \
-                                            : STOREBACK(LOAD(m[i]) * k.momentum) + k.one_m_damp * gw; \
+                if (KIND == KIND_SGD || KIND == SWEEP_SGD_MOMENTUM) {                            \
+                    /* both arms, then selects on loop-invariant ints (as Adam below) */        \
+                    const float l2 = STOREBACK(gg + k.wd * t);                                   \
+                    gw = sgd_wd ? l2 : gg;                                                       \
+                    if (KIND == SWEEP_SGD_MOMENTUM) {                                            \
+                        /* a buffer that starts now was allocated (empty_like): read, unused */ \
+                        const float prev = STOREBACK(LOAD(m[i]) * k.momentum) + k.one_m_damp * gw; \
+                        float buf = sgd_first ? gw : prev;                                       \
                         m[i] = STORE(buf);                                                       \
                         buf = LOAD(m[i]);                                                        \
-                        gw = k.nesterov ? STOREBACK(gw + k.momentum * buf) : buf;                \
+                        const float nes = STOREBACK(gw + k.momentum * buf);                      \
+                        gw = sgd_nesterov ? nes : buf;                                           \
                     }                                                                            \
                     t2 = t + k.neg_lr * gw;                                                      \
                 } else {                                                                         \
@@ -315,12 +324,14 @@ typedef struct {
         const int hp = gs->has_prev[j];                                                          \
         const int need = !init_now && has_g && hp && wgp && dp->formula != FORMULA_FIXED;        \
         step_sums s;                                                                             \
+        const int skind = kind == KIND_SGD && c->momentum != 0.0f ? SWEEP_SGD_MOMENTUM : kind;   \
         if (init_now) /* the first step of this tensor: rare, generic loop */                    \
-            sweep_##SUFFIX(kind, apply, has_g, 1, 0, wgp, n, th, g, m, v, e, gp, c, &s);         \
+            sweep_##SUFFIX(skind, apply, has_g, 1, 0, wgp, n, th, g, m, v, e, gp, c, &s);        \
         else if (!has_g) /* no gradient: finish the EMA only */                                  \
-            sweep_##SUFFIX(kind, apply, 0, 0, 0, wgp, n, th, g, m, v, e, gp, c, &s);             \
+            sweep_##SUFFIX(skind, apply, 0, 0, 0, wgp, n, th, g, m, v, e, gp, c, &s);            \
         else if (kind == KIND_ADAMW) { HOT(SUFFIX, KIND_ADAMW) }                                 \
         else if (kind == KIND_ADAM) { HOT(SUFFIX, KIND_ADAM) }                                   \
+        else if (skind == SWEEP_SGD_MOMENTUM) { HOT(SUFFIX, SWEEP_SGD_MOMENTUM) }                \
         else { HOT(SUFFIX, KIND_SGD) }                                                           \
         if (apply) gs->d[j] = EROUND((float)s.sd);                                               \
         if (init_now) {                                                                          \
