@@ -266,8 +266,8 @@ typedef struct {
                 t2 = LOAD(th[i]);                                                                \
                 fin += gg - gg;                                                                  \
             }                                                                                    \
-            /* INIT (first step of the tensor): θ* and g_prev are written after the sweep, \
-             * and only when it was finite (init_copy), as the engine leaves them on a skip */ \
+            /* INIT (first step of the tensor): θ* and g_prev are written by tensor_step   \
+             * after the sweep, only when it was finite (the engine leaves them on a skip) */  \
             if (APPLY) e[i] = ESTORE(en);                                                        \
             if (NEED) {                                                                          \
                 const float da = fabsf(EROUND(t2 - en)), db = fabsf(gg);                         \
