@@ -60,8 +60,8 @@ N_STATIC = 8
 S_PARAM = 0  # data_ptr of θ
 S_EXP_AVG = 1  # Adam exp_avg / SGD momentum_buffer (θ's address when absent: never read)
 S_EXP_AVG_SQ = 2  # Adam exp_avg_sq (θ's address when absent)
-S_EMA = 3  # θ* (fp32 view of the engine's flat EMA buffer)
-S_GRAD_PREV = 4  # g_prev (fp32 view; θ*'s address for the "fixed" formula: never read)
+S_EMA = 3  # θ* (view of the engine's flat EMA buffer: fp32, or the parameter dtype with ema_dtype="param")
+S_GRAD_PREV = 4  # g_prev (θ*'s dtype; θ*'s address for the "fixed" formula: never read)
 S_NUMEL = 5
 S_GROUP = 6  # optimizer param group index: row of the hyper-parameter table
 S_TILE0 = 7  # index of the tensor's first tile (tiles of a tensor are consecutive)
