@@ -108,9 +108,13 @@ def _grads(params, gen, t):
         params[1].grad.view(-1)[0] = float("nan")  # a skipped tensor must stay skipped in any order
 
 
-def _dema_run(dtype, formula, hook, shapes):
+def _ema_buffer_dtype(dtype, ema_dtype):
+    return dtype if ema_dtype == "param" else torch.float32
+
+
+def _dema_run(dtype, formula, hook, shapes, ema_dtype="float32"):
     params = _params(dtype, shapes)
-    engine = DEMA(params, DEMAConfig(backend="triton", formula=formula), reduce_stats=hook)
+    engine = DEMA(params, DEMAConfig(backend="triton", formula=formula, ema_dtype=ema_dtype), reduce_stats=hook)
     gen = torch.Generator().manual_seed(1)
     for t in range(3):
         with torch.no_grad():
@@ -118,6 +122,7 @@ def _dema_run(dtype, formula, hook, shapes):
                 p.add_((torch.randn(p.shape, generator=gen) * 0.1).to(dtype))
         _grads(params, gen, t)
         engine.update()
+    assert engine.groups[0].state.ema_flat.dtype == _ema_buffer_dtype(dtype, ema_dtype)
     return _snapshot(engine, params), engine.groups[0].backend._aligned
 
 
@@ -141,9 +146,10 @@ OPTIMIZERS = {
 }
 
 
-def _fused_run(opt_name, dtype, formula, shapes):
+def _fused_run(opt_name, dtype, formula, shapes, ema_dtype="float32"):
     params = _params(dtype, shapes)
-    opt = DEMAOptimizer(OPTIMIZERS[opt_name](params), DEMAConfig(backend="triton", formula=formula), fused=True)
+    opt = DEMAOptimizer(OPTIMIZERS[opt_name](params), DEMAConfig(backend="triton", formula=formula,
+                                                                  ema_dtype=ema_dtype), fused=True)
     gen = torch.Generator().manual_seed(1)
     pending = []
     for t in range(3):
@@ -152,6 +158,8 @@ def _fused_run(opt_name, dtype, formula, shapes):
         if t == 1:  # the on-device decision of the pending step, without a flush
             pending += [x.clone() for x in opt._fused.pending_stats()[0]]
     aligned = [drv._static_aligned for drv in opt._fused._drivers]
+    assert opt._fused.generic_steps == 0       # every step ran the fused kernel
+    assert opt.engine.groups[0].state.ema_flat.dtype == _ema_buffer_dtype(dtype, ema_dtype)
     return _snapshot(opt.engine, params, opt.inner) + pending, aligned
 
 

@@ -41,9 +41,7 @@ from tests.test_program_order import (  # noqa: F401  (program_order is a fixtur
     ORDERS,
     SMALL_TILE,
     _assert_identical,
-    _grads,
-    _params,
-    _snapshot,
+    _fused_run,
     program_order,
 )
 
@@ -250,26 +248,13 @@ def test_parameters_changing_dtype_take_the_generic_path(step_launches, caplog):
 def test_fused_param_ema_does_not_depend_on_program_order(program_order, monkeypatch, opt_name, dtype, formula,
                                                           shapes):
     from cl_core.kernels import triton_fused
-    from tests.test_program_order import OPTIMIZERS as ORDER_OPTIMIZERS
 
     monkeypatch.setattr(triton_fused, "TILE", SMALL_TILE)  # several tiles and iterations per tensor
 
     def run():
-        params = _params(dtype, shapes)
-        opt = DEMAOptimizer(ORDER_OPTIMIZERS[opt_name](params),
-                            DEMAConfig(backend="triton", formula=formula, ema_dtype="param"), fused=True)
-        gen = torch.Generator().manual_seed(1)
-        pending = []
-        for t in range(3):
-            _grads(params, gen, t)
-            opt.step()
-            if t == 1:  # the on-device decision of the pending step, without a flush
-                pending += [x.clone() for x in opt._fused.pending_stats()[0]]
-        drv, = opt._fused._drivers
-        assert drv.ema_in_param_dtype and opt._fused.generic_steps == 0
-        assert drv._static_aligned == (shapes is ALIGNED_SHAPES)
-        assert opt.engine.groups[0].state.ema_flat.dtype == dtype
-        return _snapshot(opt.engine, params, opt.inner) + pending
+        snapshot, aligned = _fused_run(opt_name, dtype, formula, shapes, ema_dtype="param")
+        assert aligned == [shapes is ALIGNED_SHAPES]
+        return snapshot
 
     ref = run()
     for mode in ORDERS:

@@ -26,7 +26,7 @@ from cl_core import DEMA, DEMAConfig
 from tests.dema_sequences import EVENTS, make_script, play
 from tests.test_engine import assert_same
 from tests.test_program_order import (  # noqa: F401  (program_order is a fixture)
-    ORDERS, _assert_identical, _grads, _params, _snapshot, program_order)
+    ORDERS, _assert_identical, _dema_run, program_order)
 
 GENERAL = [(5, 3), (33,), (1,), (2, 1030)]  # 2,060 elements: three blocks
 ALIGNED = [(2, 1032), (2, 4), (8,)]  # every numel a multiple of 8; 2,064 elements: three blocks
@@ -107,20 +107,6 @@ def test_param_ema_aligned_path(dtype, formula):
     _check(runs["triton"], runs["reference"], runs["torch"], dtype, formula)
 
 
-def _param_run(dtype, formula, hook, shapes):
-    params = _params(dtype, shapes)
-    engine = DEMA(params, DEMAConfig(backend="triton", formula=formula, ema_dtype="param"), reduce_stats=hook)
-    gen = torch.Generator().manual_seed(1)
-    for t in range(3):
-        with torch.no_grad():
-            for p in params:
-                p.add_((torch.randn(p.shape, generator=gen) * 0.1).to(dtype))
-        _grads(params, gen, t)
-        engine.update()
-    assert engine.groups[0].state.ema_dtype == dtype
-    return _snapshot(engine, params), engine.groups[0].backend._aligned
-
-
 @pytest.mark.parametrize("dtype,formula,hook,shapes", [
     (torch.bfloat16, "paper", None, ALIGNED),
     (torch.float16, "official", lambda stats: None, GENERAL),  # decide split around a hook
@@ -128,13 +114,13 @@ def _param_run(dtype, formula, hook, shapes):
 def test_param_kernels_do_not_depend_on_program_order(program_order, dtype, formula, hook, shapes):
     """Partial sums per block, totals rounded once by `decide`: any program order gives
     the same bits (tests/test_program_order.py reorders the interpreter's grid)."""
-    ref, aligned = _param_run(dtype, formula, hook, shapes)
+    ref, aligned = _dema_run(dtype, formula, hook, shapes, ema_dtype="param")
     assert aligned == (shapes is ALIGNED)
     if hook is not None:  # an identity hook splits decide in two; same result
-        _assert_identical(_param_run(dtype, formula, None, shapes)[0], ref, "no hook")
+        _assert_identical(_dema_run(dtype, formula, None, shapes, ema_dtype="param")[0], ref, "no hook")
     for mode in ORDERS:
         program_order["mode"] = mode
-        _assert_identical(_param_run(dtype, formula, hook, shapes)[0], ref, mode)
+        _assert_identical(_dema_run(dtype, formula, hook, shapes, ema_dtype="param")[0], ref, mode)
 
 
 @pytest.mark.parametrize("first,then", [("param", "float32"), ("float32", "param")])
