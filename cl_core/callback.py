@@ -47,6 +47,7 @@ from cl_core.dema import distributed as cl_dist
 from cl_core.dema.config import DEMAConfig
 from cl_core.dema.fused import optimizer_kind
 from cl_core.dema.optim import CARRIED_KEY as CARRY_KEY     # the first param group's entry carrying the state
+from cl_core.dema.optim import DEMA_STATE_KEY
 from cl_core.peft_export import (active_adapter_names, atomic_save, is_peft_model, load_state_file, names_mismatch,
                                  save_ema_adapter, select_dema_parameters, unwrap_model)
 
@@ -274,8 +275,6 @@ class DEMACallback(TrainerCallback):
         """State-dict post hook: the callback's state into the first param group's entries."""
         if self.engine is None or not sd.get("param_groups"):
             return sd
-        from cl_core.dema.optim import DEMA_STATE_KEY
-
         sd = dict(sd)
         if optimizer is not self._user_optimizer:
             # the one-pass wrapper this callback installed: its own "dema" entry is the same engine

@@ -213,10 +213,7 @@ class CpuFusedDriver:
         dtype = mem.params[0].dtype if mem.params else self.dtype
         if dtype not in _SUFFIX:
             return f"the parameters are now {dtype}; the fused kernel takes float32, bfloat16 or float16"
-        if self.ema_dtype != torch.float32 and dtype != self.ema_dtype:
-            return (f"the parameters are now {dtype} but the EMA is kept in {self.ema_dtype} (ema_dtype='param'); "
-                    "the fused kernel reads θ* and g_prev in the parameter dtype")
-        reason = self._check(mem.params, batch.grads, dtype, self.device, batch.has_all_grads)
+        reason = self._check(mem.params, batch.grads, dtype, self.device, batch.has_all_grads, self.ema_dtype)
         if reason is not None:
             return reason
         # numel: the kernel sweeps numel elements of θ, g, m, v (a parameter given

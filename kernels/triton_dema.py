@@ -253,10 +253,7 @@ class TritonBackend:
     def __init__(self, state: GroupState, config: DEMAConfig, dtype: torch.dtype):
         if dtype not in _TL_DTYPES:
             raise ValueError(f"the triton DEMA backend supports float32/bfloat16/float16 parameters, got {dtype}")
-        _check_ema_dtype(state, dtype)
-        for buf in [state.ema_flat] + ([state.gprev_flat] if state.gprev_flat is not None else []):
-            if buf.dtype != state.ema_dtype:  # the kernels address θ* and g_prev as EMA_DTYPE
-                raise ValueError(f"the triton DEMA backend expected {state.ema_dtype} EMA buffers, got {buf.dtype}")
+        _check_ema_dtype(state, dtype)  # (GroupState allocates θ* and g_prev in state.ema_dtype)
         self.state, self.config = state, config
         self.ema_dtype = _TL_DTYPES[state.ema_dtype]
         s, dev = state, state.device

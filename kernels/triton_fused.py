@@ -448,7 +448,7 @@ class TritonFusedGroup:
         if len(dtypes) != 1 or next(iter(dtypes)) not in _TL:
             return f"the parameters of one group have dtypes {sorted(map(str, dtypes))}; the fused kernel needs one of float32/bfloat16/float16"
         dtype = next(iter(dtypes))
-        reason = self._check(mem.params, batch.grads, dtype, self.device, batch.has_all_grads)
+        reason = self._check(mem.params, batch.grads, dtype, self.device, batch.has_all_grads, self.ema_dtype)
         if reason is not None:
             return reason
         # The tiles were laid out for these element counts: a parameter or gradient given
@@ -458,10 +458,6 @@ class TritonFusedGroup:
                 g is not None and g.numel() != n for g, n in zip(batch.grads, numels)):
             return "a parameter or gradient no longer has the element count the tables were built for"
         ptrs = list(map(_PTR, mem.params))
-        if self.ema_in_param_dtype and dtype != self.ema_dtype:
-            # the kernel would read the 16-bit EMA as the new dtype's numbers
-            return (f"the EMA is kept in {self.ema_dtype} (ema_dtype='param') but the parameters are now {dtype}; "
-                    "the fused kernel keeps the EMA in the parameters' own dtype")
         if (self._built is None or self._built[0] != ptrs or self._built[1] != dtype or self._built[2] is not mem
                 or self._built[3] != mem.version):
             if self._built is not None and self._built[1] != dtype:
@@ -658,8 +654,7 @@ def compile_specs(every: bool | None = None):
             mode = "/param-ema" if param_ema else ""
             # 128-bit accesses per iteration: θ*, g_prev are parameter-dtype streams
             # (one v4 each) in that mode, fp32 streams (VEC/4 v4 each) otherwise
-            ema_streams = (lambda pl, el, ps, es: (pl + el, 0, ps + es, 0)) if param_ema else (
-                lambda pl, el, ps, es: (pl, el, ps, es))
+            ema_bytes = size if param_ema else 4
             for aligned in (True, False):
                 vec, block, iters = launch_shape(size, aligned)
                 shape = dict(VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK)
@@ -667,12 +662,13 @@ def compile_specs(every: bool | None = None):
                 ce = dict(DTYPE=tdt, ALIGNED=aligned, EMA_IN_PARAM_DTYPE=param_ema)
                 for kind, kname in kinds.items():
                     # Adam reads θ, g, m, v, θ*, g_prev and writes θ, m, v, θ*, g_prev; SGD has no v
-                    streams = ema_streams(*((3, 2, 2, 2) if kind == L.KIND_SGD else (4, 2, 3, 2)))
+                    streams = (3, 2, 2, 2) if kind == L.KIND_SGD else (4, 2, 3, 2)
                     specs.append((f"fused_step/{kname}/{name}{mode}/{tag}", _fused_step_kernel, step_sig,
-                                  dict(ce, KIND=kind, **shape), LAUNCH, expect_v4(vec, *streams) if aligned else None))
+                                  dict(ce, KIND=kind, **shape), LAUNCH,
+                                  expect_v4(vec, *streams, ema_bytes=ema_bytes) if aligned else None))
                 # the flush reads θ, θ* and writes θ*
                 specs.append((f"fused_flush/{name}{mode}/{tag}", _fused_flush_kernel, flush_sig, dict(ce, **shape),
-                              LAUNCH, expect_v4(vec, *ema_streams(1, 1, 0, 1)) if aligned else None))
+                              LAUNCH, expect_v4(vec, 1, 1, 0, 1, ema_bytes=ema_bytes) if aligned else None))
             if param_ema:
                 specs.append((f"fused_pending/{name}{mode}", _fused_pending_kernel, pend_sig,
                               dict(CHUNK=CHUNK, EMA_DTYPE=tdt), PENDING_LAUNCH, None))

@@ -142,9 +142,15 @@ class StepBatch:
     first: list = field(default_factory=list)  # SGD: positions whose momentum buffer starts now
 
 
-def check_tensors(params, grads, dtype, device, has_all_grads: bool) -> str | None:
-    """Why the kernels must not read these tensors as `dtype` on `device`, or None.
+def check_tensors(params, grads, dtype, device, has_all_grads: bool,
+                  ema_dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the kernels must not read these tensors as `dtype` on `device` (with θ* and
+    g_prev of `ema_dtype`: float32, or the parameters' own dtype), or None.
     `map` over C-implemented methods: a few hundred ns per tensor."""
+    if ema_dtype != torch.float32 and dtype != ema_dtype:
+        # the kernels would read the 16-bit EMA as numbers of the new dtype
+        return (f"the EMA is kept in {ema_dtype} (ema_dtype='param') but the parameters are now {dtype}; "
+                "the fused kernels keep θ* and g_prev in the parameters' own dtype")
     if set(map(_DTYPE, params)) != {dtype}:
         return f"the parameters are no longer all {dtype} (dtype changed after the optimizer was built)"
     if set(map(_DEVICE, params)) != {device}:

@@ -38,26 +38,6 @@
  * buffer is written is fixed per loop, so that the loop has no conditional store. */
 enum { SWEEP_SGD_MOMENTUM = 100 };
 
-/* bf16 <-> fp32 as dema_common.h's bf16_to_f32 / f32_to_bf16 (round to nearest even,
- * NaN -> 0x7FC0), bit for bit, but always inlined and without a branch: the sweeps below
- * inline many specialised loops into one function, past GCC's inlining budget, and a
- * conversion left as a call keeps its loop scalar (measured: bf16 AdamW sweep ~17x
- * slower than fp32 per element). */
-static inline __attribute__((always_inline)) float load_bf16_inl(uint16_t h) {
-    const uint32_t u = ((uint32_t)h) << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-static inline __attribute__((always_inline)) uint16_t store_bf16_inl(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r);
-}
-#define LOAD_BF16_INL(x) load_bf16_inl(x)
-#define STORE_BF16_INL(x) store_bf16_inl(x)
-
 /* The CPU group's own table: addresses of its per-tensor state arrays. The engine's
  * canonical state (started .. skips, kernels/cpu_fused.py GroupState) and the decision
  * the last step left pending (pend_*). */
@@ -432,10 +412,10 @@ typedef struct {
 #define STOREBACK(x) (x)
 DEFINE_FUSED(f32, float, LOAD_F32, STORE_F32, float, IDENT, IDENT, IDENT, 0)
 #undef STOREBACK
-#define STOREBACK(x) load_bf16_inl(store_bf16_inl(x))
-DEFINE_FUSED(bf16, uint16_t, LOAD_BF16_INL, STORE_BF16_INL, float, IDENT, IDENT, IDENT, 0)
+#define STOREBACK(x) bf16_to_f32(f32_to_bf16(x))
+DEFINE_FUSED(bf16, uint16_t, LOAD_BF16, STORE_BF16, float, IDENT, IDENT, IDENT, 0)
 /* ema_dtype="param": θ* and g_prev in bfloat16, every DEMA result rounded to it */
-DEFINE_FUSED(param_bf16, uint16_t, LOAD_BF16_INL, STORE_BF16_INL, uint16_t, LOAD_BF16_INL, STORE_BF16_INL, STOREBACK, 1)
+DEFINE_FUSED(param_bf16, uint16_t, LOAD_BF16, STORE_BF16, uint16_t, LOAD_BF16, STORE_BF16, STOREBACK, 1)
 #undef STOREBACK
 #ifdef CL_CORE_HAVE_F16
 #define STOREBACK(x) ((float)(_Float16)(x))
