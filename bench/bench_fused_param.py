@@ -5,7 +5,8 @@ an fp32 EMA), every DEMA difference and sum rounded to it (csrc/fused_cpu.c,
 cpu_fused_*_param_*). For each dtype, one optimizer step of:
 
     torch AdamW fused=True (baseline)             torch's best AdamW alone
-    + cl_core generic DEMA, ema_dtype="param"     optimizer step, then the engine's pass
+    + cl_core generic DEMA, ema_dtype="float32"   optimizer step, then the engine's pass
+    + cl_core generic DEMA, ema_dtype="param"     the same, θ* and g_prev in the dtype
     cl_core fused, ema_dtype="float32"            one pass, fp32 θ* and g_prev
     cl_core fused, ema_dtype="param"              one pass, θ* and g_prev in the dtype
 
@@ -25,9 +26,10 @@ from cl_core import DEMAConfig, DEMAOptimizer
 from cl_core.kernels import cpu_fused, native
 
 SHAPES = sweep_shapes(2**22, 16)  # 4 M elements in 16 tensors
-METHODS = ["adamw-fused", "generic-param", "fused-fp32-ema", "fused-param"]
+METHODS = ["adamw-fused", "generic-fp32-ema", "generic-param", "fused-fp32-ema", "fused-param"]
 LABEL = {
     "adamw-fused": "torch AdamW fused",
+    "generic-fp32-ema": "AdamW fused + cl_core generic DEMA (ema_dtype=float32)",
     "generic-param": "AdamW fused + cl_core generic DEMA (ema_dtype=param)",
     "fused-fp32-ema": "cl_core fused AdamW+DEMA (ema_dtype=float32)",
     "fused-param": "cl_core fused AdamW+DEMA (ema_dtype=param)",
@@ -48,8 +50,9 @@ def test_step(benchmark, report, device, dtype, method):
     hyper = dict(lr=1e-4, weight_decay=0.01, eps=1e-3)
     if method == "adamw-fused":
         opt = torch.optim.AdamW(params, fused=True, **hyper)
-    elif method == "generic-param":
-        opt = DEMAOptimizer(torch.optim.AdamW(params, fused=True, **hyper), DEMAConfig(ema_dtype="param"), fused=False)
+    elif method.startswith("generic"):
+        ema = "param" if method == "generic-param" else "float32"
+        opt = DEMAOptimizer(torch.optim.AdamW(params, fused=True, **hyper), DEMAConfig(ema_dtype=ema), fused=False)
     else:
         ema = "param" if method == "fused-param" else "float32"
         opt = DEMAOptimizer(torch.optim.AdamW(params, **hyper), DEMAConfig(ema_dtype=ema), fused=True)
@@ -59,11 +62,13 @@ def test_step(benchmark, report, device, dtype, method):
     if method.startswith("fused"):
         assert opt.fused and opt._fused.generic_steps == 0
     benchmark.pedantic(step, rounds=9, warmup_rounds=1)
-    group = f"ema_dtype=param {str(dtype).replace('torch.', '')}"
+    group = f"AdamW+DEMA {str(dtype).replace('torch.', '')}"
     numel = sum(p.numel() for p in params)
     report.add(group, LABEL[method], benchmark, baseline=(method == "adamw-fused"), numel=numel,
                note=f"{len(SHAPES)} tensors, {numel / 1e6:.1f} M")
     report.want(f"[{group}] param fused / param generic", LABEL["fused-param"], LABEL["generic-param"], "<= 1.0",
                 lambda r: r <= 1.0, group=group)
+    report.want(f"[{group}] fp32-EMA fused / fp32-EMA generic", LABEL["fused-fp32-ema"], LABEL["generic-fp32-ema"],
+                "<= 1.0", lambda r: r <= 1.0, group=group)
     report.want(f"[{group}] param fused / fp32-EMA fused", LABEL["fused-param"], LABEL["fused-fp32-ema"], "<= 2.0",
                 lambda r: r <= 2.0, group=group)
