@@ -6,13 +6,15 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.cl_core_installed
 
-.PHONY: setup test demo bench gpu-check clean
+.PHONY: setup test demo bench gpu-check lock clean
 
-$(STAMP): setup.py
+# constraints.txt pins every package to the versions the suite was proven on, so a
+# new release on the index cannot turn CI red; the package itself declares ranges.
+$(STAMP): setup.py constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e ".[dev,deepspeed,lightning,trl]"
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(VPY) -m pip install -q -c constraints.txt -e ".[dev,deepspeed,lightning,trl]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -37,6 +39,12 @@ gpu-check: $(STAMP)
 		exit 0; fi; \
 	TRITON_INTERPRET=0 $(VPY) -m pytest -q tests -k "cuda or triton_compile" -p no:cacheprovider && \
 	$(VPY) -m pytest bench -q --benchmark-only --device cuda -p no:cacheprovider --benchmark-json=bench/results_cuda.json
+
+# Rewrite constraints.txt from what .venv holds now (after a deliberate upgrade there
+# and a green `make test`).
+lock: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(VPY) -m pip freeze --exclude-editable | grep -v '^cl[-_]core' | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info
