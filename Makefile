@@ -10,7 +10,7 @@ STAMP := $(VENV)/.cl_core_installed
 
 # constraints.txt pins every package to the versions the suite was proven on, so a
 # new release on the index cannot turn CI red; the package itself declares ranges.
-$(STAMP): setup.py constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q -c constraints.txt torch==2.13.0

@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "DEMA": ("cl_core.dema.engine", "DEMA"),
     "DEMAOptimizer": ("cl_core.dema.optim", "DEMAOptimizer"),
-    "DEMACallback": ("cl_core.callback", "DEMACallback"),
+    "DEMACallback": ("cl_core.integrations.hf", "DEMACallback"),
     "InstructionGrouper": ("cl_core.grouping", "InstructionGrouper"),
-    "save_ema_adapter": ("cl_core.peft_export", "save_ema_adapter"),
+    "save_ema_adapter": ("cl_core.integrations.peft", "save_ema_adapter"),
     "metrics": ("cl_core.metrics", None),
 }
 

@@ -124,7 +124,7 @@ def dema_callback(config, params: str):
     """A recording ``DEMACallback`` (α per step kept) that averages ``params``: "lora" (the
     LoRA tensors of the active adapter) or "trainable" (every trainable tensor, as the
     official code does: LoRA A/B and, in LLaVA, the trainable projector)."""
-    from cl_core.callback import DEMACallback
+    from cl_core.integrations.hf import DEMACallback
 
     return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True)
 

@@ -1,7 +1,7 @@
 """The DEMA engine (docs/design.md §2, §3): its config, per-group state, backend
 selection, the reference backend, the engine itself, DEMAOptimizer with the one-pass
 fused step, and the distributed helpers. The kernels that sweep data live in
-`cl_core.kernels` (the top-level kernels/ folder)."""
+`cl_core.kernels`."""
 from cl_core.dema.config import DEMAConfig
 
 __all__ = ["DEMA", "DEMAConfig", "DEMAOptimizer"]

@@ -10,8 +10,8 @@ accumulates this step's statistics. The EMA in memory lags one step, so the engi
 
 The optimizer state lives where torch keeps it (`optimizer.state[p]["exp_avg"]`, ...),
 so the wrapped optimizer's `state_dict()` and a switch back to the generic path work.
-CPU tensors run the native kernels (kernels/cpu_fused.py), CUDA tensors the Triton
-kernel (kernels/triton_fused.py); anything else keeps the generic path.
+CPU tensors run the native kernels (cl_core/kernels/cpu_fused.py), CUDA tensors the Triton
+kernel (cl_core/kernels/triton_fused.py); anything else keeps the generic path.
 
 The per-step interface of a fused group (one per engine group; FusedStep is its only
 caller, both drivers implement it; numbers and slots are named in kernels/layouts.py):

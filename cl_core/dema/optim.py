@@ -37,7 +37,7 @@ import torch
 from cl_core.dema.config import DEMAConfig
 
 DEMA_STATE_KEY = "dema"
-# Where DEMACallback carries its state inside a Trainer's optimizer state dict (cl_core.callback).
+# Where DEMACallback carries its state inside a Trainer's optimizer state dict (cl_core.integrations.hf).
 CARRIED_KEY = "cl_core.dema"
 log = logging.getLogger(__name__)
 

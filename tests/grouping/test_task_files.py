@@ -15,8 +15,9 @@ from cl_core.task_files import (
     read_task_file,
     templates,
 )
+from tests.helpers import DATA_GROUPING
 
-DATA = Path(__file__).parent / "data_grouping"
+DATA = DATA_GROUPING
 COIN = DATA / "Instructions"
 
 

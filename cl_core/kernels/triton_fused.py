@@ -24,7 +24,7 @@ param group.
 θ* and g_prev are float32, or with DEMAConfig(ema_dtype="param") on 16-bit parameters
 the parameters' dtype (EMA_IN_PARAM_DTYPE): then every difference, product, sum and norm
 of the EMA maths is rounded to that dtype as the reference (cl_core/dema/reference.py)
-and the native CPU kernel (kernels/csrc/dema_cpu.c, DEFINE_PARAM_FN) do (tests/test_triton_fused_param.py);
+and the native CPU kernel (cl_core/kernels/csrc/dema_cpu.c, DEFINE_PARAM_FN) do (tests/test_triton_fused_param.py);
 8 B per element and step less traffic (θ*, g_prev read and written in 2 B, not 4).
 
 Machine code (checked by tests/test_triton_compile.py for sm_80 and sm_90 from the PTX

@@ -24,8 +24,8 @@ import torch
 
 from cl_core import DEMA, DEMAConfig
 from tests.dema_sequences import EVENTS, make_script, play
-from tests.test_engine import assert_same
-from tests.test_program_order import (  # noqa: F401  (program_order is a fixture)
+from tests.engine.test_engine import assert_same
+from tests.kernels.test_program_order import (  # noqa: F401  (program_order is a fixture)
     ORDERS, _assert_identical, _dema_run, program_order)
 
 GENERAL = [(5, 3), (33,), (1,), (2, 1030)]  # 2,060 elements: three blocks

@@ -48,7 +48,7 @@ from cl_core.dema.config import DEMAConfig
 from cl_core.dema.fused import optimizer_kind
 from cl_core.dema.optim import CARRIED_KEY as CARRY_KEY     # the first param group's entry carrying the state
 from cl_core.dema.optim import DEMA_STATE_KEY
-from cl_core.peft_export import (active_adapter_names, atomic_save, is_peft_model, load_state_file, names_mismatch,
+from cl_core.integrations.peft import (active_adapter_names, atomic_save, is_peft_model, load_state_file, names_mismatch,
                                  save_ema_adapter, select_dema_parameters, unwrap_model)
 
 logger = logging.getLogger(__name__)
@@ -528,7 +528,7 @@ class DEMACallback(TrainerCallback):
     # ------------------------------------------------------------------ helpers
 
     def save_ema_adapter(self, out_dir: str, adapter_name: str | None = None) -> str:
-        """Write the EMA of the adapter as a PEFT adapter folder (see cl_core.peft_export).
+        """Write the EMA of the adapter as a PEFT adapter folder (see cl_core.integrations.peft).
 
         Under DDP any rank may call it, also all at once (each leaves the folder complete).
         Under DeepSpeed ZeRO-1/2/3 the EMA is partitioned across ranks: every rank must call

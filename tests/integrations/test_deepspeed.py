@@ -34,9 +34,10 @@ pytest.importorskip("deepspeed")
 
 from cl_core import DEMACallback  # noqa: E402
 from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, tiny_llama, tiny_peft_llama, training_args  # noqa: E402
+from tests.helpers import DIST_SCRIPTS, ROOT as ROOT_PATH
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_scripts", "ds_trainer.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = str(DIST_SCRIPTS / "ds_trainer.py")
+ROOT = str(ROOT_PATH)
 
 ONE_RANK = [{"name": f"z{s}{'b' if bf16 else ''}", "stage": s, "bf16": bf16} for bf16 in (False, True) for s in range(4)]
 # ZeRO-3 with the optimizer offloaded to the CPU, as the MoELoRA baselines run

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cl_core import DEMACallback, DEMAConfig
-from cl_core.callback import CARRY_KEY
-from cl_core.peft_export import select_dema_parameters
+from cl_core.integrations.hf import CARRY_KEY
+from cl_core.integrations.peft import select_dema_parameters
 from tests.dist_scripts.common import (RecorderCallback, TokenDataset, replay, sequential_trainer_cls, tiny_llama,
                                  tiny_peft_llama, training_args)
 
@@ -148,7 +148,7 @@ def test_resume_without_dema_state_warns(tmp_path, caplog):
     run = tmp_path / "run"
     _train(tiny_peft_llama(), run, [], max_steps=2, save_strategy="steps", save_steps=2).train()
     cb = DEMACallback()
-    with caplog.at_level("WARNING", logger="cl_core.callback"):
+    with caplog.at_level("WARNING", logger="cl_core.integrations.hf"):
         _train(tiny_peft_llama(), tmp_path / "res", [cb], max_steps=3).train(
             resume_from_checkpoint=str(run / "checkpoint-2"))
     assert "carries no DEMA state" in caplog.text
@@ -371,7 +371,7 @@ def test_not_one_pass_says_why(tmp_path, caplog):
     model = tiny_peft_llama()
     model.base_model.model.lm_head.weight.requires_grad_(True)     # trained but not averaged
     cb = DEMACallback()
-    with caplog.at_level("INFO", logger="cl_core.callback"):
+    with caplog.at_level("INFO", logger="cl_core.integrations.hf"):
         _train(model, tmp_path, [cb], max_steps=1).train()
     assert not cb.fused and "not averaged" in cb.not_fused_reason and "not one pass" in caplog.text
     with pytest.raises(ValueError, match="fused=True.*not averaged"):

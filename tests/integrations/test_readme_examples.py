@@ -4,8 +4,9 @@ import re
 
 import pytest
 import torch
+from tests.helpers import README as README_PATH
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = str(README_PATH)
 
 
 def integration_blocks():

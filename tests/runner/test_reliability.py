@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cl_core import DEMA
-from cl_core.peft_export import atomic_save, load_state_file
+from cl_core.integrations.peft import atomic_save, load_state_file
+from tests.helpers import DATA_GROUPING, ROOT
 
 
 # ------------------------------------------------------------------ DEMA state files
@@ -129,11 +130,11 @@ def test_real_full_disk_and_read_only_mount(tmp_path):
     full.mkdir()
     ro.mkdir()
     (tmp_path / "child.py").write_text(CHILD)
-    data = Path(__file__).parent / "data_grouping" / "Instructions" / "TextVQA" / "train.json"
+    data = DATA_GROUPING / "Instructions" / "TextVQA" / "train.json"
     q = [shlex.quote(str(x)) for x in (full, ro, sys.executable, tmp_path / "child.py", data, tmp_path / "out.json")]
     script = (f"mount -t tmpfs -o size=1m tmpfs {q[0]} && mount -t tmpfs -o size=1m tmpfs {q[1]} && "
               f"exec {q[2]} {q[3]} {q[0]} {q[1]} {q[4]} {q[5]}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.run(prefix + ["sh", "-c", script], capture_output=True, text=True, timeout=180, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads((tmp_path / "out.json").read_text())

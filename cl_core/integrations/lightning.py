@@ -1,6 +1,6 @@
 """Dynamic EMA (LCIA "DEMA") in a Lightning ``Trainer`` with one line.
 
-    from cl_core.lightning import DEMACallback
+    from cl_core.integrations.lightning import DEMACallback
     trainer = lightning.pytorch.Trainer(callbacks=[DEMACallback()])
 
 The same meaning as the Hugging Face :class:`cl_core.DEMACallback`:
@@ -45,15 +45,15 @@ import torch
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # an optional extra
-    raise ImportError("cl_core.lightning needs Lightning; install it with: pip install cl_core[lightning] "
+    raise ImportError("cl_core.integrations.lightning needs Lightning; install it with: pip install cl_core[lightning] "
                       "(or pip install lightning)") from exc
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
-from cl_core.peft_export import is_peft_model, names_mismatch, save_ema_adapter, select_dema_parameters
+from cl_core.integrations.peft import is_peft_model, names_mismatch, save_ema_adapter, select_dema_parameters
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "cl_core.lightning.DEMACallback"
+STATE_FORMAT = "cl_core.integrations.lightning.DEMACallback"
 STATE_VERSION = 1
 _FUSABLE = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 
@@ -344,7 +344,7 @@ class DEMACallback(pl.Callback):
         if not state_dict:
             return
         if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
-            raise ValueError("the checkpoint's DEMACallback entry is not a cl_core.lightning.DEMACallback state "
+            raise ValueError("the checkpoint's DEMACallback entry is not a cl_core.integrations.lightning.DEMACallback state "
                              f"(format {state_dict.get('format') if isinstance(state_dict, dict) else None!r})")
         if state_dict.get("version") != STATE_VERSION:
             raise ValueError(f"DEMACallback state version {state_dict.get('version')!r} is not supported "
@@ -412,7 +412,7 @@ class DEMACallback(pl.Callback):
         peft_models = _outer_peft_models(self._module)
         if len(peft_models) != 1:
             raise ValueError(f"DEMACallback.save_ema_adapter: the module holds {len(peft_models)} PEFT models; "
-                             "call cl_core.peft_export.save_ema_adapter(peft_model, callback.engine, dir) "
+                             "call cl_core.integrations.peft.save_ema_adapter(peft_model, callback.engine, dir) "
                              "for the one to export")
         return save_ema_adapter(peft_models[0][1], self.engine, os.fspath(out_dir), adapter_name)
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from cl_core.cli import main
 from cl_core.continual.templates import TASKS
 from cl_core.grouping import InstructionGrouper
+from tests.helpers import DATA_GROUPING
 
-DATA = Path(__file__).parent / "data_grouping"
+DATA = DATA_GROUPING
 COIN = DATA / "Instructions"
 
 

@@ -1,6 +1,6 @@
 """The Triton one-pass fused step with the EMA in the parameter dtype (issue 11.6):
 DEMAConfig(ema_dtype="param") on bfloat16/float16 parameters keeps θ* and g_prev in that
-dtype, and the kernel (EMA_IN_PARAM_DTYPE in kernels/triton_fused.py) rounds every
+dtype, and the kernel (EMA_IN_PARAM_DTYPE in cl_core/kernels/triton_fused.py) rounds every
 difference, product, sum and norm of the EMA maths to it, as the reference does.
 
 Run under the Triton interpreter (tests/conftest.py), small tensors. Three checks:
@@ -36,7 +36,7 @@ import pytest
 import torch
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
-from tests.test_program_order import (  # noqa: F401  (program_order is a fixture)
+from tests.kernels.test_program_order import (  # noqa: F401  (program_order is a fixture)
     ALIGNED_SHAPES,
     ORDERS,
     SMALL_TILE,

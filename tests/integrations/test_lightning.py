@@ -1,4 +1,4 @@
-"""cl_core.lightning.DEMACallback with the real Lightning Trainer and real PEFT LoRA on a tiny Llama (CPU)."""
+"""cl_core.integrations.lightning.DEMACallback with the real Lightning Trainer and real PEFT LoRA on a tiny Llama (CPU)."""
 import importlib
 import logging
 import os
@@ -15,11 +15,12 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer  # noqa: E402
-from cl_core.lightning import DEMACallback  # noqa: E402
-from cl_core.peft_export import adapter_named_parameters, select_dema_parameters  # noqa: E402
+from cl_core.integrations.lightning import DEMACallback  # noqa: E402
+from cl_core.integrations.peft import adapter_named_parameters, select_dema_parameters  # noqa: E402
+from tests.helpers import README as README_PATH
 
 VOCAB, SEQ, BATCH, N_BATCHES = 64, 12, 4, 6
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = str(README_PATH)
 
 
 def tiny_llama(seed=0):
@@ -174,7 +175,7 @@ def test_adamw_takes_the_fused_path_and_matches_a_plain_loop_with_a_scheduler(tm
 
 
 def test_other_optimizer_takes_the_two_pass_path_and_says_why(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="cl_core.lightning"):
+    with caplog.at_level(logging.INFO, logger="cl_core.integrations.lightning"):
         module, cb, t = fit(tmp_path, "rmsprop", DEMACallback(replace_at_end=False))
     assert not cb.fused and "RMSprop" in cb.not_fused_reason
     assert sum("not one pass" in r.getMessage() for r in caplog.records) == 1
@@ -377,7 +378,7 @@ def test_state_that_does_not_match_is_refused_before_training(tmp_path):
     other.load_state_dict(sd)
     with pytest.raises(ValueError, match="does not match the averaged tensors"):
         fit(tmp_path, "adamw", other)
-    with pytest.raises(ValueError, match="not a cl_core.lightning.DEMACallback state"):
+    with pytest.raises(ValueError, match="not a cl_core.integrations.lightning.DEMACallback state"):
         DEMACallback().load_state_dict({"format": "something else"})
 
 
@@ -455,12 +456,12 @@ def test_bad_arguments_raise_at_construction():
 
 
 def test_import_without_lightning_says_how_to_install(monkeypatch):
-    for name in [m for m in sys.modules if m == "cl_core.lightning"]:
+    for name in [m for m in sys.modules if m == "cl_core.integrations.lightning"]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "lightning", None)
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
     with pytest.raises(ImportError, match=re.escape("pip install cl_core[lightning]")):
-        importlib.import_module("cl_core.lightning")
+        importlib.import_module("cl_core.integrations.lightning")
 
 
 # --------------------------------------------------------------------------- README
@@ -472,7 +473,7 @@ def test_readme_lightning_example_runs(tmp_path, monkeypatch):
     m = re.search(r"<!-- section: integrations -->(.*?)<!-- /section: integrations -->", text, re.S)
     assert m, "README has no integrations section"
     blocks = re.findall(r"```python\n(.*?)```", m.group(1), re.S)
-    assert len(blocks) == 1 and "cl_core.lightning" in blocks[0]
+    assert len(blocks) == 1 and "cl_core.integrations.lightning" in blocks[0]
     monkeypatch.chdir(tmp_path)
     ns = {}
     exec(compile(blocks[0], "README.md:lightning", "exec"), ns)

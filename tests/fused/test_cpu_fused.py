@@ -1,4 +1,4 @@
-"""The CPU fused driver (kernels/cpu_fused.py, csrc/fused_cpu.c): never the wrong memory,
+"""The CPU fused driver (cl_core/kernels/cpu_fused.py, csrc/fused_cpu.c): never the wrong memory,
 named layouts shared with Python, pending statistics, tables built once.
 
 Tolerances: fp32 runs compare with rtol 1e-5 / atol 1e-6 (one kernel against torch's

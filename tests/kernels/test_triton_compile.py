@@ -2,7 +2,7 @@
 (sm_80 and sm_90) by Triton's own compiler, no GPU needed, on every test run (issue 9).
 
 The specialisations come from the launchers themselves (`compile_specs()` in
-kernels/triton_dema.py and kernels/triton_fused.py: every dtype, ALIGNED on/off, every
+kernels/triton_dema.py and cl_core/kernels/triton_fused.py: every dtype, ALIGNED on/off, every
 optimizer kind; the formula is a runtime value of each kernel), so a new launch shape
 cannot escape the check. Compiles run in subprocesses without TRITON_INTERPRET (under
 the interpreter kernels are not compiled), in parallel, with a fresh Triton cache that
@@ -38,10 +38,11 @@ import sys
 import tempfile
 
 import pytest
+from tests.helpers import ROOT as ROOT_PATH
 
 ARCHS = (80, 90)
 MAX_REGISTERS = 128
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(ROOT_PATH)
 
 
 def _specs():
@@ -119,7 +120,7 @@ def compile_all():
         procs = []
         for w in range(workers):
             out_path = os.path.join(tmp, f"results_{w}.json")
-            code = (f"import sys; sys.path.insert(0, {ROOT!r}); from tests.test_triton_compile import _worker; "
+            code = (f"import sys; sys.path.insert(0, {ROOT!r}); from tests.kernels.test_triton_compile import _worker; "
                     f"_worker(sys.argv[1], sys.argv[2])")
             procs.append((subprocess.Popen([sys.executable, "-c", code, json.dumps(jobs[w::workers]), out_path],
                                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from cl_core import DEMACallback
-from cl_core.peft_export import (adapter_named_parameters, atomic_save, load_state_file, save_ema_adapter,
+from cl_core.integrations.peft import (adapter_named_parameters, atomic_save, load_state_file, save_ema_adapter,
                                  select_dema_parameters)
 from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, tiny_llama, tiny_peft_llama, training_args
 
@@ -168,7 +168,7 @@ def test_save_ema_adapter_when_another_process_creates_the_folder_first(tmp_path
     appeared after it looked) replaces the two files inside instead of failing with
     "Directory not empty"; the folder ends complete and holds the EMA."""
     from cl_core import DEMA
-    import cl_core.peft_export as pe
+    import cl_core.integrations.peft as pe
 
     model = tiny_peft_llama()
     named = pe.select_dema_parameters(model)

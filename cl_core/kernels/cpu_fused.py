@@ -2,7 +2,7 @@
 kernels (csrc/fused_cpu.c) for one CPU engine group.
 
 `cl_core.dema.fused.FusedStep` drives a `CpuFusedDriver` through the per-step interface
-documented there (prepare / step / flush / pending_stats); `kernels/triton_fused.py` is
+documented there (prepare / step / flush / pending_stats); `cl_core/kernels/triton_fused.py` is
 its twin on CUDA. The kernel sweeps each tensor once per step (finish the previous EMA
 update, optimizer update, this step's statistics), tensors split over threads by
 `native.ShardedRunner`. θ* and g_prev are fp32, or with DEMAConfig(ema_dtype="param") of

@@ -14,9 +14,10 @@ import torch
 
 from cl_core import DEMACallback
 from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, tiny_llama, tiny_peft_llama, training_args
+from tests.helpers import DIST_SCRIPTS, ROOT as ROOT_PATH
 
-SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_scripts")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = str(DIST_SCRIPTS)
+ROOT = str(ROOT_PATH)
 
 
 def _free_port():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cl_core import DEMAConfig, DEMAOptimizer
-from tests.test_launches_and_syncs import CountSyncs
+from tests.kernels.test_launches_and_syncs import CountSyncs
 
 OPTIMIZERS = {
     "adamw": lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1),
@@ -306,7 +306,7 @@ def test_parameters_moved_to_another_device_are_never_read_at_old_addresses(back
 
 
 # ---------------------------------------------------------------------- CUDA (make gpu-check)
-from tests.test_launches_and_syncs import CUDA_ALIGNED, CUDA_GENERAL, cuda  # noqa: E402
+from tests.kernels.test_launches_and_syncs import CUDA_ALIGNED, CUDA_GENERAL, cuda  # noqa: E402
 
 
 @cuda
