@@ -1,76 +1,26 @@
 """Builds and loads the native CPU kernels (csrc/*.c) through ctypes, and runs them
 over tensor shards on several threads.
 
-The C files are plain C (no torch headers), so compiling it takes well under a second;
-it is built at first use into a per-user cache (CL_CORE_CACHE, default
-~/.cache/cl_core) keyed by the source, the flags and the CPU, written to a temp file
-and renamed so concurrent processes never load a half-written library. Where no C
-compiler works, `load()` returns None and the engine uses its pure-torch path.
+Where each library is found or built is build.py's (prebuilt in the package, the
+CL_CORE_CACHE cache, or compiled at first use, which is said in one log line with its
+time). Where no C compiler works, `load()` returns None and the engine uses its
+pure-torch path.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
+from cl_core.kernels import build
+
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).with_name("csrc")
-# Two libraries, each built on first use: the engine's (under a second to build) and
-# the fused optimizer's (many specialised loops: a few seconds, once per machine).
-LIBRARIES = {"dema": CSRC / "dema_cpu.c", "fused": CSRC / "fused_cpu.c"}
-# -ffp-contract=off: no fused multiply-adds, so the optimizer maths rounds like torch's.
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-DCL_CORE_HAVE_F16"],
-    ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-DCL_CORE_HAVE_F16"],
-    ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno"],
-)
 _libs: dict = {}
-
-
-def _cpu_fingerprint() -> str:
-    # -march=native output is only valid on the same CPU model: key the cache on it.
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("CL_CORE_CACHE", Path.home() / ".cache" / "cl_core"))
-
-
-def _build(name: str, cc: str, flags: list[str]) -> Path | None:
-    source = LIBRARIES[name]
-    src = source.read_bytes() + (CSRC / "dema_common.h").read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_fingerprint().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"{name}_{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cc, *flags, "-shared", "-fPIC", "-o", tmp, str(source), "-lm"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        log.debug("native DEMA build failed (%s): %s", " ".join(cmd), proc.stderr.strip()[:500])
-        return None
-    os.replace(tmp, out)
-    return out
 
 
 def load(name: str = "dema"):
@@ -85,18 +35,24 @@ def _load(name: str):
     if os.environ.get("CL_CORE_NO_NATIVE"):
         log.info("CL_CORE_NO_NATIVE is set: DEMA uses the pure-torch CPU path")
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = build.compiler()
     if cc is None:
         log.warning("no C compiler found: DEMA uses the slower pure-torch CPU path")
         return None
-    for flags in _FLAG_SETS:
+    first_use = all(build.find(name, cc, flags) is None for flags in build.FLAG_SETS)
+    started = time.perf_counter()
+    for flags in build.FLAG_SETS:
         try:
-            path = _build(name, cc, flags)
+            path = build.build(name, cc, flags)
         except OSError as exc:
             log.debug("native DEMA build error: %s", exc)
             path = None
         if path is None:
             continue
+        if first_use:  # not a degradation, but a pause the user should be able to explain
+            log.warning("cl_core: compiled the native %s kernels for this machine at first use in %.1f s, "
+                        "cached in %s (installing the package or `python -m cl_core.kernels.build` does "
+                        "it ahead of time)", name, time.perf_counter() - started, path.parent)
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as exc:
@@ -106,7 +62,7 @@ def _load(name: str):
         signatures = {
             "dema_cpu": [cint, i64] + [vp] * 12 + [cint, f32, f32, f32],
             "dema_cpu_param": [cint, i64] + [vp] * 12 + [cint, f32, f32, f32],
-        }  # the fused library's entry points are typed by kernels/cpu_fused.py, which calls them
+        }  # the fused library's entry points are typed by cpu_fused.py, which calls them
         for prefix, argtypes in signatures.items():
             for suffix in ("f32", "bf16", "f16"):
                 fn = getattr(lib, f"{prefix}_{suffix}", None)
