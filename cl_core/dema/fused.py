@@ -67,6 +67,13 @@ _CONTIG = torch.Tensor.is_contiguous
 _IS_NONE = functools.partial(operator.is_, None)
 
 
+def _log_beta(beta: float) -> float:
+    """log β for the kernels' β^step = exp(step · log β). torch accepts β = 0 (no moment
+    averaging: 0^step = 0 for every step >= 1, so the bias correction is 1); log 0 is
+    -inf here, and exp(step · -inf) = 0 gives that same correction exactly."""
+    return math.log(beta) if beta > 0.0 else -math.inf
+
+
 def optimizer_kind(opt: torch.optim.Optimizer) -> int | None:
     # Exact types only: a subclass may change step().
     return {torch.optim.Adam: KIND_ADAM, torch.optim.AdamW: KIND_ADAMW, torch.optim.SGD: KIND_SGD}.get(type(opt))
@@ -264,7 +271,7 @@ class FusedStep:
             else:
                 beta1, beta2 = (float(b) for b in pg["betas"])
                 row[L.H_BETA1], row[L.H_BETA2], row[L.H_EPS] = beta1, beta2, float(pg["eps"])
-                row[L.H_LOG_BETA1], row[L.H_LOG_BETA2] = math.log(beta1), math.log(beta2)
+                row[L.H_LOG_BETA1], row[L.H_LOG_BETA2] = _log_beta(beta1), _log_beta(beta2)
             rows.append(row)
         return torch.tensor(rows, dtype=torch.float64)
 
