@@ -226,6 +226,7 @@ def _dema_apply_kernel(
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+DTYPES = tuple(_TL_DTYPES)  # parameter dtypes the kernels take
 
 
 # ---------------------------------------------------------------------- launchers

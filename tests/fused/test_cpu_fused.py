@@ -18,7 +18,7 @@ from cl_core import DEMAConfig, DEMAOptimizer
 from cl_core.kernels import layouts as L
 from cl_core.kernels import native
 from cl_core.kernels import cpu_fused
-from cl_core.kernels.cpu_fused import CpuFusedDriver
+from cl_core.dema.fused_cpu import CpuFusedDriver
 
 pytestmark = pytest.mark.skipif(native.load("fused") is None, reason="no C compiler: no native fused kernels")
 

@@ -46,7 +46,8 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Parameter dtypes the Triton kernels take (float64 groups run the torch backend).
+# Parameter dtypes the Triton kernels take (float64 groups run the torch backend): the
+# kernels' own DTYPES (cl_core/kernels/triton_dema.py), named here without importing triton.
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -15,7 +15,6 @@ import operator
 
 import torch
 
-from cl_core.dema.backends import TRITON_DTYPES
 from cl_core.dema.config import DEMAConfig
 from cl_core.dema.state import GroupState
 from cl_core.kernels import layouts as L
@@ -41,7 +40,7 @@ class TritonBackend:
     """Runs one (device, dtype) group of the engine through the kernels of triton_dema.py."""
 
     def __init__(self, state: GroupState, config: DEMAConfig, dtype: torch.dtype):
-        if dtype not in TRITON_DTYPES:
+        if dtype not in K.DTYPES:
             raise ValueError(f"the triton DEMA backend supports float32/bfloat16/float16 parameters, got {dtype}")
         _check_ema_dtype(state, dtype)  # (GroupState allocates θ* and g_prev in state.ema_dtype)
         self.state, self.config = state, config
@@ -102,7 +101,7 @@ class TritonBackend:
     def update(self, thetas, grads, reduce_stats=None) -> None:
         s = self.state
         dtypes = {x.dtype for x in thetas}
-        if len(dtypes) == 1 and self.dtype not in dtypes and next(iter(dtypes)) in TRITON_DTYPES:
+        if len(dtypes) == 1 and self.dtype not in dtypes and next(iter(dtypes)) in K.DTYPES:
             _check_ema_dtype(s, next(iter(dtypes)))  # before anything changes
             log.info("triton DEMA backend: parameters are now %s (built for %s); block tables rebuilt",
                      next(iter(dtypes)), self.dtype)
