@@ -41,7 +41,7 @@ LABEL = {
 def test_step(benchmark, report, device, dtype, method):
     if device != "cpu" or native.load("fused") is None:
         pytest.skip("the CPU fused kernels (this file measures the CPU path)")
-    if dtype == torch.float16 and cpu_fused._kernels(dtype, dtype) is None:
+    if dtype == torch.float16 and cpu_fused.kernels(dtype, dtype) is None:
         pytest.skip("compiler without _Float16: no fp16 kernels")
     params = [torch.nn.Parameter(p.detach()) for p in make_params(SHAPES, device, dtype=dtype)]
     for p, q in zip(params, make_params(SHAPES, device, dtype=dtype, seed=1)):

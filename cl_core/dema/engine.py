@@ -5,6 +5,14 @@ per-tensor numbers. Tensors are grouped by (device, dtype); each group runs on o
 backend: "reference" (literal per-tensor maths, the test oracle), "torch" (native
 CPU kernels, or pure torch on other devices) or "triton" (fused GPU kernels, a
 fixed number of launches per update whatever the tensor count).
+
+The engine is the one owner of the DEMA state, its counters and the flag "an EMA update
+is pending from the one-pass step". Its implementations sit behind one interface each
+and are dispatched to, as torch.optim dispatches `adam()`: the two-pass backends
+(`DEMABackend`, cl_core/dema/backends) run `update()`; a one-pass optimizer+DEMA step
+(`OnePassStep`, cl_core/dema/onepass.py) is handed to the engine once
+(`attach_one_pass`, by DEMAOptimizer) and run by `one_pass_update()`. The engine decides
+when a pending update is finished (`flush`: every EMA read, the next `update`, a copy).
 """
 from __future__ import annotations
 
@@ -110,8 +118,8 @@ class DEMA:
         self._warned_no_grads = False
         self.densified_grads = 0  # sparse gradients made dense (tensor-updates)
         self._warned_sparse = False
-        self._pending_flush = None  # set by a fused optimizer whose EMA lags one step
-        self._pending_stats = None  # its current decision, readable without the flush
+        self._one_pass = None  # the OnePassStep handed over by attach_one_pass (not copied)
+        self._update_pending = False  # the last one-pass step left its EMA update to finish
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -159,24 +167,42 @@ class DEMA:
                 g.backend = make_backend(g.backend_name, g.state, self.config, g.dtype)
         self._started = True
 
-    # ------------------------------------------------------------------ hooks for a fused optimizer
-    def set_pending_flush(self, finish, pending_stats=None) -> None:
-        """A fused optimizer left the EMA one step behind; `finish()` completes it.
-        Every read of the EMA (and the next `update`) calls it first. `pending_stats()`,
-        when given, returns this step's (alpha, skips) per group (in `self.groups` order,
-        None for a group that cannot tell) decided on the device without finishing the
-        EMA, so `stats` is current after a fused step without a flush."""
-        self._pending_flush = finish
-        self._pending_stats = pending_stats
+    # ------------------------------------------------------------------ the one-pass step
+    def attach_one_pass(self, impl) -> None:
+        """Hand the engine its one-pass optimizer+DEMA implementation (an `OnePassStep`,
+        cl_core/dema/onepass.py); DEMAOptimizer does it once, when it builds the engine or
+        after a copy. None detaches it (after finishing what it left pending)."""
+        self.flush()
+        self._one_pass = impl
 
-    def count_update(self) -> None:
-        """One DEMA update happened outside `update()` (inside a fused optimizer step)."""
+    @property
+    def update_pending(self) -> bool:
+        """True while the last one-pass step's EMA update is not finished (the EMA in memory
+        lags one step; every read of it finishes it first)."""
+        return self._update_pending
+
+    def one_pass_update(self) -> Optional[str]:
+        """One optimizer step and one DEMA update in one sweep, by the attached one-pass
+        implementation. Returns None when it ran, else why it could not (nothing changed,
+        any pending update finished): the caller then runs the optimizer step and `update()`."""
+        impl = self._one_pass
+        if impl is None:
+            raise RuntimeError("DEMA.one_pass_update: no one-pass implementation is attached "
+                               "(DEMAOptimizer attaches one; call update() after optimizer.step() otherwise)")
+        self.ensure_groups()
+        result = impl.step(self.groups, self.config.kernel_scalars())
+        if result.refused is not None:
+            self.flush()
+            return result.refused
+        self._update_pending = True
+        self.count_missing(result.missing)
         self.num_updates += 1
+        return None
 
     def count_missing(self, indices) -> None:
         """At this update, the tensors at `indices` (positions in `self.params`) had no
-        gradient. `update()` calls it itself; a fused optimizer step calls it once per
-        step with every such position (an empty list included). Host-side only."""
+        gradient. `update()` and `one_pass_update()` call it once per update with every
+        such position (an empty list included). Host-side only."""
         counts = self._missing
         n = len(counts)
         indices = list(indices)
@@ -210,10 +236,11 @@ class DEMA:
         self.skipped_steps += 1
 
     def flush(self) -> None:
-        """Finish an EMA update that a fused optimizer left pending (no-op otherwise)."""
-        if self._pending_flush is not None:
-            pending, self._pending_flush, self._pending_stats = self._pending_flush, None, None
-            pending()
+        """Finish the EMA update the last one-pass step left pending (no-op otherwise). If
+        finishing raises, it stays pending (never dropped silently)."""
+        if self._update_pending:
+            self._one_pass.flush()
+            self._update_pending = False
 
     # ------------------------------------------------------------------ reading the EMA
     def _per_param(self, pick) -> list:
@@ -234,7 +261,7 @@ class DEMA:
 
     def copy_to_params(self) -> None:
         """EMA replace: θ ← θ* (cast to each parameter's dtype)."""
-        if not self._started and self._pending_flush is None:
+        if not self._started and not self._update_pending:
             return
         with torch.no_grad():
             for p, e in zip(self.params, self.ema_tensors()):
@@ -243,7 +270,7 @@ class DEMA:
     @contextlib.contextmanager
     def swap(self):
         """Context manager: the parameters hold θ* inside, their own values after."""
-        if not self._started and self._pending_flush is None:
+        if not self._started and not self._update_pending:
             yield self
             return
         with torch.no_grad():
@@ -275,10 +302,9 @@ class DEMA:
 
     def _pending_decision(self):
         """(alpha, skips) in parameter order from a fused step's pending state, or None."""
-        fn = self.__dict__.get("_pending_stats")
-        if self._pending_flush is None or fn is None or not self._started:
+        if not self._update_pending or not self._started:
             return None
-        per_group = fn()
+        per_group = self._one_pass.pending_stats()
         if len(per_group) != len(self.groups) or any(x is None for x in per_group):
             self.flush()  # a group cannot tell without finishing the update
             return None
@@ -319,10 +345,17 @@ class DEMA:
             self._canonicalize()
         state = dict(self.__dict__)
         state["groups"] = [dataclasses.replace(g, backend=None) for g in self.groups]
-        state["_pending_flush"] = state["_pending_stats"] = None
+        state["_one_pass"] = None  # the copy's optimizer attaches its own (DEMAOptimizer does)
+        state["_update_pending"] = False
         return state
 
     def __setstate__(self, state: dict) -> None:
+        # copies written before the one-pass interface carried two closure slots, always
+        # empty in a copy (the update was finished first)
+        state.pop("_pending_flush", None)
+        state.pop("_pending_stats", None)
+        state.setdefault("_one_pass", None)
+        state.setdefault("_update_pending", False)
         self.__dict__.update(state)
 
     # ------------------------------------------------------------------ checkpoints

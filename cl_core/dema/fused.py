@@ -10,28 +10,20 @@ accumulates this step's statistics. The EMA in memory lags one step, so the engi
 
 The optimizer state lives where torch keeps it (`optimizer.state[p]["exp_avg"]`, ...),
 so the wrapped optimizer's `state_dict()` and a switch back to the generic path work.
-CPU tensors run the native kernels (cl_core/kernels/cpu_fused.py), CUDA tensors the Triton
-kernel (cl_core/kernels/triton_fused.py); anything else keeps the generic path.
+CPU tensors run the native kernels (cl_core/kernels/cpu_fused.py, driven by fused_cpu.py),
+CUDA tensors the Triton kernel (cl_core/kernels/triton_fused.py, driven by fused_triton.py);
+anything else keeps the generic path.
 
-The per-step interface of a fused group (one per engine group; FusedStep is its only
-caller, both drivers implement it; numbers and slots are named in kernels/layouts.py):
-
-    drv = Driver(members)            members: `GroupMembers` (the group's tensors, their
-                                     optimizer param group, optimizer state, step counts)
-    reason = drv.prepare(batch)      cheap check, every step, that what this step hands over
-                                     (parameter storage, dtype, device, contiguity, gradient
-                                     dtype/device/contiguity) is what the driver's tables were
-                                     built for; rebuilds the tables when they can be rebuilt
-                                     (new storage, a new common dtype), returns None when the
-                                     step can run fused, else a sentence saying why not (the
-                                     whole step then takes the generic path). Changes no state
-                                     the generic path would see.
-    drv.step(batch)                  the fused sweep of this step (`StepBatch`)
-    drv.flush()                      finish the pending EMA update (reads the parameters'
-                                     current storage; never memory the tables assumed)
-    drv.pending_stats() -> (alpha, skips) or None
-                                     this step's α and skip counts from the pending state,
-                                     computed on the device without finishing the EMA
+Two interfaces (Protocols in cl_core/dema/onepass.py), as torch.optim dispatches `adam()` to its
+implementations: the engine (cl_core.dema.engine.DEMA) is the one owner of the DEMA state,
+its counters and the flag "an EMA update is pending from the one-pass step"; it is handed
+a `OnePassStep` once (DEMAOptimizer builds a FusedStep and calls `engine.attach_one_pass`),
+calls its `step` from `engine.one_pass_update()`, and decides when to `flush` (every EMA
+read, the next two-pass update, a pickle). FusedStep in turn drives one `FusedDriver` per
+engine group: `CpuFusedDriver` (fused_cpu.py, native C kernels) or `TritonFusedGroup`
+(fused_triton.py). Implementations write only the GroupState tensors of the groups they
+are handed, in place (as torch's fused Adam writes exp_avg); nothing is handed back to the
+engine but return values.
 
 Host work per step does not loop over tensors in Python beyond reading each tensor's
 `.grad` and the checks (`map` over C methods): hyper-parameters are one row per optimizer
@@ -45,12 +37,12 @@ import functools
 import logging
 import math
 import operator
-from dataclasses import dataclass, field
-from typing import Optional
+from typing import Sequence
 
 import torch
 
 from cl_core.dema.distributed import is_dtensor
+from cl_core.dema.onepass import FusedDriver, GroupMembers, OnePassResult, StepBatch
 from cl_core.kernels import layouts as L
 from cl_core.kernels import native
 
@@ -59,12 +51,14 @@ log = logging.getLogger(__name__)
 KIND_ADAM, KIND_ADAMW, KIND_SGD = L.KIND_ADAM, L.KIND_ADAMW, L.KIND_SGD
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GRAD = operator.attrgetter("grad")
-_DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
-_LAYOUT = operator.attrgetter("layout")
-_PTR = torch.Tensor.data_ptr
-_CONTIG = torch.Tensor.is_contiguous
 _IS_NONE = functools.partial(operator.is_, None)
+
+
+def _log_beta(beta: float) -> float:
+    """log β for the kernels' β^step = exp(step · log β). torch accepts β = 0 (no moment
+    averaging: 0^step = 0 for every step >= 1, so the bias correction is 1); log 0 is
+    -inf here, and exp(step · -inf) = 0 gives that same correction exactly."""
+    return math.log(beta) if beta > 0.0 else -math.inf
 
 
 def optimizer_kind(opt: torch.optim.Optimizer) -> int | None:
@@ -114,70 +108,14 @@ def unsupported_reason(opt: torch.optim.Optimizer, engine) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------- the interface
-@dataclass
-class GroupMembers:
-    """What a driver is built from: one engine group's tensors and their optimizer side.
-    Lists are in engine order (position k of the group = engine.params[indices[k]])."""
-
-    engine_group: object  # cl_core.dema.engine.EngineGroup (state: GroupState)
-    params: list  # the parameters (torch.nn.Parameter)
-    param_group: list  # per tensor: index of its optimizer param group (row of StepBatch.hyper)
-    exp_avg: list  # per tensor: exp_avg (Adam) / momentum_buffer (SGD) or None (no state yet)
-    exp_avg_sq: list  # per tensor: exp_avg_sq (Adam) or None
-    steps: Optional[torch.Tensor]  # Adam: float32 CPU [T], torch's state["step"] are its elements
-    stateless: list = field(default_factory=list)  # positions whose optimizer state starts at their first gradient
-    version: int = 0  # bumped whenever an optimizer-state tensor above was created or replaced
-
-
-@dataclass
-class StepBatch:
-    """What one step hands a driver (built by FusedStep, O(param groups) + the grads)."""
-
-    kind: int  # KIND_* of every tensor this step
-    consts: tuple  # DEMAConfig.kernel_scalars(): (formula code, scale, fallback, beta)
-    hyper: torch.Tensor  # float64 CPU [optimizer param groups, N_HYPER] (H_* slots)
-    grads: list  # per tensor: its gradient this step, None = none (torch skips the tensor)
-    has_all_grads: bool  # no None in grads (the common case: fewer per-tensor checks)
-    first: list = field(default_factory=list)  # SGD: positions whose momentum buffer starts now
-
-
-def check_tensors(params, grads, dtype, device, has_all_grads: bool,
-                  ema_dtype: torch.dtype = torch.float32) -> str | None:
-    """Why the kernels must not read these tensors as `dtype` on `device` (with θ* and
-    g_prev of `ema_dtype`: float32, or the parameters' own dtype), or None.
-    `map` over C-implemented methods: a few hundred ns per tensor."""
-    if ema_dtype != torch.float32 and dtype != ema_dtype:
-        # the kernels would read the 16-bit EMA as numbers of the new dtype
-        return (f"the EMA is kept in {ema_dtype} (ema_dtype='param') but the parameters are now {dtype}; "
-                "the fused kernels keep θ* and g_prev in the parameters' own dtype")
-    if set(map(_DTYPE, params)) != {dtype}:
-        return f"the parameters are no longer all {dtype} (dtype changed after the optimizer was built)"
-    if set(map(_DEVICE, params)) != {device}:
-        return f"the parameters are no longer all on {device} (moved after the optimizer was built)"
-    if not all(map(_CONTIG, params)):
-        return "a parameter is no longer contiguous"
-    present = grads if has_all_grads else [g for g in grads if g is not None]
-    if not present:
-        return None
-    if set(map(_LAYOUT, present)) != {torch.strided}:
-        return "a gradient is sparse"
-    if set(map(_DTYPE, present)) != {dtype}:
-        return f"a gradient is not {dtype} (the parameter dtype)"
-    if set(map(_DEVICE, present)) != {device}:
-        return f"a gradient is not on {device} (the parameters' device)"
-    if not all(map(_CONTIG, present)):
-        return "a gradient is not contiguous"
-    return None
-
-
 # ---------------------------------------------------------------------- the orchestration
 class FusedStep:
-    """The one-pass step of a DEMAOptimizer (see the module docstring)."""
+    """The one-pass step of a DEMAOptimizer (see the module docstring): an `OnePassStep`
+    over the engine's groups, driving one `FusedDriver` per group."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, engine):
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]):
         self.opt = optimizer
-        self.engine = engine
+        self.params = list(params)  # the engine's tensors, in its order
         self.kind = optimizer_kind(optimizer)
         self._members = None  # [GroupMembers]
         self._drivers = None
@@ -188,30 +126,29 @@ class FusedStep:
 
     @classmethod
     def create(cls, optimizer, engine):
-        """A FusedStep, or None (with a log line saying why) where it cannot run."""
+        """A FusedStep for `engine`'s tensors, or None (with a log line saying why) where
+        it cannot run. The engine is only read here."""
         reason = unsupported_reason(optimizer, engine)
         if reason is not None:
             log.info("DEMAOptimizer uses the generic path (optimizer step, then a DEMA pass): %s", reason)
             return None
-        return cls(optimizer, engine)
+        return cls(optimizer, engine.params)
 
     def reset_step_counts(self) -> None:
         """The optimizer's state was loaded: collect its tensors again at the next step."""
         self._members = None
 
     # ------------------------------------------------------------------ set-up
-    def _setup(self) -> None:
-        eng = self.engine
-        eng.ensure_groups()
-        states = [g.state for g in eng.groups]
+    def _setup(self, groups) -> None:
+        states = [g.state for g in groups]
         if self._engine_states != states:  # new after a reset of the engine: new drivers
             self._members = None
             self._drivers = None
         if self._members is None or self._state_obj is not self.opt.state:
-            self._members = [self._collect(g) for g in eng.groups]
+            self._members = [self._collect(g) for g in groups]
             self._state_obj = self.opt.state
             if self._drivers is None:
-                self._drivers = [_driver(m) for m in self._members]
+                self._drivers = [_driver(g, m) for g, m in zip(groups, self._members)]
                 self._engine_states = states
             else:
                 for drv, m in zip(self._drivers, self._members):
@@ -223,7 +160,7 @@ class FusedStep:
     def _collect(self, group) -> GroupMembers:
         """The members of one engine group; torch's step counters become elements of one
         CPU tensor (value kept), so one op bumps them all."""
-        params = [self.engine.params[i] for i in group.indices]
+        params = [self.params[i] for i in group.indices]
         of = {}
         for gi, pg in enumerate(self.opt.param_groups):
             for p in pg["params"]:
@@ -248,7 +185,8 @@ class FusedStep:
             stateless = [k for k, x in enumerate(m) if x is None and self.opt.param_groups[groups[k]]["momentum"] != 0]
         else:
             stateless = [k for k, x in enumerate(m) if x is None]
-        return GroupMembers(group, params, groups, m, v, steps, stateless)
+        return GroupMembers(group.state, group.device, group.dtype, list(group.indices), params, groups, m, v, steps,
+                            stateless)
 
     def _hyper(self, kind: int) -> torch.Tensor:
         """One float64 row of N_HYPER per optimizer param group (never per tensor)."""
@@ -264,7 +202,7 @@ class FusedStep:
             else:
                 beta1, beta2 = (float(b) for b in pg["betas"])
                 row[L.H_BETA1], row[L.H_BETA2], row[L.H_EPS] = beta1, beta2, float(pg["eps"])
-                row[L.H_LOG_BETA1], row[L.H_LOG_BETA2] = math.log(beta1), math.log(beta2)
+                row[L.H_LOG_BETA1], row[L.H_LOG_BETA2] = _log_beta(beta1), _log_beta(beta2)
             rows.append(row)
         return torch.tensor(rows, dtype=torch.float64)
 
@@ -294,13 +232,12 @@ class FusedStep:
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self) -> None:
-        eng = self.engine
-        self._setup()
+    def step(self, groups, consts: tuple) -> OnePassResult:
+        """One fused optimizer+DEMA step over the engine's `groups` (OnePassStep.step)."""
+        self._setup(groups)
         pg0 = self.opt.param_groups[0]
         kind = KIND_ADAMW if self.kind == KIND_ADAM and pg0.get("decoupled_weight_decay") else self.kind
         hyper = self._hyper(kind)
-        consts = eng.config.kernel_scalars()
         batches, missing = [], []
         for mem, drv in zip(self._members, self._drivers):
             grads = list(map(_GRAD, mem.params))
@@ -308,12 +245,13 @@ class FusedStep:
             batch = StepBatch(kind, consts, hyper, grads, has_all)
             reason = drv.prepare(batch)
             if reason is not None:
-                return self._generic_step(reason)
+                self.before_generic_step(reason)  # said before the engine finishes the pending update
+                return OnePassResult(refused=reason)
             batches.append(batch)
         for mem, drv, batch in zip(self._members, self._drivers, batches):
             grads = batch.grads
             if not batch.has_all_grads:
-                missing.extend(mem.engine_group.indices[k] for k, g in enumerate(grads) if g is None)
+                missing.extend(mem.indices[k] for k, g in enumerate(grads) if g is None)
             new = [k for k in mem.stateless if grads[k] is not None]
             if new:
                 batch.first = self._create_state(mem, new)
@@ -323,22 +261,19 @@ class FusedStep:
                 else:
                     mem.steps.add_(torch.tensor([g is not None for g in grads], dtype=torch.float32))
             drv.step(batch)
-        eng.count_missing(missing)
-        eng.count_update()
-        eng.set_pending_flush(self.flush, self.pending_stats)
+        return OnePassResult(missing=missing)
 
-    def _generic_step(self, reason: str) -> None:
-        """This step cannot run fused: finish the pending EMA, then the separate passes."""
+    def before_generic_step(self, reason: str) -> None:
+        """This step takes the generic path (optimizer step, then a DEMA pass): count it,
+        say why (once per reason), and give the optimizer its own state layout back. `step`
+        calls it when it refuses."""
         self.generic_steps += 1
         if reason not in self._warned:
             self._warned.add(reason)
             log.warning("DEMAOptimizer: this step takes the generic path (optimizer step, then a DEMA pass): "
                         "%s (logged once per reason; FusedStep.generic_steps counts such steps)", reason)
-        self.engine.flush()
         self._restore_step_tensors()
         self._members = None  # the optimizer creates and replaces its own state meanwhile
-        self.opt.step()
-        self.engine.update()
 
     def _restore_step_tensors(self) -> None:
         """Before torch's own step: a param group with fused=True or capturable keeps its
@@ -354,13 +289,10 @@ class FusedStep:
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Finish the EMA update that the last fused step left pending."""
-        try:
-            for drv in self._drivers or ():
-                drv.flush()
-        except Exception:
-            self.engine.set_pending_flush(self.flush, self.pending_stats)  # still pending: never dropped silently
-            raise
+        """Finish the EMA update that the last fused step left pending (each driver's
+        flush is a no-op where nothing is pending, so a retry after an error is safe)."""
+        for drv in self._drivers or ():
+            drv.flush()
 
     def pending_stats(self):
         """This step's (alpha, skips) per engine group, decided on the device from the
@@ -368,12 +300,12 @@ class FusedStep:
         return [drv.pending_stats() for drv in self._drivers or ()]
 
 
-def _driver(members: GroupMembers):
+def _driver(group, members: GroupMembers) -> FusedDriver:
     """The fused-kernel driver of one engine group: CPU (native C) or Triton."""
-    if members.engine_group.backend_name == "triton":
-        from cl_core.kernels.triton_fused import TritonFusedGroup
+    if group.backend_name == "triton":
+        from cl_core.dema.fused_triton import TritonFusedGroup
 
         return TritonFusedGroup(members)
-    from cl_core.kernels.cpu_fused import CpuFusedDriver
+    from cl_core.dema.fused_cpu import CpuFusedDriver
 
     return CpuFusedDriver(members)

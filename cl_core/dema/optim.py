@@ -115,7 +115,8 @@ class DEMAOptimizer(torch.optim.Optimizer):
         return engine
 
     def _build_fused(self, engine):
-        """The one-pass optimizer+DEMA step where the inner optimizer allows it (issue 6)."""
+        """The one-pass optimizer+DEMA step where the inner optimizer allows it, handed to
+        the engine (which owns the state and decides when to finish a pending update)."""
         if self._fused_arg is False:
             return None
         from cl_core.dema.fused import FusedStep, unsupported_reason
@@ -124,7 +125,10 @@ class DEMAOptimizer(torch.optim.Optimizer):
             reason = unsupported_reason(self.inner, engine)
             if reason is not None:
                 raise ValueError(f"DEMAOptimizer(fused=True): {reason}; use fused='auto' to fall back")
-        return FusedStep.create(self.inner, engine)
+        fused = FusedStep.create(self.inner, engine)
+        if fused is not None:
+            engine.attach_one_pass(fused)
+        return fused
 
     # ------------------------------------------------------------------ optimizer API
 
@@ -198,18 +202,30 @@ class DEMAOptimizer(torch.optim.Optimizer):
         return self._fused_driver() is not None
 
     def _step_fused(self, closure=None):
-        # One sweep per step: the optimizer update and DEMA together (cl_core/dema/fused.py).
-        # FusedStep checks the gradients first and takes the generic path for a step whose
-        # gradients its kernels cannot read (sparse, another dtype, non-contiguous).
+        # One sweep per step: the optimizer update and DEMA together (cl_core/dema/fused.py),
+        # run by the engine. The one-pass step checks the gradients first and refuses a step
+        # whose gradients its kernels cannot read (sparse, another dtype, non-contiguous):
+        # that step takes the generic path.
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._fused.step()
+        if self.engine.one_pass_update() is not None:  # refused (said and counted by the fused step)
+            self.inner.step()
+            self.engine.update()
         # The inner optimizer's step() did not run; an LR scheduler built on the inner
         # optimizer checks this flag and would warn that it stepped before the optimizer.
         self.inner._opt_called = True
         return loss
+
+    def _step_generic_because(self, reason: str) -> None:
+        """One step of a fused optimizer on the generic path for `reason` (what a refused
+        one-pass step does): counted and said, the pending EMA update finished, then the
+        optimizer step and a DEMA pass."""
+        self._fused.before_generic_step(reason)
+        self.engine.flush()
+        self.inner.step()
+        self.engine.update()
 
     def _step_generic(self, closure=None):
         # The separate-pass path: any inner optimizer, then one engine update.

@@ -1,7 +1,8 @@
 """Named layouts of the DEMA and fused-step kernels: the one list of codes, table rows,
 hyper-parameter slots and flag rows that the Triton kernels (triton_dema.py,
-triton_fused.py), the host code that fills their tables (cl_core/dema/fused.py) and
-the C kernels (csrc/, which mirror these numbers) share.
+triton_fused.py), the engine code that fills their tables (cl_core/dema/fused.py,
+fused_cpu.py, fused_triton.py, backends/triton_backend.py) and the C kernels (csrc/, which
+mirror these numbers) share.
 
 Plain Python ints: a Triton kernel reads them as module attributes (`L.P_A`), which
 Triton folds into compile-time constants; the host uses them as indices. Change a number

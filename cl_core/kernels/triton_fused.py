@@ -1,5 +1,6 @@
-"""Triton kernels of the one-pass optimizer step + DEMA (one launch per step), and the
-fused group that launches them for one (device, dtype) group of a DEMA engine.
+"""Triton kernels of the one-pass optimizer step + DEMA (one launch per step) and their
+launchers; the engine's driver of one (device, dtype) group (cl_core/dema/fused_triton.py,
+`TritonFusedGroup`) builds the tables and calls them.
 
 Each program sweeps one tile (TILE elements) of one tensor. Per element it finishes the
 previous step's EMA update, applies Adam/AdamW/SGD exactly as torch orders the maths,
@@ -12,8 +13,8 @@ so no second launch is needed. Per-tensor flags are double-buffered by step pari
 (read [r], written [w] by the tensor's first tile), so no program reads what another
 program of the same launch writes (tests/test_program_order.py runs the programs in
 shuffled order). The engine's canonical state (started, has_prev, d, alpha, skips) is
-written by `flush` (only when the EMA is read); `alpha` and `skips` are kept current by
-every step.
+written by the driver's flush (only when the EMA is read); `alpha` and `skips` are kept
+current by every step.
 
 Tables (names in kernels/layouts.py): a static per-tensor table (addresses of θ, the
 optimizer state, θ*, g_prev; numel; param group; first tile), built when the group's
@@ -34,9 +35,6 @@ the vector width, decided on the host per step) all θ, g, m, v, θ*, g_prev acc
 """
 from __future__ import annotations
 
-import functools
-import logging
-import operator
 import os
 
 import torch
@@ -45,8 +43,6 @@ import triton.language as tl
 
 from cl_core.kernels import layouts as L
 from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to
-
-log = logging.getLogger(__name__)
 
 # Launch shape. Each thread owns VEC contiguous elements per iteration: VEC = 16 bytes /
 # element size, so a thread's θ, g, m, v access is one 128-bit load/store (θ*, g_prev:
@@ -366,244 +362,48 @@ def _fused_pending_kernel(
 
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_PTR = torch.Tensor.data_ptr
-_DTYPE = operator.attrgetter("dtype")
+DTYPES = tuple(_TL)  # parameter dtypes the kernels take
 
 
-def _or_all(values) -> int:
-    return functools.reduce(operator.or_, values, 0)
-
-
-class TritonFusedGroup:
-    """The fused group of one (device, dtype) engine group on the Triton kernels; the
-    per-step interface is documented in cl_core/dema/fused.py."""
-
-    def __init__(self, members):
-        from cl_core.dema.fused import check_tensors
-
-        self._check = check_tensors
-        self.members = members
-        eg = members.engine_group
-        self.state, self.device, self.dtype = eg.state, eg.device, eg.dtype
-        s, dev, n = eg.state, eg.device, len(eg.state)
-        self.n = n
-        tile0 = [0]
-        for k in s.numels:
-            tile0.append(tile0[-1] + (k + TILE - 1) // TILE)
-        self.n_tiles = tile0[-1]
-        self.tile0 = tile0[:-1]
-        self.tile_tensor = torch.tensor([t for t, k in enumerate(s.numels) for _ in range((k + TILE - 1) // TILE)],
-                                        dtype=torch.int32, device=dev)
-        self.stab = torch.zeros(L.N_STATIC, max(1, n), dtype=torch.int64, device=dev)
-        self.part = torch.zeros(2, max(1, self.n_tiles), L.N_PART, dtype=torch.float32, device=dev)
-        self.flags = torch.zeros(2, L.N_FLAGS, max(1, n), dtype=torch.int32, device=dev)
-        self.dcarry = torch.zeros(2, max(1, n), dtype=torch.float32, device=dev)
-        self.upload = None  # device copy of this step's dynamic table + hyper rows (one H2D copy)
-        self.parity = 0
-        self._dirty = True  # the canonical state is newer than the flags
-        # (param addresses, dtype, members object, members.version) the static table
-        # describes: a new members object (optimizer state loaded) restarts its version
-        self._built = None
-        self._static_aligned = False
-        self._pending = False  # a step ran since the last flush
-        self.unaligned_steps = 0  # steps that took the general (unaligned) kernel
-        # θ* and g_prev in fp32, or (DEMAConfig(ema_dtype="param")) in the parameters'
-        # 16-bit dtype: then the kernels run with EMA_IN_PARAM_DTYPE, and only for
-        # parameters of exactly that dtype (prepare() refuses any other).
-        self.ema_dtype = s.ema_dtype
-        self.ema_in_param_dtype = s.ema_dtype != torch.float32
-
-    # ------------------------------------------------------------------ tables
-    def _build_static(self, ptrs, dtype) -> str | None:
-        """The per-tensor static table for parameters at `ptrs` of `dtype` (on a rebuild
-        the optimizer state is checked too: the kernel reads it as `dtype`)."""
-        mem, s, dev = self.members, self.state, self.device
-        for x in list(mem.exp_avg) + list(mem.exp_avg_sq):
-            if x is not None and (x.dtype != dtype or x.device != dev or not x.is_contiguous()):
-                return f"optimizer state of dtype {x.dtype} on {x.device} does not match the parameters ({dtype} on {dev})"
-        for k, (x, p) in enumerate(zip(mem.exp_avg, mem.params)):
-            if x is not None and x.numel() != p.numel():
-                return f"optimizer state of tensor {k} has {x.numel()} elements, its parameter {p.numel()}"
-        m = [ptrs[k] if x is None else x.data_ptr() for k, x in enumerate(mem.exp_avg)]
-        v = [ptrs[k] if x is None else x.data_ptr() for k, x in enumerate(mem.exp_avg_sq)]
-        e = [x.data_ptr() for x in s.ema_views]
-        gp = [x.data_ptr() for x in s.gprev_views] if s.gprev_views is not None else e
-        rows = [None] * L.N_STATIC
-        rows[L.S_PARAM], rows[L.S_EXP_AVG], rows[L.S_EXP_AVG_SQ] = ptrs, m, v
-        rows[L.S_EMA], rows[L.S_GRAD_PREV] = e, gp
-        rows[L.S_NUMEL], rows[L.S_GROUP], rows[L.S_TILE0] = s.numels, mem.param_group, self.tile0
-        self.stab.copy_(torch.tensor(rows, dtype=torch.int64))
-        vec = 16 // torch.empty(0, dtype=dtype).element_size()
-        # 128-bit accesses need 16-byte aligned addresses and numels that are a multiple
-        # of the vector width (then the views of θ*, g_prev, fp32 or 16-bit, are aligned too).
-        self._static_aligned = (_or_all(ptrs + m + v + e + gp) & 15) == 0 and all(k % vec == 0 for k in s.numels)
-        self.dtype = dtype
-        self._built = (ptrs, dtype, mem, mem.version)
-        return None
-
-    # ------------------------------------------------------------------ the interface
-    def prepare(self, batch) -> str | None:
-        mem = self.members
-        dtypes = set(map(_DTYPE, mem.params))
-        if len(dtypes) != 1 or next(iter(dtypes)) not in _TL:
-            return f"the parameters of one group have dtypes {sorted(map(str, dtypes))}; the fused kernel needs one of float32/bfloat16/float16"
-        dtype = next(iter(dtypes))
-        reason = self._check(mem.params, batch.grads, dtype, self.device, batch.has_all_grads, self.ema_dtype)
-        if reason is not None:
-            return reason
-        # The tiles were laid out for these element counts: a parameter or gradient given
-        # other storage of another size (p.data = x[:k]) must never be swept past its end.
-        numels = self.state.numels
-        if list(map(torch.Tensor.numel, mem.params)) != numels or any(
-                g is not None and g.numel() != n for g, n in zip(batch.grads, numels)):
-            return "a parameter or gradient no longer has the element count the tables were built for"
-        ptrs = list(map(_PTR, mem.params))
-        if (self._built is None or self._built[0] != ptrs or self._built[1] != dtype or self._built[2] is not mem
-                or self._built[3] != mem.version):
-            if self._built is not None and self._built[1] != dtype:
-                log.info("fused DEMA step: parameters are now %s (tables were built for %s); rebuilt", dtype, self._built[1])
-            return self._build_static(ptrs, dtype)
-        return None
-
-    def step(self, batch) -> None:
-        s, mem, n = self.state, self.members, self.n
-        if n == 0:
-            return
-        if self._built is None or self._built[2] is not mem or self._built[3] != mem.version:  # new optimizer state
-            reason = self._build_static(list(map(_PTR, mem.params)), self.dtype)
-            if reason is not None:
-                raise RuntimeError(f"fused DEMA step: {reason}")
-        if self._dirty:
-            self._from_canonical()
-        grads = batch.grads
-        ptrs = self._built[0]
-        if batch.has_all_grads:
-            gptr = list(map(_PTR, grads))
-        else:  # θ's address for a missing gradient: valid, never read (DF_HAS_GRAD off)
-            gptr = [ptrs[k] if g is None else g.data_ptr() for k, g in enumerate(grads)]
-        aligned = self._static_aligned and (_or_all(gptr) & 15) == 0
-        if not aligned:
-            self.unaligned_steps += 1
-        # One staging buffer, one host-to-device copy: the dynamic table then the hyper
-        # rows (float64 bits). Fresh pinned memory per step: torch's host allocator reuses
-        # a block only after the copy that read it has finished.
-        n_hyper = batch.hyper.numel()
-        cuda = self.device.type == "cuda"
-        staging = torch.empty(L.N_DYNAMIC * n + n_hyper, dtype=torch.int64, pin_memory=cuda)
-        st = staging.numpy()
-        st[L.D_GRAD * n:(L.D_GRAD + 1) * n] = gptr
-        if mem.steps is not None:
-            st[L.D_STEP * n:(L.D_STEP + 1) * n] = mem.steps.numpy()
-        else:
-            st[L.D_STEP * n:(L.D_STEP + 1) * n] = 0
-        fl = st[L.D_FLAGS * n:(L.D_FLAGS + 1) * n]
-        if batch.has_all_grads:
-            fl[:] = L.DF_HAS_GRAD
-        else:
-            fl[:] = [0 if g is None else L.DF_HAS_GRAD for g in grads]
-        for k in batch.first:
-            fl[k] |= L.DF_FIRST
-        st[L.N_DYNAMIC * n:].view("float64")[:] = batch.hyper.numpy().reshape(-1)
-        if self.upload is None or self.upload.numel() != staging.numel():
-            self.upload = torch.empty(staging.numel(), dtype=torch.int64, device=self.device)
-        self.upload.copy_(staging, non_blocking=cuda)
-        dyn = self.upload[: L.N_DYNAMIC * n]
-        hyper = self.upload[L.N_DYNAMIC * n:].view(torch.float64)
-        formula, scale, fallback, beta = batch.consts
-        w, r = self.parity, 1 - self.parity
-        vec, block, iters = launch_shape(torch.empty(0, dtype=self.dtype).element_size(), aligned)
-        if self.n_tiles:
-            _fused_step_kernel[(self.n_tiles,)](
-                self.tile_tensor, self.stab, dyn, hyper, self.part[r], self.part[w], self.flags[r], self.flags[w],
-                self.dcarry[r], self.dcarry[w], s.alpha, s.skips, n, self.n_tiles, formula, scale, fallback, beta,
-                DTYPE=_TL[self.dtype], KIND=batch.kind, ALIGNED=aligned, EMA_IN_PARAM_DTYPE=self.ema_in_param_dtype,
-                VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
-            )
-        self.parity = r
-        self._consts = batch.consts
-        self._pending = True
-
-    def _from_canonical(self) -> None:
-        s, r = self.state, 1 - self.parity
-        self.flags[r].zero_()
-        self.flags[r, L.F_STARTED, : self.n].copy_(s.started)
-        self.flags[r, L.F_HAS_PREV, : self.n].copy_(s.has_prev)
-        self.dcarry[r, : self.n].copy_(s.d)
-        self._dirty = False
-
-    def _theta_table(self):
-        """Addresses of θ for the flush, as the tables assumed (dtype, device,
-        contiguity); temporary converted copies where the parameters changed since."""
-        mem = self.members
-        ptrs = list(map(_PTR, mem.params))
-        if ptrs == self._built[0] and all(p.dtype == self.dtype and p.device == self.device for p in mem.params):
-            return self.stab[L.S_PARAM], None
-        try:
-            tmp = [p.detach().to(device=self.device, dtype=self.dtype).contiguous() for p in mem.params]
-        except (RuntimeError, NotImplementedError) as exc:
-            raise RuntimeError(
-                "DEMA: the EMA update left pending by the last fused step needs the parameters' values, "
-                f"but they cannot be read on {self.device} any more ({exc}); read the EMA (engine.flush()) "
-                "before moving the parameters"
-            ) from exc
-        return torch.tensor([t.data_ptr() for t in tmp], dtype=torch.int64, device=self.device), tmp
-
-    def flush(self) -> None:
-        """Finish the pending EMA update and write the engine's canonical state."""
-        s, n = self.state, self.n
-        if n == 0 or self._dirty or not self._pending or self.n_tiles == 0:
-            return
-        theta, keep = self._theta_table()
-        formula, scale, fallback, beta = self._consts
-        w, r = self.parity, 1 - self.parity
-        aligned = self._static_aligned and keep is None
-        vec, block, iters = launch_shape(torch.empty(0, dtype=self.dtype).element_size(), aligned)
-        self.part[w].zero_()
-        _fused_flush_kernel[(self.n_tiles,)](
-            self.tile_tensor, self.stab, theta, self.part[r], self.part[w], self.flags[r], self.dcarry[r], s.alpha,
-            s.skips, n, self.n_tiles, formula, scale, fallback, beta, DTYPE=_TL[self.dtype], ALIGNED=aligned,
-            EMA_IN_PARAM_DTYPE=self.ema_in_param_dtype, VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
+# ---------------------------------------------------------------------- launchers
+# Each takes the group's tables and buffers as tensors and the config as scalars; the
+# engine's Triton driver (cl_core/dema/fused_triton.py) owns and fills them. `r`/`w` of a
+# double-buffered table are the halves the previous step wrote and this one writes.
+def step(n_tiles: int, tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha,
+         skips, T: int, formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype, kind: int,
+         aligned: bool, ema_in_param_dtype: bool) -> None:
+    """The one-pass optimizer + DEMA sweep of one step (grid = tiles)."""
+    vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
+    if n_tiles:
+        _fused_step_kernel[(n_tiles,)](
+            tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha, skips, T,
+            n_tiles, formula, scale, fallback, beta, DTYPE=_TL[dtype], KIND=kind, ALIGNED=aligned,
+            EMA_IN_PARAM_DTYPE=ema_in_param_dtype, VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
         )
-        del keep  # the temporaries live until the launch is queued (stream order keeps them valid)
-        # Canonical per-tensor state from the flags the last step wrote (torch ops, no sync).
-        fr = self.flags[r, :, :n]
-        pend = fr[L.F_PEND]
-        idx = self.tile_tensor.long()
-        probe = torch.zeros(n, dtype=torch.float32, device=s.device)
-        probe.index_add_(0, idx, self.part[r, : self.n_tiles, L.P_B])
-        finite = probe == probe
-        started = (fr[L.F_STARTED] != 0) | ((pend == L.PEND_INIT) & finite)
-        d_flush = torch.zeros(n, dtype=torch.float32, device=s.device)
-        d_flush.index_add_(0, idx, self.part[w, : self.n_tiles, L.P_D])
-        d_prev = torch.zeros_like(d_flush)
-        d_prev.index_add_(0, idx, self.part[r, : self.n_tiles, L.P_D])
-        if self.ema_in_param_dtype:  # the norm d is a number of the EMA dtype, as in the kernels
-            d_flush = d_flush.to(self.ema_dtype).float()
-            d_prev = d_prev.to(self.ema_dtype).float()
-        d_in = torch.where(fr[L.F_APPLIED] != 0, d_prev, self.dcarry[r, :n])
-        applied_now = (pend == L.PEND_EMA) & finite
-        d = torch.where(applied_now, d_flush, torch.where(pend == L.PEND_INIT, 0.0, d_in))
-        s.started.copy_(started.to(torch.uint8))
-        s.has_prev.copy_(fr[L.F_HAS_PREV].to(torch.uint8))
-        s.d.copy_(d)
-        self._dirty = True
-        self._pending = False
 
-    def pending_stats(self):
-        """(alpha, skips) of the pending step, decided on the device (one small launch
-        over the tensors, no host sync, the EMA untouched); None when nothing is pending."""
-        s, n = self.state, self.n
-        if n == 0 or self._dirty or not self._pending or self.n_tiles == 0:
-            return None
-        formula, scale, fallback, beta = self._consts
-        r = 1 - self.parity
-        alpha = torch.empty_like(s.alpha)
-        skips = torch.empty_like(s.skips)
-        _fused_pending_kernel[(n,)](
-            self.stab, self.part[r], self.flags[r], self.dcarry[r], s.alpha, s.skips, alpha, skips, n, self.n_tiles,
-            formula, scale, fallback, beta, CHUNK=CHUNK, EMA_DTYPE=_TL[self.ema_dtype], **PENDING_LAUNCH,
+
+def flush(n_tiles: int, tile_tensor, stab, theta, part_r, part_w, flags_r, dcarry_r, alpha, skips, T: int,
+          formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype, aligned: bool,
+          ema_in_param_dtype: bool) -> None:
+    """Finish the EMA update the last step left pending (grid = tiles; θ through `theta`,
+    an int64 table of θ addresses)."""
+    vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
+    if n_tiles:
+        _fused_flush_kernel[(n_tiles,)](
+            tile_tensor, stab, theta, part_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale,
+            fallback, beta, DTYPE=_TL[dtype], ALIGNED=aligned, EMA_IN_PARAM_DTYPE=ema_in_param_dtype, VEC=vec,
+            BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
         )
-        return alpha, skips
+
+
+def pending(stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T: int, n_tiles: int, formula: int,
+            scale: float, fallback: float, beta: float, ema_dtype: torch.dtype) -> None:
+    """The decision on the pending update (α, skip count) into alpha_out/skips_out
+    (grid = tensors); the EMA and the state are not touched."""
+    _fused_pending_kernel[(T,)](
+        stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, n_tiles, formula, scale, fallback,
+        beta, CHUNK=CHUNK, EMA_DTYPE=_TL[ema_dtype], **PENDING_LAUNCH,
+    )
 
 
 # The EMA-in-parameter-dtype specialisations compiled on every test run: each dtype, each

@@ -260,7 +260,7 @@ def test_one_odd_tensor_takes_the_slow_path_alone_and_matches_reference(odd, red
     e = DEMA(params, DEMAConfig(backend="torch"), reduce_stats=reduce_stats)
     r = DEMA(ref_params, DEMAConfig(backend="reference"))
     gen = torch.Generator().manual_seed(3)
-    with caplog.at_level(logging.WARNING, logger="cl_core.kernels.cpu_dema"):
+    with caplog.at_level(logging.WARNING, logger="cl_core.dema.backends.torch_backend"):
         for step in range(5):
             for k, (p, q) in enumerate(zip(params, ref_params)):
                 delta = 0.1 * torch.randn(p.shape, generator=gen)

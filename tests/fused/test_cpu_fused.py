@@ -18,7 +18,7 @@ from cl_core import DEMAConfig, DEMAOptimizer
 from cl_core.kernels import layouts as L
 from cl_core.kernels import native
 from cl_core.kernels import cpu_fused
-from cl_core.kernels.cpu_fused import CpuFusedDriver
+from cl_core.dema.fused_cpu import CpuFusedDriver
 
 pytestmark = pytest.mark.skipif(native.load("fused") is None, reason="no C compiler: no native fused kernels")
 
@@ -357,3 +357,39 @@ def test_tensors_split_over_threads_equal_one_thread(monkeypatch):
     _close(list(fm.parameters()), list(gm.parameters()), 1e-5)
     _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 1e-5)
     torch.testing.assert_close(fo.engine.stats.alpha, go.engine.stats.alpha, rtol=2e-3, atol=1e-5)
+
+
+
+# ---------------------------------------------------------------------- betas that torch accepts, 0 included
+@pytest.mark.parametrize("betas", [(0.0, 0.999), (0.9, 0.0), (0.0, 0.0), (0.5, 0.5), (0.9, 0.999)])
+@pytest.mark.parametrize("opt_name", ["adamw", "adam"])
+def test_fused_adam_with_zero_betas_equals_torch(opt_name, betas):
+    """β1 = 0 or β2 = 0 (no moment averaging, bias correction 1) is valid for torch: the
+    fused CPU step runs (no fallback) and its parameters and moments equal torch's own
+    AdamW/Adam step; the EMA equals the generic path (torch's step, then a DEMA pass).
+    The gradients are given, not computed from the parameters: with β2 = 0 the update is
+    m / |g|, and a feedback through the model would amplify one ulp into any difference."""
+    cls = torch.optim.AdamW if opt_name == "adamw" else torch.optim.Adam
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(8, 6), (8,), (3, 8), (3,)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
+
+    def run(fused):
+        params = [torch.nn.Parameter(x.clone()) for x in start]
+        inner = cls(params, lr=1e-2, betas=betas, weight_decay=0.1)
+        opt = inner if fused is None else DEMAOptimizer(inner, fused=fused)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        return opt, params
+
+    (fo, fp), (go, gp), (to, tp) = run(True), run(False), run(None)
+    assert fo.fused and fo._fused.generic_steps == 0
+    _close(fp, tp, 1e-5)
+    for pf, pt in zip(fp, tp):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fo.state[pf][key], to.state[pt][key], rtol=1e-5, atol=1e-6, msg=key)
+        assert float(fo.state[pf]["step"]) == float(to.state[pt]["step"]) == len(grads)
+    _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), 1e-5)

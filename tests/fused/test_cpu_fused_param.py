@@ -42,7 +42,7 @@ OPTIMIZERS = {  # eps=1e-4: representable in fp16 (torch's 1e-8 rounds to 0 ther
     "sgd-dampening": lambda ps: torch.optim.SGD(ps, lr=2e-2, momentum=0.5, dampening=0.3),
 }
 DTYPES = [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.skipif(
-    cpu_fused._kernels(torch.float16, torch.float16) is None, reason="compiler without _Float16: no fp16 kernels"))]
+    cpu_fused.kernels(torch.float16, torch.float16) is None, reason="compiler without _Float16: no fp16 kernels"))]
 
 
 def _params(dtype, seed=0):

@@ -1,9 +1,13 @@
-"""Backend selection: which implementation runs a (device, dtype) group of the engine.
+"""The two-pass DEMA backends: their interface and the selection of the one that runs a
+(device, dtype) group of the engine.
 
 Every backend implements one interface (DEMABackend below); the engine never looks
 inside one. "reference" is the literal per-tensor maths (cl_core.dema.reference),
-"torch" the native CPU kernels with a pure-torch fallback (cl_core.kernels.cpu_dema),
-"triton" the GPU kernels (cl_core.kernels.triton_dema).
+"torch" the native CPU kernels with a pure-torch fallback (torch_backend.py, launching
+cl_core.kernels.cpu_dema), "triton" the GPU kernels (triton_backend.py, launching
+cl_core.kernels.triton_dema). A backend is built over the engine's GroupState and writes
+only that group's state tensors, in place, inside `update`; the engine's counters are
+the engine's.
 """
 from __future__ import annotations
 
@@ -42,7 +46,8 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Parameter dtypes the Triton kernels take (float64 groups run the torch backend).
+# Parameter dtypes the Triton kernels take (float64 groups run the torch backend): the
+# kernels' own DTYPES (cl_core/kernels/triton_dema.py), named here without importing triton.
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -77,9 +82,9 @@ def make_backend(name: str, state: GroupState, config: DEMAConfig, dtype: torch.
 
         return ReferenceBackend(state, config)
     if name == "triton":
-        from cl_core.kernels.triton_dema import TritonBackend
+        from cl_core.dema.backends.triton_backend import TritonBackend
 
         return TritonBackend(state, config, dtype)
-    from cl_core.kernels.cpu_dema import TorchBackend
+    from cl_core.dema.backends.torch_backend import TorchBackend
 
     return TorchBackend(state, config, dtype)
