@@ -104,14 +104,28 @@ def round_to(x, EMA_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def to_f32(x):
+    """x (float32, bfloat16 or float16) as float32, exactly. bfloat16 by moving its bits
+    (an integer shift, what the hardware conversion does): the interpreter's bfloat16 ->
+    float32 cast gets subnormals wrong (1.0e-39 -> 4.4e-39)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def to_rtne(x, DTYPE: tl.constexpr):
     """float32 x converted to DTYPE, rounded to nearest (ties to even) in the interpreter
     and compiled alike: `fp_downcast_rounding="rtne"` is ignored by the interpreter,
     which truncates on float32 -> bfloat16 (1.999 -> 1.9921875 where a GPU and torch give
     2.0), so bfloat16 is rounded by round_to's integer arithmetic first and the cast is
-    then exact. float16 casts round to nearest in both already."""
+    then exact. The bits are moved by integer bitcasts, not a float cast: the interpreter's
+    float32 -> bfloat16 cast also flushes subnormals to zero (1e-40 -> 0, a GPU and torch
+    keep 9.18e-41). float16 casts round to nearest in both already."""
     if DTYPE == tl.bfloat16:
-        return round_to(x, tl.bfloat16).to(tl.bfloat16)
+        u = round_to(x, tl.bfloat16).to(tl.uint32, bitcast=True)
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
 
@@ -175,10 +189,10 @@ def _dema_stats_kernel(
     t, offs, rem, th_ptr, g_ptr, has_g, e_ptr, gp_ptr = _block_pointers(
         blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE, EMA_DTYPE, ALIGNED, VEC, BLOCK)
     mask = offs < rem
-    th = tl.load(th_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask & _bcast(has_g, BLOCK), other=0.0).to(tl.float32)
-    e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    gprev = tl.load(gp_ptr + offs, mask=mask & _bcast(need_gp != 0, BLOCK), other=0.0).to(tl.float32)
+    th = to_f32(tl.load(th_ptr + offs, mask=mask, other=0.0))
+    g = to_f32(tl.load(g_ptr + offs, mask=mask & _bcast(has_g, BLOCK), other=0.0))
+    e = to_f32(tl.load(e_ptr + offs, mask=mask, other=0.0))
+    gprev = to_f32(tl.load(gp_ptr + offs, mask=mask & _bcast(need_gp != 0, BLOCK), other=0.0))
     row = partials + pid * L.N_STAT
     # x - x is NaN exactly where x is NaN or inf: a cheap finiteness probe.
     tl.store(row + L.ST_PROBE, tl.sum(th - th, axis=0) + tl.sum(g - g, axis=0))
@@ -250,16 +264,16 @@ def _dema_apply_kernel(
     upd = (offs < rem) & _bcast(md != L.MODE_SKIP, BLOCK)
     al = tl.load(alpha + t)
     om = 1.0 - al  # float32, as the C kernels
-    th = tl.load(th_ptr + offs, mask=upd, other=0.0).to(tl.float32)
-    e = tl.load(e_ptr + offs, mask=upd, other=0.0).to(tl.float32)
+    th = to_f32(tl.load(th_ptr + offs, mask=upd, other=0.0))
+    e = to_f32(tl.load(e_ptr + offs, mask=upd, other=0.0))
     # θ*·(1−α) + θ·α; in the EMA dtype each product and the sum rounded to it
     ema = round_to(round_to(e * om, EMA_DTYPE) + round_to(th * al, EMA_DTYPE), EMA_DTYPE)
     e_new = tl.where(_bcast(md == L.MODE_EMA, BLOCK), ema, th)
-    tl.store(e_ptr + offs, e_new.to(EMA_DTYPE), mask=upd)  # exact: e_new is a value of EMA_DTYPE
+    tl.store(e_ptr + offs, to_rtne(e_new, EMA_DTYPE), mask=upd)  # exact: e_new is a value of EMA_DTYPE
     tl.store(dpart + pid, tl.sum(tl.where(upd, tl.abs(round_to(th - e_new, EMA_DTYPE)), 0.0), axis=0))
     gm = upd & _bcast(has_g & (need_gp != 0), BLOCK)
     g = tl.load(g_ptr + offs, mask=gm, other=0.0)
-    tl.store(gp_ptr + offs, g.to(EMA_DTYPE), mask=gm)
+    tl.store(gp_ptr + offs, to_rtne(to_f32(g), EMA_DTYPE), mask=gm)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

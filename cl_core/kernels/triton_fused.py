@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from cl_core.kernels import layouts as L
-from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to, to_rtne
+from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to, to_f32, to_rtne
 
 log = logging.getLogger(__name__)
 
@@ -250,15 +250,15 @@ def _fused_step_kernel(
         gm = mask & _bcast(has_g, BLOCK)
         # The optimizer update first (θ, g, m, v live), then the EMA (θ*, g_prev): fewer
         # values live at once than loading everything up front.
-        th = tl.load(th_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32)
+        th = to_f32(tl.load(th_ptr + offs, mask=mask, other=0.0))
+        g = to_f32(tl.load(g_ptr + offs, mask=gm, other=0.0))
         if KIND == L.KIND_SGD:
             gw = g + wd * th
             bm = gm & _bcast(has_mom, BLOCK)
-            buf = tl.load(m_ptr + offs, mask=bm & _bcast(first == 0, BLOCK), other=0.0).to(tl.float32)
+            buf = to_f32(tl.load(m_ptr + offs, mask=bm & _bcast(first == 0, BLOCK), other=0.0))
             buf = to_rtne(tl.where(_bcast(first, BLOCK), gw, buf * mom + w_damp * gw), DTYPE)
             tl.store(m_ptr + offs, buf, mask=bm)
-            buf = buf.to(tl.float32)
+            buf = to_f32(buf)
             gw = tl.where(_bcast(has_mom, BLOCK), tl.where(_bcast(nesterov, BLOCK), gw + mom * buf, buf), gw)
             th2 = th - lr * gw
         else:
@@ -268,23 +268,23 @@ def _fused_step_kernel(
             else:
                 gw = g + wd * th
                 th2 = th
-            mm = tl.load(m_ptr + offs, mask=gm, other=0.0).to(tl.float32)
-            vv = tl.load(v_ptr + offs, mask=gm, other=0.0).to(tl.float32)
+            mm = to_f32(tl.load(m_ptr + offs, mask=gm, other=0.0))
+            vv = to_f32(tl.load(v_ptr + offs, mask=gm, other=0.0))
             mm = to_rtne(mm + w_m * (gw - mm), DTYPE)
             vv = to_rtne(vv * b2 + w_v * gw * gw, DTYPE)
             tl.store(m_ptr + offs, mm, mask=gm)
             tl.store(v_ptr + offs, vv, mask=gm)
             # IEEE sqrt and division, as torch (tl.sqrt is sqrt.approx.ftz: flushes a
             # subnormal v with eps=0; `/` is div.full: 2 ulp)
-            denom = tl.div_rn(tl.sqrt_rn(vv.to(tl.float32)), bc2_sqrt) + eps
-            th2 = th2 - tl.div_rn(step_size * mm.to(tl.float32), denom)
+            denom = tl.div_rn(tl.sqrt_rn(to_f32(vv)), bc2_sqrt) + eps
+            th2 = th2 - tl.div_rn(step_size * to_f32(mm), denom)
         th2 = to_rtne(tl.where(_bcast(has_g, BLOCK), th2, th), DTYPE)
         tl.store(th_ptr + offs, th2, mask=gm)
-        th2 = th2.to(tl.float32)
+        th2 = to_f32(th2)
         # Finish the previous step's EMA update with θ_t (th, before this step's update).
         # In the parameter dtype: round(round(θ*·(1−α)) + round(θ·α)) (no FMA can form
         # across the roundings); an fp32 EMA keeps the plain expression.
-        e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        e = to_f32(tl.load(e_ptr + offs, mask=mask, other=0.0))
         if EMA_IN_PARAM_DTYPE:
             e_new = round_to(round_to(e * keep_al, EDT) + round_to(th * al, EDT), EDT)
         else:
@@ -293,14 +293,14 @@ def _fused_step_kernel(
         sd += _vsum(tl.where(mask & _bcast(apply, BLOCK), tl.abs(round_to(th - e, EDT)), 0.0), BLOCK, VEC)
         e = tl.where(_bcast(init_now, BLOCK), th2, e)
         # exact: e is a DTYPE number in the parameter-dtype mode
-        tl.store(e_ptr + offs, e.to(EDT), mask=mask & _bcast(apply | init_now, BLOCK))
+        tl.store(e_ptr + offs, to_rtne(e, EDT), mask=mask & _bcast(apply | init_now, BLOCK))
         # x - x is NaN exactly where x is NaN or inf: the probe rides on b's sum.
         nm = mask & _bcast(need, BLOCK)
         sb += _vsum(tl.where(nm, tl.abs(g), 0.0) + (th2 - th2) + (g - g), BLOCK, VEC)
         sa += _vsum(tl.where(nm, tl.abs(round_to(th2 - e, EDT)), 0.0), BLOCK, VEC)
-        gprev = tl.load(gp_ptr + offs, mask=nm, other=0.0).to(tl.float32)
+        gprev = to_f32(tl.load(gp_ptr + offs, mask=nm, other=0.0))
         sc += _vsum(tl.where(nm, tl.abs(round_to(g - gprev, EDT)), 0.0), BLOCK, VEC)
-        tl.store(gp_ptr + offs, g.to(EDT), mask=gm & _bcast(need_gp, BLOCK))
+        tl.store(gp_ptr + offs, to_rtne(g, EDT), mask=gm & _bcast(need_gp, BLOCK))
     row = part_w + pid * L.N_PART
     tl.store(row + L.P_A, tl.sum(sa, axis=0))
     tl.store(row + L.P_B, tl.sum(sb, axis=0))
@@ -345,13 +345,13 @@ def _fused_flush_kernel(
         if ALIGNED:
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
         m = (offs < n) & _bcast(apply, BLOCK)
-        th = tl.load(th_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        th = to_f32(tl.load(th_ptr + offs, mask=m, other=0.0))
+        e = to_f32(tl.load(e_ptr + offs, mask=m, other=0.0))
         if EMA_IN_PARAM_DTYPE:  # as in the step kernel
             e = round_to(round_to(e * keep_al, EDT) + round_to(th * al, EDT), EDT)
         else:
             e = e * keep_al + th * al
-        tl.store(e_ptr + offs, e.to(EDT), mask=m)
+        tl.store(e_ptr + offs, to_rtne(e, EDT), mask=m)
         sd += _vsum(tl.where(m, tl.abs(round_to(th - e, EDT)), 0.0), BLOCK, VEC)
     tl.store(part_w + pid * L.N_PART + L.P_D, tl.sum(sd, axis=0))
     if pid == t0:
