@@ -46,8 +46,16 @@ from cl_core.kernels import layouts as L
 NUM_WARPS = 4
 CHUNK = 128  # partials summed per loop iteration in `decide`
 DECIDE_WARPS = 1  # decide reads 4 partials x a few blocks per tensor: one warp is plenty
-SWEEP_LAUNCH = {"num_warps": NUM_WARPS, "maxnreg": 128}  # the register budget ptxas may use
-DECIDE_LAUNCH = {"num_warps": DECIDE_WARPS}
+# enable_fp_fusion=False: no multiply-add is contracted into an FMA, stated here rather
+# than left to Triton's default (which Triton has announced will change): compiled code
+# then rounds every product and sum as the interpreter, the reference and torch's
+# unfused CPU maths do. Free in these memory-bound kernels.
+SWEEP_LAUNCH = {"num_warps": NUM_WARPS, "maxnreg": 128, "enable_fp_fusion": False}  # maxnreg: ptxas's budget
+DECIDE_LAUNCH = {"num_warps": DECIDE_WARPS, "enable_fp_fusion": False}
+# Block shapes must be compile-time constants: Triton < 3.8 rejects a plain module int in
+# `tl.zeros([CHUNK, N])` ("'int' object has no attribute 'type'"), so the layout widths
+# used as shapes are bound as tl.constexpr.
+N_STAT: tl.constexpr = tl.constexpr(L.N_STAT)
 # decide's two halves (REDUCE, DECIDE): both at once, or split around a reduce_stats hook;
 # the reducing half alone also folds d for a read of the state (canonicalize)
 DECIDE_ALL, DECIDE_REDUCE_ONLY, DECIDE_ONLY = (True, True), (True, False), (False, True)
@@ -64,7 +72,7 @@ def alpha_rule(a, b, c, d, use_dynamic, formula, scale, fallback, beta):
     """α of docs/design.md §2 from a tensor's sums (same operation order as the reference);
     `use_dynamic` is false where the formula cannot apply (no gradient or no previous
     one). `formula` is a runtime value (FORMULA_*): a few scalar operations per program."""
-    q = (1.0 + b) / (a * c)
+    q = tl.div_rn(1.0 + b, a * c)  # IEEE division (`/` compiles to div.full.f32, 2 ulp)
     dyn = tl.where(formula == L.FORMULA_OFFICIAL, q * scale, q * d)
     dyn = tl.where((dyn > 0.0) & (dyn < 1.0), dyn, fallback)
     al = tl.where(use_dynamic, dyn, fallback)
@@ -89,6 +97,33 @@ def round_to(x, EMA_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def to_f32(x):
+    """x (float32, bfloat16 or float16) as float32, exactly. bfloat16 by moving its bits
+    (an integer shift, what the hardware conversion does): the interpreter's bfloat16 ->
+    float32 cast gets subnormals wrong (1.0e-39 -> 4.4e-39)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def to_rtne(x, DTYPE: tl.constexpr):
+    """float32 x converted to DTYPE, rounded to nearest (ties to even) in the interpreter
+    and compiled alike: `fp_downcast_rounding="rtne"` is ignored by the interpreter,
+    which truncates on float32 -> bfloat16 (1.999 -> 1.9921875 where a GPU and torch give
+    2.0), so bfloat16 is rounded by round_to's integer arithmetic first and the cast is
+    then exact. The bits are moved by integer bitcasts, not a float cast: the interpreter's
+    float32 -> bfloat16 cast also flushes subnormals to zero (1e-40 -> 0, a GPU and torch
+    keep 9.18e-41). float16 casts round to nearest in both already."""
+    if DTYPE == tl.bfloat16:
+        u = round_to(x, tl.bfloat16).to(tl.uint32, bitcast=True)
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _bcast(flag, BLOCK: tl.constexpr):
     """A per-tensor scalar switch as a [BLOCK] mask. The interpreter rejects a scalar
     bool combined with a block mask; compiled, this folds away."""
@@ -97,35 +132,44 @@ def _bcast(flag, BLOCK: tl.constexpr):
 
 @triton.jit
 def _block_of_program(blk_tensor, blk0, BLOCK: tl.constexpr):
-    """(t, offsets) of this program's block."""
+    """(t, start): this program's tensor and the 64-bit element offset of its block. In
+    int32, (pid − blk0)·BLOCK wraps at 2^31 elements (a stacked MoE weight, a large
+    embedding) and the mask would still pass: the offset is formed in int64, once per
+    program, and the pointers are advanced by it, so the per-element offsets stay 32-bit."""
     pid = tl.program_id(0)
     t = tl.load(blk_tensor + pid)
-    start = (pid - tl.load(blk0 + t)) * BLOCK
-    return t, start + tl.arange(0, BLOCK)
+    start = (pid - tl.load(blk0 + t)).to(tl.int64) * BLOCK
+    return t, start
 
 
 @triton.jit
 def _block_pointers(blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE: tl.constexpr,
                     EMA_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
                     BLOCK: tl.constexpr):
-    """This program's block of its tensor t: (t, offsets, numel, θ, g, has_g, θ*, g_prev
-    pointers). On the ALIGNED path the addresses and sizes carry the alignment and
-    contiguity the host checked, so the compiler emits 128-bit accesses."""
-    t, offs = _block_of_program(blk_tensor, blk0, BLOCK)
-    n = tl.load(numel + t)
-    th_ptr = tl.load(dyn_tab + L.DT_PARAM * T + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(dyn_tab + L.DT_GRAD * T + t).to(tl.pointer_type(DTYPE))
+    """This program's block of its tensor t: (t, offsets, rem, θ, g, has_g, θ*, g_prev
+    pointers), the pointers at the block's first element, offsets 0..BLOCK−1 and `rem`
+    the elements left in the tensor from there (mask: offs < rem). On the ALIGNED path
+    the addresses and sizes carry the alignment and contiguity the host checked, so the
+    compiler emits 128-bit accesses."""
+    t, start = _block_of_program(blk_tensor, blk0, BLOCK)
+    # at most BLOCK matter: the clamp makes the remainder a 32-bit number
+    rem = tl.minimum(tl.load(numel + t) - start, BLOCK).to(tl.int32)
+    th_ptr = tl.load(dyn_tab + L.DT_PARAM * T + t).to(tl.pointer_type(DTYPE)) + start
+    g_ptr = tl.load(dyn_tab + L.DT_GRAD * T + t).to(tl.pointer_type(DTYPE)) + start
     has_g = tl.load(dyn_tab + L.DT_HAS_GRAD * T + t) != 0
-    e_ptr = tl.load(e_tab + t).to(tl.pointer_type(EMA_DTYPE))
-    gp_ptr = tl.load(gp_tab + t).to(tl.pointer_type(EMA_DTYPE))
+    e_ptr = tl.load(e_tab + t).to(tl.pointer_type(EMA_DTYPE)) + start
+    gp_ptr = tl.load(gp_tab + t).to(tl.pointer_type(EMA_DTYPE)) + start
+    offs = tl.arange(0, BLOCK)
     if ALIGNED:
+        # start is a multiple of BLOCK (a multiple of VEC): the advanced addresses keep
+        # the 16-byte alignment of the tensors'
         th_ptr = tl.multiple_of(th_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         e_ptr = tl.multiple_of(e_ptr, 16)
         gp_ptr = tl.multiple_of(gp_ptr, 16)
-        n = tl.multiple_of(n, VEC)
+        rem = tl.multiple_of(rem, VEC)
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    return t, offs, n, th_ptr, g_ptr, has_g, e_ptr, gp_ptr
+    return t, offs, rem, th_ptr, g_ptr, has_g, e_ptr, gp_ptr
 
 
 @triton.jit(do_not_specialize=["T", "need_gp"])
@@ -135,13 +179,13 @@ def _dema_stats_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    t, offs, n, th_ptr, g_ptr, has_g, e_ptr, gp_ptr = _block_pointers(
+    t, offs, rem, th_ptr, g_ptr, has_g, e_ptr, gp_ptr = _block_pointers(
         blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE, EMA_DTYPE, ALIGNED, VEC, BLOCK)
-    mask = offs < n
-    th = tl.load(th_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask & _bcast(has_g, BLOCK), other=0.0).to(tl.float32)
-    e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    gprev = tl.load(gp_ptr + offs, mask=mask & _bcast(need_gp != 0, BLOCK), other=0.0).to(tl.float32)
+    mask = offs < rem
+    th = to_f32(tl.load(th_ptr + offs, mask=mask, other=0.0))
+    g = to_f32(tl.load(g_ptr + offs, mask=mask & _bcast(has_g, BLOCK), other=0.0))
+    e = to_f32(tl.load(e_ptr + offs, mask=mask, other=0.0))
+    gprev = to_f32(tl.load(gp_ptr + offs, mask=mask & _bcast(need_gp != 0, BLOCK), other=0.0))
     row = partials + pid * L.N_STAT
     # x - x is NaN exactly where x is NaN or inf: a cheap finiteness probe.
     tl.store(row + L.ST_PROBE, tl.sum(th - th, axis=0) + tl.sum(g - g, axis=0))
@@ -162,8 +206,8 @@ def _dema_decide_kernel(
         b_lo = tl.load(blk0 + t)
         b_hi = tl.load(blk0 + t + 1)
         rows = tl.arange(0, CHUNK)[:, None]
-        cols = tl.arange(0, L.N_STAT)[None, :]
-        acc = tl.zeros([CHUNK, L.N_STAT], dtype=tl.float32)
+        cols = tl.arange(0, N_STAT)[None, :]
+        acc = tl.zeros([CHUNK, N_STAT], dtype=tl.float32)
         acc_d = tl.zeros([CHUNK], dtype=tl.float32)
         for j in range(b_lo, b_hi, CHUNK):
             idx = j + rows
@@ -171,7 +215,7 @@ def _dema_decide_kernel(
             idx1 = j + tl.arange(0, CHUNK)
             acc_d += tl.load(dpart + idx1, mask=idx1 < b_hi, other=0.0)
         s = tl.sum(acc, axis=0)
-        c1 = tl.arange(0, L.N_STAT)
+        c1 = tl.arange(0, N_STAT)
         probe = tl.sum(tl.where(c1 == L.ST_PROBE, s, 0.0), axis=0)
         # d of the previous update lives in its apply's partials, unless that update
         # skipped this tensor (then d keeps its value). Norms are numbers of the EMA
@@ -207,22 +251,22 @@ def _dema_apply_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    t, offs, n, th_ptr, g_ptr, has_g, e_ptr, gp_ptr = _block_pointers(
+    t, offs, rem, th_ptr, g_ptr, has_g, e_ptr, gp_ptr = _block_pointers(
         blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, T, DTYPE, EMA_DTYPE, ALIGNED, VEC, BLOCK)
     md = tl.load(mode + t)
-    upd = (offs < n) & _bcast(md != L.MODE_SKIP, BLOCK)
+    upd = (offs < rem) & _bcast(md != L.MODE_SKIP, BLOCK)
     al = tl.load(alpha + t)
     om = 1.0 - al  # float32, as the C kernels
-    th = tl.load(th_ptr + offs, mask=upd, other=0.0).to(tl.float32)
-    e = tl.load(e_ptr + offs, mask=upd, other=0.0).to(tl.float32)
+    th = to_f32(tl.load(th_ptr + offs, mask=upd, other=0.0))
+    e = to_f32(tl.load(e_ptr + offs, mask=upd, other=0.0))
     # θ*·(1−α) + θ·α; in the EMA dtype each product and the sum rounded to it
     ema = round_to(round_to(e * om, EMA_DTYPE) + round_to(th * al, EMA_DTYPE), EMA_DTYPE)
     e_new = tl.where(_bcast(md == L.MODE_EMA, BLOCK), ema, th)
-    tl.store(e_ptr + offs, e_new.to(EMA_DTYPE), mask=upd)  # exact: e_new is a value of EMA_DTYPE
+    tl.store(e_ptr + offs, to_rtne(e_new, EMA_DTYPE), mask=upd)  # exact: e_new is a value of EMA_DTYPE
     tl.store(dpart + pid, tl.sum(tl.where(upd, tl.abs(round_to(th - e_new, EMA_DTYPE)), 0.0), axis=0))
     gm = upd & _bcast(has_g & (need_gp != 0), BLOCK)
     g = tl.load(g_ptr + offs, mask=gm, other=0.0)
-    tl.store(gp_ptr + offs, g.to(EMA_DTYPE), mask=gm)
+    tl.store(gp_ptr + offs, to_rtne(to_f32(g), EMA_DTYPE), mask=gm)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

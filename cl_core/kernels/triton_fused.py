@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from cl_core.kernels import layouts as L
-from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to
+from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to, to_f32, to_rtne
 
 # Launch shape. Each thread owns VEC contiguous elements per iteration: VEC = 16 bytes /
 # element size, so a thread's θ, g, m, v access is one 128-bit load/store (θ*, g_prev:
@@ -60,10 +60,15 @@ NUM_WARPS = 4
 # there (seen on the general path); telling it the real budget keeps every
 # specialisation spill-free at <= 128 (tests/test_triton_compile.py).
 MAX_REGISTERS = 128
-LAUNCH = {"num_warps": NUM_WARPS, "maxnreg": MAX_REGISTERS}
-PENDING_LAUNCH = {"num_warps": 1}  # one tensor per program, a few dozen partials
+# FMA contraction off, stated (not left to Triton's default, announced to change): with
+# IEEE sqrt and division below, compiled code rounds each operation as the interpreter,
+# the reference and torch's CPU AdamW do.
+LAUNCH = {"num_warps": NUM_WARPS, "maxnreg": MAX_REGISTERS, "enable_fp_fusion": False}
+PENDING_LAUNCH = {"num_warps": 1, "enable_fp_fusion": False}  # one tensor per program, a few dozen partials
 TILE = 16384  # elements per program: few partials per tensor, ~1,250 programs per LoRA-7B step
 CHUNK = 64  # partial rows summed per iteration in the pending decision
+# a block-shape width must be a tl.constexpr for Triton < 3.8 (see triton_dema.N_STAT)
+N_PART: tl.constexpr = tl.constexpr(L.N_PART)
 
 
 def launch_shape(elem_size: int, aligned: bool) -> tuple[int, int, int]:
@@ -86,13 +91,13 @@ def _vsum(x, BLOCK: tl.constexpr, VEC: tl.constexpr):
 def _tile_sums(part, t0, t1, CHUNK: tl.constexpr):
     """Column sums of rows t0..t1 of a [tiles, N_PART] partials table: (a, b, c, d)."""
     rows = tl.arange(0, CHUNK)[:, None]
-    cols = tl.arange(0, L.N_PART)[None, :]
-    acc = tl.zeros([CHUNK, L.N_PART], dtype=tl.float32)
+    cols = tl.arange(0, N_PART)[None, :]
+    acc = tl.zeros([CHUNK, N_PART], dtype=tl.float32)
     for j in range(t0, t1, CHUNK):
         idx = j + rows
         acc += tl.load(part + idx * L.N_PART + cols, mask=(idx < t1) & (cols >= 0), other=0.0)
     s = tl.sum(acc, axis=0)
-    c1 = tl.arange(0, L.N_PART)
+    c1 = tl.arange(0, N_PART)
     a = tl.sum(tl.where(c1 == L.P_A, s, 0.0), axis=0)
     b = tl.sum(tl.where(c1 == L.P_B, s, 0.0), axis=0)
     c = tl.sum(tl.where(c1 == L.P_C, s, 0.0), axis=0)
@@ -111,11 +116,13 @@ def _tiles_of(stab, t, T, n_tiles):
 
 @triton.jit
 def _tile_of_program(tile_tensor, stab, T, n_tiles, TILE: tl.constexpr):
-    """(t, t0, t1, start): this program's tensor, its tile range and the tile's offset."""
+    """(t, t0, t1, start): this program's tensor, its tile range and the tile's element
+    offset, in int64: (pid − t0)·TILE wraps in int32 at 2^31 elements. The callers
+    advance their pointers by it once, so per-element offsets stay 32-bit."""
     pid = tl.program_id(0)
     t = tl.load(tile_tensor + pid)
     t0, t1 = _tiles_of(stab, t, T, n_tiles)
-    return t, t0, t1, (pid - t0) * TILE
+    return t, t0, t1, (pid - t0).to(tl.int64) * TILE
 
 
 @triton.jit
@@ -173,14 +180,16 @@ def _fused_step_kernel(
     init_now = started == 0
     hp = tl.load(flags_r + L.F_HAS_PREV * T + t) != 0
     need_gp = formula != L.FORMULA_FIXED
-    n = tl.load(stab + L.S_NUMEL * T + t)
-    th_ptr = tl.load(stab + L.S_PARAM * T + t).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(stab + L.S_EXP_AVG * T + t).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(stab + L.S_EXP_AVG_SQ * T + t).to(tl.pointer_type(DTYPE))
-    e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(EDT))
-    gp_ptr = tl.load(stab + L.S_GRAD_PREV * T + t).to(tl.pointer_type(EDT))
+    # Pointers at this tile's first element (64-bit `start`); n: the elements left from
+    # there, at most a tile, a 32-bit number.
+    n = tl.minimum(tl.load(stab + L.S_NUMEL * T + t) - start, BLOCK * ITERS).to(tl.int32)
+    th_ptr = tl.load(stab + L.S_PARAM * T + t).to(tl.pointer_type(DTYPE)) + start
+    m_ptr = tl.load(stab + L.S_EXP_AVG * T + t).to(tl.pointer_type(DTYPE)) + start
+    v_ptr = tl.load(stab + L.S_EXP_AVG_SQ * T + t).to(tl.pointer_type(DTYPE)) + start
+    e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(EDT)) + start
+    gp_ptr = tl.load(stab + L.S_GRAD_PREV * T + t).to(tl.pointer_type(EDT)) + start
     hrow = hyper + tl.load(stab + L.S_GROUP * T + t) * L.N_HYPER
-    g_ptr = tl.load(dyn + L.D_GRAD * T + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(dyn + L.D_GRAD * T + t).to(tl.pointer_type(DTYPE)) + start
     dflags = tl.load(dyn + L.D_FLAGS * T + t)
     has_g = (dflags & L.DF_HAS_GRAD) != 0
     if ALIGNED:
@@ -214,7 +223,7 @@ def _fused_step_kernel(
         bc1 = 1.0 - tl.exp(step * tl.load(hrow + L.H_LOG_BETA1))
         bc2 = 1.0 - tl.exp(step * tl.load(hrow + L.H_LOG_BETA2))
         step_size = (lr64 / bc1).to(tl.float32)
-        bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
+        bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # fp64: sqrt.rn.f64 (IEEE) already
         eps = tl.load(hrow + L.H_EPS).to(tl.float32)
         decay = (1.0 - lr64 * wd64).to(tl.float32)
         beta1 = tl.load(hrow + L.H_BETA1)
@@ -229,23 +238,23 @@ def _fused_step_kernel(
     sc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
     sd = tl.zeros([BLOCK // VEC], dtype=tl.float32)
     # Only the blocks this tile covers (a small tensor's tile is mostly past its end).
-    for it in range(0, tl.minimum(tl.cdiv(n - start, BLOCK), ITERS)):
-        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+    for it in range(0, tl.minimum(tl.cdiv(n, BLOCK), ITERS)):
+        offs = it * BLOCK + tl.arange(0, BLOCK)
         if ALIGNED:
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
         mask = offs < n
         gm = mask & _bcast(has_g, BLOCK)
         # The optimizer update first (θ, g, m, v live), then the EMA (θ*, g_prev): fewer
         # values live at once than loading everything up front.
-        th = tl.load(th_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=gm, other=0.0).to(tl.float32)
+        th = to_f32(tl.load(th_ptr + offs, mask=mask, other=0.0))
+        g = to_f32(tl.load(g_ptr + offs, mask=gm, other=0.0))
         if KIND == L.KIND_SGD:
             gw = g + wd * th
             bm = gm & _bcast(has_mom, BLOCK)
-            buf = tl.load(m_ptr + offs, mask=bm & _bcast(first == 0, BLOCK), other=0.0).to(tl.float32)
-            buf = tl.where(_bcast(first, BLOCK), gw, buf * mom + w_damp * gw).to(DTYPE, fp_downcast_rounding="rtne")
+            buf = to_f32(tl.load(m_ptr + offs, mask=bm & _bcast(first == 0, BLOCK), other=0.0))
+            buf = to_rtne(tl.where(_bcast(first, BLOCK), gw, buf * mom + w_damp * gw), DTYPE)
             tl.store(m_ptr + offs, buf, mask=bm)
-            buf = buf.to(tl.float32)
+            buf = to_f32(buf)
             gw = tl.where(_bcast(has_mom, BLOCK), tl.where(_bcast(nesterov, BLOCK), gw + mom * buf, buf), gw)
             th2 = th - lr * gw
         else:
@@ -255,21 +264,23 @@ def _fused_step_kernel(
             else:
                 gw = g + wd * th
                 th2 = th
-            mm = tl.load(m_ptr + offs, mask=gm, other=0.0).to(tl.float32)
-            vv = tl.load(v_ptr + offs, mask=gm, other=0.0).to(tl.float32)
-            mm = (mm + w_m * (gw - mm)).to(DTYPE, fp_downcast_rounding="rtne")
-            vv = (vv * b2 + w_v * gw * gw).to(DTYPE, fp_downcast_rounding="rtne")
+            mm = to_f32(tl.load(m_ptr + offs, mask=gm, other=0.0))
+            vv = to_f32(tl.load(v_ptr + offs, mask=gm, other=0.0))
+            mm = to_rtne(mm + w_m * (gw - mm), DTYPE)
+            vv = to_rtne(vv * b2 + w_v * gw * gw, DTYPE)
             tl.store(m_ptr + offs, mm, mask=gm)
             tl.store(v_ptr + offs, vv, mask=gm)
-            denom = tl.sqrt(vv.to(tl.float32)) / bc2_sqrt + eps
-            th2 = th2 - step_size * mm.to(tl.float32) / denom
-        th2 = tl.where(_bcast(has_g, BLOCK), th2, th).to(DTYPE, fp_downcast_rounding="rtne")
+            # IEEE sqrt and division, as torch (tl.sqrt is sqrt.approx.ftz: flushes a
+            # subnormal v with eps=0; `/` is div.full: 2 ulp)
+            denom = tl.div_rn(tl.sqrt_rn(to_f32(vv)), bc2_sqrt) + eps
+            th2 = th2 - tl.div_rn(step_size * to_f32(mm), denom)
+        th2 = to_rtne(tl.where(_bcast(has_g, BLOCK), th2, th), DTYPE)
         tl.store(th_ptr + offs, th2, mask=gm)
-        th2 = th2.to(tl.float32)
+        th2 = to_f32(th2)
         # Finish the previous step's EMA update with θ_t (th, before this step's update).
         # In the parameter dtype: round(round(θ*·(1−α)) + round(θ·α)) (no FMA can form
         # across the roundings); an fp32 EMA keeps the plain expression.
-        e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        e = to_f32(tl.load(e_ptr + offs, mask=mask, other=0.0))
         if EMA_IN_PARAM_DTYPE:
             e_new = round_to(round_to(e * keep_al, EDT) + round_to(th * al, EDT), EDT)
         else:
@@ -278,14 +289,14 @@ def _fused_step_kernel(
         sd += _vsum(tl.where(mask & _bcast(apply, BLOCK), tl.abs(round_to(th - e, EDT)), 0.0), BLOCK, VEC)
         e = tl.where(_bcast(init_now, BLOCK), th2, e)
         # exact: e is a DTYPE number in the parameter-dtype mode
-        tl.store(e_ptr + offs, e.to(EDT), mask=mask & _bcast(apply | init_now, BLOCK))
+        tl.store(e_ptr + offs, to_rtne(e, EDT), mask=mask & _bcast(apply | init_now, BLOCK))
         # x - x is NaN exactly where x is NaN or inf: the probe rides on b's sum.
         nm = mask & _bcast(need, BLOCK)
         sb += _vsum(tl.where(nm, tl.abs(g), 0.0) + (th2 - th2) + (g - g), BLOCK, VEC)
         sa += _vsum(tl.where(nm, tl.abs(round_to(th2 - e, EDT)), 0.0), BLOCK, VEC)
-        gprev = tl.load(gp_ptr + offs, mask=nm, other=0.0).to(tl.float32)
+        gprev = to_f32(tl.load(gp_ptr + offs, mask=nm, other=0.0))
         sc += _vsum(tl.where(nm, tl.abs(round_to(g - gprev, EDT)), 0.0), BLOCK, VEC)
-        tl.store(gp_ptr + offs, g.to(EDT), mask=gm & _bcast(need_gp, BLOCK))
+        tl.store(gp_ptr + offs, to_rtne(g, EDT), mask=gm & _bcast(need_gp, BLOCK))
     row = part_w + pid * L.N_PART
     tl.store(row + L.P_A, tl.sum(sa, axis=0))
     tl.store(row + L.P_B, tl.sum(sb, axis=0))
@@ -315,9 +326,9 @@ def _fused_flush_kernel(
     t, t0, t1, start = _tile_of_program(tile_tensor, stab, T, n_tiles, BLOCK * ITERS)
     apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
                                            EDT)
-    n = tl.load(stab + L.S_NUMEL * T + t)
-    th_ptr = tl.load(theta + t).to(tl.pointer_type(DTYPE))
-    e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(EDT))
+    n = tl.minimum(tl.load(stab + L.S_NUMEL * T + t) - start, BLOCK * ITERS).to(tl.int32)  # as the step kernel
+    th_ptr = tl.load(theta + t).to(tl.pointer_type(DTYPE)) + start
+    e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(EDT)) + start
     if ALIGNED:
         th_ptr = tl.multiple_of(th_ptr, 16)
         e_ptr = tl.multiple_of(e_ptr, 16)
@@ -325,18 +336,18 @@ def _fused_flush_kernel(
     keep_al = 1.0 - al
     sd = tl.zeros([BLOCK // VEC], dtype=tl.float32)
     # Only the blocks this tile covers (a small tensor's tile is mostly past its end).
-    for it in range(0, tl.minimum(tl.cdiv(n - start, BLOCK), ITERS)):
-        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+    for it in range(0, tl.minimum(tl.cdiv(n, BLOCK), ITERS)):
+        offs = it * BLOCK + tl.arange(0, BLOCK)
         if ALIGNED:
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
         m = (offs < n) & _bcast(apply, BLOCK)
-        th = tl.load(th_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        th = to_f32(tl.load(th_ptr + offs, mask=m, other=0.0))
+        e = to_f32(tl.load(e_ptr + offs, mask=m, other=0.0))
         if EMA_IN_PARAM_DTYPE:  # as in the step kernel
             e = round_to(round_to(e * keep_al, EDT) + round_to(th * al, EDT), EDT)
         else:
             e = e * keep_al + th * al
-        tl.store(e_ptr + offs, e.to(EDT), mask=m)
+        tl.store(e_ptr + offs, to_rtne(e, EDT), mask=m)
         sd += _vsum(tl.where(m, tl.abs(round_to(th - e, EDT)), 0.0), BLOCK, VEC)
     tl.store(part_w + pid * L.N_PART + L.P_D, tl.sum(sd, axis=0))
     if pid == t0:

@@ -11,6 +11,9 @@ the `ptxas -v` log Triton itself runs, the tests assert:
 
 - every specialisation compiles for both targets;
 - no spill bytes and at most 128 registers per thread at the launch's warp count;
+- IEEE arithmetic as torch's: sqrt.rn / div.rn (never sqrt.approx, div.full/approx, rcp.approx)
+  in fp32, no flush-to-zero, and no fp32 FMA (every launch sets enable_fp_fusion=False, so
+  products and sums round as in the interpreter); the Adam kernels do have sqrt.rn and div.rn;
 - with ALIGNED, every data stream of a sweeping kernel moves through 128-bit global
   loads/stores (`ld.global.v4` / `st.global.v4`): per iteration one v4 per stream in the
   parameter dtype and VEC/4 per fp32 stream (θ*, g_prev; one v4 when ema_dtype="param"
@@ -19,6 +22,14 @@ the `ptxas -v` log Triton itself runs, the tests assert:
 The fused step's param-dtype-EMA specialisations (EMA_IN_PARAM_DTYPE) are a covering subset
 by default: every kind, dtype and path plus the heaviest (register-wise) step kernel of each
 dtype, 9 of 18; CL_CORE_COMPILE_EVERY_SPEC=1 compiles all of them.
+
+The tests run with whichever Triton is importable: `make compat` runs them on Triton 3.6
+too (a block shape from a plain module int fails to compile there; N_STAT/N_PART are
+tl.constexpr for that).
+
+Every pointer argument is compiled as 16-byte aligned, as Triton specialises a launch whose
+tensor addresses are multiples of 16: the launchers allocate their tables so that every
+slice they pass is (tests/kernels/test_triton_alignment.py checks it at odd table sizes).
 
 Cost: 61 specialisations x 2 targets = 122 compiles, about 70 CPU-seconds in all (measured
 with resource.getrusage of the workers), so about 40 s on 2 idle cores; far more wall time
@@ -53,7 +64,12 @@ def _specs():
 
 def _ptx_counts(ptx: str) -> dict:
     ops = re.findall(r"\b((?:ld|st)\.global[\w.:]*)", ptx)
+    fp = re.findall(r"\b((?:sqrt|div|rcp|fma|add|sub|mul)\.[\w.]*f32)\b", ptx)
     return {
+        "sqrt_rn": sum(op.startswith("sqrt.rn") for op in fp),
+        "div_rn": sum(op.startswith("div.rn") for op in fp),
+        "inexact": sorted({op for op in fp if ".approx" in op or ".full" in op or ".ftz" in op}),
+        "fma_f32": sum(op.startswith("fma.") for op in fp),
         "ld": sum(op.startswith("ld.") for op in ops),
         "st": sum(op.startswith("st.") for op in ops),
         "ld_v4": sum(op.startswith("ld.") and ".v4." in op for op in ops),
@@ -110,7 +126,8 @@ def compile_all():
     """Compile every (specialisation, arch) in parallel worker processes: (results, specs)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("OMP_NUM_THREADS", "1")
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the launches' default (FMA contraction on), stated
+    # Triton's default is FMA contraction on: the launches' own enable_fp_fusion=False must win
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
     n_specs = len(_specs())
     jobs = [(i, arch) for i in range(n_specs) for arch in ARCHS]
     workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
@@ -157,6 +174,26 @@ def test_no_spills_and_at_most_128_registers(compiled):
     bad = [f"{r['name']} sm_{r['arch']}: {r['registers']} registers, {r['spill']} spill bytes"
            for r in results if "error" not in r and (r["spill"] != 0 or r["registers"] > MAX_REGISTERS)]
     assert not bad, "\n".join(bad)
+
+
+def test_ieee_sqrt_and_division_and_no_fma_contraction(compiled):
+    results, _ = compiled
+    ok = [r for r in results if "error" not in r]
+    bad = [f"{r['name']} sm_{r['arch']}: {r['inexact']} (approximate or flush-to-zero fp32 arithmetic), "
+           f"{r['fma_f32']} fp32 FMAs" for r in ok if r["inexact"] or r["fma_f32"]]
+    assert not bad, "\n".join(bad)
+    adam = [r for r in ok if r["name"].startswith(("fused_step/adam/", "fused_step/adamw/"))]
+    assert adam and all(r["sqrt_rn"] > 0 and r["div_rn"] > 0 for r in adam)
+    decide = [r for r in ok if r["name"].startswith(("dema_decide/", "fused_pending")) and "decide=0" not in r["name"]]
+    assert decide and all(r["div_rn"] > 0 for r in decide)  # α's division
+
+
+def test_the_ieee_check_can_fail():
+    """The PTX reader sees the forms the check above forbids."""
+    counts = _ptx_counts("sqrt.approx.ftz.f32 %f1, %f2;\ndiv.full.f32 %f3, %f1, %f2;\nfma.rn.f32 %f4, %f1, %f2, %f3;\n"
+                         "sqrt.rn.f32 %f5, %f4;\ndiv.rn.f32 %f6, %f5, %f4;\nfma.rn.f64 %fd1, %fd2, %fd3, %fd4;")
+    assert counts["inexact"] == ["div.full.f32", "sqrt.approx.ftz.f32"]
+    assert counts["fma_f32"] == 1 and counts["sqrt_rn"] == 1 and counts["div_rn"] == 1
 
 
 def test_aligned_sweeps_use_128_bit_global_accesses(compiled):
