@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cl_core import DEMACallback, DEMAConfig
-from cl_core.integrations.hf import CARRY_KEY
-from cl_core.integrations.peft import select_dema_parameters
+from cl_core.integrations.core import select_dema_parameters
+from cl_core.integrations.hf import CARRY_KEY, CHECKPOINT_ADAPTER
 from tests.dist_scripts.common import (RecorderCallback, TokenDataset, replay, sequential_trainer_cls, tiny_llama,
                                  tiny_peft_llama, training_args)
 
@@ -301,11 +301,11 @@ def test_one_pass_in_the_trainer_equals_two_passes_with_scheduler_and_clipping(t
     for (_, p), (_, q) in zip(select_dema_parameters(m1), select_dema_parameters(m2)):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)      # the same training (schedule, clipping)
     # the Trainer's optimizer.pt carries the DEMA state (once: not also the wrapper's own "dema"
-    # entry), and checkpoint-*/ema_adapter/ is the EMA then
+    # entry), and checkpoint-*/cl_core/ema_adapter/ is the EMA then
     ckpt = tmp_path / "one" / "checkpoint-3"
     opt_sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert CARRY_KEY in opt_sd["param_groups"][0] and "dema" not in opt_sd
-    assert sorted(os.listdir(ckpt / "ema_adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(ckpt / CHECKPOINT_ADAPTER)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 @pytest.mark.parametrize("route", ["one_pass", "two_pass", "user_optimizer"])
@@ -361,7 +361,7 @@ def test_checkpoint_ema_adapter_loads_and_resume_of_one_pass_is_exact(tmp_path):
     for a, b in zip(_ema(res), ema_full):
         assert torch.equal(a, b)
     # the adapter of checkpoint-4 is the EMA at step 4: PEFT loads it unchanged
-    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "run" / "checkpoint-4" / "ema_adapter"))
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "run" / "checkpoint-4" / CHECKPOINT_ADAPTER))
     got = dict(loaded.named_parameters())
     for name, e in zip(cb.engine.names, ema_full):
         assert torch.equal(got[name], e), name

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from cl_core import DEMACallback
-from cl_core.integrations.peft import (adapter_named_parameters, atomic_save, load_state_file, save_ema_adapter,
-                                 select_dema_parameters)
+from cl_core.integrations.core import adapter_named_parameters, atomic_save, load_state_file, select_dema_parameters
+from cl_core.integrations.peft import save_ema_adapter
 from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, tiny_llama, tiny_peft_llama, training_args
 
 
@@ -171,7 +171,7 @@ def test_save_ema_adapter_when_another_process_creates_the_folder_first(tmp_path
     import cl_core.integrations.peft as pe
 
     model = tiny_peft_llama()
-    named = pe.select_dema_parameters(model)
+    named = select_dema_parameters(model)
     engine = DEMA(named)
     for _, p in named:
         p.grad = torch.ones_like(p)
