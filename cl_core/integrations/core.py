@@ -372,7 +372,14 @@ def load_state_file(path: str):
         raise ValueError(f"DEMA state file {path} {why}") from exc
 
 
-def missing_extra(module: str, extra: str, package: str) -> ImportError:
-    """The ImportError an integration raises when its optional ``package`` is missing."""
-    return ImportError(f"{module} needs {package}; install it with: pip install cl_core[{extra}] "
+def missing_extra(module: str, extra: str, package: str, exc: ImportError) -> ImportError:
+    """The ImportError an integration raises when importing its optional ``package`` failed with
+    ``exc``: one naming the pip extra when ``package`` itself is missing; ``exc`` unchanged when
+    something else is (an installed package whose own dependency is broken must say so, not be
+    reported as absent)."""
+    missing = getattr(exc, "name", None) or ""
+    top = package.split(".")[0]
+    if missing and missing.split(".")[0] != top:
+        return exc
+    return ImportError(f"{module} needs {top}; install it with: pip install cl_core[{extra}] "
                        f"(from a checkout: pip install -e '.[{extra}]')")

@@ -19,7 +19,7 @@ from cl_core.integrations.core import missing_extra
 try:
     import deepspeed  # noqa: F401  (the optimizers read here are DeepSpeed's)
 except ImportError as exc:  # an optional extra
-    raise missing_extra("cl_core.integrations.deepspeed", "deepspeed", "DeepSpeed") from exc
+    raise missing_extra("cl_core.integrations.deepspeed", "deepspeed", "deepspeed", exc) from exc
 
 __all__ = ["DEMA_OPTIMIZER_UNDER_DEEPSPEED", "DeepSpeedLink", "deepspeed_optimizer", "make_deepspeed_engine"]
 

@@ -51,7 +51,7 @@ try:
     from transformers import TrainerCallback
 except ImportError as exc:  # an optional extra
     raise missing_extra("cl_core.integrations.hf (DEMACallback for the transformers Trainer)", "hf",
-                        "transformers") from exc
+                        "transformers", exc) from exc
 
 from cl_core.dema import distributed as cl_dist
 from cl_core.dema.config import DEMAConfig

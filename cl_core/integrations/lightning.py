@@ -48,7 +48,7 @@ from cl_core.integrations.core import missing_extra
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # an optional extra
-    raise missing_extra("cl_core.integrations.lightning", "lightning", "Lightning") from exc
+    raise missing_extra("cl_core.integrations.lightning", "lightning", "lightning", exc) from exc
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
 from cl_core.integrations import core

@@ -25,9 +25,12 @@ from cl_core.integrations.core import missing_extra
 
 try:
     import peft  # noqa: F401  (the export writes PEFT's adapter format)
-    import safetensors.torch  # noqa: F401
 except ImportError as exc:  # an optional extra
-    raise missing_extra("cl_core.integrations.peft (the EMA adapter export)", "hf", "peft and safetensors") from exc
+    raise missing_extra("cl_core.integrations.peft (the EMA adapter export)", "hf", "peft", exc) from exc
+try:
+    import safetensors.torch  # noqa: F401
+except ImportError as exc:
+    raise missing_extra("cl_core.integrations.peft (the EMA adapter export)", "hf", "safetensors", exc) from exc
 
 # Re-exported: their one home is cl_core.integrations.core.
 from cl_core.integrations.core import (active_adapter_names, adapter_named_parameters, atomic_save,  # noqa: E402,F401
