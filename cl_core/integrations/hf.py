@@ -59,8 +59,8 @@ from cl_core.dema.optim import CARRIED_KEY as CARRY_KEY     # the first param gr
 from cl_core.dema.optim import DEMA_STATE_KEY
 from cl_core.integrations import core
 from cl_core.integrations import fsdp as cl_fsdp
-from cl_core.integrations.core import (PARAM_CHOICES, active_adapter_names, atomic_save, is_peft_model,  # noqa: F401
-                                       load_state_file, names_mismatch, unwrap_model)
+from cl_core.integrations.core import (active_adapter_names, atomic_save, is_peft_model, load_state_file,
+                                       names_mismatch, unwrap_model)
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ class DEMACallback(TrainerCallback):
         self.resumed_from = None
         self._pending_step = False
         self._first_step = True
+        self._log.reset()
         self._attach_carrier(optimizer)
         carried = None
         if self._carrier is not None:
