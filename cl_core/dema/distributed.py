@@ -1,4 +1,7 @@
-"""DEMA under ``torch.distributed``.
+"""DEMA under ``torch.distributed``: what the engine itself needs (the process-group helpers,
+DTensor checks, the statistics reducer, shard groups read from the parameters). Trainer-level
+helpers that take a model live above the engine: cl_core.integrations.fsdp (FSDP1 wrappers)
+and cl_core.integrations.deepspeed.
 
 Data parallel (DDP, the Trainer under ``torchrun``): every rank holds the full, equal
 parameters and, after the gradient all-reduce, equal gradients, so every rank computes
@@ -14,12 +17,11 @@ call — one per step for the usual single-dtype LoRA — so α equals the unsha
   on ``to_local()``; the shard group is the mesh dimension with a ``Shard`` placement.
 * FSDP1 (``FullyShardedDataParallel(..., use_orig_params=True)``): the original
   parameters are flat views into this rank's slice of the flat parameter (possibly
-  empty); the shard group is the wrapper's ``process_group``.
+  empty); the shard group is the wrapper's ``process_group``, which only the model knows
+  (``cl_core.integrations.fsdp``).
 """
 from __future__ import annotations
 
-import contextlib
-import math
 from typing import Callable, Iterable
 
 import torch
@@ -87,27 +89,6 @@ def dtensor_shard_group(params: Iterable[torch.Tensor]):
     return group
 
 
-def fsdp1_shard_group(model):
-    """The ``process_group`` of the FSDP1 wrapper(s) in ``model``, or None if not FSDP1."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except Exception:
-        return None
-    if model is None:
-        return None
-    groups = []
-    for m in model.modules():
-        if isinstance(m, FSDP):
-            g = m.process_group
-            if all(g is not h for h in groups):
-                groups.append(g)
-    if not groups:
-        return None
-    if len(groups) > 1:
-        raise ValueError("DEMA: the FSDP modules use different process groups; not supported")
-    return groups[0]
-
-
 class StatsReducer:
     """``reduce_stats`` for :class:`cl_core.DEMA`: sums the local per-tensor statistics of
     sharded parameters across the shard group, one ``all_reduce`` per call, in place.
@@ -129,29 +110,19 @@ class StatsReducer:
         return f"StatsReducer(group={self.group!r}, calls={self.calls})"
 
 
-def auto_reduce_stats(params: Iterable[torch.Tensor], model=None) -> Callable | None:
-    """The ``reduce_stats`` the engine needs for ``params``: a :class:`StatsReducer` when they
-    are sharded (FSDP2 DTensors, or parameters of an FSDP1 ``model``) under an initialised
-    process group of size > 1, else ``None`` (single process, DDP: nothing to reduce)."""
+def auto_reduce_stats(params: Iterable[torch.Tensor], group=None) -> Callable | None:
+    """The ``reduce_stats`` the engine needs for ``params``: a :class:`StatsReducer` over the
+    shard group when they are FSDP2 DTensor shards (or over ``group``, the shard group a caller
+    found for parameters that do not carry it, as FSDP1's flat views) under an initialised
+    process group of size > 1, else ``None`` (single process, DDP: nothing to reduce).
+    FSDP1 models: :func:`cl_core.integrations.fsdp.auto_reduce_stats` finds the group."""
     if not dist_ready() or world_size() == 1:
         return None
-    params = list(params)
-    group = dtensor_shard_group(params)
-    if group is None:
-        group = fsdp1_shard_group(model)
-        if group is None:
-            return None
-    if _dist().get_world_size(group) == 1:
+    found = dtensor_shard_group(list(params))
+    group = found if found is not None else group
+    if group is None or _dist().get_world_size(group) == 1:
         return None
     return StatsReducer(group)
-
-
-def is_sharded(params: Iterable[torch.Tensor], model=None) -> bool:
-    """True when ``params`` are slices of larger tensors held across ranks."""
-    if not dist_ready() or world_size() == 1:
-        return False
-    params = list(params)
-    return dtensor_shard_group(params) is not None or fsdp1_shard_group(model) is not None
 
 
 def full_tensor(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -166,295 +137,10 @@ def full_tensor(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return d.full_tensor()
 
 
-# --------------------------------------------------------------------------- DeepSpeed
-#
-# Under DeepSpeed (the engine LLaVA and CoIN train with) the Trainer never sees a
-# gradient: accelerate runs ``engine.step()`` inside ``accelerator.backward``, and the
-# step clears every gradient before the Trainer's ``on_optimizer_step``.  What DeepSpeed
-# does keep, and where:
-#
-# * the optimizer's own parameters (θ, fp32): with ZeRO-1/2 (and DeepSpeed's bf16
-#   optimizer) a flat fp32 partition per rank; with ZeRO-3 a flat fp32 partition per
-#   sub-group; with ZeRO-0 the fp32 master copies (bf16) or the model parameters (fp32).
-#   Each DEMA tensor is a fragment (a slice, possibly empty) of one of those, on each rank.
-# * the final gradient (reduced across ranks, unscaled and clipped): the ``.grad`` of those
-#   same tensors, only while the inner ``torch.optim`` optimizer steps.
-#
-# :class:`DeepSpeedLink` finds each DEMA tensor's fragment, hooks the inner optimizer's
-# ``step`` to copy the gradient fragments out (into one preallocated buffer), and hands
-# the engine plain tensors (views of the fp32 fragments, with that buffer as ``.grad``)
-# that DeepSpeed never sees.  Where the fragments are partitions, the per-tensor L1
-# sums are added across the data-parallel group with one all_reduce per update (as for
-# FSDP), so α equals the unpartitioned α; no parameter is gathered per step.  Writing the
-# EMA back (EMA replace, ``swap``) goes into the fp32 fragments and then into the model's
-# own (bf16 / partitioned) parameters the way DeepSpeed's step does it; exporting the
-# adapter gathers the fragments once.
-
-
-def deepspeed_optimizer(optimizer):
-    """The DeepSpeed optimizer behind the Trainer's optimizer (accelerate's
-    ``DeepSpeedOptimizerWrapper``), or None when the Trainer does not run DeepSpeed."""
-    if optimizer is None or type(optimizer).__name__ != "DeepSpeedOptimizerWrapper":
-        return None
-    return optimizer.optimizer
-
-
-def _torch_optimizer_inside(ds_opt):
-    """The ``torch.optim.Optimizer`` that DeepSpeed steps (the "basic optimizer")."""
-    inner = ds_opt
-    for _ in range(3):
-        if isinstance(inner, torch.optim.Optimizer) and not hasattr(inner, "optimizer"):
-            return inner          # (a DEMAOptimizer is returned too, to be refused by name)
-        inner = getattr(inner, "optimizer", None)
-        if inner is None:
-            return None
-    return None
-
-
-class _Frag:
-    """Where one DEMA tensor lives: ``flat`` (the optimizer's fp32 tensor), the slice
-    [offset, offset + numel) of its flattened view, and where that slice sits in the
-    flattened full parameter (``full_start``) of ``full_shape``."""
-
-    __slots__ = ("flat", "offset", "numel", "full_start", "full_shape", "whole")
-
-    def __init__(self, flat, offset, numel, full_start, full_shape, whole=False):
-        self.flat, self.offset, self.numel = flat, int(offset), int(numel)
-        self.full_start, self.full_shape, self.whole = int(full_start), tuple(full_shape), whole
-
-
-class DeepSpeedLink:
-    """DEMA tensors ↔ DeepSpeed's fp32 optimizer tensors and gradients (see above).
-
-    ``holders``: what the engine averages (views of DeepSpeed's fp32 tensors; ``.grad`` is
-    set by :meth:`feed`).  ``reduce_stats``: a :class:`StatsReducer` over the data-parallel
-    group where the holders are partitions, else None.  ``partitioned``: each rank holds
-    a different fragment of each tensor (ZeRO-1/2/3) — per-rank state files.
-    """
-
-    def __init__(self, ds_optimizer, named_params):
-        named = list(named_params)
-        self.ds_opt = ds_optimizer
-        self.inner = _torch_optimizer_inside(ds_optimizer)
-        kind = type(ds_optimizer).__name__
-        if self.inner is None:
-            raise RuntimeError(
-                f"DEMACallback: DeepSpeed's optimizer {kind} holds no torch.optim optimizer the callback can "
-                "read gradients from; DEMA would never see a gradient. Supported: ZeRO stage 0-3 with a "
-                "torch optimizer (the Trainer's default, no \"optimizer\" section in the DeepSpeed config)")
-        from cl_core.dema.optim import DEMAOptimizer
-
-        if isinstance(self.inner, DEMAOptimizer):
-            raise RuntimeError(DEMA_OPTIMIZER_UNDER_DEEPSPEED)
-        if getattr(ds_optimizer, "zenflow", False) or getattr(ds_optimizer, "swap_optimizer", False) \
-                or getattr(ds_optimizer, "offload_param", False):
-            raise RuntimeError(
-                f"DEMACallback: {kind} with ZenFlow, NVMe optimizer swapping or ZeRO-3 parameter offload is not "
-                "supported (DeepSpeed moves the fp32 tensors DEMA reads); use ZeRO 0-3 without them, or "
-                "offload_optimizer to the CPU")
-        self.group = getattr(ds_optimizer, "dp_process_group", None)
-        if hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):          # ZeRO-3
-            self.mode = "zero3"
-            frags = [self._zero3_frag(p) for _, p in named]
-        elif any(hasattr(p, "_hp_mapping") for _, p in named):             # ZeRO-1/2, bf16 optimizer
-            self.mode = "fragments"
-            frags = [self._hp_frag(p) for _, p in named]
-        elif hasattr(ds_optimizer, "fp16_groups") and hasattr(ds_optimizer, "fp32_groups"):   # ZeRO-0, bf16
-            self.mode = "master"
-            pairs = {id(lp): hp for lg, hg in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups)
-                     for lp, hp in zip(lg, hg)}
-            self._lp_hp = []
-            frags = []
-            for n, p in named:
-                hp = pairs.get(id(p))
-                if hp is None:
-                    raise RuntimeError(f"DEMACallback: parameter {n!r} is not in DeepSpeed's optimizer; is it "
-                                       "trainable (requires_grad) before the Trainer starts?")
-                self._lp_hp.append((p, hp))
-                frags.append(_Frag(hp, 0, hp.numel(), 0, p.shape, whole=True))
-        elif ds_optimizer is self.inner:                                     # ZeRO-0, fp32
-            self.mode = "direct"
-            in_opt = {id(q) for g in self.inner.param_groups for q in g["params"]}
-            for n, p in named:
-                if id(p) not in in_opt:
-                    raise RuntimeError(f"DEMACallback: parameter {n!r} is not in DeepSpeed's optimizer")
-            frags = [_Frag(p, 0, p.numel(), 0, p.shape, whole=True) for _, p in named]
-        else:
-            raise RuntimeError(f"DEMACallback: DeepSpeed optimizer {kind} is not supported (cannot tell where it "
-                               "keeps the gradients); supported: ZeRO stage 0-3 with a torch optimizer")
-        self.frags = frags
-        self.partitioned = self.mode in ("zero3", "fragments")
-        ws = _dist().get_world_size(self.group) if dist_ready() else 1
-        self.reduce_stats = StatsReducer(self.group) if self.partitioned and ws > 1 else None
-
-        # What the engine averages: views of the fp32 tensors, never seen by DeepSpeed.
-        self.holders = []
-        for f in frags:
-            if f.whole:
-                h = f.flat.detach()
-            elif f.flat is None:
-                h = torch.zeros(0, dtype=torch.float32)
-            else:
-                h = f.flat.detach().view(-1).narrow(0, f.offset, f.numel)
-            self.holders.append(h)
-        # One buffer for the gradient fragments of a step, allocated once.
-        total = sum(h.numel() for h in self.holders)
-        dev = self.holders[0].device if self.holders else torch.device("cpu")
-        self._grad_buf = torch.zeros(total, dtype=torch.float32, device=dev)
-        self._grad_views, start = [], 0
-        for h in self.holders:
-            self._grad_views.append(self._grad_buf.narrow(0, start, h.numel()).view(h.shape))
-            start += h.numel()
-        self._by_flat: dict[int, list[int]] = {}
-        for k, f in enumerate(frags):
-            if f.flat is not None:
-                self._by_flat.setdefault(id(f.flat), []).append(k)
-        self._flat_ptrs = {id(f.flat): f.flat.data_ptr() for f in frags if f.flat is not None}
-        self._captured = [False] * len(frags)
-        self.captures = 0            # inner optimizer steps seen (for the tests and the checks)
-        self._hook = self.inner.register_step_post_hook(self._capture)
-
-    # ---------------------------------------------------------------- where things live
-
-    def _hp_frag(self, p):
-        m = getattr(p, "_hp_mapping", None)
-        if m is None:        # none of this tensor lies in this rank's partition
-            return _Frag(None, 0, 0, 0, p.shape)
-        hp = m.get_hp_fragment()
-        flat = self._flat_holding(hp)
-        return _Frag(flat, hp.storage_offset() - flat.storage_offset(), m.lp_fragment_address.numel,
-                     m.lp_fragment_address.start, p.shape)
-
-    def _flat_holding(self, view):
-        for g in self.inner.param_groups:
-            for flat in g["params"]:
-                if flat.untyped_storage().data_ptr() == view.untyped_storage().data_ptr():
-                    return flat
-        raise RuntimeError("DEMACallback: a DeepSpeed fp32 fragment is not in the optimizer's parameters; "
-                           "this DeepSpeed version lays out its optimizer differently (tested: 0.19)")
-
-    def _zero3_frag(self, p):
-        opt = self.ds_opt
-        sub, offset, _ = opt.grad_position[opt.get_param_id(p)]
-        flat = opt.fp32_partitioned_groups_flat[sub]
-        part = p.ds_tensor.ds_numel
-        r = _dist().get_rank(group=p.ds_process_group) if dist_ready() else 0
-        start = r * part
-        valid = max(0, min(part, p.ds_numel - start))      # the last rank's partition is padded
-        return _Frag(flat, offset, valid, start, p.ds_shape)
-
-    # ---------------------------------------------------------------- per step
-
-    def _capture(self, optimizer, args, kwargs):
-        # Inside DeepSpeed's step, right after the inner optimizer stepped one (sub-)group:
-        # the gradients there are reduced, unscaled and clipped; copy this rank's fragments.
-        with torch.no_grad():
-            for g in optimizer.param_groups:
-                for flat in g["params"]:
-                    ks = self._by_flat.get(id(flat))
-                    if not ks or flat.grad is None:
-                        continue
-                    if flat.data_ptr() != self._flat_ptrs[id(flat)]:
-                        raise RuntimeError("DEMACallback: DeepSpeed re-allocated its fp32 parameters after "
-                                           "training began; the EMA lost track of them")
-                    grad = flat.grad
-                    for k in ks:
-                        f = self.frags[k]
-                        src = grad if f.whole else grad.view(-1).narrow(0, f.offset, f.numel)
-                        self._grad_views[k].copy_(src.view(self._grad_views[k].shape))
-                        self._captured[k] = True
-        self.captures += 1
-
-    def feed(self) -> bool:
-        """Give the holders this step's gradients (None where none was captured);
-        returns whether any was. Call once per optimizer step, before the engine update."""
-        any_grad = any(self._captured)
-        for k, h in enumerate(self.holders):
-            # a rank with nothing of a tensor still takes part (its empty slice has a gradient)
-            got = self._captured[k] or (any_grad and self.frags[k].flat is None)
-            h.grad = self._grad_views[k] if got else None
-            self._captured[k] = False
-        return any_grad
-
-    def close(self) -> None:
-        self._hook.remove()
-
-    # ---------------------------------------------------------------- writing back, gathering
-
-    @torch.no_grad()
-    def sync_model(self) -> None:
-        """The holders (fp32) were written (EMA replace / swap): put the values into the
-        model's own parameters the way DeepSpeed's step does. Collective for ZeRO-1/2/3."""
-        if self.mode == "direct":
-            return
-        if self.mode == "master":
-            for lp, hp in self._lp_hp:
-                lp.data.copy_(hp.data)
-        elif self.mode == "fragments":
-            self.ds_opt.update_lp_params()
-        else:  # ZeRO-3: fp32 partitions -> the low-precision partitions -> persistent full copies
-            opt = self.ds_opt
-            for i in range(len(opt.fp16_groups)):
-                opt._reassign_or_swap_out_partitioned_parameters(i)
-            persistent = getattr(opt, "persistent_parameters", None)
-            if persistent:
-                persistent[0].all_gather(persistent)
-
-    @torch.no_grad()
-    def full_tensors(self, fragments) -> list[torch.Tensor]:
-        """Full tensors (fp32, the parameters' shapes) from this rank's ``fragments`` (one per
-        holder, e.g. the EMA): one all_reduce of the concatenation when partitioned.
-        Collective: every rank of the data-parallel group must call it."""
-        if not self.partitioned:
-            return [t.detach().reshape(f.full_shape).clone() for t, f in zip(fragments, self.frags)]
-        sizes = [math.prod(f.full_shape) for f in self.frags]
-        dev = self._grad_buf.device
-        buf = torch.zeros(sum(sizes), dtype=torch.float32, device=dev)
-        base = 0
-        for t, f, n in zip(fragments, self.frags, sizes):
-            if f.numel:
-                buf.narrow(0, base + f.full_start, f.numel).copy_(t.detach().reshape(-1))
-            base += n
-        if self.reduce_stats is not None:
-            dist = _dist()
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
-        out, base = [], 0
-        for f, n in zip(self.frags, sizes):
-            out.append(buf.narrow(0, base, n).view(f.full_shape).clone())
-            base += n
-        return out
-
-
+# The refusal of a DEMAOptimizer handed to DeepSpeed: the engine raises it (DEMAOptimizer sees
+# its parameter lists replaced) as well as the DeepSpeed integration (it finds one inside
+# DeepSpeed's optimizer), so it lives here, below both.
 DEMA_OPTIMIZER_UNDER_DEEPSPEED = (
     "DEMAOptimizer does not run under DeepSpeed: DeepSpeed steps its inner optimizer over its own flat fp32 "
     "partitions, not over the parameters the DEMAOptimizer was built for. Pass the plain torch optimizer "
     "(or none: the Trainer builds AdamW) and add the callback: Trainer(..., callbacks=[cl_core.DEMACallback()])")
-
-
-def make_deepspeed_engine(link: DeepSpeedLink, config, names):
-    """A :class:`cl_core.DEMA` over ``link.holders`` whose EMA writes (``copy_to_params``,
-    ``swap``) also reach the model's parameters, and whose ``full_ema_tensors()`` gathers."""
-    from cl_core.dema.engine import DEMA
-
-    class DeepSpeedDEMA(DEMA):
-        """The DEMA engine over DeepSpeed's fp32 fragments (cl_core.dema.distributed)."""
-
-        deepspeed_link = link
-
-        def copy_to_params(self) -> None:
-            super().copy_to_params()
-            link.sync_model()
-
-        @contextlib.contextmanager
-        def swap(self):
-            try:
-                with super().swap():       # EMA into the fragments (+ model), then back
-                    yield self
-            finally:
-                link.sync_model()
-
-        def full_ema_tensors(self) -> list[torch.Tensor]:
-            """θ* of every tensor, whole (collective when the fragments are partitions)."""
-            return link.full_tensors(self.ema_tensors())
-
-    return DeepSpeedDEMA(link.holders, config, names=names, reduce_stats=link.reduce_stats)

@@ -15,7 +15,8 @@
 * ``on_save``: a standalone copy of the DEMA state goes into the checkpoint folder as
   ``dema_state.pt`` (one ``dema_state_rank{r}.pt`` per rank when the parameters are FSDP
   shards or DeepSpeed partitions; ``callback.load_state(folder)`` reads it), and the EMA as
-  a PEFT adapter into ``ema_adapter/``.
+  a PEFT adapter into ``cl_core/ema_adapter/`` (one level deeper than the adapter folders the
+  Trainer's resume loads into the model, so a resumed model keeps exactly its own adapters).
 * ``on_log``: mean α, share at the fallback and the skip counters in each training log line,
   before the ``report_to`` callbacks see it (so every logging backend gets them).
 * ``on_train_end``: the EMA replaces the live weights (the official "EMA replace"),
@@ -23,7 +24,9 @@
 
 Under DDP (``torchrun``) every rank computes the same EMA, no communication needed;
 with FSDP the per-tensor statistics are summed across ranks, and under DeepSpeed (ZeRO
-0-3) the gradients are read inside DeepSpeed's step (cl_core.dema.distributed).
+0-3) the gradients are read inside DeepSpeed's step (cl_core.integrations.deepspeed).
+Selection, the one-pass check, the first-step check and the logged numbers are shared with
+the Lightning callback (cl_core.integrations.core). Needs transformers (``cl_core[hf]``).
 
 Checkpoints. A state-dict hook on the torch optimizer that holds the averaged tensors puts
 the callback's state into the first parameter group of the optimizer's state dict, under
@@ -41,22 +44,42 @@ import logging
 import os
 
 import torch
-from transformers import TrainerCallback
+
+from cl_core.integrations.core import missing_extra
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # an optional extra
+    raise missing_extra("cl_core.integrations.hf (DEMACallback for the transformers Trainer)", "hf",
+                        "transformers", exc) from exc
 
 from cl_core.dema import distributed as cl_dist
 from cl_core.dema.config import DEMAConfig
-from cl_core.dema.fused import optimizer_kind
 from cl_core.dema.optim import CARRIED_KEY as CARRY_KEY     # the first param group's entry carrying the state
 from cl_core.dema.optim import DEMA_STATE_KEY
-from cl_core.integrations.peft import (active_adapter_names, atomic_save, is_peft_model, load_state_file, names_mismatch,
-                                 save_ema_adapter, select_dema_parameters, unwrap_model)
+from cl_core.integrations import core
+from cl_core.integrations import fsdp as cl_fsdp
+from cl_core.integrations.core import (active_adapter_names, atomic_save, is_peft_model, load_state_file,
+                                       names_mismatch, unwrap_model)
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "dema_state.pt"
 STATE_FORMAT = "cl_core.DEMACallback"
 STATE_VERSION = 1
-PARAM_CHOICES = ("lora", "trainable")
+# Where on_save writes the EMA adapter inside checkpoint-N/. The Trainer's resume loads as a
+# model adapter every direct subfolder of the checkpoint that holds adapter weights (every
+# transformers version since multi-adapter checkpoints: before 5.23 it then never restores the
+# live adapter, from 5.23 it adds a second one); one level deeper nothing scans, so
+# checkpoint-N/cl_core/ema_adapter/ stays cl_core's. (cl_core/ itself holds no adapter file.)
+CHECKPOINT_SUBDIR = "cl_core"
+CHECKPOINT_ADAPTER = os.path.join(CHECKPOINT_SUBDIR, "ema_adapter")
+# What the Trainer callback adds to the shared first-step check and fusability reasons.
+_FIRST_STEP_HINT = (". The training engine hides the gradients from Trainer callbacks (supported: plain, DDP, "
+                    "FSDP, DeepSpeed ZeRO 0-3 through TrainingArguments(deepspeed=...)), or the averaged tensors "
+                    "take no part in the loss")
+_NOT_FUSABLE_HINT = (" (the Trainer's default TrainingArguments(optim='adamw_torch_fused'), 'adamw_torch' and "
+                     "'sgd' have one)")
 
 
 def state_file_name(rank: int | None = None) -> str:
@@ -76,26 +99,24 @@ class DEMACallback(TrainerCallback):
     fused:          ``"auto"``: the Trainer's AdamW/Adam/SGD runs the one-pass optimizer+DEMA
                     step (``.fused``; ``.not_fused_reason`` and a log line when not); ``True``
                     raises where it cannot; ``False``: optimizer step, then a DEMA pass.
-    save_adapter:   each ``checkpoint-*`` folder gets ``ema_adapter/`` (a PEFT adapter).
-    eval_with_ema:  ``trainer.evaluate()`` (during and after training) runs on the EMA weights.
+    save_adapter:   each ``checkpoint-*`` folder gets ``cl_core/ema_adapter/`` (a PEFT adapter,
+                    where the Trainer's resume does not load it into the model).
+    eval_with_ema:  ``trainer.evaluate()`` (during and after training) runs on the EMA weights
+                    (default False, as in the Lightning callback: cl_core.integrations.core).
     """
 
     def __init__(self, config: DEMAConfig | None = None, *, params: str = "lora", replace_at_end: bool = True,
-                 record_alpha: bool = False, fused="auto", save_adapter: bool = True, eval_with_ema: bool = False):
-        if config is not None and not isinstance(config, DEMAConfig):
-            raise TypeError(f"DEMACallback(config=...) takes a cl_core.DEMAConfig, got {type(config).__name__}")
-        if params not in PARAM_CHOICES:
-            raise ValueError(f"DEMACallback(params={params!r}): use 'lora' (the adapter tensors of the active "
-                             "adapter) or 'trainable' (every trainable tensor, e.g. LLaVA's projector too, as "
-                             "the official LCIA code averages)")
+                 record_alpha: bool = False, fused="auto", save_adapter: bool = True,
+                 eval_with_ema: bool = core.EVAL_WITH_EMA_DEFAULT):
+        core.check_config_arg(config)
+        core.check_params_arg(params)
+        core.check_fused_arg(fused)
         self.params = params
-        if fused not in ("auto", True, False):
-            raise ValueError(f"DEMACallback(fused={fused!r}): use 'auto', True or False")
         self._fused_arg = fused
         self.save_adapter = bool(save_adapter)
         self.eval_with_ema = bool(eval_with_ema)
         self._swap_ctx = None              # the engine's swap() while an evaluation runs on the EMA
-        self._log_acc = None               # device sums of α since the last training log line
+        self._log = core.LogWindow()       # device sums of α since the last training log line
         self._eval_hook = None
         self.fused = False                 # the Trainer's optimizer step runs optimizer + DEMA in one pass
         self.not_fused_reason: str | None = None
@@ -111,44 +132,37 @@ class DEMACallback(TrainerCallback):
         self._carry_hook = None
         self._sharded = False
         self._model = None
-        self._ds_link = None           # cl_core.dema.distributed.DeepSpeedLink under DeepSpeed
+        self._ds_link = None           # cl_core.integrations.deepspeed.DeepSpeedLink under DeepSpeed
         self._first_step = True
         self._pending_step = False     # on_optimizer_step seen for the current step
         self._scale_before = None      # GradScaler scale before the step (fp16 only)
 
     # ------------------------------------------------------------------ set-up
 
-    def _select(self, model):
-        if self.params == "trainable":
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            if not named:
-                raise ValueError(f"DEMA: {type(model).__name__} has no trainable parameters (every parameter has "
-                                 "requires_grad=False), so there is nothing to average")
-            return named
-        return select_dema_parameters(model)
-
     def _build_engine(self, model, optimizer=None):
         from cl_core.dema.engine import DEMA
 
-        named = self._select(model)
+        named = core.select_parameters(model, self.params)
         names = [n for n, _ in named]
         self._owns_update, self.fused, self.not_fused_reason = True, False, None
         self._user_optimizer = None    # the user's own DEMAOptimizer, when the Trainer runs one
         if self._ds_link is not None:
             self._ds_link.close()
             self._ds_link = None
-        ds_opt = cl_dist.deepspeed_optimizer(optimizer)
+        ds_opt = _deepspeed_optimizer(optimizer)
         if ds_opt is None and any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for _, p in named):
             raise RuntimeError(
                 "DEMACallback: the parameters are managed by DeepSpeed, but the optimizer the Trainer passed is "
                 f"{type(optimizer).__name__}, not accelerate's DeepSpeed wrapper, so the callback cannot reach the "
                 "gradients; run DeepSpeed through TrainingArguments(deepspeed=...)")
         if ds_opt is not None:
-            # Gradients live inside DeepSpeed's step only: read them there (cl_core.dema.distributed).
-            link = cl_dist.DeepSpeedLink(ds_opt, named)
+            # Gradients live inside DeepSpeed's step only: read them there.
+            from cl_core.integrations import deepspeed as cl_ds
+
+            link = cl_ds.DeepSpeedLink(ds_opt, named)
             self._ds_link = link
             self._sharded = link.partitioned and cl_dist.world_size() > 1
-            engine = cl_dist.make_deepspeed_engine(link, self.config, names)
+            engine = cl_ds.make_deepspeed_engine(link, self.config, names)
             engine.model_params = [p for _, p in named]
             self.fused, self.not_fused_reason = False, "DeepSpeed steps its own optimizer (DEMA reads it in the step)"
             logger.info("DEMACallback: DeepSpeed %s (%s): DEMA reads the fp32 %s and the gradients inside "
@@ -157,7 +171,7 @@ class DEMACallback(TrainerCallback):
                         "; statistics summed across ranks, one all_reduce per step" if link.reduce_stats else "")
             return engine
         params = [p for _, p in named]
-        reduce_stats = cl_dist.auto_reduce_stats(params, model)
+        reduce_stats = cl_fsdp.auto_reduce_stats(params, model)
         self._sharded = reduce_stats is not None
         shared = self._one_pass_engine(named, optimizer, sharded=self._sharded)
         if shared is not None:
@@ -185,7 +199,7 @@ class DEMACallback(TrainerCallback):
             self.not_fused_reason = None if inner.fused else "the Trainer's DEMAOptimizer takes its two-pass path"
             inner.engine.names = [canonical.get(id(p), n) for p, n in zip(inner.engine.params, inner.engine.names)]
             return inner.engine
-        reason = self._why_not_fusable(inner, named, sharded)
+        reason = core.why_not_fusable(inner, named, fused_arg=self._fused_arg, sharded=sharded, hint=_NOT_FUSABLE_HINT)
         if reason is None:
             wrapper = DEMAOptimizer(inner, self.config, fused=self._fused_arg, reduce_stats=None)
             if wrapper.fused:
@@ -199,26 +213,6 @@ class DEMACallback(TrainerCallback):
             raise ValueError(f"DEMACallback(fused=True): no one-pass step possible: {reason}")
         self.fused, self.not_fused_reason = False, reason
         logger.info("DEMACallback: not one pass (optimizer step, then a separate DEMA pass): %s", reason)
-        return None
-
-    def _why_not_fusable(self, inner, named, sharded) -> str | None:
-        if self._fused_arg is False:
-            return "fused=False"
-        if sharded:
-            return "the parameters are sharded (FSDP)"
-        if optimizer_is_unknown(inner):
-            return (f"the optimizer is a {type(inner).__name__}; the one-pass step exists for torch AdamW, Adam "
-                    "and SGD (TrainingArguments(optim='adamw_torch_fused'), the default, or 'adamw_torch' / 'sgd')")
-        selected = {id(p) for _, p in named}
-        trained = [p for g in inner.param_groups for p in g["params"] if p.requires_grad]
-        extra = [p for p in trained if id(p) not in selected]
-        if extra:
-            return (f"the optimizer also updates {len(extra)} trainable tensor(s) that are not averaged "
-                    "(params='trainable' averages them all)")
-        trained_ids = {id(p) for p in trained}
-        outside = [n for n, p in named if id(p) not in trained_ids]
-        if outside:
-            return f"{len(outside)} averaged tensor(s) are not updated by the optimizer (e.g. {outside[0]!r})"
         return None
 
     def on_init_end(self, args, state, control, **kwargs):
@@ -241,6 +235,7 @@ class DEMACallback(TrainerCallback):
         self.resumed_from = None
         self._pending_step = False
         self._first_step = True
+        self._log.reset()
         self._attach_carrier(optimizer)
         carried = None
         if self._carrier is not None:
@@ -356,20 +351,14 @@ class DEMACallback(TrainerCallback):
         if skipped:
             self.engine.skip_step()
         else:
-            if self._first_step and not seen:
-                # Nothing to read: an engine that steps and clears the gradients out of our sight.
-                # Refuse rather than let DEMA degrade into a fixed EMA at the fallback α.
-                raise RuntimeError(
-                    "DEMACallback: at the first optimizer step no averaged tensor has a gradient "
-                    f"({len(self.engine.params)} tensors, e.g. {self.engine.names[0]!r}), so DEMA cannot compute "
-                    "its α. The training engine hides the gradients from Trainer callbacks (supported: plain, DDP, "
-                    "FSDP, DeepSpeed ZeRO 0-3 through TrainingArguments(deepspeed=...)), or the averaged tensors "
-                    "take no part in the loss")
+            if self._first_step:
+                # Nothing to read would be an engine that steps and clears the gradients out of our sight.
+                core.check_first_step_gradients(self.engine, self.engine.names, seen, hint=_FIRST_STEP_HINT)
             self._first_step = False
             if self._owns_update:
                 self.engine.update()
             # else: the DEMAOptimizer inside the Trainer's optimizer updated in its step
-            self._accumulate_log_stats()
+            self._log.add(self.engine)
         if self.record_alpha:
             if skipped:  # nothing was averaged at this step
                 self.alpha_history.append(torch.zeros(len(self.engine.params), dtype=torch.float32))
@@ -378,32 +367,15 @@ class DEMACallback(TrainerCallback):
                 self.alpha_history.append(self.engine.stats.alpha.detach().to("cpu", torch.float32).clone())
         self._pending_step = True
 
-    def _accumulate_log_stats(self) -> None:
-        # On the device, no sync: Σα and the number of tensors at the fallback since the last log.
-        # (In the one-pass path the α in the engine is the one decided at the previous step.)
-        alpha = self.engine.stats.alpha.float()
-        at_fallback = ((alpha - self.config.fallback).abs() <= 1e-7 * max(1.0, self.config.fallback)).float()
-        if self._log_acc is None:
-            self._log_acc = [alpha.sum(), at_fallback.sum(), 0]
-        else:
-            self._log_acc[0] += alpha.sum()
-            self._log_acc[1] += at_fallback.sum()
-        self._log_acc[2] += alpha.numel()
-
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Adds the DEMA numbers to each training log line (``trainer.state.log_history``, every
         ``report_to`` backend, the progress bar): ``dema/alpha_mean`` and
         ``dema/fallback_share`` over the updates since the last line, and the running counts
-        ``dema/nonfinite_skips``, ``dema/missing_grads``, ``dema/skipped_steps``."""
-        if self.engine is None or logs is None or "loss" not in logs or self._log_acc is None:
+        ``dema/nonfinite_skips``, ``dema/missing_grads``, ``dema/skipped_steps``, ``dema/updates``
+        (cl_core.integrations.core.LogWindow, shared with the Lightning callback)."""
+        if self.engine is None or logs is None or "loss" not in logs or not self._log:
             return
-        total_alpha, at_fallback, n = self._log_acc
-        self._log_acc = None
-        stats = self.engine.stats
-        sums = torch.stack([total_alpha, at_fallback, stats.nonfinite_skips.sum().float()]).tolist()  # one sync
-        numbers = {"dema/alpha_mean": sums[0] / max(n, 1), "dema/fallback_share": sums[1] / max(n, 1),
-                   "dema/nonfinite_skips": int(sums[2]), "dema/missing_grads": int(stats.missing_grads.sum()),
-                   "dema/skipped_steps": int(stats.skipped_steps)}
+        numbers = self._log.metrics(self.engine)
         logs.update(numbers)
         # the Trainer appended a copy of these logs to its history just before this event
         last = state.log_history[-1] if state.log_history else None
@@ -504,17 +476,18 @@ class DEMACallback(TrainerCallback):
         self._save_checkpoint_adapter(args, folder)
 
     def _save_checkpoint_adapter(self, args, folder):
-        """``checkpoint-*/ema_adapter/``: the EMA as a PEFT adapter beside the live one."""
+        """``checkpoint-*/cl_core/ema_adapter/``: the EMA as a PEFT adapter, out of the resume's reach."""
         if not self.save_adapter or not is_peft_model(self._model) or len(active_adapter_names(self._model)) != 1:
             return
         ds_partitioned = self._ds_link is not None and self._ds_link.partitioned and cl_dist.world_size() > 1
         if self._sharded and not ds_partitioned:
             if not getattr(self, "_warned_fsdp_adapter", False):
                 self._warned_fsdp_adapter = True
-                logger.info("DEMACallback: FSDP shards: checkpoints hold the per-rank DEMA state, no ema_adapter/")
+                logger.info("DEMACallback: FSDP shards: checkpoints hold the per-rank DEMA state, no %s/",
+                            CHECKPOINT_ADAPTER)
             return
         if ds_partitioned or args.should_save:     # DeepSpeed partitions: a gather every rank joins
-            self.save_ema_adapter(os.path.join(folder, "ema_adapter"))
+            self.save_ema_adapter(os.path.join(folder, CHECKPOINT_ADAPTER))
 
     # ------------------------------------------------------------------ end
 
@@ -528,7 +501,8 @@ class DEMACallback(TrainerCallback):
     # ------------------------------------------------------------------ helpers
 
     def save_ema_adapter(self, out_dir: str, adapter_name: str | None = None) -> str:
-        """Write the EMA of the adapter as a PEFT adapter folder (see cl_core.integrations.peft).
+        """Write the EMA of the adapter as a PEFT adapter folder (see cl_core.integrations.peft;
+        needs peft: ``pip install cl_core[hf]``).
 
         Under DDP any rank may call it, also all at once (each leaves the folder complete).
         Under DeepSpeed ZeRO-1/2/3 the EMA is partitioned across ranks: every rank must call
@@ -536,6 +510,8 @@ class DEMACallback(TrainerCallback):
         """
         if self.engine is None or self._model is None:
             raise RuntimeError("DEMACallback.save_ema_adapter: training has not begun")
+        from cl_core.integrations.peft import save_ema_adapter
+
         if self._ds_link is not None and self._ds_link.partitioned and cl_dist.world_size() > 1:
             main = cl_dist.rank() == 0
             out = save_ema_adapter(self._model, self.engine, out_dir, adapter_name, write=main)
@@ -594,9 +570,13 @@ def _is_report_callback(callback) -> bool:
     return type(callback).__module__.startswith("transformers.integrations")
 
 
-def optimizer_is_unknown(opt) -> bool:
-    """True unless ``opt`` is exactly a torch AdamW, Adam or SGD (what the fused kernel covers)."""
-    return type(opt) not in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD) or optimizer_kind(opt) is None
+def _deepspeed_optimizer(optimizer):
+    """The DeepSpeed optimizer behind the Trainer's optimizer (accelerate's
+    ``DeepSpeedOptimizerWrapper``), or None when the Trainer does not run DeepSpeed. Known by
+    its class name, so a run without DeepSpeed installed never imports it."""
+    if optimizer is None or type(optimizer).__name__ != "DeepSpeedOptimizerWrapper":
+        return None
+    return optimizer.optimizer
 
 
 def _install(accelerated, wrapper) -> None:

@@ -21,16 +21,17 @@ The same meaning as the Hugging Face :class:`cl_core.DEMACallback`:
 
 * A step the precision plugin skipped (AMP overflow) is counted, not averaged; a first step
   where no averaged tensor has a gradient stops training with an error (never a silent fixed EMA).
-* Validation and test run with the EMA weights swapped in (``eval_with_ema=True``).
+* Validation and test run with the EMA weights swapped in with ``eval_with_ema=True``.
 * The DEMA state goes into the ``.ckpt`` (the callback's ``state_dict``), so a run resumed
   with ``trainer.fit(..., ckpt_path=...)`` ends with exactly the EMA of an uninterrupted run
   (from an epoch-end checkpoint, or mid-epoch with a stateful dataloader: Lightning restarts a
   plain DataLoader from its first batch).
 * At the end of training the EMA replaces the live weights (``replace_at_end=True``).
 * ``save_ema_adapter(dir)`` writes the EMA as a standard PEFT adapter folder.
-* Mean α, the share of tensors at the fallback α and the skip counters go to the trainer's
-  loggers every ``log_every_n_steps`` optimizer steps (one small host sync then, none in
-  between).
+* Mean α and the share of tensors at the fallback α over the updates since the last log,
+  and the skip counters, go to the trainer's loggers every ``log_every_n_steps`` optimizer
+  steps (one small host sync then, none in between): the same numbers as the Hugging Face
+  callback logs (selection, one-pass check and logged numbers: cl_core.integrations.core).
 
 Single device and DDP only: sharding strategies (FSDP, DeepSpeed, model parallel) are refused
 at the start with a message, rather than averaging shards with the wrong statistics.
@@ -42,20 +43,24 @@ import os
 
 import torch
 
+from cl_core.integrations.core import missing_extra
+
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # an optional extra
-    raise ImportError("cl_core.integrations.lightning needs Lightning; install it with: pip install cl_core[lightning] "
-                      "(or pip install lightning)") from exc
+    raise missing_extra("cl_core.integrations.lightning", "lightning", "lightning", exc) from exc
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
-from cl_core.integrations.peft import is_peft_model, names_mismatch, save_ema_adapter, select_dema_parameters
+from cl_core.integrations import core
+from cl_core.integrations.core import names_mismatch, outer_peft_models
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "cl_core.integrations.lightning.DEMACallback"
 STATE_VERSION = 1
-_FUSABLE = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+# What the Lightning callback adds to the shared first-step check and fusability reasons.
+_FIRST_STEP_HINT = ": the averaged tensors take no part in the loss (check params= and the training_step)"
+_NOT_FUSABLE_HINT = " (return a cl_core.DEMAOptimizer from configure_optimizers to choose)"
 
 
 class DEMACallback(pl.Callback):
@@ -67,7 +72,8 @@ class DEMACallback(pl.Callback):
                     ``"trainable"`` (every parameter with ``requires_grad``), or a callable
                     ``f(pl_module) -> iterable of (name, parameter)``.
     replace_at_end: copy the EMA into the model when training ends (default True).
-    eval_with_ema:  validate and test with the EMA weights swapped in (default True).
+    eval_with_ema:  validate and test with the EMA weights swapped in (default False, as in the
+                    Hugging Face callback: cl_core.integrations.core).
     fused:          ``"auto"`` (one pass where possible), ``True`` (raise where not possible),
                     ``False`` (always the separate DEMA pass).
     log_stats:      send α statistics to the trainer's loggers (default True).
@@ -77,14 +83,10 @@ class DEMACallback(pl.Callback):
     """
 
     def __init__(self, config: DEMAConfig | None = None, *, params="lora", replace_at_end: bool = True,
-                 eval_with_ema: bool = True, fused="auto", log_stats: bool = True):
-        if config is not None and not isinstance(config, DEMAConfig):
-            raise TypeError(f"DEMACallback(config=...) takes a cl_core.DEMAConfig, got {type(config).__name__}")
-        if not callable(params) and params not in ("lora", "trainable"):
-            raise ValueError(f"DEMACallback(params={params!r}): use 'lora', 'trainable' or a callable "
-                             "returning (name, parameter) pairs")
-        if fused not in ("auto", True, False):
-            raise ValueError(f"DEMACallback(fused={fused!r}): use 'auto', True or False")
+                 eval_with_ema: bool = core.EVAL_WITH_EMA_DEFAULT, fused="auto", log_stats: bool = True):
+        core.check_config_arg(config)
+        core.check_params_arg(params)
+        core.check_fused_arg(fused)
         super().__init__()
         self.config = config if config is not None else DEMAConfig()
         self.params = params
@@ -106,43 +108,9 @@ class DEMACallback(pl.Callback):
         self._first_step = True        # the first step of this fit checks that gradients exist
         self._pending_state = None     # a checkpoint state waiting for the engine
         self._swap_ctx = None
+        self._log = core.LogWindow()   # α of the updates since the last log line
 
     # ------------------------------------------------------------------ selection
-
-    def _select(self, pl_module) -> list[tuple[str, torch.nn.Parameter]]:
-        canonical = {}
-        for n, p in pl_module.named_parameters():
-            canonical.setdefault(id(p), n)
-        if callable(self.params):
-            named = []
-            for item in self.params(pl_module):
-                if isinstance(item, torch.Tensor):
-                    item = (canonical.get(id(item), f"param_{len(named)}"), item)
-                if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
-                    raise TypeError("DEMACallback(params=callable): the callable must return parameters or "
-                                    f"(name, parameter) pairs, got {type(item).__name__}")
-                named.append(item)
-            what = "the tensors params= returned"
-        elif self.params == "trainable":
-            named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-            what = "trainable parameters"
-        else:
-            peft_models = _outer_peft_models(pl_module)
-            if not peft_models:
-                logger.info("DEMACallback(params='lora'): %s holds no PEFT model; averaging every trainable "
-                            "parameter", type(pl_module).__name__)
-                named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-            else:
-                named = []
-                for prefix, model in peft_models:
-                    named += [(canonical.get(id(p), prefix + n), p) for n, p in select_dema_parameters(model)]
-            what = "LoRA tensors of the active adapter" if peft_models else "trainable parameters"
-        if not named:
-            raise ValueError(f"DEMACallback: {type(pl_module).__name__} has no {what} (params={self.params!r}); "
-                             "there is nothing to average")
-        if len({id(p) for _, p in named}) != len(named):
-            raise ValueError("DEMACallback: the selected parameters hold the same tensor twice")
-        return named
 
     # ------------------------------------------------------------------ set-up
 
@@ -150,11 +118,12 @@ class DEMACallback(pl.Callback):
         _check_strategy(trainer)
         self._remove_hooks()
         self._module = pl_module
-        named = self._select(pl_module)
+        named = core.select_parameters(pl_module, self.params)
         self._setup_engine(trainer, pl_module, named)
         self.resumed = False
         self._expect_step = self._stepped = False
         self._first_step = True
+        self._log.reset()
         if self._pending_state is not None:
             self._apply_pending_state()
 
@@ -202,7 +171,7 @@ class DEMACallback(pl.Callback):
             raise ValueError(f"DEMACallback: the averaged tensors are updated by {len(holders)} optimizers; the EMA "
                              "follows one optimizer's steps: pass params= (a callable) picking the tensors of one")
         opt = holders[0]
-        reason = _why_not_fusable(opt, named, selected, canonical, self._fused_arg)
+        reason = core.why_not_fusable(opt, named, fused_arg=self._fused_arg, hint=_NOT_FUSABLE_HINT)
         if reason is None:
             wrapper = DEMAOptimizer(opt, self.config, fused=self._fused_arg)
             if wrapper.fused:
@@ -246,14 +215,12 @@ class DEMACallback(pl.Callback):
         # Right after the optimizer's step(): the gradients it used are still in p.grad.
         if self._first_step:
             self._first_step = False
-            if not any(p.grad is not None for p in self.engine.params):
-                # Refuse rather than let DEMA degrade into a fixed EMA at the fallback α.
-                raise RuntimeError(
-                    "DEMACallback: at the first optimizer step no averaged tensor has a gradient "
-                    f"({len(self.engine.params)} tensors, e.g. {self.names[0]!r}), so DEMA cannot compute its α: "
-                    "the averaged tensors take no part in the loss (check params= and the training_step)")
+            core.check_first_step_gradients(self.engine, self.names, any(p.grad is not None for p in self.engine.params),
+                                            hint=_FIRST_STEP_HINT)
         if self._update_in_hook:
             self.engine.update()
+        if self.log_stats:
+            self._log.add(self.engine)
         self._expect_step = False
         self._stepped = True
 
@@ -277,17 +244,9 @@ class DEMACallback(pl.Callback):
     def _log_stats(self, trainer):
         if not self.log_stats or not trainer.loggers or trainer.log_every_n_steps <= 0:
             return
-        if trainer.global_step % trainer.log_every_n_steps != 0:
+        if trainer.global_step % trainer.log_every_n_steps != 0 or not self._log:
             return
-        stats = self.engine.stats
-        alpha = stats.alpha.float()
-        fallback = torch.tensor(self.config.fallback, dtype=torch.float32, device=alpha.device)
-        parts = [alpha.mean(), (alpha == fallback).float().mean(), stats.nonfinite_skips.sum().float()]
-        values = torch.stack(parts).tolist()       # the one device sync, on logging steps only
-        metrics = {"dema/alpha_mean": values[0], "dema/fallback_share": values[1],
-                   "dema/nonfinite_skips": values[2], "dema/skipped_steps": float(stats.skipped_steps),
-                   "dema/updates": float(stats.updates),
-                   "dema/missing_grads": float(stats.missing_grads.sum())}   # a CPU counter
+        metrics = self._log.metrics(self.engine)    # the one device sync, on logging steps only
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
@@ -406,10 +365,13 @@ class DEMACallback(pl.Callback):
     # ------------------------------------------------------------------ export
 
     def save_ema_adapter(self, out_dir: str | os.PathLike, adapter_name: str | None = None) -> str:
-        """Write the EMA of the PEFT adapter as an adapter folder (``PeftModel.from_pretrained`` loads it)."""
+        """Write the EMA of the PEFT adapter as an adapter folder (``PeftModel.from_pretrained`` loads it;
+        needs peft: ``pip install cl_core[hf]``)."""
         if self.engine is None or self._module is None:
             raise RuntimeError("DEMACallback.save_ema_adapter: training has not begun (no engine yet)")
-        peft_models = _outer_peft_models(self._module)
+        from cl_core.integrations.peft import save_ema_adapter
+
+        peft_models = outer_peft_models(self._module)
         if len(peft_models) != 1:
             raise ValueError(f"DEMACallback.save_ema_adapter: the module holds {len(peft_models)} PEFT models; "
                              "call cl_core.integrations.peft.save_ema_adapter(peft_model, callback.engine, dir) "
@@ -418,37 +380,6 @@ class DEMACallback(pl.Callback):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _outer_peft_models(module) -> list[tuple[str, torch.nn.Module]]:
-    """(prefix, model) of the outermost PEFT models inside ``module`` (itself included)."""
-    found = []
-    for name, m in module.named_modules():
-        if any(p == "" or name == p or name.startswith(p + ".") for p, _ in found):
-            continue                                  # inside a PEFT model already found
-        if hasattr(m, "peft_config") and is_peft_model(m):
-            found.append((name, m))
-    return [(f"{name}." if name else "", m) for name, m in found]
-
-
-def _why_not_fusable(opt, named, selected, canonical, fused_arg) -> str | None:
-    """Why the optimizer cannot be wrapped for the one-pass step, or None when it can."""
-    if fused_arg is False:
-        return "fused=False"
-    if type(opt) not in _FUSABLE:
-        return (f"the optimizer is a {type(opt).__name__}; the one-pass step exists for plain torch "
-                "AdamW, Adam and SGD (return a cl_core.DEMAOptimizer from configure_optimizers to choose)")
-    trained = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
-    extra = [p for p in trained if id(p) not in selected]
-    if extra:
-        name = canonical.get(id(extra[0]), "?")
-        return (f"the optimizer also updates {len(extra)} trainable tensor(s) that are not averaged "
-                f"(e.g. {name!r}), and a DEMAOptimizer averages every tensor it updates")
-    trained_ids = {id(p) for p in trained}
-    outside = [n for n, p in named if id(p) not in trained_ids]
-    if outside:
-        return f"{len(outside)} averaged tensor(s) are not updated by the optimizer (e.g. {outside[0]!r})"
-    return None
 
 
 def _mark_step_called(inner, wrapper):

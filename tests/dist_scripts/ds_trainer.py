@@ -30,6 +30,7 @@ from common import TokenDataset, sequential_trainer_cls, tiny_peft_llama, traini
 from transformers import TrainerCallback  # noqa: E402
 
 from cl_core import DEMA, DEMACallback, DEMAConfig, DEMAOptimizer  # noqa: E402
+from cl_core.integrations.hf import CHECKPOINT_ADAPTER  # noqa: E402
 
 STEPS = 4
 
@@ -130,7 +131,7 @@ def run_case(out, case, rank):
     if case.get("resume"):
         ckpt = os.path.join(folder, "run", "checkpoint-2")
         res["state_files"] = sorted(f for f in os.listdir(ckpt) if f.startswith("dema_state"))
-        res["ckpt_adapter"] = sorted(os.listdir(os.path.join(ckpt, "ema_adapter")))
+        res["ckpt_adapter"] = sorted(os.listdir(os.path.join(ckpt, CHECKPOINT_ADAPTER)))
         cb_res = DEMACallback(record_alpha=True)
         tr2 = T(model=tiny_peft_llama(lora_seed=99), args=training_args(os.path.join(folder, "res"), **kw),
                 train_dataset=TokenDataset(), callbacks=[cb_res])

@@ -5,7 +5,7 @@ same model trained on the same global batch in the same process:
   fsdp2  fully_shard (DTensor, Shard(0), one layer with an odd row count so the shards are
          uneven), cl_core.DEMAOptimizer(AdamW) with reduce_stats="auto";
   fsdp1  FullyShardedDataParallel(use_orig_params=True) (flat 1-D slices, some empty),
-         a cl_core.DEMA engine with cl_core.dema.distributed.auto_reduce_stats(params, model).
+         a cl_core.DEMA engine with cl_core.integrations.fsdp.auto_reduce_stats(params, model).
 Per step: α per tensor, and the number of all_reduce calls inside the DEMA update.
 At the end: the full EMA tensors (gathered) and a state_dict round trip; for FSDP2 also a
 DEMACallback driven as the Trainer drives it (sharding detected, per-rank state files). Both for the
@@ -24,6 +24,7 @@ import torch.distributed as dist  # noqa: E402
 
 from cl_core import DEMA, DEMACallback, DEMAConfig, DEMAOptimizer  # noqa: E402
 from cl_core.dema import distributed as cl_dist  # noqa: E402
+from cl_core.integrations import fsdp as cl_fsdp  # noqa: E402
 
 STEPS = 5
 GLOBAL_BATCH = 8
@@ -142,7 +143,7 @@ def run_fsdp1(cfg, rank, world):
 
     m = FSDP(make_model(), device_id=torch.device("cpu"), use_orig_params=True)
     params = list(m.parameters())
-    reducer = cl_dist.auto_reduce_stats(params, m)
+    reducer = cl_fsdp.auto_reduce_stats(params, m)
     assert isinstance(reducer, cl_dist.StatsReducer)
     opt = torch.optim.AdamW(params, lr=0.05)
     engine = DEMA(params, cfg, reduce_stats=reducer)

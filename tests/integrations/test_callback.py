@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cl_core import DEMACallback, DEMAConfig
-from cl_core.integrations.hf import CARRY_KEY
-from cl_core.integrations.peft import select_dema_parameters
+from cl_core.integrations.core import select_dema_parameters
+from cl_core.integrations.hf import CARRY_KEY, CHECKPOINT_ADAPTER
 from tests.dist_scripts.common import (RecorderCallback, TokenDataset, replay, sequential_trainer_cls, tiny_llama,
                                  tiny_peft_llama, training_args)
 
@@ -112,6 +112,63 @@ def test_resume_ends_with_the_same_ema(tmp_path):
     _train(tiny_peft_llama(lora_seed=7), last_dir, [cb_last], max_steps=6).train(resume_from_checkpoint=True)
     for a, b in zip(_ema(cb_last), ema_full):
         assert torch.equal(a, b)
+
+
+def _lora_count(model):
+    return sum(1 for n, _ in model.named_parameters() if ".lora_" in n)
+
+
+def test_resume_keeps_exactly_the_models_adapters(tmp_path):
+    """DEMACallback() (save_adapter=True, the default) writes the EMA adapter into every
+    checkpoint; resuming from one must leave the model with exactly the adapters it had (names
+    and LoRA tensors) and continue as the uninterrupted run. The Trainer's resume loads every
+    direct subfolder of the checkpoint holding adapter weights as a model adapter (transformers
+    < 5.23: and then never restores the live one; >= 5.23: adds a second one), so the EMA adapter
+    sits one level deeper. The same checkpoint with the adapter moved up shows what the test catches."""
+    from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME
+
+    cb_full = DEMACallback()
+    model_full = tiny_peft_llama()
+    _train(model_full, tmp_path / "full", [cb_full], max_steps=4, save_strategy="steps", save_steps=2).train()
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert (ckpt / CHECKPOINT_ADAPTER / ADAPTER_SAFE_WEIGHTS_NAME).is_file()
+    scanned = [d for d in os.listdir(ckpt) if os.path.isfile(ckpt / d / ADAPTER_SAFE_WEIGHTS_NAME)]
+    assert scanned == []                              # nothing at the depth the resume scans
+
+    model = tiny_peft_llama(lora_seed=9)
+    before = (list(model.peft_config), _lora_count(model))
+    cb = DEMACallback()
+    _train(model, tmp_path / "res", [cb], max_steps=4).train(resume_from_checkpoint=str(ckpt))
+    assert (list(model.peft_config), _lora_count(model)) == before == (["default"], 8)
+    for a, b in zip(_ema(cb), _ema(cb_full)):
+        assert torch.equal(a, b)
+    for (_, p), (_, q) in zip(select_dema_parameters(model), select_dema_parameters(model_full)):
+        assert torch.equal(p, q)
+
+    # control: the adapter where it used to be (checkpoint-2/ema_adapter/) is taken for a model adapter
+    old = tmp_path / "old" / "checkpoint-2"
+    shutil.copytree(ckpt, old)
+    shutil.move(str(old / CHECKPOINT_ADAPTER), str(old / "ema_adapter"))
+    model_old = tiny_peft_llama(lora_seed=9)
+    _train(model_old, tmp_path / "res_old", [DEMACallback(save_adapter=False)], max_steps=3).train(
+        resume_from_checkpoint=str(old))
+    assert (list(model_old.peft_config), _lora_count(model_old)) != before
+
+
+def test_final_export_loads_with_peft_and_is_the_ema(tmp_path):
+    """After training (EMA replace), trainer.save_model(output_dir) is the standard PEFT export of
+    the EMA: PeftModel.from_pretrained loads it with exactly one adapter, equal to the EMA."""
+    from peft import PeftModel
+
+    cb = DEMACallback()
+    trainer = _train(tiny_peft_llama(), tmp_path / "out", [cb], max_steps=3, save_strategy="steps", save_steps=3)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "out"))
+    assert list(loaded.peft_config) == ["default"]
+    got = dict(loaded.named_parameters())
+    for name, e in zip(cb.engine.names, _ema(cb)):
+        assert torch.equal(got[name], e), name
 
 
 def _carry_other_state(ckpt, other):
@@ -301,11 +358,11 @@ def test_one_pass_in_the_trainer_equals_two_passes_with_scheduler_and_clipping(t
     for (_, p), (_, q) in zip(select_dema_parameters(m1), select_dema_parameters(m2)):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)      # the same training (schedule, clipping)
     # the Trainer's optimizer.pt carries the DEMA state (once: not also the wrapper's own "dema"
-    # entry), and checkpoint-*/ema_adapter/ is the EMA then
+    # entry), and checkpoint-*/cl_core/ema_adapter/ is the EMA then
     ckpt = tmp_path / "one" / "checkpoint-3"
     opt_sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert CARRY_KEY in opt_sd["param_groups"][0] and "dema" not in opt_sd
-    assert sorted(os.listdir(ckpt / "ema_adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(ckpt / CHECKPOINT_ADAPTER)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 @pytest.mark.parametrize("route", ["one_pass", "two_pass", "user_optimizer"])
@@ -361,7 +418,7 @@ def test_checkpoint_ema_adapter_loads_and_resume_of_one_pass_is_exact(tmp_path):
     for a, b in zip(_ema(res), ema_full):
         assert torch.equal(a, b)
     # the adapter of checkpoint-4 is the EMA at step 4: PEFT loads it unchanged
-    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "run" / "checkpoint-4" / "ema_adapter"))
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "run" / "checkpoint-4" / CHECKPOINT_ADAPTER))
     got = dict(loaded.named_parameters())
     for name, e in zip(cb.engine.names, ema_full):
         assert torch.equal(got[name], e), name

@@ -117,8 +117,10 @@ def test_sharded_stats_one_all_reduce_per_step_equal_unsharded(tmp_path):
 
 def test_auto_reduce_stats_is_none_without_sharding():
     from cl_core.dema import distributed as cl_dist
+    from cl_core.integrations import fsdp as cl_fsdp
 
     params = list(torch.nn.Linear(3, 2).parameters())
     assert cl_dist.auto_reduce_stats(params) is None
-    assert not cl_dist.is_sharded(params)
+    assert cl_fsdp.auto_reduce_stats(params, torch.nn.Linear(2, 2)) is None
+    assert not cl_fsdp.is_sharded(params)
     assert cl_dist.world_size() == 1 and cl_dist.rank() == 0

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer  # noqa: E402
 from cl_core.integrations.lightning import DEMACallback  # noqa: E402
-from cl_core.integrations.peft import adapter_named_parameters, select_dema_parameters  # noqa: E402
+from cl_core.integrations.core import adapter_named_parameters, select_dema_parameters  # noqa: E402
 from tests.helpers import README as README_PATH
 
 VOCAB, SEQ, BATCH, N_BATCHES = 64, 12, 4, 6
@@ -226,7 +226,7 @@ def test_a_step_the_grad_scaler_skips_is_counted_not_averaged(tmp_path, optimize
 
 
 def test_validation_sees_the_ema_and_training_the_live_weights(tmp_path):
-    module, cb, t = fit(tmp_path, "adamw", DEMACallback(replace_at_end=False), val=True,
+    module, cb, t = fit(tmp_path, "adamw", DEMACallback(replace_at_end=False, eval_with_ema=True), val=True,
                         val_check_interval=3, max_epochs=1)
     assert len(module.val_weights) == 2
     for lora, ema in module.val_weights:
@@ -360,12 +360,12 @@ def test_mid_epoch_resume_with_a_stateful_loader_is_exact(tmp_path):
 
 def test_test_from_a_ckpt_uses_its_ema(tmp_path):
     module = LitLM(tiny_peft_llama(), scheduler=False)
-    cb = module.callback = DEMACallback(replace_at_end=False)
+    cb = module.callback = DEMACallback(replace_at_end=False, eval_with_ema=True)
     t = _ckpt_trainer(tmp_path, cb, N_BATCHES)
     t.fit(module, loader(batches()), loader(batches(1)))
     ema = clone(cb.engine.ema_tensors())
     fresh = LitLM(tiny_peft_llama())
-    cb2 = DEMACallback()
+    cb2 = DEMACallback(eval_with_ema=True)
     trainer(tmp_path, [cb2]).test(fresh, loader(batches(1)), ckpt_path=str(tmp_path / f"step={N_BATCHES}.ckpt"), verbose=False)
     assert cb2.resumed and all(torch.equal(a, b) for a, b in zip(fresh.test_weights[0], ema))
 

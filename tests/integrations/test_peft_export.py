@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from cl_core import DEMACallback
-from cl_core.integrations.peft import (adapter_named_parameters, atomic_save, load_state_file, save_ema_adapter,
-                                 select_dema_parameters)
+from cl_core.integrations.core import adapter_named_parameters, atomic_save, load_state_file, select_dema_parameters
+from cl_core.integrations.peft import save_ema_adapter
 from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, tiny_llama, tiny_peft_llama, training_args
 
 
@@ -105,6 +105,37 @@ def test_lora_scaling_kept_in_sync(tmp_path):
     assert not torch.allclose(_logits(raw, ids), want, atol=1e-6)
 
 
+def test_rslora_export_where_the_layers_do_not_keep_use_rslora(tmp_path):
+    """peft < 0.18 LoRA layers have no ``use_rslora`` attribute (only the adapter's config says
+    rsLoRA): the export must take the configured scaling alpha / sqrt(r) from the config, not
+    alpha / r, or the exported lora_B is off by sqrt(r). Shown on a real rsLoRA model with the
+    attribute removed from every layer (r=4: alpha / r would be half the true scaling)."""
+    import math
+
+    from peft import PeftModel
+
+    import cl_core.integrations.peft as pe
+
+    model = tiny_peft_llama(use_rslora=True, r=4, lora_alpha=8)
+    cb = DEMACallback(replace_at_end=False)
+    _trainer(model, tmp_path / "run", cb, max_steps=3).train()
+    layers = [m for _, m in pe.tuner_layers(model) if hasattr(m, "r")]
+    assert layers
+    for layer in layers:
+        assert layer.scaling["default"] == 8 / math.sqrt(4)            # what PEFT computes with rsLoRA
+        del layer.use_rslora
+        assert pe._configured_scaling(layer, "default", model.peft_config["default"]) == 8 / math.sqrt(4)
+    assert pe._scaling_ratios(model, "default") == {}                  # nothing to fold: the live scaling is the configured one
+    out = cb.save_ema_adapter(str(tmp_path / "ema"))
+    saved = load_file(os.path.join(out, "adapter_model.safetensors"))
+    for name, ema in zip(cb.engine.names, cb.engine.ema_tensors()):
+        assert torch.equal(saved[name.replace(".default", "")], ema)    # lora_B not rescaled
+    ids = TokenDataset(4, seed=3).ids
+    with cb.engine.swap():
+        want = _logits(model, ids)
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(tiny_llama(), out), ids), want, rtol=0, atol=0)
+
+
 def test_export_errors(tmp_path):
     model = tiny_peft_llama()
     cb = DEMACallback()
@@ -171,7 +202,7 @@ def test_save_ema_adapter_when_another_process_creates_the_folder_first(tmp_path
     import cl_core.integrations.peft as pe
 
     model = tiny_peft_llama()
-    named = pe.select_dema_parameters(model)
+    named = select_dema_parameters(model)
     engine = DEMA(named)
     for _, p in named:
         p.grad = torch.ones_like(p)

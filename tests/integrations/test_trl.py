@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
 from cl_core import DEMA, DEMACallback, DEMAConfig  # noqa: E402
-from cl_core.integrations.peft import select_dema_parameters  # noqa: E402
+from cl_core.integrations.core import select_dema_parameters  # noqa: E402
 
 WORDS = "red green blue small big circle square stop go one two three what is the color of answer".split()
 # Continual-NExT's settings: with these tiny LoRA tensors the official scale 2 puts α above 1 (the
