@@ -45,6 +45,7 @@ def _step(params, gen):
 
 
 @pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
+@pytest.mark.slow
 def test_triton_launches_do_not_grow_with_tensor_count(launches, formula):
     per_update = {}
     for n in (2, 64):

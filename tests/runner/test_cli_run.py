@@ -28,6 +28,7 @@ def _instruction_file(path, n):
     return path
 
 
+@pytest.mark.slow
 def test_run_on_your_files(tmp_path, model_dir, capsys):
     a = _llava_file(tmp_path / "data" / "TextVQA", "textvqa", 20)
     b = _llava_file(tmp_path / "data" / "Grounding", "grounding", 20)
@@ -74,7 +75,7 @@ def _fails(argv, caplog, needle, out):
     assert not out.exists() or not any(out.iterdir()), "something was written before the error"
 
 
-def test_unknown_method(tmp_path, caplog):
+def test_unknown_method_is_refused_naming_it(tmp_path, caplog):
     _fails(["run", "--methods", "lora,sgd"], caplog, "unknown method 'sgd'", tmp_path / "o")
 
 
@@ -110,7 +111,7 @@ def test_bad_model_folders(tmp_path, caplog):
     _fails(["run", "--tasks", str(f), "--model", str(noweights)], caplog, "no weights", tmp_path / "o3")
 
 
-def test_mismatched_lists(tmp_path, caplog, model_dir):
+def test_mismatched_file_lists_and_unknown_task_types_are_refused(tmp_path, caplog, model_dir):
     f = _instruction_file(tmp_path / "t.jsonl", 4)
     _fails(["run", "--tasks", str(f), "--test-tasks", str(f), str(f), "--model", str(model_dir)], caplog,
            "2 test files for 1 task files", tmp_path / "o")
@@ -148,7 +149,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     assert f"Finished tasks are saved in {out}; run the same command again to resume" in capsys.readouterr().out
 
 
-# ------------------------------------------------ the run folder and the disk (issue 12)
+# ------------------------------------------------ the run folder and the disk
 def _one_error_line(argv, caplog):
     """Run the CLI; return (exit code, the one ERROR line)."""
     caplog.clear()
@@ -173,7 +174,7 @@ def test_out_naming_a_file_or_a_path_under_a_file(tmp_path, model_dir, caplog):
 
 
 @pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
-                    reason="root ignores folder permissions; tests/test_reliability.py checks a read-only mount")
+                    reason="root ignores folder permissions; tests/runner/test_reliability.py checks a read-only mount")
 def test_out_in_a_read_only_folder(tmp_path, model_dir, caplog):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -233,7 +234,7 @@ def test_a_foreign_folder_is_refused_and_left_alone(tmp_path, model_dir, caplog)
 
 def test_disk_full_while_writing_is_one_line(tmp_path, model_dir, caplog, monkeypatch):
     """The write itself fails as a full disk makes it fail (ENOSPC from the file's write());
-    tests/test_reliability.py does it on a real full file system."""
+    tests/runner/test_reliability.py does it on a real full file system."""
     import errno
     import os
 
