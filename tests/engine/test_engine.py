@@ -75,6 +75,7 @@ def test_random_sequences_match_reference(sizes, steps, seed, formula, scale, dt
         assert_same(eng, ref)
 
 
+@pytest.mark.slow
 def test_mixed_dtypes_in_one_list(monkeypatch):
     shapes = [(5, 4), (33,), (2, 2), (17,)]
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32]

@@ -331,6 +331,7 @@ for path in ("native", "pure"):
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak RSS")
+@pytest.mark.slow
 def test_engine_memory_is_at_most_three_times_the_parameters():
     """Peak RSS growth over the parameters, native and pure-torch paths (EMA + g_prev are
     2x; the pure-torch path was 8.4x)."""

@@ -62,6 +62,7 @@ def _check(tri, ref, tor, dtype, formula):
 
 @pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.slow
 def test_param_ema_matches_reference_and_torch_backend(dtype, formula):
     """Every event of tests/dema_sequences.py (missing, repeated, zero, NaN/inf gradients,
     NaN parameters), odd sizes and tensors of several blocks: the general path."""
@@ -87,6 +88,7 @@ def test_param_ema_matches_reference_and_torch_backend(dtype, formula):
 
 
 @pytest.mark.parametrize("dtype,formula", [(torch.bfloat16, "paper"), (torch.float16, "official")])
+@pytest.mark.slow
 def test_param_ema_aligned_path(dtype, formula):
     """Every numel a multiple of 8 and 16-byte aligned buffers: the ALIGNED kernels."""
     script = make_script(6, len(ALIGNED), 6, events=("grad", "none", "same", "nan_grad"))
@@ -115,6 +117,7 @@ def test_param_kernels_do_not_depend_on_program_order(program_order, dtype, form
 
 
 @pytest.mark.parametrize("first,then", [("param", "float32"), ("float32", "param")])
+@pytest.mark.slow
 def test_state_dict_round_trip_between_ema_dtypes(first, then):
     """A checkpoint of one ema_dtype continues under the other: the Triton engine as
     the reference does (bf16 EMA values load into float32 exactly; float32 ones are
@@ -176,6 +179,7 @@ def test_param_dtype_change_is_refused_before_anything_changes():
 
 
 @pytest.mark.parametrize("dtype,ema_dtype", [(torch.float32, "float32"), (torch.bfloat16, "param")])
+@pytest.mark.slow
 def test_reading_the_state_does_not_change_the_trajectory(dtype, ema_dtype):
     """engine.stats / state_dict() fold the pending d partials with the same reduction (and
     rounding) as the next update would: a run that reads the state after every update is

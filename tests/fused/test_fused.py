@@ -106,6 +106,7 @@ def test_triton_fused_aligned_kernels_equal_generic(opt_name, dtype):
 
 
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd-nesterov"])
+@pytest.mark.slow
 def test_bf16_parameters_fused_equal_generic_within_2_ulps_per_step(opt_name):
     steps = 10
     ulp = ULP[torch.bfloat16]
@@ -245,6 +246,7 @@ def _to_bf16(params):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.slow
 def test_dtype_change_after_construction_equals_the_generic_path(backend):
     """model.to(bf16) after the optimizer was built: the fused kernel must read bf16
     storage as bf16 (it rebuilds its tables or takes the generic path), never as fp32."""
@@ -280,6 +282,7 @@ def test_replaced_storage_is_followed(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.slow
 def test_parameters_moved_to_another_device_are_never_read_at_old_addresses(backend, caplog):
     """Parameters moved (to meta: the other device there is without a GPU) after a fused
     step: the step refuses with a clear error instead of handing the kernels addresses

@@ -198,6 +198,7 @@ def test_fused_param_ema_equals_the_reference_and_the_generic_path(step_launches
     assert fo.engine.stats.nonfinite_skips.tolist() == go.engine.stats.nonfinite_skips.tolist()
 
 
+@pytest.mark.slow
 def test_parameters_changing_dtype_take_the_generic_path(step_launches, caplog):
     """The EMA stays bfloat16 when the parameters become float16: the fused kernel would
     read it as float16 numbers, so such a step takes the generic path (logged, counted)."""

@@ -303,6 +303,7 @@ def test_one_off_threshold_leaves_the_codebook_threshold_alone():
 
 
 @pytest.mark.parametrize("set_name", ["original", "diverse", "10type"])
+@pytest.mark.slow
 def test_coin_eight_tasks_same_decisions_as_official(set_name):
     """Done means: the eight CoIN tasks in order give the official re-train / expand decisions."""
     threshold = THRESHOLDS[set_name]
@@ -343,6 +344,7 @@ def test_generated_task_sequences_same_decisions_as_official(seed):
 
 
 # -------------------------------------------------------------------------- routing
+@pytest.mark.slow
 def test_route_matches_official_rule_per_instruction():
     rng = random.Random(11)
     g = InstructionGrouper(threshold=0.4)

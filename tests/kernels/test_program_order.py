@@ -131,6 +131,7 @@ def _dema_run(dtype, formula, hook, shapes, ema_dtype="float32"):
     (torch.float32, "paper", None, DEMA_ALIGNED),
     (torch.bfloat16, "official", lambda stats: None, DEMA_GENERAL),  # decide split around a hook
 ])
+@pytest.mark.slow
 def test_dema_kernels_do_not_depend_on_program_order(program_order, dtype, formula, hook, shapes):
     ref, aligned = _dema_run(dtype, formula, hook, shapes)
     assert aligned == (shapes is DEMA_ALIGNED)

@@ -51,6 +51,7 @@ def test_run_on_your_files(tmp_path, model_dir, capsys):
     assert not (out / "base").exists()  # your model: no stage 1
 
 
+@pytest.mark.slow
 def test_test_files_and_order(tmp_path, model_dir):
     a = _llava_file(tmp_path / "TextVQA", "textvqa", 8)
     b = _llava_file(tmp_path / "GQA", "gqa", 8)
@@ -200,6 +201,7 @@ def test_threads_below_one_refused_before_anything_is_written(tmp_path, model_di
     assert code == 2 and not out.exists()
 
 
+@pytest.mark.slow
 def test_kill_during_the_first_write_is_resumed_and_temp_files_cleaned(tmp_path, model_dir):
     """A kill while config.json was first written leaves only its temporary file; the same
     command then starts the run (before: "not a cl_core run folder") and removes it."""
