@@ -9,7 +9,7 @@ BASE_STAMP := $(VENV)/.cl_core_base
 DEMO_STAMP := $(VENV)/.cl_core_runner
 STAMP := $(VENV)/.cl_core_installed
 
-.PHONY: setup test demo bench gpu-check lock clean
+.PHONY: setup test test-fast demo bench gpu-check lock clean
 
 # constraints.txt pins every package to the versions the suite was proven on, so a
 # new release on the index cannot turn CI red; the package itself declares ranges.
@@ -34,6 +34,9 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m "not slow and not distributed and not gpu" tests
 
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/cl-core demo --out demo_out

@@ -1,6 +1,7 @@
 """Shared pytest set-up: Triton kernels run on the CPU through the interpreter; one
 intra-op thread (the tests use tiny tensors, where thread start-up costs more than it
-saves, and the 2 CI cores are shared with spawned distributed workers)."""
+saves, and the 2 CI cores are shared with spawned distributed workers); the `gpu` marker
+on every CUDA test; fixtures that count kernel launches and build a tiny model folder."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -11,6 +12,14 @@ torch.set_num_threads(1)
 
 
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    # The CUDA tests are the ones named test_cuda_* (make gpu-check selects them by that
+    # name too); one rule here instead of a second decorator beside each skip-if-no-GPU.
+    for item in items:
+        if getattr(item, "originalname", item.name).startswith("test_cuda_"):
+            item.add_marker(pytest.mark.gpu)
 
 
 def count_launches(monkeypatch, kernel_cls) -> dict:

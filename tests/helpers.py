@@ -1,8 +1,138 @@
-"""Shared test helpers: paths of the checkout and the test data (one home for each)."""
+"""Shared test helpers, one home for each: the paths of the checkout and the test data, the
+tiny Llama (with and without LoRA) every model test builds, the distance in ulps between
+16-bit tensors, and the table of inner optimizers the fused tests run.
+
+The torchrun scripts in tests/dist_scripts import the model builders too (through
+tests/dist_scripts/common.py; the launchers put the checkout on PYTHONPATH).
+"""
+from __future__ import annotations
+
 from pathlib import Path
+
+import torch
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 README = ROOT / "README.md"
 DATA_GROUPING = TESTS / "data_grouping"
 DIST_SCRIPTS = TESTS / "dist_scripts"
+
+# --- the tiny Llama ---------------------------------------------------------------------
+
+# Small enough that a Trainer step takes milliseconds on a CPU, big enough to have grouped
+# query attention (4 heads, 2 key/value heads) and the q/v projections LoRA targets.
+TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_llama_config(**changes):
+    """A transformers LlamaConfig of TINY_LLAMA with `changes` on top."""
+    from transformers import LlamaConfig
+
+    unknown = sorted(set(changes) - set(TINY_LLAMA))
+    if unknown:
+        # a misspelt field would otherwise pass silently into LlamaConfig's **kwargs
+        raise TypeError(f"tiny_llama_config: {unknown} are not fields of TINY_LLAMA ({sorted(TINY_LLAMA)}); "
+                        "add a new field to TINY_LLAMA first")
+    return LlamaConfig(**{**TINY_LLAMA, **changes})
+
+
+def tiny_llama(seed: int = 0, *, train: bool = False, **changes):
+    """A tiny LlamaForCausalLM whose weights depend on `seed` alone; in eval mode unless
+    `train` (Lightning keeps the mode it is handed, and its tests hand a module in train
+    mode). `changes`: other values for TINY_LLAMA's fields (see tiny_llama_config)."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config(**changes)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).train(train)
+
+
+def lora_config(**kw):
+    """LoRA r=4 on q_proj and v_proj with a random B (init_lora_weights=False), so the
+    adapter changes the output from step one; `kw` on top."""
+    from peft import LoraConfig
+
+    base = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                task_type="CAUSAL_LM", init_lora_weights=False)
+    base.update(kw)
+    return LoraConfig(**base)
+
+
+def tiny_peft_llama(seed: int = 0, adapter_name: str = "default", lora_seed: int | None = None, *,
+                    base=None, train: bool = False, **lora_kw):
+    """A PEFT LoRA model on `base` (default: tiny_llama(seed, train=train)), its adapter
+    drawn from `lora_seed` (default seed + 1); `lora_kw` changes lora_config."""
+    from peft import get_peft_model
+
+    if base is not None and train:
+        raise TypeError("tiny_peft_llama: `train` sets the mode of the default base; set the mode of `base` instead")
+    model = tiny_llama(seed, train=train) if base is None else base
+    torch.manual_seed(seed + 1 if lora_seed is None else lora_seed)
+    return get_peft_model(model, lora_config(**lora_kw), adapter_name=adapter_name)
+
+
+# --- ulps -------------------------------------------------------------------------------
+
+# The spacing of the 16-bit floats in [1, 2) (2 to the minus the stored mantissa bits): one
+# ulp relative, the unit of the tolerances of the bf16/fp16 tests.
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """16-bit floats as integers in numeric order: neighbours differ by 1, +0 and -0 are 0."""
+    bits = x.contiguous().reshape(-1).view(torch.int16).int()
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in ulps between two tensors of the same 16-bit float dtype
+    (representable numbers between them, elementwise). NaN must stand at the same places
+    in both; there it counts 0."""
+    assert a.dtype == b.dtype and a.dtype in ULP, (a.dtype, b.dtype)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    nan_a, nan_b = torch.isnan(a).reshape(-1), torch.isnan(b).reshape(-1)
+    assert torch.equal(nan_a, nan_b), "NaN at different places"
+    d = (_ordered(a) - _ordered(b)).abs().masked_fill(nan_a, 0)
+    return int(d.max()) if d.numel() else 0
+
+
+# --- inner optimizers -------------------------------------------------------------------
+
+# name -> (torch optimizer, hyper-parameters): one of each update rule the fused kernels
+# implement (decoupled and L2 weight decay, custom betas, Nesterov, dampening, plain SGD).
+OPTIMIZER_CONFIGS = {
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "adam-l2": (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.05)),
+    "adam": (torch.optim.Adam, dict(lr=3e-3, betas=(0.8, 0.95))),
+    "sgd-nesterov": (torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "sgd-dampening": (torch.optim.SGD, dict(lr=2e-2, momentum=0.5, dampening=0.3)),
+    "sgd": (torch.optim.SGD, dict(lr=1e-2)),
+}
+# eps well above float16's smallest numbers: torch's eps=1e-8 rounds to 0 there, and its
+# own float16 Adam divides 0 by 0 where exp_avg_sq underflows
+FP16_EPS = dict(eps=1e-4)
+
+
+def optimizer_table(names, *, changes=None, split_lr=None) -> dict:
+    """{name: build(params) -> torch optimizer} for `names`, in that order (the order of the
+    tests' parameter ids). `changes`: {name: {hyper-parameter: value}} on top of
+    OPTIMIZER_CONFIGS; `split_lr`: {name: lr}, where params[:2] form a group of their own
+    with that lr (two groups with their own hyper-parameters)."""
+    changes, split_lr = changes or {}, split_lr or {}
+    unknown = sorted((set(names) | set(changes) | set(split_lr)) - set(OPTIMIZER_CONFIGS))
+    if unknown:
+        raise KeyError(f"optimizer_table: {unknown} not in OPTIMIZER_CONFIGS ({sorted(OPTIMIZER_CONFIGS)})")
+    stray = sorted((set(changes) | set(split_lr)) - set(names))
+    if stray:
+        raise KeyError(f"optimizer_table: changes for {stray}, which are not in names {list(names)}")
+
+    def builder(name):
+        cls, hyper = OPTIMIZER_CONFIGS[name]
+        hyper = {**hyper, **changes.get(name, {})}
+        if name in split_lr:
+            return lambda ps: cls([{"params": ps[:2], "lr": split_lr[name]}, {"params": ps[2:]}], **hyper)
+        return lambda ps: cls(ps, **hyper)
+
+    return {name: builder(name) for name in names}

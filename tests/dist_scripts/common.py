@@ -1,46 +1,20 @@
-"""Shared pieces of the integration tests and the torchrun scripts: a tiny Llama built
-from a config, real PEFT LoRA on it, a fixed token data set, quiet TrainingArguments.
+"""Shared pieces of the integration tests and the torchrun scripts: a fixed token data set,
+quiet TrainingArguments, a Trainer with sequential batches, a recorder of what each
+optimizer step saw and its replay on a plain engine. The tiny Llama and its LoRA come from
+tests/helpers.py, their one home; they are importable from here too, because the scripts
+torchrun launches from this folder import this module as ``common``.
 
-Imported as ``tests.dist_scripts.common`` by the tests and as ``common`` by the scripts that
-torchrun launches from this folder.
+Imported as ``tests.dist_scripts.common`` by the tests and as ``common`` by the scripts (the
+launchers put the checkout on PYTHONPATH, so ``tests.helpers`` imports in both).
 """
 from __future__ import annotations
 
 import torch
 
+from tests.helpers import TINY_LLAMA, lora_config, tiny_llama, tiny_peft_llama  # noqa: F401  (for the scripts)
+
 SEQ_LEN = 8
-VOCAB = 64
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg)
-    model.eval()
-    return model
-
-
-def lora_config(**kw):
-    from peft import LoraConfig
-
-    base = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                task_type="CAUSAL_LM", init_lora_weights=False)
-    base.update(kw)
-    return LoraConfig(**base)
-
-
-def tiny_peft_llama(seed: int = 0, adapter_name: str = "default", lora_seed: int | None = None, **lora_kw):
-    """A tiny Llama (base weights from ``seed``) with a LoRA adapter (from ``lora_seed``) whose
-    B is non-zero (init_lora_weights=False), so the EMA and the adapter both matter from step one."""
-    from peft import get_peft_model
-
-    model = tiny_llama(seed)
-    torch.manual_seed(seed + 1 if lora_seed is None else lora_seed)
-    return get_peft_model(model, lora_config(**lora_kw), adapter_name=adapter_name)
+VOCAB = TINY_LLAMA["vocab_size"]
 
 
 class TokenDataset(torch.utils.data.Dataset):

@@ -1,4 +1,4 @@
-"""Launched by tests/test_distributed.py as `torchrun --nproc_per_node 2 ddp_trainer.py OUT`.
+"""Launched by tests/integrations/test_distributed.py as `torchrun --nproc_per_node 2 ddp_trainer.py OUT`.
 
 Real DDP over gloo through transformers.Trainer + accelerate, 2 ranks x 2 sequences per
 step (global batch 4). Several checks in one launch:
@@ -32,8 +32,8 @@ def main(out):
     trainer.train()
     rank = dist.get_rank()
     world = dist.get_world_size()
-    # every rank saves into the same folder at once (issue 12.11: used to fail with
-    # "Directory not empty" on the rank that lost the rename race)
+    # every rank saves into the same folder at once (the rank that lost the rename race
+    # used to fail with "Directory not empty")
     dist.barrier()
     for _ in range(3):
         cb.save_ema_adapter(os.path.join(out, "ema_adapter"))   # the EMA was copied in: same as live now

@@ -1,4 +1,4 @@
-"""Launched by tests/test_deepspeed.py as
+"""Launched by tests/integrations/test_deepspeed.py as
 `DS_ACCELERATOR=cpu torchrun --nproc_per_node N ds_trainer.py OUT CASES_JSON`.
 
 Real DeepSpeed (CPU accelerator, gloo) through transformers.Trainer + accelerate, a tiny

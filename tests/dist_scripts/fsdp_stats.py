@@ -1,4 +1,4 @@
-"""Launched by tests/test_distributed.py as `torchrun --nproc_per_node 2 fsdp_stats.py OUT`.
+"""Launched by tests/integrations/test_distributed.py as `torchrun --nproc_per_node 2 fsdp_stats.py OUT`.
 
 Sharded parameters on CPU over gloo, compared on every rank with an unsharded copy of the
 same model trained on the same global batch in the same process:

@@ -46,6 +46,7 @@ def assert_same(engine, ref, ema_rtol=1e-5, ema_atol=1e-6):
 
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
+@pytest.mark.slow
 def test_backends_match_reference_all_events(backend, formula, monkeypatch):
     script = make_script(seed=3, n_tensors=len(SHAPES), steps=9, events=EVENTS)
     script[0] = ["grad"] * len(SHAPES)
@@ -64,6 +65,7 @@ def test_backends_match_reference_all_events(backend, formula, monkeypatch):
     scale=st.sampled_from([2.0, 0.01, 500.0]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
 )
+@pytest.mark.slow
 def test_random_sequences_match_reference(sizes, steps, seed, formula, scale, dtype):
     shapes = [(n,) for n in sizes]
     script = make_script(seed, len(shapes), steps, events=EVENTS)
@@ -73,6 +75,7 @@ def test_random_sequences_match_reference(sizes, steps, seed, formula, scale, dt
         assert_same(eng, ref)
 
 
+@pytest.mark.slow
 def test_mixed_dtypes_in_one_list(monkeypatch):
     shapes = [(5, 4), (33,), (2, 2), (17,)]
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32]
@@ -197,6 +200,7 @@ def test_swap_and_copy_to_params(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", FAST)
+@pytest.mark.slow
 def test_state_dict_round_trip_continues_exactly(backend, monkeypatch):
     backend = _backend(backend, monkeypatch)
     shapes = [(3, 7), (1,), (1030,)]

@@ -1,4 +1,4 @@
-"""Engine reliability (issues 10-12): missing gradients counted, states checked before
+"""Engine reliability: missing gradients counted, states checked before
 loading, unusable inputs refused up front, no silent slow path, copies and pickles,
 sparse gradients, large-tensor accuracy, skipped AMP steps, EMA kept in the param dtype.
 """
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cl_core import DEMA, DEMAConfig
+from tests.helpers import ULP
 
 
 def _params(*shapes, seed=0):
@@ -17,7 +18,7 @@ def _params(*shapes, seed=0):
     return [torch.randn(s, generator=g) for s in shapes]
 
 
-# ---------------------------------------------------------------- missing gradients (issue 10.3)
+# ---------------------------------------------------------------- missing gradients
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_missing_gradients_are_counted_per_tensor_and_warned_once(backend, caplog):
     ps = _params((3,), (4, 2))
@@ -75,7 +76,7 @@ def test_count_missing_is_the_public_hook_for_fused_steps(caplog):
     assert e.stats.missing_grads.tolist() == [1, 1, 2]
 
 
-# ---------------------------------------------------------------- state loading (issue 12.1)
+# ---------------------------------------------------------------- state loading
 def _trained(names=None, formula="official", steps=3, seed=0):
     ps = _params((3, 2), (3, 2), seed=seed)
     e = DEMA(ps, DEMAConfig(formula=formula), names=names)
@@ -180,7 +181,7 @@ def test_numpy_counts_in_a_state_are_accepted():
     assert e.num_updates == 3 and type(e.num_updates) is int
 
 
-# ---------------------------------------------------------------- inputs refused up front (issue 12.2)
+# ---------------------------------------------------------------- inputs refused up front
 @pytest.mark.parametrize("tensor, needle", [
     (torch.tensor([1, 2, 3]), "int64 .integer"),
     (torch.tensor([True, False]), "bool .boolean"),
@@ -231,7 +232,7 @@ def test_float64_parameters_match_the_reference():
     assert eng.stats.nonfinite_skips.tolist() == ref.stats.nonfinite_skips.tolist()
 
 
-# ---------------------------------------------------------------- no silent cliff (issue 12.3)
+# ---------------------------------------------------------------- no silent cliff
 def _odd_cases():
     g = torch.Generator().manual_seed(11)
     regular = [torch.randn(6, 5, generator=g) for _ in range(3)]
@@ -330,6 +331,7 @@ for path in ("native", "pure"):
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak RSS")
+@pytest.mark.slow
 def test_engine_memory_is_at_most_three_times_the_parameters():
     """Peak RSS growth over the parameters, native and pure-torch paths (EMA + g_prev are
     2x; the pure-torch path was 8.4x)."""
@@ -344,7 +346,7 @@ def test_engine_memory_is_at_most_three_times_the_parameters():
     assert set(ratios) == {"native", "pure"}
 
 
-# ---------------------------------------------------------------- copies and pickles (issue 12.4)
+# ---------------------------------------------------------------- copies and pickles
 def _drive(engine_or_opt, params, seed, steps, opt_step=None):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -424,7 +426,7 @@ def test_dema_optimizer_copies_continue_exactly(inner, how):
         opt2.engine.params[0] is p for p in model2.parameters())
 
 
-# ---------------------------------------------------------------- skipped AMP steps (issue 11.5)
+# ---------------------------------------------------------------- skipped AMP steps
 def test_grad_scaler_skipped_steps_are_counted():
     """torch.amp.GradScaler on CPU: scaler.step(opt) does not call opt.step() on inf/NaN;
     the wrapper counts the step at the next zero_grad (and averages nothing)."""
@@ -461,7 +463,7 @@ def test_gradient_accumulation_and_set_to_none_false_count_no_skips():
     assert opt.engine.stats.skipped_steps == 0 and opt.engine.num_updates == 3
 
 
-# ---------------------------------------------------------------- sparse gradients (issue 12.5)
+# ---------------------------------------------------------------- sparse gradients
 def _sparse_model():
     torch.manual_seed(0)
     return torch.nn.Embedding(12, 4, sparse=True)
@@ -490,7 +492,8 @@ def test_sparse_gradients_are_averaged_through_the_optimizer_before_any_weight_m
     torch.testing.assert_close(opt.engine.ema_tensors()[0], by_hand.ema_tensors()[0], rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------- large tensors (issue 12.10)
+# ---------------------------------------------------------------- large tensors
+@pytest.mark.slow
 def test_backends_agree_on_alpha_for_one_50m_element_tensor(monkeypatch):
     """torch.norm(p=1) in float32 stops growing at 2^24 on CPU (α was 4-35 % off); the
     reference sums in float64, the torch paths in double / float32 slices. α and d agree
@@ -521,7 +524,7 @@ def test_backends_agree_on_alpha_for_one_50m_element_tensor(monkeypatch):
         torch.testing.assert_close(results[name][1], d_ref, rtol=1e-5, atol=0, msg=name)
 
 
-# ---------------------------------------------------------------- EMA in the parameter dtype (issue 11.6)
+# ---------------------------------------------------------------- EMA in the parameter dtype
 @pytest.mark.parametrize("path", ["native", "pure"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
@@ -539,7 +542,7 @@ def test_ema_in_the_parameter_dtype_matches_the_reference(dtype, formula, path, 
         monkeypatch.setattr(native, "function_for", lambda dtype, prefix="dema_cpu": None)
     eng, _ = play("torch", shapes, script, formula=formula, dtypes=dtype, ema_dtype="param")
     assert (eng.groups[0].backend._native is None) == (path == "pure")
-    ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
+    ulp = ULP[dtype]
     for a, b in zip(eng.ema_tensors(), ref.ema_tensors()):
         assert a.dtype == b.dtype == dtype
         torch.testing.assert_close(a.float(), b.float(), rtol=ulp, atol=1e-3)
@@ -558,8 +561,8 @@ def test_ema_dtype_param_float32_parameters_and_backend_choice(monkeypatch):
     e.update()
     assert e.groups[0].state.ema_dtype == torch.float32  # fp32 params: nothing changes
     assert e.groups[0].backend._native is not None
-    # Every backend keeps a bf16/fp16 EMA now (issue 11.6): "triton" is accepted with
-    # ema_dtype="param", and "auto" on CUDA picks it for such groups (no torch fallback).
+    # Every backend keeps a bf16/fp16 EMA: "triton" is accepted with ema_dtype="param",
+    # and "auto" on CUDA picks it for such groups (no silent fallback to torch).
     from cl_core.dema import backends
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -1,4 +1,4 @@
-"""The Triton DEMA backend with DEMAConfig(ema_dtype="param") (issue 11.6): θ* and g_prev
+"""The Triton DEMA backend with DEMAConfig(ema_dtype="param"): θ* and g_prev
 in the bfloat16/float16 parameter dtype, every difference, product, sum and norm rounded to
 it, against the reference and the torch backend (its native kernel dema_cpu_param_*).
 
@@ -24,23 +24,13 @@ import torch
 
 from cl_core import DEMA, DEMAConfig
 from tests.dema_sequences import EVENTS, make_script, play
+from tests.helpers import ULP, ulp_distance
 from tests.engine.test_engine import assert_same
 from tests.kernels.test_program_order import (  # noqa: F401  (program_order is a fixture)
     ORDERS, _assert_identical, _dema_run, program_order)
 
 GENERAL = [(5, 3), (33,), (1,), (2, 1030)]  # 2,060 elements: three blocks
 ALIGNED = [(2, 1032), (2, 4), (8,)]  # every numel a multiple of 8; 2,064 elements: three blocks
-ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}  # relative spacing just above 1
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance in units in the last place between two 16-bit float tensors
-    (ordered bit patterns: adjacent representable values are 1 apart, ±0 both 0)."""
-    def ordered(x):
-        bits = x.reshape(-1).view(torch.int16).int()
-        return torch.where(bits < 0, -(bits + 32768), bits)
-    assert a.dtype == b.dtype and a.dtype in ULP
-    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -72,6 +62,7 @@ def _check(tri, ref, tor, dtype, formula):
 
 @pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.slow
 def test_param_ema_matches_reference_and_torch_backend(dtype, formula):
     """Every event of tests/dema_sequences.py (missing, repeated, zero, NaN/inf gradients,
     NaN parameters), odd sizes and tensors of several blocks: the general path."""
@@ -97,6 +88,7 @@ def test_param_ema_matches_reference_and_torch_backend(dtype, formula):
 
 
 @pytest.mark.parametrize("dtype,formula", [(torch.bfloat16, "paper"), (torch.float16, "official")])
+@pytest.mark.slow
 def test_param_ema_aligned_path(dtype, formula):
     """Every numel a multiple of 8 and 16-byte aligned buffers: the ALIGNED kernels."""
     script = make_script(6, len(ALIGNED), 6, events=("grad", "none", "same", "nan_grad"))
@@ -111,9 +103,10 @@ def test_param_ema_aligned_path(dtype, formula):
     (torch.bfloat16, "paper", None, ALIGNED),
     (torch.float16, "official", lambda stats: None, GENERAL),  # decide split around a hook
 ])
+@pytest.mark.slow
 def test_param_kernels_do_not_depend_on_program_order(program_order, dtype, formula, hook, shapes):
     """Partial sums per block, totals rounded once by `decide`: any program order gives
-    the same bits (tests/test_program_order.py reorders the interpreter's grid)."""
+    the same bits (tests/kernels/test_program_order.py reorders the interpreter's grid)."""
     ref, aligned = _dema_run(dtype, formula, hook, shapes, ema_dtype="param")
     assert aligned == (shapes is ALIGNED)
     if hook is not None:  # an identity hook splits decide in two; same result
@@ -124,6 +117,7 @@ def test_param_kernels_do_not_depend_on_program_order(program_order, dtype, form
 
 
 @pytest.mark.parametrize("first,then", [("param", "float32"), ("float32", "param")])
+@pytest.mark.slow
 def test_state_dict_round_trip_between_ema_dtypes(first, then):
     """A checkpoint of one ema_dtype continues under the other: the Triton engine as
     the reference does (bf16 EMA values load into float32 exactly; float32 ones are
@@ -150,7 +144,7 @@ def test_state_dict_round_trip_between_ema_dtypes(first, then):
             assert ulp_distance(a, b) <= 1
         torch.testing.assert_close(tri.stats.alpha, ref.stats.alpha, rtol=2 * ULP[dtype], atol=0)
     else:
-        assert_same(tri, ref)  # float32 statistics: tests/test_engine.py's tolerances
+        assert_same(tri, ref)  # float32 statistics: tests/engine/test_engine.py's tolerances
     # and back into an engine of the first ema_dtype: the EMA as saved (rounded to bf16 if first == "param")
     back = DEMA(tri.params, DEMAConfig(backend="triton", formula="paper", ema_dtype=first))
     back.load_state_dict(tri.state_dict())
@@ -185,6 +179,7 @@ def test_param_dtype_change_is_refused_before_anything_changes():
 
 
 @pytest.mark.parametrize("dtype,ema_dtype", [(torch.float32, "float32"), (torch.bfloat16, "param")])
+@pytest.mark.slow
 def test_reading_the_state_does_not_change_the_trajectory(dtype, ema_dtype):
     """engine.stats / state_dict() fold the pending d partials with the same reduction (and
     rounding) as the next update would: a run that reads the state after every update is

@@ -2,7 +2,7 @@
 named layouts shared with Python, pending statistics, tables built once.
 
 Tolerances: fp32 runs compare with rtol 1e-5 / atol 1e-6 (one kernel against torch's
-separate ops, a few ulps per step; as tests/test_fused.py). bf16/fp16 parameters: within
+separate ops, a few ulps per step; as tests/fused/test_fused.py). bf16/fp16 parameters: within
 2 ulps of the storage dtype per step (torch rounds some scalars to the storage dtype, the
 kernel keeps them in fp32). The pending-statistics checks are exact: the same C rule
 decides both.
@@ -19,10 +19,9 @@ from cl_core.kernels import layouts as L
 from cl_core.kernels import native
 from cl_core.kernels import cpu_fused
 from cl_core.dema.fused_cpu import CpuFusedDriver
+from tests.helpers import ULP
 
 pytestmark = pytest.mark.skipif(native.load("fused") is None, reason="no C compiler: no native fused kernels")
-
-ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
 def _model(seed=0):
@@ -298,7 +297,7 @@ def test_ema_in_the_parameter_dtype_is_never_swept_as_fp32():
     """DEMAConfig(ema_dtype="param") keeps θ* and g_prev in the parameter dtype; the CPU
     fused kernel sweeps them as that dtype (cpu_fused_*_param_*), never as fp32 (which
     would read garbage): the steps run fused, the buffers stay bf16, and the run equals
-    fused=False within the bf16 tolerance of this module (tests/test_cpu_fused_param.py
+    fused=False within the bf16 tolerance of this module (tests/fused/test_cpu_fused_param.py
     checks the DEMA half bit for bit)."""
     config = DEMAConfig(ema_dtype="param")
     runs = []

@@ -15,7 +15,7 @@ Two comparisons per run (the fused kernel must really run: `.fused` and no gener
   in float32 rows where the kernels sum in double, and for "fixed" its 1 − β is a double.
 - Whole run against fused=False (torch backend, optimizer step then engine update): the
   kernel's optimizer half is not torch's bf16/fp16 update bit for bit (as with an fp32
-  EMA, tests/test_cpu_fused.py): torch rounds the `alpha=` of `add_` (SGD's lr, momentum,
+  EMA, tests/fused/test_cpu_fused.py): torch rounds the `alpha=` of `add_` (SGD's lr, momentum,
   dampening, L2 decay) to the storage dtype where the kernel keeps it fp32, and torch's
   vectorised `lerp_` (Adam's exp_avg) uses a fused multiply-add. The runs part by an ulp
   here and there: parameters and θ* within 2 ulps per step, α relative 5e-2 (a ratio of
@@ -28,19 +28,15 @@ import torch
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
 from cl_core.kernels import cpu_fused, native
+from tests.helpers import FP16_EPS, ULP, optimizer_table, ulp_distance
 
 pytestmark = pytest.mark.skipif(native.load("fused") is None, reason="no C compiler: no native fused kernels")
 
-BITS = {torch.bfloat16: 7, torch.float16: 10}  # stored mantissa bits: 1 ulp = 2^-BITS relative
 # sizes below, at and above the kernel's CHUNK of 1024 elements, and one of a few elements
 SHAPES = [(40, 70), (70,), (3, 40), (1030,)]
-OPTIMIZERS = {  # eps=1e-4: representable in fp16 (torch's 1e-8 rounds to 0 there: 0/0 at step 1)
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, eps=1e-4),
-    "adam-l2": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.05, eps=1e-4),
-    "adam": lambda ps: torch.optim.Adam(ps, lr=3e-3, betas=(0.8, 0.95), eps=1e-4),
-    "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "sgd-dampening": lambda ps: torch.optim.SGD(ps, lr=2e-2, momentum=0.5, dampening=0.3),
-}
+# eps=1e-4 for every Adam: representable in fp16 (torch's 1e-8 rounds to 0 there: 0/0 at step 1)
+OPTIMIZERS = optimizer_table(["adamw", "adam-l2", "adam", "sgd-nesterov", "sgd-dampening"],
+                             changes={"adamw": FP16_EPS, "adam-l2": FP16_EPS, "adam": FP16_EPS})
 DTYPES = [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.skipif(
     cpu_fused.kernels(torch.float16, torch.float16) is None, reason="compiler without _Float16: no fp16 kernels"))]
 
@@ -59,15 +55,6 @@ def _set_grads(params, t, gen, dtype, nonfinite):
         params[3].grad[7] = float("nan")
     if nonfinite and t == 7:
         params[2].grad[1, 2] = float("inf")
-
-
-def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Representable steps between a and b (same 16-bit dtype), elementwise."""
-    def key(x):
-        bits = x.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-        mag = bits & 0x7FFF
-        return torch.where(bits >= 0x8000, -mag, mag)
-    return (key(a) - key(b)).abs()
 
 
 def _fused_opt(params, opt_name, formula, fused=True):
@@ -89,7 +76,6 @@ def test_same_trajectory_equals_the_engines(dtype, formula, opt_name):
         engines[backend] = DEMA(shadows[backend], DEMAConfig(ema_dtype="param", formula=formula, backend=backend))
         engines[backend].ensure_groups()  # θ* starts as θ_0, as the optimizer's engine does at its first step
     gen = torch.Generator().manual_seed(1)
-    bits = BITS[dtype]
     for t in range(steps):
         _set_grads(params, t, gen, dtype, nonfinite=True)
         grads = [None if p.grad is None else p.grad.clone() for p in params]
@@ -105,13 +91,13 @@ def test_same_trajectory_equals_the_engines(dtype, formula, opt_name):
         assert torch.equal(fused_stats.nonfinite_skips, torch_stats.nonfinite_skips), t
         assert torch.equal(fused_stats.missing_grads, torch_stats.missing_grads), t
         ref_alpha = engines["reference"].stats.alpha
-        torch.testing.assert_close(fused_stats.alpha, ref_alpha, rtol=4 * 2.0**-bits, atol=0, msg=f"step {t}")
+        torch.testing.assert_close(fused_stats.alpha, ref_alpha, rtol=4 * ULP[dtype], atol=0, msg=f"step {t}")
         if t in (2, 6, steps - 1):  # an EMA read flushes: the next step starts with nothing pending
             fused_ema = opt.engine.ema_tensors()
             for i, (a, b, r) in enumerate(zip(fused_ema, engines["torch"].ema_tensors(), engines["reference"].ema_tensors())):
                 assert a.dtype == dtype
                 assert torch.equal(a, b), (t, i, int((a != b).sum()))
-                assert int(_ulps(a, r).max()) <= 1, (t, i)
+                assert ulp_distance(a, r) <= 1, (t, i)
     assert opt._fused.generic_steps == 0  # every step ran the fused kernel
     fs, ts = opt.engine.state_dict(), engines["torch"].state_dict()
     for key in ("d", "alpha", "skips", "started", "has_prev", "missing_grads"):
@@ -138,7 +124,7 @@ def test_whole_run_against_the_generic_path(dtype, opt_name):
         runs.append((params, opt))
     (fp, fo), (gp, go) = runs
     assert fo.fused and fo._fused.generic_steps == 0 and not go.fused
-    tol = 2 * steps * 2.0**-BITS[dtype]
+    tol = 2 * steps * ULP[dtype]
     for a, b in zip(fp, gp):
         torch.testing.assert_close(a.detach().float(), b.detach().float(), rtol=tol, atol=tol, equal_nan=True)
     for a, b in zip(fo.engine.ema_tensors(), go.engine.ema_tensors()):

@@ -220,10 +220,12 @@ def test_add_param_group_before_training_only():
         opt.add_param_group({"params": [m[0].bias]})
 
 
+@pytest.mark.slow
 def test_inside_the_trainer_with_checkpoint_resume(tmp_path):
     """Trainer(optimizers=(DEMAOptimizer(...), None)): accelerate wraps it, the LR scheduler
     drives it, optimizer.pt carries the DEMA state and resuming continues exactly."""
-    from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, tiny_peft_llama, training_args
+    from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, training_args
+    from tests.helpers import tiny_peft_llama
 
     def run(out, resume=None, lora_seed=None):
         model = tiny_peft_llama(lora_seed=lora_seed)

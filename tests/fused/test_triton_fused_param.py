@@ -1,4 +1,4 @@
-"""The Triton one-pass fused step with the EMA in the parameter dtype (issue 11.6):
+"""The Triton one-pass fused step with the EMA in the parameter dtype:
 DEMAConfig(ema_dtype="param") on bfloat16/float16 parameters keeps θ* and g_prev in that
 dtype, and the kernel (EMA_IN_PARAM_DTYPE in cl_core/kernels/triton_fused.py) rounds every
 difference, product, sum and norm of the EMA maths to it, as the reference does.
@@ -9,7 +9,7 @@ Run under the Triton interpreter (tests/conftest.py), small tensors. Three check
    produced are replayed, one update per step, through DEMA(backend="reference") and
    through the native CPU kernel (backend="torch", kernels/csrc/dema_cpu.c
    DEFINE_PARAM_FN). This isolates the EMA maths from the optimizer update, whose bf16
-   stores the interpreter truncates where a GPU rounds (tests/test_fused.py).
+   stores the interpreter truncates where a GPU rounds (tests/fused/test_fused.py).
    Tolerances: θ*, g_prev and d within 1 ulp of the dtype, α within 3 ulps of the dtype
    relative (3·2^-7 for bfloat16, 3·2^-10 for float16). Why not exact: the kernel sums
    the norms in float32 per tile, the reference and the C kernel in float64, so a norm
@@ -21,14 +21,14 @@ Run under the Triton interpreter (tests/conftest.py), small tensors. Three check
    1 − β the C kernel forms in float32: 9.3e-7 relative).
 2. Against the generic path (fused=False, same config): parameters, optimizer state
    and EMA within 2 ulps per step (the interpreter's bf16 truncation of θ, as in
-   tests/test_fused.py; float16 conversions are exact in the interpreter).
+   tests/fused/test_fused.py; float16 conversions are exact in the interpreter).
 3. Program-order independence: bit-identical results when the programs of each launch run
-   reversed or shuffled (the machinery of tests/test_program_order.py).
+   reversed or shuffled (the machinery of tests/kernels/test_program_order.py).
 
 Every run asserts the fused kernel really ran in the parameter-dtype mode: each step is one
 launch of the step kernel with EMA_IN_PARAM_DTYPE=True, and no step took the generic path
 (whose DEMA pass is the Triton DEMA backend's own ema_dtype="param" mode, tested in
-tests/test_triton_param.py).
+tests/engine/test_triton_param.py).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import pytest
 import torch
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
+from tests.helpers import FP16_EPS, ULP, optimizer_table, ulp_distance
 from tests.kernels.test_program_order import (  # noqa: F401  (program_order is a fixture)
     ALIGNED_SHAPES,
     ORDERS,
@@ -45,18 +46,10 @@ from tests.kernels.test_program_order import (  # noqa: F401  (program_order is 
     program_order,
 )
 
-ULP_EXP = {torch.bfloat16: 7, torch.float16: 10}  # the ulp of a number in [1, 2) is 2^-ULP_EXP
-
-OPTIMIZERS = {
-    "adamw": lambda ps: torch.optim.AdamW([{"params": ps[:2], "lr": 5e-3}, {"params": ps[2:]}], lr=1e-2,
-                                          weight_decay=0.1),
-    # eps well above float16's smallest numbers: torch's own float16 Adam turns eps=1e-8
-    # into 0 and divides by zero where exp_avg_sq underflows
-    "adam": lambda ps: torch.optim.Adam(ps, lr=3e-3, betas=(0.8, 0.95), eps=1e-4),
-    "adam-l2": lambda ps: torch.optim.Adam(ps, lr=3e-3, weight_decay=0.05, eps=1e-4),
-    "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "sgd-dampening": lambda ps: torch.optim.SGD(ps, lr=2e-2, momentum=0.5, dampening=0.3),
-}
+# AdamW with two parameter groups of their own learning rates; the Adams with an eps
+# float16 can hold
+OPTIMIZERS = optimizer_table(["adamw", "adam", "adam-l2", "sgd-nesterov", "sgd-dampening"], split_lr={"adamw": 5e-3},
+                             changes={"adam": FP16_EPS, "adam-l2": {**FP16_EPS, "lr": 3e-3}})
 # numels not multiples of 8 (the general kernel) / every numel a multiple of 8 and every
 # buffer 16-byte aligned (the ALIGNED kernel)
 GENERAL = [(3, 5), (1030,), (7,), (5,)]
@@ -83,22 +76,6 @@ def step_launches(monkeypatch):
 
     monkeypatch.setattr(triton_fused, "_fused_step_kernel", Recorder())
     return seen
-
-
-def _ordered(x: torch.Tensor) -> torch.Tensor:
-    """16-bit floats as integers in numeric order: neighbours differ by 1 (1 ulp)."""
-    bits = x.contiguous().view(torch.int16).int()
-    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance in ulps between two tensors of the same 16-bit dtype (NaN equals NaN)."""
-    assert a.dtype == b.dtype and a.dtype in ULP_EXP, (a.dtype, b.dtype)
-    a, b = a.reshape(-1), b.reshape(-1)
-    nan = torch.isnan(a) | torch.isnan(b)
-    assert torch.equal(torch.isnan(a), torch.isnan(b))
-    d = (_ordered(a) - _ordered(b)).abs().masked_fill(nan, 0)
-    return int(d.max()) if d.numel() else 0
 
 
 def _run(fused, opt_name, dtype, formula, shapes, steps=4, nan_at=2, read_at=1, record=False):
@@ -167,7 +144,7 @@ def _compare_state(fused_engine, other, dtype, what):
     assert max(worst.values()) <= 1, (what, worst)
     for key in ("started", "has_prev", "skips"):
         assert fs[key].tolist() == os_[key].tolist(), (what, key)
-    torch.testing.assert_close(fs["alpha"], os_["alpha"], rtol=3 * 2.0 ** -ULP_EXP[dtype], atol=0.0, msg=what)
+    torch.testing.assert_close(fs["alpha"], os_["alpha"], rtol=3 * ULP[dtype], atol=0.0, msg=what)
     return worst
 
 
@@ -183,6 +160,7 @@ CASES = [  # (optimizer, dtype, formula, shapes, also the generic path): every k
 
 
 @pytest.mark.parametrize("opt_name,dtype,formula,shapes,generic", CASES)
+@pytest.mark.slow
 def test_fused_param_ema_equals_the_reference_and_the_generic_path(step_launches, opt_name, dtype, formula, shapes,
                                                                    generic):
     steps = 4
@@ -203,7 +181,7 @@ def test_fused_param_ema_equals_the_reference_and_the_generic_path(step_launches
     # 2. the generic path: inner step, then the DEMA backend
     go, gp, _, greads = _run(False, opt_name, dtype, formula, shapes, steps=steps)
     assert go._fused is None and go.engine.groups[0].backend_name == "triton"
-    tol = 2 * steps * 2.0 ** -ULP_EXP[dtype]  # 2 ulps per step, relative (see the module docstring)
+    tol = 2 * steps * ULP[dtype]  # 2 ulps per step, relative (see the module docstring)
 
     def close(a, b):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol, equal_nan=True)
@@ -220,6 +198,7 @@ def test_fused_param_ema_equals_the_reference_and_the_generic_path(step_launches
     assert fo.engine.stats.nonfinite_skips.tolist() == go.engine.stats.nonfinite_skips.tolist()
 
 
+@pytest.mark.slow
 def test_parameters_changing_dtype_take_the_generic_path(step_launches, caplog):
     """The EMA stays bfloat16 when the parameters become float16: the fused kernel would
     read it as float16 numbers, so such a step takes the generic path (logged, counted)."""
@@ -245,6 +224,7 @@ def test_parameters_changing_dtype_take_the_generic_path(step_launches, caplog):
 # One case (~12 s): the programs share state the same way whatever the dtype; bfloat16 for
 # its integer rounding, ALIGNED for the vector hints, "paper" for d carried between launches.
 @pytest.mark.parametrize("opt_name,dtype,formula,shapes", [("adamw", torch.bfloat16, "paper", ALIGNED_SHAPES)])
+@pytest.mark.slow
 def test_fused_param_ema_does_not_depend_on_program_order(program_order, monkeypatch, opt_name, dtype, formula,
                                                           shapes):
     from cl_core.kernels import triton_fused
@@ -264,7 +244,7 @@ def test_fused_param_ema_does_not_depend_on_program_order(program_order, monkeyp
 
 def test_ulp_distance_counts_neighbours():
     """The 1-ulp check above can fail: neighbours are 1 apart, across zero too."""
-    for dtype in ULP_EXP:
+    for dtype in ULP:
         a = torch.tensor([1.0, -3.5, 0.0, 2.0 ** -20], dtype=dtype)
         up = (a.view(torch.int16) + 1).view(dtype)  # the next number away from zero
         assert ulp_distance(a, a) == 0 and ulp_distance(a, up) == 1

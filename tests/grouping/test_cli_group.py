@@ -93,7 +93,7 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys, caplog):
     assert rc == 2 and "none.json: file not found" in err
 
 
-def test_skip_bad(tmp_path, capsys):
+def test_skip_bad_counts_the_skipped_records(tmp_path, capsys):
     cb = tmp_path / "cb.json"
     rc, out, _ = run(capsys, "group", "assign", "--codebook", str(cb), "--data", str(DATA / "malformed.json"), "--skip-bad", "--json")
     d = json.loads(out)
@@ -117,7 +117,7 @@ def test_console_script_help_is_wired():
     assert res.returncode == 0 and "--codebook" in res.stdout and "--skip-bad" in res.stdout
 
 
-# ------------------------------------------------------- thresholds and failed writes (issue 12)
+# ------------------------------------------------------- thresholds and failed writes
 def _errors(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -159,7 +159,7 @@ def test_bad_thresholds_leave_the_codebook_alone(tmp_path, capsys, caplog):
 def test_codebook_that_cannot_be_written_prints_the_decision_then_the_error(tmp_path, capsys, caplog):
     blocker = tmp_path / "cb"
     blocker.write_text("a file where the codebook's folder should be")
-    cb = blocker / "cb.json"  # a real ENOTDIR from the file system; a full disk: tests/test_reliability.py
+    cb = blocker / "cb.json"  # a real ENOTDIR from the file system; a full disk: tests/runner/test_reliability.py
     caplog.clear()
     rc, out, err = run(capsys, "group", "assign", "--codebook", str(cb), "--data", str(COIN / "TextVQA" / "train.json"))
     assert rc == 2 and "decision: new group 0 (first task), fresh LoRA, DEMA off" in out and "codebook " not in out

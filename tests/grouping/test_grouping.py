@@ -125,6 +125,7 @@ def test_texts_with_control_characters_take_the_analyzer_path():
 
 
 @pytest.mark.parametrize("set_name", ["original", "diverse", "10type"])
+@pytest.mark.slow
 def test_set_similarities_match_literal_on_coin_templates(set_name):
     sets = TEMPLATE_SETS[set_name]
     for ti, t in enumerate(TASKS):
@@ -221,7 +222,7 @@ def test_duplicates_in_templates_are_ignored():
     assert s1 == s2
 
 
-def test_bad_inputs():
+def test_bad_inputs_and_thresholds_are_refused():
     g = InstructionGrouper()
     with pytest.raises(ValueError, match="no instruction templates"):
         g.assign([])
@@ -302,6 +303,7 @@ def test_one_off_threshold_leaves_the_codebook_threshold_alone():
 
 
 @pytest.mark.parametrize("set_name", ["original", "diverse", "10type"])
+@pytest.mark.slow
 def test_coin_eight_tasks_same_decisions_as_official(set_name):
     """Done means: the eight CoIN tasks in order give the official re-train / expand decisions."""
     threshold = THRESHOLDS[set_name]
@@ -342,6 +344,7 @@ def test_generated_task_sequences_same_decisions_as_official(seed):
 
 
 # -------------------------------------------------------------------------- routing
+@pytest.mark.slow
 def test_route_matches_official_rule_per_instruction():
     rng = random.Random(11)
     g = InstructionGrouper(threshold=0.4)

@@ -1,4 +1,6 @@
 """LoRA sets as PEFT adapters: decisions -> adapters, and mixed batches routed per row."""
+from functools import partial
+
 import pytest
 import torch
 
@@ -7,19 +9,14 @@ peft = pytest.importorskip("peft")
 
 from cl_core.grouping import Decision, InstructionGrouper  # noqa: E402
 from cl_core.lora_sets import LoRASets, adapter_name  # noqa: E402
+from tests import helpers  # noqa: E402
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, vocab_size=100)
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
-
-
-def lora_config():
-    # init_lora_weights=False: B is random too, so every adapter changes the output
-    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+# a vocabulary of 100 (the token ids below), 2 heads, no pad token, in train mode (the
+# mode tests check that routing restores it)
+tiny_llama = partial(helpers.tiny_llama, train=True, vocab_size=100, num_attention_heads=2,
+                     max_position_embeddings=2048, pad_token_id=None)
+# no task type: LoRASets puts its adapters on the bare causal LM
+lora_config = partial(helpers.lora_config, task_type=None)
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,12 @@ scheduler, and save_state/load_state in the middle of the run."""
 import pytest
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cl_core import DEMAConfig, DEMAOptimizer
+from tests.helpers import TINY_LLAMA, tiny_peft_llama
 
-VOCAB, SEQ, MICRO, ACCUM, N_MICRO = 64, 12, 2, 2, 16
+VOCAB, SEQ, MICRO, ACCUM, N_MICRO = TINY_LLAMA["vocab_size"], 12, 2, 2, 16
 CFG = DEMAConfig()
-
-
-def tiny_peft_llama(seed=0):
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False, task_type="CAUSAL_LM"))
 
 
 class Tokens(torch.utils.data.Dataset):

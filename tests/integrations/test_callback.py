@@ -8,8 +8,8 @@ import torch
 from cl_core import DEMACallback, DEMAConfig
 from cl_core.integrations.core import select_dema_parameters
 from cl_core.integrations.hf import CARRY_KEY, CHECKPOINT_ADAPTER
-from tests.dist_scripts.common import (RecorderCallback, TokenDataset, replay, sequential_trainer_cls, tiny_llama,
-                                 tiny_peft_llama, training_args)
+from tests.dist_scripts.common import RecorderCallback, TokenDataset, replay, sequential_trainer_cls, training_args
+from tests.helpers import tiny_llama, tiny_peft_llama
 
 
 def _train(model, out, callbacks, **kw):
@@ -18,6 +18,7 @@ def _train(model, out, callbacks, **kw):
     return trainer
 
 
+@pytest.mark.slow
 def test_ema_equals_engine_by_hand_with_accumulation_and_clipping(tmp_path):
     model = tiny_peft_llama()
     cb = DEMACallback(record_alpha=True, fused=False)     # the two-pass path: bit-exact with a replay
@@ -75,6 +76,7 @@ def _ema(cb):
     return [t.clone() for t in cb.engine.ema_tensors()]
 
 
+@pytest.mark.slow
 def test_resume_ends_with_the_same_ema(tmp_path):
     cfg = DEMAConfig()
     full_dir = tmp_path / "full"
@@ -179,6 +181,7 @@ def _carry_other_state(ckpt, other):
     torch.save(sd, path)
 
 
+@pytest.mark.slow
 def test_resume_with_mismatched_dema_state_fails_clearly(tmp_path):
     run = tmp_path / "run"
     _train(tiny_peft_llama(), run, [DEMACallback()], max_steps=2, save_strategy="steps", save_steps=2).train()
@@ -201,6 +204,7 @@ def test_resume_with_mismatched_dema_state_fails_clearly(tmp_path):
         trainer.train(resume_from_checkpoint=str(ckpt))
 
 
+@pytest.mark.slow
 def test_resume_without_dema_state_warns(tmp_path, caplog):
     run = tmp_path / "run"
     _train(tiny_peft_llama(), run, [], max_steps=2, save_strategy="steps", save_steps=2).train()
@@ -270,6 +274,7 @@ def test_skipped_step_is_counted_not_averaged(tmp_path):
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+@pytest.mark.slow
 def test_overflow_step_skipped_by_accelerate_scaler_is_not_averaged(tmp_path, optim):
     """The real accelerate path: the AcceleratedOptimizer steps through a GradScaler; an inf
     gradient makes the step be skipped and the callback counts it without averaging.
@@ -316,6 +321,7 @@ def test_first_step_without_any_gradient_refuses_to_run(tmp_path):
     assert cb.engine.num_updates == 0
 
 
+@pytest.mark.slow
 def test_params_trainable_averages_every_trainable_tensor(tmp_path):
     model = tiny_peft_llama()
     head = model.base_model.model.lm_head.weight
@@ -332,6 +338,7 @@ def test_params_trainable_averages_every_trainable_tensor(tmp_path):
         DEMACallback(params="all")
 
 
+@pytest.mark.slow
 def test_one_pass_in_the_trainer_equals_two_passes_with_scheduler_and_clipping(tmp_path):
     """callbacks=[DEMACallback()] with the Trainer's default optimizer (fused torch AdamW) runs the
     one-pass optimizer+DEMA step inside the Trainer's optimizer. The LR schedule (cosine with
@@ -366,6 +373,7 @@ def test_one_pass_in_the_trainer_equals_two_passes_with_scheduler_and_clipping(t
 
 
 @pytest.mark.parametrize("route", ["one_pass", "two_pass", "user_optimizer"])
+@pytest.mark.slow
 def test_resume_through_the_optimizer_state_is_exact(tmp_path, route):
     """Whichever optimizer runs (the callback's one-pass wrapper, the Trainer's plain AdamW
     with a separate DEMA pass, or the user's own DEMAOptimizer), the DEMA state rides in the
@@ -404,6 +412,7 @@ def test_resume_through_the_optimizer_state_is_exact(tmp_path, route):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_checkpoint_ema_adapter_loads_and_resume_of_one_pass_is_exact(tmp_path):
     from peft import PeftModel
 
@@ -424,6 +433,7 @@ def test_checkpoint_ema_adapter_loads_and_resume_of_one_pass_is_exact(tmp_path):
         assert torch.equal(got[name], e), name
 
 
+@pytest.mark.slow
 def test_not_one_pass_says_why(tmp_path, caplog):
     model = tiny_peft_llama()
     model.base_model.model.lm_head.weight.requires_grad_(True)     # trained but not averaged
@@ -438,6 +448,7 @@ def test_not_one_pass_says_why(tmp_path, caplog):
     assert every.fused
 
 
+@pytest.mark.slow
 def test_eval_with_ema_evaluates_on_the_ema_during_and_after_training(tmp_path):
     from transformers import TrainerCallback
 
@@ -466,6 +477,7 @@ def test_eval_with_ema_evaluates_on_the_ema_during_and_after_training(tmp_path):
     assert on_ema == by_hand and on_live != on_ema
 
 
+@pytest.mark.slow
 def test_dema_numbers_go_into_the_trainer_logs(tmp_path):
     from transformers import TrainerCallback
 
@@ -511,6 +523,7 @@ def _tensorboard_scalars(folder) -> dict:
     return scalars
 
 
+@pytest.mark.slow
 def test_dema_numbers_reach_a_report_to_backend(tmp_path):
     """report_to=["tensorboard"] (the real TensorBoardCallback, writing through tensorboardX):
     transformers lists it before the user's callbacks, so the callback moves itself before it
@@ -533,6 +546,7 @@ def test_dema_numbers_reach_a_report_to_backend(tmp_path):
     assert 0 < written["train/dema/alpha_mean"][0][1] < 1
 
 
+@pytest.mark.slow
 def test_user_dema_optimizer_and_callback_share_one_engine(tmp_path):
     from cl_core import DEMAOptimizer
 

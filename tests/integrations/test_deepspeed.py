@@ -31,10 +31,11 @@ import pytest
 import torch
 
 pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.distributed  # every test reads a torchrun launch
 
 from cl_core import DEMACallback  # noqa: E402
-from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, tiny_llama, tiny_peft_llama, training_args  # noqa: E402
-from tests.helpers import DIST_SCRIPTS, ROOT as ROOT_PATH
+from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, training_args  # noqa: E402
+from tests.helpers import DIST_SCRIPTS, ROOT as ROOT_PATH, tiny_llama, tiny_peft_llama  # noqa: E402
 
 SCRIPT = str(DIST_SCRIPTS / "ds_trainer.py")
 ROOT = str(ROOT_PATH)

@@ -10,11 +10,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from cl_core import DEMACallback
-from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, tiny_llama, tiny_peft_llama, training_args
-from tests.helpers import DIST_SCRIPTS, ROOT as ROOT_PATH
+from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, training_args
+from tests.helpers import DIST_SCRIPTS, ROOT as ROOT_PATH, tiny_llama, tiny_peft_llama
 
 SCRIPTS = str(DIST_SCRIPTS)
 ROOT = str(ROOT_PATH)
@@ -37,6 +38,7 @@ def torchrun(script, out, nproc=2, timeout=300):
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(nproc)]
 
 
+@pytest.mark.distributed
 def test_ddp_trainer_every_rank_equals_single_process(tmp_path):
     from peft import PeftModel
 
@@ -79,6 +81,7 @@ def test_ddp_trainer_every_rank_equals_single_process(tmp_path):
         assert torch.equal(got[name], ema)
 
 
+@pytest.mark.distributed
 def test_sharded_stats_one_all_reduce_per_step_equal_unsharded(tmp_path):
     ranks = torchrun("fsdp_stats.py", tmp_path)
     for formula in ("official", "paper"):

@@ -5,34 +5,26 @@ import os
 import re
 import sys
 import warnings
+from functools import partial
 
 import pytest
 import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from peft import PeftModel  # noqa: E402
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer  # noqa: E402
 from cl_core.integrations.lightning import DEMACallback  # noqa: E402
 from cl_core.integrations.core import adapter_named_parameters, select_dema_parameters  # noqa: E402
-from tests.helpers import README as README_PATH
+from tests import helpers  # noqa: E402
+from tests.helpers import README as README_PATH  # noqa: E402
 
-VOCAB, SEQ, BATCH, N_BATCHES = 64, 12, 4, 6
+VOCAB, SEQ, BATCH, N_BATCHES = helpers.TINY_LLAMA["vocab_size"], 12, 4, 6
 README = str(README_PATH)
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
-
-
-def tiny_peft_llama(seed=0):
-    model = get_peft_model(tiny_llama(seed), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                        init_lora_weights=False, task_type="CAUSAL_LM"))
-    return model
+# in train mode: Lightning trains a module in the mode it is handed and warns about eval mode
+tiny_llama = partial(helpers.tiny_llama, train=True)
+tiny_peft_llama = partial(helpers.tiny_peft_llama, train=True)
 
 
 def batches(n=N_BATCHES, seed=1):
@@ -145,6 +137,7 @@ def lora_of(module):
 # --------------------------------------------------------------------------- paths
 
 
+@pytest.mark.slow
 def test_adamw_takes_the_fused_path_and_matches_a_plain_loop_with_a_scheduler(tmp_path):
     cfg = DEMAConfig(formula="paper")          # a non-default config reaches the wrapped optimizer
     with warnings.catch_warnings(record=True) as seen:
@@ -161,7 +154,7 @@ def test_adamw_takes_the_fused_path_and_matches_a_plain_loop_with_a_scheduler(tm
     assert t.optimizers[0].engine.config == cfg
     model, engine, opt = by_hand("adamw", N_BATCHES, fused=False, scheduler=True, config=cfg)
     assert opt.param_groups[0]["lr"] == t.optimizers[0].param_groups[0]["lr"]
-    # fused and two-pass differ by float rounding only (tests/test_fused.py); 1e-5 relative here
+    # fused and two-pass differ by float rounding only (tests/fused/test_fused.py); 1e-5 relative here
     for a, b in zip(cb.engine.ema_tensors(), engine.ema_tensors()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(lora_of(module), (p for _, p in select_dema_parameters(model))):
@@ -174,6 +167,7 @@ def test_adamw_takes_the_fused_path_and_matches_a_plain_loop_with_a_scheduler(tm
     assert any(not torch.equal(a, b) for a, b in zip(cb.engine.ema_tensors(), engine_o.ema_tensors()))
 
 
+@pytest.mark.slow
 def test_other_optimizer_takes_the_two_pass_path_and_says_why(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="cl_core.integrations.lightning"):
         module, cb, t = fit(tmp_path, "rmsprop", DEMACallback(replace_at_end=False))
@@ -279,6 +273,7 @@ def _ckpt_trainer(tmp_path, cb, max_steps):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
+@pytest.mark.slow
 def test_resume_from_ckpt_ends_with_exactly_the_same_ema(tmp_path, optimizer):
     steps = N_BATCHES + 3
     data = batches()
@@ -307,7 +302,7 @@ def test_resume_from_ckpt_ends_with_exactly_the_same_ema(tmp_path, optimizer):
         assert torch.equal(a, b)
     if optimizer == "adamw":
         # the one-pass run's state also resumes a two-pass run (same tensor order); the two
-        # paths differ by float rounding only (tests/test_fused.py), 1e-5 relative here
+        # paths differ by float rounding only (tests/fused/test_fused.py), 1e-5 relative here
         _, cb_c, _ = run(tmp_path / "two_pass", steps, ckpt_path=str(ckpt), cb=DEMACallback(fused=False))
         assert cb_c.resumed and not cb_c.fused and cb_c.engine.num_updates == steps
         for a, b in zip(cb_c.engine.ema_tensors(), cb_full.engine.ema_tensors()):
@@ -337,6 +332,7 @@ class StatefulBatches:
         self.start = state["pos"] % len(self.data)
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_with_a_stateful_loader_is_exact(tmp_path):
     data = batches()
 
@@ -402,7 +398,8 @@ def test_stats_go_to_the_loggers_on_the_logging_interval(tmp_path):
     assert [float(r["dema/updates"]) for r in rows] == [2, 4, 6]
 
 
-def test_params_option(tmp_path):
+@pytest.mark.slow
+def test_params_option_selects_lora_or_every_trainable_parameter(tmp_path):
     _, cb, _ = fit(tmp_path, "adamw", DEMACallback(params="trainable"))
     assert cb.names and all(".lora_" in n for n in cb.names)   # only LoRA is trainable here
 

@@ -1,9 +1,11 @@
 """A LLaVA-architecture model (tiny config, offline) trains with DEMACallback: LoRA on the
 language model only; the vision tower stays frozen and is not averaged."""
+import pytest
 import torch
 
 from cl_core import DEMACallback
 from tests.dist_scripts.common import RecorderCallback, replay, sequential_trainer_cls, training_args
+from tests.helpers import tiny_llama_config
 
 IMAGE_TOKEN = 63
 N_IMAGE_TOKENS = (32 // 8) ** 2
@@ -11,15 +13,13 @@ TEXT_LEN = 6
 
 
 def tiny_llava(seed=0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                pad_token_id=0),
+        text_config=tiny_llama_config(),
         image_token_id=IMAGE_TOKEN)
     return LlavaForConditionalGeneration(cfg)
 
@@ -41,6 +41,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 "attention_mask": torch.ones_like(ids)}
 
 
+@pytest.mark.slow
 def test_llava_lora_trains_with_dema_vision_tower_frozen(tmp_path):
     from peft import LoraConfig, get_peft_model
 

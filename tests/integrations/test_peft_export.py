@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from cl_core import DEMACallback
 from cl_core.integrations.core import adapter_named_parameters, atomic_save, load_state_file, select_dema_parameters
 from cl_core.integrations.peft import save_ema_adapter
-from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, tiny_llama, tiny_peft_llama, training_args
+from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, training_args
+from tests.helpers import lora_config, tiny_llama, tiny_peft_llama
 
 
 def _logits(model, ids):
@@ -24,6 +25,7 @@ def _trainer(model, out, cb, **kw):
                                     eval_dataset=TokenDataset(8, seed=9), callbacks=[cb])
 
 
+@pytest.mark.slow
 def test_ema_adapter_round_trip_and_swap_evaluate(tmp_path):
     from peft import PeftModel
 
@@ -55,6 +57,7 @@ def test_ema_adapter_round_trip_and_swap_evaluate(tmp_path):
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+@pytest.mark.slow
 def test_several_named_adapters_only_the_active_one_is_averaged(tmp_path):
     from peft import PeftModel
 
@@ -79,6 +82,7 @@ def test_several_named_adapters_only_the_active_one_is_averaged(tmp_path):
         save_ema_adapter(model, cb, str(tmp_path / "one"), adapter_name="task_one")
 
 
+@pytest.mark.slow
 def test_lora_scaling_kept_in_sync(tmp_path):
     """rsLoRA + a per-module alpha, and a layer whose scale was changed at run time: the
     exported adapter, loaded by PEFT, computes what the live model computes with the EMA."""
@@ -136,7 +140,7 @@ def test_rslora_export_where_the_layers_do_not_keep_use_rslora(tmp_path):
     torch.testing.assert_close(_logits(PeftModel.from_pretrained(tiny_llama(), out), ids), want, rtol=0, atol=0)
 
 
-def test_export_errors(tmp_path):
+def test_export_refused_before_training_without_peft_or_for_an_unknown_adapter(tmp_path):
     model = tiny_peft_llama()
     cb = DEMACallback()
     with pytest.raises(RuntimeError, match="training has not begun"):
@@ -171,12 +175,11 @@ def test_atomic_save_and_load(tmp_path):
     assert torch.equal(load_state_file(str(path))["a"], torch.arange(3))
 
 
+@pytest.mark.slow
 def test_transformers_native_adapter_exports_for_both_loaders(tmp_path):
     """model.add_adapter(...) (no PeftModel wrapper): the folder loads with
     PeftModel.from_pretrained and with transformers' model.load_adapter."""
     from peft import PeftModel
-
-    from tests.dist_scripts.common import lora_config
 
     model = tiny_llama()
     torch.manual_seed(1)

@@ -28,7 +28,8 @@ def test_there_are_two_examples():
     assert "callbacks=[dema]" in blocks[0] and "DEMAOptimizer(" in blocks[1]
 
 
-def test_trainer_example(tmp_path):
+@pytest.mark.slow
+def test_readme_trainer_example_trains_saves_and_resumes(tmp_path):
     ns = {}
     torch.manual_seed(0)
     exec(compile(integration_blocks()[0], "README.md:trainer", "exec"), ns)

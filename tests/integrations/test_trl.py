@@ -6,12 +6,12 @@ import torch
 trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
+from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
 from cl_core import DEMA, DEMACallback, DEMAConfig  # noqa: E402
 from cl_core.integrations.core import select_dema_parameters  # noqa: E402
+from tests.helpers import tiny_llama, tiny_peft_llama  # noqa: E402
 
 WORDS = "red green blue small big circle square stop go one two three what is the color of answer".split()
 # Continual-NExT's settings: with these tiny LoRA tensors the official scale 2 puts α above 1 (the
@@ -38,16 +38,6 @@ def dataset(n=16, seed=0):
     return Dataset.from_list(rows)
 
 
-def tiny_peft_llama(tok, seed=0):
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                        max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False, task_type="CAUSAL_LM"))
-
-
 class Recorder(TrainerCallback):
     """Before the DEMA callback: the LoRA tensors and the gradients each optimizer step used."""
 
@@ -59,9 +49,11 @@ class Recorder(TrainerCallback):
         self.steps.append(([p.detach().clone() for _, p in named], [p.grad.detach().clone() for _, p in named]))
 
 
+@pytest.mark.slow
 def test_sft_trainer_updates_dema_each_step_and_replaces_at_end(tmp_path):
     tok = tokenizer()
-    model = tiny_peft_llama(tok)
+    model = tiny_peft_llama(base=tiny_llama(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
     rec, dema = Recorder(), DEMACallback(CFG)
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=2,
                          gradient_accumulation_steps=2, learning_rate=2e-2, max_length=16, logging_steps=1,
@@ -89,7 +81,7 @@ def test_sft_trainer_updates_dema_each_step_and_replaces_at_end(tmp_path):
     ema = dema.engine.ema_tensors()
     if dema.fused:
         # the callback runs the Trainer's AdamW and DEMA as one pass; it differs from the separate
-        # pass by float rounding only (tests/test_fused.py): 1e-5 relative here
+        # pass by float rounding only (tests/fused/test_fused.py): 1e-5 relative here
         for a, b in zip(ema, engine.ema_tensors()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     else:

@@ -45,6 +45,7 @@ def _step(params, gen):
 
 
 @pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
+@pytest.mark.slow
 def test_triton_launches_do_not_grow_with_tensor_count(launches, formula):
     per_update = {}
     for n in (2, 64):
@@ -60,6 +61,7 @@ def test_triton_launches_do_not_grow_with_tensor_count(launches, formula):
     assert per_update[2] == per_update[64] == [3, 3, 3]
 
 
+@pytest.mark.slow
 def test_triton_launches_with_reduce_hook(launches):
     calls = []
     for n in (2, 64):
@@ -73,6 +75,7 @@ def test_triton_launches_with_reduce_hook(launches):
 
 @pytest.mark.parametrize("backend", ["torch", "torch-pure", "triton"])
 @pytest.mark.parametrize("formula", ["official", "paper", "fixed"])
+@pytest.mark.slow
 def test_update_makes_no_host_sync(backend, formula, monkeypatch):
     if backend == "torch-pure":
         monkeypatch.setattr(cl_core.kernels.native, "function_for", lambda dtype: None)
@@ -104,6 +107,7 @@ def test_the_sync_counter_can_fail():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.slow
 def test_triton_aligned_sweeps_equal_reference(dtype):
     """Every numel a multiple of 8 and every address 16-byte aligned: the ALIGNED stats
     and apply kernels (128-bit accesses when compiled) run, and equal the reference.

@@ -1,4 +1,4 @@
-"""No race between the programs of one launch (issue 9): every Triton kernel gives
+"""No race between the programs of one launch: every Triton kernel gives
 bit-identical results whatever order its programs run in.
 
 On a GPU the programs of a launch run in any order and concurrently; the kernels are
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
+from tests.helpers import optimizer_table
 
 ORDERS = ("reversed", "shuffled")
 
@@ -130,6 +131,7 @@ def _dema_run(dtype, formula, hook, shapes, ema_dtype="float32"):
     (torch.float32, "paper", None, DEMA_ALIGNED),
     (torch.bfloat16, "official", lambda stats: None, DEMA_GENERAL),  # decide split around a hook
 ])
+@pytest.mark.slow
 def test_dema_kernels_do_not_depend_on_program_order(program_order, dtype, formula, hook, shapes):
     ref, aligned = _dema_run(dtype, formula, hook, shapes)
     assert aligned == (shapes is DEMA_ALIGNED)
@@ -138,12 +140,9 @@ def test_dema_kernels_do_not_depend_on_program_order(program_order, dtype, formu
         _assert_identical(_dema_run(dtype, formula, hook, shapes)[0], ref, mode)
 
 
-OPTIMIZERS = {
-    "adamw": lambda ps: torch.optim.AdamW([{"params": ps[:2], "lr": 5e-3}, {"params": ps[2:]}], lr=1e-2,
-                                          weight_decay=0.1),
-    "adam-l2": lambda ps: torch.optim.Adam(ps, lr=3e-3, weight_decay=0.05),
-    "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01),
-}
+# AdamW with two parameter groups of their own learning rates
+OPTIMIZERS = optimizer_table(["adamw", "adam-l2", "sgd-nesterov"], split_lr={"adamw": 5e-3},
+                             changes={"adam-l2": {"lr": 3e-3}})
 
 
 def _fused_run(opt_name, dtype, formula, shapes, ema_dtype="float32"):
@@ -168,6 +167,7 @@ def _fused_run(opt_name, dtype, formula, shapes, ema_dtype="float32"):
     ("adam-l2", torch.float16, "official", ALIGNED_SHAPES),
     ("sgd-nesterov", torch.bfloat16, "fixed", GENERAL_SHAPES),
 ])
+@pytest.mark.slow
 def test_fused_kernels_do_not_depend_on_program_order(program_order, monkeypatch, opt_name, dtype, formula, shapes):
     from cl_core.kernels import triton_fused
 

@@ -1,5 +1,6 @@
 """Every Triton kernel specialisation the library launches, compiled for real GPUs
-(sm_80 and sm_90) by Triton's own compiler, no GPU needed, on every test run (issue 9).
+(sm_80 and sm_90) by Triton's own compiler, no GPU needed, on every test run, so a kernel
+that only the interpreter accepts fails here and not on a user's GPU.
 
 The specialisations come from the launchers themselves (`compile_specs()` in
 kernels/triton_dema.py and cl_core/kernels/triton_fused.py: every dtype, ALIGNED on/off, every
@@ -155,6 +156,7 @@ def compile_all():
     return results, specs
 
 
+@pytest.mark.slow
 def test_every_specialisation_compiles_for_sm80_and_sm90(compiled):
     results, specs = compiled
     errors = [f"{r['name']} sm_{r['arch']}: {r['error']}" for r in results if "error" in r]
@@ -169,6 +171,7 @@ def test_every_specialisation_compiles_for_sm80_and_sm90(compiled):
                 assert f"dema_stats/{dt}/{path}" in names and f"dema_apply/{dt}/{path}" in names
 
 
+@pytest.mark.slow
 def test_no_spills_and_at_most_128_registers(compiled):
     results, _ = compiled
     bad = [f"{r['name']} sm_{r['arch']}: {r['registers']} registers, {r['spill']} spill bytes"
@@ -196,6 +199,7 @@ def test_the_ieee_check_can_fail():
     assert counts["fma_f32"] == 1 and counts["sqrt_rn"] == 1 and counts["div_rn"] == 1
 
 
+@pytest.mark.slow
 def test_aligned_sweeps_use_128_bit_global_accesses(compiled):
     results, specs = compiled
     checked = 0
@@ -211,6 +215,7 @@ def test_aligned_sweeps_use_128_bit_global_accesses(compiled):
     assert checked >= 2 * 18  # every aligned sweep (3 dtypes x (3 kinds + flush + stats + apply)), both archs
 
 
+@pytest.mark.slow
 def test_the_general_path_is_really_unhinted(compiled):
     """The check above can fail: without ALIGNED the same kernels have no 128-bit access."""
     results, _ = compiled

@@ -28,6 +28,7 @@ def _instruction_file(path, n):
     return path
 
 
+@pytest.mark.slow
 def test_run_on_your_files(tmp_path, model_dir, capsys):
     a = _llava_file(tmp_path / "data" / "TextVQA", "textvqa", 20)
     b = _llava_file(tmp_path / "data" / "Grounding", "grounding", 20)
@@ -50,6 +51,7 @@ def test_run_on_your_files(tmp_path, model_dir, capsys):
     assert not (out / "base").exists()  # your model: no stage 1
 
 
+@pytest.mark.slow
 def test_test_files_and_order(tmp_path, model_dir):
     a = _llava_file(tmp_path / "TextVQA", "textvqa", 8)
     b = _llava_file(tmp_path / "GQA", "gqa", 8)
@@ -74,7 +76,7 @@ def _fails(argv, caplog, needle, out):
     assert not out.exists() or not any(out.iterdir()), "something was written before the error"
 
 
-def test_unknown_method(tmp_path, caplog):
+def test_unknown_method_is_refused_naming_it(tmp_path, caplog):
     _fails(["run", "--methods", "lora,sgd"], caplog, "unknown method 'sgd'", tmp_path / "o")
 
 
@@ -110,7 +112,7 @@ def test_bad_model_folders(tmp_path, caplog):
     _fails(["run", "--tasks", str(f), "--model", str(noweights)], caplog, "no weights", tmp_path / "o3")
 
 
-def test_mismatched_lists(tmp_path, caplog, model_dir):
+def test_mismatched_file_lists_and_unknown_task_types_are_refused(tmp_path, caplog, model_dir):
     f = _instruction_file(tmp_path / "t.jsonl", 4)
     _fails(["run", "--tasks", str(f), "--test-tasks", str(f), str(f), "--model", str(model_dir)], caplog,
            "2 test files for 1 task files", tmp_path / "o")
@@ -148,7 +150,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     assert f"Finished tasks are saved in {out}; run the same command again to resume" in capsys.readouterr().out
 
 
-# ------------------------------------------------ the run folder and the disk (issue 12)
+# ------------------------------------------------ the run folder and the disk
 def _one_error_line(argv, caplog):
     """Run the CLI; return (exit code, the one ERROR line)."""
     caplog.clear()
@@ -173,7 +175,7 @@ def test_out_naming_a_file_or_a_path_under_a_file(tmp_path, model_dir, caplog):
 
 
 @pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
-                    reason="root ignores folder permissions; tests/test_reliability.py checks a read-only mount")
+                    reason="root ignores folder permissions; tests/runner/test_reliability.py checks a read-only mount")
 def test_out_in_a_read_only_folder(tmp_path, model_dir, caplog):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -199,6 +201,7 @@ def test_threads_below_one_refused_before_anything_is_written(tmp_path, model_di
     assert code == 2 and not out.exists()
 
 
+@pytest.mark.slow
 def test_kill_during_the_first_write_is_resumed_and_temp_files_cleaned(tmp_path, model_dir):
     """A kill while config.json was first written leaves only its temporary file; the same
     command then starts the run (before: "not a cl_core run folder") and removes it."""
@@ -233,7 +236,7 @@ def test_a_foreign_folder_is_refused_and_left_alone(tmp_path, model_dir, caplog)
 
 def test_disk_full_while_writing_is_one_line(tmp_path, model_dir, caplog, monkeypatch):
     """The write itself fails as a full disk makes it fail (ENOSPC from the file's write());
-    tests/test_reliability.py does it on a real full file system."""
+    tests/runner/test_reliability.py does it on a real full file system."""
     import errno
     import os
 

@@ -4,10 +4,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from cl_core import metrics
 from cl_core.continual.config import METHODS
 
 
+@pytest.mark.slow
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
     started = time.time()

@@ -15,7 +15,7 @@ def test_parse_letter_like_coin_scienceqa(pred, letter):
     assert E.parse_letter(pred) == letter
 
 
-def test_mc_score():
+def test_multiple_choice_accepts_the_letter_alone_or_with_its_text():
     assert E.score("mc", "B", "B")
     assert E.score("mc", "b. two", "B")
     assert not E.score("mc", "A", "B")
@@ -36,7 +36,7 @@ def test_box_iou_rule(pred, ok):
     assert E.score("box", pred, "1 2 5 6") is ok
 
 
-def test_iou_values():
+def test_iou_of_boxes_equals_hand_computed_values():
     assert E.iou((0, 0, 2, 2), (0, 0, 2, 2)) == 1.0
     assert E.iou((0, 0, 2, 2), (2, 2, 4, 4)) == 0.0
     assert E.iou((0, 0, 2, 2), (1, 0, 3, 2)) == pytest.approx(1 / 3)
@@ -79,7 +79,7 @@ def tiny():
     ("don't", "dont"), ("red-white", "red white"), ("a cat , dog", "cat dog"), ("  Stop\n", "stop"),
     ("none", "0"), ("An apple", "apple"),
 ])
-def test_vqa_normalisation(text, norm):
+def test_vqa_normalisation_gives_the_expected_text(text, norm):
     assert E.normalize_vqa(text) == norm
 
 

@@ -78,7 +78,7 @@ def test_max_forgetting_partial_and_upper_triangle():
     assert m["forgetting_max"] == pytest.approx(60 - 90) and m["forgetting"] == pytest.approx(60 - 90)
 
 
-def test_single_task():
+def test_single_task_metrics_are_its_accuracy_with_no_forgetting():
     m = metrics.summarize([[55.0]])
     assert m == {"avg_acc": 55.0, "forgetting": 0.0, "forgetting_max": 0.0, "new_acc": 55.0, "bwt": 0.0, "maa": 55.0}
 

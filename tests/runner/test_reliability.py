@@ -1,4 +1,4 @@
-"""Reliability (issue 12): damaged files and full or read-only disks give one clear line
+"""Reliability: damaged files and full or read-only disks give one clear line
 that points the right way, and nothing changes before a bad input is refused."""
 import pytest
 import torch
@@ -117,6 +117,7 @@ def _namespace_prefix(probe_dir):
     return prefix
 
 
+@pytest.mark.slow
 def test_real_full_disk_and_read_only_mount(tmp_path):
     import json
     import os

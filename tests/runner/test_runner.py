@@ -26,7 +26,8 @@ def full_run(tmp_path_factory):
     return out, results
 
 
-def test_outputs(full_run):
+@pytest.mark.slow
+def test_full_run_results_hold_every_methods_matrix_and_metrics(full_run):
     out, results = full_run
     saved = json.loads((out / "results.json").read_text())
     assert saved["methods"].keys() == set(METHODS)
@@ -59,7 +60,8 @@ def test_outputs(full_run):
     assert "Model: the bundled tiny Llama (" in report and saved["model"]["source"] == "tiny"
 
 
-def test_method_rules(full_run):
+@pytest.mark.slow
+def test_each_method_switches_ema_dema_and_initialisation_as_defined(full_run):
     out, results = full_run
     seeds = {m: results["methods"][m]["seeds"]["0"] for m in METHODS}
     assert seeds["lora"]["ema"] == [False, False, False]
@@ -103,6 +105,7 @@ def test_method_rules(full_run):
     assert first["lora"] == first["ema"] == first["dema"] == first["dema+group"]
 
 
+@pytest.mark.slow
 def test_older_run_folder_resumes(full_run, tmp_path):
     """A folder written before recipes, `dema`, `init_from` and α counts existed: resumed
     (nothing retrained), with the missing record fields filled in as those versions ran."""
@@ -177,6 +180,7 @@ def test_warm_start_copies_the_last_trained_set():
         _copy_adapter(sets.model, "group_0", "group_7")
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_equals_uninterrupted(full_run, tmp_path):
     _, reference = full_run
     out = tmp_path / "run"
@@ -214,6 +218,7 @@ def test_resume_after_interrupt_equals_uninterrupted(full_run, tmp_path):
     assert again["methods"] == results["methods"]
 
 
+@pytest.mark.slow
 def test_base_is_shared_and_cached(full_run, tmp_path):
     out, reference = full_run
     copy = tmp_path / "copy"
@@ -229,6 +234,7 @@ def test_base_is_shared_and_cached(full_run, tmp_path):
     assert results["methods"]["lora"]["matrix"] == reference["methods"]["lora"]["matrix"]
 
 
+@pytest.mark.slow
 def test_one_stage1_base_for_every_seed(full_run, tmp_path):
     # stage1_seed=0: one stage 1 (as LLaVA is one pre-trained model); seed 1's chains start
     # from seed 0's base, and both seeds record that base's scores.
@@ -242,7 +248,7 @@ def test_one_stage1_base_for_every_seed(full_run, tmp_path):
     assert "once, with seed 0, for every seed" in (out / "report.md").read_text()
 
 
-def test_recipes():
+def test_recipes_fix_their_settings_and_ignore_custom_flags():
     assert RunConfig().methods == ("lora", "ema", "dema", "dema+group")
     assert RunConfig(recipe="lcia").methods == ("lcia",)
     assert RunConfig(recipe="cl-next").methods == ("cl-next",)

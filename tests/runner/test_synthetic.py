@@ -99,7 +99,7 @@ def test_official_extraction_recovers_the_instruction(tmp_path, task):
     assert [r.answer for r in back] == [s.answer for s in samples]
 
 
-def test_orders():
+def test_task_orders_origin_reverse_alphabet_and_unknown_refused():
     assert S.ORDERS["origin"] == ["sqa", "textvqa", "imagenet", "gqa", "vizwiz", "grounding", "vqav2", "ocrvqa"]
     assert S.ORDERS["reverse"] == S.ORDERS["origin"][::-1]
     coin = [S.COIN_NAMES[t] for t in S.ORDERS["alphabet"]]

@@ -1,4 +1,4 @@
-"""Your own data and model, honestly (issue 12.7 / 12.9): task files need a model that knows
+"""Your own data and model, honestly: task files need a model that knows
 their words; a model folder whose config does not match its weights, or without a
 tokenizer, is refused in one line before anything is written; the report names the model used."""
 import json
