@@ -53,7 +53,7 @@ def test_recipe_with_a_custom_flag_exits_2(tmp_path, caplog):
         code = main(["run", "--recipe", "lcia", "--route", "instance", "--max-grad-norm", "0.5", "--out", str(out),
                      "--quiet"])
     assert code == 2
-    assert "max_grad_norm set, but only recipe methods run (lcia)" in caplog.text
+    assert "--max-grad-norm set, but only recipe methods run (lcia)" in caplog.text
     assert not out.exists()
 
 
