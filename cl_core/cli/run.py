@@ -148,12 +148,27 @@ def add_parser(sub) -> None:
 def _finish(results: dict, out, started: float) -> int:
     from cl_core.metrics import METRIC_LABELS, METRIC_NAMES
 
+    n_seeds = len(results["config"]["seeds"])
+    spread = n_seeds > 1  # one seed has no spread: no "± 0.0"
+    width = 16 if spread else 10
     print()
-    print(f"{'method':<12}" + "".join(f"{METRIC_LABELS[m]:>16}" for m in METRIC_NAMES))
-    for method, r in results["methods"].items():
-        print(f"{method:<12}" + "".join(f"{r['metrics'][m]:>9.2f} ± {r['metrics_std'][m]:<4.1f}"
+    print(f"{'method':<12}" + "".join(f"{METRIC_LABELS[m]:>{width}}" for m in METRIC_NAMES))
+    base = results.get("base_metrics")
+    if base:
+        print(f"{'base':<12}" + "".join(f"{base['avg_acc']:>{width}.2f}" if m == "avg_acc" else f"{'-':>{width}}"
                                         for m in METRIC_NAMES))
+    for method, r in results["methods"].items():
+        cells = (f"{r['metrics'][m]:>9.2f} ± {r['metrics_std'][m]:<4.1f}" if spread else f"{r['metrics'][m]:>10.2f}"
+                 for m in METRIC_NAMES)
+        print(f"{method:<12}" + "".join(cells))
     print()
+    if spread:
+        print(f"mean ± standard deviation over {n_seeds} seeds; "
+              + ("base: the untuned stage-1 model's zero-shot accuracy. " if base else "") + "Details in the report.")
+    else:
+        print("one seed: no spread to show (give several --seeds for mean ± standard deviation).")
+    for line in results.get("conclusions", []):
+        print(line)
     # The run's own measured time (the report states the same number).
     print(f"Finished in {results.get('wall_seconds_this_call', time.time() - started):.0f} s.")
     print(f"Report: {out / 'report.md'}")

@@ -7,7 +7,9 @@ method trains with (the one place a run's DEMAConfig is built).
                                       # averaged tensors, clipping, test routing
     cfg.ema_config("dema")            # the DEMAConfig the method's tasks use (None for lora)
 
-Methods and recipes. ``lora``, ``ema``, ``dema`` and ``dema+group`` are the "custom" methods:
+Methods and recipes. ``lora``, ``ema``, ``dema``, ``group`` (instruction grouping without
+any EMA: the ablation that separates grouping's effect from DEMA's) and ``dema+group`` are
+the "custom" methods:
 they take the run's flags (``route``, ``new_set_init``, ``max_grad_norm``, ``dema_params``,
 ``dema_*``). ``lcia`` and ``cl-next`` are recipes with fixed settings:
 
@@ -21,7 +23,7 @@ they take the run's flags (``route``, ``new_set_init``, ``max_grad_norm``, ``dem
              clipping (1.0).
 
 ``RunConfig(recipe="lcia")`` runs the lcia method (``recipe`` picks the default method list);
-``recipe="custom"`` (the default) runs the four custom methods.
+``recipe="custom"`` (the default) runs the five custom methods.
 
 The EMA defaults come from :class:`cl_core.DEMAConfig` (they are typed there only).
 """
@@ -35,7 +37,7 @@ from typing import Optional
 
 from cl_core.dema.config import FORMULAS, DEMAConfig
 
-CUSTOM_METHODS = ("lora", "ema", "dema", "dema+group")
+CUSTOM_METHODS = ("lora", "ema", "dema", "group", "dema+group")
 RECIPE_METHODS = ("lcia", "cl-next")
 METHODS = CUSTOM_METHODS + RECIPE_METHODS
 RECIPES = ("custom",) + RECIPE_METHODS
@@ -85,7 +87,7 @@ class RunConfig:
     """Settings of a continual run. Everything here is part of the run's identity: a
     folder is only resumed with an equal config."""
 
-    methods: Optional[tuple] = None        # None: the recipe's (custom: lora, ema, dema, dema+group)
+    methods: Optional[tuple] = None        # None: the recipe's (custom: CUSTOM_METHODS)
     recipe: str = "custom"                 # custom | lcia | cl-next (see the module docstring)
     seeds: tuple = (0,)
     # Data: the bundled benchmark (cl_core.continual.synthetic) unless task_files is given.
@@ -183,9 +185,9 @@ class RunConfig:
         ema = None
         if method == "ema":
             ema = DEMAConfig(formula="fixed", beta=self.ema_beta)
-        elif method != "lora":
+        elif method not in ("lora", "group"):
             ema = DEMAConfig(formula=self.dema_formula, scale=self.dema_scale, fallback=self.dema_fallback)
-        return MethodPlan(grouping=method == "dema+group", ema=ema, new_set_init=self.new_set_init,
+        return MethodPlan(grouping=method in ("group", "dema+group"), ema=ema, new_set_init=self.new_set_init,
                           params=self.dema_params, max_grad_norm=float(self.max_grad_norm), route=self.route)
 
     def ema_config(self, method: str) -> Optional[DEMAConfig]:

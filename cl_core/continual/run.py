@@ -349,6 +349,19 @@ class ContinualRun:
                 "ema_config": None if self.cfg.plan(method).ema is None else self.cfg.plan(method).ema.to_dict(),
                 "alpha_counts": merge_alpha([s["alpha_counts"] for s in per]),
             }
+        rows = [state.base[str(seed)]["zero_shot"] for seed in self.cfg.seeds if str(seed) in state.base]
+        if len(rows) == len(self.cfg.seeds):
+            # The untuned base as a line of its own: its zero-shot accuracy on every task.
+            avg = cl_metrics.mean_std([sum(r) / len(r) for r in rows])
+            out["base_metrics"] = {
+                "zero_shot": [sum(r[i] for r in rows) / len(rows) for i in range(len(names))],
+                "zero_shot_std": [cl_metrics.mean_std([r[i] for r in rows])[1] for i in range(len(names))],
+                "avg_acc": avg[0], "avg_acc_std": avg[1],
+                "per_seed": {str(seed): sum(r) / len(r) for seed, r in zip(self.cfg.seeds, rows)},
+            }
+        from cl_core.continual.report import conclusions
+
+        out["conclusions"] = conclusions(out)
         return out
 
 
