@@ -36,12 +36,43 @@ def describe_os_error(exc: OSError) -> str:
     return f"{where}{what}{code}" + (f"; {hint}" if hint else "")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, except where there is nothing to show (a
+    switch that is off, an option without a default) or the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS) or default == []
+                or not action.option_strings):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors (a bad type, an unknown option) print one short usage line and the
+    error, not the whole usage of a sub-command with thirty options."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"usage: {self.prog} [OPTIONS]   (all options: {self.prog} --help)\n"
+                     f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from cl_core.cli import group, run  # small modules, no heavy imports
+
+    parser = ArgumentParser(
         prog="cl-core",
         description=(
             "cl_core: dynamic-EMA (LCIA) continual LoRA instruction tuning. "
-            "`demo` runs the bundled comparison of lora / ema / dema / dema+group; "
+            f"`demo` compares {len(run.DEMO_METHODS)} methods ({', '.join(run.DEMO_METHODS)}) and the "
+            "untuned base on the bundled synthetic benchmark; "
             "`run` tunes a model on your own task files; `group` decides re-train or "
             "expand from instruction templates and routes test instructions."
         ),
@@ -50,8 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from cl_core.cli import group, run  # small modules, no heavy imports
-
     run.add_parser(sub)
     group.add_parser(sub)
     return parser

@@ -33,17 +33,10 @@ def add_parser(sub):
     actions = group.add_subparsers(dest="group_command", metavar="ACTION")
     actions.required = True
 
-    def common(p):
+    def common(p, threshold_help):
         p.add_argument("--codebook", required=True, help="codebook JSON file")
         p.add_argument("--data", required=True, help="task file: LLaVA/CoIN JSON, or instruction/input/output JSON(L)")
-        p.add_argument(
-            "--threshold",
-            type=float,
-            default=None,
-            help="similarity threshold for this call only; the codebook keeps its saved one (a new "
-            "codebook is created with it; default 0.9). Official values: 0.9 for Original, 0.3 for "
-            "Diverse/10Type instructions",
-        )
+        p.add_argument("--threshold", type=float, default=None, metavar="T", help=threshold_help)
         p.add_argument(
             "--kind",
             default="auto",
@@ -53,8 +46,16 @@ def add_parser(sub):
         p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
         p.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
-    p = actions.add_parser("assign", help="decide re-train or expand for a training task and update the codebook")
-    common(p)
+    p = actions.add_parser(
+        "assign", help="decide re-train or expand for a training task and update the codebook",
+        description="Read a training task file, extract its instruction templates and compare them with every "
+                    "group of the codebook. When the most similar group reaches the threshold the task re-trains "
+                    "that group's LoRA set (with DEMA); otherwise it opens a new group (a fresh LoRA set, DEMA "
+                    "off). The codebook is created when missing and updated atomically; the decision is printed.",
+    )
+    common(p, "similarity a group must reach for the task to re-train it, for this call only; the codebook "
+              "keeps its saved one (a new codebook is created with it; default 0.9). Official values: 0.9 for "
+              "Original, 0.3 for Diverse/10Type instructions")
     p.add_argument(
         "--set-threshold",
         type=float,
@@ -65,8 +66,15 @@ def add_parser(sub):
     p.add_argument("--name", default=None, help="task name kept in the codebook (default: the folder or file name)")
     p.set_defaults(func=_assign)
 
-    p = actions.add_parser("route", help="route every test instruction to a group")
-    common(p)
+    p = actions.add_parser(
+        "route", help="route every test instruction to a group",
+        description="Send every instruction of a test file to the group (LoRA set) whose templates it is most "
+                    "similar to, or to the most recent group when no similarity reaches the threshold; print how "
+                    "many instructions each group gets, and the official whole-file decision (the file's "
+                    "instructions as one set). The codebook is only read.",
+    )
+    common(p, "similarity an instruction needs to go to its most similar group (below it: the most recent "
+              "group), for this call only (default: the codebook's saved threshold)")
     p.set_defaults(func=_route)
     return group
 

@@ -19,12 +19,33 @@ from cl_core.continual.templates import TEMPLATE_SETS
 from cl_core.dema.config import FORMULAS
 
 METHOD_CHOICES = METHODS
+# The methods `cl-core demo` compares (the top-level help counts them): every method but
+# cl-next, which is DEMA with other constants (`cl-core run --recipe cl-next`), left out so that
+# three seeds, each with its own base, fit the demo's 10 minutes.
+DEMO_METHODS = tuple(m for m in METHODS if m != "cl-next")
 _DEFAULTS = RunConfig()
 
-# The demo presets: the same tasks, seeds, steps and learning rate for every method. Sized for
-# the CPU budget (full demo <= 450 s of CPU, --quick <= 80 s, one thread): one stage-1 base for
-# both seeds (as LLaVA is one pre-trained model), 50 steps of batch 16 per task.
-DEMO_FULL = dict(seeds=(0, 1), stage1_seed=0, stage1_steps=1200, steps=50, n_train=800, n_test=50)
+# The run setting each flag sets: validation errors name the flag the user typed.
+FLAGS = {
+    "seeds": "--seeds", "tasks": "--bundled-tasks", "order": "--order", "variant": "--templates",
+    "n_train": "--n-train", "n_test": "--n-test", "task_files": "--tasks", "test_files": "--test-tasks",
+    "task_types": "--task-types", "test_fraction": "--test-fraction", "model": "--model",
+    "stage1_steps": "--stage1-steps", "steps": "--steps", "batch_size": "--batch-size", "lr": "--lr",
+    "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "max_length": "--max-length",
+    "max_new_tokens": "--max-new-tokens", "ema_beta": "--beta", "dema_formula": "--dema-formula",
+    "dema_scale": "--dema-scale", "dema_fallback": "--dema-fallback", "group_threshold": "--threshold",
+    "route": "--route", "new_set_init": "--new-set-init", "dema_params": "--dema-params",
+    "max_grad_norm": "--max-grad-norm",
+}
+
+# The demo presets: the same tasks, seeds, steps and learning rate for every method. The full
+# demo is sized for 10 minutes of one CPU thread: three seeds, each with its own 900-step
+# stage-1 base (the seeds' spread then includes the base's), six tasks of which three re-train
+# the short-answer group (so DEMA is on for tasks the base cannot do), 50 steps of batch 16
+# per task. --quick is a pipeline check (one seed, four tasks that each open a new group).
+DEMO_TASKS = ("sqa", "textvqa", "imagenet", "gqa", "vqav2", "ocrvqa")
+DEMO_FULL = dict(seeds=(0, 1, 2), stage1_seed=None, tasks=DEMO_TASKS, stage1_steps=900, steps=50,
+                 n_train=800, n_test=50)
 DEMO_QUICK = dict(seeds=(0,), tasks=("sqa", "imagenet", "vizwiz", "grounding"), stage1_steps=300, steps=30,
                   n_train=480, n_test=32)
 
@@ -36,8 +57,9 @@ def _methods(values) -> tuple:
     return tuple(out)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", metavar="DIR", help="run folder (created; an existing run folder is resumed)")
+def _common(p: argparse.ArgumentParser, out_default: str) -> None:
+    p.add_argument("--out", metavar="DIR",
+                   help=f"run folder (created; an existing run folder is resumed) (default: {out_default})")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-task log lines")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default 1: the models are tiny and one thread per process is "
@@ -46,17 +68,20 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> None:
     demo = sub.add_parser(
-        "demo", help=f"the bundled comparison: {' / '.join(METHODS)} on synthetic CoIN-like tasks",
-        description="Train a tiny Llama on synthetic CoIN-like tasks (stage 1), then LoRA-tune it task by "
-                    "task with plain LoRA, fixed-beta EMA, DEMA, DEMA with instruction grouping, the official "
-                    "LCIA recipe and DEMA with Continual-NExT's constants, on the "
-                    "same tasks, seeds and budget; write results.json, report.md and plots into --out. "
-                    "Nothing is downloaded.",
+        "demo", help=f"the bundled comparison: {' / '.join(DEMO_METHODS)} and the untuned base on synthetic "
+                     "CoIN-like tasks",
+        description="Train a tiny Llama per seed on a stage-1 mix that teaches none of the tasks (stage 1), then "
+                    "LoRA-tune it task by task with " + ", ".join(DEMO_METHODS) + " on the same tasks, seeds and "
+                    "budget, and score the untuned base too; write results.json, report.md (with which "
+                    "differences exceed the seeds' spread) and plots into --out. Nothing is downloaded.",
     )
     demo.add_argument("--quick", action="store_true",
-                      help="4 tasks, 1 seed, fewer steps (about a minute; for tests and a first look)")
-    demo.add_argument("--seeds", type=int, nargs="+", metavar="S", help="override the seeds")
-    _common(demo)
+                      help="4 tasks, 1 seed, fewer steps: a check that the pipeline runs (a few minutes), not a "
+                           "comparison")
+    demo.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                      help="override the seeds (default: " + " ".join(map(str, DEMO_FULL["seeds"])) + "; with "
+                           "--quick " + " ".join(map(str, DEMO_QUICK["seeds"])) + ")")
+    _common(demo, "demo_out; with --quick runs/demo-quick")
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser(
@@ -73,7 +98,8 @@ def add_parser(sub) -> None:
     data.add_argument("--task-types", nargs="+", default=[], metavar="TYPE",
                       help="scoring rule per task file: mc | short | cls | exact | count | box "
                            "(default: inferred from the answers)")
-    data.add_argument("--test-fraction", type=float, default=_DEFAULTS.test_fraction)
+    data.add_argument("--test-fraction", type=float, default=_DEFAULTS.test_fraction,
+                      help="share of each task file held out for testing when no --test-tasks are given")
     data.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of failing")
     data.add_argument("--bundled-tasks", nargs="+", metavar="NAME",
                       help="a subset of the bundled tasks, in order (" + " ".join(TASK_NAMES) + ")")
@@ -95,21 +121,24 @@ def add_parser(sub) -> None:
     model.add_argument("--methods", nargs="+", default=None, metavar="M",
                        help=f"one or more of {', '.join(METHODS)} (space or comma separated; default: dema, "
                             "or the --recipe's own method)")
-    model.add_argument("--seeds", type=int, nargs="+", default=list(_DEFAULTS.seeds), metavar="S")
+    model.add_argument("--seeds", type=int, nargs="+", default=list(_DEFAULTS.seeds), metavar="S",
+                       help="run every method once per seed (the report gives mean and spread)")
     model.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimizer steps per task")
-    model.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
-    model.add_argument("--lr", type=float, default=_DEFAULTS.lr)
-    model.add_argument("--lora-r", type=int, default=_DEFAULTS.lora_r)
-    model.add_argument("--lora-alpha", type=int, default=_DEFAULTS.lora_alpha)
+    model.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="training examples per step")
+    model.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="peak learning rate (cosine schedule)")
+    model.add_argument("--lora-r", type=int, default=_DEFAULTS.lora_r, help="LoRA rank")
+    model.add_argument("--lora-alpha", type=int, default=_DEFAULTS.lora_alpha, help="LoRA alpha (scaling)")
     model.add_argument("--max-length", type=int, default=_DEFAULTS.max_length, help="tokens per training example")
     model.add_argument("--max-new-tokens", type=int, default=None,
                        help="generation length at evaluation (default: longest test answer + 2)")
     model.add_argument("--stage1-steps", type=int, default=_DEFAULTS.stage1_steps, help="tiny model: stage-1 steps")
     ema = run.add_argument_group("EMA and grouping")
     ema.add_argument("--beta", type=float, default=_DEFAULTS.ema_beta, help="fixed EMA weight of method ema")
-    ema.add_argument("--dema-formula", choices=FORMULAS, default=_DEFAULTS.dema_formula)
-    ema.add_argument("--dema-scale", type=float, default=_DEFAULTS.dema_scale)
-    ema.add_argument("--dema-fallback", type=float, default=_DEFAULTS.dema_fallback)
+    ema.add_argument("--dema-formula", choices=FORMULAS, default=_DEFAULTS.dema_formula,
+                     help="how DEMA computes its weight α each step")
+    ema.add_argument("--dema-scale", type=float, default=_DEFAULTS.dema_scale, help="DEMA's scale constant")
+    ema.add_argument("--dema-fallback", type=float, default=_DEFAULTS.dema_fallback,
+                     help="the α DEMA uses when its formula leaves (0, 1) or cannot be computed")
     ema.add_argument("--threshold", type=float, default=None,
                      help="grouping threshold (default: 0.9 for original templates, 0.3 for diverse/10type)")
     ema.add_argument("--route", choices=ROUTES, default=_DEFAULTS.route,
@@ -120,19 +149,34 @@ def add_parser(sub) -> None:
                      help="tensors the EMA averages: the LoRA tensors, or every trainable one (official)")
     ema.add_argument("--max-grad-norm", type=float, default=_DEFAULTS.max_grad_norm,
                      help="gradient clipping of the custom methods (0: none, as the official runs)")
-    _common(run)
+    _common(run, "runs/run-YYYYmmdd-HHMMSS")
     run.set_defaults(func=cmd_run)
 
 
 def _finish(results: dict, out, started: float) -> int:
     from cl_core.metrics import METRIC_LABELS, METRIC_NAMES
 
+    n_seeds = len(results["config"]["seeds"])
+    spread = n_seeds > 1  # one seed has no spread: no "± 0.0"
+    width = 16 if spread else 10
     print()
-    print(f"{'method':<12}" + "".join(f"{METRIC_LABELS[m]:>16}" for m in METRIC_NAMES))
-    for method, r in results["methods"].items():
-        print(f"{method:<12}" + "".join(f"{r['metrics'][m]:>9.2f} ± {r['metrics_std'][m]:<4.1f}"
+    print(f"{'method':<12}" + "".join(f"{METRIC_LABELS[m]:>{width}}" for m in METRIC_NAMES))
+    base = results.get("base_metrics")
+    if base:
+        print(f"{'base':<12}" + "".join(f"{base['avg_acc']:>{width}.2f}" if m == "avg_acc" else f"{'-':>{width}}"
                                         for m in METRIC_NAMES))
+    for method, r in results["methods"].items():
+        cells = (f"{r['metrics'][m]:>9.2f} ± {r['metrics_std'][m]:<4.1f}" if spread else f"{r['metrics'][m]:>10.2f}"
+                 for m in METRIC_NAMES)
+        print(f"{method:<12}" + "".join(cells))
     print()
+    if spread:
+        print(f"mean ± standard deviation over {n_seeds} seeds; "
+              + ("base: the untuned stage-1 model's zero-shot accuracy. " if base else "") + "Details in the report.")
+    else:
+        print("one seed: no spread to show (give several --seeds for mean ± standard deviation).")
+    for line in results.get("conclusions", []):
+        print(line)
     # The run's own measured time (the report states the same number).
     print(f"Finished in {results.get('wall_seconds_this_call', time.time() - started):.0f} s.")
     print(f"Report: {out / 'report.md'}")
@@ -163,7 +207,8 @@ def cmd_demo(args) -> int:
     preset = dict(DEMO_QUICK if args.quick else DEMO_FULL)
     if args.seeds:
         preset["seeds"] = tuple(args.seeds)
-    cfg = RunConfig(methods=METHOD_CHOICES, **preset)
+    cfg = RunConfig(methods=DEMO_METHODS, **preset)
+    cfg.validate(FLAGS)  # errors name the flags (--seeds), before anything is written
     out = args.out or ("runs/demo-quick" if args.quick else "demo_out")
     return _execute(cfg, out, args)
 
@@ -185,5 +230,6 @@ def cmd_run(args) -> int:
         dema_fallback=args.dema_fallback, group_threshold=args.threshold, route=args.route,
         new_set_init=args.new_set_init, dema_params=args.dema_params, max_grad_norm=args.max_grad_norm,
     )
+    cfg.validate(FLAGS)  # errors name the flags (--steps), before anything is written
     out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")
     return _execute(cfg, out, args)

@@ -7,7 +7,9 @@ method trains with (the one place a run's DEMAConfig is built).
                                       # averaged tensors, clipping, test routing
     cfg.ema_config("dema")            # the DEMAConfig the method's tasks use (None for lora)
 
-Methods and recipes. ``lora``, ``ema``, ``dema`` and ``dema+group`` are the "custom" methods:
+Methods and recipes. ``lora``, ``ema``, ``dema``, ``group`` (instruction grouping without
+any EMA: the ablation that separates grouping's effect from DEMA's) and ``dema+group`` are
+the "custom" methods:
 they take the run's flags (``route``, ``new_set_init``, ``max_grad_norm``, ``dema_params``,
 ``dema_*``). ``lcia`` and ``cl-next`` are recipes with fixed settings:
 
@@ -21,7 +23,7 @@ they take the run's flags (``route``, ``new_set_init``, ``max_grad_norm``, ``dem
              clipping (1.0).
 
 ``RunConfig(recipe="lcia")`` runs the lcia method (``recipe`` picks the default method list);
-``recipe="custom"`` (the default) runs the four custom methods.
+``recipe="custom"`` (the default) runs the five custom methods.
 
 The EMA defaults come from :class:`cl_core.DEMAConfig` (they are typed there only).
 """
@@ -35,7 +37,7 @@ from typing import Optional
 
 from cl_core.dema.config import FORMULAS, DEMAConfig
 
-CUSTOM_METHODS = ("lora", "ema", "dema", "dema+group")
+CUSTOM_METHODS = ("lora", "ema", "dema", "group", "dema+group")
 RECIPE_METHODS = ("lcia", "cl-next")
 METHODS = CUSTOM_METHODS + RECIPE_METHODS
 RECIPES = ("custom",) + RECIPE_METHODS
@@ -85,7 +87,7 @@ class RunConfig:
     """Settings of a continual run. Everything here is part of the run's identity: a
     folder is only resumed with an equal config."""
 
-    methods: Optional[tuple] = None        # None: the recipe's (custom: lora, ema, dema, dema+group)
+    methods: Optional[tuple] = None        # None: the recipe's (custom: CUSTOM_METHODS)
     recipe: str = "custom"                 # custom | lcia | cl-next (see the module docstring)
     seeds: tuple = (0,)
     # Data: the bundled benchmark (cl_core.continual.synthetic) unless task_files is given.
@@ -183,9 +185,9 @@ class RunConfig:
         ema = None
         if method == "ema":
             ema = DEMAConfig(formula="fixed", beta=self.ema_beta)
-        elif method != "lora":
+        elif method not in ("lora", "group"):
             ema = DEMAConfig(formula=self.dema_formula, scale=self.dema_scale, fallback=self.dema_fallback)
-        return MethodPlan(grouping=method == "dema+group", ema=ema, new_set_init=self.new_set_init,
+        return MethodPlan(grouping=method in ("group", "dema+group"), ema=ema, new_set_init=self.new_set_init,
                           params=self.dema_params, max_grad_norm=float(self.max_grad_norm), route=self.route)
 
     def ema_config(self, method: str) -> Optional[DEMAConfig]:
@@ -193,11 +195,15 @@ class RunConfig:
         return self.plan(method).ema
 
     # ------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Raise ValueError for settings that cannot work (before anything is trained)."""
+    def validate(self, flags: Optional[dict] = None) -> None:
+        """Raise ValueError for settings that cannot work (before anything is trained).
+
+        ``flags`` maps setting names to the command-line flags they came from (the CLI's
+        ``--steps`` for ``steps``): the messages then name what the user typed."""
         from cl_core.continual.evaluation import check_task_type
         from cl_core.continual.templates import TEMPLATE_SETS
 
+        say = _Namer(flags)
         methods = list(self.methods)
         if not methods:
             raise ValueError("no methods given")
@@ -208,12 +214,12 @@ class RunConfig:
             raise ValueError(f"methods listed twice: {methods}")
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; allowed: {', '.join(RECIPES)}")
-        self._validate_custom_flags(methods)
+        self._validate_custom_flags(methods, say)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and at least one: {list(self.seeds)}")
+            raise ValueError(f"{say.name('seeds')} must be distinct and at least one: {list(self.seeds)}")
         for s in self.seeds:
             if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-                raise ValueError(f"seed {s!r} must be an int >= 0")
+                raise ValueError(f"{say.name('seeds')}: seed {s!r} must be a whole number >= 0")
         if self.order not in ORDERS:
             raise ValueError(f"unknown task order {self.order!r}; allowed: {', '.join(ORDERS)}")
         if self.variant not in TEMPLATE_SETS:
@@ -222,28 +228,33 @@ class RunConfig:
             raise ValueError(f"unknown DEMA formula {self.dema_formula!r}; allowed: {', '.join(FORMULAS)}")
         for name in ("n_train", "n_test", "steps", "batch_size", "lora_r", "lora_alpha", "max_length",
                      "eval_batch_size", "stage1_batch_size", "hidden_size", "num_layers", "num_heads", "max_test"):
-            _check_positive(name, getattr(self, name))
-        _check_positive("stage1_steps", self.stage1_steps, 0)
+            _check_positive(name, getattr(self, name), say=say)
+        _check_positive("stage1_steps", self.stage1_steps, 0, say=say)
         s1 = self.stage1_seed
         if s1 is not None and (isinstance(s1, bool) or not isinstance(s1, int) or s1 < 0):
-            raise ValueError(f"stage1_seed={s1!r} must be None (a base per seed) or an int >= 0")
-        _check_positive("warmup_steps", self.warmup_steps, 0)
+            raise ValueError(say("stage1_seed", s1, "must be None (a base per seed) or an int >= 0"))
+        _check_positive("warmup_steps", self.warmup_steps, 0, say=say)
         if self.max_new_tokens is not None:
-            _check_positive("max_new_tokens", self.max_new_tokens)
+            _check_positive("max_new_tokens", self.max_new_tokens, say=say)
         for name in ("lr", "stage1_lr"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"{name}={v!r} must be a positive number")
+                raise ValueError(say(name, v, "must be a positive number"))
         if not 0 < self.test_fraction < 1:
-            raise ValueError(f"test_fraction={self.test_fraction!r} must be in (0, 1)")
-        # EMA settings go through DEMAConfig's own validation (the configs the methods will use).
+            raise ValueError(say("test_fraction", self.test_fraction, "must be between 0 and 1 (exclusive)"))
+        # EMA settings go through DEMAConfig's own validation (the configs the methods will use);
+        # its messages name DEMAConfig's fields, which say.dema turns into the run's names.
         for m in ("ema", "dema"):
-            self.ema_config(m)
+            try:
+                self.ema_config(m)
+            except ValueError as exc:
+                raise ValueError(say.dema(str(exc))) from None
         v = self.max_grad_norm
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
-            raise ValueError(f"max_grad_norm={v!r} must be a number >= 0 (0: no clipping)")
-        if self.group_threshold is not None and not 0 <= self.group_threshold <= 1:
-            raise ValueError(f"group_threshold={self.group_threshold!r} must be in [0, 1]")
+            raise ValueError(say("max_grad_norm", v, "must be a number >= 0 (0: no clipping)"))
+        g = self.group_threshold
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 1):
+            raise ValueError(say("group_threshold", g, "must be a number between 0 and 1"))
         if self.bundled:
             self._validate_bundled()
         else:
@@ -265,15 +276,15 @@ class RunConfig:
             if not (p / "config.json").is_file():
                 raise ValueError(f"--model {self.model}: no config.json inside; not a Hugging Face model folder")
 
-    def _validate_custom_flags(self, methods) -> None:
+    def _validate_custom_flags(self, methods, say: "_Namer") -> None:
         for name, allowed in (("route", ROUTES), ("new_set_init", NEW_SET_INITS), ("dema_params", DEMA_PARAMS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not known; allowed: {', '.join(allowed)}")
+                raise ValueError(say(name, getattr(self, name), f"is not known; allowed: {', '.join(allowed)}"))
         if any(m in CUSTOM_METHODS for m in methods):
             return
         # Only recipes run: a custom setting that differs from its default would be ignored.
         base = RunConfig(recipe=self.recipe, methods=self.methods)
-        changed = [f for f in _CUSTOM_FLAGS if getattr(self, f) != getattr(base, f)]
+        changed = [say.name(f) for f in _CUSTOM_FLAGS if getattr(self, f) != getattr(base, f)]
         if changed:
             raise ValueError(f"{', '.join(changed)} set, but only recipe methods run ({', '.join(methods)}), and a "
                              f"recipe fixes its own settings; those settings apply to the custom methods "
@@ -308,6 +319,39 @@ def method_slug(method: str) -> str:
     return method.replace("+", "_")
 
 
-def _check_positive(name, value, minimum=1):
+def _check_positive(name, value, minimum=1, say=None):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ValueError(f"{name}={value!r} must be a number >= {minimum}")
+        raise ValueError((say or _Namer(None))(name, value, f"must be a number >= {minimum}"))
+
+
+# DEMAConfig's field -> the RunConfig setting it is built from.
+_DEMA_FIELDS = {"beta": "ema_beta", "scale": "dema_scale", "fallback": "dema_fallback", "formula": "dema_formula"}
+
+
+class _Namer:
+    """Error texts in the caller's words: ``steps=-5 must be ...`` for Python callers,
+    ``--steps must be ..., got -5`` when ``flags`` maps the setting to a command-line flag."""
+
+    def __init__(self, flags: Optional[dict]):
+        self.flags = flags or {}
+
+    def name(self, field: str) -> str:
+        return self.flags.get(field, field)
+
+    def __call__(self, field: str, value, what: str) -> str:
+        if field in self.flags:
+            return f"{self.flags[field]} {what}, got {value!r}"
+        return f"{field}={value!r} {what}"
+
+    def dema(self, message: str) -> str:
+        """A DEMAConfig message with its field (``DEMAConfig.beta=1.5``) named as the run's
+        setting (``ema_beta=1.5``) or its flag (``--beta 1.5``)."""
+        import re
+
+        def swap(m):
+            field = _DEMA_FIELDS.get(m.group(1), m.group(1))
+            if field in self.flags:
+                return f"{self.flags[field]} {m.group(2)}"
+            return f"{field}={m.group(2)}"
+
+        return re.sub(r"DEMAConfig\.(\w+)=(\S+)", swap, message)

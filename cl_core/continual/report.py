@@ -23,8 +23,58 @@ def _slug(method: str) -> str:
     return method.replace("+", "_")
 
 
-def _pm(mean: float, std: float) -> str:
-    return f"{mean:.2f} ± {std:.2f}"
+def _pm(mean: float, std: float, n_seeds: int = 2) -> str:
+    """mean ± standard deviation over seeds; one seed has no spread, so only the mean."""
+    return f"{mean:.2f} ± {std:.2f}" if n_seeds > 1 else f"{mean:.2f}"
+
+
+# The comparisons the demo is built to answer: each EMA against what it is added to, and
+# grouping with and without DEMA (the ablation that separates the two effects).
+COMPARISONS = (("ema", "lora"), ("dema", "lora"), ("dema", "ema"), ("group", "lora"), ("dema+group", "group"),
+               ("dema+group", "dema"), ("lcia", "group"), ("cl-next", "dema"))
+COMPARED_METRICS = ("avg_acc", "forgetting")
+
+
+def _difference(name_a, a_vals, name_b, b_vals, label, lower_is_better=False) -> str:
+    """One comparison in words: the difference of the seed means, whether it exceeds the
+    seeds' spread (|Δ| > std_a + std_b, the standard deviations over seeds), and in how
+    many seeds (each pairs the same base, data and initialisation) the sign agrees."""
+    from cl_core.metrics import mean_std
+
+    (ma, sa), (mb, sb) = mean_std(a_vals), mean_std(b_vals)
+    delta = ma - mb
+    spread = sa + sb
+    wins = sum(1 for x, y in zip(a_vals, b_vals) if (x < y if lower_is_better else x > y))
+    verdict = ("exceeds the seeds' spread" if abs(delta) > spread else "is within the seeds' spread: no conclusion")
+    return (f"{label}: {name_a} {ma:.1f} ± {sa:.1f} vs {name_b} {mb:.1f} ± {sb:.1f}, difference {delta:+.1f} "
+            f"{verdict} (spread {spread:.1f} = sum of the two standard deviations); {name_a} better in {wins} of "
+            f"{len(a_vals)} seeds")
+
+
+def conclusions(results: dict) -> list:
+    """Which differences of this run exceed the seeds' spread and which do not, computed from
+    the run's own numbers (never written in advance)."""
+    methods = results["methods"]
+    seeds = [str(s) for s in results["config"]["seeds"]]
+    if len(seeds) < 2:
+        return ["One seed: there is no spread over seeds to weigh a difference against, so no difference "
+                "here supports a conclusion (run with 3 or more --seeds)."]
+    out = []
+
+    def per_seed(m, metric):
+        return [methods[m]["seeds"][s]["metrics"][metric] for s in seeds]
+
+    base = results.get("base_metrics")
+    if base:
+        b_vals = [base["per_seed"][s] for s in seeds]
+        for m in methods:
+            out.append(_difference(m, per_seed(m, "avg_acc"), "base", b_vals, "Avg.ACC against the untuned base"))
+    for a, b in COMPARISONS:
+        if a in methods and b in methods:
+            for metric in COMPARED_METRICS:
+                out.append(_difference(a, per_seed(a, metric), b, per_seed(b, metric), METRIC_LABELS[metric],
+                                       lower_is_better=metric.startswith("forgetting")))
+    return out
 
 
 def _seeds_text(n: int) -> str:
@@ -40,21 +90,37 @@ def _pyplot():
     return plt
 
 
-def plot_heatmap(matrix, tasks, title: str, path: Path) -> None:
+def plot_heatmap(matrix, tasks, title: str, path: Path, base=None) -> None:
+    """The accuracy matrix; ``base``: the untuned base's zero-shot row, drawn on top.
+    Cells of tasks not trained yet are hatched (the key says so): they are not in the metrics."""
+    from matplotlib.patches import Patch, Rectangle
+
     plt = _pyplot()
     t = len(tasks)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * t, 0.8 + 0.55 * t))
-    im = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
+    rows = ([list(base)] if base is not None else []) + [list(r) for r in matrix]
+    first = 1 if base is not None else 0
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * t, 1.2 + 0.55 * len(rows)))
+    im = ax.imshow(rows, vmin=0, vmax=100, cmap="viridis")
     ax.set_xticks(range(t), tasks, rotation=45, ha="right")
-    ax.set_yticks(range(t), [f"after {name}" for name in tasks])
+    ax.set_yticks(range(len(rows)), (["base (zero-shot)"] if base is not None else [])
+                  + [f"after {name}" for name in tasks])
     ax.set_xlabel("evaluated task")
     ax.set_title(title, fontsize=10)
-    for j in range(t):
-        for i in range(t):
-            v = matrix[j][i]
-            ax.text(i, j, f"{v:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if v < 60 else "black", alpha=1.0 if i <= j else 0.45)
+    for r, row in enumerate(rows):
+        j = r - first
+        for i, v in enumerate(row):
+            untrained = j < 0 or i > j
+            if untrained:
+                ax.add_patch(Rectangle((i - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", lw=0,
+                                       edgecolor="white", alpha=0.5))
+            ax.text(i, r, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if v < 60 else "black", alpha=0.55 if untrained else 1.0)
+    if base is not None:
+        ax.axhline(0.5, color="white", lw=1.5)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
+    ax.legend(handles=[Patch(facecolor="grey", hatch="///", edgecolor="white",
+                             label="task not trained yet (not in the metrics)")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.16 - 0.04 * (t > 6)), fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long task names must not be clipped
     plt.close(fig)
@@ -78,6 +144,9 @@ def plot_per_task(results: dict, path: Path) -> None:
             dx = (k - (n_methods - 1) / 2) * 0.06
             ax.plot([v + dx for v in x[i:]], col[i:], ls=ls, marker=marker, markersize=4, lw=1.2,
                     alpha=0.85, label=method)
+        base = _base_row(results)
+        if base is not None:
+            ax.axhline(base[i], color="black", lw=1.0, ls=(0, (1, 2)), label="base (zero-shot)")
         ax.axvline(i + 1, color="grey", lw=0.6, ls=":")
         ax.set_title(f"task {i + 1}: {name}", fontsize=9)
         ax.set_xticks(x)
@@ -95,42 +164,71 @@ def plot_per_task(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def alpha_series(traces, steps: int):
+    """(x, y) of a method's mean-α trace over the tasks one after another: NaN where the
+    EMA was off (a task without EMA, and one point at every task boundary, since each task
+    starts its own EMA), so a plot breaks the line there instead of joining across."""
+    nan = float("nan")
+    xs, ys = [], []
+    for j, trace in enumerate(traces):
+        offset = j * steps
+        if trace:
+            xs.extend(offset + k + 1 for k in range(len(trace)))
+            ys.extend(trace)
+        else:
+            xs.extend(offset + k + 1 for k in range(steps))
+            ys.extend([nan] * steps)
+        xs.append(offset + steps + 0.5)
+        ys.append(nan)
+    return xs, ys
+
+
 def plot_alpha(results: dict, path: Path) -> bool:
     """Mean α per step (first seed), tasks one after the other; False when no method has one."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    tasks = results["tasks"]
+    steps = results["config"]["steps"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(tasks)), 3.4))
     drawn = False
-    for method, r in results["methods"].items():
+    for k, (method, r) in enumerate(results["methods"].items()):
         seed = next(iter(r["seeds"]))
         traces = r["seeds"][seed]["alpha"]
-        xs, ys, offset = [], [], 0
-        steps = results["config"]["steps"]
-        for j, trace in enumerate(traces):
-            xs.extend(offset + k + 1 for k in range(len(trace)))
-            ys.extend(trace)
-            offset += steps
-        if ys:
-            k = list(results["methods"]).index(method)
-            ax.plot(xs, ys, lw=0.9, ls=_STYLES[k % len(_STYLES)][0], label=f"{method} (seed {seed})")
-            drawn = True
+        if not any(traces):
+            continue
+        xs, ys = alpha_series(traces, steps)
+        ax.plot(xs, ys, lw=0.9, ls=_STYLES[k % len(_STYLES)][0], label=f"{method} (seed {seed})")
+        drawn = True
     if not drawn:
         plt.close(fig)
         return False
-    for j in range(1, len(results["tasks"])):
-        ax.axvline(j * results["config"]["steps"], color="grey", lw=0.5, ls=":")
+    for j in range(1, len(tasks)):
+        ax.axvline(j * steps, color="grey", lw=0.5, ls=":")
+    # Task names between the boundaries, above the plot (not over the data).
+    ax.set_xlim(0, len(tasks) * steps)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([(j + 0.5) * steps for j in range(len(tasks))], tasks, fontsize=7)
+    top.tick_params(length=0)
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step (tasks one after another)")
+    ax.set_xlabel("optimizer step (tasks one after another; gaps: EMA off)")
     ax.set_ylabel("mean α = 1 − β")
-    ax.set_title("EMA weight per step (fixed EMA: α = 1 − β; DEMA: dynamic)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title("EMA weight per step (fixed EMA: α = 1 − β; DEMA: dynamic)", fontsize=10, pad=18)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # off the data
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long task names must not be clipped
     plt.close(fig)
     return True
 
 
-def _matrix_table(matrix, std, tasks) -> list[str]:
+def _base_row(results: dict):
+    """The untuned base's zero-shot accuracy per task (seed mean), or None without a base."""
+    b = results.get("base_metrics")
+    return b["zero_shot"] if b else None
+
+
+def _matrix_table(matrix, std, tasks, base=None) -> list[str]:
     lines = ["| after \\ on | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    if base is not None:
+        lines.append("| base (zero-shot) | " + " | ".join(f"*{v:.1f}*" for v in base) + " |")
     for j, row in enumerate(matrix):
         cells = []
         for i, v in enumerate(row):
@@ -166,14 +264,30 @@ def write_report(results: dict, out_dir) -> Path:
         "Tasks in training order: " + ", ".join(f"{i + 1}. {n} ({tt})" for i, (n, tt) in
                                                enumerate(zip(tasks, results["task_types"]))) + ".",
         "",
-        f"## Methods compared (mean ± std over {_seeds_text(len(seeds))})",
+        (f"## Methods compared (mean ± standard deviation over {_seeds_text(len(seeds))})" if len(seeds) > 1
+         else f"## Methods compared (one seed, {seeds[0]}: no spread to show)"),
         "",
         "| method | " + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES) + " |",
         "|---" * (len(METRIC_NAMES) + 1) + "|",
     ]
+    bm = results.get("base_metrics")
+    if bm:
+        lines.append("| base (zero-shot) | " + " | ".join(_pm(bm["avg_acc"], bm["avg_acc_std"], len(seeds))
+                                                      if m == "avg_acc" else "-" for m in METRIC_NAMES) + " |")
     for method, r in methods.items():
-        lines.append(f"| {method} | " + " | ".join(_pm(r["metrics"][m], r["metrics_std"][m])
+        lines.append(f"| {method} | " + " | ".join(_pm(r["metrics"][m], r["metrics_std"][m], len(seeds))
                                                   for m in METRIC_NAMES if m in r["metrics"]) + " |")
+    lines += [
+        "",
+        ("± is the standard deviation over the seeds (each seed: its own stage-1 base, data order and LoRA "
+         "initialisation). " if len(seeds) > 1 else "") +
+        ("`base (zero-shot)`: the untuned stage-1 model, before any stage-2 task (its Avg.ACC is its mean "
+         "accuracy on all tasks; the other metrics need training)." if bm else ""),
+        "",
+        "### What the differences support",
+        "",
+    ]
+    lines += [f"- {c}" for c in results.get("conclusions") or conclusions(results)]
     lines += [
         "",
         "Avg.ACC: mean accuracy on all tasks after the last one. Forgetting: mean drop from each task's "
@@ -187,8 +301,9 @@ def write_report(results: dict, out_dir) -> Path:
     lines += _settings_lines(methods)
     if "lora" in methods:
         r = methods["lora"]
-        lines += [f"**Plain sequential LoRA forgets {r['metrics']['forgetting']:.1f} ± "
-                  f"{r['metrics_std']['forgetting']:.1f} points** on average (Forgetting; BWT "
+        forgets = (f"{r['metrics']['forgetting']:.1f} ± {r['metrics_std']['forgetting']:.1f}" if len(seeds) > 1
+                   else f"{r['metrics']['forgetting']:.1f}")
+        lines += [f"**Plain sequential LoRA forgets {forgets} points** on average (Forgetting; BWT "
                   f"{r['metrics']['bwt']:.1f}): accuracy right after each task {r['metrics']['new_acc']:.1f}, "
                   f"after the whole sequence {r['metrics']['avg_acc']:.1f}.", ""]
     base = results.get("base", {})
@@ -204,15 +319,16 @@ def write_report(results: dict, out_dir) -> Path:
                   "instructions and answer conventions); the last column scores the stage-1 task itself.", ""]
 
     lines += ["## Accuracy matrices", "",
-              "Row j: accuracy on every task after training task j (seed mean ± std). *Italic*: tasks not "
-              "trained yet (not used by the metrics).", ""]
+              "Row j: accuracy on every task after training task j (" + ("seed mean ± standard deviation"
+              if len(seeds) > 1 else f"seed {seeds[0]}") + "). *Italic* (hatched in the heatmaps): tasks not "
+              "trained yet (not used by the metrics); the first row is the untuned base.", ""]
     for method, r in methods.items():
         png = f"heatmap_{_slug(method)}.png"
         title = (f"{method}: accuracy after each task (mean of {_seeds_text(len(seeds))})" if len(seeds) > 1
                  else f"{method}: accuracy after each task (seed {seeds[0]})")
-        plot_heatmap(r["matrix"], tasks, title, out / png)
+        plot_heatmap(r["matrix"], tasks, title, out / png, base=_base_row(results))
         lines += [f"### {method}", "", f"![{method} accuracy matrix]({png})", ""]
-        lines += _matrix_table(r["matrix"], r["matrix_std"], tasks)
+        lines += _matrix_table(r["matrix"], r["matrix_std"], tasks, base=_base_row(results))
         lines.append("")
         if any(len(set(s["groups"])) > 1 for s in r["seeds"].values()):
             lines += _grouping_lines(r, tasks)
@@ -294,7 +410,8 @@ def _settings_lines(methods: dict) -> list[str]:
         return []
     keys = list(rows[0][1])
     lines = ["### Settings of each method", "",
-             "`lora`, `ema`, `dema`, `dema+group` take the run's flags (the custom recipe); `lcia` is the official "
+             "`lora`, `ema`, `dema`, `group`, `dema+group` take the run's flags (the custom recipe; `group` is "
+             "grouping without any EMA, beside `dema+group` to separate the two effects); `lcia` is the official "
              "LCIA recipe and `cl-next` Continual-NExT's, with their own fixed settings.", "",
              "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for m, st in rows:

@@ -73,6 +73,9 @@ class ContinualRun:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.quiet = quiet
+        # Progress bars only on a terminal: written to a file or a pipe, every redraw of every
+        # bar becomes a \r-joined line of output.
+        self.bars = not quiet and _stderr_is_terminal()
         self.threads = threads
         self.on_task_end = on_task_end
         self.tasks: list = []
@@ -121,7 +124,7 @@ class ContinualRun:
         shared = self.cfg.model is not None or self.cfg.stage1_seed is not None  # one model for every seed
         if self.cfg.model is None and not (self.base_dir(seed) / "config.json").exists():
             train_stage1(self.cfg, self.tokenizer, self.base_seed(seed), self.base_dir(seed),
-                         self.out / ".trainer", quiet=self.quiet)
+                         self.out / ".trainer", quiet=not self.bars)
         if key not in state.base:
             if shared and state.base:
                 info = dict(next(iter(state.base.values())))
@@ -163,7 +166,7 @@ class ContinualRun:
         adapters = None
         if grouper is not None:
             adapters = [adapter_name(g) for g in route_groups(grouper, instructions, spans, route)]
-        with tqdm(total=len(prompts), desc=progress_desc, disable=self.quiet, leave=False, unit="q") as bar:
+        with tqdm(total=len(prompts), desc=progress_desc, disable=not self.bars, leave=False, unit="q") as bar:
             preds = generate(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
                              batch_size=self.cfg.eval_batch_size, max_prompt_tokens=self.cfg.max_length,
                              adapter_names=adapters, progress=bar)
@@ -228,7 +231,7 @@ class ContinualRun:
                          ", EMA on" if use_ema else "")
             loss = train(sets.model, self.tokenizer, [(p, a) for p, a, _ in task.train],
                          out_dir=self.out / ".trainer", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                         warmup=cfg.warmup_steps, seed=seed_for(seed, "data", j), quiet=self.quiet,
+                         warmup=cfg.warmup_steps, seed=seed_for(seed, "data", j), quiet=not self.bars,
                          callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm)
             train_s = time.time() - t0
             row = self._evaluate(sets.model, grouper, route=plan.route,
@@ -346,6 +349,19 @@ class ContinualRun:
                 "ema_config": None if self.cfg.plan(method).ema is None else self.cfg.plan(method).ema.to_dict(),
                 "alpha_counts": merge_alpha([s["alpha_counts"] for s in per]),
             }
+        rows = [state.base[str(seed)]["zero_shot"] for seed in self.cfg.seeds if str(seed) in state.base]
+        if len(rows) == len(self.cfg.seeds):
+            # The untuned base as a line of its own: its zero-shot accuracy on every task.
+            avg = cl_metrics.mean_std([sum(r) / len(r) for r in rows])
+            out["base_metrics"] = {
+                "zero_shot": [sum(r[i] for r in rows) / len(rows) for i in range(len(names))],
+                "zero_shot_std": [cl_metrics.mean_std([r[i] for r in rows])[1] for i in range(len(names))],
+                "avg_acc": avg[0], "avg_acc_std": avg[1],
+                "per_seed": {str(seed): sum(r) / len(r) for seed, r in zip(self.cfg.seeds, rows)},
+            }
+        from cl_core.continual.report import conclusions
+
+        out["conclusions"] = conclusions(out)
         return out
 
 
@@ -382,6 +398,15 @@ def _copy_adapter(model, source: str, target: str) -> None:
                 copied += 1
     if not copied:
         raise RuntimeError(f"warm start: adapter {target!r} has no tensors to copy into")
+
+
+def _stderr_is_terminal() -> bool:
+    import sys
+
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
 
 
 def _fmt_row(row) -> str:

@@ -150,6 +150,17 @@ def check_run_folder(out: Path, config: dict, defaults: Optional[dict] = None) -
     if not os.access(existing, os.W_OK | os.X_OK):  # permissions, and read-only mounts (EROFS) for root too
         raise ValueError(f"--out {out}: cannot write in {existing} (read-only file system or no permission); "
                          "choose another --out folder, or fix its permissions")
+    if not out.exists():
+        # Some folders refuse new entries whatever their permission bits say (/proc, /sys, a
+        # mount that rejects them): try one, and remove it, so the run fails here naming
+        # --out instead of later with a bare errno.
+        import tempfile
+
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".cl_core-probe-", suffix=".tmp", dir=existing))
+        except OSError as exc:
+            raise ValueError(f"--out {out}: no folder can be made in {existing} ({exc.strerror or exc}); "
+                             "choose another --out folder") from None
     stale = re.compile(r"^\..+\.tmp$")
     cfg_path = out / "config.json"
     if cfg_path.exists():

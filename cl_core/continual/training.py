@@ -98,12 +98,38 @@ def seed_for(seed: int, *parts) -> int:
     return zlib.crc32(f"{seed}/{'/'.join(map(str, parts))}".encode()) & 0x7FFFFFFF
 
 
+class _DeepSpeedCPUNotice(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU. If you have GPU ..." notice, and only
+    it. Once DeepSpeed is installed, accelerate imports it inside every Trainer (to unwrap
+    the model), and the import probes for a GPU and warns when it finds none. The runner
+    trains on the CPU on purpose (``use_cpu=True``), so the notice tells a user of this
+    run nothing; every other DeepSpeed message still goes through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+_DS_NOTICE = _DeepSpeedCPUNotice()
+
+
+def silence_deepspeed_cpu_notice() -> None:
+    """Install the filter on DeepSpeed's logger ("DeepSpeed"). The logger object is created
+    here when DeepSpeed is not imported yet; DeepSpeed's own set-up later fetches the same
+    object, so the filter is in place when the import warns. Idempotent."""
+    ds = logging.getLogger("DeepSpeed")
+    if _DS_NOTICE not in ds.filters:
+        ds.addFilter(_DS_NOTICE)
+
+
 @contextlib.contextmanager
 def quiet_libraries():
-    """Silence transformers/peft info and progress chatter (saving/loading bars, notices)."""
+    """Silence transformers/peft info and progress chatter (saving/loading bars, notices),
+    and DeepSpeed's CPU notice (silence_deepspeed_cpu_notice)."""
     import warnings
 
     from transformers.utils import logging as hf_logging
+
+    silence_deepspeed_cpu_notice()
 
     old = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()

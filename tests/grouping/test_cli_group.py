@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 from cl_core.cli import main
 from cl_core.continual.templates import TASKS
@@ -170,3 +172,18 @@ def test_codebook_that_cannot_be_written_prints_the_decision_then_the_error(tmp_
     rc, out, _ = run(capsys, "group", "assign", "--codebook", str(cb), "--data", str(COIN / "TextVQA" / "train.json"),
                      "--json")
     assert rc == 2 and json.loads(out)["codebook_saved"] is False
+
+
+def test_assign_and_route_describe_themselves(capsys):
+    for action, words in (("assign", "re-trains that group's LoRA set"), ("route", "to the most recent group")):
+        with pytest.raises(SystemExit) as exc:
+            main(["group", action, "--help"])
+        assert exc.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert words in text, text
+    # route's threshold is about routing, not about creating a codebook
+    with pytest.raises(SystemExit):
+        main(["group", "route", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    threshold = text.split("--threshold T ", 1)[1].split(" --kind", 1)[0]
+    assert "most similar group" in threshold and "created" not in threshold, threshold

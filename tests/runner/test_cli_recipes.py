@@ -16,7 +16,7 @@ def captured(monkeypatch):
     def fake_run(cfg, out, **kwargs):
         cfg.validate()
         seen.append(cfg)
-        return {"methods": {}, "wall_seconds_this_call": 1.0}
+        return {"config": cfg.to_dict(), "methods": {}, "wall_seconds_this_call": 1.0}
 
     monkeypatch.setattr(runner, "run", fake_run)
     return seen
@@ -44,7 +44,9 @@ def test_recipe_flags_reach_the_config(tmp_path, captured):
 
 def test_demo_compares_every_method_and_recipe(tmp_path, captured):
     assert main(["demo", "--quick", "--out", str(tmp_path / "q"), "--quiet"]) == 0
-    assert captured[-1].methods == METHODS
+    from cl_core.cli.run import DEMO_METHODS
+
+    assert captured[-1].methods == DEMO_METHODS == tuple(m for m in METHODS if m != "cl-next")
 
 
 def test_recipe_with_a_custom_flag_exits_2(tmp_path, caplog):
@@ -53,7 +55,7 @@ def test_recipe_with_a_custom_flag_exits_2(tmp_path, caplog):
         code = main(["run", "--recipe", "lcia", "--route", "instance", "--max-grad-norm", "0.5", "--out", str(out),
                      "--quiet"])
     assert code == 2
-    assert "max_grad_norm set, but only recipe methods run (lcia)" in caplog.text
+    assert "--max-grad-norm set, but only recipe methods run (lcia)" in caplog.text
     assert not out.exists()
 
 

@@ -255,3 +255,68 @@ def test_disk_full_while_writing_is_one_line(tmp_path, model_dir, caplog, monkey
     assert line == (f"{out.absolute() / 'config.json'}: No space left on device (ENOSPC); the disk is full: "
                     "free some space and run the same command again")
     assert not any(out.iterdir())  # the temporary file is removed
+
+
+# ------------------------------------------------ help and errors in the user's words
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_shows_the_defaults(capsys):
+    from cl_core.continual.config import RunConfig
+
+    d = RunConfig()
+    text = " ".join(_help(["run"], capsys).split())  # argparse wraps lines: compare word by word
+    for flag, value in (("--steps", d.steps), ("--lr", d.lr), ("--batch-size", d.batch_size),
+                        ("--seeds", " ".join(map(str, d.seeds))), ("--beta", d.ema_beta),
+                        ("--dema-scale", d.dema_scale), ("--n-train", d.n_train)):
+        part = text.split(f" {flag} ", 1)[1].split(" --", 1)[0]
+        assert f"(default: {value})" in part, (flag, part)
+    assert "(default: runs/run-YYYYmmdd-HHMMSS)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    demo = " ".join(_help(["demo"], capsys).split())
+    assert "(default: demo_out; with --quick runs/demo-quick)" in demo
+
+
+def test_top_level_help_counts_the_demo_methods(capsys):
+    from cl_core.cli.run import DEMO_METHODS
+
+    text = " ".join(_help([], capsys).split())
+    assert f"`demo` compares {len(DEMO_METHODS)} methods ({', '.join(DEMO_METHODS)})" in text
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--steps", "-5"], "--steps must be a number >= 1, got -5"),
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--threshold", "2"], "--threshold must be a number between 0 and 1, got 2.0"),
+    (["--methods", "ema", "--beta", "1.5"], "--beta 1.5 is out of range"),
+    (["--dema-scale", "-1"], "--dema-scale -1.0 is out of range"),
+    (["--dema-fallback", "1"], "--dema-fallback 1.0 is out of range"),
+    (["--seeds", "0", "0"], "--seeds must be distinct"),
+    (["--test-fraction", "1.5"], "--test-fraction must be between 0 and 1 (exclusive), got 1.5"),
+])
+def test_errors_name_the_flag(tmp_path, caplog, argv, line):
+    out = tmp_path / "o"
+    code, error = _one_error_line(["run"] + argv + ["--out", str(out), "--quiet"], caplog)
+    assert code == 2 and error.startswith(line), error
+    # not the internal names (steps=-5, DEMAConfig.beta=1.5, ema_beta, group_threshold)
+    assert not any(w in error for w in ("DEMAConfig", "ema_beta", "group_threshold", "_", f"{argv[0][2:]}=")), error
+    assert not out.exists()
+
+
+def test_a_bad_type_prints_a_short_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--steps", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["usage: cl-core run [OPTIONS]   (all options: cl-core run --help)",
+                   "cl-core run: error: argument --steps: invalid int value: 'x'"]
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs /proc")
+def test_out_where_no_folder_can_be_made_names_out(caplog):
+    code, line = _one_error_line(["demo", "--quick", "--out", "/proc/nope", "--quiet"], caplog)
+    assert code == 2 and line.startswith("--out /proc/nope: no folder can be made in /proc"), line

@@ -249,7 +249,11 @@ def test_one_stage1_base_for_every_seed(full_run, tmp_path):
 
 
 def test_recipes_fix_their_settings_and_ignore_custom_flags():
-    assert RunConfig().methods == ("lora", "ema", "dema", "dema+group")
+    assert RunConfig().methods == ("lora", "ema", "dema", "group", "dema+group")
+    # group: dema+group's grouping, routing and new-set start, without any EMA (the ablation)
+    g, dg = RunConfig().plan("group"), RunConfig().plan("dema+group")
+    assert g.grouping and g.ema is None and dg.ema is not None
+    assert (g.new_set_init, g.route, g.max_grad_norm) == (dg.new_set_init, dg.route, dg.max_grad_norm)
     assert RunConfig(recipe="lcia").methods == ("lcia",)
     assert RunConfig(recipe="cl-next").methods == ("cl-next",)
     lcia, nx = RunConfig().plan("lcia"), RunConfig().plan("cl-next")
