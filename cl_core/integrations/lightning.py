@@ -41,7 +41,6 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
 
 from cl_core.integrations.core import missing_extra
 
@@ -215,8 +214,8 @@ class DEMACallback(pl.Callback):
         # Right after the optimizer's step(): the gradients it used are still in p.grad.
         if self._first_step:
             self._first_step = False
-            core.check_first_step_gradients(self.engine, self.names, any(p.grad is not None for p in self.engine.params),
-                                            hint=_FIRST_STEP_HINT)
+            seen = any(p.grad is not None for p in self.engine.params)
+            core.check_first_step_gradients(self.engine, self.names, seen, hint=_FIRST_STEP_HINT)
         if self._update_in_hook:
             self.engine.update()
         if self.log_stats:
