@@ -1,6 +1,6 @@
 """Sub-commands `cl-core demo` and `cl-core run` (the continual runner, cl_core.continual.run).
 
-    cl-core demo [--quick] [--out DIR]           the bundled comparison of every method and recipe
+    cl-core demo [--quick] [--out DIR]           the bundled comparison of the custom methods and the base
     cl-core run  [--tasks FILE ...] [--model DIR] [--methods ...] [--out DIR] ...
 
 Both resume an interrupted run when pointed at its folder again. Heavy imports (torch,
