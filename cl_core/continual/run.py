@@ -11,6 +11,7 @@ weights at the task's end):
     lora        plain sequential LoRA fine-tuning, one LoRA set, no EMA
     ema         one LoRA set, fixed-β EMA (DEMAConfig(formula="fixed", beta=0.99)) from task 2
     dema        one LoRA set, dynamic EMA from task 2 (nothing to protect on the first)
+    group       instruction grouping without any EMA (dema+group's ablation: grouping's effect alone)
     dema+group  instruction grouping: a task that continues a group's LoRA set gets DEMA, a
                 task that opens a new set does not; at evaluation each test instance is routed
                 to a group by its instruction and answered by that group's adapter

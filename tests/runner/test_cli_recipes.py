@@ -46,7 +46,7 @@ def test_demo_compares_every_method_and_recipe(tmp_path, captured):
     assert main(["demo", "--quick", "--out", str(tmp_path / "q"), "--quiet"]) == 0
     from cl_core.cli.run import DEMO_METHODS
 
-    assert captured[-1].methods == DEMO_METHODS == tuple(m for m in METHODS if m != "cl-next")
+    assert captured[-1].methods == DEMO_METHODS == tuple(m for m in METHODS if m not in ("lcia", "cl-next"))
 
 
 def test_recipe_with_a_custom_flag_exits_2(tmp_path, caplog):

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from cl_core import metrics
-from cl_core.continual.config import METHODS
+from cl_core.cli.run import DEMO_FULL, DEMO_METHODS
+from cl_core.continual.config import RunConfig
 
 
 @pytest.mark.slow
@@ -20,11 +21,11 @@ def test_demo_quick(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"Report: {out / 'report.md'}" in p.stdout
     results = json.loads((out / "results.json").read_text())
-    # The four custom methods, the official LCIA recipe and DEMA with Continual-NExT's constants.
-    assert tuple(results["methods"]) == METHODS == ("lora", "ema", "dema", "dema+group", "lcia", "cl-next")
+    # The five custom methods (group: grouping without EMA, beside dema+group).
+    assert tuple(results["methods"]) == DEMO_METHODS == ("lora", "ema", "dema", "group", "dema+group")
     t = len(results["tasks"])
     assert t == 4
-    for method in METHODS:
+    for method in DEMO_METHODS:
         r = results["methods"][method]
         assert len(r["matrix"]) == t and all(len(row) == t for row in r["matrix"])
         assert r["metrics"] == metrics.summarize(r["matrix"])  # one seed: the mean is that seed
@@ -38,15 +39,27 @@ def test_demo_quick(tmp_path):
     assert results["methods"]["lora"]["metrics"]["forgetting"] > 0
     assert results["methods"]["dema+group"]["metrics"]["forgetting"] == 0
     assert results["methods"]["dema+group"]["seeds"]["0"]["groups"] == [0, 1, 2, 3]
+    assert results["methods"]["group"]["metrics"]["forgetting"] == 0
+    # The stage-1 base is taught none of the tasks: its zero-shot row, reported as "base".
+    base = results["base_metrics"]
+    assert len(base["zero_shot"]) == t and all(v <= 10 for v in base["zero_shot"]), base
     report = (out / "report.md").read_text()
-    for method in METHODS:
+    for method in DEMO_METHODS:
         assert f"| {method} |" in report
     # The quick task list opens a new LoRA set per task: the grouping methods never turn DEMA
     # on, and the report says so instead of letting their numbers pass for DEMA's.
     assert results["methods"]["dema+group"]["seeds"]["0"]["dema"] == [False] * t
     assert "**dema+group never turned its EMA on in this run:**" in report
-    assert "**lcia never turned its EMA on in this run:**" in report
-    assert "1 seeds" not in report and "over 1 seed)" in report
+    assert "| base (zero-shot) |" in report
+    # One seed: no "± 0.0" anywhere, and no difference is called beyond a spread there is not.
+    rows = [line for line in p.stdout.splitlines() if line.split(" ", 1)[0] in DEMO_METHODS + ("base",)]
+    assert len(rows) == len(DEMO_METHODS) + 1 and not any("±" in line for line in rows), rows
+    assert "no spread to show" in p.stdout
+    assert "±" not in report.split("## Accuracy matrices")[0]
+    assert "One seed: there is no spread over seeds" in report
+    # No third-party notice and no progress bars when the output is not a terminal.
+    assert "Setting accelerator" not in p.stdout + p.stderr
+    assert "\r" not in p.stdout + p.stderr
     # The CLI prints the run's own measured time, the one the report states.
     wall = results["wall_seconds_this_call"]
     assert f"Finished in {wall:.0f} s." in p.stdout
@@ -54,3 +67,23 @@ def test_demo_quick(tmp_path):
     for png in ("heatmap_lora.png", "alpha_trace.png", "alpha_hist.png", "per_task_accuracy.png"):
         assert (out / png).is_file(), png
     print(f"demo --quick took {took:.0f} s")
+
+
+def test_full_demo_preset_can_carry_a_conclusion():
+    """The full preset (too long for the tests to run): 3+ seeds, each with its own stage-1
+    base, and tasks that re-train a group, so DEMA is on for tasks the base never saw."""
+    from cl_core.continual.tasks import load_tasks
+    from cl_core.grouping import InstructionGrouper
+
+    cfg = RunConfig(methods=DEMO_METHODS, **DEMO_FULL)
+    cfg.validate()
+    assert len(cfg.seeds) >= 3 and cfg.stage1_seed is None
+    grouper = InstructionGrouper(threshold=cfg.threshold())
+    reused = [grouper.assign(t.templates, name=t.name).reused for t in load_tasks(cfg)]
+    assert sum(reused) >= 2, reused
+    # the stage-1 mix holds none of the stage-2 instructions
+    from cl_core.continual import synthetic as S
+
+    stage1 = {s.instruction for s in S.stage1_samples(500)}
+    for t in load_tasks(cfg):
+        assert not stage1 & set(t.templates), t.name

@@ -56,7 +56,7 @@ def test_full_run_results_hold_every_methods_matrix_and_metrics(full_run):
     assert "every trainable tensor | none | one decision per test file |" in report
     assert "scale 0.01, fallback 0.001" in report
     assert "## Where DEMA's α landed" in report and "Why the official scale behaves like this here" in report
-    assert "over 1 seed)" in report and "1 seeds" not in report
+    assert "(one seed, 0: no spread to show)" in report and "1 seeds" not in report and "± 0.0" not in report
     assert "Model: the bundled tiny Llama (" in report and saved["model"]["source"] == "tiny"
 
 
