@@ -16,6 +16,32 @@ ROOT = TESTS.parent
 README = ROOT / "README.md"
 DATA_GROUPING = TESTS / "data_grouping"
 DIST_SCRIPTS = TESTS / "dist_scripts"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def doc_blocks(path) -> list[dict]:
+    """The ```python blocks of a Markdown file, each {"code", "label", "sketch", "where"}: `label`
+    from an `<!-- example: NAME -->` line right above the fence, `sketch` when the line above is
+    `<!-- sketch: ... -->` (shown, never run)."""
+    import re
+
+    text = Path(path).read_text()
+    blocks = []
+    for m in re.finditer(r"(?m)^```python\n(.*?)^```", text, re.S):
+        before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
+        label = re.fullmatch(r"<!-- example: ([\w-]+) -->", before)
+        blocks.append({"code": m.group(1), "label": label.group(1) if label else None,
+                       "sketch": before.startswith("<!-- sketch:"),
+                       "where": f"{Path(path).name}:{text[:m.start()].count(chr(10)) + 1}"})
+    return blocks
+
+
+def doc_example(label: str, path=None) -> str:
+    """The one block labelled `label` (in docs/ unless `path` is given)."""
+    files = [path] if path else DOCS[1:]
+    found = [b["code"] for f in files for b in doc_blocks(f) if b["label"] == label]
+    assert len(found) == 1, f"{len(found)} blocks labelled {label!r} in {[str(f) for f in files]}"
+    return found[0]
 
 # --- the tiny Llama ---------------------------------------------------------------------
 

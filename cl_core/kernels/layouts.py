@@ -6,7 +6,7 @@ mirror these numbers) share.
 
 Plain Python ints: a Triton kernel reads them as module attributes (`L.P_A`), which
 Triton folds into compile-time constants; the host uses them as indices. Change a number
-here and in the C mirror together (tests/test_triton_compile.py checks the formula codes
+here and in the C mirror together (tests/kernels/test_triton_compile.py checks the formula codes
 against DEMAConfig).
 
 Who uses what: FORMULA_*, KIND_*, PEND_*, the hyper-parameter slots H_* (one row per

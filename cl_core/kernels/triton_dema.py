@@ -24,7 +24,7 @@ kernels run on CPU tensors, which is how the tests check them.
 
 The sweeping kernels (stats, apply) take ALIGNED (every address 16-byte aligned and
 every numel a multiple of the vector width, checked on the host per update): with it
-each thread's VEC elements are one 128-bit access (tests/test_triton_compile.py checks
+each thread's VEC elements are one 128-bit access (tests/kernels/test_triton_compile.py checks
 the PTX for sm_80 and sm_90); without it the same kernels run unhinted on any layout.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from cl_core.kernels import layouts as L
 # Launch shape of the sweeping kernels: VEC = 16 bytes / element size elements per
 # thread (one 128-bit θ/g access; θ*, g_prev are fp32: one or two, or in the parameter
 # dtype with ema_dtype="param": one), 4 warps. Compiled, stats and apply use 26-53
-# registers per thread, no spills (tests/test_triton_compile.py): 10-16 blocks per SM,
+# registers per thread, no spills (tests/kernels/test_triton_compile.py): 10-16 blocks per SM,
 # 62-100% occupancy on A100/H100, so registers never limit these one-pass kernels
 # (ema_dtype="param": 35-45 aligned, up to 60 on the general path, >= 8 blocks, 50%);
 # BLOCK elements per program (512 fp32, 1,024 16-bit) keep a LoRA step at tens of
@@ -322,7 +322,7 @@ def expect_v4(vec: int, param_loads: int, ema_loads: int, param_stores: int, ema
 
 def compile_specs():
     """Every specialisation the launcher above can produce: (name, kernel, signature,
-    constexprs, launch options, expected 128-bit accesses or None). tests/test_triton_compile.py
+    constexprs, launch options, expected 128-bit accesses or None). tests/kernels/test_triton_compile.py
     compiles each for sm_80/sm_90."""
     ptr = "*i64"
     sweep_sig = dict(blk_tensor="*i32", blk0="*i32", numel="*i64", dyn_tab=ptr, e_tab=ptr, gp_tab=ptr)

@@ -11,7 +11,7 @@ Per-tensor decisions need the whole tensor's statistics, which the previous laun
 as per-tile partials: every program of a tensor sums them itself (a few dozen loads),
 so no second launch is needed. Per-tensor flags are double-buffered by step parity
 (read [r], written [w] by the tensor's first tile), so no program reads what another
-program of the same launch writes (tests/test_program_order.py runs the programs in
+program of the same launch writes (tests/kernels/test_program_order.py runs the programs in
 shuffled order). The engine's canonical state (started, has_prev, d, alpha, skips) is
 written by the driver's flush (only when the EMA is read); `alpha` and `skips` are kept
 current by every step.
@@ -25,10 +25,10 @@ param group.
 θ* and g_prev are float32, or with DEMAConfig(ema_dtype="param") on 16-bit parameters
 the parameters' dtype (EMA_IN_PARAM_DTYPE): then every difference, product, sum and norm
 of the EMA maths is rounded to that dtype as the reference (cl_core/dema/reference.py)
-and the native CPU kernel (cl_core/kernels/csrc/dema_cpu.c, DEFINE_PARAM_FN) do (tests/test_triton_fused_param.py);
+and the native CPU kernel (cl_core/kernels/csrc/dema_cpu.c, DEFINE_PARAM_FN) do (tests/fused/test_triton_fused_param.py);
 8 B per element and step less traffic (θ*, g_prev read and written in 2 B, not 4).
 
-Machine code (checked by tests/test_triton_compile.py for sm_80 and sm_90 from the PTX
+Machine code (checked by tests/kernels/test_triton_compile.py for sm_80 and sm_90 from the PTX
 and `ptxas -v`): with ALIGNED (every address 16-byte aligned, every numel a multiple of
 the vector width, decided on the host per step) all θ, g, m, v, θ*, g_prev accesses are
 128-bit; otherwise the same kernel without the hints (scalar accesses, any numel).
@@ -48,7 +48,7 @@ from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to,
 # element size, so a thread's θ, g, m, v access is one 128-bit load/store (θ*, g_prev:
 # one or two in fp32, one in the parameter dtype). 4 warps x 32 threads x VEC = BLOCK. Why 4 warps: the registers per
 # thread do not depend on the warp count, and small blocks fill the SMs evenly over the
-# ~1,250 tiles of a LoRA-7B step. Compiled (tests/test_triton_compile.py, bench/README.md),
+# ~1,250 tiles of a LoRA-7B step. Compiled (tests/kernels/test_triton_compile.py, bench/README.md),
 # the step kernel uses 80-90 registers per thread for fp32 and 107-128 for 16-bit
 # parameters (8 elements per thread), no spills: 5-6 (fp32) or 4 (16-bit) blocks per SM,
 # 25-38% occupancy on A100/H100. Enough for a streaming kernel: each thread has 6
@@ -58,7 +58,7 @@ from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to,
 NUM_WARPS = 4
 # ptxas's own heuristic targets ~80 registers on sm_80 and spills a few bytes to get
 # there (seen on the general path); telling it the real budget keeps every
-# specialisation spill-free at <= 128 (tests/test_triton_compile.py).
+# specialisation spill-free at <= 128 (tests/kernels/test_triton_compile.py).
 MAX_REGISTERS = 128
 # FMA contraction off, stated (not left to Triton's default, announced to change): with
 # IEEE sqrt and division below, compiled code rounds each operation as the interpreter,
@@ -440,7 +440,7 @@ _PARAM_EMA_SPECS_ALWAYS = (
 
 def compile_specs(every: bool | None = None):
     """Every specialisation the launchers above can produce: (name, kernel, signature,
-    constexprs, launch options, expected 128-bit accesses or None). tests/test_triton_compile.py
+    constexprs, launch options, expected 128-bit accesses or None). tests/kernels/test_triton_compile.py
     compiles each for sm_80/sm_90. Of the ema_dtype="param" ones (EMA_IN_PARAM_DTYPE)
     only _PARAM_EMA_SPECS_ALWAYS unless `every` (default: CL_CORE_COMPILE_EVERY_SPEC=1)."""
     if every is None:

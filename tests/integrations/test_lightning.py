@@ -18,10 +18,8 @@ from cl_core import DEMA, DEMAConfig, DEMAOptimizer  # noqa: E402
 from cl_core.integrations.lightning import DEMACallback  # noqa: E402
 from cl_core.integrations.core import adapter_named_parameters, select_dema_parameters  # noqa: E402
 from tests import helpers  # noqa: E402
-from tests.helpers import README as README_PATH  # noqa: E402
 
 VOCAB, SEQ, BATCH, N_BATCHES = helpers.TINY_LLAMA["vocab_size"], 12, 4, 6
-README = str(README_PATH)
 # in train mode: Lightning trains a module in the mode it is handed and warns about eval mode
 tiny_llama = partial(helpers.tiny_llama, train=True)
 tiny_peft_llama = partial(helpers.tiny_peft_llama, train=True)
@@ -459,21 +457,3 @@ def test_import_without_lightning_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
     with pytest.raises(ImportError, match=re.escape("pip install cl_core[lightning]")):
         importlib.import_module("cl_core.integrations.lightning")
-
-
-# --------------------------------------------------------------------------- README
-
-
-def test_readme_lightning_example_runs(tmp_path, monkeypatch):
-    with open(README) as f:
-        text = f.read()
-    m = re.search(r"<!-- section: integrations -->(.*?)<!-- /section: integrations -->", text, re.S)
-    assert m, "README has no integrations section"
-    blocks = re.findall(r"```python\n(.*?)```", m.group(1), re.S)
-    assert len(blocks) == 1 and "cl_core.integrations.lightning" in blocks[0]
-    monkeypatch.chdir(tmp_path)
-    ns = {}
-    exec(compile(blocks[0], "README.md:lightning", "exec"), ns)
-    dema, trainer_ = ns["dema"], ns["trainer"]
-    assert dema.fused and dema.engine.num_updates == trainer_.global_step > 0
-    assert sorted(os.listdir(tmp_path / "ema_adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
