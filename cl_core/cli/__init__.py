@@ -15,26 +15,7 @@ import logging
 import sys
 
 from cl_core import __version__
-
-_DISK_HINTS = {
-    errno.ENOSPC: "the disk is full: free some space and run the same command again",
-    errno.EDQUOT: "the disk quota is used up: free some space and run the same command again",
-    errno.EROFS: "the file system is read-only: choose a folder on a writable disk",
-    errno.EACCES: "fix the permissions, or choose another location",
-    errno.EPERM: "fix the permissions, or choose another location",
-    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
-    errno.EISDIR: "it is a folder, not a file: choose a file path",
-}
-
-
-def describe_os_error(exc: OSError) -> str:
-    """One line for a file-system error: the path, what happened, and what to do."""
-    what = exc.strerror or str(exc)
-    where = f"{exc.filename}: " if exc.filename else ""
-    hint = _DISK_HINTS.get(exc.errno)
-    code = f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
-    return f"{where}{what}{code}" + (f"; {hint}" if hint else "")
-
+from cl_core.atomic_io import describe_os_error
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows every option's default, except where there is nothing to show (a

@@ -149,7 +149,7 @@ def _assign(args) -> int:
         if error is None:
             print(f"codebook {args.codebook}: {grouper.num_groups} group(s)")
     if error is not None:
-        from cl_core.cli import describe_os_error
+        from cl_core.atomic_io import describe_os_error
 
         logging.getLogger("cl_core").error(
             "codebook %s could not be written, so the decision above was not recorded: %s",

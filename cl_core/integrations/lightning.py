@@ -49,7 +49,9 @@ try:
 except ImportError as exc:  # an optional extra
     raise missing_extra("cl_core.integrations.lightning", "lightning", "lightning", exc) from exc
 
-from cl_core import DEMA, DEMAConfig, DEMAOptimizer
+from cl_core.dema.config import DEMAConfig
+from cl_core.dema.engine import DEMA
+from cl_core.dema.optim import DEMAOptimizer
 from cl_core.integrations import core
 from cl_core.integrations.core import names_mismatch, outer_peft_models
 

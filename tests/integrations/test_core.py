@@ -246,33 +246,3 @@ except ImportError as exc:
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode != 0 and "lightning_utilities" in last and "cl_core[lightning]" not in last, \
         out.stderr[-2000:]
-
-
-def _integration_imports(source: str, filename: str = "<source>") -> list[int]:
-    """Line numbers of the imports of cl_core.integrations in ``source``, at any depth."""
-    import ast
-
-    lines = []
-    for node in ast.walk(ast.parse(source, filename)):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        else:
-            continue
-        if any(n == "cl_core.integrations" or n.startswith("cl_core.integrations.") for n in names):
-            lines.append(node.lineno)
-    return sorted(lines)
-
-
-def test_the_engine_imports_nothing_from_the_integrations():
-    """cl_core/dema and cl_core/kernels sit below the integrations: no import of
-    cl_core.integrations in them, function-level imports included (read from the source)."""
-    sample = "import torch\ndef f():\n    from cl_core.integrations import core\n    import cl_core.integrations.hf\n" \
-             "from cl_core import integrations\n"
-    assert _integration_imports(sample) == [3, 4, 5]          # the reader finds them at any depth
-    offenders = []
-    for folder in ("dema", "kernels"):
-        for path in sorted((ROOT / "cl_core" / folder).rglob("*.py")):
-            offenders += [f"{path.relative_to(ROOT)}:{n}" for n in _integration_imports(path.read_text(), str(path))]
-    assert offenders == []
