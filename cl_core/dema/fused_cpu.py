@@ -6,14 +6,8 @@ CUDA. The driver builds and owns the tables of the native kernels (their layout 
 calls: cl_core/kernels/cpu_fused.py) and points them at the engine's GroupState, which
 the kernels update in place.
 
-Tables (slot names in kernels/layouts.py):
-- static, int64 [N_STATIC, T]: addresses of θ, exp_avg, exp_avg_sq, θ*, g_prev, numel,
-  optimizer param group. Built once; rewritten only when a parameter's storage, the
-  parameters' dtype or the optimizer state (members.version) changed.
-- dynamic, int64 [N_DYNAMIC, T]: gradient address, torch's step count, flags. Rows are
-  written only when they changed (gradients often come back at the same address).
-- hyper: the step's float64 rows, one per optimizer param group (StepBatch.hyper, as is).
-- CS (cpu_fused.CS_*): addresses of the per-tensor state arrays.
+The tables (static, dynamic, hyper and the per-tensor state addresses CS_*) are described
+where the kernels read them: cl_core/kernels/cpu_fused.py's docstring.
 
 Memory safety: every step `prepare` checks (dtype, device, contiguity, numel of
 parameters and gradients, parameter addresses) against what the tables were built for,
