@@ -81,7 +81,7 @@ def atomic_dir(path):
 
 
 # One line for the user per file-system error: what happened and what to do.
-_DISK_HINTS = {
+DISK_HINTS = {
     errno.ENOSPC: "the disk is full: free some space and run the same command again",
     errno.EDQUOT: "the disk quota is used up: free some space and run the same command again",
     errno.EROFS: "the file system is read-only: choose a folder on a writable disk",
@@ -96,6 +96,6 @@ def describe_os_error(exc: OSError) -> str:
     """One line for a file-system error: the path, what happened, and what to do."""
     what = exc.strerror or str(exc)
     where = f"{exc.filename}: " if exc.filename else ""
-    hint = _DISK_HINTS.get(exc.errno)
+    hint = DISK_HINTS.get(exc.errno)
     code = f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
     return f"{where}{what}{code}" + (f"; {hint}" if hint else "")

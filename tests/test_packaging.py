@@ -61,7 +61,9 @@ CHECK = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_wheel_installs_with_torch_only_and_runs_the_fused_engine(tmp_path):
-    pip_env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # nothing of the checkout or the test environment on the path: the fresh venv sees only itself
+    pip_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    pip_env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
                    check=True, env=pip_env, capture_output=True)
@@ -83,7 +85,7 @@ def test_wheel_installs_with_torch_only_and_runs_the_fused_engine(tmp_path):
     added = sorted(set(after.splitlines()) - set(before.splitlines()))
     assert [line.split("==")[0].split(" @ ")[0] for line in added] == ["cl_core"], added
 
-    run_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    run_env = dict(pip_env)
     run_env["CL_CORE_CACHE"] = str(tmp_path / "empty_cache")  # only the wheel's prebuilt kernels
     out = subprocess.run([py, "-c", CHECK], cwd=tmp_path, env=run_env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -15,7 +15,7 @@ import logging
 import sys
 
 from cl_core import __version__
-from cl_core.atomic_io import describe_os_error
+from cl_core.atomic_io import DISK_HINTS, describe_os_error
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows every option's default, except where there is nothing to show (a
@@ -100,7 +100,7 @@ def _rust_os_error(exc: Exception):
 
     m = re.search(r"\(os error (\d+)\)", str(exc))
     code = int(m.group(1)) if m else None
-    return code if code in _DISK_HINTS else None
+    return code if code in DISK_HINTS else None
 
 
 if __name__ == "__main__":
