@@ -276,7 +276,14 @@ class LogWindow:
     where a tolerance would also count dynamic α that merely lie close to the fallback.
     """
 
+    # A window counts as "in effect a fixed EMA" when at least this share of at least
+    # FALLBACK_MIN_UPDATES tensor-updates used the fallback α.
+    FALLBACK_SHARE = 0.95
+    FALLBACK_MIN_UPDATES = 16
+
     def __init__(self):
+        self.fallback_windows = 0  # logged windows in effect a fixed EMA (dema/fallback_windows)
+        self._warned_fallback = False
         self.reset()
 
     def reset(self) -> None:
@@ -297,7 +304,8 @@ class LogWindow:
     def metrics(self, engine) -> dict:
         """The logged numbers, then a fresh window: ``dema/alpha_mean`` and ``dema/fallback_share``
         over the tensor-updates of the window, and the running counts ``dema/nonfinite_skips``,
-        ``dema/missing_grads``, ``dema/skipped_steps``, ``dema/updates``. One host sync."""
+        ``dema/missing_grads``, ``dema/skipped_steps``, ``dema/updates``, and ``dema/fallback_windows``
+        (windows in which nearly every α sat at the fallback: warned once). One host sync."""
         stats = engine.stats
         skips = stats.nonfinite_skips.sum().float().to(self._sums.device if self._sums is not None else "cpu")
         parts = torch.cat([self._sums, skips.view(1)]) if self._sums is not None else skips.view(1)
@@ -307,10 +315,32 @@ class LogWindow:
         if self._sums is not None:
             out["dema/alpha_mean"] = values[0] / n
             out["dema/fallback_share"] = values[1] / n
+        if self._sums is not None:
+            self._check_fallback(engine, int(values[1]), self.count)
         out.update({"dema/nonfinite_skips": int(values[-1]), "dema/missing_grads": int(stats.missing_grads.sum()),
-                    "dema/skipped_steps": int(stats.skipped_steps), "dema/updates": int(stats.updates)})
+                    "dema/skipped_steps": int(stats.skipped_steps), "dema/updates": int(stats.updates),
+                    "dema/fallback_windows": self.fallback_windows})
         self.reset()
         return out
+
+    def _check_fallback(self, engine, at_fallback: int, updates: int) -> None:
+        """Never degrade silently: a dynamic EMA whose α nearly always sits at the fallback is a
+        fixed EMA of β = 1 − fallback. Counted per logged window, said once per run."""
+        config = engine.config
+        if config.formula == "fixed" or updates < self.FALLBACK_MIN_UPDATES:
+            return
+        if at_fallback < self.FALLBACK_SHARE * updates:
+            return
+        self.fallback_windows += 1
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            logger.warning(
+                "DEMA is in effect a fixed EMA (beta %.4g): %d of the %d tensor updates since the last log "
+                "line used the fallback alpha %.4g, because the formula's alpha fell outside (0, 1) or had "
+                "no previous gradient. On small tensors scale*(1+|g|)/(|theta-ema|*|g-g_prev|) is usually "
+                ">= 1; try a smaller DEMAConfig(scale=...) (Continual-NExT uses scale=0.01, fallback=0.001), "
+                "or use formula='fixed' knowingly. Counted in dema/fallback_windows; said once.",
+                1.0 - config.fallback, at_fallback, updates, config.fallback)
 
 
 # --------------------------------------------------------------------------- state files

@@ -88,12 +88,12 @@ def test_both_callbacks_log_the_same_numbers_for_the_same_run(tmp_path):
     assert hf_cb.fused and pl_cb.fused
     assert hf_steps == pl_steps == [2, 4, 6]
     assert [sorted(a) for a in hf_lines] == [sorted(b) for b in pl_lines]
-    assert sorted(hf_lines[0]) == ["dema/alpha_mean", "dema/fallback_share", "dema/missing_grads",
-                                   "dema/nonfinite_skips", "dema/skipped_steps", "dema/updates"]
+    assert sorted(hf_lines[0]) == ["dema/alpha_mean", "dema/fallback_share", "dema/fallback_windows",
+                                   "dema/missing_grads", "dema/nonfinite_skips", "dema/skipped_steps", "dema/updates"]
     for a, b in zip(hf_lines, pl_lines):
         assert a["dema/alpha_mean"] == pytest.approx(b["dema/alpha_mean"], rel=1e-5)
-        for key in ("dema/fallback_share", "dema/missing_grads", "dema/nonfinite_skips", "dema/skipped_steps",
-                    "dema/updates"):
+        for key in ("dema/fallback_share", "dema/fallback_windows", "dema/missing_grads", "dema/nonfinite_skips",
+                    "dema/skipped_steps", "dema/updates"):
             assert a[key] == b[key], key
     assert [line["dema/updates"] for line in hf_lines] == [2, 4, 6]
     # the run is not degenerate: α moved off the fallback somewhere, so the shares test something
@@ -246,3 +246,41 @@ except ImportError as exc:
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode != 0 and "lightning_utilities" in last and "cl_core[lightning]" not in last, \
         out.stderr[-2000:]
+
+
+def test_a_dema_stuck_at_the_fallback_is_warned_once_and_counted(caplog):
+    """Every α at the fallback over a window of updates (real updates: scale 2 on tiny steps puts
+    the formula's α far above 1): one warning saying what it means and what to change, and
+    dema/fallback_windows counting each such window; windows of dynamic α (a tiny scale) and the
+    fixed formula are not counted."""
+    import logging
+
+    from cl_core import DEMA, DEMAConfig
+    from cl_core.integrations.core import LogWindow
+
+    def run(config, lines, window=None):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(4)]
+        engine, window = DEMA(params, config), window or LogWindow()
+        outs = []
+        for _ in range(lines):
+            for _ in range(5):                      # 5 steps x 4 tensors = 20 tensor-updates a line
+                for p in params:
+                    p.grad = torch.randn_like(p) * 1e-3
+                    with torch.no_grad():
+                        p.add_(p.grad, alpha=-1e-3)
+                engine.update()
+                window.add(engine)
+            outs.append(window.metrics(engine))
+        return outs
+
+    with caplog.at_level(logging.WARNING, logger="cl_core.integrations.core"):
+        stuck = run(DEMAConfig(), 3)
+    assert [o["dema/fallback_share"] for o in stuck] == [1.0, 1.0, 1.0]
+    assert [o["dema/fallback_windows"] for o in stuck] == [1, 2, 3]
+    warned = [r for r in caplog.records if "in effect a fixed EMA" in r.getMessage()]
+    assert len(warned) == 1 and "scale" in warned[0].getMessage()
+
+    dynamic = run(DEMAConfig(scale=1e-9), 2)
+    assert dynamic[-1]["dema/fallback_share"] < 0.95 and dynamic[-1]["dema/fallback_windows"] == 0
+    assert run(DEMAConfig(formula="fixed"), 2)[-1]["dema/fallback_windows"] == 0
