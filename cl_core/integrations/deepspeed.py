@@ -24,7 +24,7 @@ except ImportError as exc:  # an optional extra
 __all__ = ["DEMA_OPTIMIZER_UNDER_DEEPSPEED", "PRECISIONS", "DeepSpeedLink", "deepspeed_optimizer",
            "make_deepspeed_engine"]
 
-# What the engine averages under DeepSpeed (DEMACallback(precision=...)):
+# What the engine averages under DeepSpeed (DEMACallback(precision=...), PRECISIONS from core):
 #   "fp32":     DeepSpeed's fp32 master weights and the fp32 gradients its optimizer steps with
 #               (more precise than the published run; every ZeRO stage);
 #   "official": what the official LCIA run averaged (DeepSpeed 0.9.5, scripts/zero1.json =
