@@ -36,7 +36,7 @@ FLAGS = {
     "max_new_tokens": "--max-new-tokens", "ema_beta": "--beta", "dema_formula": "--dema-formula",
     "dema_scale": "--dema-scale", "dema_fallback": "--dema-fallback", "group_threshold": "--threshold",
     "route": "--route", "new_set_init": "--new-set-init", "dema_params": "--dema-params",
-    "max_grad_norm": "--max-grad-norm",
+    "max_grad_norm": "--max-grad-norm", "recipe": "--recipe", "dema_tasks": "--dema-tasks",
 }
 
 # The demo presets: the same tasks, seeds, steps and learning rate for every method. The full
@@ -56,6 +56,17 @@ def _methods(values) -> tuple:
     for v in values:
         out += [m.strip() for m in v.split(",") if m.strip()]
     return tuple(out)
+
+
+def _dema_tasks(value):
+    """``--dema-tasks 4,5,7,8`` -> (4, 5, 7, 8); the range is checked by RunConfig.validate."""
+    if value is None:
+        return None
+    parts = [v.strip() for v in value.split(",")]
+    if not parts or any(not v.isdigit() for v in parts):
+        raise ValueError(f"--dema-tasks takes 1-based task numbers separated by commas (e.g. 4,5,7,8), "
+                         f"got {value!r}")
+    return tuple(int(v) for v in parts)
 
 
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
@@ -148,6 +159,9 @@ def add_parser(sub) -> None:
                      help="dema+group: a new LoRA set starts fresh, or from the last trained set (official)")
     ema.add_argument("--dema-params", choices=DEMA_PARAMS, default=_DEFAULTS.dema_params,
                      help="tensors the EMA averages: the LoRA tensors, or every trainable one (official)")
+    ema.add_argument("--dema-tasks", metavar="K,K,...", default=None,
+                     help="DEMA on for exactly these 1-based tasks, whatever grouping decides (CoIN's scripts: "
+                          "4,5,7,8); default: on when a task re-trains a set")
     ema.add_argument("--max-grad-norm", type=float, default=_DEFAULTS.max_grad_norm,
                      help="gradient clipping of the custom methods (0: none, as the official runs)")
     _common(run, "runs/run-YYYYmmdd-HHMMSS")
@@ -230,6 +244,7 @@ def cmd_run(args) -> int:
         ema_beta=args.beta, dema_formula=args.dema_formula, dema_scale=args.dema_scale,
         dema_fallback=args.dema_fallback, group_threshold=args.threshold, route=args.route,
         new_set_init=args.new_set_init, dema_params=args.dema_params, max_grad_norm=args.max_grad_norm,
+        dema_tasks=_dema_tasks(args.dema_tasks),
     )
     cfg.validate(FLAGS)  # errors name the flags (--steps), before anything is written
     out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")

@@ -23,7 +23,17 @@ they take the run's flags (``route``, ``new_set_init``, ``max_grad_norm``, ``dem
              clipping (1.0).
 
 ``RunConfig(recipe="lcia")`` runs the lcia method (``recipe`` picks the default method list);
-``recipe="custom"`` (the default) runs the five custom methods.
+``recipe="custom"`` (the default) runs the five custom methods. A recipe with custom methods
+(``RunConfig(recipe="lcia", methods=("dema+group",))``, ``cl-core run --recipe lcia --methods
+dema+group``) runs them with the recipe's settings (routing, new-set start, averaged tensors,
+clipping, DEMA scale and fallback); a custom flag set beside a recipe is refused, since the
+recipe fixes it.
+
+``dema_tasks`` (``--dema-tasks 4,5,7,8``, 1-based task numbers): DEMA is on for exactly those
+tasks, whatever grouping decided, as the official CoIN scripts switch it (``--dema True`` only
+for tasks 4, 5, 7, 8 of CoIN's order: ``OFFICIAL_DEMA_TASKS``). None: DEMA is on for a task
+that re-trains a set (grouping's decision). The report compares both on the bundled tasks in
+CoIN's order with the original templates (``official_switches``).
 
 The EMA defaults come from :class:`cl_core.DEMAConfig` (they are typed there only).
 """
@@ -47,6 +57,10 @@ NEW_SET_INITS = ("fresh", "latest")      # a new LoRA set: fresh init, or the la
 DEMA_PARAMS = ("lora", "trainable")      # averaged tensors: the LoRA tensors, or every trainable one
 
 _DEMA_DEFAULTS = DEMAConfig()
+
+# The 1-based tasks for which CoIN's training scripts (scripts/CoIN/Train_CIA/<k>_<task>.sh) pass
+# --dema True: GQA, VizWiz, VQAv2, OCR-VQA of the origin order; the other four pass --dema False.
+OFFICIAL_DEMA_TASKS = (4, 5, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -134,12 +148,15 @@ class RunConfig:
     new_set_init: str = "fresh"            # a new LoRA set of dema+group: fresh | latest
     max_grad_norm: float = 1.0             # gradient clipping (0: none)
     dema_params: str = "lora"              # tensors the EMA averages: lora | trainable
+    dema_tasks: Optional[tuple] = None     # 1-based tasks with DEMA on (None: grouping decides)
 
     def __post_init__(self):
         if self.methods is None:
             self.methods = CUSTOM_METHODS if self.recipe == "custom" else (self.recipe,)
         elif isinstance(self.methods, list):
             self.methods = tuple(self.methods)
+        if isinstance(self.dema_tasks, list):
+            self.dema_tasks = tuple(self.dema_tasks)
 
     # ------------------------------------------------------------ (de)serialising
     def to_dict(self) -> dict:
@@ -172,8 +189,48 @@ class RunConfig:
 
         return THRESHOLDS.get(self.variant, 0.9) if self.bundled else 0.9
 
+    def num_tasks(self) -> int:
+        """How many tasks the run trains, in order."""
+        if not self.bundled:
+            return len(self.task_files)
+        if self.tasks is not None:
+            return len(self.tasks)
+        from cl_core.continual.synthetic import ORDERS as TASK_ORDERS
+
+        return len(TASK_ORDERS.get(self.order, ()))
+
+    def official_switches(self) -> Optional[tuple]:
+        """Per task, whether the official CoIN scripts trained it with DEMA on, when the run is
+        theirs: the bundled tasks, all eight in CoIN's (origin) order, original templates. Else None."""
+        from cl_core.continual.synthetic import TASK_NAMES
+
+        if not self.bundled or self.order != "origin" or self.variant != "original":
+            return None
+        if self.tasks is not None and tuple(self.tasks) != tuple(TASK_NAMES):
+            return None
+        return tuple(k + 1 in OFFICIAL_DEMA_TASKS for k in range(len(TASK_NAMES)))
+
+    def dema_on(self, method: str, task_index: int, reused: bool) -> bool:
+        """Does ``method`` train task ``task_index`` (0-based) with its EMA? ``dema_tasks`` when
+        given, else when the task re-trains a set."""
+        if self.plan(method).ema is None:
+            return False
+        if self.dema_tasks is not None:
+            return task_index + 1 in self.dema_tasks
+        return bool(reused)
+
+    def describe(self, method: str) -> dict:
+        """``method``'s settings in words, for the report (its plan, and ``dema_tasks``)."""
+        d = self.plan(method).describe()
+        if self.dema_tasks is not None and self.plan(method).ema is not None:
+            d["EMA on"] = "tasks " + ", ".join(str(t) for t in self.dema_tasks) + " (`--dema-tasks`)"
+        return d
+
     def plan(self, method: str) -> MethodPlan:
-        """How ``method`` trains and evaluates under this config."""
+        """How ``method`` trains and evaluates under this config. A custom method under a
+        recipe (``recipe="lcia"``) takes the recipe's settings."""
+        if method in CUSTOM_METHODS and self.recipe in RECIPE_METHODS:
+            return self._custom_plan(method, self.plan(self.recipe))
         if method == "lcia":
             return MethodPlan(grouping=True, ema=DEMAConfig(formula="official", scale=2.0, fallback=0.01),
                               new_set_init="latest", params="trainable", max_grad_norm=0.0, route="file")
@@ -182,13 +239,22 @@ class RunConfig:
                               new_set_init="fresh", params="trainable", max_grad_norm=1.0, route="instance")
         if method not in CUSTOM_METHODS:
             raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+        return self._custom_plan(method, None)
+
+    def _custom_plan(self, method: str, recipe: Optional[MethodPlan]) -> MethodPlan:
+        # The custom methods: this config's flags, or (recipe) the recipe's settings.
         ema = None
         if method == "ema":
             ema = DEMAConfig(formula="fixed", beta=self.ema_beta)
         elif method not in ("lora", "group"):
-            ema = DEMAConfig(formula=self.dema_formula, scale=self.dema_scale, fallback=self.dema_fallback)
-        return MethodPlan(grouping=method in ("group", "dema+group"), ema=ema, new_set_init=self.new_set_init,
-                          params=self.dema_params, max_grad_norm=float(self.max_grad_norm), route=self.route)
+            ema = (recipe.ema if recipe is not None else
+                   DEMAConfig(formula=self.dema_formula, scale=self.dema_scale, fallback=self.dema_fallback))
+        src = recipe
+        return MethodPlan(grouping=method in ("group", "dema+group"), ema=ema,
+                          new_set_init=src.new_set_init if src else self.new_set_init,
+                          params=src.params if src else self.dema_params,
+                          max_grad_norm=float(src.max_grad_norm if src else self.max_grad_norm),
+                          route=src.route if src else self.route)
 
     def ema_config(self, method: str) -> Optional[DEMAConfig]:
         """The EMA settings of ``method``'s tasks with an EMA (None: the method has none)."""
@@ -275,20 +341,45 @@ class RunConfig:
                                  "with config.json, weights and a tokenizer)")
             if not (p / "config.json").is_file():
                 raise ValueError(f"--model {self.model}: no config.json inside; not a Hugging Face model folder")
+        self._validate_dema_tasks(methods, say)
 
     def _validate_custom_flags(self, methods, say: "_Namer") -> None:
         for name, allowed in (("route", ROUTES), ("new_set_init", NEW_SET_INITS), ("dema_params", DEMA_PARAMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(say(name, getattr(self, name), f"is not known; allowed: {', '.join(allowed)}"))
-        if any(m in CUSTOM_METHODS for m in methods):
-            return
-        # Only recipes run: a custom setting that differs from its default would be ignored.
         base = RunConfig(recipe=self.recipe, methods=self.methods)
         changed = [say.name(f) for f in _CUSTOM_FLAGS if getattr(self, f) != getattr(base, f)]
+        custom = [m for m in methods if m in CUSTOM_METHODS]
+        # A recipe's custom methods take the recipe's settings: a flag for them would be ignored
+        # (the recipes have no fixed-EMA beta: method ema keeps its own).
+        fixed = [say.name(f) for f in _CUSTOM_FLAGS if f != "ema_beta" and getattr(self, f) != getattr(base, f)]
+        if custom and self.recipe in RECIPE_METHODS and fixed:
+            raise ValueError(f"{', '.join(fixed)} set with {say.name('recipe')} {self.recipe}, which runs "
+                             f"{', '.join(custom)} with the {self.recipe} settings: drop {', '.join(fixed)}, or drop "
+                             f"{say.name('recipe')} to run {', '.join(custom)} with the custom settings")
+        if custom:
+            return
+        # Only recipes run: a custom setting that differs from its default would be ignored.
         if changed:
             raise ValueError(f"{', '.join(changed)} set, but only recipe methods run ({', '.join(methods)}), and a "
                              f"recipe fixes its own settings; those settings apply to the custom methods "
                              f"({', '.join(CUSTOM_METHODS)}): add one, or drop the setting")
+
+    def _validate_dema_tasks(self, methods, say: "_Namer") -> None:
+        if self.dema_tasks is None:
+            return
+        n = self.num_tasks()
+        flag = say.name("dema_tasks")
+        shown = ",".join(str(t) for t in self.dema_tasks)
+        for t in self.dema_tasks:
+            if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= n:
+                raise ValueError(f"{flag} {shown}: task number {t!r} is not between 1 and {n} (the run has {n} "
+                                 "tasks; numbers are 1-based, e.g. 4,5,7,8 for CoIN's scripts)")
+        if len(set(self.dema_tasks)) != len(self.dema_tasks):
+            raise ValueError(f"{flag} {shown}: a task number is listed twice")
+        if not any(self.plan(m).ema is not None for m in methods):
+            raise ValueError(f"{flag} set, but no method of the run has an EMA ({', '.join(methods)}): add one "
+                             "(e.g. lcia), or drop the setting")
 
     def _validate_bundled(self) -> None:
         if self.test_files or self.task_types:

@@ -331,7 +331,7 @@ def write_report(results: dict, out_dir) -> Path:
         lines += _matrix_table(r["matrix"], r["matrix_std"], tasks, base=_base_row(results))
         lines.append("")
         if any(len(set(s["groups"])) > 1 for s in r["seeds"].values()):
-            lines += _grouping_lines(r, tasks)
+            lines += _grouping_lines(r, tasks, _official_switches(results, method))
 
     plot_per_task(results, out / "per_task_accuracy.png")
     lines += ["## Accuracy on each task over the sequence", "", "![per-task accuracy](per_task_accuracy.png)", ""]
@@ -364,20 +364,46 @@ def write_report(results: dict, out_dir) -> Path:
     return path
 
 
-def _grouping_lines(r: dict, tasks) -> list[str]:
+def _official_switches(results: dict, method: str):
+    """Per task, DEMA on in the official CoIN scripts, when this run is theirs (the bundled tasks
+    in CoIN's order, original templates) and ``method`` has an EMA; else None."""
+    from cl_core.continual.config import RunConfig
+
+    cfg = RunConfig.from_dict(results["config"])
+    if cfg.plan(method).ema is None:
+        return None
+    return cfg.official_switches()
+
+
+def _grouping_lines(r: dict, tasks, official=None) -> list[str]:
+    """The grouping table; with ``official`` (per task, DEMA on in CoIN's scripts) also what
+    grouping decided, what the scripts did, and where the two differ."""
+    yn = lambda v: "yes" if v else "no"  # noqa: E731
+    extra = " DEMA by grouping | DEMA in the official scripts |" if official is not None else ""
     lines = ["Instruction grouping decisions (first seed; every seed sees the same templates):", "",
-             "| task | group | re-used | DEMA on | set started from | similarity to earlier groups |",
-             "|---|---|---|---|---|---|"]
+             f"| task | group | re-used |{extra} DEMA on | set started from | similarity to earlier groups |",
+             "|---|---|---|" + ("---|---|" if official is not None else "") + "---|---|---|"]
     seed = next(iter(r["seeds"].values()))
     n = len(seed["groups"])
     dema = seed.get("dema") or seed.get("ema") or [False] * n
     init = seed.get("init_from") or [None] * n
-    for name, g, reused, on, src, sims in zip(tasks, seed["groups"], seed["reused"], dema, init,
-                                              seed["similarities"]):
+    for k, (name, g, reused, on, src, sims) in enumerate(zip(tasks, seed["groups"], seed["reused"], dema, init,
+                                                             seed["similarities"])):
         start = "fresh" if src is None else f"task {src + 1} ({tasks[src]})"
-        lines.append(f"| {name} | {g} | {'yes' if reused else 'no (new set)'} | {'yes' if on else 'no'} | {start} | "
+        cols = f" {yn(reused)} | {yn(official[k])} |" if official is not None else ""
+        lines.append(f"| {name} | {g} | {'yes' if reused else 'no (new set)'} |{cols} {yn(on)} | {start} | "
                      f"{', '.join(f'{s:.2f}' for s in sims) or '-'} |")
     lines.append("")
+    if official is not None:
+        differ = [f"task {k + 1} ({tasks[k]}): grouping {'on' if reused else 'off'}, the official scripts "
+                  f"{'on' if official[k] else 'off'}" for k, reused in enumerate(seed["reused"]) if bool(reused) !=
+                  official[k]]
+        if differ:
+            lines += ["DEMA by grouping (on when a task re-trains a set) differs from the official CoIN scripts "
+                      "(`--dema True` only for tasks 4, 5, 7, 8) at " + "; ".join(differ) + ". `DEMA on` is what "
+                      "this run did; `--dema-tasks 4,5,7,8` follows the scripts exactly.", ""]
+        else:
+            lines += ["DEMA by grouping agrees with the official CoIN scripts on every task.", ""]
     return lines
 
 
@@ -412,7 +438,8 @@ def _settings_lines(methods: dict) -> list[str]:
     lines = ["### Settings of each method", "",
              "`lora`, `ema`, `dema`, `group`, `dema+group` take the run's flags (the custom recipe; `group` is "
              "grouping without any EMA, beside `dema+group` to separate the two effects); `lcia` is the official "
-             "LCIA recipe and `cl-next` Continual-NExT's, with their own fixed settings.", "",
+             "LCIA recipe and `cl-next` Continual-NExT's, with their own fixed settings (custom methods run beside "
+             "`--recipe lcia` or `--recipe cl-next` take that recipe's settings).", "",
              "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for m, st in rows:
         lines.append(f"| {m} | " + " | ".join(str(st.get(k, "-")) for k in keys) + " |")

@@ -224,7 +224,7 @@ class ContinualRun:
                 _copy_adapter(sets.model, done[j - 1].adapter, adapter)
             else:
                 init_from = None
-            use_ema = plan.ema is not None and reused
+            use_ema = cfg.dema_on(method, j, reused)
             callbacks = [dema_callback(plan.ema, plan.params)] if use_ema else []
             if not self.quiet:
                 log.info("%s seed %d: task %d/%d %s (adapter %s%s%s)", method, seed, j + 1, len(tasks), task.name,
@@ -346,7 +346,7 @@ class ContinualRun:
             out["methods"][method] = {
                 "matrix": matrix, "matrix_std": matrix_std, "metrics": mean, "metrics_std": std,
                 "metrics_of_mean_matrix": cl_metrics.summarize(matrix), "seeds": seeds,
-                "settings": self.cfg.plan(method).describe(),
+                "settings": self.cfg.describe(method),
                 "ema_config": None if self.cfg.plan(method).ema is None else self.cfg.plan(method).ema.to_dict(),
                 "alpha_counts": merge_alpha([s["alpha_counts"] for s in per]),
             }

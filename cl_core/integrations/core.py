@@ -46,6 +46,12 @@ def check_fused_arg(fused, who: str = "DEMACallback") -> None:
         raise ValueError(f"{who}(fused={fused!r}): use 'auto', True or False")
 
 
+# DEMACallback(precision=...) under DeepSpeed: "fp32" (DeepSpeed's fp32 masters and gradients,
+# the default) or "official" (the official LCIA run's bf16 weights and gradients at ZeRO-0;
+# cl_core.integrations.deepspeed, docs/fidelity.md).
+PRECISIONS = ("fp32", "official")
+
+
 def check_config_arg(config, who: str = "DEMACallback") -> None:
     from cl_core.dema.config import DEMAConfig
 

@@ -14,14 +14,22 @@ import torch
 from cl_core.dema.distributed import DEMA_OPTIMIZER_UNDER_DEEPSPEED, StatsReducer, _dist, dist_ready
 from cl_core.dema.engine import DEMA
 from cl_core.dema.optim import DEMAOptimizer
-from cl_core.integrations.core import missing_extra
+from cl_core.integrations.core import PRECISIONS, missing_extra
 
 try:
     import deepspeed  # noqa: F401  (the optimizers read here are DeepSpeed's)
 except ImportError as exc:  # an optional extra
     raise missing_extra("cl_core.integrations.deepspeed", "deepspeed", "deepspeed", exc) from exc
 
-__all__ = ["DEMA_OPTIMIZER_UNDER_DEEPSPEED", "DeepSpeedLink", "deepspeed_optimizer", "make_deepspeed_engine"]
+__all__ = ["DEMA_OPTIMIZER_UNDER_DEEPSPEED", "PRECISIONS", "DeepSpeedLink", "deepspeed_optimizer",
+           "make_deepspeed_engine"]
+
+# What the engine averages under DeepSpeed (DEMACallback(precision=...), PRECISIONS from core):
+#   "fp32":     DeepSpeed's fp32 master weights and the fp32 gradients its optimizer steps with
+#               (more precise than the published run; every ZeRO stage);
+#   "official": what the official LCIA run averaged (DeepSpeed 0.9.5, scripts/zero1.json =
+#               ZeRO stage 0, --bf16 True): the engine's bf16 module weights after the step and
+#               the bf16 gradients left in p.grad, with a bf16 EMA (DEMAConfig(ema_dtype="param")).
 
 # Under DeepSpeed (the engine LLaVA and CoIN train with) the Trainer never sees a
 # gradient: accelerate runs ``engine.step()`` inside ``accelerator.backward``, and the
@@ -87,7 +95,11 @@ class DeepSpeedLink:
     a different fragment of each tensor (ZeRO-1/2/3) — per-rank state files.
     """
 
-    def __init__(self, ds_optimizer, named_params):
+    def __init__(self, ds_optimizer, named_params, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"DEMA under DeepSpeed: precision={precision!r} is not known; allowed: "
+                             f"{', '.join(map(repr, PRECISIONS))}")
+        self.precision = precision
         named = list(named_params)
         self.ds_opt = ds_optimizer
         self.inner = _torch_optimizer_inside(ds_optimizer)
@@ -136,10 +148,15 @@ class DeepSpeedLink:
             raise RuntimeError(f"DEMA under DeepSpeed: DeepSpeed optimizer {kind} is not supported (cannot tell "
                                "where it keeps the gradients); supported: ZeRO stage 0-3 with a torch optimizer")
         self.frags = frags
+        if precision == "official":
+            self._check_official(named)
         self.partitioned = self.mode in ("zero3", "fragments")
         ws = _dist().get_world_size(self.group) if dist_ready() else 1
         self.reduce_stats = StatsReducer(self.group) if self.partitioned and ws > 1 else None
 
+        if precision == "official":
+            self._init_official()
+            return
         # What the engine averages: views of the fp32 tensors, never seen by DeepSpeed.
         self.holders = []
         for f in frags:
@@ -166,6 +183,58 @@ class DeepSpeedLink:
         self._captured = [False] * len(frags)
         self.captures = 0            # inner optimizer steps seen (for the tests and the checks)
         self._hook = self.inner.register_step_post_hook(self._capture)
+
+    # ---------------------------------------------------------------- the official run's precision
+
+    def _check_official(self, named) -> None:
+        # The official ema_update reads p.grad after DeepSpeed's step. Only with bf16 at ZeRO
+        # stage 0 is it there (DeepSpeed 0.9.5's BF16_Optimizer leaves the bf16 gradients in
+        # p.grad); elsewhere p.grad is None, the official code's bare except runs, and what it
+        # computes is a fixed beta=0.99 EMA, not DEMA: nothing to reproduce with this mode.
+        why = None
+        if self.mode in ("fragments", "zero3"):
+            why = (f"at ZeRO stage {'3' if self.mode == 'zero3' else '1/2'} the official code finds p.grad None "
+                   "and runs a fixed beta=0.99 EMA")
+        elif self.mode == "direct":
+            why = "in fp32 at ZeRO stage 0 the official code finds p.grad None and runs a fixed beta=0.99 EMA"
+        else:
+            bad = [n for n, p in named if p.dtype != torch.bfloat16]
+            if bad:
+                why = (f"the model's weights are {dict(named)[bad[0]].dtype} (e.g. {bad[0]!r}), the official run's "
+                       "are bfloat16 (bf16 true)")
+        if why is not None:
+            raise RuntimeError(
+                f"DEMACallback(precision='official') reproduces the official LCIA run, which averages only under "
+                f"DeepSpeed ZeRO stage 0 with bf16: {why}; run ZeRO stage 0 with bf16, or use the default "
+                "precision='fp32'")
+
+    def _init_official(self) -> None:
+        # The engine averages the model's own bf16 parameters (DeepSpeed writes the new
+        # weights into them after its inner step) with the bf16 gradients, copied inside the
+        # step: 0.19 clears p.grad right after it, where 0.9.5 left it for the official code.
+        self.holders = [lp.detach() for lp, _ in self._lp_hp]
+        total = sum(h.numel() for h in self.holders)
+        dev = self.holders[0].device if self.holders else torch.device("cpu")
+        self._grad_buf = torch.zeros(total, dtype=torch.bfloat16, device=dev)
+        self._grad_views, start = [], 0
+        for h in self.holders:
+            self._grad_views.append(self._grad_buf.narrow(0, start, h.numel()).view(h.shape))
+            start += h.numel()
+        self._captured = [False] * len(self.holders)
+        self.captures = 0
+        self.reduce_stats = None
+        self._hook = self.inner.register_step_post_hook(self._capture_official)
+
+    def _capture_official(self, optimizer, args, kwargs):
+        # After the inner optimizer stepped the fp32 masters, before DeepSpeed copies them into
+        # the bf16 weights: p.grad is the bf16 gradient, all-reduced, not clipped (DeepSpeed
+        # clips the fp32 copy) and unscaled (bf16 has no loss scale).
+        with torch.no_grad():
+            for k, (lp, _) in enumerate(self._lp_hp):
+                if lp.grad is not None:
+                    self._grad_views[k].copy_(lp.grad.view(self._grad_views[k].shape))
+                    self._captured[k] = True
+        self.captures += 1
 
     # ---------------------------------------------------------------- where things live
 
@@ -235,10 +304,19 @@ class DeepSpeedLink:
     # ---------------------------------------------------------------- writing back, gathering
 
     @torch.no_grad()
-    def sync_model(self) -> None:
+    def sync_model(self, replaced: bool = True) -> None:
         """The holders (fp32) were written (EMA replace / swap): put the values into the
-        model's own parameters the way DeepSpeed's step does. Collective for ZeRO-1/2/3."""
+        model's own parameters the way DeepSpeed's step does. Collective for ZeRO-1/2/3.
+        ``replaced=False``: a swap put the holders back as they were."""
         if self.mode == "direct":
+            return
+        if self.precision == "official":
+            # The holders are the model's bf16 weights. After the EMA replace DeepSpeed's fp32
+            # masters take the EMA too, so a further step continues from it; a swap leaves the
+            # masters alone (copying bf16 back would drop their fp32 digits).
+            if replaced:
+                for lp, hp in self._lp_hp:
+                    hp.data.copy_(lp.data)
             return
         if self.mode == "master":
             for lp, hp in self._lp_hp:
@@ -286,17 +364,21 @@ def make_deepspeed_engine(link: DeepSpeedLink, config, names):
 
         deepspeed_link = link
 
+        _in_swap = False
+
         def copy_to_params(self) -> None:
             super().copy_to_params()
-            link.sync_model()
+            link.sync_model(replaced=not self._in_swap)
 
         @contextlib.contextmanager
         def swap(self):
             try:
+                self._in_swap = True
                 with super().swap():       # EMA into the fragments (+ model), then back
                     yield self
             finally:
-                link.sync_model()
+                self._in_swap = False
+                link.sync_model(replaced=False)
 
         def full_ema_tensors(self) -> list[torch.Tensor]:
             """θ* of every tensor, whole (collective when the fragments are partitions)."""

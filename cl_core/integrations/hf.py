@@ -103,12 +103,32 @@ class DEMACallback(TrainerCallback):
                     where the Trainer's resume does not load it into the model).
     eval_with_ema:  ``trainer.evaluate()`` (during and after training) runs on the EMA weights
                     (default False, as in the Lightning callback: cl_core.integrations.core).
+    precision:      under DeepSpeed, what is averaged. ``"fp32"`` (default): DeepSpeed's fp32
+                    master weights and fp32 gradients (every ZeRO stage; more precise than the
+                    published run). ``"official"``: what the official LCIA run averaged, at ZeRO
+                    stage 0 with bf16 only: the engine's bf16 weights and bf16 gradients, a bf16
+                    EMA with the official arithmetic (the config needs ``ema_dtype="param"``;
+                    None gives ``DEMAConfig(ema_dtype="param")``). Other stages, and fp32 at
+                    stage 0, are refused at the start of training: the official code runs a
+                    fixed beta=0.99 EMA there. Without DeepSpeed the tensors are averaged as they
+                    are (the official run without DeepSpeed: fp32 LoRA tensors). See docs/fidelity.md.
     """
 
     def __init__(self, config: DEMAConfig | None = None, *, params: str = "lora", replace_at_end: bool = True,
                  record_alpha: bool = False, fused="auto", save_adapter: bool = True,
-                 eval_with_ema: bool = core.EVAL_WITH_EMA_DEFAULT):
+                 eval_with_ema: bool = core.EVAL_WITH_EMA_DEFAULT, precision: str = "fp32"):
         core.check_config_arg(config)
+        if precision not in core.PRECISIONS:
+            raise ValueError(f"DEMACallback(precision={precision!r}) is not known; allowed: "
+                             f"{', '.join(map(repr, core.PRECISIONS))}")
+        if precision == "official":
+            if config is None:
+                config = DEMAConfig(ema_dtype="param")
+            elif config.ema_dtype != "param":
+                raise ValueError(f"DEMACallback(precision='official') keeps the EMA and its arithmetic in bf16 as the "
+                                 f"official code does, but config has ema_dtype={config.ema_dtype!r}; pass "
+                                 "DEMAConfig(..., ema_dtype='param')")
+        self.precision = precision
         core.check_params_arg(params)
         core.check_fused_arg(fused)
         self.params = params
@@ -159,15 +179,16 @@ class DEMACallback(TrainerCallback):
             # Gradients live inside DeepSpeed's step only: read them there.
             from cl_core.integrations import deepspeed as cl_ds
 
-            link = cl_ds.DeepSpeedLink(ds_opt, named)
+            link = cl_ds.DeepSpeedLink(ds_opt, named, precision=self.precision)
             self._ds_link = link
             self._sharded = link.partitioned and cl_dist.world_size() > 1
             engine = cl_ds.make_deepspeed_engine(link, self.config, names)
             engine.model_params = [p for _, p in named]
             self.fused, self.not_fused_reason = False, "DeepSpeed steps its own optimizer (DEMA reads it in the step)"
-            logger.info("DEMACallback: DeepSpeed %s (%s): DEMA reads the fp32 %s and the gradients inside "
+            logger.info("DEMACallback: DeepSpeed %s (%s): DEMA reads the %s and the gradients inside "
                         "DeepSpeed's step%s", type(ds_opt).__name__, link.mode,
-                        "partitions" if link.partitioned else "parameters",
+                        "model's bf16 weights (precision='official')" if self.precision == "official"
+                        else "fp32 partitions" if link.partitioned else "fp32 parameters",
                         "; statistics summed across ranks, one all_reduce per step" if link.reduce_stats else "")
             return engine
         params = [p for _, p in named]

@@ -16,6 +16,10 @@ into OUT/rank{r}.pt:
 A case with "dema_optimizer": true hands the Trainer a DEMAOptimizer (through
 optimizer_cls_and_kwargs, the route DeepSpeed keeps) plus the callback, and records the
 error the start of training raises ("error") and the optimizer steps taken ("steps").
+A case with "precision": "official" runs DEMACallback(precision="official") beside
+OfficialReplay, the official ema_update written out in torch ops on the same bf16 weights and
+gradients: per step both α and both EMAs ("official_*"), or, where that mode is refused, the
+error and the steps taken.
 """
 import json
 import os
@@ -70,6 +74,86 @@ class Replay(TrainerCallback):
         self.alpha.append(self.engine.stats.alpha.clone())
 
 
+def _l1(x):
+    # torch.norm(x, p=1) of a bf16 tensor: the sum of |x| rounded to bf16 (summed in float64
+    # here, so the reference does not depend on torch's accumulation order).
+    return x.float().abs().sum(dtype=torch.float64).to(x.dtype)
+
+
+class OfficialReplay(TrainerCallback):
+    """After DEMACallback(precision="official"): the official ``ema_update`` (CoIN/peft/tuners/
+    lora.py) in bf16 torch ops, over the very tensors the callback averaged (the model's bf16
+    weights, the bf16 gradients of the step): per tensor, a = ‖θ − θ*‖₁, b = ‖g‖₁,
+    c = ‖g − g_prev‖₁ (each a bf16 number), α = float((1 + b) / (a · c) · 2), 0.01 where α
+    leaves (0, 1); θ* ← θ* · (1 − α) + θ · α in bf16. The first update of a tensor has no
+    g_prev: the official bare except runs θ* · 0.99 + θ · 0.01 on θ* = a copy of θ."""
+
+    def __init__(self, cb):
+        self.cb, self.ema, self.gprev = cb, {}, {}
+        self.alpha, self.ema_steps, self.cb_alpha, self.cb_ema_steps, self.same_storage = [], [], [], [], True
+        # and a plain engine with the callback's config fed copies of the same bf16 θ and g
+        self.copies, self.engine, self.engine_alpha, self.engine_ema_steps = None, None, [], []
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        link = self.cb._ds_link
+        params = dict(self.cb._model.named_parameters())
+        alphas = []
+        with torch.no_grad():
+            for k, (name, p) in enumerate(zip(self.cb.engine.names, link.holders)):
+                self.same_storage &= p.data_ptr() == params[name].data_ptr() and p.dtype == torch.bfloat16
+                g = p.grad
+                if k not in self.ema:
+                    self.ema[k] = p.clone()
+                ema = self.ema[k]
+                if k in self.gprev:
+                    a = _l1(p - ema)
+                    b = _l1(g)
+                    c = _l1(g - self.gprev[k])
+                    alpha = float((1 + b) / (a * c) * 2)
+                    if not 0 < alpha < 1:
+                        alpha = 0.01
+                    self.ema[k] = ema * (1 - alpha) + p * alpha
+                else:
+                    alpha = 0.01
+                    self.ema[k] = ema * 0.99 + p * 0.01
+                self.gprev[k] = g.clone()
+                alphas.append(alpha)
+            if self.engine is None:
+                self.copies = [torch.nn.Parameter(h.detach().clone()) for h in link.holders]
+                self.engine = DEMA(self.copies, self.cb.config)
+            for c, h in zip(self.copies, link.holders):
+                c.copy_(h)
+                c.grad = h.grad.clone()
+        self.engine.update()
+        self.engine.flush()
+        self.engine_alpha.append(self.engine.stats.alpha.detach().double().cpu().clone())
+        self.engine_ema_steps.append([t.detach().clone() for t in self.engine.ema_tensors()])
+        self.alpha.append(torch.tensor(alphas, dtype=torch.float64))
+        self.ema_steps.append([self.ema[k].clone() for k in range(len(link.holders))])
+        self.cb.engine.flush()
+        self.cb_alpha.append(self.cb.engine.stats.alpha.detach().double().cpu().clone())
+        self.cb_ema_steps.append([t.detach().clone() for t in self.cb.engine.ema_tensors()])
+
+
+def official_case(out, case, T, kw):
+    cb = DEMACallback(record_alpha=True, precision="official")
+    rep = OfficialReplay(cb)
+    trainer = T(model=tiny_peft_llama(), args=training_args(os.path.join(out, case["name"]), **kw),
+                train_dataset=TokenDataset(), callbacks=[cb, rep])
+    try:
+        trainer.train()
+    except RuntimeError as exc:
+        return {"error": str(exc), "steps": trainer.state.global_step}
+    names = list(cb.engine.names)
+    return {"error": None, "steps": trainer.state.global_step, "mode": cb._ds_link.mode, "names": names,
+            "captures": cb._ds_link.captures, "num_updates": cb.engine.num_updates,
+            "same_storage": rep.same_storage, "official_alpha": rep.alpha, "official_ema": rep.ema_steps,
+            "alpha": rep.cb_alpha, "ema": rep.cb_ema_steps, "engine_alpha": rep.engine_alpha,
+            "engine_ema": rep.engine_ema_steps, "ema_dtype": str(cb.engine.ema_tensors()[0].dtype),
+            "live": [p.detach().clone() for n, p in cb._model.named_parameters() if n in set(names)],
+            "masters": [hp.detach().clone() for _, hp in cb._ds_link._lp_hp]}
+
+
 def live_lora(model, names):
     params = dict(model.named_parameters())
     ps = [params[n] for n in names]
@@ -109,6 +193,8 @@ def run_case(out, case, rank):
               bf16=case["bf16"])
     if case.get("dema_optimizer"):
         return refused_case(out, case, T, kw)
+    if case.get("precision") == "official":
+        return official_case(out, case, T, kw)
     cb = DEMACallback(record_alpha=True)
     rep = Replay(cb)
     save = dict(save_strategy="steps", save_steps=2) if case.get("resume") else {}

@@ -43,6 +43,10 @@ ROOT = str(ROOT_PATH)
 ONE_RANK = [{"name": f"z{s}{'b' if bf16 else ''}", "stage": s, "bf16": bf16} for bf16 in (False, True) for s in range(4)]
 # ZeRO-3 with the optimizer offloaded to the CPU, as the MoELoRA baselines run
 ONE_RANK += [{"name": "z3bo", "stage": 3, "bf16": True, "offload": True}]
+# DEMACallback(precision="official"): ZeRO-0 bf16 (the official run), and two refusals
+OFFICIAL = [{"name": "z0b_official", "stage": 0, "bf16": True, "precision": "official"},
+            {"name": "z2b_official", "stage": 2, "bf16": True, "precision": "official"},
+            {"name": "z0_official", "stage": 0, "bf16": False, "precision": "official"}]
 REFUSED = [{"name": "dema_optimizer", "stage": 2, "bf16": False, "dema_optimizer": True}]
 TWO_RANKS = [{"name": "z2", "stage": 2, "bf16": False, "resume": True},
              {"name": "z3", "stage": 3, "bf16": False, "resume": True},
@@ -87,6 +91,12 @@ def plain(tmp_path_factory):
 def one_rank(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds1")
     return out, _launch(out, 1, ONE_RANK + REFUSED)[0]
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds_official")
+    return _launch(out, 1, OFFICIAL)[0]
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +192,50 @@ def test_dema_optimizer_under_deepspeed_is_refused_at_the_start_naming_the_callb
     assert res["steps"] == 0
     assert "DEMAOptimizer does not run under DeepSpeed" in res["error"]
     assert "callbacks=[cl_core.DEMACallback()]" in res["error"]
+
+
+def test_official_precision_at_zero0_bf16_averages_deepspeeds_bf16_weights_and_gradients(official):
+    res = official["z0b_official"]
+    assert res["error"] is None and res["steps"] == 4
+    assert res["mode"] == "master" and res["captures"] == 4 and res["num_updates"] == 4
+    # what it averaged are the model's own bf16 weights (not DeepSpeed's fp32 masters); bf16 EMA
+    assert res["same_storage"] and res["ema_dtype"] == "torch.bfloat16"
+    # step by step, the same as a plain engine (the callback's config) fed copies of those bf16
+    # weights and the bf16 gradients captured inside DeepSpeed's step
+    for step, (got_a, want_a, got_e, want_e) in enumerate(zip(res["alpha"], res["engine_alpha"], res["ema"],
+                                                              res["engine_ema"])):
+        assert torch.equal(got_a, want_a), f"step {step + 1}"
+        for k, (g, w) in enumerate(zip(got_e, want_e)):
+            assert g.dtype == w.dtype == torch.bfloat16 and torch.equal(g, w), f"step {step + 1}, {res['names'][k]}"
+    # the dynamic α fired (not the fallback everywhere)
+    assert any(((a > 0.02) & (a < 1)).any() for a in res["alpha"][1:])
+    # EMA replace at the end: the model holds the EMA, and so do DeepSpeed's fp32 masters
+    for live, master, ema in zip(res["live"], res["masters"], res["ema"][-1]):
+        assert torch.equal(live, ema) and torch.equal(master, ema.float())
+
+
+# The engine's op-for-op bf16 arithmetic (each norm, 1 + b, a·c, the quotient and ·2 rounded to
+# bf16) is built on another branch; until it is in, α differs from the official one in the 3rd
+# digit (0.6545 vs 0.6562 at step 2). strict: once it is in this passes and the mark must go.
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="needs the engine's op-for-op official bf16 arithmetic (ema_dtype='param')")
+def test_official_precision_at_zero0_bf16_is_the_official_formula_bit_for_bit(official):
+    res = official["z0b_official"]
+    assert res["error"] is None and res["steps"] == 4
+    # step by step: the official ema_update in bf16 torch ops, on the same weights and gradients
+    for step, (got_a, want_a, got_e, want_e) in enumerate(zip(res["alpha"], res["official_alpha"], res["ema"],
+                                                              res["official_ema"])):
+        assert torch.equal(got_a, want_a.float().double()), f"step {step + 1}: α {got_a} vs official {want_a}"
+        for k, (g, w) in enumerate(zip(got_e, want_e)):
+            assert g.dtype == w.dtype == torch.bfloat16
+            assert torch.equal(g, w), f"step {step + 1}, {res['names'][k]}: EMA differs from the official bits"
+    assert any(((a > 0.02) & (a < 1)).any() for a in res["official_alpha"][1:])
+
+
+def test_official_precision_refuses_where_the_official_code_runs_a_fixed_ema(official):
+    for name, why in (("z2b_official", "at ZeRO stage 1/2 the official code finds p.grad None"),
+                      ("z0_official", "in fp32 at ZeRO stage 0 the official code finds p.grad None")):
+        res = official[name]
+        assert res["steps"] == 0, name
+        assert "DEMACallback(precision='official')" in res["error"] and why in res["error"], res["error"]
+        assert "fixed beta=0.99 EMA" in res["error"] and "precision='fp32'" in res["error"]
