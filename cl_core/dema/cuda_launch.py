@@ -23,7 +23,7 @@ interpreter on CUDA tensors) and the stream ordering of the buffers a driver kee
 Only a GPU shows the device, capture and stream behaviour itself (`make gpu-check` runs the
 CUDA tests, tests/engine/test_triton_host.py and tests/fused/test_triton_fused_host.py);
 on the CPU the tests drive the same logic through `_is_cuda`, `_enter_device`,
-`_capturing` and `_current_stream`, which they replace.
+`_capturing`, `_current_stream` and `_record_use`, which they replace.
 """
 from __future__ import annotations
 
@@ -52,6 +52,11 @@ def _capturing(device: torch.device) -> bool:
 
 def _current_stream(device: torch.device):
     return torch.cuda.current_stream(device)
+
+
+def _record_use(tensor: torch.Tensor, stream) -> None:
+    if tensor.device.type == "cuda":
+        tensor.record_stream(stream)
 
 
 def kernels_interpreted(kernel) -> bool:
@@ -112,8 +117,8 @@ class LaunchGuard:
         if last is not None and cur != last:
             cur.wait_stream(last)
             for b in self.buffers():
-                if b is not None and b.device.type == "cuda":
-                    b.record_stream(cur)
+                if b is not None:
+                    _record_use(b, cur)
             self.stream_changes += 1
             if self.stream_changes == 1:
                 log.info("%s: called from another CUDA stream than before; that stream waits for the previous "
