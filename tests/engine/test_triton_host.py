@@ -22,9 +22,9 @@ import torch
 from cl_core import DEMA, DEMAConfig
 from cl_core.dema import cuda_launch
 from cl_core.dema.state import GroupState
-from cl_core.kernels import triton_dema
+from cl_core.kernels import triton_dema, triton_fused
 
-LAUNCHERS = ("dema_stats", "dema_decide", "dema_apply")
+LAUNCHERS = {triton_dema: ("dema_stats", "dema_decide", "dema_apply"), triton_fused: ("step", "flush", "pending")}
 
 
 def _params(shapes=((5, 3), (33,), (2, 600)), seed=0):
@@ -73,14 +73,15 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(cuda_launch, "_capturing", lambda device: rec["capturing"])
     monkeypatch.setattr(cuda_launch, "_current_stream", lambda device: rec["stream"])
     monkeypatch.setattr(cuda_launch, "_record_use", lambda t, stream: rec["recorded"].append((t, stream.name)))
-    for name in LAUNCHERS:
-        original = getattr(triton_dema, name)
+    for module, names in LAUNCHERS.items():
+        for name in names:
+            original = getattr(module, name)
 
-        def launch(*args, _original=original, _name=name, **kwargs):
-            rec["launches"].append((_name, rec["depth"], rec["entered"][-1] if rec["entered"] else None))
-            return _original(*args, **kwargs)
+            def launch(*args, _original=original, _name=name, **kwargs):
+                rec["launches"].append((_name, rec["depth"], rec["entered"][-1] if rec["entered"] else None))
+                return _original(*args, **kwargs)
 
-        monkeypatch.setattr(triton_dema, name, launch)
+            monkeypatch.setattr(module, name, launch)
     return rec
 
 
@@ -102,7 +103,7 @@ def test_every_launch_runs_under_the_groups_device(fake_cuda):
         engine.update()
     engine.ema_tensors()  # a read: canonicalize's launch
     launches = fake_cuda["launches"]
-    assert {name for name, _, _ in launches} == set(LAUNCHERS)
+    assert {name for name, _, _ in launches} == set(LAUNCHERS[triton_dema])
     device = engine.groups[0].state.device
     assert all(depth >= 1 and dev == device for _, depth, dev in launches), launches
 
