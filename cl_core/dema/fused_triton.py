@@ -10,6 +10,13 @@ gradient address, step count, flags, uploaded once per step in one copy with the
 hyper-parameter rows) and the partials and flags the kernels exchange between steps. The
 engine's GroupState (started, has_prev, d) is written by `flush`, `alpha` and `skips` by
 every step.
+
+Every call that launches or touches these buffers runs under the group's device, refuses
+CUDA-graph capture and orders its stream after the one that last used them; CUDA tensors
+with the kernels interpreted (TRITON_INTERPRET=1) are refused (cl_core/dema/cuda_launch.py).
+The flush sums the per-tile partials per tensor with the reducing half of the DEMA
+backend's `decide` kernel (what its `canonicalize` runs): one program per sum, a fixed
+order, so the canonical d is the same bits on every run (no float atomics).
 """
 from __future__ import annotations
 
@@ -19,8 +26,10 @@ import operator
 
 import torch
 
+from cl_core.dema.cuda_launch import LaunchGuard, refuse_interpreter_on_cuda
 from cl_core.dema.onepass import check_tensors
 from cl_core.kernels import layouts as L
+from cl_core.kernels import triton_dema as KD
 from cl_core.kernels import triton_fused as K
 
 log = logging.getLogger(__name__)
@@ -41,7 +50,20 @@ class TritonFusedGroup:
         self.members = members
         self.state, self.device, self.dtype = members.state, members.device, members.dtype
         s, dev, n = members.state, members.device, len(members.state)
+        refuse_interpreter_on_cuda(dev, K._fused_step_kernel, "the fused DEMA step")
         self.n = n
+        self.guard = LaunchGuard(dev, self._buffers, "the fused DEMA step")
+        with self.guard("building its tables"):
+            self._build()
+
+    def _buffers(self):
+        """The tensors kept between calls: the tables, partials, flags and the group's state."""
+        s = self.state
+        return [self.tile_tensor, self.stab, self.part, self.flags, self.dcarry, self.upload, self.fold_blk0,
+                self.fold_mode, s.ema_flat, s.gprev_flat, s.started, s.has_prev, s.d, s.alpha, s.skips]
+
+    def _build(self) -> None:
+        s, dev, n = self.state, self.device, self.n
         tile = K.TILE  # read at build time: the tests shrink it to get several tiles per tensor
         tile0 = [0]
         for k in s.numels:
@@ -54,6 +76,11 @@ class TritonFusedGroup:
         self.part = torch.zeros(2, max(1, self.n_tiles), L.N_PART, dtype=torch.float32, device=dev)
         self.flags = torch.zeros(2, L.N_FLAGS, max(1, n), dtype=torch.int32, device=dev)
         self.dcarry = torch.zeros(2, max(1, n), dtype=torch.float32, device=dev)
+        # The flush's fold (see `_fold`): 2n sums, the first n over one column of tiles,
+        # the next n over a second column laid after it; mode != MODE_SKIP: d is the sum.
+        self.fold_blk0 = torch.tensor(self.tile0 + [t + self.n_tiles for t in self.tile0] + [2 * self.n_tiles],
+                                      dtype=torch.int32, device=dev)
+        self.fold_mode = torch.full((max(1, 2 * n),), L.MODE_EMA, dtype=torch.int8, device=dev)
         self.upload = None  # device copy of this step's dynamic table + hyper rows (one H2D copy)
         self.parity = 0
         self._dirty = True  # the canonical state is newer than the flags
@@ -99,6 +126,10 @@ class TritonFusedGroup:
 
     # ------------------------------------------------------------------ the interface
     def prepare(self, batch) -> str | None:
+        with self.guard("optimizer.step()"):  # refuses a captured step before anything changes
+            return self._prepare(batch)
+
+    def _prepare(self, batch) -> str | None:
         mem = self.members
         dtypes = set(map(_DTYPE, mem.params))
         if len(dtypes) != 1 or next(iter(dtypes)) not in K.DTYPES:
@@ -122,6 +153,10 @@ class TritonFusedGroup:
         return None
 
     def step(self, batch) -> None:
+        with self.guard("optimizer.step()"):
+            self._step(batch)
+
+    def _step(self, batch) -> None:
         s, mem, n = self.state, self.members, self.n
         if n == 0:
             return
@@ -200,7 +235,32 @@ class TritonFusedGroup:
         return torch.tensor([t.data_ptr() for t in tmp], dtype=torch.int64, device=self.device), tmp
 
     def flush(self) -> None:
-        """Finish the pending EMA update and write the engine's canonical state."""
+        """Finish the pending EMA update and write the engine's canonical state (entered
+        at every EMA read, so the read is ordered after the last step's stream)."""
+        with self.guard("an EMA read (flush)"):
+            self._flush()
+
+    def _fold(self, w: int, r: int):
+        """Per tensor, from the partials: (finite, d_flush, d_prev): the NaN/inf probe of
+        the pending step (column P_B of part[r]), and d summed over the flush's tiles
+        (P_D of part[w]) and over the last step's (P_D of part[r]), rounded to the EMA
+        dtype. One launch of the reducing half of triton_dema's decide kernel over 2n
+        sums (the one `canonicalize` of the DEMA backend runs): each sum is one
+        program's, in a fixed order, so every run gives the same bits (index_add_ would
+        use float atomics on CUDA)."""
+        s, n, nt = self.state, self.n, self.n_tiles
+        dev = self.device
+        partials = torch.zeros(2 * nt, L.N_STAT, dtype=torch.float32, device=dev)
+        partials[:nt, L.ST_PROBE] = self.part[r, :nt, L.P_B]
+        dpart = torch.cat([self.part[w, :nt, L.P_D], self.part[r, :nt, L.P_D]])
+        stats = torch.empty(2 * n, L.N_DSTAT, dtype=torch.float32, device=dev)
+        d = torch.empty(2 * n, dtype=torch.float32, device=dev)
+        # started/has_prev/alpha/skips/the table are only read by the deciding half, not run here
+        KD.dema_decide(self.fold_blk0, partials, dpart, stats, self.fold_mode, s.started, s.has_prev, d, s.alpha,
+                       s.skips, self.stab, 2 * n, 0, *self._consts, *KD.DECIDE_REDUCE_ONLY, ema_dtype=self.ema_dtype)
+        return stats[:n, L.DS_NONFINITE] == 0, d[:n], d[n:]
+
+    def _flush(self) -> None:
         s, n = self.state, self.n
         if n == 0 or self._dirty or not self._pending or self.n_tiles == 0:
             return
@@ -215,18 +275,9 @@ class TritonFusedGroup:
         # Canonical per-tensor state from the flags the last step wrote (torch ops, no sync).
         fr = self.flags[r, :, :n]
         pend = fr[L.F_PEND]
-        idx = self.tile_tensor.long()
-        probe = torch.zeros(n, dtype=torch.float32, device=s.device)
-        probe.index_add_(0, idx, self.part[r, : self.n_tiles, L.P_B])
-        finite = probe == probe
+        # the norm d is a number of the EMA dtype, as in the kernels (the fold rounds it)
+        finite, d_flush, d_prev = self._fold(w, r)
         started = (fr[L.F_STARTED] != 0) | ((pend == L.PEND_INIT) & finite)
-        d_flush = torch.zeros(n, dtype=torch.float32, device=s.device)
-        d_flush.index_add_(0, idx, self.part[w, : self.n_tiles, L.P_D])
-        d_prev = torch.zeros_like(d_flush)
-        d_prev.index_add_(0, idx, self.part[r, : self.n_tiles, L.P_D])
-        if self.ema_in_param_dtype:  # the norm d is a number of the EMA dtype, as in the kernels
-            d_flush = d_flush.to(self.ema_dtype).float()
-            d_prev = d_prev.to(self.ema_dtype).float()
         d_in = torch.where(fr[L.F_APPLIED] != 0, d_prev, self.dcarry[r, :n])
         applied_now = (pend == L.PEND_EMA) & finite
         d = torch.where(applied_now, d_flush, torch.where(pend == L.PEND_INIT, 0.0, d_in))
@@ -239,6 +290,10 @@ class TritonFusedGroup:
     def pending_stats(self):
         """(alpha, skips) of the pending step, decided on the device (one small launch
         over the tensors, no host sync, the EMA untouched); None when nothing is pending."""
+        with self.guard("a read of the stats"):
+            return self._pending_stats()
+
+    def _pending_stats(self):
         s, n = self.state, self.n
         if n == 0 or self._dirty or not self._pending or self.n_tiles == 0:
             return None

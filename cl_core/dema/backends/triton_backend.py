@@ -5,7 +5,10 @@ map, address tables, partials) and hands them to the kernels' launchers with the
 config's scalars; the per-tensor state is the engine's GroupState.
 
 Nothing here reads a device value on the host. Under TRITON_INTERPRET=1 the same kernels
-run on CPU tensors, which is how the tests check them.
+run on CPU tensors, which is how the tests check them (CUDA tensors are then refused).
+Every call that launches or touches the tables runs under the group's device, refuses
+CUDA-graph capture and orders its stream after the one that last used the tables
+(cl_core/dema/cuda_launch.py).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import operator
 import torch
 
 from cl_core.dema.config import DEMAConfig
+from cl_core.dema.cuda_launch import LaunchGuard, refuse_interpreter_on_cuda
 from cl_core.dema.state import GroupState
 from cl_core.kernels import layouts as L
 from cl_core.kernels import triton_dema as K
@@ -43,7 +47,22 @@ class TritonBackend:
         if dtype not in K.DTYPES:
             raise ValueError(f"the triton DEMA backend supports float32/bfloat16/float16 parameters, got {dtype}")
         _check_ema_dtype(state, dtype)  # (GroupState allocates θ* and g_prev in state.ema_dtype)
+        refuse_interpreter_on_cuda(state.device, K._dema_stats_kernel, "the triton DEMA backend")
         self.state, self.config = state, config
+        self.dpart = None
+        self.guard = LaunchGuard(state.device, self._buffers, "the triton DEMA backend")
+        with self.guard("building its tables"):
+            self._build(dtype)
+
+    def _buffers(self):
+        """The tensors kept between calls: the tables and the group's state."""
+        s = self.state
+        return [self.numel, self.e_tab, self.gp_tab, self.dyn_tab, self.stats, self.mode, self.blk_tensor,
+                self.blk0, self.partials, self.dpart, s.ema_flat, s.gprev_flat, s.started, s.has_prev, s.d,
+                s.alpha, s.skips]
+
+    def _build(self, dtype: torch.dtype) -> None:
+        state = self.state
         self.ema_dtype = state.ema_dtype
         s, dev = state, state.device
         self.numel = torch.tensor(s.numels, dtype=torch.int64, device=dev)
@@ -57,7 +76,6 @@ class TritonBackend:
         self.mode = torch.zeros(len(s), dtype=torch.int8, device=dev)
         self._dyn_key = None
         self._aligned = False
-        self.dpart = None
         self._bind(dtype)
 
     def _bind(self, dtype: torch.dtype) -> None:
@@ -99,6 +117,25 @@ class TritonBackend:
             self._aligned = self._static_aligned and (functools.reduce(operator.or_, th + g, 0) & 15) == 0
 
     def update(self, thetas, grads, reduce_stats=None) -> None:
+        self._check_numels(thetas, grads)  # before anything changes (a dtype rebind included)
+        with self.guard("update()"):
+            self._update(thetas, grads, reduce_stats)
+
+    def _check_numels(self, thetas, grads) -> None:
+        """The blocks were laid out for the element counts the group started with: a
+        tensor given other storage of another size (p.data = x[:k]) would be swept past
+        its end (or partly), so it is refused, naming it."""
+        numels = self.state.numels
+        for k, (x, g) in enumerate(zip(thetas, grads)):
+            for what, t in (("parameter", x), ("gradient", g)):
+                if t is not None and t.numel() != numels[k]:
+                    raise ValueError(
+                        f"the triton DEMA backend: the {what} of tensor {k} of this group ({self.state.device}, "
+                        f"{self.dtype}) has {t.numel()} elements (shape {tuple(t.shape)}), but its EMA was built "
+                        f"for {numels[k]} (shape {self.state.shapes[k]}); its storage was replaced by one of "
+                        "another size. Give it back its size, or build a new DEMA engine for the resized model")
+
+    def _update(self, thetas, grads, reduce_stats) -> None:
         s = self.state
         dtypes = {x.dtype for x in thetas}
         if len(dtypes) == 1 and self.dtype not in dtypes and next(iter(dtypes)) in K.DTYPES:
@@ -140,12 +177,14 @@ class TritonBackend:
         would form: reading the state never changes the trajectory (summed on the host
         in another order, d could differ in its last bit, and α with it). Its other
         output, the statistics table, is only read within an update."""
-        if len(self.state) == 0 or self.n_blocks == 0:
-            return
-        self._decide(*K.DECIDE_REDUCE_ONLY)
-        self.mode.zero_()  # MODE_SKIP: the next decide keeps the folded d
+        with self.guard("an EMA read (canonicalize)"):  # the read is ordered after the last update too
+            if len(self.state) == 0 or self.n_blocks == 0:
+                return
+            self._decide(*K.DECIDE_REDUCE_ONLY)
+            self.mode.zero_()  # MODE_SKIP: the next decide keeps the folded d
 
     def state_loaded(self) -> None:
         """A checkpoint was written into the shared state: drop pending partials."""
-        self.mode.zero_()
-        self.dpart.zero_()
+        with self.guard("loading a state"):
+            self.mode.zero_()
+            self.dpart.zero_()
