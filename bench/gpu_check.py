@@ -82,6 +82,13 @@ def _shapes():
     return [(4096, 8), (8, 4096), (1000, 7), (33,), (8, 11008), (11008, 8)]
 
 
+def _grads(torch, params, g=None):
+    """Fresh gradients on every tensor: DEMA's α comes from the gradients (without them every
+    tensor falls back to a fixed EMA and the check would not exercise the dynamic path)."""
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, device=p.device).to(p.dtype)
+
+
 def _engines(torch, dtype, ema_dtype, backends, steps=5, seed=0):
     """Runs the same parameter sequence through each backend; returns {backend: ema tensors}."""
     from cl_core import DEMA, DEMAConfig
@@ -91,6 +98,7 @@ def _engines(torch, dtype, ema_dtype, backends, steps=5, seed=0):
         params = [torch.randn(s, generator=g, device="cuda").to(dtype) for s in _shapes()]
         engine = DEMA(params, DEMAConfig(backend=backend, ema_dtype=ema_dtype))
         for _ in range(steps):
+            _grads(torch, params, g)
             engine.update()
             with torch.no_grad():
                 for p in params:
@@ -137,6 +145,7 @@ def case_guard_bands(torch):
         g = Guarded(_shapes(), dtype, "cuda", fill=lambda s: torch.randn(s, device="cuda"))
         engine = DEMA(g.tensors, DEMAConfig(backend="triton"))
         for _ in range(3):
+            _grads(torch, g.tensors)
             engine.update()
             with torch.no_grad():
                 for p in g.tensors:
@@ -157,6 +166,7 @@ def case_side_stream(torch):
     with torch.cuda.stream(s):
         params = [torch.randn(sh, generator=g, device="cuda") for sh in _shapes()]
         engine = DEMA(params, DEMAConfig(backend="triton"))
+        _grads(torch, params, g)
         engine.update()
         got = [t.float().clone() for t in engine.ema_tensors()]
     s.synchronize()
@@ -169,6 +179,7 @@ def case_graph_capture(torch):
     from cl_core import DEMA, DEMAConfig
     params = [torch.randn(s, device="cuda") for s in _shapes()]
     engine = DEMA(params, DEMAConfig(backend="triton"))
+    _grads(torch, params)
     engine.update()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -189,6 +200,7 @@ def case_big_tensor(torch):
         raise Skip(f"needs ~{need / 2**30:.0f} GiB free, {free / 2**30:.0f} GiB free")
     p = torch.zeros(n, dtype=torch.float16, device="cuda")
     engine = DEMA([p], DEMAConfig(backend="triton"))
+    p.grad = torch.ones_like(p)
     engine.update()
     p.fill_(1.0)
     engine.update()
@@ -198,6 +210,72 @@ def case_big_tensor(torch):
     if not torch.isfinite(tail).all() or float(tail.min()) <= 0:
         raise AssertionError("the elements past 2^31 were not updated")
     return f"{n} elements updated to the end"
+
+
+def _ulp(a, b) -> int:
+    """Largest distance in units in the last place between two fp32 tensors (bit patterns
+    mapped to a monotone integer line, so -0.0 and 0.0 are 0 apart)."""
+    import torch
+    def line(t):
+        i = t.float().contiguous().view(torch.int32).long()
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+    return int((line(a) - line(b)).abs().max())
+
+
+def case_fused_vs_adamw(torch, steps=5):
+    """The fused optimizer+DEMA step's parameters against torch.optim.AdamW(fused=True)."""
+    from cl_core import DEMAOptimizer
+    g = torch.Generator(device="cuda").manual_seed(7)
+    init = [torch.randn(s, generator=g, device="cuda") for s in _shapes()]
+    mine = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = DEMAOptimizer(torch.optim.AdamW(mine, lr=1e-2, weight_decay=0.1), fused=True)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, fused=True)
+    for _ in range(steps):
+        grads = [torch.randn(t.shape, generator=g, device="cuda") for t in init]
+        for p, q, gr in zip(mine, theirs, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        opt.step()
+        ref.step()
+    torch.cuda.synchronize()
+    if getattr(opt, "_fused", None) is not None and getattr(opt._fused, "generic_steps", 0):
+        raise AssertionError(f"{opt._fused.generic_steps} of {steps} steps took the generic path, not the fused kernel")
+    ulp = max(_ulp(p.detach(), q.detach()) for p, q in zip(mine, theirs))
+    err = max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(mine, theirs))
+    return f"max {ulp} ulp (max |err| {err:.1e}) from torch AdamW(fused=True) after {steps} steps"
+
+
+def case_launches(torch):
+    """Triton launches per DEMA update and per fused step (JITFunction.run calls, as the suite's
+    cuda_launches fixture counts them)."""
+    from triton.runtime.jit import JITFunction
+    from cl_core import DEMA, DEMAConfig, DEMAOptimizer
+    n = {"n": 0}
+    orig = JITFunction.run
+
+    def counting(self, *a, **k):
+        n["n"] += 1
+        return orig(self, *a, **k)
+
+    params = [torch.randn(s, device="cuda") for s in _shapes()]
+    engine = DEMA(params, DEMAConfig(backend="triton"))
+    _grads(torch, params)
+    ps = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in _shapes()]
+    opt = DEMAOptimizer(torch.optim.AdamW(ps, lr=1e-2), fused=True)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    engine.update()
+    opt.step()  # first calls compile and start lazily: count the steady state
+    JITFunction.run = counting
+    try:
+        engine.update()
+        dema = n["n"]
+        n["n"] = 0
+        opt.step()
+        fused = n["n"]
+    finally:
+        JITFunction.run = orig
+    return f"DEMA update {dema} launch(es), fused step {fused} launch(es), {len(_shapes())} tensors"
 
 
 def _time(torch, fn, reps=20):
@@ -222,9 +300,17 @@ def case_bandwidth(torch):
     emas = [p.clone() for p in params]
     lerp_bw = 12 * numel / _time(torch, lambda: torch._foreach_lerp_(emas, params, 0.01))
     engine = DEMA(params, DEMAConfig(backend="triton"))
+    _grads(torch, params)
     engine.update()
     dema_bw = 24 * numel / _time(torch, engine.update)
-    return (f"copy {copy_bw / 1e9:.0f} GB/s; DEMA {dema_bw / copy_bw:.2f}x copy, "
+    from cl_core import DEMAOptimizer
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = DEMAOptimizer(torch.optim.AdamW(ps, lr=1e-4), fused=True)
+    # fp32 AdamW+DEMA in one pass: read p, g, m, v, θ*, g_prev; write p, m, v, θ*, g_prev
+    fused_bw = 44 * numel / _time(torch, opt.step)
+    return (f"copy {copy_bw / 1e9:.0f} GB/s; fused step {fused_bw / copy_bw:.2f}x copy, DEMA {dema_bw / copy_bw:.2f}x copy, "
             f"fixed-beta lerp {lerp_bw / copy_bw:.2f}x copy")
 
 
@@ -246,7 +332,7 @@ def case_sanitizer(torch, tool):
         raise Skip("compute-sanitizer is not on PATH")
     code = ("import torch; from cl_core import DEMA, DEMAConfig; "
             "p=[torch.randn(s, device='cuda') for s in [(64,8),(8,64),(33,)]]; "
-            "e=DEMA(p, DEMAConfig(backend='triton')); e.update(); e.update(); torch.cuda.synchronize()")
+            "e=DEMA(p, DEMAConfig(backend='triton')); [setattr(t, 'grad', torch.randn_like(t)) for t in p]; e.update(); e.update(); torch.cuda.synchronize()")
     proc = subprocess.run([exe, "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", code],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     log.info("compute-sanitizer %s:\n%s%s", tool, proc.stdout, proc.stderr)
@@ -257,6 +343,8 @@ def case_sanitizer(torch, tool):
 
 CASES = [  # (name, function, optional packages it needs)
     ("dema backends vs reference", case_dema_backends, ("triton",)),
+    ("fused step vs torch AdamW(fused)", case_fused_vs_adamw, ("triton",)),
+    ("launches per step", case_launches, ("triton",)),
     ("concurrent seeds vs reference", case_concurrent_seeds, ("triton",)),
     ("repeat runs bitwise", case_repeat_bitwise, ("triton",)),
     ("guard bands", case_guard_bands, ("triton",)),
