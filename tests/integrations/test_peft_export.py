@@ -128,7 +128,8 @@ def test_rslora_export_where_the_layers_do_not_keep_use_rslora(tmp_path):
     assert layers
     for layer in layers:
         assert layer.scaling["default"] == 8 / math.sqrt(4)            # what PEFT computes with rsLoRA
-        del layer.use_rslora
+        if hasattr(layer, "use_rslora"):  # peft >= 0.18 keeps it; on an older peft the layout is already the real one
+            del layer.use_rslora
         assert pe._configured_scaling(layer, "default", model.peft_config["default"]) == 8 / math.sqrt(4)
     assert pe._scaling_ratios(model, "default") == {}                  # nothing to fold: the live scaling is the configured one
     out = cb.save_ema_adapter(str(tmp_path / "ema"))
