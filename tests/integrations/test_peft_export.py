@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from cl_core import DEMACallback
-from cl_core.integrations.core import adapter_named_parameters, atomic_save, load_state_file, select_dema_parameters
+from cl_core.integrations.core import (adapter_named_parameters, atomic_save, load_state_file, select_dema_parameters,
+                                      transformers_adapter_support)
 from cl_core.integrations.peft import save_ema_adapter
 from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, training_args
 from tests.helpers import lora_config, tiny_llama, tiny_peft_llama
@@ -127,7 +128,8 @@ def test_rslora_export_where_the_layers_do_not_keep_use_rslora(tmp_path):
     assert layers
     for layer in layers:
         assert layer.scaling["default"] == 8 / math.sqrt(4)            # what PEFT computes with rsLoRA
-        del layer.use_rslora
+        if hasattr(layer, "use_rslora"):  # peft >= 0.18 keeps it; on an older peft the layout is already the real one
+            del layer.use_rslora
         assert pe._configured_scaling(layer, "default", model.peft_config["default"]) == 8 / math.sqrt(4)
     assert pe._scaling_ratios(model, "default") == {}                  # nothing to fold: the live scaling is the configured one
     out = cb.save_ema_adapter(str(tmp_path / "ema"))
@@ -176,6 +178,7 @@ def test_atomic_save_and_load(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(transformers_adapter_support() is not None, reason=str(transformers_adapter_support()))
 def test_transformers_native_adapter_exports_for_both_loaders(tmp_path):
     """model.add_adapter(...) (no PeftModel wrapper): the folder loads with
     PeftModel.from_pretrained and with transformers' model.load_adapter."""
@@ -228,3 +231,21 @@ def test_save_ema_adapter_when_another_process_creates_the_folder_first(tmp_path
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".ema.tmp")]
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert len(saved) == len(named)
+
+
+def test_transformers_adapter_support_names_versions_and_fix(monkeypatch):
+    """One line naming the transformers, the peft it needs and the pip fix when transformers
+    declares a higher peft floor than the installed one; None when the floor is met."""
+    import peft
+    import transformers
+    from transformers.integrations import peft as hf_peft
+
+    monkeypatch.setattr(hf_peft, "MIN_PEFT_VERSION", "999.0.0", raising=False)
+    line = transformers_adapter_support()
+    assert line is not None and "\n" not in line
+    assert f"transformers {transformers.__version__} needs peft >= 999.0.0" in line
+    assert f"peft {peft.__version__} is installed" in line and "pip install 'peft>=999.0.0'" in line
+    monkeypatch.setattr(hf_peft, "MIN_PEFT_VERSION", peft.__version__)
+    assert transformers_adapter_support() is None
+    monkeypatch.delattr(hf_peft, "MIN_PEFT_VERSION")
+    assert transformers_adapter_support() is None
