@@ -5,21 +5,7 @@ import logging
 import pytest
 
 from cl_core.cli import main
-from cl_core.continual import run as runner
 from cl_core.continual.config import METHODS, RunConfig
-
-
-@pytest.fixture
-def captured(monkeypatch):
-    seen = []
-
-    def fake_run(cfg, out, **kwargs):
-        cfg.validate()
-        seen.append(cfg)
-        return {"config": cfg.to_dict(), "methods": {}, "wall_seconds_this_call": 1.0}
-
-    monkeypatch.setattr(runner, "run", fake_run)
-    return seen
 
 
 def test_recipe_flags_reach_the_config(tmp_path, captured):

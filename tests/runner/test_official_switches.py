@@ -5,25 +5,11 @@ import logging
 import pytest
 
 from cl_core.cli import main
-from cl_core.continual import run as runner
 from cl_core.continual.config import OFFICIAL_DEMA_TASKS, RunConfig
 from cl_core.continual.report import _grouping_lines, _official_switches
 from cl_core.continual.run import run
 from cl_core.continual.synthetic import TASK_NAMES, instruction_templates
 from cl_core.grouping import InstructionGrouper
-
-
-@pytest.fixture
-def captured(monkeypatch):
-    seen = []
-
-    def fake_run(cfg, out, **kwargs):
-        cfg.validate()
-        seen.append(cfg)
-        return {"config": cfg.to_dict(), "methods": {}, "wall_seconds_this_call": 1.0}
-
-    monkeypatch.setattr(runner, "run", fake_run)
-    return seen
 
 
 def test_official_switches_only_for_coins_order_with_the_original_templates():
