@@ -89,6 +89,17 @@ def _engine(params, **config):
     return DEMA(params, DEMAConfig(backend="triton", formula="paper", **config))
 
 
+def _started_engine():
+    """Parameters and an engine past its first update (the lazy start), with the generator that
+    draws the next gradients."""
+    params = _params()
+    engine = _engine(params)
+    gen = torch.Generator().manual_seed(1)
+    _grads(params, gen)
+    engine.update()
+    return params, engine, gen
+
+
 def _snapshot(engine):
     s = engine.groups[0].state
     return [x.clone() for x in (s.ema_flat, s.gprev_flat, s.started, s.has_prev, s.d, s.alpha, s.skips)]
@@ -121,11 +132,7 @@ def test_the_recorders_see_a_launch_outside_the_guard(fake_cuda):
 
 
 def test_a_captured_update_is_refused_before_anything_changes(fake_cuda):
-    params = _params()
-    engine = _engine(params)
-    gen = torch.Generator().manual_seed(1)
-    _grads(params, gen)
-    engine.update()
+    params, engine, gen = _started_engine()
     before = _snapshot(engine)
     fake_cuda["launches"].clear()
     fake_cuda["capturing"] = True
@@ -140,11 +147,7 @@ def test_a_captured_update_is_refused_before_anything_changes(fake_cuda):
 
 
 def test_a_call_from_another_stream_waits_for_the_last_one(fake_cuda):
-    params = _params()
-    engine = _engine(params)
-    gen = torch.Generator().manual_seed(1)
-    _grads(params, gen)
-    engine.update()
+    params, engine, gen = _started_engine()
     first = fake_cuda["stream"]
     assert first.waited == [] and fake_cuda["recorded"] == []  # one stream so far: nothing to order
     side = fake_cuda["stream"] = FakeStream("side")
@@ -165,11 +168,7 @@ def test_a_call_from_another_stream_waits_for_the_last_one(fake_cuda):
 
 
 def test_a_resized_tensor_is_refused_before_anything_changes():
-    params = _params()
-    engine = _engine(params)
-    gen = torch.Generator().manual_seed(1)
-    _grads(params, gen)
-    engine.update()
+    params, engine, gen = _started_engine()
     before = _snapshot(engine)
     with torch.no_grad():
         params[2].data = params[2].data.reshape(-1)[:700].clone()  # 1,200 elements -> 700
@@ -184,11 +183,7 @@ def test_a_resized_tensor_is_refused_before_anything_changes():
 def test_a_resized_gradient_is_refused():
     """torch refuses `p.grad =` of another size, but a backend is handed gradients by its
     caller (a hook, a sharded trainer): checked too."""
-    params = _params()
-    engine = _engine(params)
-    gen = torch.Generator().manual_seed(1)
-    _grads(params, gen)
-    engine.update()
+    params, engine, gen = _started_engine()
     before = _snapshot(engine)
     grads = [p.grad for p in params]
     grads[1] = torch.randn(20, generator=gen)  # 33 expected
