@@ -21,8 +21,8 @@ from cl_core.dema.config import FORMULAS
 METHOD_CHOICES = METHODS
 # The methods `cl-core demo` compares (the top-level help counts them): the custom methods, so
 # each effect has its own row (fixed EMA, DEMA, grouping, grouping with DEMA, against plain
-# LoRA). The recipes (lcia, cl-next) are left to `cl-core run --recipe ...` so that three seeds,
-# each with its own base, fit the demo's 10 minutes.
+# LoRA). The recipes (lcia, cl-next) are left to `cl-core run --recipe ...`, and CoIN's MoELoRA to
+# `cl-core run --methods moelora`, so that three seeds, each with its own base, fit the demo's 10 minutes.
 DEMO_METHODS = CUSTOM_METHODS
 _DEFAULTS = RunConfig()
 
@@ -37,6 +37,7 @@ FLAGS = {
     "dema_scale": "--dema-scale", "dema_fallback": "--dema-fallback", "group_threshold": "--threshold",
     "route": "--route", "new_set_init": "--new-set-init", "dema_params": "--dema-params",
     "max_grad_norm": "--max-grad-norm", "recipe": "--recipe", "dema_tasks": "--dema-tasks",
+    "moe_experts": "--moe-experts", "moe_top_k": "--moe-top-k",
 }
 
 # The demo presets: the same tasks, seeds, steps and learning rate for every method. The full
@@ -140,6 +141,11 @@ def add_parser(sub) -> None:
     model.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="peak learning rate (cosine schedule)")
     model.add_argument("--lora-r", type=int, default=_DEFAULTS.lora_r, help="LoRA rank")
     model.add_argument("--lora-alpha", type=int, default=_DEFAULTS.lora_alpha, help="LoRA alpha (scaling)")
+    model.add_argument("--moe-experts", type=int, default=_DEFAULTS.moe_experts,
+                       help="method moelora: LoRA experts per layer, --lora-r split across them (CoIN's scripts: 2)")
+    model.add_argument("--moe-top-k", type=int, default=None,
+                       help="method moelora: use each token's k most weighted experts, renormalised (default: "
+                            "every expert, CoIN's dense router)")
     model.add_argument("--max-length", type=int, default=_DEFAULTS.max_length, help="tokens per training example")
     model.add_argument("--max-new-tokens", type=int, default=None,
                        help="generation length at evaluation (default: longest test answer + 2)")
@@ -244,7 +250,7 @@ def cmd_run(args) -> int:
         ema_beta=args.beta, dema_formula=args.dema_formula, dema_scale=args.dema_scale,
         dema_fallback=args.dema_fallback, group_threshold=args.threshold, route=args.route,
         new_set_init=args.new_set_init, dema_params=args.dema_params, max_grad_norm=args.max_grad_norm,
-        dema_tasks=_dema_tasks(args.dema_tasks),
+        dema_tasks=_dema_tasks(args.dema_tasks), moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
     )
     cfg.validate(FLAGS)  # errors name the flags (--steps), before anything is written
     out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")

@@ -31,7 +31,7 @@ def _pm(mean: float, std: float, n_seeds: int = 2) -> str:
 # The comparisons the demo is built to answer: each EMA against what it is added to, and
 # grouping with and without DEMA (the ablation that separates the two effects).
 COMPARISONS = (("ema", "lora"), ("dema", "lora"), ("dema", "ema"), ("group", "lora"), ("dema+group", "group"),
-               ("dema+group", "dema"), ("lcia", "group"), ("cl-next", "dema"))
+               ("dema+group", "dema"), ("lcia", "group"), ("cl-next", "dema"), ("moelora", "lora"))
 COMPARED_METRICS = ("avg_acc", "forgetting")
 
 
@@ -354,7 +354,8 @@ def write_report(results: dict, out_dir) -> Path:
               "one entry per task, `groups`, `reused`, `ema`, `dema` (DEMA on), `init_from` (the task whose "
               "weights the trained set started from; null: fresh), mean α per step and `alpha_counts`), "
               "`state.json` (finished units, for resuming), `config.json`, `chains/<method>/seed<s>/task<j>/` "
-              "(final LoRA adapters, PEFT format), `chains/<method>/seed<s>/alpha_task<j>.json` (α per step and "
+              "(final LoRA adapters, PEFT format; moelora: `moelora_config.json` + `moelora.safetensors`, reloaded "
+              "by `cl_core.moelora.load_moelora`), `chains/<method>/seed<s>/alpha_task<j>.json` (α per step and "
               "tensor, with the tensors' sizes), `base/seed<s>/` (stage-1 base model).", ""]
     if "wall_seconds_this_call" in results:
         lines += [f"Wall time of the call that finished this run: {results['wall_seconds_this_call']:.0f} s "
@@ -439,7 +440,8 @@ def _settings_lines(methods: dict) -> list[str]:
              "`lora`, `ema`, `dema`, `group`, `dema+group` take the run's flags (the custom recipe; `group` is "
              "grouping without any EMA, beside `dema+group` to separate the two effects); `lcia` is the official "
              "LCIA recipe and `cl-next` Continual-NExT's, with their own fixed settings (custom methods run beside "
-             "`--recipe lcia` or `--recipe cl-next` take that recipe's settings).", "",
+             "`--recipe lcia` or `--recipe cl-next` take that recipe's settings); `moelora` is CoIN's MoELoRA (LoRA "
+             "experts and a learned router per layer, one set, no EMA), with its own fixed settings.", "",
              "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for m, st in rows:
         lines.append(f"| {m} | " + " | ".join(str(st.get(k, "-")) for k in keys) + " |")

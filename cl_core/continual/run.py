@@ -16,6 +16,8 @@ weights at the task's end):
                 task that opens a new set does not; at evaluation each test instance is routed
                 to a group by its instruction and answered by that group's adapter
     lcia        the official LCIA recipe; cl-next: Continual-NExT's (cl_core.continual.config)
+    moelora     CoIN's MoELoRA (cl_core.moelora): one set of LoRA experts with a learned router per
+                layer, trained task after task, no EMA
 
 The custom methods take the run's flags (new-set start, averaged tensors, clipping, test
 routing); the recipes fix their own. Per task the state records whether DEMA was on
@@ -34,7 +36,8 @@ Run folder::
     base/seed<s>/                  stage-1 base model + tokenizer (bundled benchmark)
     chains/<method>/seed<s>/task<j>/   the adapters after task j (only the latest is kept;
                                    after the last task these are the final adapters), with
-                                   grouper.json for dema+group
+                                   grouper.json for dema+group; moelora: moelora_config.json and
+                                   moelora.safetensors (cl_core.moelora.load_moelora reloads them)
     chains/<method>/seed<s>/alpha_task<j>.json   per-step, per-tensor α of task j
     results.json, report.md, *.png written at the end (cl_core.continual.report)
 
@@ -184,11 +187,25 @@ class ContinualRun:
         return LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=0.0,
                           target_modules=self.cfg.target_modules, task_type="CAUSAL_LM")
 
+    def _adapter_sets(self, plan, base, folder=None):
+        """The adapters a chain trains on ``base``: PEFT LoRA sets, or (moelora) one MoELoRA
+        set; reloaded trainable from ``folder`` when a chain resumes."""
+        if plan.adapter == "moelora":
+            from cl_core.moelora import MoELoRASet
+
+            if folder is not None:
+                return MoELoRASet.from_pretrained(base, folder, is_trainable=True)
+            return MoELoRASet(base, self.cfg.moelora_config())
+        from cl_core.lora_sets import LoRASets
+
+        if folder is not None:
+            return LoRASets.from_pretrained(base, folder, is_trainable=True, lora_config=self._lora_config())
+        return LoRASets(base, self._lora_config())
+
     def run_chain(self, method: str, seed: int, state: RunState) -> None:
         import torch
 
         from cl_core.grouping import Decision, InstructionGrouper
-        from cl_core.lora_sets import LoRASets
 
         cfg, tasks = self.cfg, self.tasks
         plan = cfg.plan(method)
@@ -202,11 +219,11 @@ class ContinualRun:
         if done:
             last = cdir / done[-1].adapters
             log.info("%s seed %d: resuming after task %d/%d (%s)", method, seed, len(done), len(tasks), last)
-            sets = LoRASets.from_pretrained(base, last, is_trainable=True, lora_config=self._lora_config())
+            sets = self._adapter_sets(plan, base, last)
             if grouper is not None:
                 grouper = InstructionGrouper.load(last / "grouper.json")
         else:
-            sets = LoRASets(base, self._lora_config())
+            sets = self._adapter_sets(plan, base)
         last_of_group = {r.group: k for k, r in enumerate(done)}  # the task that last trained each set
         for j in range(len(done), len(tasks)):
             task = tasks[j]
