@@ -385,11 +385,13 @@ class MoELoRASet:
         (adapter name, whether the set existed)."""
         if decision.group != 0:
             raise ValueError(f"MoELoRA trains one adapter set; the decision names group {decision.group}")
+        if bool(decision.reused) != self._applied:
+            raise ValueError("the decision re-trains the MoELoRA set, but the model has none yet" if decision.reused
+                             else "the decision opens the MoELoRA set, but the model already has it")
         if not self._applied:
             apply_moelora(self.model, self.config)
             self._applied = True
-            return ADAPTER_NAME, False
-        return ADAPTER_NAME, True
+        return ADAPTER_NAME, bool(decision.reused)
 
     def save(self, directory) -> None:
         save_moelora(self.model, directory)

@@ -11,6 +11,7 @@ from torch import nn
 
 from cl_core.moelora import (CONFIG_NAME, WEIGHTS_NAME, MoELoRAConfig, MoELoRALinear, MoELoRASet, apply_moelora,
                              load_moelora, moelora_parameters, save_moelora, target_module_names)
+from cl_core.grouping import Decision
 from tests.helpers import tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 4], [1, 30, 31, 7, 8, 2, 0]])
@@ -179,7 +180,11 @@ def test_export_and_reload_into_a_fresh_base_gives_identical_outputs(tmp_path):
     model = tiny_llama(0)
     cfg = MoELoRAConfig(r=6, lora_alpha=12, num_experts=3, top_k=2, target_modules=("q_proj", "down_proj"))
     set_ = MoELoRASet(model, cfg)
-    assert set_.prepare_task(type("D", (), {"group": 0, "reused": False})()) == ("moelora", False)
+    with pytest.raises(ValueError, match="re-trains the MoELoRA set, but the model has none yet"):
+        set_.prepare_task(Decision(group=0, reused=True, similarities=[]))
+    with pytest.raises(ValueError, match="MoELoRA trains one adapter set; the decision names group 1"):
+        set_.prepare_task(Decision(group=1, reused=False, similarities=[]))
+    assert set_.prepare_task(Decision(group=0, reused=False, similarities=[])) == ("moelora", False)
     torch.manual_seed(5)
     with torch.no_grad():
         for _, p in moelora_parameters(model):
@@ -198,7 +203,9 @@ def test_export_and_reload_into_a_fresh_base_gives_identical_outputs(tmp_path):
     again = MoELoRASet.from_pretrained(tiny_llama(0), out, is_trainable=True)
     assert {n for n, p in again.model.named_parameters() if p.requires_grad} == {n for n, _ in
                                                                                   moelora_parameters(model)}
-    assert again.prepare_task(type("D", (), {"group": 0, "reused": True})()) == ("moelora", True)
+    with pytest.raises(ValueError, match="opens the MoELoRA set, but the model already has it"):
+        again.prepare_task(Decision(group=0, reused=False, similarities=[]))
+    assert again.prepare_task(Decision(group=0, reused=True, similarities=[])) == ("moelora", True)
     # a re-saved reload is the same file content
     again.save(tmp_path / "again")
     assert (tmp_path / "again" / WEIGHTS_NAME).read_bytes() == (out / WEIGHTS_NAME).read_bytes()

@@ -1,6 +1,7 @@
 """Method moelora in the runner: `cl-core run --methods moelora` end to end on the bundled
 tasks (one MoELoRA set trained task after task, saved per task, reloaded by load_moelora into a
-fresh base with the run's own accuracies), its flags and their errors."""
+fresh base with the run model's outputs and accuracies, resumed after a stop with the same
+results), its flags and their errors."""
 import json
 import logging
 
@@ -61,6 +62,20 @@ def test_moelora_runs_task_after_task_and_its_export_reloads_with_identical_outp
         assert len(saved_logits) == 2 and torch.equal(model(ids).logits, saved_logits[-1])
         assert not torch.equal(runner._load_base(0)(ids).logits, saved_logits[-1])
     assert runner._evaluate(model, None) == seed["matrix"][-1]
+    # Stopped after task 1 and resumed (the set reloaded trainable from its files): the same
+    # losses, accuracies and final outputs as the uninterrupted run.
+    from cl_core.continual.run import run
+
+    def stop_after_task_1(method, seed, task):
+        if task == 0:
+            raise KeyboardInterrupt
+
+    other = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, other, quiet=True, threads=1, on_task_end=stop_after_task_1)
+    resumed = run(cfg, other, quiet=True, threads=1)["methods"]["moelora"]["seeds"]["0"]
+    assert resumed["matrix"] == seed["matrix"] and resumed["loss"] == seed["loss"]
+    assert len(saved_logits) == 4 and torch.equal(saved_logits[-1], saved_logits[1])
 
 
 def test_moelora_flags_reach_the_config(tmp_path, captured):
