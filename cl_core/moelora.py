@@ -34,7 +34,8 @@ API
                                    #   unless trainable=True): outputs identical to the saved model
     MoELoRASet(model, cfg)         # the runner's view: one adapter set trained task after task
 
-Works with ``transformers.Trainer`` (the model stays a plain ``nn.Module``; the optimizer sees
+The layer needs torch only; its files need safetensors (``pip install cl_core[hf]``). Works with
+``transformers.Trainer`` (the model stays a plain ``nn.Module``; the optimizer sees
 the trainable experts and routers only). The adapter cannot be merged into W: the router's
 weights depend on the input.
 """
@@ -54,7 +55,8 @@ from torch.nn import functional as F
 from cl_core.atomic_io import atomic_write, write_json_atomic
 
 __all__ = ["ADAPTER_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "MoELoRAConfig", "MoELoRALinear", "MoELoRASet",
-           "apply_moelora", "load_moelora", "moelora_parameters", "moelora_state_dict", "save_moelora"]
+           "apply_moelora", "load_moelora", "moelora_parameters", "moelora_state_dict", "read_moelora_config",
+           "save_moelora", "target_module_names"]
 
 log = logging.getLogger("cl_core.moelora")
 
@@ -283,10 +285,19 @@ def moelora_state_dict(model) -> dict:
 
 # --------------------------------------------------------------------------- saving and loading
 
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as exc:  # the layer itself needs torch only; its files need safetensors
+        raise ImportError(f"saving and loading MoELoRA adapters needs safetensors ({exc}); install it with: "
+                          "pip install cl_core[hf]") from None
+    return safetensors.torch
+
+
 def save_moelora(model, directory) -> Path:
     """Write ``moelora_config.json`` (the config and the adapted module names) and
     ``moelora.safetensors`` (experts and routers) into ``directory``; returns the folder."""
-    from safetensors.torch import save as st_save
+    st_save = _safetensors().save
 
     info = getattr(model, "_cl_core_moelora", None)
     if info is None:
@@ -327,7 +338,7 @@ def load_moelora(model, directory, trainable: bool = False):
     same architecture), in place, and return it: the saved layers, their saved weights, frozen
     unless ``trainable``. Missing, extra or mis-shaped tensors raise ValueError before the model
     is changed."""
-    from safetensors.torch import load_file
+    load_file = _safetensors().load_file
 
     directory = Path(directory)
     config, names = read_moelora_config(directory)
