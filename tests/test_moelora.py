@@ -257,3 +257,22 @@ def test_all_linear_leaves_the_multimodal_parts_alone():
 
     assert target_module_names(Toy(), "all-linear") == ["language_model.0", "language_model.1"]
     assert math.isclose(MoELoRAConfig(r=128, lora_alpha=256).scaling, 2.0)  # the scripts' r 128 / alpha 256
+
+
+def test_on_a_tiny_llava_the_experts_go_on_the_language_model_only(tmp_path):
+    from tests.integrations.test_llava import IMAGE_TOKEN, N_IMAGE_TOKENS, tiny_llava
+
+    model = tiny_llava().eval()
+    ids = torch.cat([torch.full((1, N_IMAGE_TOKENS), IMAGE_TOKEN), IDS[:1]], dim=1)
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ref = model(input_ids=ids, pixel_values=pixels).logits
+    names = apply_moelora(model, MoELoRAConfig(r=4, lora_alpha=8))
+    assert len(names) == 14 and all(".language_model." in n for n in names)  # not the vision tower, projector, head
+    assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits, ref)
+    with torch.no_grad():
+        for _, p in moelora_parameters(model):
+            p.normal_(0, 0.1)
+    save_moelora(model, tmp_path)
+    fresh = load_moelora(tiny_llava().eval(), tmp_path)
+    out = fresh(input_ids=ids, pixel_values=pixels).logits
+    assert torch.equal(out, model(input_ids=ids, pixel_values=pixels).logits) and not torch.equal(out, ref)
