@@ -58,7 +58,6 @@ CUSTOM_METHODS = ("lora", "ema", "dema", "group", "dema+group")
 RECIPE_METHODS = ("lcia", "cl-next")
 OWN_METHODS = ("moelora",)               # methods with fixed settings of their own that are no recipe
 METHODS = CUSTOM_METHODS + RECIPE_METHODS + OWN_METHODS
-ADAPTERS = ("lora", "moelora")           # the adapter a method trains: PEFT LoRA sets, or one MoELoRA set
 RECIPES = ("custom",) + RECIPE_METHODS
 ORDERS = ("origin", "reverse", "alphabet")
 ROUTES = ("instance", "file")            # test routing: per test instance, or one decision per test file
