@@ -217,10 +217,11 @@ def _execute(cfg, out, args) -> int:
     started = time.time()
     # Under torchrun / accelerate launch: checked (--deepspeed, --batch-size) before the
     # process group is joined; rank 0 alone logs and prints, the others say only warnings.
-    launch = Launch.from_env(getattr(args, "deepspeed", None), flags=FLAGS)
+    launch = Launch.from_env(getattr(args, "deepspeed", None), flags=FLAGS, cfg=cfg)
     try:
-        launch.check_run(cfg, FLAGS)
-        if args.quiet or not launch.is_main:
+        if not launch.is_main:     # the other ranks would repeat rank 0's every line
+            logging.getLogger("cl_core").setLevel(logging.WARNING)
+        elif args.quiet:
             logging.getLogger("cl_core.continual.run").setLevel(logging.WARNING)
         try:
             results = runner.run(cfg, out, quiet=args.quiet, threads=1 if args.threads is None else args.threads,

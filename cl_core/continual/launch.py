@@ -61,12 +61,13 @@ class Launch:
 
     # ------------------------------------------------------------ set-up
     @classmethod
-    def from_env(cls, deepspeed: Optional[str] = None, flags: Optional[dict] = None) -> "Launch":
+    def from_env(cls, deepspeed: Optional[str] = None, flags: Optional[dict] = None, cfg=None) -> "Launch":
         """The launch this process was started in (RANK / WORLD_SIZE / LOCAL_RANK, as torchrun
         and accelerate launch set them; none: one process). ``deepspeed``: a DeepSpeed JSON
-        file, checked here (ValueError, one line naming the flag) before anything happens.
-        With more than one process the process group (gloo) is joined here, so the runner can
-        synchronise before the first Trainer exists; accelerate and DeepSpeed then use it."""
+        file; it, and ``cfg`` (a RunConfig: check_run), are checked here (ValueError, one line
+        naming the flag) before anything happens. With more than one process the process group
+        (gloo) is then joined, so the runner can synchronise before the first Trainer exists;
+        accelerate and DeepSpeed use that group."""
         env = os.environ
         launched = "RANK" in env and "WORLD_SIZE" in env
         flag = _flag(flags, "deepspeed")
@@ -91,6 +92,8 @@ class Launch:
             raise ValueError(f"RANK={rank} with WORLD_SIZE={world}: not a valid launch")
         launch = cls(rank=rank, world_size=world, local_rank=local, deepspeed=ds,
                      deepspeed_file=None if deepspeed is None else str(deepspeed))
+        if cfg is not None:
+            launch.check_run(cfg, flags)
         launch._join()
         return launch
 
@@ -139,12 +142,12 @@ class Launch:
         follows the runner, which trains fp32)."""
         return self.deepspeed is not None and _enabled(self.deepspeed.get("bf16")) is True
 
-    def describe(self) -> dict:
-        """The launch, for results.json."""
+    def describe(self, methods=()) -> dict:
+        """The launch, for results.json (with the DEMA precision of each of ``methods``)."""
         out = {"processes": self.world_size, "per_process_batch": "batch / processes"}
         if self.deepspeed is not None:
             out["deepspeed"] = {"file": self.deepspeed_file, "zero_stage": self.zero_stage,
-                                "bf16": self.bf16}
+                                "bf16": self.bf16, "dema_precision": {m: self.dema_precision(m) for m in methods}}
         return out
 
     # ------------------------------------------------------------ checks

@@ -71,7 +71,7 @@ class ContinualRun:
         cfg.validate()
         # The processes of a launcher (torchrun, accelerate launch; cl_core.continual.launch):
         # rank 0 writes the run folder, every rank trains its share and reads the folder.
-        self.launch = launch if launch is not None else Launch.from_env()
+        self.launch = launch if launch is not None else Launch.from_env(cfg=cfg)
         self.launch.check_run(cfg)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             # refused before anything is written (the CLI checks --threads the same way)
@@ -317,7 +317,7 @@ class ContinualRun:
         results = self.collect(state)
         results["wall_seconds_this_call"] = round(time.time() - t0, 2)
         if self.launch.distributed or self.launch.deepspeed is not None:
-            results["launch"] = self.launch.describe()
+            results["launch"] = self.launch.describe(self.cfg.methods)
 
         def finish():
             shutil.rmtree(self.out / ".trainer", ignore_errors=True)
