@@ -34,6 +34,9 @@ def interrupted_run(out, folder):
         run(cfg, out, quiet=True, threads=1, on_task_end=stop)
     except KeyboardInterrupt:
         pass
+    import torch.distributed as dist
+
+    dist.barrier()    # rank 0 saved the state before the interruption; the others read it after
     return json.loads((out / "state.json").read_text())
 
 
