@@ -57,6 +57,7 @@ class Launch:
     local_rank: int = 0
     deepspeed: Optional[dict] = None        # the parsed --deepspeed JSON
     deepspeed_file: Optional[str] = None
+    find_unused: bool = False               # DDP looks for parameters a step leaves without a gradient
     _joined: bool = field(default=False, repr=False)   # this object initialised the process group
 
     # ------------------------------------------------------------ set-up
@@ -175,13 +176,21 @@ class Launch:
         """TrainingArguments for one training of the global batch ``batch_size``."""
         kw = {"per_device_train_batch_size": batch_size // self.world_size}
         if self.distributed:
-            kw["ddp_find_unused_parameters"] = False    # LoRA: every trainable tensor gets a gradient
+            # LoRA: every trainable tensor gets a gradient, so DDP need not search for unused ones
+            kw["ddp_find_unused_parameters"] = self.find_unused
         if self.deepspeed is not None:
             import copy
 
             kw["deepspeed"] = copy.deepcopy(self.deepspeed)   # transformers fills in "auto" in place
             kw["bf16"] = self.bf16
         return kw
+
+    def for_whole_model(self) -> "Launch":
+        """This launch for training every tensor of a model (stage 1), where some may get no
+        gradient (a LLaVA vision tower's last layer feeds nothing): DDP then looks for them."""
+        import dataclasses
+
+        return dataclasses.replace(self, find_unused=True, _joined=False)
 
     def release(self, trainer) -> None:
         """After a training under DeepSpeed: destroy its engine, which removes the gradient

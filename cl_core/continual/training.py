@@ -266,7 +266,8 @@ def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Pa
                      out_dir=scratch, steps=cfg.stage1_steps,
                      batch_size=cfg.stage1_batch_size, lr=cfg.stage1_lr,
                      warmup=max(1, cfg.stage1_steps // 20), seed=seed_for(seed, "stage1"),
-                     quiet=quiet, max_length=cfg.max_length, launch=launch)
+                     quiet=quiet, max_length=cfg.max_length,
+                     launch=None if launch is None else launch.for_whole_model())
 
     def save():
         with atomic_dir(folder) as tmp:
