@@ -9,9 +9,10 @@ model on quick settings, compared with the same command in one process:
 * DeepSpeed ZeRO-0 (fp32) equals the single-process run within the same tolerance; ZeRO-0 bf16
   with the official recipe completes, trains bf16 weights and averages with precision="official".
 
-Tolerance, per saved tensor: ‖Δ‖ ≤ 1e-4 ‖ref‖ and max|Δ| ≤ 1e-3 max|ref| (typically ≤ 2e-5 of
-the largest entry; one entry in a thousand was seen at 2e-4 of it); losses 1e-5 relative, α 1e-4
-relative. Not exact because the two processes each reduce half the batch and the gradients are
+Tolerance, per saved tensor: ‖Δ‖ ≤ 1e-4 ‖ref‖ + 1e-5 and max|Δ| ≤ 1e-3 max|ref| + 1e-5
+(typically ≤ 2e-5 of the largest entry; one entry in a thousand was seen at 2e-4 of it; the 1e-5
+is for tensors whose exact gradient is zero, such as an attention key bias, which move by
+rounding noise alone); losses 1e-5 relative, α 1e-4 relative. Not exact because the two processes each reduce half the batch and the gradients are
 then averaged across them, so the fp32 sums run in another order than one process's; Adam
 divides each step by the root of the squared gradients, so where a gradient entry is near zero
 a last-bit difference moves that weight by a visible fraction of the learning rate (an
@@ -37,7 +38,7 @@ QUICK = ["run", "--bundled-tasks", "textvqa", "gqa", "--n-train", "32", "--n-tes
 DDP = QUICK + ["--methods", "dema", "dema+group"]
 ZERO0 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
          "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 0}}
-TOL_NORM, TOL_MAX = 1e-4, 1e-3   # per tensor: ‖Δ‖/‖ref‖, max|Δ|/max|ref| (see the docstring)
+TOL_NORM, TOL_MAX, ATOL = 1e-4, 1e-3, 1e-5   # per tensor: ‖Δ‖ vs ‖ref‖, max|Δ| vs max|ref| (docstring)
 
 
 def _write(path, obj):
@@ -174,8 +175,9 @@ def _assert_same_run(ref, other):
         for k in ta:
             assert tb[k].dtype == ta[k].dtype
             x, d = ta[k].float(), (tb[k].float() - ta[k].float())
-            rel_norm, rel_max = float(d.norm() / x.norm()), float(d.abs().max() / x.abs().max())
-            assert rel_norm <= TOL_NORM and rel_max <= TOL_MAX, f"{f} {k}: {rel_norm:.2e} (norm), {rel_max:.2e} (max)"
+            dn, dm = float(d.norm()), float(d.abs().max())
+            assert dn <= TOL_NORM * float(x.norm()) + ATOL and dm <= TOL_MAX * float(x.abs().max()) + ATOL, \
+                f"{f} {k}: |Δ| {dn:.2e} of {float(x.norm()):.2e} (norm), {dm:.2e} of {float(x.abs().max()):.2e} (max)"
     return b
 
 
