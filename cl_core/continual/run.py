@@ -39,6 +39,8 @@ Run folder::
     results.json, report.md, *.png written at the end (cl_core.continual.report)
 
 Running again with the same folder resumes from the last finished task of every chain.
+Under torchrun / accelerate launch (and DeepSpeed) every rank runs the chains, rank 0 writes
+the folder (cl_core.continual.launch).
 """
 from __future__ import annotations
 
