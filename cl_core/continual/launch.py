@@ -58,6 +58,9 @@ class Launch:
     deepspeed: Optional[dict] = None        # the parsed --deepspeed JSON
     deepspeed_file: Optional[str] = None
     find_unused: bool = False               # DDP looks for parameters a step leaves without a gradient
+    # ACCELERATE_USE_DEEPSPEED as the launcher set it (accelerate sets it in the process when a
+    # Trainer runs DeepSpeed, and never removes it: release() puts it back)
+    accelerate_deepspeed_env: Optional[str] = field(default=None, repr=False)
     _joined: bool = field(default=False, repr=False)   # this object initialised the process group
 
     # ------------------------------------------------------------ set-up
@@ -92,7 +95,8 @@ class Launch:
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"RANK={rank} with WORLD_SIZE={world}: not a valid launch")
         launch = cls(rank=rank, world_size=world, local_rank=local, deepspeed=ds,
-                     deepspeed_file=None if deepspeed is None else str(deepspeed))
+                     deepspeed_file=None if deepspeed is None else str(deepspeed),
+                     accelerate_deepspeed_env=env.get("ACCELERATE_USE_DEEPSPEED"))
         if cfg is not None:
             launch.check_run(cfg, flags)
         launch._join()
@@ -194,9 +198,15 @@ class Launch:
 
     def release(self, trainer) -> None:
         """After a training under DeepSpeed: destroy its engine, which removes the gradient
-        hooks it put on the model's parameters (the next task's engine adds its own)."""
+        hooks it put on the model's parameters (the next task's engine adds its own), and
+        restore ACCELERATE_USE_DEEPSPEED, which accelerate left set: a later Trainer of this
+        process without a DeepSpeed config would otherwise run DeepSpeed anyway."""
         if self.deepspeed is not None:
             trainer.accelerator.free_memory()
+            if self.accelerate_deepspeed_env is None:
+                os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+            else:
+                os.environ["ACCELERATE_USE_DEEPSPEED"] = self.accelerate_deepspeed_env
 
     # ------------------------------------------------------------ synchronisation
     def barrier(self) -> None:
