@@ -73,6 +73,8 @@ def main(folder, spec):
     for name in ("ds0", "ds0b"):
         if name in spec:
             seen[f"{name}_exit"] = cli(spec[name] + ["--out", str(folder / name)])
+            # accelerate sets this for a DeepSpeed Trainer and leaves it; the runner puts it back
+            seen[f"{name}_env_after"] = os.environ.get("ACCELERATE_USE_DEEPSPEED")
     rank = dist.get_rank()
     seen["world"] = dist.get_world_size()
     (folder / f"rank{rank}.json").write_text(json.dumps(seen))

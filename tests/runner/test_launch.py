@@ -209,6 +209,8 @@ def test_evaluation_shared_over_ranks_gives_the_answers_of_one_process(launched)
 def test_deepspeed_zero0_runs_equal_one_process_and_bf16_uses_the_official_precision(launched):
     folder, ranks = launched
     assert [r["ds0_exit"] for r in ranks] == [0, 0] and [r["ds0b_exit"] for r in ranks] == [0, 0]
+    # a later Trainer of these processes without --deepspeed must not run DeepSpeed
+    assert [r["ds0_env_after"] for r in ranks] == [None, None]
     results = _assert_same_run(folder / "ref", folder / "ds0")
     assert results["launch"]["deepspeed"]["zero_stage"] == 0 and not results["launch"]["deepspeed"]["bf16"]
     bf16 = json.loads((folder / "ds0b" / "results.json").read_text())
