@@ -218,6 +218,7 @@ def _execute(cfg, out, args) -> int:
     # Under torchrun / accelerate launch: checked (--deepspeed, --batch-size) before the
     # process group is joined; rank 0 alone logs and prints, the others say only warnings.
     launch = Launch.from_env(getattr(args, "deepspeed", None), flags=FLAGS, cfg=cfg)
+    finished = False
     try:
         if not launch.is_main:     # the other ranks would repeat rank 0's every line
             logging.getLogger("cl_core").setLevel(logging.WARNING)
@@ -230,11 +231,12 @@ def _execute(cfg, out, args) -> int:
             if launch.is_main:
                 print(f"\nInterrupted. Finished tasks are saved in {out}; run the same command again to resume.")
             return 130
+        finished = True
         if not launch.is_main:
             return 0
         return _finish(results, out, started)
     finally:
-        launch.close()
+        launch.close(barrier=finished)
 
 
 def cmd_demo(args) -> int:

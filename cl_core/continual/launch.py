@@ -8,7 +8,7 @@ without a DeepSpeed config (``--deepspeed FILE``, ZeRO stage 0, 1 or 2).
     preds = launch.map_batches(fn, n, batch_size)   # evaluation shared out, gathered in order
     launch.on_main(fn)                    # rank 0 alone; its ValueError raised on every rank
 
-How the runner uses it (docs/distributed.md, "The continual runner"): every rank runs the
+How the runner uses it (docs/distributed.md, "The continual runner on many processes"): every rank runs the
 same chains in lock step; each Trainer run is one data-parallel training (the global batch is
 ``--batch-size``, each process trains ``batch / world`` of it); rank 0 alone writes the run
 folder (config, state, adapters, α, results, report, plots), every rank reads it (resume);
@@ -115,14 +115,16 @@ class Launch:
             log.info("%d processes%s", self.world_size,
                      f", DeepSpeed ZeRO stage {self.zero_stage}" if self.deepspeed is not None else "")
 
-    def close(self) -> None:
-        """Leave the process group this Launch joined (after a last barrier): left to the
+    def close(self, barrier: bool = True) -> None:
+        """Leave the process group this Launch joined (after a last barrier; none when this
+        rank stops on an error, as the others may be inside another collective): left to the
         interpreter's exit, gloo's threads were seen to abort the process."""
         if self._joined:
             import torch.distributed as dist
 
             if dist.is_initialized():
-                dist.barrier()
+                if barrier:
+                    dist.barrier()
                 dist.destroy_process_group()
             self._joined = False
 
