@@ -37,7 +37,7 @@ FLAGS = {
     "dema_scale": "--dema-scale", "dema_fallback": "--dema-fallback", "group_threshold": "--threshold",
     "route": "--route", "new_set_init": "--new-set-init", "dema_params": "--dema-params",
     "max_grad_norm": "--max-grad-norm", "recipe": "--recipe", "dema_tasks": "--dema-tasks",
-    "moe_experts": "--moe-experts", "moe_top_k": "--moe-top-k",
+    "moe_experts": "--moe-experts", "moe_top_k": "--moe-top-k", "deepspeed": "--deepspeed",
 }
 
 # The demo presets: the same tasks, seeds, steps and learning rate for every method. The full
@@ -170,6 +170,11 @@ def add_parser(sub) -> None:
                           "4,5,7,8); default: on when a task re-trains a set")
     ema.add_argument("--max-grad-norm", type=float, default=_DEFAULTS.max_grad_norm,
                      help="gradient clipping of the custom methods (0: none, as the official runs)")
+    procs = run.add_argument_group("many processes (start the run with torchrun or accelerate launch; "
+                                   "docs/distributed.md)")
+    procs.add_argument("--deepspeed", metavar="FILE", default=None,
+                       help="train every task under DeepSpeed with this JSON config (ZeRO stage 0, 1 or 2; batch sizes, "
+                            "accumulation and clipping \"auto\"); needs a launcher and pip install cl_core[deepspeed]")
     _common(run, "runs/run-YYYYmmdd-HHMMSS")
     run.set_defaults(func=cmd_run)
 
@@ -209,19 +214,34 @@ def _execute(cfg, out, args) -> int:
     from pathlib import Path
 
     from cl_core.continual import run as runner
+    from cl_core.continual.launch import Launch
 
     if args.threads is not None and args.threads < 1:  # was: 0 silently became 1, -1 a late traceback
         raise ValueError(f"--threads {args.threads}: give at least 1 (torch CPU threads for this run)")
     out = Path(out)
     started = time.time()
-    if args.quiet:
-        logging.getLogger("cl_core.continual.run").setLevel(logging.WARNING)
+    # Under torchrun / accelerate launch: checked (--deepspeed, --batch-size) before the
+    # process group is joined; rank 0 alone logs and prints, the others say only warnings.
+    launch = Launch.from_env(getattr(args, "deepspeed", None), flags=FLAGS, cfg=cfg)
+    finished = False
     try:
-        results = runner.run(cfg, out, quiet=args.quiet, threads=1 if args.threads is None else args.threads)
-    except KeyboardInterrupt:
-        print(f"\nInterrupted. Finished tasks are saved in {out}; run the same command again to resume.")
-        return 130
-    return _finish(results, out, started)
+        if not launch.is_main:     # the other ranks would repeat rank 0's every line
+            logging.getLogger("cl_core").setLevel(logging.WARNING)
+        elif args.quiet:
+            logging.getLogger("cl_core.continual.run").setLevel(logging.WARNING)
+        try:
+            results = runner.run(cfg, out, quiet=args.quiet, threads=1 if args.threads is None else args.threads,
+                                 launch=launch)
+        except KeyboardInterrupt:
+            if launch.is_main:
+                print(f"\nInterrupted. Finished tasks are saved in {out}; run the same command again to resume.")
+            return 130
+        finished = True
+        if not launch.is_main:
+            return 0
+        return _finish(results, out, started)
+    finally:
+        launch.close(barrier=finished)
 
 
 def cmd_demo(args) -> int:

@@ -42,6 +42,8 @@ Run folder::
     results.json, report.md, *.png written at the end (cl_core.continual.report)
 
 Running again with the same folder resumes from the last finished task of every chain.
+Under torchrun / accelerate launch (and DeepSpeed) every rank runs the chains, rank 0 writes
+the folder (cl_core.continual.launch).
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ from typing import Callable
 from cl_core import metrics as cl_metrics
 from cl_core.atomic_io import atomic_dir, write_json_atomic
 from cl_core.continual.config import METHODS, ORDERS, RunConfig, method_slug  # noqa: F401 - re-exported
+from cl_core.continual.launch import Launch
 from cl_core.continual.state import RunState, TaskRecord, check_run_folder, write_json
 from cl_core.continual.tasks import Task, load_tasks  # noqa: F401 - re-exported
 from cl_core.continual.alpha import alpha_counts
@@ -69,8 +72,12 @@ class ContinualRun:
     """One run folder: prepares data and models, runs the chains, resumes them."""
 
     def __init__(self, cfg: RunConfig, out_dir, *, quiet: bool = False, threads: int | None = None,
-                 on_task_end: Callable | None = None):
+                 on_task_end: Callable | None = None, launch: Launch | None = None):
         cfg.validate()
+        # The processes of a launcher (torchrun, accelerate launch; cl_core.continual.launch):
+        # rank 0 writes the run folder, every rank trains its share and reads the folder.
+        self.launch = launch if launch is not None else Launch.from_env(cfg=cfg)
+        self.launch.check_run(cfg)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             # refused before anything is written (the CLI checks --threads the same way)
             raise ValueError(f"threads={threads!r}: give a whole number >= 1, or None for torch's default")
@@ -89,7 +96,7 @@ class ContinualRun:
     # ------------------------------------------------------------ preparation
     def prepare(self) -> None:
         """Everything that can fail on bad input, before any training."""
-        check_run_folder(self.out, self.cfg.to_dict(), RunConfig().to_dict())
+        self.launch.on_main(check_run_folder, self.out, self.cfg.to_dict(), RunConfig().to_dict())
         self.tasks = load_tasks(self.cfg)
         if not self.cfg.bundled and self.cfg.model is None:
             raise ValueError("--tasks without --model: the bundled tiny model only knows the bundled benchmark's "
@@ -128,7 +135,7 @@ class ContinualRun:
         shared = self.cfg.model is not None or self.cfg.stage1_seed is not None  # one model for every seed
         if self.cfg.model is None and not (self.base_dir(seed) / "config.json").exists():
             train_stage1(self.cfg, self.tokenizer, self.base_seed(seed), self.base_dir(seed),
-                         self.out / ".trainer", quiet=not self.bars)
+                         self.out / ".trainer", quiet=not self.bars, launch=self.launch)
         if key not in state.base:
             if shared and state.base:
                 info = dict(next(iter(state.base.values())))
@@ -171,9 +178,12 @@ class ContinualRun:
         if grouper is not None:
             adapters = [adapter_name(g) for g in route_groups(grouper, instructions, spans, route)]
         with tqdm(total=len(prompts), desc=progress_desc, disable=not self.bars, leave=False, unit="q") as bar:
-            preds = generate(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
-                             batch_size=self.cfg.eval_batch_size, max_prompt_tokens=self.cfg.max_length,
-                             adapter_names=adapters, progress=bar)
+            # under a launcher the ranks share the batches out (the same batches as one process)
+            preds = self.launch.map_batches(
+                lambda a, b: generate(model, self.tokenizer, prompts[a:b], max_new_tokens=self.max_new_tokens,
+                                      batch_size=self.cfg.eval_batch_size, max_prompt_tokens=self.cfg.max_length,
+                                      adapter_names=None if adapters is None else adapters[a:b], progress=bar),
+                len(prompts), self.cfg.eval_batch_size)
         return [round(accuracy(t.task_type, preds[a:b], answers[a:b]), 4)
                 for t, (a, b) in zip(self.tasks, spans)]
 
@@ -213,7 +223,9 @@ class ContinualRun:
         if len(done) >= len(tasks):
             return
         cdir = self.chain_dir(method, seed)
-        cdir.mkdir(parents=True, exist_ok=True)
+        main = self.launch.is_main       # rank 0 alone writes the run folder
+        if main:
+            cdir.mkdir(parents=True, exist_ok=True)
         base = self._load_base(seed)
         grouper = InstructionGrouper(threshold=cfg.threshold()) if plan.grouping else None
         if done:
@@ -242,7 +254,8 @@ class ContinualRun:
             else:
                 init_from = None
             use_ema = cfg.dema_on(method, j, reused)
-            callbacks = [dema_callback(plan.ema, plan.params)] if use_ema else []
+            callbacks = ([dema_callback(plan.ema, plan.params, self.launch.dema_precision(method))]
+                         if use_ema else [])
             if not self.quiet:
                 log.info("%s seed %d: task %d/%d %s (adapter %s%s%s)", method, seed, j + 1, len(tasks), task.name,
                          adapter, "" if init_from is None else f", from task {init_from + 1}",
@@ -250,7 +263,8 @@ class ContinualRun:
             loss = train(sets.model, self.tokenizer, [(p, a) for p, a, _ in task.train],
                          out_dir=self.out / ".trainer", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                          warmup=cfg.warmup_steps, seed=seed_for(seed, "data", j), quiet=not self.bars,
-                         callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm)
+                         callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm,
+                         launch=self.launch)
             train_s = time.time() - t0
             row = self._evaluate(sets.model, grouper, route=plan.route,
                                  progress_desc=f"eval {method} s{seed} t{j + 1}")
@@ -262,14 +276,16 @@ class ContinualRun:
                 numel = [p.numel() for p in cb.engine.params]
                 fallback = None if plan.ema.formula == "fixed" else plan.ema.fallback
                 counts = alpha_counts(hist, fallback, numel)
-                write_json_atomic({"task": task.name, "names": list(cb.engine.names), "numel": numel,
-                                   "alpha": hist}, cdir / f"alpha_task{j}.json", indent=None)
+                if main:
+                    write_json_atomic({"task": task.name, "names": list(cb.engine.names), "numel": numel,
+                                       "alpha": hist}, cdir / f"alpha_task{j}.json", indent=None)
             # Persist: adapters of this task first, then the state that points at them.
             adir_name = f"task{j}"
-            with atomic_dir(cdir / adir_name) as tmp:
-                sets.save(tmp)
-                if grouper is not None:
-                    grouper.save(tmp / "grouper.json")
+            if main:
+                with atomic_dir(cdir / adir_name) as tmp:
+                    sets.save(tmp)
+                    if grouper is not None:
+                        grouper.save(tmp / "grouper.json")
             done.append(TaskRecord(
                 task=task.name, row=row, loss=loss, adapter=adapter, group=decision.group,
                 reused=bool(reused), ema=use_ema, dema=use_ema and plan.ema.formula != "fixed",
@@ -280,7 +296,7 @@ class ContinualRun:
             ))
             last_of_group[decision.group] = j
             state.save()
-            for old in cdir.glob("task*"):
+            for old in cdir.glob("task*") if main else ():
                 if old.is_dir() and old.name != adir_name:
                     shutil.rmtree(old, ignore_errors=True)
             log.info("%s seed %d: task %d/%d %s done in %.1f s, loss %.3f, accuracy %s", method, seed, j + 1,
@@ -294,9 +310,12 @@ class ContinualRun:
 
         t0 = time.time()  # the run's wall time: the report and the CLI state this one number
         self.prepare()
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "config.json", self.cfg.to_dict())
-        state = RunState.load(self.out / "state.json")
+
+        def start_folder():
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "config.json", self.cfg.to_dict())
+        self.launch.on_main(start_folder)   # the others read the folder once it is there
+        state = RunState.load(self.out / "state.json", writable=self.launch.is_main)
         if self.threads:
             torch.set_num_threads(self.threads)
         with quiet_libraries():
@@ -314,13 +333,19 @@ class ContinualRun:
                         self.run_chain(method, seed, state)
                     finally:
                         gc.unfreeze()
-        shutil.rmtree(self.out / ".trainer", ignore_errors=True)
         results = self.collect(state)
         results["wall_seconds_this_call"] = round(time.time() - t0, 2)
-        write_json(self.out / "results.json", results)
-        from cl_core.continual import report
+        if self.launch.distributed or self.launch.deepspeed is not None:
+            results["launch"] = self.launch.describe(self.cfg.methods)
 
-        report.write_report(results, self.out)
+        def finish():
+            shutil.rmtree(self.out / ".trainer", ignore_errors=True)
+            write_json(self.out / "results.json", results)
+            from cl_core.continual import report
+
+            report.write_report(results, self.out)
+        self.launch.barrier()              # every rank done with .trainer before it goes
+        self.launch.on_main(finish)
         return results
 
     def collect(self, state: RunState) -> dict:
@@ -432,6 +457,8 @@ def _fmt_row(row) -> str:
 
 
 def run(cfg: RunConfig, out_dir, *, quiet: bool = False, threads: int | None = None,
-        on_task_end: Callable | None = None) -> dict:
-    """Run (or resume) a continual run in ``out_dir``; returns the results dict."""
-    return ContinualRun(cfg, out_dir, quiet=quiet, threads=threads, on_task_end=on_task_end).run()
+        on_task_end: Callable | None = None, launch: Launch | None = None) -> dict:
+    """Run (or resume) a continual run in ``out_dir``; returns the results dict (on every
+    rank of a launcher; rank 0 writes the folder). ``launch``: None reads the launcher's
+    environment (one process without one)."""
+    return ContinualRun(cfg, out_dir, quiet=quiet, threads=threads, on_task_end=on_task_end, launch=launch).run()

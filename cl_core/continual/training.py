@@ -52,22 +52,25 @@ def _collate(pad_id: int):
     return collate
 
 
-def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet, max_grad_norm):
+def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet, max_grad_norm, launch=None):
     from transformers import TrainingArguments
 
+    # Under a launcher (cl_core.continual.launch) each process trains its share of the batch.
+    launched = {} if launch is None else launch.trainer_kwargs(batch_size)
     return TrainingArguments(
         output_dir=str(out_dir), use_cpu=True, report_to=[], save_strategy="no",
-        logging_strategy="no", disable_tqdm=quiet, per_device_train_batch_size=batch_size,
-        max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=warmup,
+        logging_strategy="no", disable_tqdm=quiet,
+        per_device_train_batch_size=launched.pop("per_device_train_batch_size", batch_size), max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=warmup,
         weight_decay=0.0, seed=seed, data_seed=seed, dataloader_num_workers=0,
-        remove_unused_columns=False, optim="adamw_torch", max_grad_norm=max_grad_norm,
+        remove_unused_columns=False, optim="adamw_torch", max_grad_norm=max_grad_norm, **launched,
     )
 
 
 def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup, seed, quiet,
-           callbacks=(), max_length, max_grad_norm: float = 1.0):
+           callbacks=(), max_length, max_grad_norm: float = 1.0, launch=None):
     """One Trainer run over (prompt, answer) pairs; returns the mean training loss.
-    ``max_grad_norm`` 0 turns gradient clipping off (the Trainer skips it then)."""
+    ``max_grad_norm`` 0 turns gradient clipping off (the Trainer skips it then). ``launch``:
+    the processes of a launcher (cl_core.continual.launch), which share the batch."""
     from transformers import Trainer
 
     from cl_core.continual.evaluation import encode_example
@@ -76,7 +79,8 @@ def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(
         model=model, args=_trainer_args(out_dir, steps=steps, batch_size=batch_size, lr=lr,
-                                        warmup=warmup, seed=seed, quiet=quiet, max_grad_norm=max_grad_norm),
+                                        warmup=warmup, seed=seed, quiet=quiet, max_grad_norm=max_grad_norm,
+                                        launch=launch),
         train_dataset=_Dataset(items), data_collator=_collate(pad), callbacks=list(callbacks),
     )
     # The Trainer prints a metrics dict at the end (PrinterCallback / ProgressCallback.on_log);
@@ -88,7 +92,10 @@ def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup,
         if isinstance(cb, ProgressCallback):
             cb.on_log = lambda *a, **k: None
     result = trainer.train()
-    return float(result.training_loss)
+    if launch is None:
+        return float(result.training_loss)
+    launch.release(trainer)
+    return launch.mean(float(result.training_loss))
 
 
 def seed_for(seed: int, *parts) -> int:
@@ -146,13 +153,19 @@ def quiet_libraries():
                 hf_logging.enable_progress_bar()
 
 
-def dema_callback(config, params: str):
+def dema_callback(config, params: str, precision: str = "fp32"):
     """A recording ``DEMACallback`` (α per step kept) that averages ``params``: "lora" (the
     LoRA tensors of the active adapter) or "trainable" (every trainable tensor, as the
-    official code does: LoRA A/B and, in LLaVA, the trainable projector)."""
+    official code does: LoRA A/B and, in LLaVA, the trainable projector). ``precision``
+    "official" (DeepSpeed ZeRO-0 bf16 only, cl_core.continual.launch) averages the bf16
+    weights with a bf16 EMA as the official run does."""
+    import dataclasses
+
     from cl_core.integrations.hf import DEMACallback
 
-    return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True)
+    if precision == "official":
+        config = dataclasses.replace(config, ema_dtype="param")
+    return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True, precision=precision)
 
 
 # --------------------------------------------------------------------------- models
@@ -233,9 +246,12 @@ def describe_model(model, tokenizer, source: str) -> dict:
 
 # --------------------------------------------------------------------------- stage 1
 
-def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Path, *, quiet: bool) -> None:
+def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Path, *, quiet: bool,
+                 launch=None) -> None:
     """Train the tiny base model of ``seed`` on the stage-1 mix and save it (with the
-    tokenizer and ``stage1.json``) into ``folder``, atomically."""
+    tokenizer and ``stage1.json``) into ``folder``, atomically. Under a launcher every process
+    trains (one data-parallel training: the same model on every rank), rank 0 saves, and the
+    others wait for the folder."""
     from cl_core.continual import synthetic, tiny_model
 
     t0 = time.time()
@@ -250,12 +266,19 @@ def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Pa
                      out_dir=scratch, steps=cfg.stage1_steps,
                      batch_size=cfg.stage1_batch_size, lr=cfg.stage1_lr,
                      warmup=max(1, cfg.stage1_steps // 20), seed=seed_for(seed, "stage1"),
-                     quiet=quiet, max_length=cfg.max_length)
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        write_json(tmp / "stage1.json", {"loss": loss, "steps": cfg.stage1_steps,
-                                         "seconds": round(time.time() - t0, 2)})
+                     quiet=quiet, max_length=cfg.max_length,
+                     launch=None if launch is None else launch.for_whole_model())
+
+    def save():
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            write_json(tmp / "stage1.json", {"loss": loss, "steps": cfg.stage1_steps,
+                                             "seconds": round(time.time() - t0, 2)})
+    if launch is None:
+        save()
+    else:
+        launch.on_main(save)       # every rank returns once the folder is complete
     del model
     log.info("seed %d: stage 1 done in %.1f s (loss %s)", seed, time.time() - t0,
              "-" if loss is None else f"{loss:.3f}")
