@@ -37,6 +37,7 @@ FLAGS = {
     "dema_scale": "--dema-scale", "dema_fallback": "--dema-fallback", "group_threshold": "--threshold",
     "route": "--route", "new_set_init": "--new-set-init", "dema_params": "--dema-params",
     "max_grad_norm": "--max-grad-norm", "recipe": "--recipe", "dema_tasks": "--dema-tasks",
+    "image_folder": "--image-folder", "multimodal": "--multimodal", "train_projector": "--train-projector",
 }
 
 # The demo presets: the same tasks, seeds, steps and learning rate for every method. The full
@@ -112,7 +113,13 @@ def add_parser(sub) -> None:
                            "(default: inferred from the answers)")
     data.add_argument("--test-fraction", type=float, default=_DEFAULTS.test_fraction,
                       help="share of each task file held out for testing when no --test-tasks are given")
-    data.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of failing")
+    data.add_argument("--skip-bad", action="store_true",
+                      help="skip malformed records, and records whose image is missing or unreadable, instead of "
+                           "failing (they are counted in the report)")
+    data.add_argument("--image-folder", metavar="DIR", default=None,
+                      help="the records' relative \"image\" paths are under DIR (LLaVA's flag; an image-text --model)")
+    data.add_argument("--multimodal", action="store_true",
+                      help="bundled tasks as pictures (the scene is drawn, not written) on a tiny LLaVA")
     data.add_argument("--bundled-tasks", nargs="+", metavar="NAME",
                       help="a subset of the bundled tasks, in order (" + " ".join(TASK_NAMES) + ")")
     data.add_argument("--order", choices=ORDERS, default=_DEFAULTS.order,
@@ -124,6 +131,9 @@ def add_parser(sub) -> None:
     model = run.add_argument_group("model and training")
     model.add_argument("--model", metavar="DIR",
                        help="a local causal-LM folder (default: the tiny Llama, trained in stage 1)")
+    model.add_argument("--train-projector", action="store_true",
+                       help="image-text models: train the multi-modal projector too (the official mm_projector; "
+                            "averaged with --dema-params trainable); LoRA goes on the language model only")
     model.add_argument("--recipe", choices=RECIPES, default=_DEFAULTS.recipe,
                        help="lcia: the official LCIA recipe (grouping, new sets warm-started from the last trained "
                             "set, DEMA when a set is re-trained, every trainable tensor averaged, no clipping, one "
@@ -237,7 +247,8 @@ def cmd_run(args) -> int:
         tasks=tuple(args.bundled_tasks) if args.bundled_tasks else None, order=args.order,
         variant=args.templates, n_train=args.n_train, n_test=args.n_test,
         task_files=tuple(args.tasks), test_files=tuple(args.test_tasks), task_types=tuple(args.task_types),
-        test_fraction=args.test_fraction, skip_bad=args.skip_bad,
+        test_fraction=args.test_fraction, skip_bad=args.skip_bad, image_folder=args.image_folder,
+        multimodal=args.multimodal, train_projector=args.train_projector,
         model=args.model, stage1_steps=args.stage1_steps,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens,
