@@ -230,14 +230,23 @@ def lora_targets(model, target_modules):
 
 
 def projector_modules(model) -> list:
-    """The names PEFT's ``modules_to_save`` takes for the model's projector (ValueError when it
-    has none, e.g. a text model given ``--train-projector``)."""
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    found = [p for p in PROJECTORS if p in names]
+    """PEFT ``modules_to_save`` for the model's projector: its linear layers, named from the
+    projector on (``multi_modal_projector.linear_1``, ...). The linear layers rather than the
+    projector module, because PEFT routes mixed-adapter batches (per-instance test routing)
+    through Linear/Embedding/Conv copies only. ValueError when the model has no projector
+    (a text model given ``--train-projector``)."""
+    import torch
+
+    found = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        hit = [k for k, p in enumerate(parts) if p in PROJECTORS]
+        if hit and isinstance(module, torch.nn.Linear):
+            found.append(".".join(parts[hit[-1]:]))
     if not found:
         raise ValueError(f"--train-projector: the model ({type(model).__name__}) has no multi-modal projector "
-                         f"(none of {', '.join(PROJECTORS)}); it is for image-text models")
-    return found
+                         f"with linear layers (none of {', '.join(PROJECTORS)}); it is for image-text models")
+    return sorted(set(found))
 
 
 def describe_processor(encoder) -> Optional[dict]:

@@ -98,7 +98,8 @@ class ContinualRun:
                              "words (yours would become <unk>); give --model DIR, a local causal-LM folder "
                              "with its tokenizer")
         # The examples encoder: the causal LM's tokenizer, or the image-text model's processor.
-        self.encoder = multimodal.encoder_for(self.cfg)
+        with quiet_libraries():   # (the PIL image-processor notice when torchvision is missing)
+            self.encoder = multimodal.encoder_for(self.cfg)
         self.tokenizer = self.encoder.tokenizer
         if self.cfg.model is not None:
             # Weights that do not match config.json fail here, before anything is written.
