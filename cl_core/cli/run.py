@@ -51,6 +51,10 @@ DEMO_FULL = dict(seeds=(0, 1, 2), stage1_seed=None, tasks=DEMO_TASKS, stage1_ste
 DEMO_QUICK = dict(seeds=(0,), tasks=("sqa", "imagenet", "vizwiz", "grounding"), stage1_steps=300, steps=30,
                   n_train=480, n_test=32)
 
+# --multimodal on top of either preset: the same tasks, seeds, methods and steps, on pictures
+# (cl_core.continual.images) with the tiny LLaVA (cl_core.continual.tiny_model.build_llava).
+DEMO_MULTIMODAL = dict(multimodal=True)
+
 
 def _methods(values) -> tuple:
     out = []
@@ -91,6 +95,9 @@ def add_parser(sub) -> None:
     demo.add_argument("--quick", action="store_true",
                       help="4 tasks, 1 seed, fewer steps: a check that the pipeline runs (a few minutes), not a "
                            "comparison")
+    demo.add_argument("--multimodal", action="store_true",
+                      help="the same comparison on pictures: each scene drawn (not written), a tiny LLaVA (CLIP-style "
+                           "vision tower + the tiny Llama) trained in stage 1 on them; LoRA on its language model")
     demo.add_argument("--seeds", type=int, nargs="+", metavar="S",
                       help="override the seeds (default: " + " ".join(map(str, DEMO_FULL["seeds"])) + "; with "
                            "--quick " + " ".join(map(str, DEMO_QUICK["seeds"])) + ")")
@@ -230,11 +237,13 @@ def _execute(cfg, out, args) -> int:
 
 def cmd_demo(args) -> int:
     preset = dict(DEMO_QUICK if args.quick else DEMO_FULL)
+    if args.multimodal:
+        preset.update(DEMO_MULTIMODAL)
     if args.seeds:
         preset["seeds"] = tuple(args.seeds)
     cfg = RunConfig(methods=DEMO_METHODS, **preset)
     cfg.validate(FLAGS)  # errors name the flags (--seeds), before anything is written
-    out = args.out or ("runs/demo-quick" if args.quick else "demo_out")
+    out = args.out or ("runs/demo-quick" if args.quick else "demo_out") + ("-multimodal" if args.multimodal else "")
     return _execute(cfg, out, args)
 
 

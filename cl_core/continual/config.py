@@ -359,8 +359,6 @@ class RunConfig:
             if not Path(self.image_folder).is_dir():
                 raise ValueError(say("image_folder", self.image_folder, "is not a folder"))
         if self.train_projector:
-            from cl_core.continual.multimodal import is_image_text_folder
-
             if self.model is not None and Path(self.model, "config.json").is_file() \
                     and not is_image_text_folder(self.model):
                 raise ValueError(f"{say.name('train_projector')}: {say.name('model')} {self.model} is a text model; "
@@ -425,6 +423,24 @@ class RunConfig:
 # Settings that only the custom methods use (validate refuses them when only recipes run).
 _CUSTOM_FLAGS = ("route", "new_set_init", "max_grad_norm", "dema_params", "dema_formula", "dema_scale",
                  "dema_fallback", "ema_beta")
+
+
+def model_type(path) -> Optional[str]:
+    """The ``model_type`` of a model folder's config.json (None when there is none)."""
+    f = Path(path) / "config.json"
+    try:
+        import json
+
+        return json.loads(f.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def is_image_text_folder(path) -> bool:
+    """Whether transformers loads the folder's model with AutoModelForImageTextToText."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type(path) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 def defaults() -> RunConfig:

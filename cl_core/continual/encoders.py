@@ -11,7 +11,7 @@ training and one evaluation code path for both kinds of model.
     inputs = enc.prompts(prompts, images, max_prompt_tokens) # left-padded generation batch
 
 A text example is the prompt, ``PROMPT_SEPARATOR`` and the answer with the end-of-sequence
-token, the loss on the answer only (:func:`cl_core.continual.evaluation.encode_example`). An
+token, the loss on the answer only (:func:`encode_example`; :func:`encode_prompt` for generation, so the two always agree). An
 image-text example puts the processor's image token and a newline before the prompt, as LLaVA's
 ``<image>\\n`` first turn does; the processor expands it to the model's image tokens and returns
 ``pixel_values`` (and whatever else it returns, e.g. Qwen2-VL's ``image_grid_thw``), all of
@@ -24,6 +24,27 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 IGNORE = -100
+PROMPT_SEPARATOR = "\n"  # between the prompt and the answer
+
+
+def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
+    """Token ids the model reads before its answer (the tokenizer's own special tokens
+    included). Over-long prompts keep their end, where the instruction is."""
+    ids = tokenizer(prompt + PROMPT_SEPARATOR)["input_ids"]
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        ids = ids[len(ids) - max_prompt_tokens:]
+    return list(ids)
+
+
+def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> dict:
+    """``input_ids`` and ``labels`` (prompt positions masked with -100) for training."""
+    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    answer_ids = answer_ids[: max(1, max_length // 2)]
+    prompt_ids = encode_prompt(tokenizer, prompt, max_length - len(answer_ids))
+    return {
+        "input_ids": prompt_ids + answer_ids,
+        "labels": [-100] * len(prompt_ids) + answer_ids,
+    }
 
 
 def _pad_id(tokenizer) -> int:
@@ -41,8 +62,6 @@ class TextEncoder:
 
     # -- training
     def example(self, prompt: str, answer: str, image=None, max_length: int = 256) -> dict:
-        from cl_core.continual.evaluation import encode_example
-
         return encode_example(self.tokenizer, prompt, answer, max_length)
 
     def collate(self, batch: Sequence[dict]) -> dict:
@@ -64,8 +83,6 @@ class TextEncoder:
 
     # -- generation
     def prompt_ids(self, prompt: str, image=None, max_prompt_tokens: Optional[int] = None) -> dict:
-        from cl_core.continual.evaluation import encode_prompt
-
         return {"input_ids": encode_prompt(self.tokenizer, prompt, max_prompt_tokens)}
 
     def prompts(self, prompts: Sequence[str], images: Optional[Sequence] = None,
@@ -121,8 +138,6 @@ class ImageTextEncoder(TextEncoder):
         self.image_token_id = tokenizer.convert_tokens_to_ids(token)
 
     def prompt_ids(self, prompt: str, image=None, max_prompt_tokens: Optional[int] = None) -> dict:
-        from cl_core.continual.evaluation import PROMPT_SEPARATOR
-
         if image is None:
             return super().prompt_ids(prompt, None, max_prompt_tokens)
         enc = self.processor(images=[self.load_image(image)], text=[f"{self.image_token}\n{prompt}{PROMPT_SEPARATOR}"],

@@ -18,15 +18,18 @@ after the VQA evaluators' answer normalisation (:func:`normalize_vqa`), as CoIN 
 datasets; whatever the task type.
 
 Prompts and answers are turned into token ids by :func:`encode_example` for training and
-:func:`encode_prompt` for generation, so the two always agree.
+:func:`encode_prompt` for generation, so the two always agree (both live in
+:mod:`cl_core.continual.encoders`, with the image-text encoder).
 """
 from __future__ import annotations
 
 import re
 from typing import Sequence
 
+# The token-id layout of an example has one home, cl_core.continual.encoders; re-exported here.
+from cl_core.continual.encoders import PROMPT_SEPARATOR, as_encoder, encode_example, encode_prompt  # noqa: F401
+
 TASK_TYPES = ("mc", "short", "cls", "exact", "count", "box")
-PROMPT_SEPARATOR = "\n"  # between the prompt and the answer
 IOU_THRESHOLD = 0.5
 
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
@@ -157,28 +160,6 @@ def infer_task_type(answers: Sequence[str], prompts: Sequence[str] = ()) -> str:
     return "exact"
 
 
-# --------------------------------------------------------------------------- token ids
-
-def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
-    """Token ids the model reads before its answer (the tokenizer's own special tokens
-    included). Over-long prompts keep their end, where the instruction is."""
-    ids = tokenizer(prompt + PROMPT_SEPARATOR)["input_ids"]
-    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-        ids = ids[len(ids) - max_prompt_tokens:]
-    return list(ids)
-
-
-def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> dict:
-    """``input_ids`` and ``labels`` (prompt positions masked with -100) for training."""
-    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
-    answer_ids = answer_ids[: max(1, max_length // 2)]
-    prompt_ids = encode_prompt(tokenizer, prompt, max_length - len(answer_ids))
-    return {
-        "input_ids": prompt_ids + answer_ids,
-        "labels": [-100] * len(prompt_ids) + answer_ids,
-    }
-
-
 # --------------------------------------------------------------------------- generation
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 8,
@@ -193,8 +174,6 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     object updated by the number of prompts done.
     """
     import torch
-
-    from cl_core.continual.encoders import as_encoder
 
     encoder = as_encoder(tokenizer)
     tokenizer = encoder.tokenizer

@@ -17,10 +17,11 @@ pictures of :mod:`cl_core.continual.images`.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
+
+from cl_core.continual.config import is_image_text_folder, model_type  # noqa: F401 - re-exported
 
 log = logging.getLogger("cl_core.continual.run")
 
@@ -30,22 +31,6 @@ LANGUAGE_MODEL = "language_model"
 # The projector between the vision tower and the language model (LLaVA's
 # multi_modal_projector; the official LLaVA code calls it mm_projector).
 PROJECTORS = ("multi_modal_projector", "mm_projector")
-
-
-def model_type(path) -> Optional[str]:
-    """The ``model_type`` of a model folder's config.json (None when there is none)."""
-    f = Path(path) / "config.json"
-    try:
-        return json.loads(f.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
-def is_image_text_folder(path) -> bool:
-    """Whether transformers loads the folder's model with AutoModelForImageTextToText."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    return model_type(path) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 def uses_images(cfg) -> bool:
