@@ -106,7 +106,8 @@ def add_parser(sub) -> None:
 
     run = sub.add_parser(
         "run", help="continual LoRA tuning on your task files (or the bundled tasks) with a chosen method",
-        description="LoRA-tune a causal LM on tasks in order, evaluating every task after each one. "
+        description="LoRA-tune a causal LM or an image-text model (LLaVA-style, on the records' images) on tasks "
+                    "in order, evaluating every task after each one. "
                     "Without --tasks the bundled synthetic benchmark and its tiny model are used.",
     )
     data = run.add_argument_group("tasks")
@@ -137,7 +138,8 @@ def add_parser(sub) -> None:
     data.add_argument("--n-test", type=int, default=_DEFAULTS.n_test, help="bundled: test samples per task")
     model = run.add_argument_group("model and training")
     model.add_argument("--model", metavar="DIR",
-                       help="a local causal-LM folder (default: the tiny Llama, trained in stage 1)")
+                       help="a local causal-LM folder, or an image-text-to-text one (LLaVA-style, with its processor) "
+                            "(default: the tiny Llama, trained in stage 1)")
     model.add_argument("--train-projector", action="store_true",
                        help="image-text models: train the multi-modal projector too (the official mm_projector; "
                             "averaged with --dema-params trainable); LoRA goes on the language model only")

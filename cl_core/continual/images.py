@@ -37,8 +37,6 @@ picture (:func:`blank_image`) is the empty canvas: no objects, no caption.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 IMAGE_SIZE = 48       # pixels, square
 PATCH_SIZE = 12       # the tiny vision tower's patch (4 x 4 = 16 image tokens)
 LABEL_H = 24          # the caption: the top two patch rows
@@ -171,23 +169,3 @@ def split_scene_prompt(prompt: str):
     """(the prompt without its first line, the Scene that line describes)."""
     first, _, rest = prompt.partition("\n")
     return rest, scene_from_description(first)
-
-
-def image_summary(images, folder: Optional[str] = None) -> dict:
-    """What the report says about the images a run used: how many distinct ones, their sizes
-    (``sizes``: "WxH" -> count) and where they came from. ``images``: the distinct image
-    references (paths, or Scenes of the bundled benchmark)."""
-    from PIL import Image
-
-    sizes: dict = {}
-    drawn = 0
-    for ref in images:
-        if isinstance(ref, str):
-            with Image.open(ref) as im:
-                key = f"{im.width}x{im.height}"
-        else:
-            drawn += 1
-            key = f"{IMAGE_SIZE}x{IMAGE_SIZE}"
-        sizes[key] = sizes.get(key, 0) + 1
-    return {"count": len(images), "drawn": drawn, "sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
-            "folder": folder}

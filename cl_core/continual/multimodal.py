@@ -68,18 +68,19 @@ def resolve_image(image: str, folder: Optional[str]) -> Path:
     return Path(folder) / p
 
 
-def _open_problem(path: Path) -> Optional[str]:
-    """None when PIL opens the file; else why not, in a few words."""
+def _open_image(path: Path):
+    """(None, (width, height)) when PIL opens the file; else (why not in a few words, None)."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        return "not found" if not path.exists() else "not a file"
+        return ("not found" if not path.exists() else "not a file"), None
     try:
         with Image.open(path) as im:
+            size = im.size
             im.verify()   # reads the file's structure without decoding every pixel
-            return None
+            return None, size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"cannot be opened as an image ({type(exc).__name__}: {str(exc)[:80]})"
+        return f"cannot be opened as an image ({type(exc).__name__}: {str(exc)[:80]})", None
 
 
 def check_images(records, *, folder: Optional[str], skip_bad: bool, where: str):
@@ -90,8 +91,6 @@ def check_images(records, *, folder: Optional[str], skip_bad: bool, where: str):
     one line naming the file, the record (index and id) and the image path, or with
     ``skip_bad`` the record is dropped and counted. Returns (kept records, their image paths
     as strings or None, number skipped, {path: (width, height)} of the images opened)."""
-    from PIL import Image
-
     kept, paths, skipped, sizes = [], [], 0, {}
     seen: dict = {}
     for r in records:
@@ -101,8 +100,8 @@ def check_images(records, *, folder: Optional[str], skip_bad: bool, where: str):
             continue
         if r.image not in seen:
             p = resolve_image(r.image, folder)
-            seen[r.image] = (p, _open_problem(p))
-        p, problem = seen[r.image]
+            seen[r.image] = (p, *_open_image(p))
+        p, problem, size = seen[r.image]
         if problem is not None:
             rid = f" (id {r.id})" if getattr(r, "id", None) is not None else ""
             msg = f"{where}: record {r.index}{rid}: image {p} {problem}"
@@ -113,9 +112,7 @@ def check_images(records, *, folder: Optional[str], skip_bad: bool, where: str):
             log.warning("skipping %s", msg)
             skipped += 1
             continue
-        if str(p) not in sizes:
-            with Image.open(p) as im:
-                sizes[str(p)] = im.size
+        sizes[str(p)] = size
         kept.append(r)
         paths.append(str(p))
     return kept, paths, skipped, sizes

@@ -1,4 +1,5 @@
-"""The continual runner: LoRA-tune a causal LM on tasks in order, evaluate every task after
+"""The continual runner: LoRA-tune a causal LM, or an image-text model (LLaVA-style, with the
+records' images: cl_core.continual.multimodal), on tasks in order, evaluate every task after
 each one, with plain LoRA, fixed-β EMA, DEMA, or DEMA with instruction grouping.
 
     from cl_core.continual.run import RunConfig, run
