@@ -241,3 +241,35 @@ def test_demo_multimodal_is_the_text_demo_on_pictures(captured, tmp_path):
     for cfg, preset in zip(captured, (DEMO_FULL, DEMO_QUICK)):
         assert cfg.multimodal and cfg.methods == DEMO_METHODS and "group" in cfg.methods
         assert all(getattr(cfg, k) == v for k, v in preset.items())   # same tasks, seeds, steps
+
+
+@pytest.mark.slow
+def test_multimodal_resume_equals_uninterrupted(tmp_path, llava_dir):
+    """Resume reloads the LoRA sets with their projector copies: the interrupted and resumed run
+    equals the uninterrupted one (tasks that re-train the set, so DEMA averages the projector)."""
+    from cl_core.continual.run import RunConfig, run
+
+    imgs = tmp_path / "images"
+    files = tuple(str(_write_task(tmp_path / t, imgs, t, 10)) for t in ("gqa", "vqav2", "textvqa"))
+
+    def cfg():
+        return RunConfig(methods=("dema", "lcia"), task_files=files, model=str(llava_dir), image_folder=str(imgs),
+                         steps=2, batch_size=4, max_length=64, train_projector=True, dema_params="trainable")
+
+    reference = run(cfg(), tmp_path / "ref", quiet=True, threads=1)
+    stops = {("dema", 0), ("lcia", 1)}
+
+    def interrupt(method, seed, task):
+        if (method, task) in stops:
+            stops.discard((method, task))
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg(), out, quiet=True, threads=1, on_task_end=interrupt)
+    results = run(cfg(), out, quiet=True, threads=1)
+    for method in ("dema", "lcia"):
+        a, b = results["methods"][method]["seeds"]["0"], reference["methods"][method]["seeds"]["0"]
+        assert a["matrix"] == b["matrix"] and a["loss"] == b["loss"] and a["alpha"] == b["alpha"], method
+    assert results["methods"]["lcia"]["seeds"]["0"]["dema"] == [False, True, True]   # one set, re-trained
