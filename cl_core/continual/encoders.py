@@ -151,8 +151,9 @@ class ImageTextEncoder(TextEncoder):
             head, tail = ids[:last + 1], ids[last + 1:]
             room = max_prompt_tokens - len(head)
             if room < 1:
-                raise ValueError(f"{len(head)} image tokens do not fit in {max_prompt_tokens} prompt tokens: "
-                                 "raise --max-length")
+                raise ValueError(f"{head.count(self.image_token_id)} image tokens do not fit in {max_prompt_tokens} "
+                                 f"prompt tokens (with {len(head) - head.count(self.image_token_id)} before them and "
+                                 "the answer): raise --max-length")
             ids = head + tail[len(tail) - room:]
         out = {"input_ids": ids}
         out.update({k: v for k, v in enc.items() if hasattr(v, "shape")})

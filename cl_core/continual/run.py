@@ -108,6 +108,14 @@ class ContinualRun:
                 base = load_base(Path(self.cfg.model), self.tokenizer)
             self._lora_config(base)   # --train-projector on a model without a projector fails here
             del base
+        if self.encoder.uses_images:
+            # One example per task through the processor now: an image that does not fit in
+            # --max-length (LLaVA-1.5: 576 image tokens) fails here, not in the middle of training.
+            for t in self.tasks:
+                for (p, a, _), im in zip(t.train, t.train_images):
+                    if im is not None:
+                        self.encoder.example(p, a, im, self.cfg.max_length)
+                        break
         self.images = (multimodal.image_report(self.tasks, self.cfg, self._image_sizes(),
                                                {t.name: t.skipped_images for t in self.tasks if t.skipped_images})
                        if self.encoder.uses_images else None)

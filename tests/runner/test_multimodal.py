@@ -145,6 +145,11 @@ def test_missing_image_stops_before_training(tmp_path, llava_dir, caplog):
     # without --image-folder the relative paths do not resolve: the message names the flag
     code, line = _one_error_line(args + ["--tasks", str(b)], caplog)
     assert code == 2 and "--image-folder" in line
+    # image tokens that do not fit in --max-length: refused before training
+    c = _write_task(tmp_path / "GQA3", imgs, "gqa", 4)
+    code, line = _one_error_line(args + ["--tasks", str(c), "--image-folder", str(imgs), "--max-length", "12"],
+                                 caplog)
+    assert code == 2 and "16 image tokens do not fit in" in line and "--max-length" in line and not out.exists()
 
 
 def test_skip_bad_drops_and_counts_records_with_bad_images(tmp_path):
