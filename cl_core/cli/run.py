@@ -38,6 +38,7 @@ FLAGS = {
     "route": "--route", "new_set_init": "--new-set-init", "dema_params": "--dema-params",
     "max_grad_norm": "--max-grad-norm", "recipe": "--recipe", "dema_tasks": "--dema-tasks",
     "moe_experts": "--moe-experts", "moe_top_k": "--moe-top-k", "deepspeed": "--deepspeed",
+    "image_folder": "--image-folder", "multimodal": "--multimodal", "train_projector": "--train-projector",
 }
 
 # The demo presets: the same tasks, seeds, steps and learning rate for every method. The full
@@ -50,6 +51,10 @@ DEMO_FULL = dict(seeds=(0, 1, 2), stage1_seed=None, tasks=DEMO_TASKS, stage1_ste
                  n_train=800, n_test=50)
 DEMO_QUICK = dict(seeds=(0,), tasks=("sqa", "imagenet", "vizwiz", "grounding"), stage1_steps=300, steps=30,
                   n_train=480, n_test=32)
+
+# --multimodal on top of either preset: the same tasks, seeds, methods and steps, on pictures
+# (cl_core.continual.images) with the tiny LLaVA (cl_core.continual.tiny_model.build_llava).
+DEMO_MULTIMODAL = dict(multimodal=True)
 
 
 def _methods(values) -> tuple:
@@ -91,6 +96,9 @@ def add_parser(sub) -> None:
     demo.add_argument("--quick", action="store_true",
                       help="4 tasks, 1 seed, fewer steps: a check that the pipeline runs (a few minutes), not a "
                            "comparison")
+    demo.add_argument("--multimodal", action="store_true",
+                      help="the same comparison on pictures: each scene drawn (not written), a tiny LLaVA (CLIP-style "
+                           "vision tower + the tiny Llama) trained in stage 1 on them; LoRA on its language model")
     demo.add_argument("--seeds", type=int, nargs="+", metavar="S",
                       help="override the seeds (default: " + " ".join(map(str, DEMO_FULL["seeds"])) + "; with "
                            "--quick " + " ".join(map(str, DEMO_QUICK["seeds"])) + ")")
@@ -99,7 +107,8 @@ def add_parser(sub) -> None:
 
     run = sub.add_parser(
         "run", help="continual LoRA tuning on your task files (or the bundled tasks) with a chosen method",
-        description="LoRA-tune a causal LM on tasks in order, evaluating every task after each one. "
+        description="LoRA-tune a causal LM or an image-text model (LLaVA-style, on the records' images) on tasks "
+                    "in order, evaluating every task after each one. "
                     "Without --tasks the bundled synthetic benchmark and its tiny model are used.",
     )
     data = run.add_argument_group("tasks")
@@ -113,7 +122,13 @@ def add_parser(sub) -> None:
                            "(default: inferred from the answers)")
     data.add_argument("--test-fraction", type=float, default=_DEFAULTS.test_fraction,
                       help="share of each task file held out for testing when no --test-tasks are given")
-    data.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of failing")
+    data.add_argument("--skip-bad", action="store_true",
+                      help="skip malformed records, and records whose image is missing or unreadable, instead of "
+                           "failing (they are counted in the report)")
+    data.add_argument("--image-folder", metavar="DIR", default=None,
+                      help="the records' relative \"image\" paths are under DIR (LLaVA's flag; an image-text --model)")
+    data.add_argument("--multimodal", action="store_true",
+                      help="bundled tasks as pictures (the scene is drawn, not written) on a tiny LLaVA")
     data.add_argument("--bundled-tasks", nargs="+", metavar="NAME",
                       help="a subset of the bundled tasks, in order (" + " ".join(TASK_NAMES) + ")")
     data.add_argument("--order", choices=ORDERS, default=_DEFAULTS.order,
@@ -124,7 +139,11 @@ def add_parser(sub) -> None:
     data.add_argument("--n-test", type=int, default=_DEFAULTS.n_test, help="bundled: test samples per task")
     model = run.add_argument_group("model and training")
     model.add_argument("--model", metavar="DIR",
-                       help="a local causal-LM folder (default: the tiny Llama, trained in stage 1)")
+                       help="a local causal-LM folder, or an image-text-to-text one (LLaVA-style, with its processor) "
+                            "(default: the tiny Llama, trained in stage 1)")
+    model.add_argument("--train-projector", action="store_true",
+                       help="image-text models: train the multi-modal projector too (the official mm_projector; "
+                            "averaged with --dema-params trainable); LoRA goes on the language model only")
     model.add_argument("--recipe", choices=RECIPES, default=_DEFAULTS.recipe,
                        help="lcia: the official LCIA recipe (grouping, new sets warm-started from the last trained "
                             "set, DEMA when a set is re-trained, every trainable tensor averaged, no clipping, one "
@@ -246,11 +265,13 @@ def _execute(cfg, out, args) -> int:
 
 def cmd_demo(args) -> int:
     preset = dict(DEMO_QUICK if args.quick else DEMO_FULL)
+    if args.multimodal:
+        preset.update(DEMO_MULTIMODAL)
     if args.seeds:
         preset["seeds"] = tuple(args.seeds)
     cfg = RunConfig(methods=DEMO_METHODS, **preset)
     cfg.validate(FLAGS)  # errors name the flags (--seeds), before anything is written
-    out = args.out or ("runs/demo-quick" if args.quick else "demo_out")
+    out = args.out or ("runs/demo-quick" if args.quick else "demo_out") + ("-multimodal" if args.multimodal else "")
     return _execute(cfg, out, args)
 
 
@@ -263,7 +284,8 @@ def cmd_run(args) -> int:
         tasks=tuple(args.bundled_tasks) if args.bundled_tasks else None, order=args.order,
         variant=args.templates, n_train=args.n_train, n_test=args.n_test,
         task_files=tuple(args.tasks), test_files=tuple(args.test_tasks), task_types=tuple(args.task_types),
-        test_fraction=args.test_fraction, skip_bad=args.skip_bad,
+        test_fraction=args.test_fraction, skip_bad=args.skip_bad, image_folder=args.image_folder,
+        multimodal=args.multimodal, train_projector=args.train_projector,
         model=args.model, stage1_steps=args.stage1_steps,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens,

@@ -124,7 +124,10 @@ class RunConfig:
     task_types: tuple = ()                 # optional scoring rule per task file (else inferred)
     test_fraction: float = 0.1             # held out of each task file when no test files
     max_test: int = 500                    # at most this many held-out test samples per task
-    skip_bad: bool = False                 # skip malformed records instead of failing
+    skip_bad: bool = False                 # skip malformed records (and records with a bad image) instead of failing
+    image_folder: Optional[str] = None     # task files: relative "image" paths are under this folder (LLaVA's flag)
+    multimodal: bool = False               # bundled: draw the scenes (cl_core.continual.images), tiny LLaVA
+    train_projector: bool = False          # image-text models: the multi-modal projector is trained too
     # Model: a local causal-LM folder, or (None) the tiny Llama trained in stage 1.
     model: Optional[str] = None
     hidden_size: int = 64
@@ -359,6 +362,7 @@ class RunConfig:
                     check_task_type(t)
             if self.tasks is not None:
                 raise ValueError("bundled task names and task files cannot be mixed")
+        self._validate_images(say)
         if self.model is not None:
             p = Path(self.model)
             if not p.is_dir():
@@ -367,6 +371,26 @@ class RunConfig:
             if not (p / "config.json").is_file():
                 raise ValueError(f"--model {self.model}: no config.json inside; not a Hugging Face model folder")
         self._validate_dema_tasks(methods, say)
+
+    def _validate_images(self, say: "_Namer") -> None:
+        if self.multimodal and not self.bundled:
+            raise ValueError(f"{say.name('multimodal')} draws the bundled tasks' scenes; with task files the "
+                             f"{say.name('model')} folder decides: an image-text model (LLaVA-style) reads the "
+                             "records' images")
+        if self.image_folder is not None:
+            if self.bundled:
+                raise ValueError(f"{say.name('image_folder')} goes with task files ({say.name('task_files')} FILE "
+                                 "...): the bundled tasks draw their own images")
+            if not Path(self.image_folder).is_dir():
+                raise ValueError(say("image_folder", self.image_folder, "is not a folder"))
+        if self.train_projector:
+            if self.model is not None and Path(self.model, "config.json").is_file() \
+                    and not is_image_text_folder(self.model):
+                raise ValueError(f"{say.name('train_projector')}: {say.name('model')} {self.model} is a text model; "
+                                 "the projector is an image-text model's (LLaVA's mm_projector)")
+            if self.model is None and not self.multimodal:
+                raise ValueError(f"{say.name('train_projector')} needs an image-text model: the bundled tasks with "
+                                 f"{say.name('multimodal')}, or {say.name('model')} DIR of a LLaVA-style model")
 
     def _validate_custom_flags(self, methods, say: "_Namer") -> None:
         for name, allowed in (("route", ROUTES), ("new_set_init", NEW_SET_INITS), ("dema_params", DEMA_PARAMS)):
@@ -438,6 +462,24 @@ class RunConfig:
 # Settings that only the custom methods use (validate refuses them when only recipes run).
 _CUSTOM_FLAGS = ("route", "new_set_init", "max_grad_norm", "dema_params", "dema_formula", "dema_scale",
                  "dema_fallback", "ema_beta")
+
+
+def model_type(path) -> Optional[str]:
+    """The ``model_type`` of a model folder's config.json (None when there is none)."""
+    f = Path(path) / "config.json"
+    try:
+        import json
+
+        return json.loads(f.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def is_image_text_folder(path) -> bool:
+    """Whether transformers loads the folder's model with AutoModelForImageTextToText."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type(path) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 def defaults() -> RunConfig:

@@ -1,4 +1,5 @@
-"""The continual runner: LoRA-tune a causal LM on tasks in order, evaluate every task after
+"""The continual runner: LoRA-tune a causal LM, or an image-text model (LLaVA-style, with the
+records' images: cl_core.continual.multimodal), on tasks in order, evaluate every task after
 each one, with plain LoRA, fixed-β EMA, DEMA, or DEMA with instruction grouping.
 
     from cl_core.continual.run import RunConfig, run
@@ -63,7 +64,7 @@ from cl_core.continual.tasks import Task, load_tasks  # noqa: F401 - re-exported
 from cl_core.continual.alpha import alpha_counts
 from cl_core.continual.alpha import merge as merge_alpha
 from cl_core.continual.training import (dema_callback, describe_model, load_base, quiet_libraries, seed_for,
-                                        stage1_score, tiny_tokenizer, train, train_stage1, user_tokenizer)
+                                        stage1_score, train, train_stage1)
 
 log = logging.getLogger("cl_core.continual.run")
 
@@ -91,24 +92,43 @@ class ContinualRun:
         self.on_task_end = on_task_end
         self.tasks: list = []
         self.tokenizer = None
+        self.encoder = None
+        self.images = None      # the images' summary of a multimodal run (multimodal.image_report)
         self.max_new_tokens = cfg.max_new_tokens
 
     # ------------------------------------------------------------ preparation
     def prepare(self) -> None:
         """Everything that can fail on bad input, before any training."""
+        from cl_core.continual import multimodal
+
         self.launch.on_main(check_run_folder, self.out, self.cfg.to_dict(), RunConfig().to_dict())
-        self.tasks = load_tasks(self.cfg)
+        # Image-text model (or the bundled tasks drawn): every record's image checked here.
+        self.tasks = load_tasks(self.cfg, with_images=multimodal.uses_images(self.cfg))
         if not self.cfg.bundled and self.cfg.model is None:
             raise ValueError("--tasks without --model: the bundled tiny model only knows the bundled benchmark's "
                              "words (yours would become <unk>); give --model DIR, a local causal-LM folder "
                              "with its tokenizer")
+        # The examples encoder: the causal LM's tokenizer, or the image-text model's processor.
+        with quiet_libraries():   # (the PIL image-processor notice when torchvision is missing)
+            self.encoder = multimodal.encoder_for(self.cfg)
+        self.tokenizer = self.encoder.tokenizer
         if self.cfg.model is not None:
-            self.tokenizer = user_tokenizer(self.cfg.model)
             # Weights that do not match config.json fail here, before anything is written.
             with quiet_libraries():
-                load_base(Path(self.cfg.model), self.tokenizer)
-        else:
-            self.tokenizer = tiny_tokenizer()
+                base = load_base(Path(self.cfg.model), self.tokenizer)
+            self._lora_config(base)   # --train-projector on a model without a projector fails here
+            del base
+        if self.encoder.uses_images:
+            # One example per task through the processor now: an image that does not fit in
+            # --max-length (LLaVA-1.5: 576 image tokens) fails here, not in the middle of training.
+            for t in self.tasks:
+                for (p, a, _), im in zip(t.train, t.train_images):
+                    if im is not None:
+                        self.encoder.example(p, a, im, self.cfg.max_length)
+                        break
+        self.images = (multimodal.image_report(self.tasks, self.cfg, self._image_sizes(),
+                                               {t.name: t.skipped_images for t in self.tasks if t.skipped_images})
+                       if self.encoder.uses_images else None)
         if self.max_new_tokens is None:
             longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"])
                           for t in self.tasks for _, refs, _ in t.test
@@ -131,10 +151,12 @@ class ContinualRun:
 
     def ensure_base(self, seed: int, state: RunState) -> None:
         """Train (once) and cache the stage-1 base of ``seed``; score it zero-shot."""
+        from cl_core.continual import multimodal
+
         key = str(seed)
         shared = self.cfg.model is not None or self.cfg.stage1_seed is not None  # one model for every seed
         if self.cfg.model is None and not (self.base_dir(seed) / "config.json").exists():
-            train_stage1(self.cfg, self.tokenizer, self.base_seed(seed), self.base_dir(seed),
+            train_stage1(self.cfg, self.encoder, self.base_seed(seed), self.base_dir(seed),
                          self.out / ".trainer", quiet=not self.bars, launch=self.launch)
         if key not in state.base:
             if shared and state.base:
@@ -146,8 +168,11 @@ class ContinualRun:
                 info = {"zero_shot": row,
                         "model": describe_model(model, self.tokenizer, "tiny" if self.cfg.model is None
                                                 else str(self.cfg.model))}
+                processor = multimodal.describe_processor(self.encoder)
+                if processor is not None:
+                    info["model"]["processor"] = processor
                 if self.cfg.model is None:
-                    info["stage1"] = stage1_score(model, self.tokenizer, self.base_seed(seed), self.cfg)
+                    info["stage1"] = stage1_score(model, self.encoder, self.base_seed(seed), self.cfg)
             state.base[key] = info
             state.save()
             log.info("seed %d base: zero-shot accuracy %s", seed, _fmt_row(row))
@@ -166,23 +191,26 @@ class ContinualRun:
         from cl_core.continual.evaluation import accuracy, generate
         from cl_core.lora_sets import adapter_name
 
-        prompts, answers, instructions, spans = [], [], [], []
+        prompts, answers, instructions, spans, images = [], [], [], [], []
         for t in self.tasks:
             start = len(prompts)
             for p, a, ins in t.test:
                 prompts.append(p)
                 answers.append(a)
                 instructions.append(ins)
+            images += t.test_images or [None] * len(t.test)
             spans.append((start, len(prompts)))
         adapters = None
         if grouper is not None:
             adapters = [adapter_name(g) for g in route_groups(grouper, instructions, spans, route)]
         with tqdm(total=len(prompts), desc=progress_desc, disable=not self.bars, leave=False, unit="q") as bar:
             # under a launcher the ranks share the batches out (the same batches as one process)
+            with_images = images if self.encoder.uses_images else None
             preds = self.launch.map_batches(
-                lambda a, b: generate(model, self.tokenizer, prompts[a:b], max_new_tokens=self.max_new_tokens,
+                lambda a, b: generate(model, self.encoder, prompts[a:b], max_new_tokens=self.max_new_tokens,
                                       batch_size=self.cfg.eval_batch_size, max_prompt_tokens=self.cfg.max_length,
-                                      adapter_names=None if adapters is None else adapters[a:b], progress=bar),
+                                      adapter_names=None if adapters is None else adapters[a:b], progress=bar,
+                                      images=None if with_images is None else with_images[a:b]),
                 len(prompts), self.cfg.eval_batch_size)
         return [round(accuracy(t.task_type, preds[a:b], answers[a:b]), 4)
                 for t, (a, b) in zip(self.tasks, spans)]
@@ -191,11 +219,22 @@ class ContinualRun:
     def chain_dir(self, method: str, seed: int) -> Path:
         return self.out / "chains" / method_slug(method) / f"seed{seed}"
 
-    def _lora_config(self):
+    def _lora_config(self, model):
+        """LoRA on ``model``: on a multimodal model the language model only ("all-linear" there),
+        with the projector trainable beside it (``train_projector``)."""
         from peft import LoraConfig
 
+        from cl_core.continual.multimodal import lora_targets, projector_modules
+
         return LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=0.0,
-                          target_modules=self.cfg.target_modules, task_type="CAUSAL_LM")
+                          target_modules=lora_targets(model, self.cfg.target_modules), task_type="CAUSAL_LM",
+                          modules_to_save=projector_modules(model) if self.cfg.train_projector else None)
+
+    def _image_sizes(self) -> dict:
+        sizes: dict = {}
+        for t in self.tasks:
+            sizes.update(t.image_sizes)
+        return sizes
 
     def _adapter_sets(self, plan, base, folder=None):
         """The adapters a chain trains on ``base``: PEFT LoRA sets, or (moelora) one MoELoRA
@@ -209,8 +248,8 @@ class ContinualRun:
         from cl_core.lora_sets import LoRASets
 
         if folder is not None:
-            return LoRASets.from_pretrained(base, folder, is_trainable=True, lora_config=self._lora_config())
-        return LoRASets(base, self._lora_config())
+            return LoRASets.from_pretrained(base, folder, is_trainable=True, lora_config=self._lora_config(base))
+        return LoRASets(base, self._lora_config(base))
 
     def run_chain(self, method: str, seed: int, state: RunState) -> None:
         import torch
@@ -260,7 +299,8 @@ class ContinualRun:
                 log.info("%s seed %d: task %d/%d %s (adapter %s%s%s)", method, seed, j + 1, len(tasks), task.name,
                          adapter, "" if init_from is None else f", from task {init_from + 1}",
                          ", EMA on" if use_ema else "")
-            loss = train(sets.model, self.tokenizer, [(p, a) for p, a, _ in task.train],
+            images = task.train_images or [None] * len(task.train)
+            loss = train(sets.model, self.encoder, [(p, a, im) for (p, a, _), im in zip(task.train, images)],
                          out_dir=self.out / ".trainer", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                          warmup=cfg.warmup_steps, seed=seed_for(seed, "data", j), quiet=not self.bars,
                          callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm,
@@ -360,6 +400,8 @@ class ContinualRun:
         described = [b["model"] for b in state.base.values() if "model" in b]
         if described:
             out["model"] = described[0]
+        if self.images is not None:
+            out["images"] = self.images
         for method in self.cfg.methods:
             seeds = {}
             for seed in self.cfg.seeds:
