@@ -10,6 +10,7 @@ one launch (each launch costs seconds of start-up):
            exactly the answers of one process generating them all;
   ds0      `cl-core run ... --deepspeed zero0.json` (fp32);
   ds0b     `cl-core run --methods lcia ... --deepspeed zero0_bf16.json` (the official set-up).
+  mm       `cl-core run --multimodal ...` (the tiny LLaVA on the bundled tasks drawn as pictures), DDP.
 Each rank writes OUT/rank{r}.json with what it saw.
 """
 import json
@@ -70,7 +71,7 @@ def main(folder, spec):
         seen["after_interrupt"] = interrupted_run(folder / "ddp", folder)
         seen["ddp_exit"] = cli(spec["ddp"] + ["--out", str(folder / "ddp")])
         seen["shard"] = shard_check(folder)
-    for name in ("ds0", "ds0b"):
+    for name in ("ds0", "ds0b", "mm"):
         if name in spec:
             seen[f"{name}_exit"] = cli(spec[name] + ["--out", str(folder / name)])
             # accelerate sets this for a DeepSpeed Trainer and leaves it; the runner puts it back

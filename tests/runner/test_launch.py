@@ -6,6 +6,8 @@ model on quick settings, compared with the same command in one process:
   under the launcher: the results, losses, α and every saved tensor equal the single-process
   run within the tolerance below, and the run folder holds the same files;
 * the evaluation shared out over the ranks gives exactly the answers of one process;
+* the same DDP run on the tiny LLaVA (``--multimodal``: the bundled tasks as pictures) equals
+  its single-process run;
 * DeepSpeed ZeRO-0 (fp32) equals the single-process run within the same tolerance; ZeRO-0 bf16
   with the official recipe completes, trains bf16 weights and averages with precision="official".
 
@@ -36,6 +38,7 @@ from tests.helpers import DIST_SCRIPTS, ROOT
 QUICK = ["run", "--bundled-tasks", "textvqa", "gqa", "--n-train", "32", "--n-test", "8", "--stage1-steps", "10",
          "--steps", "3", "--batch-size", "8", "--max-length", "96", "--quiet"]
 DDP = QUICK + ["--methods", "dema", "dema+group"]
+MULTIMODAL = QUICK + ["--multimodal", "--methods", "dema+group"]
 ZERO0 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
          "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 0}}
 TOL_NORM, TOL_MAX, ATOL = 1e-4, 1e-3, 1e-5   # per tensor: ‖Δ‖ vs ‖ref‖, max|Δ| vs max|ref| (docstring)
@@ -132,7 +135,9 @@ def launched(tmp_path_factory):
     z0 = _write(folder / "zero0.json", ZERO0)
     z0b = _write(folder / "zero0_bf16.json", {**ZERO0, "bf16": {"enabled": True}})
     assert cli(DDP + ["--out", str(folder / "ref")]) == 0
-    spec = {"ddp": DDP, "ds0": DDP + ["--deepspeed", z0], "ds0b": QUICK + ["--methods", "lcia", "--deepspeed", z0b]}
+    assert cli(MULTIMODAL + ["--out", str(folder / "mm_ref")]) == 0
+    spec = {"ddp": DDP, "ds0": DDP + ["--deepspeed", z0], "ds0b": QUICK + ["--methods", "lcia", "--deepspeed", z0b],
+            "mm": MULTIMODAL}
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
@@ -192,6 +197,16 @@ def test_ddp_run_interrupted_and_resumed_under_the_launcher_equals_one_process(l
         assert r["ddp_exit"] == 0
     results = _assert_same_run(folder / "ref", folder / "ddp")
     assert results["launch"]["processes"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_multimodal_ddp_run_equals_one_process(launched):
+    folder, ranks = launched
+    assert [r["mm_exit"] for r in ranks] == [0, 0]
+    results = _assert_same_run(folder / "mm_ref", folder / "mm")
+    assert results["config"]["multimodal"] and results["launch"]["processes"] == 2
+    assert results["model"]["model_type"] == "llava"
 
 
 @pytest.mark.slow
