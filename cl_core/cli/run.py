@@ -13,7 +13,7 @@ import logging
 import time
 
 # Light imports (no torch): the choices and defaults are the runner's own constants.
-from cl_core.continual.config import CUSTOM_METHODS, DEMA_PARAMS, METHODS, NEW_SET_INITS, ORDERS, RECIPES, ROUTES, RunConfig
+from cl_core.continual.config import CUSTOM_METHODS, DEMA_PARAMS, DEVICES, METHODS, NEW_SET_INITS, ORDERS, RECIPES, ROUTES, RunConfig
 from cl_core.continual.synthetic import TASK_NAMES
 from cl_core.continual.templates import TEMPLATE_SETS
 from cl_core.dema.config import FORMULAS
@@ -37,7 +37,7 @@ FLAGS = {
     "dema_scale": "--dema-scale", "dema_fallback": "--dema-fallback", "group_threshold": "--threshold",
     "route": "--route", "new_set_init": "--new-set-init", "dema_params": "--dema-params",
     "max_grad_norm": "--max-grad-norm", "recipe": "--recipe", "dema_tasks": "--dema-tasks",
-    "moe_experts": "--moe-experts", "moe_top_k": "--moe-top-k", "deepspeed": "--deepspeed",
+    "moe_experts": "--moe-experts", "moe_top_k": "--moe-top-k", "deepspeed": "--deepspeed", "device": "--device",
     "image_folder": "--image-folder", "multimodal": "--multimodal", "train_projector": "--train-projector",
 }
 
@@ -144,6 +144,9 @@ def add_parser(sub) -> None:
     model.add_argument("--train-projector", action="store_true",
                        help="image-text models: train the multi-modal projector too (the official mm_projector; "
                             "averaged with --dema-params trainable); LoRA goes on the language model only")
+    model.add_argument("--device", choices=DEVICES, default=_DEFAULTS.device,
+                       help="where training and evaluation run: auto takes CUDA when torch sees a GPU "
+                            "(one per process under a launcher), else the CPU")
     model.add_argument("--recipe", choices=RECIPES, default=_DEFAULTS.recipe,
                        help="lcia: the official LCIA recipe (grouping, new sets warm-started from the last trained "
                             "set, DEMA when a set is re-trained, every trainable tensor averaged, no clipping, one "
@@ -288,7 +291,7 @@ def cmd_run(args) -> int:
         multimodal=args.multimodal, train_projector=args.train_projector,
         model=args.model, stage1_steps=args.stage1_steps,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length, max_new_tokens=args.max_new_tokens, device=args.device,
         ema_beta=args.beta, dema_formula=args.dema_formula, dema_scale=args.dema_scale,
         dema_fallback=args.dema_fallback, group_threshold=args.threshold, route=args.route,
         new_set_init=args.new_set_init, dema_params=args.dema_params, max_grad_norm=args.max_grad_norm,

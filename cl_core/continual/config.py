@@ -59,6 +59,7 @@ RECIPE_METHODS = ("lcia", "cl-next")
 OWN_METHODS = ("moelora",)               # methods with fixed settings of their own that are no recipe
 METHODS = CUSTOM_METHODS + RECIPE_METHODS + OWN_METHODS
 RECIPES = ("custom",) + RECIPE_METHODS
+DEVICES = ("auto", "cpu", "cuda")
 ORDERS = ("origin", "reverse", "alphabet")
 ROUTES = ("instance", "file")            # test routing: per test instance, or one decision per test file
 NEW_SET_INITS = ("fresh", "latest")      # a new LoRA set: fresh init, or the last trained set's weights
@@ -148,6 +149,7 @@ class RunConfig:
     target_modules: str = "all-linear"
     max_length: int = 256
     max_new_tokens: Optional[int] = None   # None: from the longest test answer (+2)
+    device: str = "auto"                   # auto (CUDA when torch sees a GPU) | cpu | cuda
     eval_batch_size: int = 128
     # EMA settings (defaults: DEMAConfig's).
     ema_beta: float = _DEMA_DEFAULTS.beta
@@ -308,6 +310,7 @@ class RunConfig:
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; allowed: {', '.join(RECIPES)}")
         self._validate_custom_flags(methods, say)
+        self._validate_device(say)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"{say.name('seeds')} must be distinct and at least one: {list(self.seeds)}")
         for s in self.seeds:
@@ -391,6 +394,23 @@ class RunConfig:
             if self.model is None and not self.multimodal:
                 raise ValueError(f"{say.name('train_projector')} needs an image-text model: the bundled tasks with "
                                  f"{say.name('multimodal')}, or {say.name('model')} DIR of a LLaVA-style model")
+
+    def on_cuda(self) -> bool:
+        """Whether training and evaluation run on CUDA (``device``: auto picks CUDA when torch
+        sees a GPU, as the Trainer does)."""
+        import torch
+
+        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+
+    def _validate_device(self, say: "_Namer") -> None:
+        import torch
+
+        if self.device not in DEVICES:
+            raise ValueError(say("device", self.device, f"must be one of {', '.join(DEVICES)}"))
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{say.name('device')} cuda: torch sees no CUDA device (torch "
+                             f"{torch.__version__}{'' if torch.version.cuda else ', a CPU build'}); "
+                             f"use {say.name('device')} cpu, or auto to take a GPU only where there is one")
 
     def _validate_custom_flags(self, methods, say: "_Namer") -> None:
         for name, allowed in (("route", ROUTES), ("new_set_init", NEW_SET_INITS), ("dema_params", DEMA_PARAMS)):

@@ -190,6 +190,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
                 end = start + batch_size
                 inputs = encoder.prompts(prompts[start:end], None if images is None else images[start:end],
                                          max_prompt_tokens)
+                # on the model's device (a GPU after the Trainer moved it there)
+                inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
                 width = inputs["input_ids"].shape[1]
                 if adapter_names is not None:
                     inputs["adapter_names"] = list(adapter_names[start:end])

@@ -58,6 +58,7 @@ class Launch:
     deepspeed: Optional[dict] = None        # the parsed --deepspeed JSON
     deepspeed_file: Optional[str] = None
     find_unused: bool = False               # DDP looks for parameters a step leaves without a gradient
+    cuda: bool = False                      # each process trains on GPU LOCAL_RANK (RunConfig.on_cuda()): nccl
     # ACCELERATE_USE_DEEPSPEED as the launcher set it (accelerate sets it in the process when a
     # Trainer runs DeepSpeed, and never removes it: release() puts it back)
     accelerate_deepspeed_env: Optional[str] = field(default=None, repr=False)
@@ -96,7 +97,8 @@ class Launch:
             raise ValueError(f"RANK={rank} with WORLD_SIZE={world}: not a valid launch")
         launch = cls(rank=rank, world_size=world, local_rank=local, deepspeed=ds,
                      deepspeed_file=None if deepspeed is None else str(deepspeed),
-                     accelerate_deepspeed_env=env.get("ACCELERATE_USE_DEEPSPEED"))
+                     accelerate_deepspeed_env=env.get("ACCELERATE_USE_DEEPSPEED"),
+                     cuda=cfg is not None and cfg.on_cuda())
         if cfg is not None:
             launch.check_run(cfg, flags)
         launch._join()
@@ -107,9 +109,14 @@ class Launch:
             return
         import torch.distributed as dist
 
+        if self.cuda:
+            import torch
+
+            # one GPU per process, as the Trainer (accelerate) picks it: LOCAL_RANK
+            torch.cuda.set_device(self.local_rank)
         if not dist.is_initialized():
-            # The runner trains on the CPU (TrainingArguments(use_cpu=True)): gloo.
-            dist.init_process_group(backend="gloo")
+            # On the CPU (TrainingArguments(use_cpu=True)) gloo; on GPUs nccl.
+            dist.init_process_group(backend="nccl" if self.cuda else "gloo")
             self._joined = True
         if self.is_main:
             log.info("%d processes%s", self.world_size,

@@ -191,6 +191,11 @@ class ContinualRun:
         from cl_core.continual.evaluation import accuracy, generate
         from cl_core.lora_sets import adapter_name
 
+        if self.cfg.on_cuda():
+            import torch
+
+            model.to(torch.device("cuda", torch.cuda.current_device()))  # the base before any Trainer moved it
+
         prompts, answers, instructions, spans, images = [], [], [], [], []
         for t in self.tasks:
             start = len(prompts)
@@ -304,7 +309,7 @@ class ContinualRun:
                          out_dir=self.out / ".trainer", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                          warmup=cfg.warmup_steps, seed=seed_for(seed, "data", j), quiet=not self.bars,
                          callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm,
-                         launch=self.launch)
+                         launch=self.launch, cuda=cfg.on_cuda())
             train_s = time.time() - t0
             row = self._evaluate(sets.model, grouper, route=plan.route,
                                  progress_desc=f"eval {method} s{seed} t{j + 1}")

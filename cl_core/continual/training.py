@@ -37,13 +37,14 @@ class _Dataset:
         return self.encode(*self.examples[i])
 
 
-def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet, max_grad_norm, launch=None):
+def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet, max_grad_norm, launch=None,
+                  cuda=False):
     from transformers import TrainingArguments
 
     # Under a launcher (cl_core.continual.launch) each process trains its share of the batch.
     launched = {} if launch is None else launch.trainer_kwargs(batch_size)
     return TrainingArguments(
-        output_dir=str(out_dir), use_cpu=True, report_to=[], save_strategy="no",
+        output_dir=str(out_dir), use_cpu=not cuda, report_to=[], save_strategy="no",
         logging_strategy="no", disable_tqdm=quiet,
         per_device_train_batch_size=launched.pop("per_device_train_batch_size", batch_size), max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=warmup,
         weight_decay=0.0, seed=seed, data_seed=seed, dataloader_num_workers=0,
@@ -52,12 +53,13 @@ def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet, 
 
 
 def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup, seed, quiet,
-           callbacks=(), max_length, max_grad_norm: float = 1.0, launch=None):
+           callbacks=(), max_length, max_grad_norm: float = 1.0, launch=None, cuda: bool = False):
     """One Trainer run over (prompt, answer) or (prompt, answer, image) examples; returns the
     mean training loss. ``tokenizer``: a tokenizer or an examples encoder
     (:mod:`cl_core.continual.encoders`; an image-text model's processor). ``max_grad_norm`` 0
     turns gradient clipping off (the Trainer skips it then). ``launch``: the processes of a
-    launcher (cl_core.continual.launch), which share the batch."""
+    launcher (cl_core.continual.launch), which share the batch. ``cuda``: train on the process's
+    GPU (the Trainer moves the model there), else on the CPU (RunConfig.on_cuda())."""
     from transformers import Trainer
 
     from cl_core.continual.encoders import as_encoder
@@ -71,7 +73,7 @@ def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup,
     trainer = Trainer(
         model=model, args=_trainer_args(out_dir, steps=steps, batch_size=batch_size, lr=lr,
                                         warmup=warmup, seed=seed, quiet=quiet, max_grad_norm=max_grad_norm,
-                                        launch=launch),
+                                        launch=launch, cuda=cuda),
         train_dataset=_Dataset(examples, encode), data_collator=encoder.collate, callbacks=list(callbacks),
     )
     # The Trainer prints a metrics dict at the end (PrinterCallback / ProgressCallback.on_log);
@@ -278,7 +280,7 @@ def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Pa
                      batch_size=cfg.stage1_batch_size, lr=cfg.stage1_lr,
                      warmup=max(1, cfg.stage1_steps // 20), seed=seed_for(seed, "stage1"),
                      quiet=quiet, max_length=cfg.max_length,
-                     launch=None if launch is None else launch.for_whole_model())
+                     launch=None if launch is None else launch.for_whole_model(), cuda=cfg.on_cuda())
 
     def save():
         with atomic_dir(folder) as tmp:
