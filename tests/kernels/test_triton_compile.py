@@ -63,6 +63,13 @@ def _specs():
     return triton_dema.compile_specs() + triton_fused.compile_specs()
 
 
+def aligned_pointer_args(sig: dict) -> set:
+    """The arguments of a compile signature compiled as 16-byte aligned pointers (every
+    pointer: tests/kernels/test_triton_alignment.py checks the launchers pass exactly these
+    aligned)."""
+    return {a for a, t in sig.items() if t.startswith("*")}
+
+
 def _ptx_counts(ptx: str) -> dict:
     ops = re.findall(r"\b((?:ld|st)\.global[\w.:]*)", ptx)
     fp = re.findall(r"\b((?:sqrt|div|rcp|fma|add|sub|mul)\.[\w.]*f32)\b", ptx)
@@ -88,7 +95,7 @@ def _compile_job(spec, arch: int) -> dict:
     name, fn, sig, constexprs, launch, _expect = spec
     signature = {a: ("constexpr" if a in constexprs else sig[a]) for a in fn.arg_names}
     # A real launch marks 16-byte aligned pointer arguments (every torch allocation is).
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*")}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned_pointer_args(sig)}
     knobs.nvidia.dump_ptxas_log = True  # Triton prints its own `ptxas -v` log
     out = io.StringIO()
     try:
