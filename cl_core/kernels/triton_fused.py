@@ -63,9 +63,9 @@ from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to,
 # one or two in fp32, one in the parameter dtype). 4 warps x 32 threads x VEC = BLOCK. Why 4 warps: the registers per
 # thread do not depend on the warp count, and small blocks fill the SMs evenly over the
 # ~1,250 tiles of a LoRA-7B step. Compiled (tests/kernels/test_triton_compile.py, bench/README.md),
-# the step kernel uses 80-90 registers per thread for fp32 and 107-128 for 16-bit
-# parameters (8 elements per thread), no spills: 5-6 (fp32) or 4 (16-bit) blocks per SM,
-# 25-38% occupancy on A100/H100. Enough for a streaming kernel: each thread has 6
+# the step kernel uses 72-80 registers per thread for fp32 and 107-128 for 16-bit
+# parameters (8 elements per thread), no spills: 6-7 (fp32) or 4 (16-bit) blocks per SM,
+# 25-44% occupancy on A100/H100. Enough for a streaming kernel: each thread has 6
 # independent 128-bit loads in flight per iteration, >= 16 warps x 32 x 96 B ≈ 48 KB per
 # SM, above the ≈ 18 KB per SM that HBM3 bandwidth x latency (3.35 TB/s x ~700 ns / 132
 # SMs) asks for.
