@@ -7,18 +7,34 @@ previous step's EMA update, applies Adam/AdamW/SGD exactly as torch orders the m
 and accumulates this step's statistics (a, b with the NaN/inf probe folded in, c) and
 d for the tile.
 
-Per-tensor decisions need the whole tensor's statistics, which the previous launch left
-as per-tile partials: every program of a tensor sums them itself (a few dozen loads),
-so no second launch is needed. Per-tensor flags are double-buffered by step parity
-(read [r], written [w] by the tensor's first tile), so no program reads what another
-program of the same launch writes (tests/kernels/test_program_order.py runs the programs in
-shuffled order). The engine's canonical state (started, has_prev, d, alpha, skips) is
-written by the driver's flush (only when the EMA is read); `alpha` and `skips` are kept
-current by every step.
+Per-tensor decisions need the whole tensor's statistics. The cross-tile reduction is
+"the last program of a tensor sums its partials" (`_close_tile`): each program stores its
+tile's partials (a, b, c, d) and takes a ticket of its tensor (an int32 atomic_add,
+acq_rel at GPU scope); the one that takes the tensor's last ticket sums the tensor's
+partial rows in tile order (`_tile_sums`: CHUNK row accumulators, then one tree sum) into
+the tensor's totals `tot[w]` and resets the ticket. The next launch's programs (step,
+flush, pending) read four totals. So every partial is summed once per step: the work is
+linear in the tile count (it was quadratic when every program re-summed all partials of
+its tensor: +1 ms per step at 8,192 tiles, tens of ms at 1 B elements), still one launch
+per step, and the totals are the same bits whichever program comes last, run to run (the
+summation order is fixed, no float atomics). Why not a separate reduce launch (grid =
+tensors): one more launch per step, and its per-tensor loop is the same serial sum; why
+not a two-level tree: a different summation order than the one the tests pinned, for
+nothing at LoRA sizes (the last program of a 134 M-element tensor sums 8,192 rows in 128
+dependent iterations of 64, ~0.1 ms, against the ~1.8 ms that tensor's 5.9 GB of step
+traffic takes at 3.35 TB/s). Per-tensor flags are
+double-buffered by step parity (read [r], written [w] by the tensor's first tile), so
+apart from the partials the ticket hands over, no program reads what another program of
+the same launch writes (tests/kernels/test_program_order.py runs the programs in
+shuffled order; tests/kernels/test_cross_tile_reduction.py has 66 tiles in a tensor).
+The engine's canonical state (started, has_prev, d, alpha, skips) is written by the
+driver's flush (only when the EMA is read); `alpha` and `skips` are kept current by
+every step.
 
-Tables (names in kernels/layouts.py): a static per-tensor table (addresses of θ, the
-optimizer state, θ*, g_prev; numel; param group; first tile), built when the group's
-tensors change, never per step; a dynamic per-tensor table (gradient address, step
+Tables (names in kernels/layouts.py; every table and every half of a double-buffered one
+starts 16-byte aligned, as the compile tests assume: layouts.aligned_count): a static
+per-tensor table (addresses of θ, the optimizer state, θ*, g_prev; numel; param group;
+first tile), built when the group's tensors change, never per step; a dynamic per-tensor table (gradient address, step
 count, flags) uploaded once per step in one copy; one hyper-parameter row per optimizer
 param group.
 
@@ -49,9 +65,9 @@ from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to,
 # one or two in fp32, one in the parameter dtype). 4 warps x 32 threads x VEC = BLOCK. Why 4 warps: the registers per
 # thread do not depend on the warp count, and small blocks fill the SMs evenly over the
 # ~1,250 tiles of a LoRA-7B step. Compiled (tests/kernels/test_triton_compile.py, bench/README.md),
-# the step kernel uses 80-90 registers per thread for fp32 and 107-128 for 16-bit
-# parameters (8 elements per thread), no spills: 5-6 (fp32) or 4 (16-bit) blocks per SM,
-# 25-38% occupancy on A100/H100. Enough for a streaming kernel: each thread has 6
+# the step kernel uses 72-80 registers per thread for fp32 and 107-128 for 16-bit
+# parameters (8 elements per thread), no spills: 6-7 (fp32) or 4 (16-bit) blocks per SM,
+# 25-44% occupancy on A100/H100. Enough for a streaming kernel: each thread has 6
 # independent 128-bit loads in flight per iteration, >= 16 warps x 32 x 96 B ≈ 48 KB per
 # SM, above the ≈ 18 KB per SM that HBM3 bandwidth x latency (3.35 TB/s x ~700 ns / 132
 # SMs) asks for.
@@ -64,9 +80,9 @@ MAX_REGISTERS = 128
 # IEEE sqrt and division below, compiled code rounds each operation as the interpreter,
 # the reference and torch's CPU AdamW do.
 LAUNCH = {"num_warps": NUM_WARPS, "maxnreg": MAX_REGISTERS, "enable_fp_fusion": False}
-PENDING_LAUNCH = {"num_warps": 1, "enable_fp_fusion": False}  # one tensor per program, a few dozen partials
+PENDING_LAUNCH = {"num_warps": 1, "enable_fp_fusion": False}  # one tensor per program, four totals each
 TILE = 16384  # elements per program: few partials per tensor, ~1,250 programs per LoRA-7B step
-CHUNK = 64  # partial rows summed per iteration in the pending decision
+CHUNK = 64  # partial rows summed per iteration by a tensor's last program (_close_tile)
 # a block-shape width must be a tl.constexpr for Triton < 3.8 (see triton_dema.N_STAT)
 N_PART: tl.constexpr = tl.constexpr(L.N_PART)
 
@@ -89,13 +105,16 @@ def _vsum(x, BLOCK: tl.constexpr, VEC: tl.constexpr):
 
 @triton.jit
 def _tile_sums(part, t0, t1, CHUNK: tl.constexpr):
-    """Column sums of rows t0..t1 of a [tiles, N_PART] partials table: (a, b, c, d)."""
+    """Column sums of rows t0..t1 of a [tiles, N_PART] partials table: (a, b, c, d), in
+    one fixed order (CHUNK row accumulators, then one tree sum), whichever program runs
+    it. `.cg` loads read the rows at L2, past an L1 that may hold lines from before the
+    other programs' stores (the ticket's acquire orders them; this keeps it obvious)."""
     rows = tl.arange(0, CHUNK)[:, None]
     cols = tl.arange(0, N_PART)[None, :]
     acc = tl.zeros([CHUNK, N_PART], dtype=tl.float32)
     for j in range(t0, t1, CHUNK):
         idx = j + rows
-        acc += tl.load(part + idx * L.N_PART + cols, mask=(idx < t1) & (cols >= 0), other=0.0)
+        acc += tl.load(part + idx * L.N_PART + cols, mask=(idx < t1) & (cols >= 0), other=0.0, cache_modifier=".cg")
     s = tl.sum(acc, axis=0)
     c1 = tl.arange(0, N_PART)
     a = tl.sum(tl.where(c1 == L.P_A, s, 0.0), axis=0)
@@ -103,6 +122,32 @@ def _tile_sums(part, t0, t1, CHUNK: tl.constexpr):
     c = tl.sum(tl.where(c1 == L.P_C, s, 0.0), axis=0)
     d = tl.sum(tl.where(c1 == L.P_D, s, 0.0), axis=0)
     return a, b, c, d
+
+
+@triton.jit
+def _close_tile(part_w, tot_w, ticket, pid, t, t0, t1, a, b, c, d, CHUNK: tl.constexpr):
+    """Store this tile's partials (a, b, c, d) and take the tensor's ticket; the program
+    that takes the last one (all other tiles of the tensor have stored theirs) sums the
+    tensor's partials in tile order into tot_w[t] and resets the ticket for the next
+    launch. So each partial is summed once per launch (linear in the tile count), and the
+    totals are the same bits whichever program comes last (the sum's order is fixed)."""
+    row = part_w + pid * L.N_PART
+    tl.store(row + L.P_A, a)
+    tl.store(row + L.P_B, b)
+    tl.store(row + L.P_C, c)
+    tl.store(row + L.P_D, d)
+    # every thread's stores before the ticket; acq_rel at GPU scope publishes them to the
+    # program that takes the last ticket and makes that one see all the others'
+    tl.debug_barrier()
+    taken = tl.atomic_add(ticket + t, 1, sem="acq_rel", scope="gpu")
+    if taken == t1 - t0 - 1:
+        sa, sb, sc, sd = _tile_sums(part_w, t0, t1, CHUNK)
+        out = tot_w + t * L.N_PART
+        tl.store(out + L.P_A, sa)
+        tl.store(out + L.P_B, sb)
+        tl.store(out + L.P_C, sc)
+        tl.store(out + L.P_D, sd)
+        tl.store(ticket + t, 0)  # every tile of t has taken its ticket: nobody reads it again this launch
 
 
 @triton.jit
@@ -126,18 +171,19 @@ def _tile_of_program(tile_tensor, stab, T, n_tiles, TILE: tl.constexpr):
 
 
 @triton.jit
-def _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK: tl.constexpr,
-             EMA_DTYPE: tl.constexpr):
+def _pending(tot_r, flags_r, dcarry_r, t, T, formula, scale, fallback, beta, EMA_DTYPE: tl.constexpr):
     """The decision on the EMA update the previous launch left pending for tensor t:
-    (apply, alpha, skip, d_in, pend). With the EMA in a 16-bit EMA_DTYPE each norm is
-    the fp32 total rounded to it (the reference's `l1(x).to(dtype)`; round_to is a no-op
-    for fp32); d carried from an earlier step (dcarry) was rounded when it was summed."""
+    (apply, alpha, skip, d_in, pend), from the tensor's totals the previous step's last
+    program of t wrote (tot_r: four loads, whatever the tensor's tile count). With the
+    EMA in a 16-bit EMA_DTYPE each norm is the fp32 total rounded to it (the reference's
+    `l1(x).to(dtype)`; round_to is a no-op for fp32); d carried from an earlier step
+    (dcarry) was rounded when it was summed."""
     pend = tl.load(flags_r + L.F_PEND * T + t)
-    a, b, c, d_sum = _tile_sums(part_r, t0, t1, CHUNK)
-    a = round_to(a, EMA_DTYPE)
-    b = round_to(b, EMA_DTYPE)  # NaN (the probe) stays NaN
-    c = round_to(c, EMA_DTYPE)
-    d_sum = round_to(d_sum, EMA_DTYPE)
+    row = tot_r + t * L.N_PART
+    a = round_to(tl.load(row + L.P_A), EMA_DTYPE)
+    b = round_to(tl.load(row + L.P_B), EMA_DTYPE)  # NaN (the probe) stays NaN
+    c = round_to(tl.load(row + L.P_C), EMA_DTYPE)
+    d_sum = round_to(tl.load(row + L.P_D), EMA_DTYPE)
     d_in = tl.where(tl.load(flags_r + L.F_APPLIED * T + t) != 0, d_sum, tl.load(dcarry_r + t))
     finite = b == b  # P_B carries the NaN/inf probe
     skip = (pend != L.PEND_NONE) & (finite == 0)
@@ -158,8 +204,8 @@ def _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, 
 
 @triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
 def _fused_step_kernel(
-    tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha, skips, T, n_tiles,
-    formula, scale, fallback, beta,
+    tile_tensor, stab, dyn, hyper, tot_r, part_w, tot_w, ticket, flags_r, flags_w, dcarry_r, dcarry_w, alpha, skips,
+    T, n_tiles, formula, scale, fallback, beta,
     DTYPE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr,
     VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, CHUNK: tl.constexpr,
 ):
@@ -173,8 +219,7 @@ def _fused_step_kernel(
     EDT: tl.constexpr = DTYPE if EMA_IN_PARAM_DTYPE else tl.float32
     pid = tl.program_id(0)
     t, t0, t1, start = _tile_of_program(tile_tensor, stab, T, n_tiles, BLOCK * ITERS)
-    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
-                                           EDT)
+    apply, al, skip, d_in, pend = _pending(tot_r, flags_r, dcarry_r, t, T, formula, scale, fallback, beta, EDT)
     # An init left pending becomes "started" once its probe shows it was finite.
     started = (tl.load(flags_r + L.F_STARTED * T + t) != 0) | ((pend == L.PEND_INIT) & (skip == 0))
     init_now = started == 0
@@ -297,11 +342,8 @@ def _fused_step_kernel(
         gprev = to_f32(tl.load(gp_ptr + offs, mask=nm, other=0.0))
         sc += _vsum(tl.where(nm, tl.abs(round_to(g - gprev, EDT)), 0.0), BLOCK, VEC)
         tl.store(gp_ptr + offs, to_rtne(g, EDT), mask=gm & _bcast(need_gp, BLOCK))
-    row = part_w + pid * L.N_PART
-    tl.store(row + L.P_A, tl.sum(sa, axis=0))
-    tl.store(row + L.P_B, tl.sum(sb, axis=0))
-    tl.store(row + L.P_C, tl.sum(sc, axis=0))
-    tl.store(row + L.P_D, tl.sum(sd, axis=0))
+    _close_tile(part_w, tot_w, ticket, pid, t, t0, t1, tl.sum(sa, axis=0), tl.sum(sb, axis=0), tl.sum(sc, axis=0),
+                tl.sum(sd, axis=0), CHUNK)
     if pid == t0:  # the tensor's first tile records its per-tensor state
         tl.store(flags_w + L.F_STARTED * T + t, started.to(tl.int32))
         tl.store(flags_w + L.F_HAS_PREV * T + t, tl.where(need_gp, has_g, hp).to(tl.int32))
@@ -316,16 +358,15 @@ def _fused_step_kernel(
 
 @triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
 def _fused_flush_kernel(
-    tile_tensor, stab, theta, part_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale, fallback,
+    tile_tensor, stab, theta, tot_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale, fallback,
     beta, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr, VEC: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     """Finish the pending EMA update (θ read through `theta`, a table of θ addresses)."""
     EDT: tl.constexpr = DTYPE if EMA_IN_PARAM_DTYPE else tl.float32
     pid = tl.program_id(0)
     t, t0, t1, start = _tile_of_program(tile_tensor, stab, T, n_tiles, BLOCK * ITERS)
-    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
-                                           EDT)
+    apply, al, skip, d_in, pend = _pending(tot_r, flags_r, dcarry_r, t, T, formula, scale, fallback, beta, EDT)
     n = tl.minimum(tl.load(stab + L.S_NUMEL * T + t) - start, BLOCK * ITERS).to(tl.int32)  # as the step kernel
     th_ptr = tl.load(theta + t).to(tl.pointer_type(DTYPE)) + start
     e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(EDT)) + start
@@ -354,18 +395,16 @@ def _fused_flush_kernel(
         _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, beta)
 
 
-@triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
+@triton.jit(do_not_specialize=["T", "formula"])
 def _fused_pending_kernel(
-    stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, n_tiles, formula, scale, fallback, beta,
-    CHUNK: tl.constexpr, EMA_DTYPE: tl.constexpr,
+    tot_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, formula, scale, fallback, beta,
+    EMA_DTYPE: tl.constexpr,
 ):
     """Grid = tensors: the decision on the pending update (α, skip count) written to
     alpha_out/skips_out, without touching the EMA (engine stats between flushes).
     EMA_DTYPE: fp32, or the 16-bit dtype the norms are rounded to (ema_dtype="param")."""
     t = tl.program_id(0)
-    t0, t1 = _tiles_of(stab, t, T, n_tiles)
-    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
-                                           EMA_DTYPE)
+    apply, al, skip, d_in, pend = _pending(tot_r, flags_r, dcarry_r, t, T, formula, scale, fallback, beta, EMA_DTYPE)
     init_alpha = tl.where(formula == L.FORMULA_FIXED, 1.0 - beta, fallback)
     new_alpha = tl.where(skip, 0.0, tl.where(apply, al, tl.where(pend == L.PEND_INIT, init_alpha, tl.load(alpha + t))))
     tl.store(alpha_out + t, new_alpha)
@@ -380,20 +419,20 @@ DTYPES = tuple(_TL)  # parameter dtypes the kernels take
 # Each takes the group's tables and buffers as tensors and the config as scalars; the
 # engine's Triton driver (cl_core/dema/fused_triton.py) owns and fills them. `r`/`w` of a
 # double-buffered table are the halves the previous step wrote and this one writes.
-def step(n_tiles: int, tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha,
-         skips, T: int, formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype, kind: int,
-         aligned: bool, ema_in_param_dtype: bool) -> None:
+def step(n_tiles: int, tile_tensor, stab, dyn, hyper, tot_r, part_w, tot_w, ticket, flags_r, flags_w, dcarry_r,
+         dcarry_w, alpha, skips, T: int, formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype,
+         kind: int, aligned: bool, ema_in_param_dtype: bool) -> None:
     """The one-pass optimizer + DEMA sweep of one step (grid = tiles)."""
     vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
     if n_tiles:
         _fused_step_kernel[(n_tiles,)](
-            tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha, skips, T,
-            n_tiles, formula, scale, fallback, beta, DTYPE=_TL[dtype], KIND=kind, ALIGNED=aligned,
+            tile_tensor, stab, dyn, hyper, tot_r, part_w, tot_w, ticket, flags_r, flags_w, dcarry_r, dcarry_w, alpha,
+            skips, T, n_tiles, formula, scale, fallback, beta, DTYPE=_TL[dtype], KIND=kind, ALIGNED=aligned,
             EMA_IN_PARAM_DTYPE=ema_in_param_dtype, VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
         )
 
 
-def flush(n_tiles: int, tile_tensor, stab, theta, part_r, part_w, flags_r, dcarry_r, alpha, skips, T: int,
+def flush(n_tiles: int, tile_tensor, stab, theta, tot_r, part_w, flags_r, dcarry_r, alpha, skips, T: int,
           formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype, aligned: bool,
           ema_in_param_dtype: bool) -> None:
     """Finish the EMA update the last step left pending (grid = tiles; θ through `theta`,
@@ -401,19 +440,19 @@ def flush(n_tiles: int, tile_tensor, stab, theta, part_r, part_w, flags_r, dcarr
     vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
     if n_tiles:
         _fused_flush_kernel[(n_tiles,)](
-            tile_tensor, stab, theta, part_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale,
+            tile_tensor, stab, theta, tot_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale,
             fallback, beta, DTYPE=_TL[dtype], ALIGNED=aligned, EMA_IN_PARAM_DTYPE=ema_in_param_dtype, VEC=vec,
-            BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
+            BLOCK=block, ITERS=iters, **LAUNCH,
         )
 
 
-def pending(stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T: int, n_tiles: int, formula: int,
-            scale: float, fallback: float, beta: float, ema_dtype: torch.dtype) -> None:
+def pending(tot_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T: int, formula: int, scale: float,
+            fallback: float, beta: float, ema_dtype: torch.dtype) -> None:
     """The decision on the pending update (α, skip count) into alpha_out/skips_out
     (grid = tensors); the EMA and the state are not touched."""
     _fused_pending_kernel[(T,)](
-        stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, n_tiles, formula, scale, fallback,
-        beta, CHUNK=CHUNK, EMA_DTYPE=_TL[ema_dtype], **PENDING_LAUNCH,
+        tot_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, formula, scale, fallback, beta,
+        EMA_DTYPE=_TL[ema_dtype], **PENDING_LAUNCH,
     )
 
 
@@ -446,14 +485,15 @@ def compile_specs(every: bool | None = None):
     if every is None:
         every = os.environ.get("CL_CORE_COMPILE_EVERY_SPEC", "0") not in ("", "0")
     ptr = "*i64"
-    step_sig = dict(tile_tensor="*i32", stab=ptr, dyn=ptr, hyper="*fp64", part_r="*fp32", part_w="*fp32",
-                    flags_r="*i32", flags_w="*i32", dcarry_r="*fp32", dcarry_w="*fp32", alpha="*fp32",
-                    skips="*i64", T="i32", n_tiles="i32", formula="i32", scale="fp32", fallback="fp32", beta="fp32")
-    flush_sig = dict(tile_tensor="*i32", stab=ptr, theta=ptr, part_r="*fp32", part_w="*fp32", flags_r="*i32",
+    step_sig = dict(tile_tensor="*i32", stab=ptr, dyn=ptr, hyper="*fp64", tot_r="*fp32", part_w="*fp32",
+                    tot_w="*fp32", ticket="*i32", flags_r="*i32", flags_w="*i32", dcarry_r="*fp32", dcarry_w="*fp32",
+                    alpha="*fp32", skips="*i64", T="i32", n_tiles="i32", formula="i32", scale="fp32", fallback="fp32",
+                    beta="fp32")
+    flush_sig = dict(tile_tensor="*i32", stab=ptr, theta=ptr, tot_r="*fp32", part_w="*fp32", flags_r="*i32",
                      dcarry_r="*fp32", alpha="*fp32", skips="*i64", T="i32", n_tiles="i32", formula="i32",
                      scale="fp32", fallback="fp32", beta="fp32")
-    pend_sig = dict(stab=ptr, part_r="*fp32", flags_r="*i32", dcarry_r="*fp32", alpha="*fp32", skips="*i64",
-                    alpha_out="*fp32", skips_out="*i64", T="i32", n_tiles="i32", formula="i32", scale="fp32",
+    pend_sig = dict(tot_r="*fp32", flags_r="*i32", dcarry_r="*fp32", alpha="*fp32", skips="*i64",
+                    alpha_out="*fp32", skips_out="*i64", T="i32", formula="i32", scale="fp32",
                     fallback="fp32", beta="fp32")
     kinds = {L.KIND_ADAM: "adam", L.KIND_ADAMW: "adamw", L.KIND_SGD: "sgd"}
     specs = []
@@ -468,23 +508,23 @@ def compile_specs(every: bool | None = None):
             ema_bytes = size if param_ema else 4
             for aligned in (True, False):
                 vec, block, iters = launch_shape(size, aligned)
-                shape = dict(VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK)
+                shape = dict(VEC=vec, BLOCK=block, ITERS=iters)
                 tag = "aligned" if aligned else "general"
                 ce = dict(DTYPE=tdt, ALIGNED=aligned, EMA_IN_PARAM_DTYPE=param_ema)
                 for kind, kname in kinds.items():
                     # Adam reads θ, g, m, v, θ*, g_prev and writes θ, m, v, θ*, g_prev; SGD has no v
                     streams = (3, 2, 2, 2) if kind == L.KIND_SGD else (4, 2, 3, 2)
                     specs.append((f"fused_step/{kname}/{name}{mode}/{tag}", _fused_step_kernel, step_sig,
-                                  dict(ce, KIND=kind, **shape), LAUNCH,
+                                  dict(ce, KIND=kind, CHUNK=CHUNK, **shape), LAUNCH,
                                   expect_v4(vec, *streams, ema_bytes=ema_bytes) if aligned else None))
                 # the flush reads θ, θ* and writes θ*
                 specs.append((f"fused_flush/{name}{mode}/{tag}", _fused_flush_kernel, flush_sig, dict(ce, **shape),
                               LAUNCH, expect_v4(vec, 1, 1, 0, 1, ema_bytes=ema_bytes) if aligned else None))
             if param_ema:
                 specs.append((f"fused_pending/{name}{mode}", _fused_pending_kernel, pend_sig,
-                              dict(CHUNK=CHUNK, EMA_DTYPE=tdt), PENDING_LAUNCH, None))
+                              dict(EMA_DTYPE=tdt), PENDING_LAUNCH, None))
     # every fp32-EMA launch uses this one
-    specs.append(("fused_pending", _fused_pending_kernel, pend_sig, dict(CHUNK=CHUNK, EMA_DTYPE=tl.float32),
+    specs.append(("fused_pending", _fused_pending_kernel, pend_sig, dict(EMA_DTYPE=tl.float32),
                   PENDING_LAUNCH, None))
     if not every:
         specs = [s for s in specs if "/param-ema" not in s[0] or s[0] in _PARAM_EMA_SPECS_ALWAYS]
