@@ -394,6 +394,12 @@ class RunConfig:
             if self.model is None and not self.multimodal:
                 raise ValueError(f"{say.name('train_projector')} needs an image-text model: the bundled tasks with "
                                  f"{say.name('multimodal')}, or {say.name('model')} DIR of a LLaVA-style model")
+            if "moelora" in (self.methods or ()):
+                # MoELoRASet trains and saves its experts and routers only: a trained projector
+                # would be lost at the save and at a resume, so refuse rather than drop it.
+                raise ValueError(f"{say.name('train_projector')} cannot be combined with the moelora method (it "
+                                 "trains and saves LoRA experts and routers only); run moelora without "
+                                 f"{say.name('train_projector')}, or the other methods with it")
 
     def on_cuda(self) -> bool:
         """Whether training and evaluation run on CUDA (``device``: auto picks CUDA when torch

@@ -172,7 +172,9 @@ def test_flags_that_need_an_image_text_model(tmp_path, model_dir, caplog):
                          (["--image-folder", str(tmp_path)], "--image-folder goes with task files"),
                          (["--image-folder", str(tmp_path / "no"), "--tasks", "x.json", "--model", str(model_dir)],
                           "--image-folder is not a folder"),
-                         (["--multimodal", "--tasks", "x.json", "--model", str(model_dir)], "--multimodal draws")):
+                         (["--multimodal", "--tasks", "x.json", "--model", str(model_dir)], "--multimodal draws"),
+                         (["--multimodal", "--train-projector", "--methods", "lora,moelora"],
+                          "--train-projector cannot be combined with the moelora method")):
         code, line = _one_error_line(["run", "--methods", "lora", "--out", str(tmp_path / "o"), *argv], caplog)
         assert code == 2 and needle in line, (argv, line)
 
