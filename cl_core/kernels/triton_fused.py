@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from cl_core.kernels import layouts as L
-from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to, to_f32, to_rtne
+from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, f32_scalars, round_sum, round_to, to_f32, to_rtne
 
 # Launch shape. Each thread owns VEC contiguous elements per iteration: VEC = 16 bytes /
 # element size, so a thread's θ, g, m, v access is one 128-bit load/store (θ*, g_prev:
@@ -88,11 +88,12 @@ def _vsum(x, BLOCK: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _tile_sums(part, t0, t1, CHUNK: tl.constexpr):
-    """Column sums of rows t0..t1 of a [tiles, N_PART] partials table: (a, b, c, d)."""
+def _tile_sums(part, t0, t1, CHUNK: tl.constexpr, ACC: tl.constexpr):
+    """Column sums of rows t0..t1 of a [tiles, N_PART] partials table: (a, b, c, d), in the
+    partials' dtype ACC (float64 for an EMA in the parameter dtype)."""
     rows = tl.arange(0, CHUNK)[:, None]
     cols = tl.arange(0, N_PART)[None, :]
-    acc = tl.zeros([CHUNK, N_PART], dtype=tl.float32)
+    acc = tl.zeros([CHUNK, N_PART], dtype=ACC)
     for j in range(t0, t1, CHUNK):
         idx = j + rows
         acc += tl.load(part + idx * L.N_PART + cols, mask=(idx < t1) & (cols >= 0), other=0.0)
@@ -130,19 +131,21 @@ def _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, 
              EMA_DTYPE: tl.constexpr):
     """The decision on the EMA update the previous launch left pending for tensor t:
     (apply, alpha, skip, d_in, pend). With the EMA in a 16-bit EMA_DTYPE each norm is
-    the fp32 total rounded to it (the reference's `l1(x).to(dtype)`; round_to is a no-op
-    for fp32); d carried from an earlier step (dcarry) was rounded when it was summed."""
+    the exact float64 total rounded once to it (round_sum; float32 totals as they are for
+    an fp32 EMA) and α is formed in that dtype's arithmetic; d carried from an earlier step
+    (dcarry) was rounded when it was summed."""
+    ACC: tl.constexpr = tl.float32 if EMA_DTYPE == tl.float32 else tl.float64
     pend = tl.load(flags_r + L.F_PEND * T + t)
-    a, b, c, d_sum = _tile_sums(part_r, t0, t1, CHUNK)
-    a = round_to(a, EMA_DTYPE)
-    b = round_to(b, EMA_DTYPE)  # NaN (the probe) stays NaN
-    c = round_to(c, EMA_DTYPE)
-    d_sum = round_to(d_sum, EMA_DTYPE)
+    a, b, c, d_sum = _tile_sums(part_r, t0, t1, CHUNK, ACC)
+    a = round_sum(a, EMA_DTYPE)
+    b = round_sum(b, EMA_DTYPE)  # NaN (the probe) stays NaN
+    c = round_sum(c, EMA_DTYPE)
+    d_sum = round_sum(d_sum, EMA_DTYPE)
     d_in = tl.where(tl.load(flags_r + L.F_APPLIED * T + t) != 0, d_sum, tl.load(dcarry_r + t))
     finite = b == b  # P_B carries the NaN/inf probe
     skip = (pend != L.PEND_NONE) & (finite == 0)
     use = (tl.load(flags_r + L.F_PEND_HAS_GRAD * T + t) != 0) & (tl.load(flags_r + L.F_PEND_HAS_PREV * T + t) != 0)
-    al = alpha_rule(a, b, c, d_in, use, formula, scale, fallback, beta)
+    al = alpha_rule(a, b, c, d_in, use, formula, scale, fallback, beta, EMA_DTYPE)
     apply = (pend == L.PEND_EMA) & finite
     return apply, al, skip, d_in, pend
 
@@ -233,10 +236,16 @@ def _fused_step_kernel(
         w_v = (1.0 - beta2).to(tl.float32)
     need = (init_now == 0) & has_g & hp & need_gp  # this step's a, b, c are meaningful
     keep_al = 1.0 - al
-    sa = tl.zeros([BLOCK // VEC], dtype=tl.float32)
-    sb = tl.zeros([BLOCK // VEC], dtype=tl.float32)
-    sc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
-    sd = tl.zeros([BLOCK // VEC], dtype=tl.float32)
+    # the first update of an EMA in the parameter dtype: the official deepcopy of θ, then
+    # its fallback update (the "fixed" formula's α for "fixed")
+    al0 = tl.where(formula == L.FORMULA_FIXED, 1.0 - beta, fallback)
+    keep_al0 = 1.0 - al0
+    # sums in float32, or exact in float64 for a 16-bit EMA (rounded once by _pending)
+    ACC: tl.constexpr = tl.float32 if EDT == tl.float32 else tl.float64
+    sa = tl.zeros([BLOCK // VEC], dtype=ACC)
+    sb = tl.zeros([BLOCK // VEC], dtype=ACC)
+    sc = tl.zeros([BLOCK // VEC], dtype=ACC)
+    sd = tl.zeros([BLOCK // VEC], dtype=ACC)
     # Only the blocks this tile covers (a small tensor's tile is mostly past its end).
     for it in range(0, tl.minimum(tl.cdiv(n, BLOCK), ITERS)):
         offs = it * BLOCK + tl.arange(0, BLOCK)
@@ -286,16 +295,23 @@ def _fused_step_kernel(
         else:
             e_new = e * keep_al + th * al
         e = tl.where(_bcast(apply, BLOCK), e_new, e)
-        sd += _vsum(tl.where(mask & _bcast(apply, BLOCK), tl.abs(round_to(th - e, EDT)), 0.0), BLOCK, VEC)
-        e = tl.where(_bcast(init_now, BLOCK), th2, e)
+        sd += _vsum(tl.where(mask & _bcast(apply, BLOCK), tl.abs(round_to(th - e, EDT)), 0.0).to(ACC), BLOCK, VEC)
+        if EMA_IN_PARAM_DTYPE:
+            e_init = round_to(round_to(th2 * keep_al0, EDT) + round_to(th2 * al0, EDT), EDT)
+            # d after the first update (F_APPLIED marks the init: the next decision reads it)
+            sd += _vsum(tl.where(mask & _bcast(init_now, BLOCK), tl.abs(round_to(th2 - e_init, EDT)), 0.0).to(ACC),
+                        BLOCK, VEC)
+        else:
+            e_init = th2
+        e = tl.where(_bcast(init_now, BLOCK), e_init, e)
         # exact: e is a DTYPE number in the parameter-dtype mode
         tl.store(e_ptr + offs, to_rtne(e, EDT), mask=mask & _bcast(apply | init_now, BLOCK))
         # x - x is NaN exactly where x is NaN or inf: the probe rides on b's sum.
         nm = mask & _bcast(need, BLOCK)
-        sb += _vsum(tl.where(nm, tl.abs(g), 0.0) + (th2 - th2) + (g - g), BLOCK, VEC)
-        sa += _vsum(tl.where(nm, tl.abs(round_to(th2 - e, EDT)), 0.0), BLOCK, VEC)
+        sb += _vsum((tl.where(nm, tl.abs(g), 0.0) + (th2 - th2) + (g - g)).to(ACC), BLOCK, VEC)
+        sa += _vsum(tl.where(nm, tl.abs(round_to(th2 - e, EDT)), 0.0).to(ACC), BLOCK, VEC)
         gprev = to_f32(tl.load(gp_ptr + offs, mask=nm, other=0.0))
-        sc += _vsum(tl.where(nm, tl.abs(round_to(g - gprev, EDT)), 0.0), BLOCK, VEC)
+        sc += _vsum(tl.where(nm, tl.abs(round_to(g - gprev, EDT)), 0.0).to(ACC), BLOCK, VEC)
         tl.store(gp_ptr + offs, to_rtne(g, EDT), mask=gm & _bcast(need_gp, BLOCK))
     row = part_w + pid * L.N_PART
     tl.store(row + L.P_A, tl.sum(sa, axis=0))
@@ -308,9 +324,11 @@ def _fused_step_kernel(
         tl.store(flags_w + L.F_PEND * T + t, tl.where(init_now, L.PEND_INIT, L.PEND_EMA).to(tl.int32))
         tl.store(flags_w + L.F_PEND_HAS_GRAD * T + t, has_g.to(tl.int32))
         tl.store(flags_w + L.F_PEND_HAS_PREV * T + t, hp.to(tl.int32))
-        tl.store(flags_w + L.F_APPLIED * T + t, apply.to(tl.int32))
-        # d of this step if nothing is applied now: kept on a skip, 0 after an init.
-        tl.store(dcarry_w + t, tl.where(init_now | (pend == L.PEND_INIT), 0.0, d_in))
+        # an init counts as applied: its tiles summed d (0 for an fp32 EMA, whose init is θ)
+        tl.store(flags_w + L.F_APPLIED * T + t, (apply | init_now).to(tl.int32))
+        # d of this step if nothing is applied now: kept on a skip, 0 at an init; right
+        # after an init, d_in is the init's d
+        tl.store(dcarry_w + t, tl.where(init_now, 0.0, d_in))
         _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, beta)
 
 
@@ -334,7 +352,8 @@ def _fused_flush_kernel(
         e_ptr = tl.multiple_of(e_ptr, 16)
         n = tl.multiple_of(n, VEC)
     keep_al = 1.0 - al
-    sd = tl.zeros([BLOCK // VEC], dtype=tl.float32)
+    ACC: tl.constexpr = tl.float32 if EDT == tl.float32 else tl.float64
+    sd = tl.zeros([BLOCK // VEC], dtype=ACC)
     # Only the blocks this tile covers (a small tensor's tile is mostly past its end).
     for it in range(0, tl.minimum(tl.cdiv(n, BLOCK), ITERS)):
         offs = it * BLOCK + tl.arange(0, BLOCK)
@@ -348,7 +367,7 @@ def _fused_flush_kernel(
         else:
             e = e * keep_al + th * al
         tl.store(e_ptr + offs, to_rtne(e, EDT), mask=m)
-        sd += _vsum(tl.where(m, tl.abs(round_to(th - e, EDT)), 0.0), BLOCK, VEC)
+        sd += _vsum(tl.where(m, tl.abs(round_to(th - e, EDT)), 0.0).to(ACC), BLOCK, VEC)
     tl.store(part_w + pid * L.N_PART + L.P_D, tl.sum(sd, axis=0))
     if pid == t0:
         _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, beta)
@@ -385,6 +404,7 @@ def step(n_tiles: int, tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, f
          aligned: bool, ema_in_param_dtype: bool) -> None:
     """The one-pass optimizer + DEMA sweep of one step (grid = tiles)."""
     vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
+    scale, fallback, beta = f32_scalars(scale, fallback, beta)
     if n_tiles:
         _fused_step_kernel[(n_tiles,)](
             tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha, skips, T,
@@ -399,6 +419,7 @@ def flush(n_tiles: int, tile_tensor, stab, theta, part_r, part_w, flags_r, dcarr
     """Finish the EMA update the last step left pending (grid = tiles; θ through `theta`,
     an int64 table of θ addresses)."""
     vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
+    scale, fallback, beta = f32_scalars(scale, fallback, beta)
     if n_tiles:
         _fused_flush_kernel[(n_tiles,)](
             tile_tensor, stab, theta, part_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale,
@@ -411,6 +432,7 @@ def pending(stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out,
             scale: float, fallback: float, beta: float, ema_dtype: torch.dtype) -> None:
     """The decision on the pending update (α, skip count) into alpha_out/skips_out
     (grid = tensors); the EMA and the state are not touched."""
+    scale, fallback, beta = f32_scalars(scale, fallback, beta)
     _fused_pending_kernel[(T,)](
         stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, n_tiles, formula, scale, fallback,
         beta, CHUNK=CHUNK, EMA_DTYPE=_TL[ema_dtype], **PENDING_LAUNCH,

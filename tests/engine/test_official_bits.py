@@ -149,6 +149,11 @@ def fused(backend, dtype, formula, theta0, plan):
 
 def _run(kind, backend, dtype, formula, theta0, plan, monkeypatch):
     if kind == "fused":
+        if backend == "triton":
+            from cl_core.kernels import triton_fused
+
+            # tiles of 1,024 elements (read when the driver builds its tables): several per tensor
+            monkeypatch.setattr(triton_fused, "TILE", 1024)
         return fused(backend, dtype, formula, theta0, plan)
     return two_pass(_backend(backend, monkeypatch), dtype, formula, theta0, plan)
 
