@@ -2,11 +2,13 @@
 
 Readable on purpose (one tensor at a time, the L1 norms of the official code, Python
 floats for α). The tests use it as the oracle for every fast path and the benchmarks
-as the baseline; it is not meant to be fast. With DEMAConfig(ema_dtype="param") every
-difference, product and sum of the update runs in the parameter dtype (bfloat16 /
-float16), and each norm is rounded to it, as the official code computes.
+as the baseline; it is not meant to be fast. With DEMAConfig(ema_dtype="param") it is the
+official code's 16-bit arithmetic op for op (docs/fidelity.md): every difference, product
+and sum of the update in the parameter dtype (bfloat16 / float16), each norm the exact
+float64 sum rounded once to it (state.round_sum), α's four operations rounded to it
+(state.dynamic_alpha), the first update the official copy followed by the fallback update.
 
-The norms are the official `torch.norm(x, p=1)` with accurate numbers (`l1`): float32
+The float32 norms are the official `torch.norm(x, p=1)` with accurate numbers (`l1`): float32
 differences, float32 sums over rows of 4096 elements, float64 across rows. torch.norm accumulates float32 in one running
 sum on CPU, which stops growing at 2^24: on a 50M-element tensor α came out 4 % off
 (35 % with one thread), while the native kernels sum in double.

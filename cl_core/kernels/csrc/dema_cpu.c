@@ -159,11 +159,12 @@ DEFINE_TENSOR_FN(f16, _Float16, LOAD_F16)
             }                                                                                  \
             float al = decide_alpha(&p, started[j], g != 0, has_prev[j], st);                  \
             const float om = 1.0f - al;                                                        \
+            const int was_started = started[j]; /* a local: e[i] stores may alias a uint8 */   \
             double sd = 0;                                                                     \
             for (int64_t i = 0; i < n; i++) {                                                  \
                 float t = LOAD(th[i]);                                                         \
                 /* the first update: θ* starts as θ (the official deepcopy) */                 \
-                float eo = started[j] ? LOAD(e[i]) : t;                                        \
+                float eo = was_started ? LOAD(e[i]) : t;                                       \
                 float en = round16(round16(eo * om, EMA16) + round16(t * al, EMA16), EMA16);   \
                 e[i] = STORE(en);                                                              \
                 sd += fabsf(round16(t - en, EMA16));                                           \
