@@ -385,16 +385,20 @@ def compile_specs():
             for aligned in (True, False):
                 tag = "aligned" if aligned else "general"
                 ce = dict(DTYPE=tdt, EMA_DTYPE=ema_tdt, ALIGNED=aligned, VEC=vec, BLOCK=block)
+                # a 16-bit EMA's partial sums are float64 (exact norm sums, rounded once)
+                st_sig = stats_sig if ema_tdt == tl.float32 else dict(stats_sig, partials="*fp64")
+                ap_sig = apply_sig if ema_tdt == tl.float32 else dict(apply_sig, dpart="*fp64")
                 # stats reads θ, g, θ*, g_prev; apply reads θ, g, θ* and writes θ*, g_prev
-                specs.append((f"dema_stats/{name}/{ema_tag}{tag}", _dema_stats_kernel, stats_sig, ce, SWEEP_LAUNCH,
+                specs.append((f"dema_stats/{name}/{ema_tag}{tag}", _dema_stats_kernel, st_sig, ce, SWEEP_LAUNCH,
                               expect_v4(vec, 2, 2, 0, 0, ema_bytes) if aligned else None))
-                specs.append((f"dema_apply/{name}/{ema_tag}{tag}", _dema_apply_kernel, apply_sig, ce, SWEEP_LAUNCH,
+                specs.append((f"dema_apply/{name}/{ema_tag}{tag}", _dema_apply_kernel, ap_sig, ce, SWEEP_LAUNCH,
                               expect_v4(vec, 2, 1, 0, 2, ema_bytes) if aligned else None))
     for red, dec in (DECIDE_ALL, DECIDE_REDUCE_ONLY, DECIDE_ONLY):
-        # the reducing halves round the totals to the EMA dtype (ema_dtype="param": 16-bit)
-        for ema_tdt, ema_tag in [(tl.float32, "")] + ([(tl.bfloat16, "/ema=bfloat16"), (tl.float16, "/ema=float16")]
-                                                      if red else []):
+        # a 16-bit EMA (ema_dtype="param"): float64 partials (exact norm sums), the totals
+        # and α's arithmetic rounded to that dtype
+        for ema_tdt, ema_tag in ((tl.float32, ""), (tl.bfloat16, "/ema=bfloat16"), (tl.float16, "/ema=float16")):
+            sig = decide_sig if ema_tdt == tl.float32 else dict(decide_sig, partials="*fp64", dpart="*fp64")
             specs.append((f"dema_decide/reduce={int(red)}/decide={int(dec)}{ema_tag}", _dema_decide_kernel,
-                          decide_sig, dict(REDUCE=red, DECIDE=dec, CHUNK=CHUNK, EMA_DTYPE=ema_tdt), DECIDE_LAUNCH,
+                          sig, dict(REDUCE=red, DECIDE=dec, CHUNK=CHUNK, EMA_DTYPE=ema_tdt), DECIDE_LAUNCH,
                           None))
     return specs

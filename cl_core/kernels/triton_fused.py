@@ -493,17 +493,20 @@ def compile_specs(every: bool | None = None):
                 shape = dict(VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK)
                 tag = "aligned" if aligned else "general"
                 ce = dict(DTYPE=tdt, ALIGNED=aligned, EMA_IN_PARAM_DTYPE=param_ema)
+                # a 16-bit EMA's partials are float64 (exact norm sums, rounded once)
+                part = {"part_r": "*fp64", "part_w": "*fp64"} if param_ema else {}
                 for kind, kname in kinds.items():
                     # Adam reads θ, g, m, v, θ*, g_prev and writes θ, m, v, θ*, g_prev; SGD has no v
                     streams = (3, 2, 2, 2) if kind == L.KIND_SGD else (4, 2, 3, 2)
-                    specs.append((f"fused_step/{kname}/{name}{mode}/{tag}", _fused_step_kernel, step_sig,
+                    specs.append((f"fused_step/{kname}/{name}{mode}/{tag}", _fused_step_kernel, dict(step_sig, **part),
                                   dict(ce, KIND=kind, **shape), LAUNCH,
                                   expect_v4(vec, *streams, ema_bytes=ema_bytes) if aligned else None))
                 # the flush reads θ, θ* and writes θ*
-                specs.append((f"fused_flush/{name}{mode}/{tag}", _fused_flush_kernel, flush_sig, dict(ce, **shape),
+                specs.append((f"fused_flush/{name}{mode}/{tag}", _fused_flush_kernel, dict(flush_sig, **part),
+                              dict(ce, **shape),
                               LAUNCH, expect_v4(vec, 1, 1, 0, 1, ema_bytes=ema_bytes) if aligned else None))
             if param_ema:
-                specs.append((f"fused_pending/{name}{mode}", _fused_pending_kernel, pend_sig,
+                specs.append((f"fused_pending/{name}{mode}", _fused_pending_kernel, dict(pend_sig, part_r="*fp64"),
                               dict(CHUNK=CHUNK, EMA_DTYPE=tdt), PENDING_LAUNCH, None))
     # every fp32-EMA launch uses this one
     specs.append(("fused_pending", _fused_pending_kernel, pend_sig, dict(CHUNK=CHUNK, EMA_DTYPE=tl.float32),
