@@ -14,9 +14,12 @@ whatever the number of LoRA tensors:
 θ* and g_prev are float32, or with DEMAConfig(ema_dtype="param") the parameter dtype
 (EMA_DTYPE, a compile-time constant of each kernel): then every difference, product and
 sum is rounded to that dtype as the reference computes it (and the native CPU kernel,
-csrc/dema_cpu.c DEFINE_PARAM_FN): |round(θ − θ*)| before the sums, the per-tensor totals
-(summed in float32 over blocks) rounded to the dtype, θ* ← round(round(θ*·(1−α)) +
-round(θ·α)). Rounding is `round_to` below, the same arithmetic compiled and interpreted.
+csrc/dema_cpu.c DEFINE_PARAM_FN), the official code's 16-bit arithmetic op for op:
+|round(θ − θ*)| before the sums, the per-tensor totals summed exactly in float64 (block
+partials and their sum) and rounded once to the dtype (`round_sum`), α's four operations
+rounded (`alpha_rule`), θ* ← round(round(θ*·(1−α)) + round(θ·α)), the first update the
+official copy followed by the fallback update. Rounding is `round_to` below, the same
+arithmetic compiled and interpreted.
 
 With a `reduce_stats` hook (sharded parameters) `decide` is split in two around it.
 Nothing here reads a device value on the host. Under TRITON_INTERPRET=1 the same

@@ -23,9 +23,12 @@ count, flags) uploaded once per step in one copy; one hyper-parameter row per op
 param group.
 
 θ* and g_prev are float32, or with DEMAConfig(ema_dtype="param") on 16-bit parameters
-the parameters' dtype (EMA_IN_PARAM_DTYPE): then every difference, product, sum and norm
-of the EMA maths is rounded to that dtype as the reference (cl_core/dema/reference.py)
-and the native CPU kernel (cl_core/kernels/csrc/dema_cpu.c, DEFINE_PARAM_FN) do (tests/fused/test_triton_fused_param.py);
+the parameters' dtype (EMA_IN_PARAM_DTYPE): then the EMA maths is the official code's
+16-bit arithmetic op for op, as the reference (cl_core/dema/reference.py) and the native
+CPU kernel (cl_core/kernels/csrc/dema_cpu.c, DEFINE_PARAM_FN) compute it: every difference,
+product and sum rounded to that dtype, the norms float64 tile partials summed exactly and
+rounded once, α's operations rounded, the first update the official copy plus fallback
+update (tests/engine/test_official_bits.py, tests/fused/test_triton_fused_param.py);
 8 B per element and step less traffic (θ*, g_prev read and written in 2 B, not 4).
 
 Machine code (checked by tests/kernels/test_triton_compile.py for sm_80 and sm_90 from the PTX
