@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import torch
 
+# f32: a Python float rounded to float32 (what the kernels take as a scalar argument), by
+# host arithmetic: no torch scalar, so no device sync
 from cl_core.dema.config import DEMAConfig
+from cl_core.dema.config import _f32 as f32
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -40,11 +43,6 @@ def alpha_rule(config: DEMAConfig, a: float, b: float, c: float, d: float,
     if not (0.0 < alpha < 1.0):  # NaN and inf land here too
         alpha = fallback_alpha(config)
     return alpha
-
-
-def f32(v: float) -> float:
-    """The float32 value of a Python float (what the kernels take as a scalar argument)."""
-    return float(torch.tensor(v, dtype=torch.float32))
 
 
 def fallback_alpha(config: DEMAConfig) -> float:
