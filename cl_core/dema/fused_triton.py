@@ -42,6 +42,17 @@ def _or_all(values) -> int:
     return functools.reduce(operator.or_, values, 0)
 
 
+def _aligned_halves(shape, dtype, device) -> torch.Tensor:
+    """A zeroed [2, *shape] table whose two halves each start 16-byte aligned: a view of
+    [2, padded] storage (a plain [2, *shape] puts half [1] at 4·prod(shape) bytes, e.g.
+    not aligned for the flags of an odd tensor count)."""
+    k = 1
+    for x in shape:
+        k *= x
+    pad = L.aligned_count(k, torch.empty(0, dtype=dtype).element_size())
+    return torch.zeros(2, pad, dtype=dtype, device=device)[:, :k].view(2, *shape)
+
+
 class TritonFusedGroup:
     """The fused group of one (device, dtype) engine group on the Triton kernels (the
     FusedDriver protocol of cl_core/dema/onepass.py)."""
@@ -59,7 +70,7 @@ class TritonFusedGroup:
     def _buffers(self):
         """The tensors kept between calls: the tables, partials, flags and the group's state."""
         s = self.state
-        return [self.tile_tensor, self.stab, self.part, self.flags, self.dcarry, self.upload, self.fold_blk0,
+        return [self.tile_tensor, self.stab, self.part, self.tot, self.ticket, self.flags, self.dcarry, self.upload, self.fold_blk0,
                 self.fold_mode, s.ema_flat, s.gprev_flat, s.started, s.has_prev, s.d, s.alpha, s.skips]
 
     def _build(self) -> None:
@@ -73,12 +84,18 @@ class TritonFusedGroup:
         self.tile_tensor = torch.tensor([t for t, k in enumerate(s.numels) for _ in range((k + tile - 1) // tile)],
                                         dtype=torch.int32, device=dev)
         self.stab = torch.zeros(L.N_STATIC, max(1, n), dtype=torch.int64, device=dev)
-        # float64 partials for an EMA in the parameter dtype: its norms are exact sums
-        # rounded once (kernels/triton_dema.py round_sum)
+        # float64 partials and totals for an EMA in the parameter dtype: its norms are
+        # exact sums rounded once (kernels/triton_dema.py round_sum)
         part_dtype = torch.float32 if s.ema_dtype == torch.float32 else torch.float64
         self.part = torch.zeros(2, max(1, self.n_tiles), L.N_PART, dtype=part_dtype, device=dev)
-        self.flags = torch.zeros(2, L.N_FLAGS, max(1, n), dtype=torch.int32, device=dev)
-        self.dcarry = torch.zeros(2, max(1, n), dtype=torch.float32, device=dev)
+        # per-tensor totals of a step's partials, by parity (written by the tensor's last
+        # program, read by the next launch), and the tickets that find that program
+        self.tot = torch.zeros(2, max(1, n), L.N_PART, dtype=part_dtype, device=dev)
+        self.ticket = torch.zeros(max(1, n), dtype=torch.int32, device=dev)
+        # halves [1] of the double-buffered tables start 16-byte aligned at any tensor
+        # count (the compiled kernels assume every pointer argument is): each half padded
+        self.flags = _aligned_halves((L.N_FLAGS, max(1, n)), torch.int32, dev)
+        self.dcarry = _aligned_halves((max(1, n),), torch.float32, dev)
         # The flush's fold (see `_fold`): 2n sums, the first n over one column of tiles,
         # the next n over a second column laid after it; mode != MODE_SKIP: d is the sum.
         self.fold_blk0 = torch.tensor(self.tile0 + [t + self.n_tiles for t in self.tile0] + [2 * self.n_tiles],
@@ -183,7 +200,8 @@ class TritonFusedGroup:
         # a block only after the copy that read it has finished.
         n_hyper = batch.hyper.numel()
         cuda = self.device.type == "cuda"
-        staging = torch.empty(L.N_DYNAMIC * n + n_hyper, dtype=torch.int64, pin_memory=cuda)
+        n_dyn = L.aligned_count(L.N_DYNAMIC * n, 8)  # the hyper rows start 16-byte aligned
+        staging = torch.zeros(n_dyn + n_hyper, dtype=torch.int64, pin_memory=cuda)
         st = staging.numpy()
         st[L.D_GRAD * n:(L.D_GRAD + 1) * n] = gptr
         if mem.steps is not None:
@@ -197,15 +215,15 @@ class TritonFusedGroup:
             fl[:] = [0 if g is None else L.DF_HAS_GRAD for g in grads]
         for k in batch.first:
             fl[k] |= L.DF_FIRST
-        st[L.N_DYNAMIC * n:].view("float64")[:] = batch.hyper.numpy().reshape(-1)
+        st[n_dyn:].view("float64")[:] = batch.hyper.numpy().reshape(-1)
         if self.upload is None or self.upload.numel() != staging.numel():
             self.upload = torch.empty(staging.numel(), dtype=torch.int64, device=self.device)
         self.upload.copy_(staging, non_blocking=cuda)
         dyn = self.upload[: L.N_DYNAMIC * n]
-        hyper = self.upload[L.N_DYNAMIC * n:].view(torch.float64)
+        hyper = self.upload[n_dyn:].view(torch.float64)
         w, r = self.parity, 1 - self.parity
-        K.step(self.n_tiles, self.tile_tensor, self.stab, dyn, hyper, self.part[r],
-               self.part[w], self.flags[r], self.flags[w], self.dcarry[r], self.dcarry[w], s.alpha, s.skips, n,
+        K.step(self.n_tiles, self.tile_tensor, self.stab, dyn, hyper, self.tot[r], self.part[w], self.tot[w],
+               self.ticket, self.flags[r], self.flags[w], self.dcarry[r], self.dcarry[w], s.alpha, s.skips, n,
                *batch.consts, dtype=self.dtype, kind=batch.kind, aligned=aligned,
                ema_in_param_dtype=self.ema_in_param_dtype)
         self.parity = r
@@ -271,7 +289,7 @@ class TritonFusedGroup:
         w, r = self.parity, 1 - self.parity
         aligned = self._static_aligned and keep is None
         self.part[w].zero_()
-        K.flush(self.n_tiles, self.tile_tensor, self.stab, theta, self.part[r], self.part[w], self.flags[r],
+        K.flush(self.n_tiles, self.tile_tensor, self.stab, theta, self.tot[r], self.part[w], self.flags[r],
                 self.dcarry[r], s.alpha, s.skips, n, *self._consts, dtype=self.dtype, aligned=aligned,
                 ema_in_param_dtype=self.ema_in_param_dtype)
         del keep  # the temporaries live until the launch is queued (stream order keeps them valid)
@@ -305,6 +323,6 @@ class TritonFusedGroup:
         r = 1 - self.parity
         alpha = torch.empty_like(s.alpha)
         skips = torch.empty_like(s.skips)
-        K.pending(self.stab, self.part[r], self.flags[r], self.dcarry[r], s.alpha, s.skips, alpha, skips, n,
-                  self.n_tiles, *self._consts, ema_dtype=self.ema_dtype)
+        K.pending(self.tot[r], self.flags[r], self.dcarry[r], s.alpha, s.skips, alpha, skips, n, *self._consts,
+                  ema_dtype=self.ema_dtype)
         return alpha, skips

@@ -4,7 +4,7 @@ triton_fused.py), the engine code that fills their tables (cl_core/dema/fused.py
 fused_cpu.py, fused_triton.py, backends/triton_backend.py) and the C kernels (csrc/, which
 mirror these numbers) share.
 
-Plain Python ints: a Triton kernel reads them as module attributes (`L.P_A`), which
+Plain Python ints (and `aligned_count`, the padding rule of the tables): a Triton kernel reads them as module attributes (`L.P_A`), which
 Triton folds into compile-time constants; the host uses them as indices. Change a number
 here and in the C mirror together (tests/kernels/test_triton_compile.py checks the formula codes
 against DEMAConfig).
@@ -16,6 +16,17 @@ S_*, F_*, P_* are the Triton fused kernel's own tables; DT_*, ST_*, DS_*, MODE_*
 the Triton DEMA backend (DS_* is also the layout a `reduce_stats` hook receives).
 """
 from __future__ import annotations
+
+# ---- alignment of what a launcher passes
+ALIGN_BYTES = 16  # every pointer argument of a launch is a multiple of this (the compile tests' tt.divisibility)
+
+
+def aligned_count(n: int, elem_size: int) -> int:
+    """n rounded up to whole ALIGN_BYTES: the element count that keeps the next slice of
+    a table (its second half, the rows after it) 16-byte aligned when the first is."""
+    per = ALIGN_BYTES // elem_size
+    return -(-n // per) * per
+
 
 # ---- α formula (DEMAConfig.formula), docs/design.md §2
 FORMULA_OFFICIAL = 0  # α = scale·(1+b)/(a·c)

@@ -67,9 +67,9 @@ MAX_REGISTERS = 128
 # IEEE sqrt and division below, compiled code rounds each operation as the interpreter,
 # the reference and torch's CPU AdamW do.
 LAUNCH = {"num_warps": NUM_WARPS, "maxnreg": MAX_REGISTERS, "enable_fp_fusion": False}
-PENDING_LAUNCH = {"num_warps": 1, "enable_fp_fusion": False}  # one tensor per program, a few dozen partials
+PENDING_LAUNCH = {"num_warps": 1, "enable_fp_fusion": False}  # one tensor per program, four totals each
 TILE = 16384  # elements per program: few partials per tensor, ~1,250 programs per LoRA-7B step
-CHUNK = 64  # partial rows summed per iteration in the pending decision
+CHUNK = 64  # partial rows summed per iteration by a tensor's last program (_close_tile)
 # a block-shape width must be a tl.constexpr for Triton < 3.8 (see triton_dema.N_STAT)
 N_PART: tl.constexpr = tl.constexpr(L.N_PART)
 
@@ -92,14 +92,17 @@ def _vsum(x, BLOCK: tl.constexpr, VEC: tl.constexpr):
 
 @triton.jit
 def _tile_sums(part, t0, t1, CHUNK: tl.constexpr, ACC: tl.constexpr):
-    """Column sums of rows t0..t1 of a [tiles, N_PART] partials table: (a, b, c, d), in the
-    partials' dtype ACC (float64 for an EMA in the parameter dtype)."""
+    """Column sums of rows t0..t1 of a [tiles, N_PART] partials table: (a, b, c, d), in
+    one fixed order (CHUNK row accumulators, then one tree sum), whichever program runs
+    it, in the partials' dtype ACC (float64 for an EMA in the parameter dtype). `.cg` loads
+    read the rows at L2, past an L1 that may hold lines from before the other programs'
+    stores (the ticket's acquire orders them; this keeps it obvious)."""
     rows = tl.arange(0, CHUNK)[:, None]
     cols = tl.arange(0, N_PART)[None, :]
     acc = tl.zeros([CHUNK, N_PART], dtype=ACC)
     for j in range(t0, t1, CHUNK):
         idx = j + rows
-        acc += tl.load(part + idx * L.N_PART + cols, mask=(idx < t1) & (cols >= 0), other=0.0)
+        acc += tl.load(part + idx * L.N_PART + cols, mask=(idx < t1) & (cols >= 0), other=0.0, cache_modifier=".cg")
     s = tl.sum(acc, axis=0)
     c1 = tl.arange(0, N_PART)
     a = tl.sum(tl.where(c1 == L.P_A, s, 0.0), axis=0)
@@ -107,6 +110,32 @@ def _tile_sums(part, t0, t1, CHUNK: tl.constexpr, ACC: tl.constexpr):
     c = tl.sum(tl.where(c1 == L.P_C, s, 0.0), axis=0)
     d = tl.sum(tl.where(c1 == L.P_D, s, 0.0), axis=0)
     return a, b, c, d
+
+
+@triton.jit
+def _close_tile(part_w, tot_w, ticket, pid, t, t0, t1, a, b, c, d, CHUNK: tl.constexpr, ACC: tl.constexpr):
+    """Store this tile's partials (a, b, c, d) and take the tensor's ticket; the program
+    that takes the last one (all other tiles of the tensor have stored theirs) sums the
+    tensor's partials in tile order into tot_w[t] and resets the ticket for the next
+    launch. So each partial is summed once per launch (linear in the tile count), and the
+    totals are the same bits whichever program comes last (the sum's order is fixed)."""
+    row = part_w + pid * L.N_PART
+    tl.store(row + L.P_A, a)
+    tl.store(row + L.P_B, b)
+    tl.store(row + L.P_C, c)
+    tl.store(row + L.P_D, d)
+    # every thread's stores before the ticket; acq_rel at GPU scope publishes them to the
+    # program that takes the last ticket and makes that one see all the others'
+    tl.debug_barrier()
+    taken = tl.atomic_add(ticket + t, 1, sem="acq_rel", scope="gpu")
+    if taken == t1 - t0 - 1:
+        sa, sb, sc, sd = _tile_sums(part_w, t0, t1, CHUNK, ACC)
+        out = tot_w + t * L.N_PART
+        tl.store(out + L.P_A, sa)
+        tl.store(out + L.P_B, sb)
+        tl.store(out + L.P_C, sc)
+        tl.store(out + L.P_D, sd)
+        tl.store(ticket + t, 0)  # every tile of t has taken its ticket: nobody reads it again this launch
 
 
 @triton.jit
@@ -130,20 +159,19 @@ def _tile_of_program(tile_tensor, stab, T, n_tiles, TILE: tl.constexpr):
 
 
 @triton.jit
-def _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK: tl.constexpr,
-             EMA_DTYPE: tl.constexpr):
+def _pending(tot_r, flags_r, dcarry_r, t, T, formula, scale, fallback, beta, EMA_DTYPE: tl.constexpr):
     """The decision on the EMA update the previous launch left pending for tensor t:
-    (apply, alpha, skip, d_in, pend). With the EMA in a 16-bit EMA_DTYPE each norm is
-    the exact float64 total rounded once to it (round_sum; float32 totals as they are for
-    an fp32 EMA) and α is formed in that dtype's arithmetic; d carried from an earlier step
-    (dcarry) was rounded when it was summed."""
-    ACC: tl.constexpr = tl.float32 if EMA_DTYPE == tl.float32 else tl.float64
+    (apply, alpha, skip, d_in, pend), from the tensor's totals the previous step's last
+    program of t wrote (tot_r: four loads, whatever the tensor's tile count). With the
+    EMA in a 16-bit EMA_DTYPE each norm is the exact float64 total rounded once to it
+    (round_sum; float32 totals as they are for an fp32 EMA) and α is formed in that dtype's
+    arithmetic; d carried from an earlier step (dcarry) was rounded when it was summed."""
     pend = tl.load(flags_r + L.F_PEND * T + t)
-    a, b, c, d_sum = _tile_sums(part_r, t0, t1, CHUNK, ACC)
-    a = round_sum(a, EMA_DTYPE)
-    b = round_sum(b, EMA_DTYPE)  # NaN (the probe) stays NaN
-    c = round_sum(c, EMA_DTYPE)
-    d_sum = round_sum(d_sum, EMA_DTYPE)
+    row = tot_r + t * L.N_PART
+    a = round_sum(tl.load(row + L.P_A), EMA_DTYPE)
+    b = round_sum(tl.load(row + L.P_B), EMA_DTYPE)  # NaN (the probe) stays NaN
+    c = round_sum(tl.load(row + L.P_C), EMA_DTYPE)
+    d_sum = round_sum(tl.load(row + L.P_D), EMA_DTYPE)
     d_in = tl.where(tl.load(flags_r + L.F_APPLIED * T + t) != 0, d_sum, tl.load(dcarry_r + t))
     finite = b == b  # P_B carries the NaN/inf probe
     skip = (pend != L.PEND_NONE) & (finite == 0)
@@ -164,8 +192,8 @@ def _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, 
 
 @triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
 def _fused_step_kernel(
-    tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha, skips, T, n_tiles,
-    formula, scale, fallback, beta,
+    tile_tensor, stab, dyn, hyper, tot_r, part_w, tot_w, ticket, flags_r, flags_w, dcarry_r, dcarry_w, alpha, skips,
+    T, n_tiles, formula, scale, fallback, beta,
     DTYPE: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr,
     VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, CHUNK: tl.constexpr,
 ):
@@ -179,8 +207,7 @@ def _fused_step_kernel(
     EDT: tl.constexpr = DTYPE if EMA_IN_PARAM_DTYPE else tl.float32
     pid = tl.program_id(0)
     t, t0, t1, start = _tile_of_program(tile_tensor, stab, T, n_tiles, BLOCK * ITERS)
-    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
-                                           EDT)
+    apply, al, skip, d_in, pend = _pending(tot_r, flags_r, dcarry_r, t, T, formula, scale, fallback, beta, EDT)
     # An init left pending becomes "started" once its probe shows it was finite.
     started = (tl.load(flags_r + L.F_STARTED * T + t) != 0) | ((pend == L.PEND_INIT) & (skip == 0))
     init_now = started == 0
@@ -316,11 +343,8 @@ def _fused_step_kernel(
         gprev = to_f32(tl.load(gp_ptr + offs, mask=nm, other=0.0))
         sc += _vsum(tl.where(nm, tl.abs(round_to(g - gprev, EDT)), 0.0).to(ACC), BLOCK, VEC)
         tl.store(gp_ptr + offs, to_rtne(g, EDT), mask=gm & _bcast(need_gp, BLOCK))
-    row = part_w + pid * L.N_PART
-    tl.store(row + L.P_A, tl.sum(sa, axis=0))
-    tl.store(row + L.P_B, tl.sum(sb, axis=0))
-    tl.store(row + L.P_C, tl.sum(sc, axis=0))
-    tl.store(row + L.P_D, tl.sum(sd, axis=0))
+    _close_tile(part_w, tot_w, ticket, pid, t, t0, t1, tl.sum(sa, axis=0), tl.sum(sb, axis=0), tl.sum(sc, axis=0),
+                tl.sum(sd, axis=0), CHUNK, ACC)
     if pid == t0:  # the tensor's first tile records its per-tensor state
         tl.store(flags_w + L.F_STARTED * T + t, started.to(tl.int32))
         tl.store(flags_w + L.F_HAS_PREV * T + t, tl.where(need_gp, has_g, hp).to(tl.int32))
@@ -337,16 +361,15 @@ def _fused_step_kernel(
 
 @triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
 def _fused_flush_kernel(
-    tile_tensor, stab, theta, part_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale, fallback,
+    tile_tensor, stab, theta, tot_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale, fallback,
     beta, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, EMA_IN_PARAM_DTYPE: tl.constexpr, VEC: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     """Finish the pending EMA update (θ read through `theta`, a table of θ addresses)."""
     EDT: tl.constexpr = DTYPE if EMA_IN_PARAM_DTYPE else tl.float32
     pid = tl.program_id(0)
     t, t0, t1, start = _tile_of_program(tile_tensor, stab, T, n_tiles, BLOCK * ITERS)
-    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
-                                           EDT)
+    apply, al, skip, d_in, pend = _pending(tot_r, flags_r, dcarry_r, t, T, formula, scale, fallback, beta, EDT)
     n = tl.minimum(tl.load(stab + L.S_NUMEL * T + t) - start, BLOCK * ITERS).to(tl.int32)  # as the step kernel
     th_ptr = tl.load(theta + t).to(tl.pointer_type(DTYPE)) + start
     e_ptr = tl.load(stab + L.S_EMA * T + t).to(tl.pointer_type(EDT)) + start
@@ -376,18 +399,16 @@ def _fused_flush_kernel(
         _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, beta)
 
 
-@triton.jit(do_not_specialize=["T", "n_tiles", "formula"])
+@triton.jit(do_not_specialize=["T", "formula"])
 def _fused_pending_kernel(
-    stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, n_tiles, formula, scale, fallback, beta,
-    CHUNK: tl.constexpr, EMA_DTYPE: tl.constexpr,
+    tot_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, formula, scale, fallback, beta,
+    EMA_DTYPE: tl.constexpr,
 ):
     """Grid = tensors: the decision on the pending update (α, skip count) written to
     alpha_out/skips_out, without touching the EMA (engine stats between flushes).
     EMA_DTYPE: fp32, or the 16-bit dtype the norms are rounded to (ema_dtype="param")."""
     t = tl.program_id(0)
-    t0, t1 = _tiles_of(stab, t, T, n_tiles)
-    apply, al, skip, d_in, pend = _pending(part_r, flags_r, dcarry_r, t, t0, t1, T, formula, scale, fallback, beta, CHUNK,
-                                           EMA_DTYPE)
+    apply, al, skip, d_in, pend = _pending(tot_r, flags_r, dcarry_r, t, T, formula, scale, fallback, beta, EMA_DTYPE)
     init_alpha = tl.where(formula == L.FORMULA_FIXED, 1.0 - beta, fallback)
     new_alpha = tl.where(skip, 0.0, tl.where(apply, al, tl.where(pend == L.PEND_INIT, init_alpha, tl.load(alpha + t))))
     tl.store(alpha_out + t, new_alpha)
@@ -402,21 +423,21 @@ DTYPES = tuple(_TL)  # parameter dtypes the kernels take
 # Each takes the group's tables and buffers as tensors and the config as scalars; the
 # engine's Triton driver (cl_core/dema/fused_triton.py) owns and fills them. `r`/`w` of a
 # double-buffered table are the halves the previous step wrote and this one writes.
-def step(n_tiles: int, tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha,
-         skips, T: int, formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype, kind: int,
+def step(n_tiles: int, tile_tensor, stab, dyn, hyper, tot_r, part_w, tot_w, ticket, flags_r, flags_w, dcarry_r,
+         dcarry_w, alpha, skips, T: int, formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype, kind: int,
          aligned: bool, ema_in_param_dtype: bool) -> None:
     """The one-pass optimizer + DEMA sweep of one step (grid = tiles)."""
     vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
     scale, fallback, beta = f32_scalars(scale, fallback, beta)
     if n_tiles:
         _fused_step_kernel[(n_tiles,)](
-            tile_tensor, stab, dyn, hyper, part_r, part_w, flags_r, flags_w, dcarry_r, dcarry_w, alpha, skips, T,
-            n_tiles, formula, scale, fallback, beta, DTYPE=_TL[dtype], KIND=kind, ALIGNED=aligned,
+            tile_tensor, stab, dyn, hyper, tot_r, part_w, tot_w, ticket, flags_r, flags_w, dcarry_r, dcarry_w, alpha,
+            skips, T, n_tiles, formula, scale, fallback, beta, DTYPE=_TL[dtype], KIND=kind, ALIGNED=aligned,
             EMA_IN_PARAM_DTYPE=ema_in_param_dtype, VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
         )
 
 
-def flush(n_tiles: int, tile_tensor, stab, theta, part_r, part_w, flags_r, dcarry_r, alpha, skips, T: int,
+def flush(n_tiles: int, tile_tensor, stab, theta, tot_r, part_w, flags_r, dcarry_r, alpha, skips, T: int,
           formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype, aligned: bool,
           ema_in_param_dtype: bool) -> None:
     """Finish the EMA update the last step left pending (grid = tiles; θ through `theta`,
@@ -425,20 +446,20 @@ def flush(n_tiles: int, tile_tensor, stab, theta, part_r, part_w, flags_r, dcarr
     scale, fallback, beta = f32_scalars(scale, fallback, beta)
     if n_tiles:
         _fused_flush_kernel[(n_tiles,)](
-            tile_tensor, stab, theta, part_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale,
+            tile_tensor, stab, theta, tot_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale,
             fallback, beta, DTYPE=_TL[dtype], ALIGNED=aligned, EMA_IN_PARAM_DTYPE=ema_in_param_dtype, VEC=vec,
-            BLOCK=block, ITERS=iters, CHUNK=CHUNK, **LAUNCH,
+            BLOCK=block, ITERS=iters, **LAUNCH,
         )
 
 
-def pending(stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T: int, n_tiles: int, formula: int,
-            scale: float, fallback: float, beta: float, ema_dtype: torch.dtype) -> None:
+def pending(tot_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T: int, formula: int, scale: float,
+            fallback: float, beta: float, ema_dtype: torch.dtype) -> None:
     """The decision on the pending update (α, skip count) into alpha_out/skips_out
     (grid = tensors); the EMA and the state are not touched."""
     scale, fallback, beta = f32_scalars(scale, fallback, beta)
     _fused_pending_kernel[(T,)](
-        stab, part_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, n_tiles, formula, scale, fallback,
-        beta, CHUNK=CHUNK, EMA_DTYPE=_TL[ema_dtype], **PENDING_LAUNCH,
+        tot_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, formula, scale, fallback, beta,
+        EMA_DTYPE=_TL[ema_dtype], **PENDING_LAUNCH,
     )
 
 
@@ -471,14 +492,14 @@ def compile_specs(every: bool | None = None):
     if every is None:
         every = os.environ.get("CL_CORE_COMPILE_EVERY_SPEC", "0") not in ("", "0")
     ptr = "*i64"
-    step_sig = dict(tile_tensor="*i32", stab=ptr, dyn=ptr, hyper="*fp64", part_r="*fp32", part_w="*fp32",
-                    flags_r="*i32", flags_w="*i32", dcarry_r="*fp32", dcarry_w="*fp32", alpha="*fp32",
+    step_sig = dict(tile_tensor="*i32", stab=ptr, dyn=ptr, hyper="*fp64", tot_r="*fp32", part_w="*fp32",
+                    tot_w="*fp32", ticket="*i32", flags_r="*i32", flags_w="*i32", dcarry_r="*fp32", dcarry_w="*fp32", alpha="*fp32",
                     skips="*i64", T="i32", n_tiles="i32", formula="i32", scale="fp32", fallback="fp32", beta="fp32")
-    flush_sig = dict(tile_tensor="*i32", stab=ptr, theta=ptr, part_r="*fp32", part_w="*fp32", flags_r="*i32",
+    flush_sig = dict(tile_tensor="*i32", stab=ptr, theta=ptr, tot_r="*fp32", part_w="*fp32", flags_r="*i32",
                      dcarry_r="*fp32", alpha="*fp32", skips="*i64", T="i32", n_tiles="i32", formula="i32",
                      scale="fp32", fallback="fp32", beta="fp32")
-    pend_sig = dict(stab=ptr, part_r="*fp32", flags_r="*i32", dcarry_r="*fp32", alpha="*fp32", skips="*i64",
-                    alpha_out="*fp32", skips_out="*i64", T="i32", n_tiles="i32", formula="i32", scale="fp32",
+    pend_sig = dict(tot_r="*fp32", flags_r="*i32", dcarry_r="*fp32", alpha="*fp32", skips="*i64",
+                    alpha_out="*fp32", skips_out="*i64", T="i32", formula="i32", scale="fp32",
                     fallback="fp32", beta="fp32")
     kinds = {L.KIND_ADAM: "adam", L.KIND_ADAMW: "adamw", L.KIND_SGD: "sgd"}
     specs = []
@@ -493,26 +514,27 @@ def compile_specs(every: bool | None = None):
             ema_bytes = size if param_ema else 4
             for aligned in (True, False):
                 vec, block, iters = launch_shape(size, aligned)
-                shape = dict(VEC=vec, BLOCK=block, ITERS=iters, CHUNK=CHUNK)
+                shape = dict(VEC=vec, BLOCK=block, ITERS=iters)
                 tag = "aligned" if aligned else "general"
                 ce = dict(DTYPE=tdt, ALIGNED=aligned, EMA_IN_PARAM_DTYPE=param_ema)
                 # a 16-bit EMA's partials are float64 (exact norm sums, rounded once)
-                part = {"part_r": "*fp64", "part_w": "*fp64"} if param_ema else {}
+                part = {"tot_r": "*fp64", "part_w": "*fp64", "tot_w": "*fp64"} if param_ema else {}
                 for kind, kname in kinds.items():
                     # Adam reads θ, g, m, v, θ*, g_prev and writes θ, m, v, θ*, g_prev; SGD has no v
                     streams = (3, 2, 2, 2) if kind == L.KIND_SGD else (4, 2, 3, 2)
                     specs.append((f"fused_step/{kname}/{name}{mode}/{tag}", _fused_step_kernel, dict(step_sig, **part),
-                                  dict(ce, KIND=kind, **shape), LAUNCH,
+                                  dict(ce, KIND=kind, CHUNK=CHUNK, **shape), LAUNCH,
                                   expect_v4(vec, *streams, ema_bytes=ema_bytes) if aligned else None))
                 # the flush reads θ, θ* and writes θ*
-                specs.append((f"fused_flush/{name}{mode}/{tag}", _fused_flush_kernel, dict(flush_sig, **part),
+                specs.append((f"fused_flush/{name}{mode}/{tag}", _fused_flush_kernel,
+                              dict(flush_sig, **{k: v for k, v in part.items() if k in flush_sig}),
                               dict(ce, **shape),
                               LAUNCH, expect_v4(vec, 1, 1, 0, 1, ema_bytes=ema_bytes) if aligned else None))
             if param_ema:
-                specs.append((f"fused_pending/{name}{mode}", _fused_pending_kernel, dict(pend_sig, part_r="*fp64"),
-                              dict(CHUNK=CHUNK, EMA_DTYPE=tdt), PENDING_LAUNCH, None))
+                specs.append((f"fused_pending/{name}{mode}", _fused_pending_kernel, dict(pend_sig, tot_r="*fp64"),
+                              dict(EMA_DTYPE=tdt), PENDING_LAUNCH, None))
     # every fp32-EMA launch uses this one
-    specs.append(("fused_pending", _fused_pending_kernel, pend_sig, dict(CHUNK=CHUNK, EMA_DTYPE=tl.float32),
+    specs.append(("fused_pending", _fused_pending_kernel, pend_sig, dict(EMA_DTYPE=tl.float32),
                   PENDING_LAUNCH, None))
     if not every:
         specs = [s for s in specs if "/param-ema" not in s[0] or s[0] in _PARAM_EMA_SPECS_ALWAYS]

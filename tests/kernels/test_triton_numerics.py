@@ -101,9 +101,7 @@ else:
     stab[L.S_NUMEL, 0] = BIG + tile
     stab[L.S_TILE0, 0] = -tiles_before  # (pid - t0) * TILE = 2^31
     theta = torch.tensor([th.data_ptr() - shift], dtype=torch.int64)
-    # partial rows of tiles t0..0: the pending decision sums them (zeros but the probe row)
-    part = torch.zeros(tiles_before + 1, L.N_PART)
-    part_r = part[tiles_before:]
+    tot_r = torch.zeros(1, L.N_PART)  # the tensor's totals from the last step: finite (the probe)
     part_w = torch.zeros(1, L.N_PART)
     flags_r = torch.zeros(L.N_FLAGS, 1, dtype=torch.int32)
     flags_r[L.F_PEND, 0] = L.PEND_EMA
@@ -111,9 +109,9 @@ else:
     dcarry = torch.zeros(1)
     alpha, skips = torch.zeros(1), torch.zeros(1, dtype=torch.int64)
     # "fixed" formula: alpha = 1 - beta = 0.25 whatever the sums
-    F._fused_flush_kernel[(1,)](torch.zeros(1, dtype=torch.int32), stab, theta, part_r, part_w, flags_r, dcarry,
+    F._fused_flush_kernel[(1,)](torch.zeros(1, dtype=torch.int32), stab, theta, tot_r, part_w, flags_r, dcarry,
                                 alpha, skips, 1, 1, L.FORMULA_FIXED, 1.0, 0.5, 0.75, DTYPE=tl.float32, ALIGNED=True,
-                                EMA_IN_PARAM_DTYPE=False, VEC=vec, BLOCK=block, ITERS=iters, CHUNK=F.CHUNK,
+                                EMA_IN_PARAM_DTYPE=False, VEC=vec, BLOCK=block, ITERS=iters,
                                 **F.LAUNCH)
     assert torch.equal(e, torch.full((tile,), 1.5)), e[:4]
     assert part_w[0, L.P_D].item() == 1.5 * tile, part_w
