@@ -7,7 +7,10 @@ protocol (cl_core/dema/onepass.py); fused_cpu.py is its twin on CPU. The driver 
 (a static per-tensor table: addresses of θ, the optimizer state, θ*, g_prev; numel;
 param group; first tile, built when the group's tensors change; a dynamic table:
 gradient address, step count, flags, uploaded once per step in one copy with the
-hyper-parameter rows) and the partials and flags the kernels exchange between steps. The
+hyper-parameter rows) and the partials, per-tensor totals, tickets and flags the kernels
+exchange between steps. Every pointer it passes is 16-byte aligned (the halves of the
+double-buffered tables are padded, the hyper rows start on a 16-byte boundary of the upload),
+as the compiled specialisations assume (tests/kernels/test_triton_alignment.py). The
 engine's GroupState (started, has_prev, d) is written by `flush`, `alpha` and `skips` by
 every step.
 

@@ -4,14 +4,14 @@ Each program of a step stores its tile's partial sums and takes its tensor's tic
 (an atomic counter); the program with the last ticket sums the tensor's partials, in
 tile order, into the per-tensor totals the next launch reads (kernels/triton_fused.py,
 `_close_tile`). Here, with the tile shrunk to 512 elements (the same kernel, more tiles:
-a tensor of 100 tiles and one of 71, past the 64 rows the reduction takes per iteration):
+a tensor of 66 tiles, past the 64 rows the reduction takes per iteration, and one of 3):
 
 - the fused step equals the generic path with the reference DEMA backend over steps with
   a skipped (NaN) gradient and the paper formula (whose d comes from the totals);
 - the totals are the float64 sums of the partials to float32 precision, and every ticket
   is back at 0 after a launch;
-- the programs run reversed or shuffled (another program takes the last ticket) give the
-  same bits: the order of the sum does not depend on which program forms it.
+- the programs run shuffled (another program takes the last ticket) give the same
+  bits: the order of the sum does not depend on which program forms it.
 """
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from cl_core import DEMAConfig, DEMAOptimizer
+from cl_core.kernels import layouts as L
 from cl_core.kernels import triton_fused
 from tests.kernels.test_program_order import _assert_identical, program_order  # noqa: F401  (a fixture)
 
 TILE = 512  # fp32 aligned and general blocks are 512 elements: one loop iteration per tile
-SHAPES = [(100, 512), (71 * 512 - 4,), (3, 5), (8,)]  # 100 and 71 tiles, then one tile each
+SHAPES = [(66, 512), (3 * 512 - 4,), (3, 8), (8,)]  # 66 and 3 tiles, then one tile each; all ALIGNED
 
 
 def _run(fused: bool, backend: str, steps: int = 3):
@@ -34,7 +35,9 @@ def _run(fused: bool, backend: str, steps: int = 3):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen) * 0.5
         if t == 1:
-            params[1].grad.view(-1)[700] = float("nan")  # tile 1 of 71: a skip decided from the totals
+            # a skip decided from the totals' probe; AdamW then makes θ NaN (as torch does),
+            # so the later steps skip it too
+            params[3].grad.view(-1)[5] = float("nan")
         opt.step()
     return opt, params
 
@@ -57,13 +60,14 @@ def test_many_tiles_per_tensor_equal_the_reference_and_any_program_order(small_t
     opt, params = _run(True, "triton")
     drv = opt._fused._drivers[0]
     assert opt._fused.generic_steps == 0 and drv._static_aligned
-    assert drv.tile0 == [0, 100, 171, 172] and drv.n_tiles == 173
+    assert drv.tile0 == [0, 66, 69, 70] and drv.n_tiles == 71
     # the totals the last step's last programs wrote: the float64 sums of its partials
     w = 1 - drv.parity
     tile = drv.tile0 + [drv.n_tiles]
     parts = drv.part[w].double()
     expect = torch.stack([parts[tile[k]:tile[k + 1]].sum(0) for k in range(len(SHAPES))])
-    torch.testing.assert_close(drv.tot[w].double(), expect, rtol=3e-7, atol=1e-30)
+    torch.testing.assert_close(drv.tot[w].double(), expect, rtol=3e-7, atol=1e-30, equal_nan=True)
+    assert drv.tot[w, :3].isfinite().all() and drv.tot[w, 3, L.P_B].isnan()  # the probe of the NaN tensor
     assert drv.ticket.tolist() == [0] * len(SHAPES)
     fast = _outputs(opt, params)
 
@@ -71,15 +75,14 @@ def test_many_tiles_per_tensor_equal_the_reference_and_any_program_order(small_t
     ref = _outputs(ref_opt, ref_params)
     n = len(SHAPES)
     for a, b in zip(fast[:4 * n], ref[:4 * n]):  # θ, θ*, m, v
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
     started, has_prev, d, alpha, skips = fast[4 * n:]
     assert torch.equal(started, ref[4 * n]) and torch.equal(has_prev, ref[4 * n + 1])
     torch.testing.assert_close(d, ref[4 * n + 2], rtol=1e-5, atol=0)
     torch.testing.assert_close(alpha, ref[4 * n + 3], rtol=2e-3, atol=1e-6)
-    assert skips.tolist() == ref[4 * n + 4].tolist() == [0, 1, 0, 0]
-    assert (alpha > 0).all() and (d > 0).all()  # the dynamic formula ran on every tensor
+    assert skips.tolist() == ref[4 * n + 4].tolist() == [0, 0, 0, 2]
+    assert (alpha[:3] > 0).all() and (d[:3] > 0).all()  # the dynamic formula ran on the others
 
-    for mode in ("reversed", "shuffled"):
-        program_order["mode"] = mode
-        _assert_identical(_outputs(*_run(True, "triton")), fast, mode)
+    program_order["mode"] = "shuffled"  # another program takes each tensor's last ticket
+    _assert_identical(_outputs(*_run(True, "triton")), fast, "shuffled")
 

@@ -3,7 +3,9 @@ bit-identical results whatever order its programs run in.
 
 On a GPU the programs of a launch run in any order and concurrently; the kernels are
 written so that no program reads what another program of the same launch writes
-(per-tensor flags and partial sums are double-buffered by step parity). The Triton
+(per-tensor flags and totals are double-buffered by step parity), except the fused step's
+partials, which the program that takes its tensor's last ticket sums in a fixed order
+(so a reordered launch only changes which program sums them, not the bits). The Triton
 interpreter runs programs one by one in grid order; here its grid loop is patched to
 run them reversed and shuffled, and every result (parameters, optimizer state, EMA,
 α, skip counts, d, flags) must equal the in-order run exactly.
