@@ -19,6 +19,7 @@ API
         index        0-based position of the record in the file (JSONL: among non-blank lines)
         source       the file path, as a string
         image        the record's "image" field, or None
+        id           the record's "id" (CoIN test files: "question_id") as a string, or None
     Problem(index, message)                                        # one malformed record
     TaskFileError(ValueError): .path, .problems                    # one-line message, file + index
 
@@ -80,6 +81,7 @@ class TaskRecord:
     index: int
     source: str
     image: str | None = None
+    id: str | None = None       # the record's "id" or "question_id", for messages
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,9 @@ def _parse_record(rec, kind: str, index: int, source: str) -> TaskRecord:
         raise _Bad("no 'conversations', 'text' or 'instruction' field")
     if not instruction:
         raise _Bad("the extracted instruction is empty")
-    return TaskRecord(instruction, prompt, answer, index, source, image)
+    rid = rec.get("id", rec.get("question_id"))
+    return TaskRecord(instruction, prompt, answer, index, source, image,
+                      None if rid is None or isinstance(rid, (dict, list)) else str(rid))
 
 
 def _read_raw(path: Path):

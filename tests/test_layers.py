@@ -9,7 +9,7 @@ Layers, lowest first; a module may import from its own layer and the layers belo
   kernels       cl_core.kernels.*, cl_core.atomic_io
   engine        cl_core.dema.*
   integrations  cl_core.integrations.*
-  tools         cl_core.grouping, cl_core.metrics, cl_core.task_files, cl_core.lora_sets
+  tools         cl_core.grouping, cl_core.metrics, cl_core.task_files, cl_core.lora_sets, cl_core.moelora
   runner        cl_core.continual.*, cl_core.cli.*, cl_core.__main__
 cl_core/__init__.py is the facade (the public names, loaded lazily): it may import
 anything, and nothing inside the package imports it, because a module that takes its
@@ -31,7 +31,8 @@ LAYERS = [  # lowest first: (layer name, module prefixes)
     ("kernels", ["cl_core.kernels", "cl_core.atomic_io"]),
     ("engine", ["cl_core.dema"]),
     ("integrations", ["cl_core.integrations"]),
-    ("tools", ["cl_core.grouping", "cl_core.metrics", "cl_core.task_files", "cl_core.lora_sets"]),
+    ("tools", ["cl_core.grouping", "cl_core.metrics", "cl_core.task_files", "cl_core.lora_sets",
+               "cl_core.moelora"]),
     ("runner", ["cl_core.continual", "cl_core.cli", "cl_core.__main__"]),
 ]
 # names a module may import from the facade: those defined in the facade itself

@@ -13,7 +13,7 @@ import logging
 import time
 
 # Light imports (no torch): the choices and defaults are the runner's own constants.
-from cl_core.continual.config import CUSTOM_METHODS, DEMA_PARAMS, METHODS, NEW_SET_INITS, ORDERS, RECIPES, ROUTES, RunConfig
+from cl_core.continual.config import CUSTOM_METHODS, DEMA_PARAMS, DEVICES, METHODS, NEW_SET_INITS, ORDERS, RECIPES, ROUTES, RunConfig
 from cl_core.continual.synthetic import TASK_NAMES
 from cl_core.continual.templates import TEMPLATE_SETS
 from cl_core.dema.config import FORMULAS
@@ -21,8 +21,8 @@ from cl_core.dema.config import FORMULAS
 METHOD_CHOICES = METHODS
 # The methods `cl-core demo` compares (the top-level help counts them): the custom methods, so
 # each effect has its own row (fixed EMA, DEMA, grouping, grouping with DEMA, against plain
-# LoRA). The recipes (lcia, cl-next) are left to `cl-core run --recipe ...` so that three seeds,
-# each with its own base, fit the demo's 10 minutes.
+# LoRA). The recipes (lcia, cl-next) are left to `cl-core run --recipe ...`, and CoIN's MoELoRA to
+# `cl-core run --methods moelora`, so that three seeds, each with its own base, fit the demo's 10 minutes.
 DEMO_METHODS = CUSTOM_METHODS
 _DEFAULTS = RunConfig()
 
@@ -37,6 +37,8 @@ FLAGS = {
     "dema_scale": "--dema-scale", "dema_fallback": "--dema-fallback", "group_threshold": "--threshold",
     "route": "--route", "new_set_init": "--new-set-init", "dema_params": "--dema-params",
     "max_grad_norm": "--max-grad-norm", "recipe": "--recipe", "dema_tasks": "--dema-tasks",
+    "moe_experts": "--moe-experts", "moe_top_k": "--moe-top-k", "deepspeed": "--deepspeed", "device": "--device",
+    "image_folder": "--image-folder", "multimodal": "--multimodal", "train_projector": "--train-projector",
 }
 
 # The demo presets: the same tasks, seeds, steps and learning rate for every method. The full
@@ -49,6 +51,10 @@ DEMO_FULL = dict(seeds=(0, 1, 2), stage1_seed=None, tasks=DEMO_TASKS, stage1_ste
                  n_train=800, n_test=50)
 DEMO_QUICK = dict(seeds=(0,), tasks=("sqa", "imagenet", "vizwiz", "grounding"), stage1_steps=300, steps=30,
                   n_train=480, n_test=32)
+
+# --multimodal on top of either preset: the same tasks, seeds, methods and steps, on pictures
+# (cl_core.continual.images) with the tiny LLaVA (cl_core.continual.tiny_model.build_llava).
+DEMO_MULTIMODAL = dict(multimodal=True)
 
 
 def _methods(values) -> tuple:
@@ -90,6 +96,9 @@ def add_parser(sub) -> None:
     demo.add_argument("--quick", action="store_true",
                       help="4 tasks, 1 seed, fewer steps: a check that the pipeline runs (a few minutes), not a "
                            "comparison")
+    demo.add_argument("--multimodal", action="store_true",
+                      help="the same comparison on pictures: each scene drawn (not written), a tiny LLaVA (CLIP-style "
+                           "vision tower + the tiny Llama) trained in stage 1 on them; LoRA on its language model")
     demo.add_argument("--seeds", type=int, nargs="+", metavar="S",
                       help="override the seeds (default: " + " ".join(map(str, DEMO_FULL["seeds"])) + "; with "
                            "--quick " + " ".join(map(str, DEMO_QUICK["seeds"])) + ")")
@@ -98,7 +107,8 @@ def add_parser(sub) -> None:
 
     run = sub.add_parser(
         "run", help="continual LoRA tuning on your task files (or the bundled tasks) with a chosen method",
-        description="LoRA-tune a causal LM on tasks in order, evaluating every task after each one. "
+        description="LoRA-tune a causal LM or an image-text model (LLaVA-style, on the records' images) on tasks "
+                    "in order, evaluating every task after each one. "
                     "Without --tasks the bundled synthetic benchmark and its tiny model are used.",
     )
     data = run.add_argument_group("tasks")
@@ -112,7 +122,13 @@ def add_parser(sub) -> None:
                            "(default: inferred from the answers)")
     data.add_argument("--test-fraction", type=float, default=_DEFAULTS.test_fraction,
                       help="share of each task file held out for testing when no --test-tasks are given")
-    data.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of failing")
+    data.add_argument("--skip-bad", action="store_true",
+                      help="skip malformed records, and records whose image is missing or unreadable, instead of "
+                           "failing (they are counted in the report)")
+    data.add_argument("--image-folder", metavar="DIR", default=None,
+                      help="the records' relative \"image\" paths are under DIR (LLaVA's flag; an image-text --model)")
+    data.add_argument("--multimodal", action="store_true",
+                      help="bundled tasks as pictures (the scene is drawn, not written) on a tiny LLaVA")
     data.add_argument("--bundled-tasks", nargs="+", metavar="NAME",
                       help="a subset of the bundled tasks, in order (" + " ".join(TASK_NAMES) + ")")
     data.add_argument("--order", choices=ORDERS, default=_DEFAULTS.order,
@@ -123,7 +139,14 @@ def add_parser(sub) -> None:
     data.add_argument("--n-test", type=int, default=_DEFAULTS.n_test, help="bundled: test samples per task")
     model = run.add_argument_group("model and training")
     model.add_argument("--model", metavar="DIR",
-                       help="a local causal-LM folder (default: the tiny Llama, trained in stage 1)")
+                       help="a local causal-LM folder, or an image-text-to-text one (LLaVA-style, with its processor) "
+                            "(default: the tiny Llama, trained in stage 1)")
+    model.add_argument("--train-projector", action="store_true",
+                       help="image-text models: train the multi-modal projector too (the official mm_projector; "
+                            "averaged with --dema-params trainable); LoRA goes on the language model only")
+    model.add_argument("--device", choices=DEVICES, default=_DEFAULTS.device,
+                       help="where training and evaluation run: auto takes CUDA when torch sees a GPU "
+                            "(one per process under a launcher), else the CPU")
     model.add_argument("--recipe", choices=RECIPES, default=_DEFAULTS.recipe,
                        help="lcia: the official LCIA recipe (grouping, new sets warm-started from the last trained "
                             "set, DEMA when a set is re-trained, every trainable tensor averaged, no clipping, one "
@@ -140,6 +163,11 @@ def add_parser(sub) -> None:
     model.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="peak learning rate (cosine schedule)")
     model.add_argument("--lora-r", type=int, default=_DEFAULTS.lora_r, help="LoRA rank")
     model.add_argument("--lora-alpha", type=int, default=_DEFAULTS.lora_alpha, help="LoRA alpha (scaling)")
+    model.add_argument("--moe-experts", type=int, default=_DEFAULTS.moe_experts,
+                       help="method moelora: LoRA experts per layer, --lora-r split across them (CoIN's scripts: 2)")
+    model.add_argument("--moe-top-k", type=int, default=None,
+                       help="method moelora: use each token's k most weighted experts, renormalised (default: "
+                            "every expert, CoIN's dense router)")
     model.add_argument("--max-length", type=int, default=_DEFAULTS.max_length, help="tokens per training example")
     model.add_argument("--max-new-tokens", type=int, default=None,
                        help="generation length at evaluation (default: longest test answer + 2)")
@@ -164,6 +192,11 @@ def add_parser(sub) -> None:
                           "4,5,7,8); default: on when a task re-trains a set")
     ema.add_argument("--max-grad-norm", type=float, default=_DEFAULTS.max_grad_norm,
                      help="gradient clipping of the custom methods (0: none, as the official runs)")
+    procs = run.add_argument_group("many processes (start the run with torchrun or accelerate launch; "
+                                   "docs/distributed.md)")
+    procs.add_argument("--deepspeed", metavar="FILE", default=None,
+                       help="train every task under DeepSpeed with this JSON config (ZeRO stage 0, 1 or 2; batch sizes, "
+                            "accumulation and clipping \"auto\"); needs a launcher and pip install cl_core[deepspeed]")
     _common(run, "runs/run-YYYYmmdd-HHMMSS")
     run.set_defaults(func=cmd_run)
 
@@ -203,28 +236,45 @@ def _execute(cfg, out, args) -> int:
     from pathlib import Path
 
     from cl_core.continual import run as runner
+    from cl_core.continual.launch import Launch
 
     if args.threads is not None and args.threads < 1:  # was: 0 silently became 1, -1 a late traceback
         raise ValueError(f"--threads {args.threads}: give at least 1 (torch CPU threads for this run)")
     out = Path(out)
     started = time.time()
-    if args.quiet:
-        logging.getLogger("cl_core.continual.run").setLevel(logging.WARNING)
+    # Under torchrun / accelerate launch: checked (--deepspeed, --batch-size) before the
+    # process group is joined; rank 0 alone logs and prints, the others say only warnings.
+    launch = Launch.from_env(getattr(args, "deepspeed", None), flags=FLAGS, cfg=cfg)
+    finished = False
     try:
-        results = runner.run(cfg, out, quiet=args.quiet, threads=1 if args.threads is None else args.threads)
-    except KeyboardInterrupt:
-        print(f"\nInterrupted. Finished tasks are saved in {out}; run the same command again to resume.")
-        return 130
-    return _finish(results, out, started)
+        if not launch.is_main:     # the other ranks would repeat rank 0's every line
+            logging.getLogger("cl_core").setLevel(logging.WARNING)
+        elif args.quiet:
+            logging.getLogger("cl_core.continual.run").setLevel(logging.WARNING)
+        try:
+            results = runner.run(cfg, out, quiet=args.quiet, threads=1 if args.threads is None else args.threads,
+                                 launch=launch)
+        except KeyboardInterrupt:
+            if launch.is_main:
+                print(f"\nInterrupted. Finished tasks are saved in {out}; run the same command again to resume.")
+            return 130
+        finished = True
+        if not launch.is_main:
+            return 0
+        return _finish(results, out, started)
+    finally:
+        launch.close(barrier=finished)
 
 
 def cmd_demo(args) -> int:
     preset = dict(DEMO_QUICK if args.quick else DEMO_FULL)
+    if args.multimodal:
+        preset.update(DEMO_MULTIMODAL)
     if args.seeds:
         preset["seeds"] = tuple(args.seeds)
     cfg = RunConfig(methods=DEMO_METHODS, **preset)
     cfg.validate(FLAGS)  # errors name the flags (--seeds), before anything is written
-    out = args.out or ("runs/demo-quick" if args.quick else "demo_out")
+    out = args.out or ("runs/demo-quick" if args.quick else "demo_out") + ("-multimodal" if args.multimodal else "")
     return _execute(cfg, out, args)
 
 
@@ -237,14 +287,15 @@ def cmd_run(args) -> int:
         tasks=tuple(args.bundled_tasks) if args.bundled_tasks else None, order=args.order,
         variant=args.templates, n_train=args.n_train, n_test=args.n_test,
         task_files=tuple(args.tasks), test_files=tuple(args.test_tasks), task_types=tuple(args.task_types),
-        test_fraction=args.test_fraction, skip_bad=args.skip_bad,
+        test_fraction=args.test_fraction, skip_bad=args.skip_bad, image_folder=args.image_folder,
+        multimodal=args.multimodal, train_projector=args.train_projector,
         model=args.model, stage1_steps=args.stage1_steps,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length, max_new_tokens=args.max_new_tokens, device=args.device,
         ema_beta=args.beta, dema_formula=args.dema_formula, dema_scale=args.dema_scale,
         dema_fallback=args.dema_fallback, group_threshold=args.threshold, route=args.route,
         new_set_init=args.new_set_init, dema_params=args.dema_params, max_grad_norm=args.max_grad_norm,
-        dema_tasks=_dema_tasks(args.dema_tasks),
+        dema_tasks=_dema_tasks(args.dema_tasks), moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
     )
     cfg.validate(FLAGS)  # errors name the flags (--steps), before anything is written
     out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")

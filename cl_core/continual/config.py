@@ -29,6 +29,13 @@ dema+group``) runs them with the recipe's settings (routing, new-set start, aver
 clipping, DEMA scale and fallback); a custom flag set beside a recipe is refused, since the
 recipe fixes it.
 
+``moelora`` is CoIN's own method (cl_core.moelora), with fixed settings of its own: one MoELoRA
+adapter set (``moe_experts`` LoRA experts of rank ``lora_r / moe_experts`` and a softmax router
+in every adapted layer; CoIN's scripts: 2 experts, dense) trained task after task, no EMA, no
+grouping, the trainer's default clipping (1.0, as the scripts' DeepSpeed "gradient_clipping":
+"auto"). It is neither custom nor a recipe: the custom flags do not apply to it, and
+``moe_experts`` / ``moe_top_k`` apply to it alone.
+
 ``dema_tasks`` (``--dema-tasks 4,5,7,8``, 1-based task numbers): DEMA is on for exactly those
 tasks, whatever grouping decided, as the official CoIN scripts switch it (``--dema True`` only
 for tasks 4, 5, 7, 8 of CoIN's order: ``OFFICIAL_DEMA_TASKS``). None: DEMA is on for a task
@@ -49,8 +56,10 @@ from cl_core.dema.config import FORMULAS, DEMAConfig
 
 CUSTOM_METHODS = ("lora", "ema", "dema", "group", "dema+group")
 RECIPE_METHODS = ("lcia", "cl-next")
-METHODS = CUSTOM_METHODS + RECIPE_METHODS
+OWN_METHODS = ("moelora",)               # methods with fixed settings of their own that are no recipe
+METHODS = CUSTOM_METHODS + RECIPE_METHODS + OWN_METHODS
 RECIPES = ("custom",) + RECIPE_METHODS
+DEVICES = ("auto", "cpu", "cuda")
 ORDERS = ("origin", "reverse", "alphabet")
 ROUTES = ("instance", "file")            # test routing: per test instance, or one decision per test file
 NEW_SET_INITS = ("fresh", "latest")      # a new LoRA set: fresh init, or the last trained set's weights
@@ -73,6 +82,7 @@ class MethodPlan:
     params: str                     # lora | trainable: the tensors the EMA averages
     max_grad_norm: float            # gradient clipping (0: none)
     route: str                      # instance | file (only matters with grouping)
+    adapter: str = "lora"           # lora (PEFT LoRA sets) | moelora (one MoELoRA set, cl_core.moelora)
 
     def describe(self) -> dict:
         """The plan in words, for the report."""
@@ -115,7 +125,10 @@ class RunConfig:
     task_types: tuple = ()                 # optional scoring rule per task file (else inferred)
     test_fraction: float = 0.1             # held out of each task file when no test files
     max_test: int = 500                    # at most this many held-out test samples per task
-    skip_bad: bool = False                 # skip malformed records instead of failing
+    skip_bad: bool = False                 # skip malformed records (and records with a bad image) instead of failing
+    image_folder: Optional[str] = None     # task files: relative "image" paths are under this folder (LLaVA's flag)
+    multimodal: bool = False               # bundled: draw the scenes (cl_core.continual.images), tiny LLaVA
+    train_projector: bool = False          # image-text models: the multi-modal projector is trained too
     # Model: a local causal-LM folder, or (None) the tiny Llama trained in stage 1.
     model: Optional[str] = None
     hidden_size: int = 64
@@ -136,6 +149,7 @@ class RunConfig:
     target_modules: str = "all-linear"
     max_length: int = 256
     max_new_tokens: Optional[int] = None   # None: from the longest test answer (+2)
+    device: str = "auto"                   # auto (CUDA when torch sees a GPU) | cpu | cuda
     eval_batch_size: int = 128
     # EMA settings (defaults: DEMAConfig's).
     ema_beta: float = _DEMA_DEFAULTS.beta
@@ -149,6 +163,9 @@ class RunConfig:
     max_grad_norm: float = 1.0             # gradient clipping (0: none)
     dema_params: str = "lora"              # tensors the EMA averages: lora | trainable
     dema_tasks: Optional[tuple] = None     # 1-based tasks with DEMA on (None: grouping decides)
+    # Settings of method moelora (CoIN's scripts: --expert_num 2, every expert for every token).
+    moe_experts: int = 2                   # LoRA experts per layer; lora_r is split across them
+    moe_top_k: Optional[int] = None        # None: dense softmax over every expert (official)
 
     def __post_init__(self):
         if self.methods is None:
@@ -222,6 +239,8 @@ class RunConfig:
     def describe(self, method: str) -> dict:
         """``method``'s settings in words, for the report (its plan, and ``dema_tasks``)."""
         d = self.plan(method).describe()
+        if self.plan(method).adapter == "moelora":
+            d["LoRA sets"] = self.moelora_config().describe()
         if self.dema_tasks is not None and self.plan(method).ema is not None:
             d["EMA on"] = "tasks " + ", ".join(str(t) for t in self.dema_tasks) + " (`--dema-tasks`)"
         return d
@@ -237,6 +256,9 @@ class RunConfig:
         if method == "cl-next":
             return MethodPlan(grouping=False, ema=DEMAConfig(formula="official", scale=0.01, fallback=0.001),
                               new_set_init="fresh", params="trainable", max_grad_norm=1.0, route="instance")
+        if method == "moelora":
+            return MethodPlan(grouping=False, ema=None, new_set_init="fresh", params="lora", max_grad_norm=1.0,
+                              route="instance", adapter="moelora")
         if method not in CUSTOM_METHODS:
             raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
         return self._custom_plan(method, None)
@@ -255,6 +277,13 @@ class RunConfig:
                           params=src.params if src else self.dema_params,
                           max_grad_norm=float(src.max_grad_norm if src else self.max_grad_norm),
                           route=src.route if src else self.route)
+
+    def moelora_config(self):
+        """The MoELoRAConfig of method moelora (ValueError naming MoELoRAConfig's fields)."""
+        from cl_core.moelora import MoELoRAConfig
+
+        return MoELoRAConfig(r=self.lora_r, lora_alpha=self.lora_alpha, num_experts=self.moe_experts,
+                             top_k=self.moe_top_k, dropout=0.0, target_modules=self.target_modules)
 
     def ema_config(self, method: str) -> Optional[DEMAConfig]:
         """The EMA settings of ``method``'s tasks with an EMA (None: the method has none)."""
@@ -281,6 +310,7 @@ class RunConfig:
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; allowed: {', '.join(RECIPES)}")
         self._validate_custom_flags(methods, say)
+        self._validate_device(say)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"{say.name('seeds')} must be distinct and at least one: {list(self.seeds)}")
         for s in self.seeds:
@@ -315,6 +345,7 @@ class RunConfig:
                 self.ema_config(m)
             except ValueError as exc:
                 raise ValueError(say.dema(str(exc))) from None
+        self._validate_moelora(methods, say)
         v = self.max_grad_norm
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
             raise ValueError(say("max_grad_norm", v, "must be a number >= 0 (0: no clipping)"))
@@ -334,6 +365,7 @@ class RunConfig:
                     check_task_type(t)
             if self.tasks is not None:
                 raise ValueError("bundled task names and task files cannot be mixed")
+        self._validate_images(say)
         if self.model is not None:
             p = Path(self.model)
             if not p.is_dir():
@@ -342,6 +374,43 @@ class RunConfig:
             if not (p / "config.json").is_file():
                 raise ValueError(f"--model {self.model}: no config.json inside; not a Hugging Face model folder")
         self._validate_dema_tasks(methods, say)
+
+    def _validate_images(self, say: "_Namer") -> None:
+        if self.multimodal and not self.bundled:
+            raise ValueError(f"{say.name('multimodal')} draws the bundled tasks' scenes; with task files the "
+                             f"{say.name('model')} folder decides: an image-text model (LLaVA-style) reads the "
+                             "records' images")
+        if self.image_folder is not None:
+            if self.bundled:
+                raise ValueError(f"{say.name('image_folder')} goes with task files ({say.name('task_files')} FILE "
+                                 "...): the bundled tasks draw their own images")
+            if not Path(self.image_folder).is_dir():
+                raise ValueError(say("image_folder", self.image_folder, "is not a folder"))
+        if self.train_projector:
+            if self.model is not None and Path(self.model, "config.json").is_file() \
+                    and not is_image_text_folder(self.model):
+                raise ValueError(f"{say.name('train_projector')}: {say.name('model')} {self.model} is a text model; "
+                                 "the projector is an image-text model's (LLaVA's mm_projector)")
+            if self.model is None and not self.multimodal:
+                raise ValueError(f"{say.name('train_projector')} needs an image-text model: the bundled tasks with "
+                                 f"{say.name('multimodal')}, or {say.name('model')} DIR of a LLaVA-style model")
+
+    def on_cuda(self) -> bool:
+        """Whether training and evaluation run on CUDA (``device``: auto picks CUDA when torch
+        sees a GPU, as the Trainer does)."""
+        import torch
+
+        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+
+    def _validate_device(self, say: "_Namer") -> None:
+        import torch
+
+        if self.device not in DEVICES:
+            raise ValueError(say("device", self.device, f"must be one of {', '.join(DEVICES)}"))
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{say.name('device')} cuda: torch sees no CUDA device (torch "
+                             f"{torch.__version__}{'' if torch.version.cuda else ', a CPU build'}); "
+                             f"use {say.name('device')} cpu, or auto to take a GPU only where there is one")
 
     def _validate_custom_flags(self, methods, say: "_Namer") -> None:
         for name, allowed in (("route", ROUTES), ("new_set_init", NEW_SET_INITS), ("dema_params", DEMA_PARAMS)):
@@ -359,11 +428,25 @@ class RunConfig:
                              f"{say.name('recipe')} to run {', '.join(custom)} with the custom settings")
         if custom:
             return
-        # Only recipes run: a custom setting that differs from its default would be ignored.
+        # Only recipes (or moelora) run: a custom setting that differs from its default would be ignored.
         if changed:
-            raise ValueError(f"{', '.join(changed)} set, but only recipe methods run ({', '.join(methods)}), and a "
-                             f"recipe fixes its own settings; those settings apply to the custom methods "
+            which = ("recipe methods" if all(m in RECIPE_METHODS for m in methods)
+                     else "methods with fixed settings")
+            raise ValueError(f"{', '.join(changed)} set, but only {which} run ({', '.join(methods)}), and such a "
+                             f"method fixes its own settings; those settings apply to the custom methods "
                              f"({', '.join(CUSTOM_METHODS)}): add one, or drop the setting")
+
+    def _validate_moelora(self, methods, say: "_Namer") -> None:
+        if "moelora" in methods:
+            try:
+                self.moelora_config()
+            except ValueError as exc:
+                raise ValueError(say.rename(str(exc), "MoELoRAConfig", _MOELORA_FIELDS)) from None
+            return
+        changed = [say.name(f) for f in ("moe_experts", "moe_top_k") if getattr(self, f) != getattr(RunConfig(), f)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} set, but method moelora does not run ({', '.join(methods)}): "
+                             f"add moelora to the methods, or drop {', '.join(changed)}")
 
     def _validate_dema_tasks(self, methods, say: "_Namer") -> None:
         if self.dema_tasks is None:
@@ -401,6 +484,24 @@ _CUSTOM_FLAGS = ("route", "new_set_init", "max_grad_norm", "dema_params", "dema_
                  "dema_fallback", "ema_beta")
 
 
+def model_type(path) -> Optional[str]:
+    """The ``model_type`` of a model folder's config.json (None when there is none)."""
+    f = Path(path) / "config.json"
+    try:
+        import json
+
+        return json.loads(f.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def is_image_text_folder(path) -> bool:
+    """Whether transformers loads the folder's model with AutoModelForImageTextToText."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type(path) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
 def defaults() -> RunConfig:
     """A RunConfig with every default (the CLI's defaults are read from it)."""
     return RunConfig()
@@ -415,8 +516,10 @@ def _check_positive(name, value, minimum=1, say=None):
         raise ValueError((say or _Namer(None))(name, value, f"must be a number >= {minimum}"))
 
 
-# DEMAConfig's field -> the RunConfig setting it is built from.
+# DEMAConfig's / MoELoRAConfig's fields -> the RunConfig settings they are built from.
 _DEMA_FIELDS = {"beta": "ema_beta", "scale": "dema_scale", "fallback": "dema_fallback", "formula": "dema_formula"}
+_MOELORA_FIELDS = {"r": "lora_r", "lora_alpha": "lora_alpha", "num_experts": "moe_experts", "top_k": "moe_top_k",
+                   "target_modules": "target_modules"}
 
 
 class _Namer:
@@ -437,12 +540,17 @@ class _Namer:
     def dema(self, message: str) -> str:
         """A DEMAConfig message with its field (``DEMAConfig.beta=1.5``) named as the run's
         setting (``ema_beta=1.5``) or its flag (``--beta 1.5``)."""
+        return self.rename(message, "DEMAConfig", _DEMA_FIELDS)
+
+    def rename(self, message: str, cls: str, fields: dict) -> str:
+        """A ``cls`` message with its fields (``cls.field=value``) named as the run's settings
+        (``fields`` maps them) or their flags."""
         import re
 
         def swap(m):
-            field = _DEMA_FIELDS.get(m.group(1), m.group(1))
+            field = fields.get(m.group(1), m.group(1))
             if field in self.flags:
                 return f"{self.flags[field]} {m.group(2)}"
             return f"{field}={m.group(2)}"
 
-        return re.sub(r"DEMAConfig\.(\w+)=(\S+)", swap, message)
+        return re.sub(re.escape(cls) + r"\.(\w+)=(\S+)", swap, message)

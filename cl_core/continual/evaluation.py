@@ -18,15 +18,18 @@ after the VQA evaluators' answer normalisation (:func:`normalize_vqa`), as CoIN 
 datasets; whatever the task type.
 
 Prompts and answers are turned into token ids by :func:`encode_example` for training and
-:func:`encode_prompt` for generation, so the two always agree.
+:func:`encode_prompt` for generation, so the two always agree (both live in
+:mod:`cl_core.continual.encoders`, with the image-text encoder).
 """
 from __future__ import annotations
 
 import re
 from typing import Sequence
 
+# The token-id layout of an example has one home, cl_core.continual.encoders; re-exported here.
+from cl_core.continual.encoders import PROMPT_SEPARATOR, as_encoder, encode_example, encode_prompt  # noqa: F401
+
 TASK_TYPES = ("mc", "short", "cls", "exact", "count", "box")
-PROMPT_SEPARATOR = "\n"  # between the prompt and the answer
 IOU_THRESHOLD = 0.5
 
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
@@ -157,69 +160,49 @@ def infer_task_type(answers: Sequence[str], prompts: Sequence[str] = ()) -> str:
     return "exact"
 
 
-# --------------------------------------------------------------------------- token ids
-
-def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
-    """Token ids the model reads before its answer (the tokenizer's own special tokens
-    included). Over-long prompts keep their end, where the instruction is."""
-    ids = tokenizer(prompt + PROMPT_SEPARATOR)["input_ids"]
-    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-        ids = ids[len(ids) - max_prompt_tokens:]
-    return list(ids)
-
-
-def encode_example(tokenizer, prompt: str, answer: str, max_length: int) -> dict:
-    """``input_ids`` and ``labels`` (prompt positions masked with -100) for training."""
-    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
-    answer_ids = answer_ids[: max(1, max_length // 2)]
-    prompt_ids = encode_prompt(tokenizer, prompt, max_length - len(answer_ids))
-    return {
-        "input_ids": prompt_ids + answer_ids,
-        "labels": [-100] * len(prompt_ids) + answer_ids,
-    }
-
-
 # --------------------------------------------------------------------------- generation
 
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 8,
              batch_size: int = 64, max_prompt_tokens: int | None = None,
-             adapter_names: Sequence[str] | None = None, progress=None) -> list[str]:
+             adapter_names: Sequence[str] | None = None, progress=None, images: Sequence | None = None) -> list[str]:
     """Greedy answers for ``prompts``, in batches, left-padded.
 
-    ``adapter_names`` (one per prompt) routes each row to a PEFT adapter in one batch
+    ``tokenizer``: a tokenizer or an examples encoder (:mod:`cl_core.continual.encoders`);
+    ``images`` (one per prompt, None for none) go with the prompts through an image-text
+    encoder. ``adapter_names`` (one per prompt) routes each row to a PEFT adapter in one batch
     (``PeftModel.generate(adapter_names=...)``). ``progress`` is an optional tqdm-like
     object updated by the number of prompts done.
     """
     import torch
 
+    encoder = as_encoder(tokenizer)
+    tokenizer = encoder.tokenizer
     if adapter_names is not None and len(adapter_names) != len(prompts):
         raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     was_training = model.training
     model.eval()
     out: list[str] = []
     try:
         with torch.inference_mode():
             for start in range(0, len(prompts), batch_size):
-                batch = [encode_prompt(tokenizer, p, max_prompt_tokens) for p in prompts[start:start + batch_size]]
-                width = max(len(ids) for ids in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, ids in enumerate(batch):
-                    input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                    attention[row, width - len(ids):] = 1
-                kwargs = {}
+                end = start + batch_size
+                inputs = encoder.prompts(prompts[start:end], None if images is None else images[start:end],
+                                         max_prompt_tokens)
+                # on the model's device (a GPU after the Trainer moved it there)
+                inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+                width = inputs["input_ids"].shape[1]
                 if adapter_names is not None:
-                    kwargs["adapter_names"] = list(adapter_names[start:start + batch_size])
+                    inputs["adapter_names"] = list(adapter_names[start:end])
                 generated = model.generate(
-                    input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                    do_sample=False, num_beams=1, pad_token_id=pad_id,
-                    eos_token_id=tokenizer.eos_token_id, **kwargs,
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                    pad_token_id=encoder.pad_id, eos_token_id=tokenizer.eos_token_id,
                 )
                 for row in generated[:, width:]:
                     out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
                 if progress is not None:
-                    progress.update(len(batch))
+                    progress.update(len(inputs["input_ids"]))
     finally:
         model.train(was_training)
     return out

@@ -31,7 +31,7 @@ def _pm(mean: float, std: float, n_seeds: int = 2) -> str:
 # The comparisons the demo is built to answer: each EMA against what it is added to, and
 # grouping with and without DEMA (the ablation that separates the two effects).
 COMPARISONS = (("ema", "lora"), ("dema", "lora"), ("dema", "ema"), ("group", "lora"), ("dema+group", "group"),
-               ("dema+group", "dema"), ("lcia", "group"), ("cl-next", "dema"))
+               ("dema+group", "dema"), ("lcia", "group"), ("cl-next", "dema"), ("moelora", "lora"))
 COMPARED_METRICS = ("avg_acc", "forgetting")
 
 
@@ -354,7 +354,8 @@ def write_report(results: dict, out_dir) -> Path:
               "one entry per task, `groups`, `reused`, `ema`, `dema` (DEMA on), `init_from` (the task whose "
               "weights the trained set started from; null: fresh), mean α per step and `alpha_counts`), "
               "`state.json` (finished units, for resuming), `config.json`, `chains/<method>/seed<s>/task<j>/` "
-              "(final LoRA adapters, PEFT format), `chains/<method>/seed<s>/alpha_task<j>.json` (α per step and "
+              "(final LoRA adapters, PEFT format; moelora: `moelora_config.json` + `moelora.safetensors`, reloaded "
+              "by `cl_core.moelora.load_moelora`), `chains/<method>/seed<s>/alpha_task<j>.json` (α per step and "
               "tensor, with the tensors' sizes), `base/seed<s>/` (stage-1 base model).", ""]
     if "wall_seconds_this_call" in results:
         lines += [f"Wall time of the call that finished this run: {results['wall_seconds_this_call']:.0f} s "
@@ -415,14 +416,50 @@ def _model_text(results: dict) -> str:
         size = f"{m['parameters']:,} parameters"
         shape = ", ".join(f"{k} {m[k]}" for k in ("hidden_size", "num_layers", "vocab_size") if m.get(k) is not None)
         if m.get("source") == "tiny":
-            return (f"Model: the bundled tiny Llama ({size}; {shape}), trained from scratch in stage 1 "
-                    f"({cfg['stage1_steps']} steps, {_stage1_once(cfg)}, shared by all methods).")
-        return f"Model: `{m['source']}` ({m.get('model_type', '?')}, {size}; {shape})."
+            kind = "tiny LLaVA (CLIP-style vision tower, projector, tiny Llama)" if m.get("model_type") == "llava" \
+                else "tiny Llama"
+            return (f"Model: the bundled {kind} ({size}; {shape}), trained from scratch in stage 1 "
+                    f"({cfg['stage1_steps']} steps, {_stage1_once(cfg)}, shared by all methods)."
+                    + _multimodal_text(results))
+        return f"Model: `{m['source']}` ({m.get('model_type', '?')}, {size}; {shape})." + _multimodal_text(results)
     if cfg.get("model"):
         return f"Model: `{cfg['model']}`."
     layers = f"{cfg['num_layers']} layer" + ("s" if cfg["num_layers"] != 1 else "")
     return (f"Model: a tiny Llama (hidden {cfg['hidden_size']}, {layers}) trained from scratch "
             f"in stage 1 ({cfg['stage1_steps']} steps, {_stage1_once(cfg)}, shared by all methods).")
+
+
+def _multimodal_text(results: dict) -> str:
+    """The processor and the images of a multimodal run (empty for a text run)."""
+    m, im, cfg = results.get("model") or {}, results.get("images"), results["config"]
+    p = m.get("processor")
+    if not p and not im:
+        return ""
+    out = ""
+    if p:
+        size = p.get("image_size")
+        size = "x".join(str(v) for v in size.values()) if isinstance(size, dict) else size
+        out += (f" Processor: {p['processor']} ({p['image_processor']}, images at {size}, image token "
+                f"`{p['image_token']}`); LoRA on the language model only, vision tower frozen"
+                + (", multi-modal projector trained (`--train-projector`)" if cfg.get("train_projector") else "")
+                + ".")
+    if im:
+        sizes = ", ".join(f"{k} ({v})" for k, v in list(im["sizes"].items())[:5])
+        more = f" and {len(im['sizes']) - 5} more sizes" if len(im["sizes"]) > 5 else ""
+        if im.get("source") == "files":
+            out += (f" Images: {im['count']} distinct files under `{im['folder']}`" if im.get("folder")
+                    else f" Images: {im['count']} distinct files")
+            out += f", sizes {sizes}{more}"
+            if im.get("records_without_image"):
+                out += f"; {im['records_without_image']} records without an image (text only)"
+            skipped = im.get("skipped") or {}
+            out += (("; records skipped for a missing or unreadable image (`--skip-bad`): "
+                     + ", ".join(f"{k} {v}" for k, v in skipped.items())) if skipped
+                    else "; no record skipped for its image") + "."
+        else:
+            out += f" Images: {im['count']} scene pictures drawn by `cl_core.continual.images` ({sizes}); the prompts " \
+                   "hold no scene text, so every answer is read from the picture."
+    return out
 
 
 def _stage1_once(cfg: dict) -> str:
@@ -439,7 +476,8 @@ def _settings_lines(methods: dict) -> list[str]:
              "`lora`, `ema`, `dema`, `group`, `dema+group` take the run's flags (the custom recipe; `group` is "
              "grouping without any EMA, beside `dema+group` to separate the two effects); `lcia` is the official "
              "LCIA recipe and `cl-next` Continual-NExT's, with their own fixed settings (custom methods run beside "
-             "`--recipe lcia` or `--recipe cl-next` take that recipe's settings).", "",
+             "`--recipe lcia` or `--recipe cl-next` take that recipe's settings); `moelora` is CoIN's MoELoRA (LoRA "
+             "experts and a learned router per layer, one set, no EMA), with its own fixed settings.", "",
              "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for m, st in rows:
         lines.append(f"| {m} | " + " | ".join(str(st.get(k, "-")) for k in keys) + " |")

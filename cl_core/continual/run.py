@@ -1,4 +1,5 @@
-"""The continual runner: LoRA-tune a causal LM on tasks in order, evaluate every task after
+"""The continual runner: LoRA-tune a causal LM, or an image-text model (LLaVA-style, with the
+records' images: cl_core.continual.multimodal), on tasks in order, evaluate every task after
 each one, with plain LoRA, fixed-β EMA, DEMA, or DEMA with instruction grouping.
 
     from cl_core.continual.run import RunConfig, run
@@ -16,6 +17,8 @@ weights at the task's end):
                 task that opens a new set does not; at evaluation each test instance is routed
                 to a group by its instruction and answered by that group's adapter
     lcia        the official LCIA recipe; cl-next: Continual-NExT's (cl_core.continual.config)
+    moelora     CoIN's MoELoRA (cl_core.moelora): one set of LoRA experts with a learned router per
+                layer, trained task after task, no EMA
 
 The custom methods take the run's flags (new-set start, averaged tensors, clipping, test
 routing); the recipes fix their own. Per task the state records whether DEMA was on
@@ -34,11 +37,14 @@ Run folder::
     base/seed<s>/                  stage-1 base model + tokenizer (bundled benchmark)
     chains/<method>/seed<s>/task<j>/   the adapters after task j (only the latest is kept;
                                    after the last task these are the final adapters), with
-                                   grouper.json for dema+group
+                                   grouper.json for dema+group; moelora: moelora_config.json and
+                                   moelora.safetensors (cl_core.moelora.load_moelora reloads them)
     chains/<method>/seed<s>/alpha_task<j>.json   per-step, per-tensor α of task j
     results.json, report.md, *.png written at the end (cl_core.continual.report)
 
 Running again with the same folder resumes from the last finished task of every chain.
+Under torchrun / accelerate launch (and DeepSpeed) every rank runs the chains, rank 0 writes
+the folder (cl_core.continual.launch).
 """
 from __future__ import annotations
 
@@ -52,12 +58,13 @@ from typing import Callable
 from cl_core import metrics as cl_metrics
 from cl_core.atomic_io import atomic_dir, write_json_atomic
 from cl_core.continual.config import METHODS, ORDERS, RunConfig, method_slug  # noqa: F401 - re-exported
+from cl_core.continual.launch import Launch
 from cl_core.continual.state import RunState, TaskRecord, check_run_folder, write_json
 from cl_core.continual.tasks import Task, load_tasks  # noqa: F401 - re-exported
 from cl_core.continual.alpha import alpha_counts
 from cl_core.continual.alpha import merge as merge_alpha
 from cl_core.continual.training import (dema_callback, describe_model, load_base, quiet_libraries, seed_for,
-                                        stage1_score, tiny_tokenizer, train, train_stage1, user_tokenizer)
+                                        stage1_score, train, train_stage1)
 
 log = logging.getLogger("cl_core.continual.run")
 
@@ -66,8 +73,12 @@ class ContinualRun:
     """One run folder: prepares data and models, runs the chains, resumes them."""
 
     def __init__(self, cfg: RunConfig, out_dir, *, quiet: bool = False, threads: int | None = None,
-                 on_task_end: Callable | None = None):
+                 on_task_end: Callable | None = None, launch: Launch | None = None):
         cfg.validate()
+        # The processes of a launcher (torchrun, accelerate launch; cl_core.continual.launch):
+        # rank 0 writes the run folder, every rank trains its share and reads the folder.
+        self.launch = launch if launch is not None else Launch.from_env(cfg=cfg)
+        self.launch.check_run(cfg)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             # refused before anything is written (the CLI checks --threads the same way)
             raise ValueError(f"threads={threads!r}: give a whole number >= 1, or None for torch's default")
@@ -81,24 +92,43 @@ class ContinualRun:
         self.on_task_end = on_task_end
         self.tasks: list = []
         self.tokenizer = None
+        self.encoder = None
+        self.images = None      # the images' summary of a multimodal run (multimodal.image_report)
         self.max_new_tokens = cfg.max_new_tokens
 
     # ------------------------------------------------------------ preparation
     def prepare(self) -> None:
         """Everything that can fail on bad input, before any training."""
-        check_run_folder(self.out, self.cfg.to_dict(), RunConfig().to_dict())
-        self.tasks = load_tasks(self.cfg)
+        from cl_core.continual import multimodal
+
+        self.launch.on_main(check_run_folder, self.out, self.cfg.to_dict(), RunConfig().to_dict())
+        # Image-text model (or the bundled tasks drawn): every record's image checked here.
+        self.tasks = load_tasks(self.cfg, with_images=multimodal.uses_images(self.cfg))
         if not self.cfg.bundled and self.cfg.model is None:
             raise ValueError("--tasks without --model: the bundled tiny model only knows the bundled benchmark's "
                              "words (yours would become <unk>); give --model DIR, a local causal-LM folder "
                              "with its tokenizer")
+        # The examples encoder: the causal LM's tokenizer, or the image-text model's processor.
+        with quiet_libraries():   # (the PIL image-processor notice when torchvision is missing)
+            self.encoder = multimodal.encoder_for(self.cfg)
+        self.tokenizer = self.encoder.tokenizer
         if self.cfg.model is not None:
-            self.tokenizer = user_tokenizer(self.cfg.model)
             # Weights that do not match config.json fail here, before anything is written.
             with quiet_libraries():
-                load_base(Path(self.cfg.model), self.tokenizer)
-        else:
-            self.tokenizer = tiny_tokenizer()
+                base = load_base(Path(self.cfg.model), self.tokenizer)
+            self._lora_config(base)   # --train-projector on a model without a projector fails here
+            del base
+        if self.encoder.uses_images:
+            # One example per task through the processor now: an image that does not fit in
+            # --max-length (LLaVA-1.5: 576 image tokens) fails here, not in the middle of training.
+            for t in self.tasks:
+                for (p, a, _), im in zip(t.train, t.train_images):
+                    if im is not None:
+                        self.encoder.example(p, a, im, self.cfg.max_length)
+                        break
+        self.images = (multimodal.image_report(self.tasks, self.cfg, self._image_sizes(),
+                                               {t.name: t.skipped_images for t in self.tasks if t.skipped_images})
+                       if self.encoder.uses_images else None)
         if self.max_new_tokens is None:
             longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"])
                           for t in self.tasks for _, refs, _ in t.test
@@ -121,11 +151,13 @@ class ContinualRun:
 
     def ensure_base(self, seed: int, state: RunState) -> None:
         """Train (once) and cache the stage-1 base of ``seed``; score it zero-shot."""
+        from cl_core.continual import multimodal
+
         key = str(seed)
         shared = self.cfg.model is not None or self.cfg.stage1_seed is not None  # one model for every seed
         if self.cfg.model is None and not (self.base_dir(seed) / "config.json").exists():
-            train_stage1(self.cfg, self.tokenizer, self.base_seed(seed), self.base_dir(seed),
-                         self.out / ".trainer", quiet=not self.bars)
+            train_stage1(self.cfg, self.encoder, self.base_seed(seed), self.base_dir(seed),
+                         self.out / ".trainer", quiet=not self.bars, launch=self.launch)
         if key not in state.base:
             if shared and state.base:
                 info = dict(next(iter(state.base.values())))
@@ -136,8 +168,11 @@ class ContinualRun:
                 info = {"zero_shot": row,
                         "model": describe_model(model, self.tokenizer, "tiny" if self.cfg.model is None
                                                 else str(self.cfg.model))}
+                processor = multimodal.describe_processor(self.encoder)
+                if processor is not None:
+                    info["model"]["processor"] = processor
                 if self.cfg.model is None:
-                    info["stage1"] = stage1_score(model, self.tokenizer, self.base_seed(seed), self.cfg)
+                    info["stage1"] = stage1_score(model, self.encoder, self.base_seed(seed), self.cfg)
             state.base[key] = info
             state.save()
             log.info("seed %d base: zero-shot accuracy %s", seed, _fmt_row(row))
@@ -156,21 +191,32 @@ class ContinualRun:
         from cl_core.continual.evaluation import accuracy, generate
         from cl_core.lora_sets import adapter_name
 
-        prompts, answers, instructions, spans = [], [], [], []
+        if self.cfg.on_cuda():
+            import torch
+
+            model.to(torch.device("cuda", torch.cuda.current_device()))  # the base before any Trainer moved it
+
+        prompts, answers, instructions, spans, images = [], [], [], [], []
         for t in self.tasks:
             start = len(prompts)
             for p, a, ins in t.test:
                 prompts.append(p)
                 answers.append(a)
                 instructions.append(ins)
+            images += t.test_images or [None] * len(t.test)
             spans.append((start, len(prompts)))
         adapters = None
         if grouper is not None:
             adapters = [adapter_name(g) for g in route_groups(grouper, instructions, spans, route)]
         with tqdm(total=len(prompts), desc=progress_desc, disable=not self.bars, leave=False, unit="q") as bar:
-            preds = generate(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
-                             batch_size=self.cfg.eval_batch_size, max_prompt_tokens=self.cfg.max_length,
-                             adapter_names=adapters, progress=bar)
+            # under a launcher the ranks share the batches out (the same batches as one process)
+            with_images = images if self.encoder.uses_images else None
+            preds = self.launch.map_batches(
+                lambda a, b: generate(model, self.encoder, prompts[a:b], max_new_tokens=self.max_new_tokens,
+                                      batch_size=self.cfg.eval_batch_size, max_prompt_tokens=self.cfg.max_length,
+                                      adapter_names=None if adapters is None else adapters[a:b], progress=bar,
+                                      images=None if with_images is None else with_images[a:b]),
+                len(prompts), self.cfg.eval_batch_size)
         return [round(accuracy(t.task_type, preds[a:b], answers[a:b]), 4)
                 for t, (a, b) in zip(self.tasks, spans)]
 
@@ -178,17 +224,42 @@ class ContinualRun:
     def chain_dir(self, method: str, seed: int) -> Path:
         return self.out / "chains" / method_slug(method) / f"seed{seed}"
 
-    def _lora_config(self):
+    def _lora_config(self, model):
+        """LoRA on ``model``: on a multimodal model the language model only ("all-linear" there),
+        with the projector trainable beside it (``train_projector``)."""
         from peft import LoraConfig
 
+        from cl_core.continual.multimodal import lora_targets, projector_modules
+
         return LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=0.0,
-                          target_modules=self.cfg.target_modules, task_type="CAUSAL_LM")
+                          target_modules=lora_targets(model, self.cfg.target_modules), task_type="CAUSAL_LM",
+                          modules_to_save=projector_modules(model) if self.cfg.train_projector else None)
+
+    def _image_sizes(self) -> dict:
+        sizes: dict = {}
+        for t in self.tasks:
+            sizes.update(t.image_sizes)
+        return sizes
+
+    def _adapter_sets(self, plan, base, folder=None):
+        """The adapters a chain trains on ``base``: PEFT LoRA sets, or (moelora) one MoELoRA
+        set; reloaded trainable from ``folder`` when a chain resumes."""
+        if plan.adapter == "moelora":
+            from cl_core.moelora import MoELoRASet
+
+            if folder is not None:
+                return MoELoRASet.from_pretrained(base, folder, is_trainable=True)
+            return MoELoRASet(base, self.cfg.moelora_config())
+        from cl_core.lora_sets import LoRASets
+
+        if folder is not None:
+            return LoRASets.from_pretrained(base, folder, is_trainable=True, lora_config=self._lora_config(base))
+        return LoRASets(base, self._lora_config(base))
 
     def run_chain(self, method: str, seed: int, state: RunState) -> None:
         import torch
 
         from cl_core.grouping import Decision, InstructionGrouper
-        from cl_core.lora_sets import LoRASets
 
         cfg, tasks = self.cfg, self.tasks
         plan = cfg.plan(method)
@@ -196,17 +267,19 @@ class ContinualRun:
         if len(done) >= len(tasks):
             return
         cdir = self.chain_dir(method, seed)
-        cdir.mkdir(parents=True, exist_ok=True)
+        main = self.launch.is_main       # rank 0 alone writes the run folder
+        if main:
+            cdir.mkdir(parents=True, exist_ok=True)
         base = self._load_base(seed)
         grouper = InstructionGrouper(threshold=cfg.threshold()) if plan.grouping else None
         if done:
             last = cdir / done[-1].adapters
             log.info("%s seed %d: resuming after task %d/%d (%s)", method, seed, len(done), len(tasks), last)
-            sets = LoRASets.from_pretrained(base, last, is_trainable=True, lora_config=self._lora_config())
+            sets = self._adapter_sets(plan, base, last)
             if grouper is not None:
                 grouper = InstructionGrouper.load(last / "grouper.json")
         else:
-            sets = LoRASets(base, self._lora_config())
+            sets = self._adapter_sets(plan, base)
         last_of_group = {r.group: k for k, r in enumerate(done)}  # the task that last trained each set
         for j in range(len(done), len(tasks)):
             task = tasks[j]
@@ -225,15 +298,18 @@ class ContinualRun:
             else:
                 init_from = None
             use_ema = cfg.dema_on(method, j, reused)
-            callbacks = [dema_callback(plan.ema, plan.params)] if use_ema else []
+            callbacks = ([dema_callback(plan.ema, plan.params, self.launch.dema_precision(method))]
+                         if use_ema else [])
             if not self.quiet:
                 log.info("%s seed %d: task %d/%d %s (adapter %s%s%s)", method, seed, j + 1, len(tasks), task.name,
                          adapter, "" if init_from is None else f", from task {init_from + 1}",
                          ", EMA on" if use_ema else "")
-            loss = train(sets.model, self.tokenizer, [(p, a) for p, a, _ in task.train],
+            images = task.train_images or [None] * len(task.train)
+            loss = train(sets.model, self.encoder, [(p, a, im) for (p, a, _), im in zip(task.train, images)],
                          out_dir=self.out / ".trainer", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                          warmup=cfg.warmup_steps, seed=seed_for(seed, "data", j), quiet=not self.bars,
-                         callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm)
+                         callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm,
+                         launch=self.launch, cuda=cfg.on_cuda())
             train_s = time.time() - t0
             row = self._evaluate(sets.model, grouper, route=plan.route,
                                  progress_desc=f"eval {method} s{seed} t{j + 1}")
@@ -245,14 +321,16 @@ class ContinualRun:
                 numel = [p.numel() for p in cb.engine.params]
                 fallback = None if plan.ema.formula == "fixed" else plan.ema.fallback
                 counts = alpha_counts(hist, fallback, numel)
-                write_json_atomic({"task": task.name, "names": list(cb.engine.names), "numel": numel,
-                                   "alpha": hist}, cdir / f"alpha_task{j}.json", indent=None)
+                if main:
+                    write_json_atomic({"task": task.name, "names": list(cb.engine.names), "numel": numel,
+                                       "alpha": hist}, cdir / f"alpha_task{j}.json", indent=None)
             # Persist: adapters of this task first, then the state that points at them.
             adir_name = f"task{j}"
-            with atomic_dir(cdir / adir_name) as tmp:
-                sets.save(tmp)
-                if grouper is not None:
-                    grouper.save(tmp / "grouper.json")
+            if main:
+                with atomic_dir(cdir / adir_name) as tmp:
+                    sets.save(tmp)
+                    if grouper is not None:
+                        grouper.save(tmp / "grouper.json")
             done.append(TaskRecord(
                 task=task.name, row=row, loss=loss, adapter=adapter, group=decision.group,
                 reused=bool(reused), ema=use_ema, dema=use_ema and plan.ema.formula != "fixed",
@@ -263,7 +341,7 @@ class ContinualRun:
             ))
             last_of_group[decision.group] = j
             state.save()
-            for old in cdir.glob("task*"):
+            for old in cdir.glob("task*") if main else ():
                 if old.is_dir() and old.name != adir_name:
                     shutil.rmtree(old, ignore_errors=True)
             log.info("%s seed %d: task %d/%d %s done in %.1f s, loss %.3f, accuracy %s", method, seed, j + 1,
@@ -277,9 +355,12 @@ class ContinualRun:
 
         t0 = time.time()  # the run's wall time: the report and the CLI state this one number
         self.prepare()
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "config.json", self.cfg.to_dict())
-        state = RunState.load(self.out / "state.json")
+
+        def start_folder():
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "config.json", self.cfg.to_dict())
+        self.launch.on_main(start_folder)   # the others read the folder once it is there
+        state = RunState.load(self.out / "state.json", writable=self.launch.is_main)
         if self.threads:
             torch.set_num_threads(self.threads)
         with quiet_libraries():
@@ -297,13 +378,19 @@ class ContinualRun:
                         self.run_chain(method, seed, state)
                     finally:
                         gc.unfreeze()
-        shutil.rmtree(self.out / ".trainer", ignore_errors=True)
         results = self.collect(state)
         results["wall_seconds_this_call"] = round(time.time() - t0, 2)
-        write_json(self.out / "results.json", results)
-        from cl_core.continual import report
+        if self.launch.distributed or self.launch.deepspeed is not None:
+            results["launch"] = self.launch.describe(self.cfg.methods)
 
-        report.write_report(results, self.out)
+        def finish():
+            shutil.rmtree(self.out / ".trainer", ignore_errors=True)
+            write_json(self.out / "results.json", results)
+            from cl_core.continual import report
+
+            report.write_report(results, self.out)
+        self.launch.barrier()              # every rank done with .trainer before it goes
+        self.launch.on_main(finish)
         return results
 
     def collect(self, state: RunState) -> dict:
@@ -318,6 +405,8 @@ class ContinualRun:
         described = [b["model"] for b in state.base.values() if "model" in b]
         if described:
             out["model"] = described[0]
+        if self.images is not None:
+            out["images"] = self.images
         for method in self.cfg.methods:
             seeds = {}
             for seed in self.cfg.seeds:
@@ -415,6 +504,8 @@ def _fmt_row(row) -> str:
 
 
 def run(cfg: RunConfig, out_dir, *, quiet: bool = False, threads: int | None = None,
-        on_task_end: Callable | None = None) -> dict:
-    """Run (or resume) a continual run in ``out_dir``; returns the results dict."""
-    return ContinualRun(cfg, out_dir, quiet=quiet, threads=threads, on_task_end=on_task_end).run()
+        on_task_end: Callable | None = None, launch: Launch | None = None) -> dict:
+    """Run (or resume) a continual run in ``out_dir``; returns the results dict (on every
+    rank of a launcher; rank 0 writes the folder). ``launch``: None reads the launcher's
+    environment (one process without one)."""
+    return ContinualRun(cfg, out_dir, quiet=quiet, threads=threads, on_task_end=on_task_end, launch=launch).run()

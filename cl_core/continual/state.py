@@ -70,8 +70,9 @@ class TaskRecord:
 class RunState:
     """``state.json``: per chain (method, seed) the finished tasks, in order."""
 
-    def __init__(self, path: Path, data: dict | None = None):
+    def __init__(self, path: Path, data: dict | None = None, *, writable: bool = True):
         self.path = Path(path)
+        self.writable = writable   # False on the ranks of a launcher other than 0: they never write
         self.data = data or {"format": STATE_FORMAT, "version": STATE_VERSION, "chains": {}, "base": {}}
         self._records: dict = {}  # chain key -> list[TaskRecord] (the live view of data["chains"])
         for key, chain in self.data["chains"].items():
@@ -79,16 +80,18 @@ class RunState:
             self._records[key] = _fill_old_fields(records, chain.get("method", key.split("/")[0]))
 
     @classmethod
-    def load(cls, path: Path) -> "RunState":
+    def load(cls, path: Path, *, writable: bool = True) -> "RunState":
         path = Path(path)
         if not path.exists():
-            return cls(path)
+            return cls(path, writable=writable)
         data = read_json(path, "state file")
         if data.get("format") != STATE_FORMAT or data.get("version") != STATE_VERSION:
             raise ValueError(f"state file {path} is not a cl_core run state (version {STATE_VERSION})")
-        return cls(path, data)
+        return cls(path, data, writable=writable)
 
     def save(self) -> None:
+        if not self.writable:
+            return
         for key, records in self._records.items():
             self.data["chains"][key]["tasks"] = [r.to_dict() for r in records]
         write_json(self.path, self.data)

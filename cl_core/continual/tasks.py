@@ -2,14 +2,24 @@
 files (LLaVA/CoIN conversation or instruction JSON/JSONL), in the configured order.
 
     tasks = load_tasks(cfg)          # list[Task]; each test record (prompt, answer, instruction)
+    tasks = load_tasks(cfg, with_images=True)   # and each record's image (Task.train_images/test_images)
+
+With images (a multimodal run, cl_core.continual.multimodal): the bundled tasks' scene line is
+taken out of every prompt and drawn instead (cl_core.continual.images); a task file's records
+keep their ``image`` field resolved under ``cfg.image_folder``, every image checked before
+training (a bad one stops the run naming the record, or with ``skip_bad`` the record is dropped
+and counted in ``Task.skipped_images``).
 """
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cl_core.continual.config import RunConfig
+
+log = logging.getLogger("cl_core.continual.run")
 
 
 @dataclass
@@ -21,6 +31,29 @@ class Task:
     train: list        # list of (prompt, answer, instruction)
     test: list
     templates: list = field(default_factory=list)
+    # With images (multimodal runs): one per train/test record, parallel to train/test (a path,
+    # a synthetic Scene, or None for a text-only record); empty lists for text runs.
+    train_images: list = field(default_factory=list)
+    test_images: list = field(default_factory=list)
+    skipped_images: int = 0            # records dropped for a missing/unreadable image (skip_bad)
+    image_sizes: dict = field(default_factory=dict)   # image path -> (width, height), as opened
+
+
+def _with_images(task: Task) -> Task:
+    """A bundled task with its scene lines drawn: prompts without the scene, images the Scenes."""
+    from cl_core.continual.images import split_scene_prompt
+
+    def split(records):
+        out, images = [], []
+        for p, a, ins in records:
+            prompt, scene = split_scene_prompt(p)
+            out.append((prompt, a, ins))
+            images.append(scene)
+        return out, images
+
+    task.train, task.train_images = split(task.train)
+    task.test, task.test_images = split(task.test)
+    return task
 
 
 def _task_name_for(path: Path, taken: set) -> str:
@@ -33,8 +66,9 @@ def _task_name_for(path: Path, taken: set) -> str:
     return name
 
 
-def load_tasks(cfg: RunConfig) -> list:
-    """The task sequence (bundled benchmark, or the task files), in the configured order."""
+def load_tasks(cfg: RunConfig, with_images: bool = False) -> list:
+    """The task sequence (bundled benchmark, or the task files), in the configured order;
+    ``with_images``: with each record's image (see the module docstring)."""
     from cl_core.continual.evaluation import infer_task_type
 
     if cfg.bundled:
@@ -42,10 +76,11 @@ def load_tasks(cfg: RunConfig) -> list:
 
         data = synthetic.benchmark(list(cfg.tasks) if cfg.tasks else None, n_train=cfg.n_train,
                                    n_test=cfg.n_test, seed=0, variant=cfg.variant, order=cfg.order)
-        return [Task(td.name, td.task_type,
-                     [(s.prompt, s.answer, s.instruction) for s in td.train],
-                     [(s.prompt, s.answer, s.instruction) for s in td.test],
-                     td.instructions) for td in data]
+        tasks = [Task(td.name, td.task_type,
+                      [(s.prompt, s.answer, s.instruction) for s in td.train],
+                      [(s.prompt, s.answer, s.instruction) for s in td.test],
+                      td.instructions) for td in data]
+        return [_with_images(t) for t in tasks] if with_images else tasks
     from cl_core.task_files import load_task_file, templates
 
     tasks, taken = [], set()
@@ -73,13 +108,34 @@ def load_tasks(cfg: RunConfig) -> list:
             test_set = set(idx[:n_test])
             test_records = [records[i] for i in sorted(test_set)]
             train = [r for i, r in enumerate(records) if i not in test_set]
+        train_images, test_images, skipped, sizes = [], [], 0, {}
+        if with_images:
+            from cl_core.continual.multimodal import check_images
+
+            train, train_images, n, found = check_images(train, folder=cfg.image_folder, skip_bad=cfg.skip_bad,
+                                                         where=f"task file {path}")
+            skipped += n
+            sizes.update(found)
+            test_path = cfg.test_files[k] if cfg.test_files else path
+            test_records, test_images, n, found = check_images(test_records, folder=cfg.image_folder,
+                                                               skip_bad=cfg.skip_bad,
+                                                               where=f"{'test' if cfg.test_files else 'task'} "
+                                                                     f"file {test_path}")
+            skipped += n
+            sizes.update(found)
+            if not train or not test_records:
+                raise ValueError(f"task file {path}: no {'training' if not train else 'test'} records left after "
+                                 f"skipping {skipped} with bad images")
+        elif any(r.image for r in records):
+            log.warning("task file %s: its records name images, but --model is a text model: the images are "
+                        "not used (give an image-text model folder to train on them)", path)
         answers = [str(r.answer) for r in test_records]
         task_type = cfg.task_types[k] if cfg.task_types else infer_task_type(answers)
         refs = reference_answers(Path(cfg.test_files[k]) if cfg.test_files else path)
         tasks.append(Task(name, task_type,
                           [(r.prompt, str(r.answer), r.instruction) for r in train],
                           [(r.prompt, refs.get(r.index) or str(r.answer), r.instruction) for r in test_records],
-                          templates(train)))
+                          templates(train), train_images, test_images, skipped, sizes))
     if cfg.order == "reverse":
         tasks = tasks[::-1]
     elif cfg.order == "alphabet":

@@ -23,61 +23,58 @@ log = logging.getLogger("cl_core.continual.run")
 # --------------------------------------------------------------------------- Trainer glue
 
 class _Dataset:
-    """A list of encoded examples as a map-style dataset."""
+    """Examples as a map-style dataset, encoded when read (an image example's pixels are made
+    per step, as LLaVA's data loader does, instead of held for every example at once)."""
 
-    def __init__(self, items):
-        self.items = items
+    def __init__(self, examples, encode):
+        self.examples = examples
+        self.encode = encode
 
     def __len__(self):
-        return len(self.items)
+        return len(self.examples)
 
     def __getitem__(self, i):
-        return self.items[i]
+        return self.encode(*self.examples[i])
 
 
-def _collate(pad_id: int):
-    def collate(batch):
-        import torch
-
-        width = max(len(x["input_ids"]) for x in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, x in enumerate(batch):
-            n = len(x["input_ids"])
-            ids[row, :n] = torch.tensor(x["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.tensor(x["labels"], dtype=torch.long)
-            attention[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
-    return collate
-
-
-def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet, max_grad_norm):
+def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet, max_grad_norm, launch=None,
+                  cuda=False):
     from transformers import TrainingArguments
 
+    # Under a launcher (cl_core.continual.launch) each process trains its share of the batch.
+    launched = {} if launch is None else launch.trainer_kwargs(batch_size)
     return TrainingArguments(
-        output_dir=str(out_dir), use_cpu=True, report_to=[], save_strategy="no",
-        logging_strategy="no", disable_tqdm=quiet, per_device_train_batch_size=batch_size,
-        max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=warmup,
+        output_dir=str(out_dir), use_cpu=not cuda, report_to=[], save_strategy="no",
+        logging_strategy="no", disable_tqdm=quiet,
+        per_device_train_batch_size=launched.pop("per_device_train_batch_size", batch_size), max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=warmup,
         weight_decay=0.0, seed=seed, data_seed=seed, dataloader_num_workers=0,
-        remove_unused_columns=False, optim="adamw_torch", max_grad_norm=max_grad_norm,
+        remove_unused_columns=False, optim="adamw_torch", max_grad_norm=max_grad_norm, **launched,
     )
 
 
 def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup, seed, quiet,
-           callbacks=(), max_length, max_grad_norm: float = 1.0):
-    """One Trainer run over (prompt, answer) pairs; returns the mean training loss.
-    ``max_grad_norm`` 0 turns gradient clipping off (the Trainer skips it then)."""
+           callbacks=(), max_length, max_grad_norm: float = 1.0, launch=None, cuda: bool = False):
+    """One Trainer run over (prompt, answer) or (prompt, answer, image) examples; returns the
+    mean training loss. ``tokenizer``: a tokenizer or an examples encoder
+    (:mod:`cl_core.continual.encoders`; an image-text model's processor). ``max_grad_norm`` 0
+    turns gradient clipping off (the Trainer skips it then). ``launch``: the processes of a
+    launcher (cl_core.continual.launch), which share the batch. ``cuda``: train on the process's
+    GPU (the Trainer moves the model there), else on the CPU (RunConfig.on_cuda())."""
     from transformers import Trainer
 
-    from cl_core.continual.evaluation import encode_example
+    from cl_core.continual.encoders import as_encoder
 
-    items = [encode_example(tokenizer, p, a, max_length) for p, a in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoder = as_encoder(tokenizer)
+    examples = [tuple(x) + (None,) * (3 - len(x)) for x in examples]
+
+    def encode(prompt, answer, image):
+        return encoder.example(prompt, answer, image, max_length)
+
     trainer = Trainer(
         model=model, args=_trainer_args(out_dir, steps=steps, batch_size=batch_size, lr=lr,
-                                        warmup=warmup, seed=seed, quiet=quiet, max_grad_norm=max_grad_norm),
-        train_dataset=_Dataset(items), data_collator=_collate(pad), callbacks=list(callbacks),
+                                        warmup=warmup, seed=seed, quiet=quiet, max_grad_norm=max_grad_norm,
+                                        launch=launch, cuda=cuda),
+        train_dataset=_Dataset(examples, encode), data_collator=encoder.collate, callbacks=list(callbacks),
     )
     # The Trainer prints a metrics dict at the end (PrinterCallback / ProgressCallback.on_log);
     # the runner logs its own summary instead.
@@ -88,7 +85,10 @@ def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup,
         if isinstance(cb, ProgressCallback):
             cb.on_log = lambda *a, **k: None
     result = trainer.train()
-    return float(result.training_loss)
+    if launch is None:
+        return float(result.training_loss)
+    launch.release(trainer)
+    return launch.mean(float(result.training_loss))
 
 
 def seed_for(seed: int, *parts) -> int:
@@ -146,13 +146,19 @@ def quiet_libraries():
                 hf_logging.enable_progress_bar()
 
 
-def dema_callback(config, params: str):
+def dema_callback(config, params: str, precision: str = "fp32"):
     """A recording ``DEMACallback`` (α per step kept) that averages ``params``: "lora" (the
     LoRA tensors of the active adapter) or "trainable" (every trainable tensor, as the
-    official code does: LoRA A/B and, in LLaVA, the trainable projector)."""
+    official code does: LoRA A/B and, in LLaVA, the trainable projector). ``precision``
+    "official" (DeepSpeed ZeRO-0 bf16 only, cl_core.continual.launch) averages the bf16
+    weights with a bf16 EMA as the official run does."""
+    import dataclasses
+
     from cl_core.integrations.hf import DEMACallback
 
-    return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True)
+    if precision == "official":
+        config = dataclasses.replace(config, ema_dtype="param")
+    return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True, precision=precision)
 
 
 # --------------------------------------------------------------------------- models
@@ -176,11 +182,9 @@ def user_tokenizer(path: str):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"--model {path}: model type {config.model_type!r} is not a causal LM")
-    if not any((Path(path) / f).is_file() for f in
-               ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")):
-        raise ValueError(f"--model {path}: no weights (model.safetensors / pytorch_model.bin) inside")
+        raise ValueError(f"--model {path}: model type {config.model_type!r} is neither a causal LM nor an "
+                         "image-text-to-text model")
+    check_weights_present(path)
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
     if not any((Path(path) / f).is_file() for f in tokenizer_files):
         raise ValueError(f"--model {path}: no tokenizer inside (none of {', '.join(tokenizer_files)}); save it "
@@ -197,12 +201,25 @@ def user_tokenizer(path: str):
     return tok
 
 
-def load_base(folder: Path, tokenizer):
-    """The base causal LM of a chain (fp32), with the tokenizer's pad id for generation."""
-    from transformers import AutoModelForCausalLM
+def check_weights_present(path) -> None:
+    """ValueError naming --model when the folder holds no weights file."""
+    if not any((Path(path) / f).is_file() for f in
+               ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")):
+        raise ValueError(f"--model {path}: no weights (model.safetensors / pytorch_model.bin) inside")
 
+
+def load_base(folder: Path, tokenizer):
+    """The base model of a chain (fp32), with the tokenizer's pad id for generation: a causal
+    LM, or an image-text-to-text model (LLaVA-style) when the folder's config is one."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from cl_core.continual.config import is_image_text_folder
+
+    auto = AutoModelForImageTextToText if is_image_text_folder(folder) else AutoModelForCausalLM
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)   # an encoder: its tokenizer
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
+        model, info = auto.from_pretrained(str(folder), output_loading_info=True)
     except Exception as exc:  # noqa: BLE001
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ValueError(f"cannot load the model from {folder}: {first[:300]}") from None
@@ -222,9 +239,10 @@ def load_base(folder: Path, tokenizer):
 
 def describe_model(model, tokenizer, source: str) -> dict:
     """What the report says about the model: where it came from, its type and size."""
-    c = model.config
+    c = getattr(model.config, "text_config", None) or model.config   # a multimodal model: its language model
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     return {
-        "source": source, "model_type": getattr(c, "model_type", None),
+        "source": source, "model_type": getattr(model.config, "model_type", None),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "hidden_size": getattr(c, "hidden_size", None), "num_layers": getattr(c, "num_hidden_layers", None),
         "vocab_size": len(tokenizer),
@@ -233,29 +251,47 @@ def describe_model(model, tokenizer, source: str) -> dict:
 
 # --------------------------------------------------------------------------- stage 1
 
-def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Path, *, quiet: bool) -> None:
+def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Path, *, quiet: bool,
+                 launch=None) -> None:
     """Train the tiny base model of ``seed`` on the stage-1 mix and save it (with the
-    tokenizer and ``stage1.json``) into ``folder``, atomically."""
+    tokenizer and ``stage1.json``) into ``folder``, atomically. Under a launcher every process
+    trains (one data-parallel training: the same model on every rank), rank 0 saves, and the
+    others wait for the folder."""
     from cl_core.continual import synthetic, tiny_model
 
     t0 = time.time()
     log.info("seed %d: stage 1, training the tiny base model (%d steps)", seed, cfg.stage1_steps)
-    model = tiny_model.build_model(len(tokenizer), hidden_size=cfg.hidden_size,
-                                   num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                                   max_positions=max(cfg.max_length, 128), seed=seed_for(seed, "init"))
+    if getattr(tokenizer, "uses_images", False):   # the multimodal benchmark: the tiny LLaVA, all of it trained
+        from cl_core.continual import images
+
+        model = tiny_model.build_llava(tokenizer.tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                                       num_heads=cfg.num_heads, image_size=images.IMAGE_SIZE,
+                                       patch_size=images.PATCH_SIZE, max_positions=max(cfg.max_length, 128),
+                                       seed=seed_for(seed, "init"))
+    else:
+        model = tiny_model.build_model(len(getattr(tokenizer, "tokenizer", tokenizer)), hidden_size=cfg.hidden_size,
+                                       num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                                       max_positions=max(cfg.max_length, 128), seed=seed_for(seed, "init"))
     samples = synthetic.stage1_samples(cfg.stage1_steps * cfg.stage1_batch_size, seed=seed)
     loss = None
     if cfg.stage1_steps > 0:
-        loss = train(model, tokenizer, [(s.prompt, s.answer) for s in samples],
+        loss = train(model, tokenizer, _stage1_examples(samples, tokenizer),
                      out_dir=scratch, steps=cfg.stage1_steps,
                      batch_size=cfg.stage1_batch_size, lr=cfg.stage1_lr,
                      warmup=max(1, cfg.stage1_steps // 20), seed=seed_for(seed, "stage1"),
-                     quiet=quiet, max_length=cfg.max_length)
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        write_json(tmp / "stage1.json", {"loss": loss, "steps": cfg.stage1_steps,
-                                         "seconds": round(time.time() - t0, 2)})
+                     quiet=quiet, max_length=cfg.max_length,
+                     launch=None if launch is None else launch.for_whole_model(), cuda=cfg.on_cuda())
+
+    def save():
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(str(tmp))
+            getattr(tokenizer, "processor", getattr(tokenizer, "tokenizer", tokenizer)).save_pretrained(str(tmp))
+            write_json(tmp / "stage1.json", {"loss": loss, "steps": cfg.stage1_steps,
+                                             "seconds": round(time.time() - t0, 2)})
+    if launch is None:
+        save()
+    else:
+        launch.on_main(save)       # every rank returns once the folder is complete
     del model
     log.info("seed %d: stage 1 done in %.1f s (loss %s)", seed, time.time() - t0,
              "-" if loss is None else f"{loss:.3f}")
@@ -266,7 +302,22 @@ def stage1_score(model, tokenizer, seed: int, cfg: RunConfig) -> float:
     from cl_core.continual import synthetic
     from cl_core.continual.evaluation import accuracy, generate
 
-    test = synthetic.stage1_samples(100, seed=10_000 + seed)
-    preds = generate(model, tokenizer, [s.prompt for s in test], max_new_tokens=12,
-                     batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_length)
-    return accuracy("exact", preds, [s.answer for s in test])
+    test = _stage1_examples(synthetic.stage1_samples(100, seed=10_000 + seed), tokenizer)
+    preds = generate(model, tokenizer, [p for p, _, _ in test], max_new_tokens=12,
+                     batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_length,
+                     images=[im for _, _, im in test])
+    return accuracy("exact", preds, [a for _, a, _ in test])
+
+
+def _stage1_examples(samples, encoder) -> list:
+    """(prompt, answer, image) of stage-1 samples: for an image-text encoder the scene line is
+    drawn instead of written (cl_core.continual.images), else the text prompt and no image."""
+    if not getattr(encoder, "uses_images", False):
+        return [(s.prompt, s.answer, None) for s in samples]
+    from cl_core.continual.images import split_scene_prompt
+
+    out = []
+    for s in samples:
+        prompt, scene = split_scene_prompt(s.prompt)
+        out.append((prompt, s.answer, scene))
+    return out

@@ -71,10 +71,10 @@ class TritonFusedGroup:
             self._build()
 
     def _buffers(self):
-        """The tensors kept between calls: the tables, partials, flags and the group's state."""
+        """The tensors kept between calls: the tables, partials, totals, tickets, flags and the group's state."""
         s = self.state
-        return [self.tile_tensor, self.stab, self.part, self.tot, self.ticket, self.flags, self.dcarry, self.upload, self.fold_blk0,
-                self.fold_mode, s.ema_flat, s.gprev_flat, s.started, s.has_prev, s.d, s.alpha, s.skips]
+        return [self.tile_tensor, self.stab, self.part, self.tot, self.ticket, self.flags, self.dcarry, self.upload,
+                self.fold_blk0, self.fold_mode, s.ema_flat, s.gprev_flat, s.started, s.has_prev, s.d, s.alpha, s.skips]
 
     def _build(self) -> None:
         s, dev, n = self.state, self.device, self.n

@@ -4,7 +4,8 @@ triton_fused.py), the engine code that fills their tables (cl_core/dema/fused.py
 fused_cpu.py, fused_triton.py, backends/triton_backend.py) and the C kernels (csrc/, which
 mirror these numbers) share.
 
-Plain Python ints (and `aligned_count`, the padding rule of the tables): a Triton kernel reads them as module attributes (`L.P_A`), which
+Plain Python ints (and `aligned_count`, the padding rule of the tables): a Triton kernel
+reads them as module attributes (`L.P_A`), which
 Triton folds into compile-time constants; the host uses them as indices. Change a number
 here and in the C mirror together (tests/kernels/test_triton_compile.py checks the formula codes
 against DEMAConfig).

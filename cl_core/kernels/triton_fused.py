@@ -20,19 +20,21 @@ per step, and the totals are the same bits whichever program comes last, run to 
 summation order is fixed, no float atomics). Why not a separate reduce launch (grid =
 tensors): one more launch per step, and its per-tensor loop is the same serial sum; why
 not a two-level tree: a different summation order than the one the tests pinned, for
-nothing at LoRA sizes (the last program of a 134 M-element tensor sums 8,192 rows, 128
-iterations of 64, ~0.1 ms against a ~4 ms step of that tensor). Per-tensor flags are
+nothing at LoRA sizes (the last program of a 134 M-element tensor sums 8,192 rows in 128
+dependent iterations of 64, ~0.1 ms, against the ~1.8 ms that tensor's 5.9 GB of step
+traffic takes at 3.35 TB/s). Per-tensor flags are
 double-buffered by step parity (read [r], written [w] by the tensor's first tile), so
 apart from the partials the ticket hands over, no program reads what another program of
 the same launch writes (tests/kernels/test_program_order.py runs the programs in
-shuffled order; tests/kernels/test_cross_tile_reduction.py with 100 tiles per tensor). The engine's canonical state (started, has_prev, d, alpha, skips) is
-written by the driver's flush (only when the EMA is read); `alpha` and `skips` are kept
-current by every step.
+shuffled order; tests/kernels/test_cross_tile_reduction.py has 66 tiles in a tensor).
+The engine's canonical state (started, has_prev, d, alpha, skips) is written by the
+driver's flush (only when the EMA is read); `alpha` and `skips` are kept current by
+every step.
 
 Tables (names in kernels/layouts.py; every table and every half of a double-buffered one
-starts 16-byte aligned, as the compile tests assume: layouts.aligned_count): a static per-tensor table (addresses of θ, the
-optimizer state, θ*, g_prev; numel; param group; first tile), built when the group's
-tensors change, never per step; a dynamic per-tensor table (gradient address, step
+starts 16-byte aligned, as the compile tests assume: layouts.aligned_count): a static
+per-tensor table (addresses of θ, the optimizer state, θ*, g_prev; numel; param group;
+first tile), built when the group's tensors change, never per step; a dynamic per-tensor table (gradient address, step
 count, flags) uploaded once per step in one copy; one hyper-parameter row per optimizer
 param group.
 
@@ -66,9 +68,9 @@ from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, f32_scala
 # one or two in fp32, one in the parameter dtype). 4 warps x 32 threads x VEC = BLOCK. Why 4 warps: the registers per
 # thread do not depend on the warp count, and small blocks fill the SMs evenly over the
 # ~1,250 tiles of a LoRA-7B step. Compiled (tests/kernels/test_triton_compile.py, bench/README.md),
-# the step kernel uses 80-90 registers per thread for fp32 and 107-128 for 16-bit
-# parameters (8 elements per thread), no spills: 5-6 (fp32) or 4 (16-bit) blocks per SM,
-# 25-38% occupancy on A100/H100. Enough for a streaming kernel: each thread has 6
+# the step kernel uses 72-80 registers per thread for fp32 and 107-128 for 16-bit
+# parameters (8 elements per thread), no spills: 6-7 (fp32) or 4 (16-bit) blocks per SM,
+# 25-44% occupancy on A100/H100. Enough for a streaming kernel: each thread has 6
 # independent 128-bit loads in flight per iteration, >= 16 warps x 32 x 96 B ≈ 48 KB per
 # SM, above the ≈ 18 KB per SM that HBM3 bandwidth x latency (3.35 TB/s x ~700 ns / 132
 # SMs) asks for.
@@ -438,8 +440,8 @@ DTYPES = tuple(_TL)  # parameter dtypes the kernels take
 # engine's Triton driver (cl_core/dema/fused_triton.py) owns and fills them. `r`/`w` of a
 # double-buffered table are the halves the previous step wrote and this one writes.
 def step(n_tiles: int, tile_tensor, stab, dyn, hyper, tot_r, part_w, tot_w, ticket, flags_r, flags_w, dcarry_r,
-         dcarry_w, alpha, skips, T: int, formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype, kind: int,
-         aligned: bool, ema_in_param_dtype: bool) -> None:
+         dcarry_w, alpha, skips, T: int, formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype,
+         kind: int, aligned: bool, ema_in_param_dtype: bool) -> None:
     """The one-pass optimizer + DEMA sweep of one step (grid = tiles)."""
     vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
     scale, fallback, beta = f32_scalars(scale, fallback, beta)
@@ -507,8 +509,9 @@ def compile_specs(every: bool | None = None):
         every = os.environ.get("CL_CORE_COMPILE_EVERY_SPEC", "0") not in ("", "0")
     ptr = "*i64"
     step_sig = dict(tile_tensor="*i32", stab=ptr, dyn=ptr, hyper="*fp64", tot_r="*fp32", part_w="*fp32",
-                    tot_w="*fp32", ticket="*i32", flags_r="*i32", flags_w="*i32", dcarry_r="*fp32", dcarry_w="*fp32", alpha="*fp32",
-                    skips="*i64", T="i32", n_tiles="i32", formula="i32", scale="fp32", fallback="fp32", beta="fp32")
+                    tot_w="*fp32", ticket="*i32", flags_r="*i32", flags_w="*i32", dcarry_r="*fp32", dcarry_w="*fp32",
+                    alpha="*fp32", skips="*i64", T="i32", n_tiles="i32", formula="i32", scale="fp32", fallback="fp32",
+                    beta="fp32")
     flush_sig = dict(tile_tensor="*i32", stab=ptr, theta=ptr, tot_r="*fp32", part_w="*fp32", flags_r="*i32",
                      dcarry_r="*fp32", alpha="*fp32", skips="*i64", T="i32", n_tiles="i32", formula="i32",
                      scale="fp32", fallback="fp32", beta="fp32")

@@ -22,6 +22,7 @@ import torch
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
 from cl_core.kernels import layouts as L
 from cl_core.kernels import triton_dema, triton_fused
+from tests.kernels.test_triton_compile import aligned_pointer_args
 
 # launcher -> the kernel it launches (whose compile signature says which arguments are pointers)
 LAUNCHERS = {
@@ -35,11 +36,11 @@ LAUNCHERS = {
 
 
 def _pointer_args():
-    """{kernel: pointer argument names} from the compile specs (the same attrs the compile
-    test marks); one signature per kernel."""
+    """{kernel: the argument names the compile test marks 16-byte aligned}, from the
+    compile specs; one signature per kernel."""
     out = {}
     for _name, kernel, sig, *_ in triton_dema.compile_specs() + triton_fused.compile_specs(every=False):
-        names = {a for a, t in sig.items() if t.startswith("*")}
+        names = aligned_pointer_args(sig)
         assert out.setdefault(kernel, names) == names
     return out
 

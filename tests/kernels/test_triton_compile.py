@@ -15,6 +15,9 @@ the `ptxas -v` log Triton itself runs, the tests assert:
 - IEEE arithmetic as torch's: sqrt.rn / div.rn (never sqrt.approx, div.full/approx, rcp.approx)
   in fp32, no flush-to-zero, and no fp32 FMA (every launch sets enable_fp_fusion=False, so
   products and sums round as in the interpreter); the Adam kernels do have sqrt.rn and div.rn;
+- the fused step's ticket (its cross-tile reduction) is one `atom.global.gpu.acq_rel`
+  integer add per program, and no kernel has any other atomic (no float atomics: fixed
+  summation orders);
 - with ALIGNED, every data stream of a sweeping kernel moves through 128-bit global
   loads/stores (`ld.global.v4` / `st.global.v4`): per iteration one v4 per stream in the
   parameter dtype and VEC/4 per fp32 stream (θ*, g_prev; one v4 when ema_dtype="param"
@@ -63,8 +66,16 @@ def _specs():
     return triton_dema.compile_specs() + triton_fused.compile_specs()
 
 
+def aligned_pointer_args(sig: dict) -> set:
+    """The arguments of a compile signature compiled as 16-byte aligned pointers (every
+    pointer: tests/kernels/test_triton_alignment.py checks the launchers pass exactly these
+    aligned)."""
+    return {a for a, t in sig.items() if t.startswith("*")}
+
+
 def _ptx_counts(ptx: str) -> dict:
     ops = re.findall(r"\b((?:ld|st)\.global[\w.:]*)", ptx)
+    atoms = re.findall(r"\b(atom\.[\w.]*)", ptx)
     fp = re.findall(r"\b((?:sqrt|div|rcp|fma|add|sub|mul)\.[\w.]*f32)\b", ptx)
     return {
         "sqrt_rn": sum(op.startswith("sqrt.rn") for op in fp),
@@ -75,6 +86,7 @@ def _ptx_counts(ptx: str) -> dict:
         "st": sum(op.startswith("st.") for op in ops),
         "ld_v4": sum(op.startswith("ld.") and ".v4." in op for op in ops),
         "st_v4": sum(op.startswith("st.") and ".v4." in op for op in ops),
+        "atoms": sorted(atoms),
     }
 
 
@@ -88,7 +100,7 @@ def _compile_job(spec, arch: int) -> dict:
     name, fn, sig, constexprs, launch, _expect = spec
     signature = {a: ("constexpr" if a in constexprs else sig[a]) for a in fn.arg_names}
     # A real launch marks 16-byte aligned pointer arguments (every torch allocation is).
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*")}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned_pointer_args(sig)}
     knobs.nvidia.dump_ptxas_log = True  # Triton prints its own `ptxas -v` log
     out = io.StringIO()
     try:
@@ -221,6 +233,26 @@ def test_the_general_path_is_really_unhinted(compiled):
     results, _ = compiled
     general = [r for r in results if r["name"].endswith("/general") and "error" not in r]
     assert general and all(r["ld_v4"] == 0 and r["st_v4"] == 0 for r in general)
+
+
+def test_only_the_fused_step_takes_a_ticket_and_it_is_acq_rel(compiled):
+    """The fused step's cross-tile reduction (triton_fused._close_tile): one integer atomic
+    per program, acq_rel at GPU scope (it publishes the tile's partials to the program
+    that takes the tensor's last ticket, and makes that one see them all); no kernel has a
+    float atomic (every sum has a fixed order) or any other atomic."""
+    results, _ = compiled
+    ok = [r for r in results if "error" not in r]
+    step = [r for r in ok if r["name"].startswith("fused_step/")]
+    assert step and all(r["atoms"] == ["atom.global.gpu.acq_rel.add.u32"] for r in step), {
+        r["name"]: r["atoms"] for r in step}
+    others = {r["name"]: r["atoms"] for r in ok if not r["name"].startswith("fused_step/") and r["atoms"]}
+    assert not others
+
+
+def test_the_atomic_reader_can_fail():
+    counts = _ptx_counts("@%p1 atom.global.gpu.acq_rel.add.u32 %r1, [ %rd1 + 0 ], %r2;\n"
+                         "atom.global.gpu.relaxed.add.f32 %f1, [ %rd2 + 0 ], %f2;")
+    assert counts["atoms"] == ["atom.global.gpu.acq_rel.add.u32", "atom.global.gpu.relaxed.add.f32"]
 
 
 def test_layout_codes_agree_with_the_config():

@@ -320,3 +320,22 @@ def test_a_bad_type_prints_a_short_usage(capsys):
 def test_out_where_no_folder_can_be_made_names_out(caplog):
     code, line = _one_error_line(["demo", "--quick", "--out", "/proc/nope", "--quiet"], caplog)
     assert code == 2 and line.startswith("--out /proc/nope: no folder can be made in /proc"), line
+
+
+def test_device_cuda_without_a_gpu_is_refused_naming_the_flag(tmp_path, caplog):
+    # This machine's torch sees no CUDA device: --device cuda must say so (and how to fix it)
+    # before anything is written; auto picks the CPU here, as the Trainer does.
+    import torch
+
+    from cl_core.continual.config import RunConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    out = tmp_path / "o"
+    code, line = _one_error_line(["run", "--bundled-tasks", "textvqa", "--device", "cuda", "--steps", "1",
+                                  "--out", str(out), "--quiet"], caplog)
+    assert code == 2 and "--device cuda: torch sees no CUDA device" in line and "--device cpu" in line
+    assert not out.exists()
+    assert not RunConfig().on_cuda() and not RunConfig(device="cpu").on_cuda()
+    with pytest.raises(ValueError, match="device"):
+        RunConfig(device="gpu").validate()

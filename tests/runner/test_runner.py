@@ -40,7 +40,10 @@ def test_full_run_results_hold_every_methods_matrix_and_metrics(full_run):
         assert r["metrics"] == pytest.approx(metrics.summarize(m))  # one seed: mean == the seed
         assert set(r["metrics"]) == set(metrics.METRIC_NAMES)
         final = out / "chains" / method.replace("+", "_") / "seed0" / "task2"
-        assert (final / "group_0" / "adapter_config.json").is_file()
+        if method == "moelora":  # its own format: config + safetensors (cl_core.moelora)
+            assert (final / "moelora_config.json").is_file() and (final / "moelora.safetensors").is_file()
+        else:
+            assert (final / "group_0" / "adapter_config.json").is_file()
     assert (out / "base" / "seed0" / "config.json").is_file()
     assert json.loads((out / "config.json").read_text()) == tiny_config().to_dict()
     state = json.loads((out / "state.json").read_text())
