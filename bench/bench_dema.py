@@ -3,7 +3,8 @@
 Compares, in one run: the reference backend (the official per-tensor loop), the
 torch backend (native CPU kernels on CPU; pure torch elsewhere), the triton backend
 (CUDA only) and the fixed-β `torch._foreach_lerp_` EMA, the cheapest possible EMA
-(12 B/element against DEMA's 24: 2× is the floor for a separate DEMA pass).
+(12 B/element against DEMA's 24: 2× is the floor for a separate DEMA pass); and, on bf16
+parameters, the exact official arithmetic (ema_dtype="param") against the fp32 EMA.
 """
 from __future__ import annotations
 
@@ -155,3 +156,26 @@ def test_engine_peak_memory(benchmark, report, device, path):
     target = {"reference": "no target (the test oracle)", "lerp": "1.0 (its EMA copy)"}.get(path, "<= 3")
     ok = (lambda v: v <= 3.0) if target == "<= 3" else (lambda v: True)
     report.check(f"peak memory / parameter bytes, {names[path]}", ratio, target, ok)
+
+
+BF16_GROUP = "DEMA update, LLaVA-7B LoRA r=8, bf16 parameters"
+
+
+@pytest.mark.parametrize("ema_dtype", ["float32", "param"])
+def test_official_bf16_arithmetic(benchmark, report, device, ema_dtype):
+    """The exact official 16-bit arithmetic (ema_dtype="param": norms summed in float64 and
+    rounded once, α's operations and the EMA's products rounded to bf16) against the fp32 EMA
+    on the same bf16 parameters, on the device's fast backend (torch's native kernels on CPU,
+    triton on CUDA, whose param mode accumulates in float64). The exact path is the only one
+    "param" has; this ratio says what it costs."""
+    params = make_params(SHAPES, device, dtype=torch.bfloat16)
+    engine = DEMA(params, DEMAConfig(ema_dtype=ema_dtype, backend="auto"))
+    engine.update()
+    engine.update()  # past the lazy start and the first (fallback) update
+    benchmark.pedantic(_timed(engine.update, device), rounds=9, warmup_rounds=1)
+    backend = engine.groups[0].backend_name
+    report.add(BF16_GROUP, f"ema_dtype={ema_dtype} ({backend})", benchmark, baseline=ema_dtype == "float32",
+               numel=NUMEL)
+    report.want("bf16: exact official arithmetic (param) / fp32 EMA", f"ema_dtype=param ({backend})",
+                f"ema_dtype=float32 ({backend})", "<= 1.5 (moves 12 B/elem against 20)", lambda r: r <= 1.5,
+                group=BF16_GROUP)

@@ -27,8 +27,9 @@ class DEMAConfig:
     backend:  "auto" (triton on CUDA, torch elsewhere), "triton", "torch" or
               "reference" (the literal per-tensor maths).
     ema_dtype: "float32" (θ*, g_prev and their arithmetic in float32) or "param" (in the
-              parameter dtype, as the official code keeps them; in bfloat16 the EMA
-              stops moving once α·|θ − θ*| falls under half a bfloat16 step of θ*).
+              parameter dtype, with the official code's 16-bit arithmetic op for op:
+              docs/fidelity.md; in bfloat16 the EMA stops moving once α·|θ − θ*| falls
+              under half a bfloat16 step of θ*).
     """
 
     formula: str = "official"

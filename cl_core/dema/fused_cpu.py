@@ -214,5 +214,5 @@ class CpuFusedDriver:
             return None
         alpha = torch.empty(self.n, dtype=torch.float32)
         skips = torch.empty(self.n, dtype=torch.int64)
-        K.pending(self.n, self.cs, alpha, skips, *self._consts)
+        K.pending(self.n, self.cs, alpha, skips, *self._consts, dtype=self.ema_dtype, ema_dtype=self.ema_dtype)
         return alpha, skips

@@ -87,10 +87,13 @@ class TritonFusedGroup:
         self.tile_tensor = torch.tensor([t for t, k in enumerate(s.numels) for _ in range((k + tile - 1) // tile)],
                                         dtype=torch.int32, device=dev)
         self.stab = torch.zeros(L.N_STATIC, max(1, n), dtype=torch.int64, device=dev)
-        self.part = torch.zeros(2, max(1, self.n_tiles), L.N_PART, dtype=torch.float32, device=dev)
+        # float64 partials and totals for an EMA in the parameter dtype: its norms are
+        # exact sums rounded once (kernels/triton_dema.py round_sum)
+        part_dtype = torch.float32 if s.ema_dtype == torch.float32 else torch.float64
+        self.part = torch.zeros(2, max(1, self.n_tiles), L.N_PART, dtype=part_dtype, device=dev)
         # per-tensor totals of a step's partials, by parity (written by the tensor's last
         # program, read by the next launch), and the tickets that find that program
-        self.tot = torch.zeros(2, max(1, n), L.N_PART, dtype=torch.float32, device=dev)
+        self.tot = torch.zeros(2, max(1, n), L.N_PART, dtype=part_dtype, device=dev)
         self.ticket = torch.zeros(max(1, n), dtype=torch.int32, device=dev)
         # halves [1] of the double-buffered tables start 16-byte aligned at any tensor
         # count (the compiled kernels assume every pointer argument is): each half padded
@@ -271,7 +274,7 @@ class TritonFusedGroup:
         use float atomics on CUDA)."""
         s, n, nt = self.state, self.n, self.n_tiles
         dev = self.device
-        partials = torch.zeros(2 * nt, L.N_STAT, dtype=torch.float32, device=dev)
+        partials = torch.zeros(2 * nt, L.N_STAT, dtype=self.part.dtype, device=dev)
         partials[:nt, L.ST_PROBE] = self.part[r, :nt, L.P_B]
         dpart = torch.cat([self.part[w, :nt, L.P_D], self.part[r, :nt, L.P_D]])
         stats = torch.empty(2 * n, L.N_DSTAT, dtype=torch.float32, device=dev)
@@ -301,7 +304,9 @@ class TritonFusedGroup:
         started = (fr[L.F_STARTED] != 0) | ((pend == L.PEND_INIT) & finite)
         d_in = torch.where(fr[L.F_APPLIED] != 0, d_prev, self.dcarry[r, :n])
         applied_now = (pend == L.PEND_EMA) & finite
-        d = torch.where(applied_now, d_flush, torch.where(pend == L.PEND_INIT, 0.0, d_in))
+        # right after an init d_in is the init's d (0 for an fp32 EMA); an init that saw
+        # NaN/inf did not start: d stays 0
+        d = torch.where(applied_now, d_flush, torch.where((pend == L.PEND_INIT) & ~finite, 0.0, d_in))
         s.started.copy_(started.to(torch.uint8))
         s.has_prev.copy_(fr[L.F_HAS_PREV].to(torch.uint8))
         s.d.copy_(d)

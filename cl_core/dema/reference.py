@@ -2,11 +2,13 @@
 
 Readable on purpose (one tensor at a time, the L1 norms of the official code, Python
 floats for α). The tests use it as the oracle for every fast path and the benchmarks
-as the baseline; it is not meant to be fast. With DEMAConfig(ema_dtype="param") every
-difference, product and sum of the update runs in the parameter dtype (bfloat16 /
-float16), and each norm is rounded to it, as the official code computes.
+as the baseline; it is not meant to be fast. With DEMAConfig(ema_dtype="param") it is the
+official code's 16-bit arithmetic op for op (docs/fidelity.md): every difference, product
+and sum of the update in the parameter dtype (bfloat16 / float16), each norm the exact
+float64 sum rounded once to it (state.round_sum), α's four operations rounded to it
+(state.dynamic_alpha), the first update the official copy followed by the fallback update.
 
-The norms are the official `torch.norm(x, p=1)` with accurate numbers (`l1`): float32
+The float32 norms are the official `torch.norm(x, p=1)` with accurate numbers (`l1`): float32
 differences, float32 sums over rows of 4096 elements, float64 across rows. torch.norm accumulates float32 in one running
 sum on CPU, which stops growing at 2^24: on a 50M-element tensor α came out 4 % off
 (35 % with one thread), while the native kernels sum in double.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from cl_core.dema.config import DEMAConfig
-from cl_core.dema.state import GroupState, alpha_rule
+from cl_core.dema.state import GroupState, alpha_rule, fallback_alpha, fixed_alpha, round_sum
 
 # Columns of the per-tensor statistics table handed to a `reduce_stats` hook.
 STAT_A, STAT_B, STAT_C, STAT_NONFINITE, STAT_D = range(5)
@@ -46,8 +48,11 @@ class ReferenceBackend:
 
     def _norm(self, x: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         # With ema_dtype="param" a norm is a number of the parameter dtype (torch.norm of a
-        # bfloat16 tensor returns a bfloat16): the float64 sum rounded to that dtype.
-        return l1(x, scratch).to(self.state.ema_dtype).float()
+        # bfloat16 tensor returns a bfloat16): the float64 sum of the 16-bit |x| (exact for
+        # any realistic tensor), rounded once to that dtype.
+        if self.state.ema_dtype != torch.float32:
+            return round_sum(x.double().abs_().sum(), self.state.ema_dtype)
+        return l1(x, scratch).float()
 
     def update(self, thetas, grads, reduce_stats=None) -> None:
         s, cfg = self.state, self.config
@@ -76,18 +81,26 @@ class ReferenceBackend:
                 continue
             th = self._flat(theta)
             ema = s.ema_views[i]
+            low = s.ema_dtype != torch.float32
             if not s.started[i]:
-                # Lazy start: the EMA is a copy of the parameters (the official
-                # deepcopy followed by the fallback update, which leaves it at θ).
-                alpha = cfg.fallback if cfg.formula != "fixed" else 1.0 - cfg.beta
+                # Lazy start: the EMA is a copy of the parameters (the official deepcopy).
+                # The official code then runs its fallback update on it (the bare except:
+                # no previous gradient yet): exact in float32, so float32 keeps the copy; in
+                # a 16-bit dtype the two rounded products can move an element by one unit.
+                alpha = fallback_alpha(cfg) if cfg.formula != "fixed" else fixed_alpha(cfg)
                 ema.copy_(th)
+                if low:
+                    ema.mul_(1.0 - alpha).add_(th * alpha)
                 s.started[i] = 1
             elif cfg.formula != "fixed" and (grad is None or not s.has_prev[i]):
-                alpha = cfg.fallback
+                alpha = fallback_alpha(cfg)
                 ema.mul_(1.0 - alpha).add_(th * alpha)  # = ema * (1 - α) + θ * α
             else:
                 a, b, c, d = (float(stats[i, k]) for k in (STAT_A, STAT_B, STAT_C, STAT_D))
-                alpha = alpha_rule(cfg, a, b, c, d)
+                alpha = alpha_rule(cfg, a, b, c, d, s.ema_dtype)
+                # In a 16-bit dtype each product and the sum round to it: torch computes
+                # a 16-bit tensor times a Python float in float32 (1 − α is a double,
+                # rounded to float32 then), as the official code did.
                 ema.mul_(1.0 - alpha).add_(th * alpha)  # = ema * (1 - α) + θ * α
             s.alpha[i] = alpha
             if s.needs_grad_prev:

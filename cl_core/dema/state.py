@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import torch
 
+# f32: a Python float rounded to float32 (what the kernels take as a scalar argument), by
+# host arithmetic: no torch scalar, so no device sync
 from cl_core.dema.config import DEMAConfig
+from cl_core.dema.config import _f32 as f32
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -25,20 +28,66 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
-def alpha_rule(config: DEMAConfig, a: float, b: float, c: float, d: float) -> float:
-    """α of one tensor from its statistics, exactly as docs/design.md §2 (fp32 arithmetic).
-
-    Used by the reference backend; the vectorised backends implement the same
-    expression (same operation order) on device.
+def alpha_rule(config: DEMAConfig, a: float, b: float, c: float, d: float,
+               dtype: torch.dtype = torch.float32) -> float:
+    """α of one tensor from its statistics, exactly as docs/design.md §2: float32 arithmetic,
+    or, for a 16-bit `dtype` (ema_dtype="param"), the official code's arithmetic in that dtype
+    (`dynamic_alpha`). Used by the reference backend; the vectorised backends implement the
+    same expression (same operation order, same rounding) on device.
     """
     if config.formula == "fixed":
-        return 1.0 - config.beta
-    f32 = torch.tensor([a, b, c, d], dtype=torch.float32)
-    q = (1.0 + f32[1]) / (f32[0] * f32[2])
-    alpha = float(q * (config.scale if config.formula == "official" else f32[3]))
+        return fixed_alpha(config)
+    stats = torch.tensor([a, b, c, d], dtype=torch.float32)
+    dyn = dynamic_alpha(stats[0], stats[1], stats[2], stats[3], config, dtype)
+    alpha = float(dyn)
     if not (0.0 < alpha < 1.0):  # NaN and inf land here too
-        alpha = config.fallback
+        alpha = fallback_alpha(config)
     return alpha
+
+
+def fallback_alpha(config: DEMAConfig) -> float:
+    """The fallback α as every backend applies it: the float32 value of DEMAConfig.fallback
+    (for the official 0.01 the official code's double 0.01 gives the same float32 weights,
+    ema*(1-α) and p*α; tests/engine/test_official_bits.py checks it)."""
+    return f32(config.fallback)
+
+
+def fixed_alpha(config: DEMAConfig) -> float:
+    """α of the "fixed" formula as the kernels compute it: 1 − β in float32 from float32 β."""
+    return f32(1.0 - f32(config.beta))
+
+
+def dynamic_alpha(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor,
+                  config: DEMAConfig, dtype: torch.dtype) -> torch.Tensor:
+    """The formula's α from float32 statistics (tensors of one shape), before the fallback
+    test. float32: (1 + b) / (a·c) · (scale or d) in float32. A 16-bit `dtype` (ema_dtype=
+    "param"; the statistics are then values of that dtype): the official `ema_update` op
+    for op on 16-bit tensors, each result rounded to the dtype as torch computes a 16-bit
+    op (in float32, rounded once): t1 = 1 + b, t2 = a·c, q = t1 / t2, q · f32(scale) (or
+    q · d). Returned as float32 (exact: a 16-bit value)."""
+    mult = config.scale if config.formula == "official" else d
+    if dtype == torch.float32:
+        return (1.0 + b) / (a * c) * mult
+    a, b, c = (x.to(dtype) for x in (a, b, c))
+    if isinstance(mult, torch.Tensor):
+        mult = mult.to(dtype)
+    return ((1 + b) / (a * c) * mult).float()
+
+
+def round_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 sums `x` rounded ONCE to `dtype` (to nearest, ties to even), as float32.
+
+    torch's float64 -> bfloat16/float16 cast goes through float32 and can round twice (a
+    sum just above a bfloat16 midpoint lands on it in float32, then rounds to even). Here
+    float64 -> float32 rounds to odd (truncate, then set the last bit when inexact), which
+    keeps the information a second rounding needs (float32 has >= 2 more bits than either
+    16-bit dtype), so the float32 -> dtype rounding is the correct single rounding. The
+    native kernels use the same rule (dema_common.h `round_sum_*`)."""
+    f = x.float()
+    inexact = f.double() != x
+    toward_zero = inexact & (f.double().abs() > x.abs())
+    bits = (f.view(torch.int32) - toward_zero.to(torch.int32)) | inexact.to(torch.int32)
+    return bits.view(torch.float32).to(dtype).float()
 
 
 def ema_dtype_for(config: DEMAConfig, param_dtype: torch.dtype) -> torch.dtype:

@@ -102,8 +102,10 @@ def library():
                 fn = getattr(lib, f"{prefix}_{suffix}", None)
                 if fn is not None:
                     fn.restype, fn.argtypes = None, argtypes
-        lib.cpu_fused_pending.restype = None
-        lib.cpu_fused_pending.argtypes = [_i64, _vp, _vp, _vp, _int, _f32, _f32, _f32]
+        for suffix in ["", *(f"_{x}" for x in _PARAM_SUFFIX.values())]:
+            fn = getattr(lib, f"cpu_fused_pending{suffix}", None)
+            if fn is not None:
+                fn.restype, fn.argtypes = None, [_i64, _vp, _vp, _vp, _int, _f32, _f32, _f32]
         _layout_checked = True
     return lib
 
@@ -144,7 +146,10 @@ def flush(fns, runner: native.ShardedRunner, stab: torch.Tensor, theta: torch.Te
 
 
 def pending(n: int, cs: torch.Tensor, alpha: torch.Tensor, skips: torch.Tensor,
-            formula: int, scale: float, fallback: float, beta: float) -> None:
+            formula: int, scale: float, fallback: float, beta: float, dtype=None,
+            ema_dtype=torch.float32) -> None:
     """The decision of the pending update (α, skip count per tensor) written to `alpha`
-    (fp32 [n]) and `skips` (int64 [n]), by the C rule the flush applies; nothing else changes."""
-    library().cpu_fused_pending(n, address(cs), address(alpha), address(skips), formula, scale, fallback, beta)
+    (fp32 [n]) and `skips` (int64 [n]), by the C rule the flush applies; nothing else changes.
+    An EMA in the 16-bit parameter `dtype` (ema_dtype == dtype) decides α in its arithmetic."""
+    name = "cpu_fused_pending" if ema_dtype == torch.float32 else f"cpu_fused_pending_{_PARAM_SUFFIX[dtype]}"
+    getattr(library(), name)(n, address(cs), address(alpha), address(skips), formula, scale, fallback, beta)

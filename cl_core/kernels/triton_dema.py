@@ -14,9 +14,12 @@ whatever the number of LoRA tensors:
 θ* and g_prev are float32, or with DEMAConfig(ema_dtype="param") the parameter dtype
 (EMA_DTYPE, a compile-time constant of each kernel): then every difference, product and
 sum is rounded to that dtype as the reference computes it (and the native CPU kernel,
-csrc/dema_cpu.c DEFINE_PARAM_FN): |round(θ − θ*)| before the sums, the per-tensor totals
-(summed in float32 over blocks) rounded to the dtype, θ* ← round(round(θ*·(1−α)) +
-round(θ·α)). Rounding is `round_to` below, the same arithmetic compiled and interpreted.
+csrc/dema_cpu.c DEFINE_PARAM_FN), the official code's 16-bit arithmetic op for op:
+|round(θ − θ*)| before the sums, the per-tensor totals summed exactly in float64 (block
+partials and their sum) and rounded once to the dtype (`round_sum`), α's four operations
+rounded (`alpha_rule`), θ* ← round(round(θ*·(1−α)) + round(θ·α)), the first update the
+official copy followed by the fallback update. Rounding is `round_to` below, the same
+arithmetic compiled and interpreted.
 
 With a `reduce_stats` hook (sharded parameters) `decide` is split in two around it.
 Nothing here reads a device value on the host. Under TRITON_INTERPRET=1 the same
@@ -28,6 +31,8 @@ each thread's VEC elements are one 128-bit access (tests/kernels/test_triton_com
 the PTX for sm_80 and sm_90); without it the same kernels run unhinted on any layout.
 """
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
@@ -68,12 +73,17 @@ def launch_shape(elem_size: int) -> tuple[int, int]:
 
 
 @triton.jit
-def alpha_rule(a, b, c, d, use_dynamic, formula, scale, fallback, beta):
+def alpha_rule(a, b, c, d, use_dynamic, formula, scale, fallback, beta, EMA_DTYPE: tl.constexpr):
     """α of docs/design.md §2 from a tensor's sums (same operation order as the reference);
     `use_dynamic` is false where the formula cannot apply (no gradient or no previous
-    one). `formula` is a runtime value (FORMULA_*): a few scalar operations per program."""
-    q = tl.div_rn(1.0 + b, a * c)  # IEEE division (`/` compiles to div.full.f32, 2 ulp)
-    dyn = tl.where(formula == L.FORMULA_OFFICIAL, q * scale, q * d)
+    one). `formula` is a runtime value (FORMULA_*): a few scalar operations per program.
+    With a 16-bit EMA_DTYPE (ema_dtype="param") every result is rounded to it, as the
+    official code's 16-bit tensor ops (csrc/dema_common.h decide_alpha, state.py
+    dynamic_alpha): t1 = 1 + b, t2 = a·c, q = t1 / t2, α = q · (scale or d). The
+    launchers hand the scalars over as float32 values (`f32_scalars`)."""
+    # IEEE division (`/` compiles to div.full.f32, 2 ulp)
+    q = round_to(tl.div_rn(round_to(1.0 + b, EMA_DTYPE), round_to(a * c, EMA_DTYPE)), EMA_DTYPE)
+    dyn = round_to(tl.where(formula == L.FORMULA_OFFICIAL, q * scale, q * d), EMA_DTYPE)
     dyn = tl.where((dyn > 0.0) & (dyn < 1.0), dyn, fallback)
     al = tl.where(use_dynamic, dyn, fallback)
     return tl.where(formula == L.FORMULA_FIXED, 1.0 - beta, al)
@@ -94,6 +104,25 @@ def round_to(x, EMA_DTYPE: tl.constexpr):
         return x.to(tl.float16).to(tl.float32)  # numpy rounds as the GPU does here
     else:
         return x
+
+
+@triton.jit
+def round_sum(x, EMA_DTYPE: tl.constexpr):
+    """A sum of a norm as the statistic: float32 x as it is (float32 EMA), or float64 x
+    rounded ONCE to a 16-bit EMA_DTYPE (ema_dtype="param"), as float32. float64 -> float32
+    rounds to odd (truncate; set the last bit when inexact), then round_to rounds to
+    nearest even: the correct single rounding (a plain cast first could round twice), the
+    rule of csrc/dema_common.h round_sum16 and state.py round_sum."""
+    if EMA_DTYPE == tl.float32:
+        return x
+    else:
+        f = x.to(tl.float32)
+        f64 = f.to(tl.float64)
+        inexact = (f64 != x) & (x == x)
+        toward_zero = inexact & (tl.abs(f64) > tl.abs(x))
+        u = f.to(tl.uint32, bitcast=True)
+        u = (u - toward_zero.to(tl.uint32)) | inexact.to(tl.uint32)
+        return round_to(u.to(tl.float32, bitcast=True), EMA_DTYPE)
 
 
 @triton.jit
@@ -189,10 +218,12 @@ def _dema_stats_kernel(
     row = partials + pid * L.N_STAT
     # x - x is NaN exactly where x is NaN or inf: a cheap finiteness probe.
     tl.store(row + L.ST_PROBE, tl.sum(th - th, axis=0) + tl.sum(g - g, axis=0))
-    # float32 block sums of the (rounded) |differences|; decide rounds the totals
-    tl.store(row + L.ST_A, tl.sum(tl.abs(round_to(th - e, EMA_DTYPE)), axis=0))
-    tl.store(row + L.ST_B, tl.sum(tl.abs(g), axis=0))
-    tl.store(row + L.ST_C, tl.where(need_gp != 0, tl.sum(tl.abs(round_to(g - gprev, EMA_DTYPE)), axis=0), 0.0))
+    # block sums of the (rounded) |differences|, float32 or (16-bit EMA) float64: exact,
+    # decide rounds the totals once
+    ACC: tl.constexpr = tl.float32 if EMA_DTYPE == tl.float32 else tl.float64
+    tl.store(row + L.ST_A, tl.sum(tl.abs(round_to(th - e, EMA_DTYPE)).to(ACC), axis=0))
+    tl.store(row + L.ST_B, tl.sum(tl.abs(g).to(ACC), axis=0))
+    tl.store(row + L.ST_C, tl.where(need_gp != 0, tl.sum(tl.abs(round_to(g - gprev, EMA_DTYPE)).to(ACC), axis=0), 0.0))
 
 
 @triton.jit(do_not_specialize=["T", "formula", "need_gp"])
@@ -207,8 +238,9 @@ def _dema_decide_kernel(
         b_hi = tl.load(blk0 + t + 1)
         rows = tl.arange(0, CHUNK)[:, None]
         cols = tl.arange(0, N_STAT)[None, :]
-        acc = tl.zeros([CHUNK, N_STAT], dtype=tl.float32)
-        acc_d = tl.zeros([CHUNK], dtype=tl.float32)
+        ACC: tl.constexpr = tl.float32 if EMA_DTYPE == tl.float32 else tl.float64
+        acc = tl.zeros([CHUNK, N_STAT], dtype=ACC)
+        acc_d = tl.zeros([CHUNK], dtype=ACC)
         for j in range(b_lo, b_hi, CHUNK):
             idx = j + rows
             acc += tl.load(partials + idx * L.N_STAT + cols, mask=(idx < b_hi) & (cols >= 0), other=0.0)
@@ -216,17 +248,17 @@ def _dema_decide_kernel(
             acc_d += tl.load(dpart + idx1, mask=idx1 < b_hi, other=0.0)
         s = tl.sum(acc, axis=0)
         c1 = tl.arange(0, N_STAT)
-        probe = tl.sum(tl.where(c1 == L.ST_PROBE, s, 0.0), axis=0)
+        probe = tl.sum(tl.where(c1 == L.ST_PROBE, s, 0.0), axis=0).to(tl.float32)
         # d of the previous update lives in its apply's partials, unless that update
         # skipped this tensor (then d keeps its value). Norms are numbers of the EMA
         # dtype (ema_dtype="param": the float32 totals rounded to it).
-        d_new = round_to(tl.sum(acc_d, axis=0), EMA_DTYPE)
+        d_new = round_sum(tl.sum(acc_d, axis=0), EMA_DTYPE)
         d_prev = tl.where(tl.load(mode + t) != L.MODE_SKIP, d_new, tl.load(d + t))
         tl.store(d + t, d_prev)
         out = stats + t * L.N_DSTAT
-        tl.store(out + L.DS_A, round_to(tl.sum(tl.where(c1 == L.ST_A, s, 0.0), axis=0), EMA_DTYPE))
-        tl.store(out + L.DS_B, round_to(tl.sum(tl.where(c1 == L.ST_B, s, 0.0), axis=0), EMA_DTYPE))
-        tl.store(out + L.DS_C, round_to(tl.sum(tl.where(c1 == L.ST_C, s, 0.0), axis=0), EMA_DTYPE))
+        tl.store(out + L.DS_A, round_sum(tl.sum(tl.where(c1 == L.ST_A, s, 0.0), axis=0), EMA_DTYPE))
+        tl.store(out + L.DS_B, round_sum(tl.sum(tl.where(c1 == L.ST_B, s, 0.0), axis=0), EMA_DTYPE))
+        tl.store(out + L.DS_C, round_sum(tl.sum(tl.where(c1 == L.ST_C, s, 0.0), axis=0), EMA_DTYPE))
         tl.store(out + L.DS_NONFINITE, tl.where(probe != probe, 1.0, 0.0))
         tl.store(out + L.DS_D, d_prev)
     if DECIDE:
@@ -236,7 +268,7 @@ def _dema_decide_kernel(
         hp = tl.load(has_prev + t) != 0
         hg = tl.load(dyn_tab + L.DT_HAS_GRAD * T + t) != 0
         al = alpha_rule(tl.load(row + L.DS_A), tl.load(row + L.DS_B), tl.load(row + L.DS_C), tl.load(row + L.DS_D),
-                        st & hg & hp, formula, scale, fallback, beta)
+                        st & hg & hp, formula, scale, fallback, beta, EMA_DTYPE)
         tl.store(alpha + t, tl.where(skip, 0.0, al))
         tl.store(mode + t, tl.where(skip, L.MODE_SKIP, tl.where(st, L.MODE_EMA, L.MODE_INIT)).to(tl.int8))
         tl.store(skips + t, tl.load(skips + t) + skip.to(tl.int64))
@@ -259,14 +291,28 @@ def _dema_apply_kernel(
     om = 1.0 - al  # float32, as the C kernels
     th = to_f32(tl.load(th_ptr + offs, mask=upd, other=0.0))
     e = to_f32(tl.load(e_ptr + offs, mask=upd, other=0.0))
-    # θ*·(1−α) + θ·α; in the EMA dtype each product and the sum rounded to it
-    ema = round_to(round_to(e * om, EMA_DTYPE) + round_to(th * al, EMA_DTYPE), EMA_DTYPE)
-    e_new = tl.where(_bcast(md == L.MODE_EMA, BLOCK), ema, th)
+    is_ema = _bcast(md == L.MODE_EMA, BLOCK)
+    if EMA_DTYPE == tl.float32:
+        # θ*·(1−α) + θ·α; the first update (MODE_INIT) copies θ
+        e_new = tl.where(is_ema, e * om + th * al, th)
+    else:
+        # in the EMA dtype each product and the sum rounded to it; the first update is the
+        # official deepcopy of θ followed by its fallback update (α = the fallback here)
+        e = tl.where(is_ema, e, th)
+        e_new = round_to(round_to(e * om, EMA_DTYPE) + round_to(th * al, EMA_DTYPE), EMA_DTYPE)
     tl.store(e_ptr + offs, to_rtne(e_new, EMA_DTYPE), mask=upd)  # exact: e_new is a value of EMA_DTYPE
-    tl.store(dpart + pid, tl.sum(tl.where(upd, tl.abs(round_to(th - e_new, EMA_DTYPE)), 0.0), axis=0))
+    ACC: tl.constexpr = tl.float32 if EMA_DTYPE == tl.float32 else tl.float64
+    tl.store(dpart + pid, tl.sum(tl.where(upd, tl.abs(round_to(th - e_new, EMA_DTYPE)), 0.0).to(ACC), axis=0))
     gm = upd & _bcast(has_g & (need_gp != 0), BLOCK)
     g = tl.load(g_ptr + offs, mask=gm, other=0.0)
     tl.store(gp_ptr + offs, to_rtne(to_f32(g), EMA_DTYPE), mask=gm)
+
+
+def f32_scalars(*values: float) -> tuple:
+    """Python floats rounded to float32: what a compiled kernel's fp32 argument holds. The
+    interpreter keeps a Python float argument as a double, so without this its scalar
+    arithmetic (1 − β, α · 1.0) would run in double where the GPU's runs in float32."""
+    return tuple(struct.unpack("f", struct.pack("f", v))[0] for v in values)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -292,11 +338,12 @@ def dema_decide(blk0, partials, dpart, stats, mode, started, has_prev, d, alpha,
                 ema_dtype: torch.dtype) -> None:
     """Per tensor (grid = tensors): sum its partials (reduce) and/or decide α and the flags
     (decide); see DECIDE_*."""
-    # only the reducing half rounds (the totals): one decide-only specialisation
+    # the reducing half rounds the totals, the deciding half α's arithmetic, to the EMA dtype
+    scale, fallback, beta = f32_scalars(scale, fallback, beta)
     _dema_decide_kernel[(T,)](
         blk0, partials, dpart, stats, mode, started, has_prev, d, alpha, skips, dyn_tab, T, formula, need_gp,
-        scale, fallback, beta, REDUCE=reduce, DECIDE=decide, CHUNK=CHUNK,
-        EMA_DTYPE=_TL_DTYPES[ema_dtype] if reduce else tl.float32, **DECIDE_LAUNCH,
+        scale, fallback, beta, REDUCE=reduce, DECIDE=decide, CHUNK=CHUNK, EMA_DTYPE=_TL_DTYPES[ema_dtype],
+        **DECIDE_LAUNCH,
     )
 
 
@@ -341,16 +388,20 @@ def compile_specs():
             for aligned in (True, False):
                 tag = "aligned" if aligned else "general"
                 ce = dict(DTYPE=tdt, EMA_DTYPE=ema_tdt, ALIGNED=aligned, VEC=vec, BLOCK=block)
+                # a 16-bit EMA's partial sums are float64 (exact norm sums, rounded once)
+                st_sig = stats_sig if ema_tdt == tl.float32 else dict(stats_sig, partials="*fp64")
+                ap_sig = apply_sig if ema_tdt == tl.float32 else dict(apply_sig, dpart="*fp64")
                 # stats reads θ, g, θ*, g_prev; apply reads θ, g, θ* and writes θ*, g_prev
-                specs.append((f"dema_stats/{name}/{ema_tag}{tag}", _dema_stats_kernel, stats_sig, ce, SWEEP_LAUNCH,
+                specs.append((f"dema_stats/{name}/{ema_tag}{tag}", _dema_stats_kernel, st_sig, ce, SWEEP_LAUNCH,
                               expect_v4(vec, 2, 2, 0, 0, ema_bytes) if aligned else None))
-                specs.append((f"dema_apply/{name}/{ema_tag}{tag}", _dema_apply_kernel, apply_sig, ce, SWEEP_LAUNCH,
+                specs.append((f"dema_apply/{name}/{ema_tag}{tag}", _dema_apply_kernel, ap_sig, ce, SWEEP_LAUNCH,
                               expect_v4(vec, 2, 1, 0, 2, ema_bytes) if aligned else None))
     for red, dec in (DECIDE_ALL, DECIDE_REDUCE_ONLY, DECIDE_ONLY):
-        # the reducing halves round the totals to the EMA dtype (ema_dtype="param": 16-bit)
-        for ema_tdt, ema_tag in [(tl.float32, "")] + ([(tl.bfloat16, "/ema=bfloat16"), (tl.float16, "/ema=float16")]
-                                                      if red else []):
+        # a 16-bit EMA (ema_dtype="param"): float64 partials (exact norm sums), the totals
+        # and α's arithmetic rounded to that dtype
+        for ema_tdt, ema_tag in ((tl.float32, ""), (tl.bfloat16, "/ema=bfloat16"), (tl.float16, "/ema=float16")):
+            sig = decide_sig if ema_tdt == tl.float32 else dict(decide_sig, partials="*fp64", dpart="*fp64")
             specs.append((f"dema_decide/reduce={int(red)}/decide={int(dec)}{ema_tag}", _dema_decide_kernel,
-                          decide_sig, dict(REDUCE=red, DECIDE=dec, CHUNK=CHUNK, EMA_DTYPE=ema_tdt), DECIDE_LAUNCH,
+                          sig, dict(REDUCE=red, DECIDE=dec, CHUNK=CHUNK, EMA_DTYPE=ema_tdt), DECIDE_LAUNCH,
                           None))
     return specs

@@ -39,9 +39,12 @@ count, flags) uploaded once per step in one copy; one hyper-parameter row per op
 param group.
 
 θ* and g_prev are float32, or with DEMAConfig(ema_dtype="param") on 16-bit parameters
-the parameters' dtype (EMA_IN_PARAM_DTYPE): then every difference, product, sum and norm
-of the EMA maths is rounded to that dtype as the reference (cl_core/dema/reference.py)
-and the native CPU kernel (cl_core/kernels/csrc/dema_cpu.c, DEFINE_PARAM_FN) do (tests/fused/test_triton_fused_param.py);
+the parameters' dtype (EMA_IN_PARAM_DTYPE): then the EMA maths is the official code's
+16-bit arithmetic op for op, as the reference (cl_core/dema/reference.py) and the native
+CPU kernel (cl_core/kernels/csrc/dema_cpu.c, DEFINE_PARAM_FN) compute it: every difference,
+product and sum rounded to that dtype, the norms float64 tile partials summed exactly and
+rounded once, α's operations rounded, the first update the official copy plus fallback
+update (tests/engine/test_official_bits.py, tests/fused/test_triton_fused_param.py);
 8 B per element and step less traffic (θ*, g_prev read and written in 2 B, not 4).
 
 Machine code (checked by tests/kernels/test_triton_compile.py for sm_80 and sm_90 from the PTX
@@ -58,7 +61,7 @@ import triton
 import triton.language as tl
 
 from cl_core.kernels import layouts as L
-from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, round_to, to_f32, to_rtne
+from cl_core.kernels.triton_dema import _bcast, alpha_rule, expect_v4, f32_scalars, round_sum, round_to, to_f32, to_rtne
 
 # Launch shape. Each thread owns VEC contiguous elements per iteration: VEC = 16 bytes /
 # element size, so a thread's θ, g, m, v access is one 128-bit load/store (θ*, g_prev:
@@ -104,14 +107,15 @@ def _vsum(x, BLOCK: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _tile_sums(part, t0, t1, CHUNK: tl.constexpr):
+def _tile_sums(part, t0, t1, CHUNK: tl.constexpr, ACC: tl.constexpr):
     """Column sums of rows t0..t1 of a [tiles, N_PART] partials table: (a, b, c, d), in
     one fixed order (CHUNK row accumulators, then one tree sum), whichever program runs
-    it. `.cg` loads read the rows at L2, past an L1 that may hold lines from before the
-    other programs' stores (the ticket's acquire orders them; this keeps it obvious)."""
+    it, in the partials' dtype ACC (float64 for an EMA in the parameter dtype). `.cg` loads
+    read the rows at L2, past an L1 that may hold lines from before the other programs'
+    stores (the ticket's acquire orders them; this keeps it obvious)."""
     rows = tl.arange(0, CHUNK)[:, None]
     cols = tl.arange(0, N_PART)[None, :]
-    acc = tl.zeros([CHUNK, N_PART], dtype=tl.float32)
+    acc = tl.zeros([CHUNK, N_PART], dtype=ACC)
     for j in range(t0, t1, CHUNK):
         idx = j + rows
         acc += tl.load(part + idx * L.N_PART + cols, mask=(idx < t1) & (cols >= 0), other=0.0, cache_modifier=".cg")
@@ -125,7 +129,7 @@ def _tile_sums(part, t0, t1, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _close_tile(part_w, tot_w, ticket, pid, t, t0, t1, a, b, c, d, CHUNK: tl.constexpr):
+def _close_tile(part_w, tot_w, ticket, pid, t, t0, t1, a, b, c, d, CHUNK: tl.constexpr, ACC: tl.constexpr):
     """Store this tile's partials (a, b, c, d) and take the tensor's ticket; the program
     that takes the last one (all other tiles of the tensor have stored theirs) sums the
     tensor's partials in tile order into tot_w[t] and resets the ticket for the next
@@ -141,7 +145,7 @@ def _close_tile(part_w, tot_w, ticket, pid, t, t0, t1, a, b, c, d, CHUNK: tl.con
     tl.debug_barrier()
     taken = tl.atomic_add(ticket + t, 1, sem="acq_rel", scope="gpu")
     if taken == t1 - t0 - 1:
-        sa, sb, sc, sd = _tile_sums(part_w, t0, t1, CHUNK)
+        sa, sb, sc, sd = _tile_sums(part_w, t0, t1, CHUNK, ACC)
         out = tot_w + t * L.N_PART
         tl.store(out + L.P_A, sa)
         tl.store(out + L.P_B, sb)
@@ -175,20 +179,20 @@ def _pending(tot_r, flags_r, dcarry_r, t, T, formula, scale, fallback, beta, EMA
     """The decision on the EMA update the previous launch left pending for tensor t:
     (apply, alpha, skip, d_in, pend), from the tensor's totals the previous step's last
     program of t wrote (tot_r: four loads, whatever the tensor's tile count). With the
-    EMA in a 16-bit EMA_DTYPE each norm is the fp32 total rounded to it (the reference's
-    `l1(x).to(dtype)`; round_to is a no-op for fp32); d carried from an earlier step
-    (dcarry) was rounded when it was summed."""
+    EMA in a 16-bit EMA_DTYPE each norm is the exact float64 total rounded once to it
+    (round_sum; float32 totals as they are for an fp32 EMA) and α is formed in that dtype's
+    arithmetic; d carried from an earlier step (dcarry) was rounded when it was summed."""
     pend = tl.load(flags_r + L.F_PEND * T + t)
     row = tot_r + t * L.N_PART
-    a = round_to(tl.load(row + L.P_A), EMA_DTYPE)
-    b = round_to(tl.load(row + L.P_B), EMA_DTYPE)  # NaN (the probe) stays NaN
-    c = round_to(tl.load(row + L.P_C), EMA_DTYPE)
-    d_sum = round_to(tl.load(row + L.P_D), EMA_DTYPE)
+    a = round_sum(tl.load(row + L.P_A), EMA_DTYPE)
+    b = round_sum(tl.load(row + L.P_B), EMA_DTYPE)  # NaN (the probe) stays NaN
+    c = round_sum(tl.load(row + L.P_C), EMA_DTYPE)
+    d_sum = round_sum(tl.load(row + L.P_D), EMA_DTYPE)
     d_in = tl.where(tl.load(flags_r + L.F_APPLIED * T + t) != 0, d_sum, tl.load(dcarry_r + t))
     finite = b == b  # P_B carries the NaN/inf probe
     skip = (pend != L.PEND_NONE) & (finite == 0)
     use = (tl.load(flags_r + L.F_PEND_HAS_GRAD * T + t) != 0) & (tl.load(flags_r + L.F_PEND_HAS_PREV * T + t) != 0)
-    al = alpha_rule(a, b, c, d_in, use, formula, scale, fallback, beta)
+    al = alpha_rule(a, b, c, d_in, use, formula, scale, fallback, beta, EMA_DTYPE)
     apply = (pend == L.PEND_EMA) & finite
     return apply, al, skip, d_in, pend
 
@@ -278,10 +282,16 @@ def _fused_step_kernel(
         w_v = (1.0 - beta2).to(tl.float32)
     need = (init_now == 0) & has_g & hp & need_gp  # this step's a, b, c are meaningful
     keep_al = 1.0 - al
-    sa = tl.zeros([BLOCK // VEC], dtype=tl.float32)
-    sb = tl.zeros([BLOCK // VEC], dtype=tl.float32)
-    sc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
-    sd = tl.zeros([BLOCK // VEC], dtype=tl.float32)
+    # the first update of an EMA in the parameter dtype: the official deepcopy of θ, then
+    # its fallback update (the "fixed" formula's α for "fixed")
+    al0 = tl.where(formula == L.FORMULA_FIXED, 1.0 - beta, fallback)
+    keep_al0 = 1.0 - al0
+    # sums in float32, or exact in float64 for a 16-bit EMA (rounded once by _pending)
+    ACC: tl.constexpr = tl.float32 if EDT == tl.float32 else tl.float64
+    sa = tl.zeros([BLOCK // VEC], dtype=ACC)
+    sb = tl.zeros([BLOCK // VEC], dtype=ACC)
+    sc = tl.zeros([BLOCK // VEC], dtype=ACC)
+    sd = tl.zeros([BLOCK // VEC], dtype=ACC)
     # Only the blocks this tile covers (a small tensor's tile is mostly past its end).
     for it in range(0, tl.minimum(tl.cdiv(n, BLOCK), ITERS)):
         offs = it * BLOCK + tl.arange(0, BLOCK)
@@ -331,28 +341,37 @@ def _fused_step_kernel(
         else:
             e_new = e * keep_al + th * al
         e = tl.where(_bcast(apply, BLOCK), e_new, e)
-        sd += _vsum(tl.where(mask & _bcast(apply, BLOCK), tl.abs(round_to(th - e, EDT)), 0.0), BLOCK, VEC)
-        e = tl.where(_bcast(init_now, BLOCK), th2, e)
+        sd += _vsum(tl.where(mask & _bcast(apply, BLOCK), tl.abs(round_to(th - e, EDT)), 0.0).to(ACC), BLOCK, VEC)
+        if EMA_IN_PARAM_DTYPE:
+            e_init = round_to(round_to(th2 * keep_al0, EDT) + round_to(th2 * al0, EDT), EDT)
+            # d after the first update (F_APPLIED marks the init: the next decision reads it)
+            sd += _vsum(tl.where(mask & _bcast(init_now, BLOCK), tl.abs(round_to(th2 - e_init, EDT)), 0.0).to(ACC),
+                        BLOCK, VEC)
+        else:
+            e_init = th2
+        e = tl.where(_bcast(init_now, BLOCK), e_init, e)
         # exact: e is a DTYPE number in the parameter-dtype mode
         tl.store(e_ptr + offs, to_rtne(e, EDT), mask=mask & _bcast(apply | init_now, BLOCK))
         # x - x is NaN exactly where x is NaN or inf: the probe rides on b's sum.
         nm = mask & _bcast(need, BLOCK)
-        sb += _vsum(tl.where(nm, tl.abs(g), 0.0) + (th2 - th2) + (g - g), BLOCK, VEC)
-        sa += _vsum(tl.where(nm, tl.abs(round_to(th2 - e, EDT)), 0.0), BLOCK, VEC)
+        sb += _vsum((tl.where(nm, tl.abs(g), 0.0) + (th2 - th2) + (g - g)).to(ACC), BLOCK, VEC)
+        sa += _vsum(tl.where(nm, tl.abs(round_to(th2 - e, EDT)), 0.0).to(ACC), BLOCK, VEC)
         gprev = to_f32(tl.load(gp_ptr + offs, mask=nm, other=0.0))
-        sc += _vsum(tl.where(nm, tl.abs(round_to(g - gprev, EDT)), 0.0), BLOCK, VEC)
+        sc += _vsum(tl.where(nm, tl.abs(round_to(g - gprev, EDT)), 0.0).to(ACC), BLOCK, VEC)
         tl.store(gp_ptr + offs, to_rtne(g, EDT), mask=gm & _bcast(need_gp, BLOCK))
     _close_tile(part_w, tot_w, ticket, pid, t, t0, t1, tl.sum(sa, axis=0), tl.sum(sb, axis=0), tl.sum(sc, axis=0),
-                tl.sum(sd, axis=0), CHUNK)
+                tl.sum(sd, axis=0), CHUNK, ACC)
     if pid == t0:  # the tensor's first tile records its per-tensor state
         tl.store(flags_w + L.F_STARTED * T + t, started.to(tl.int32))
         tl.store(flags_w + L.F_HAS_PREV * T + t, tl.where(need_gp, has_g, hp).to(tl.int32))
         tl.store(flags_w + L.F_PEND * T + t, tl.where(init_now, L.PEND_INIT, L.PEND_EMA).to(tl.int32))
         tl.store(flags_w + L.F_PEND_HAS_GRAD * T + t, has_g.to(tl.int32))
         tl.store(flags_w + L.F_PEND_HAS_PREV * T + t, hp.to(tl.int32))
-        tl.store(flags_w + L.F_APPLIED * T + t, apply.to(tl.int32))
-        # d of this step if nothing is applied now: kept on a skip, 0 after an init.
-        tl.store(dcarry_w + t, tl.where(init_now | (pend == L.PEND_INIT), 0.0, d_in))
+        # an init counts as applied: its tiles summed d (0 for an fp32 EMA, whose init is θ)
+        tl.store(flags_w + L.F_APPLIED * T + t, (apply | init_now).to(tl.int32))
+        # d of this step if nothing is applied now: kept on a skip, 0 at an init; right
+        # after an init, d_in is the init's d
+        tl.store(dcarry_w + t, tl.where(init_now, 0.0, d_in))
         _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, beta)
 
 
@@ -375,7 +394,8 @@ def _fused_flush_kernel(
         e_ptr = tl.multiple_of(e_ptr, 16)
         n = tl.multiple_of(n, VEC)
     keep_al = 1.0 - al
-    sd = tl.zeros([BLOCK // VEC], dtype=tl.float32)
+    ACC: tl.constexpr = tl.float32 if EDT == tl.float32 else tl.float64
+    sd = tl.zeros([BLOCK // VEC], dtype=ACC)
     # Only the blocks this tile covers (a small tensor's tile is mostly past its end).
     for it in range(0, tl.minimum(tl.cdiv(n, BLOCK), ITERS)):
         offs = it * BLOCK + tl.arange(0, BLOCK)
@@ -389,7 +409,7 @@ def _fused_flush_kernel(
         else:
             e = e * keep_al + th * al
         tl.store(e_ptr + offs, to_rtne(e, EDT), mask=m)
-        sd += _vsum(tl.where(m, tl.abs(round_to(th - e, EDT)), 0.0), BLOCK, VEC)
+        sd += _vsum(tl.where(m, tl.abs(round_to(th - e, EDT)), 0.0).to(ACC), BLOCK, VEC)
     tl.store(part_w + pid * L.N_PART + L.P_D, tl.sum(sd, axis=0))
     if pid == t0:
         _record_decision(alpha, skips, t, apply, al, skip, pend, formula, fallback, beta)
@@ -424,6 +444,7 @@ def step(n_tiles: int, tile_tensor, stab, dyn, hyper, tot_r, part_w, tot_w, tick
          kind: int, aligned: bool, ema_in_param_dtype: bool) -> None:
     """The one-pass optimizer + DEMA sweep of one step (grid = tiles)."""
     vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
+    scale, fallback, beta = f32_scalars(scale, fallback, beta)
     if n_tiles:
         _fused_step_kernel[(n_tiles,)](
             tile_tensor, stab, dyn, hyper, tot_r, part_w, tot_w, ticket, flags_r, flags_w, dcarry_r, dcarry_w, alpha,
@@ -438,6 +459,7 @@ def flush(n_tiles: int, tile_tensor, stab, theta, tot_r, part_w, flags_r, dcarry
     """Finish the EMA update the last step left pending (grid = tiles; θ through `theta`,
     an int64 table of θ addresses)."""
     vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
+    scale, fallback, beta = f32_scalars(scale, fallback, beta)
     if n_tiles:
         _fused_flush_kernel[(n_tiles,)](
             tile_tensor, stab, theta, tot_r, part_w, flags_r, dcarry_r, alpha, skips, T, n_tiles, formula, scale,
@@ -450,6 +472,7 @@ def pending(tot_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T: int
             fallback: float, beta: float, ema_dtype: torch.dtype) -> None:
     """The decision on the pending update (α, skip count) into alpha_out/skips_out
     (grid = tensors); the EMA and the state are not touched."""
+    scale, fallback, beta = f32_scalars(scale, fallback, beta)
     _fused_pending_kernel[(T,)](
         tot_r, flags_r, dcarry_r, alpha, skips, alpha_out, skips_out, T, formula, scale, fallback, beta,
         EMA_DTYPE=_TL[ema_dtype], **PENDING_LAUNCH,
@@ -511,17 +534,21 @@ def compile_specs(every: bool | None = None):
                 shape = dict(VEC=vec, BLOCK=block, ITERS=iters)
                 tag = "aligned" if aligned else "general"
                 ce = dict(DTYPE=tdt, ALIGNED=aligned, EMA_IN_PARAM_DTYPE=param_ema)
+                # a 16-bit EMA's partials are float64 (exact norm sums, rounded once)
+                part = {"tot_r": "*fp64", "part_w": "*fp64", "tot_w": "*fp64"} if param_ema else {}
                 for kind, kname in kinds.items():
                     # Adam reads θ, g, m, v, θ*, g_prev and writes θ, m, v, θ*, g_prev; SGD has no v
                     streams = (3, 2, 2, 2) if kind == L.KIND_SGD else (4, 2, 3, 2)
-                    specs.append((f"fused_step/{kname}/{name}{mode}/{tag}", _fused_step_kernel, step_sig,
+                    specs.append((f"fused_step/{kname}/{name}{mode}/{tag}", _fused_step_kernel, dict(step_sig, **part),
                                   dict(ce, KIND=kind, CHUNK=CHUNK, **shape), LAUNCH,
                                   expect_v4(vec, *streams, ema_bytes=ema_bytes) if aligned else None))
                 # the flush reads θ, θ* and writes θ*
-                specs.append((f"fused_flush/{name}{mode}/{tag}", _fused_flush_kernel, flush_sig, dict(ce, **shape),
+                specs.append((f"fused_flush/{name}{mode}/{tag}", _fused_flush_kernel,
+                              dict(flush_sig, **{k: v for k, v in part.items() if k in flush_sig}),
+                              dict(ce, **shape),
                               LAUNCH, expect_v4(vec, 1, 1, 0, 1, ema_bytes=ema_bytes) if aligned else None))
             if param_ema:
-                specs.append((f"fused_pending/{name}{mode}", _fused_pending_kernel, pend_sig,
+                specs.append((f"fused_pending/{name}{mode}", _fused_pending_kernel, dict(pend_sig, tot_r="*fp64"),
                               dict(EMA_DTYPE=tdt), PENDING_LAUNCH, None))
     # every fp32-EMA launch uses this one
     specs.append(("fused_pending", _fused_pending_kernel, pend_sig, dict(EMA_DTYPE=tl.float32),

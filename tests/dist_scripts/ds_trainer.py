@@ -35,6 +35,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from cl_core import DEMA, DEMACallback, DEMAConfig, DEMAOptimizer  # noqa: E402
 from cl_core.integrations.hf import CHECKPOINT_ADAPTER  # noqa: E402
+from tests.official_oracle import OfficialEMA  # noqa: E402
 
 STEPS = 4
 
@@ -74,22 +75,17 @@ class Replay(TrainerCallback):
         self.alpha.append(self.engine.stats.alpha.clone())
 
 
-def _l1(x):
-    # torch.norm(x, p=1) of a bf16 tensor: the sum of |x| rounded to bf16 (summed in float64
-    # here, so the reference does not depend on torch's accumulation order).
-    return x.float().abs().sum(dtype=torch.float64).to(x.dtype)
-
-
 class OfficialReplay(TrainerCallback):
     """After DEMACallback(precision="official"): the official ``ema_update`` (CoIN/peft/tuners/
-    lora.py) in bf16 torch ops, over the very tensors the callback averaged (the model's bf16
-    weights, the bf16 gradients of the step): per tensor, a = ‖θ − θ*‖₁, b = ‖g‖₁,
-    c = ‖g − g_prev‖₁ (each a bf16 number), α = float((1 + b) / (a · c) · 2), 0.01 where α
-    leaves (0, 1); θ* ← θ* · (1 − α) + θ · α in bf16. The first update of a tensor has no
-    g_prev: the official bare except runs θ* · 0.99 + θ · 0.01 on θ* = a copy of θ."""
+    lora.py) in bf16 torch ops (tests/official_oracle.py, the oracle of every backend), over the
+    very tensors the callback averaged (the model's bf16 weights, the bf16 gradients of the
+    step): per tensor, a = ‖θ − θ*‖₁, b = ‖g‖₁, c = ‖g − g_prev‖₁ (each a bf16 number),
+    α = float((1 + b) / (a · c) · 2), 0.01 where α leaves (0, 1); θ* ← θ* · (1 − α) + θ · α in
+    bf16. The first update of a tensor has no g_prev: the official bare except runs
+    θ* · 0.99 + θ · 0.01 on θ* = a copy of θ."""
 
     def __init__(self, cb):
-        self.cb, self.ema, self.gprev = cb, {}, {}
+        self.cb, self.oracle = cb, OfficialEMA(scale=2.0, fallback=0.01)
         self.alpha, self.ema_steps, self.cb_alpha, self.cb_ema_steps, self.same_storage = [], [], [], [], True
         # and a plain engine with the callback's config fed copies of the same bf16 θ and g
         self.copies, self.engine, self.engine_alpha, self.engine_ema_steps = None, None, [], []
@@ -97,27 +93,10 @@ class OfficialReplay(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         link = self.cb._ds_link
         params = dict(self.cb._model.named_parameters())
-        alphas = []
         with torch.no_grad():
-            for k, (name, p) in enumerate(zip(self.cb.engine.names, link.holders)):
+            for name, p in zip(self.cb.engine.names, link.holders):
                 self.same_storage &= p.data_ptr() == params[name].data_ptr() and p.dtype == torch.bfloat16
-                g = p.grad
-                if k not in self.ema:
-                    self.ema[k] = p.clone()
-                ema = self.ema[k]
-                if k in self.gprev:
-                    a = _l1(p - ema)
-                    b = _l1(g)
-                    c = _l1(g - self.gprev[k])
-                    alpha = float((1 + b) / (a * c) * 2)
-                    if not 0 < alpha < 1:
-                        alpha = 0.01
-                    self.ema[k] = ema * (1 - alpha) + p * alpha
-                else:
-                    alpha = 0.01
-                    self.ema[k] = ema * 0.99 + p * 0.01
-                self.gprev[k] = g.clone()
-                alphas.append(alpha)
+            alphas = self.oracle.update(list(link.holders), [p.grad for p in link.holders])
             if self.engine is None:
                 self.copies = [torch.nn.Parameter(h.detach().clone()) for h in link.holders]
                 self.engine = DEMA(self.copies, self.cb.config)
@@ -129,7 +108,7 @@ class OfficialReplay(TrainerCallback):
         self.engine_alpha.append(self.engine.stats.alpha.detach().double().cpu().clone())
         self.engine_ema_steps.append([t.detach().clone() for t in self.engine.ema_tensors()])
         self.alpha.append(torch.tensor(alphas, dtype=torch.float64))
-        self.ema_steps.append([self.ema[k].clone() for k in range(len(link.holders))])
+        self.ema_steps.append([e.clone() for e in self.oracle.ema_tensors()])
         self.cb.engine.flush()
         self.cb_alpha.append(self.cb.engine.stats.alpha.detach().double().cpu().clone())
         self.cb_ema_steps.append([t.detach().clone() for t in self.cb.engine.ema_tensors()])

@@ -214,11 +214,9 @@ def test_official_precision_at_zero0_bf16_averages_deepspeeds_bf16_weights_and_g
         assert torch.equal(live, ema) and torch.equal(master, ema.float())
 
 
-# The engine's op-for-op bf16 arithmetic (each norm, 1 + b, a·c, the quotient and ·2 rounded to
-# bf16) is built on another branch; until it is in, α differs from the official one in the 3rd
-# digit (0.6545 vs 0.6562 at step 2). strict: once it is in this passes and the mark must go.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="needs the engine's op-for-op official bf16 arithmetic (ema_dtype='param')")
+# The engine computes the official bf16 arithmetic op for op (each norm rounded once, 1 + b,
+# a·c, the quotient and ·2 rounded to bf16, the first update's fallback rounding), so the
+# callback's α and EMA are the official bits (tests/official_oracle.py is the oracle).
 def test_official_precision_at_zero0_bf16_is_the_official_formula_bit_for_bit(official):
     res = official["z0b_official"]
     assert res["error"] is None and res["steps"] == 4

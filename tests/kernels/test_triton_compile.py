@@ -35,7 +35,7 @@ Every pointer argument is compiled as 16-byte aligned, as Triton specialises a l
 tensor addresses are multiples of 16: the launchers allocate their tables so that every
 slice they pass is (tests/kernels/test_triton_alignment.py checks it at odd table sizes).
 
-Cost: 61 specialisations x 2 targets = 122 compiles, about 70 CPU-seconds in all (measured
+Cost: 63 specialisations x 2 targets = 126 compiles, about 70 CPU-seconds in all (measured
 with resource.getrusage of the workers), so about 40 s on 2 idle cores; far more wall time
 on a loaded machine.
 """

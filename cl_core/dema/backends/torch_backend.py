@@ -27,7 +27,7 @@ import logging
 import torch
 
 from cl_core.dema.config import DEMAConfig
-from cl_core.dema.state import GroupState
+from cl_core.dema.state import GroupState, dynamic_alpha, fallback_alpha, fixed_alpha, round_sum
 from cl_core.kernels import cpu_dema, native
 from cl_core.kernels.cpu_dema import MODE_APPLY, MODE_BOTH, MODE_STATS
 from cl_core.kernels.native import int64_table as _i64
@@ -185,8 +185,8 @@ class TorchBackend:
         return _flat32(t)
 
     def _number(self, sums: torch.Tensor) -> torch.Tensor:
-        """float64 sums as the statistics: float32, or rounded to the EMA dtype first."""
-        return sums.to(self.state.ema_dtype).float() if self._low else sums.float()
+        """float64 sums as the statistics: float32, or rounded once to the EMA dtype."""
+        return round_sum(sums, self.state.ema_dtype) if self._low else sums.float()
 
     def _update_torch(self, thetas, grads, reduce_stats) -> None:
         s, cfg = self.state, self.config
@@ -197,7 +197,9 @@ class TorchBackend:
         sa, sb, sc, sd = sums.unbind(0)  # float64 [T] each: a, b, c and the new d
         gp_views = s.gprev_views
         flat = self._flat
-        f32 = torch.float32
+        # float32 piece sums (accurate to float32 rounding); with a 16-bit EMA float64 ones,
+        # exact sums of the 16-bit |differences| that are then rounded once (round_sum)
+        f32 = torch.float64 if self._low else torch.float32
         for j, (theta, grad) in enumerate(zip(thetas, grads)):
             th, e = flat(theta), s.ema_views[j]
             g = None if grad is None else flat(grad)
@@ -212,7 +214,8 @@ class TorchBackend:
                     torch.sub(g[lo:hi], gp_views[j][lo:hi], out=tmp)
                     sc[j] += tmp.abs_().sum(dtype=f32)
         a, b, c = (self._number(x) for x in (sa, sb, sc))
-        nonfinite = ~(torch.isfinite(a) & torch.isfinite(b))
+        # from the float64 sums: a 16-bit norm may overflow to inf from finite θ and g
+        nonfinite = ~(torch.isfinite(sa) & torch.isfinite(sb))
         has_grad = torch.tensor([g is not None for g in grads], dtype=torch.bool).to(dev, non_blocking=True)
         # Only the statistics the rule uses (as the native kernel's need_stats): zeros elsewhere.
         if cfg.formula == "fixed":
@@ -228,22 +231,27 @@ class TorchBackend:
         started = s.started.bool()
 
         if cfg.formula == "fixed":
-            alpha = torch.full_like(a, 1.0 - cfg.beta)
+            alpha = torch.full_like(a, fixed_alpha(cfg))
         else:
-            q = (1.0 + b) / (a * c)
-            dyn = q * (cfg.scale if cfg.formula == "official" else d)
-            dyn = torch.where((dyn > 0) & (dyn < 1), dyn, cfg.fallback)
+            fb = fallback_alpha(cfg)
+            dyn = dynamic_alpha(a, b, c, d, cfg, s.ema_dtype)
+            dyn = torch.where((dyn > 0) & (dyn < 1), dyn, fb)
             use_dyn = started & has_grad & s.has_prev.bool()
-            alpha = torch.where(use_dyn, dyn, cfg.fallback)
+            alpha = torch.where(use_dyn, dyn, fb)
         # Weight applied: 1 at the lazy start (θ* = θ exactly); 0 for a skipped tensor,
-        # whose θ is replaced by θ* below so that NaN/inf never reach the EMA.
-        weight = torch.where(skip, 0.0, torch.where(started, alpha, 1.0))
+        # whose θ is replaced by θ* below so that NaN/inf never reach the EMA. A 16-bit
+        # EMA starts as θ and then takes the fallback update, as the official code.
+        start_w = alpha if self._low else 1.0
+        weight = torch.where(skip, 0.0, torch.where(started, alpha, start_w))
+        starting = ~started & ~skip  # device flags: no host sync
         keep_gprev = skip | ~has_grad
         for j, (theta, grad) in enumerate(zip(thetas, grads)):
             th, e = flat(theta), s.ema_views[j]
             skip_j, weight_j = skip[j], weight[j]
             for lo, hi in self._pieces(j):
                 tmp, ej, tj = scratch[: hi - lo], e[lo:hi], th[lo:hi]
+                if self._low:  # the official deepcopy before the first (fallback) update
+                    torch.where(starting[j], tj, ej, out=ej)
                 torch.where(skip_j, ej, tj, out=tmp)
                 if self._low:
                     # the reference's op order in the EMA dtype: θ* · (1 − w) + θ · w

@@ -96,8 +96,11 @@ class TritonBackend:
         # θ* and g_prev views are aligned when every numel is a multiple of VEC
         self._static_aligned = (functools.reduce(operator.or_, self._ema_addresses, 0) & 15) == 0 and all(
             n % self.vec == 0 for n in s.numels)
-        self.partials = torch.zeros(max(1, self.n_blocks), L.N_STAT, dtype=torch.float32, device=dev)
-        self.dpart = torch.zeros(max(1, self.n_blocks), dtype=torch.float32, device=dev)
+        # float64 partial sums for an EMA in the parameter dtype: its norms are exact sums
+        # rounded once (kernels/triton_dema.py round_sum)
+        part_dtype = torch.float32 if self.ema_dtype == torch.float32 else torch.float64
+        self.partials = torch.zeros(max(1, self.n_blocks), L.N_STAT, dtype=part_dtype, device=dev)
+        self.dpart = torch.zeros(max(1, self.n_blocks), dtype=part_dtype, device=dev)
         self._dyn_key = None
 
     def _set_pointers(self, thetas, grads) -> None:

@@ -53,19 +53,51 @@ static inline __attribute__((always_inline)) uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r);
 }
 
+/* The 16-bit dtype an EMA keeps its arithmetic in (DEMAConfig(ema_dtype="param")), or none. */
+enum { EMA16_NONE = 0, EMA16_BF16 = 1, EMA16_F16 = 2 };
+
+/* float32 x rounded to the EMA's 16-bit dtype (to nearest, ties to even), as float32. */
+static inline __attribute__((always_inline)) float round16(float x, int ema16) {
+    if (ema16 == EMA16_BF16) return bf16_to_f32(f32_to_bf16(x));
+#ifdef CL_CORE_HAVE_F16
+    if (ema16 == EMA16_F16) return (float)(_Float16)x;
+#endif
+    return x;
+}
+
+/* A double sum rounded ONCE to the 16-bit dtype, as float32 (the engine's round_sum,
+ * cl_core/dema/state.py): double -> float rounds to odd (truncate; set the last bit when
+ * inexact), then float -> 16-bit to nearest even. A plain (float) cast first would round
+ * twice (a sum just above a 16-bit midpoint lands on it in float, then goes to even). */
+static inline float round_sum16(double x, int ema16) {
+    float f = (float)x;
+    if ((double)f != x && x == x) {
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        if (fabs((double)f) > fabs(x)) u -= 1; /* one step toward zero: the truncation */
+        u |= 1u;
+        memcpy(&f, &u, 4);
+    }
+    return round16(f, ema16);
+}
+
 typedef struct {
     int formula;
     float scale, fallback, beta;
+    int ema16; /* EMA16_*: α in the official code's 16-bit arithmetic */
 } dema_params;
 
-/* st: one row of N_DSTAT statistics (DS_*). Same operation order as the reference backend. */
+/* st: one row of N_DSTAT statistics (DS_*). Same operation order as the reference backend;
+ * with ema16 every result rounded to that dtype as the official code's 16-bit tensor ops
+ * (state.py dynamic_alpha): t1 = 1 + b, t2 = a·c, q = t1 / t2, α = q · (scale or d). */
 static inline float decide_alpha(const dema_params *p, int started, int has_grad, int has_prev,
                                  const float *st) {
     if (!started) return p->formula == FORMULA_FIXED ? 1.0f - p->beta : p->fallback;
     if (p->formula == FORMULA_FIXED) return 1.0f - p->beta;
     if (!has_grad || !has_prev) return p->fallback;
-    float q = (1.0f + st[DS_B]) / (st[DS_A] * st[DS_C]);
-    float alpha = q * (p->formula == FORMULA_OFFICIAL ? p->scale : st[DS_D]);
+    const int r = p->ema16;
+    float q = round16(round16(1.0f + st[DS_B], r) / round16(st[DS_A] * st[DS_C], r), r);
+    float alpha = round16(q * (p->formula == FORMULA_OFFICIAL ? p->scale : st[DS_D]), r);
     if (!(alpha > 0.0f && alpha < 1.0f)) alpha = p->fallback;
     return alpha;
 }

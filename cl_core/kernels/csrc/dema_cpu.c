@@ -71,7 +71,7 @@ enum { MODE_STATS = 1, MODE_APPLY = 2, MODE_BOTH = 3 };
                            const int64_t *gp_ptr, uint8_t *started, uint8_t *has_prev,          \
                            float *d, float *alpha, int64_t *skips, float *stats, int formula,   \
                            float scale, float fallback, float beta) {                           \
-        dema_params p = {formula, scale, fallback, beta};                                       \
+        dema_params p = {formula, scale, fallback, beta, EMA16_NONE};                           \
         for (int64_t k = 0; k < count; k++) {                                                   \
             int64_t j = idx[k];                                                                 \
             int64_t n = numel[j];                                                               \
@@ -105,19 +105,19 @@ DEFINE_TENSOR_FN(bf16, uint16_t, LOAD_BF16)
 DEFINE_TENSOR_FN(f16, _Float16, LOAD_F16)
 #endif
 
-/* DEMAConfig(ema_dtype="param"): θ* and g_prev stored in the parameter dtype T, and every
- * difference, product and sum rounded to T as the reference computes in that dtype
- * (ROUND = store to T and load back). Statistics: double sums of the rounded |differences|,
- * the totals rounded to T. */
-#define DEFINE_PARAM_FN(SUFFIX, T, LOAD, STORE)                                                  \
-    static inline float round_##SUFFIX(float x) { T h = STORE(x); return LOAD(h); }           \
+/* DEMAConfig(ema_dtype="param"): θ* and g_prev stored in the parameter dtype T, and the
+ * official code's arithmetic in T (EMA16: its EMA16_* code): every difference, product and
+ * sum rounded to T (round16), the statistics double sums of the rounded |differences| in
+ * element order rounded once to T (round_sum16), α as decide_alpha computes it in T. The
+ * first update of a tensor is the official deepcopy followed by its fallback update. */
+#define DEFINE_PARAM_FN(SUFFIX, T, LOAD, STORE, EMA16)                                           \
     void dema_cpu_param_##SUFFIX(int mode, int64_t count, const int64_t *idx,                  \
                                  const int64_t *numel, const int64_t *th_ptr,                  \
                                  const int64_t *g_ptr, const int64_t *e_ptr,                   \
                                  const int64_t *gp_ptr, uint8_t *started, uint8_t *has_prev,   \
                                  float *d, float *alpha, int64_t *skips, float *stats,         \
                                  int formula, float scale, float fallback, float beta) {       \
-        dema_params p = {formula, scale, fallback, beta};                                      \
+        dema_params p = {formula, scale, fallback, beta, EMA16};                               \
         for (int64_t k = 0; k < count; k++) {                                                  \
             int64_t j = idx[k];                                                                \
             int64_t n = numel[j];                                                              \
@@ -134,9 +134,9 @@ DEFINE_TENSOR_FN(f16, _Float16, LOAD_F16)
                     fin += t - t;                                                              \
                     if (need) {                                                                \
                         float gg = LOAD(g[i]);                                                 \
-                        sa += fabsf(round_##SUFFIX(t - LOAD(e[i])));                           \
+                        sa += fabsf(round16(t - LOAD(e[i]), EMA16));                           \
                         sb += fabsf(gg);                                                       \
-                        sc += fabsf(round_##SUFFIX(gg - LOAD(gp[i])));                         \
+                        sc += fabsf(round16(gg - LOAD(gp[i]), EMA16));                         \
                     }                                                                          \
                 }                                                                              \
                 if (g) {                                                                       \
@@ -145,9 +145,9 @@ DEFINE_TENSOR_FN(f16, _Float16, LOAD_F16)
                         fin += gg - gg;                                                        \
                     }                                                                          \
                 }                                                                              \
-                st[0] = round_##SUFFIX((float)sa);                                             \
-                st[1] = round_##SUFFIX((float)sb);                                             \
-                st[2] = round_##SUFFIX((float)sc);                                             \
+                st[0] = round_sum16(sa, EMA16);                                                \
+                st[1] = round_sum16(sb, EMA16);                                                \
+                st[2] = round_sum16(sc, EMA16);                                                \
                 st[3] = isnan(fin) ? 1.0f : 0.0f;                                              \
                 st[4] = d[j];                                                                  \
             }                                                                                  \
@@ -158,30 +158,28 @@ DEFINE_TENSOR_FN(f16, _Float16, LOAD_F16)
                 continue;                                                                      \
             }                                                                                  \
             float al = decide_alpha(&p, started[j], g != 0, has_prev[j], st);                  \
+            const float om = 1.0f - al;                                                        \
+            const int was_started = started[j]; /* a local: e[i] stores may alias a uint8 */   \
             double sd = 0;                                                                     \
-            if (started[j]) {                                                                  \
-                const float om = 1.0f - al;                                                    \
-                for (int64_t i = 0; i < n; i++) {                                              \
-                    float t = LOAD(th[i]);                                                     \
-                    float en = round_##SUFFIX(round_##SUFFIX(LOAD(e[i]) * om) +                \
-                                              round_##SUFFIX(t * al));                         \
-                    e[i] = STORE(en);                                                          \
-                    sd += fabsf(round_##SUFFIX(t - en));                                       \
-                }                                                                              \
-            } else {                                                                           \
-                for (int64_t i = 0; i < n; i++) e[i] = th[i];                                  \
+            for (int64_t i = 0; i < n; i++) {                                                  \
+                float t = LOAD(th[i]);                                                         \
+                /* the first update: θ* starts as θ (the official deepcopy) */                 \
+                float eo = was_started ? LOAD(e[i]) : t;                                       \
+                float en = round16(round16(eo * om, EMA16) + round16(t * al, EMA16), EMA16);   \
+                e[i] = STORE(en);                                                              \
+                sd += fabsf(round16(t - en, EMA16));                                           \
             }                                                                                  \
             if (g && gp) {                                                                     \
                 for (int64_t i = 0; i < n; i++) gp[i] = g[i];                                  \
             }                                                                                  \
-            d[j] = round_##SUFFIX((float)sd);                                                  \
+            d[j] = round_sum16(sd, EMA16);                                                     \
             alpha[j] = al;                                                                     \
             started[j] = 1;                                                                    \
             if (gp) has_prev[j] = g != 0;                                                      \
         }                                                                                      \
     }
 
-DEFINE_PARAM_FN(bf16, uint16_t, LOAD_BF16, STORE_BF16)
+DEFINE_PARAM_FN(bf16, uint16_t, LOAD_BF16, STORE_BF16, EMA16_BF16)
 #ifdef CL_CORE_HAVE_F16
-DEFINE_PARAM_FN(f16, _Float16, LOAD_F16, STORE_F16)
+DEFINE_PARAM_FN(f16, _Float16, LOAD_F16, STORE_F16, EMA16_F16)
 #endif

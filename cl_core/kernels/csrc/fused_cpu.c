@@ -285,11 +285,14 @@ typedef struct {
         else sweep_##SUFFIX(KIND, 0, 1, 0, 0, 0, n, th, g, m, v, e, gp, c, &s);                  \
     }
 
-/* DEFINE_FUSED(SUFFIX, T, LOAD, STORE, ET, ELOAD, ESTORE, EROUND, EXACT): the entry points
- * cpu_fused_{step,flush}_SUFFIX for parameters of type T (LOAD/STORE: to and from fp32)
- * with θ* and g_prev of type ET (ELOAD/ESTORE); EROUND rounds a result to ET (the
- * identity for an fp32 EMA); EXACT: the statistics as dema_cpu_param_* sums them. */
-#define DEFINE_FUSED(SUFFIX, T, LOAD, STORE, ET, ELOAD, ESTORE, EROUND, EXACT)                   \
+/* DEFINE_FUSED(SUFFIX, T, LOAD, STORE, ET, ELOAD, ESTORE, EROUND, EXACT, EMA16): the entry
+ * points cpu_fused_{step,flush}_SUFFIX for parameters of type T (LOAD/STORE: to and from
+ * fp32) with θ* and g_prev of type ET (ELOAD/ESTORE); EROUND rounds a result to ET (the
+ * identity for an fp32 EMA); EXACT: the statistics as dema_cpu_param_* sums them (double
+ * sums in element order rounded once to ET, round_sum16), α in ET's arithmetic (EMA16, the
+ * EMA16_* code of ET) and the first update the official deepcopy + fallback update. */
+#define SUM_TO_STAT(x, EXACT, EMA16) ((EXACT) ? round_sum16((x), (EMA16)) : (float)(x))
+#define DEFINE_FUSED(SUFFIX, T, LOAD, STORE, ET, ELOAD, ESTORE, EROUND, EXACT, EMA16)            \
     DEFINE_SWEEP(SUFFIX, T, LOAD, STORE, ET, ELOAD, ESTORE, EROUND, EXACT)                       \
     /* One tensor of one step: finish its pending update, optimizer update, statistics.   \
      * c holds the optimizer scalars; wgp: the formula keeps g_prev. */                     \
@@ -313,25 +316,38 @@ typedef struct {
         else if (kind == KIND_ADAM) { HOT(SUFFIX, KIND_ADAM) }                                   \
         else if (skind == SWEEP_SGD_MOMENTUM) { HOT(SUFFIX, SWEEP_SGD_MOMENTUM) }                \
         else { HOT(SUFFIX, KIND_SGD) }                                                           \
-        if (apply) gs->d[j] = EROUND((float)s.sd);                                               \
+        if (apply) gs->d[j] = SUM_TO_STAT(s.sd, EXACT, EMA16);                                   \
         if (init_now) {                                                                          \
             if (isnan(s.fin)) {                                                                  \
                 gs->skips[j] += 1;                                                               \
                 gs->alpha[j] = 0.0f;                                                             \
             } else {                                                                             \
-                /* the lazy start: θ* ← θ (after this step's update), g_prev ← g */             \
-                for (int64_t i = 0; i < n; i++) e[i] = ESTORE(LOAD(th[i]));                      \
+                /* the lazy start: θ* ← θ (after this step's update), g_prev ← g; an EMA  \
+                 * in the parameter dtype then takes the official fallback update (EXACT) */  \
+                const float al0 = dp->formula == FORMULA_FIXED ? 1.0f - dp->beta : dp->fallback; \
+                const float om0 = 1.0f - al0;                                                    \
+                double sd0 = 0;                                                                  \
+                for (int64_t i = 0; i < n; i++) {                                                \
+                    const float t = LOAD(th[i]);                                                 \
+                    if (EXACT) {                                                                 \
+                        const float en = EROUND(EROUND(t * om0) + EROUND(t * al0));              \
+                        e[i] = ESTORE(en);                                                       \
+                        sd0 += fabsf(EROUND(t - en));                                            \
+                    } else {                                                                     \
+                        e[i] = ESTORE(t);                                                        \
+                    }                                                                            \
+                }                                                                                \
                 if (has_g && wgp)                                                                \
                     for (int64_t i = 0; i < n; i++) gp[i] = ESTORE(LOAD(g[i]));                  \
                 gs->started[j] = 1;                                                              \
-                gs->alpha[j] = dp->formula == FORMULA_FIXED ? 1.0f - dp->beta : dp->fallback;    \
-                gs->d[j] = 0.0f;                                                                 \
+                gs->alpha[j] = al0;                                                              \
+                gs->d[j] = EXACT ? round_sum16(sd0, EMA16) : 0.0f;                               \
             }                                                                                    \
         } else {                                                                                 \
             float *st = gs->pend_stats + N_DSTAT * j;                                            \
-            st[DS_A] = EROUND((float)s.sa);                                                      \
-            st[DS_B] = EROUND((float)s.sb);                                                      \
-            st[DS_C] = EROUND((float)s.sc);                                                      \
+            st[DS_A] = SUM_TO_STAT(s.sa, EXACT, EMA16);                                          \
+            st[DS_B] = SUM_TO_STAT(s.sb, EXACT, EMA16);                                          \
+            st[DS_C] = SUM_TO_STAT(s.sc, EXACT, EMA16);                                          \
             st[DS_NONFINITE] = isnan(s.fin) ? 1.0f : 0.0f;                                       \
             st[DS_D] = gs->d[j];                                                                 \
             gs->pend_mode[j] = PEND_EMA;                                                         \
@@ -346,7 +362,7 @@ typedef struct {
                                  const int64_t *D, const double *hyper, const int64_t *CS,      \
                                  int64_t nt, int formula, float scale, float fallback,           \
                                  float beta) {                                                   \
-        const dema_params dp = {formula, scale, fallback, beta};                                 \
+        const dema_params dp = {formula, scale, fallback, beta, EMA16};                          \
         const group_state gs = state_from(CS);                                                   \
         const int wgp = formula != FORMULA_FIXED;                                                \
         for (int64_t q = 0; q < count; q++) {                                                    \
@@ -370,7 +386,7 @@ typedef struct {
     void cpu_fused_flush_##SUFFIX(int64_t count, const int64_t *idx, const int64_t *S,          \
                                   const int64_t *theta, const int64_t *CS, int64_t nt,          \
                                   int formula, float scale, float fallback, float beta) {       \
-        const dema_params dp = {formula, scale, fallback, beta};                                 \
+        const dema_params dp = {formula, scale, fallback, beta, EMA16};                          \
         const group_state gs = state_from(CS);                                                   \
         for (int64_t k = 0; k < count; k++) {                                                    \
             const int64_t j = idx[k];                                                            \
@@ -403,39 +419,47 @@ typedef struct {
                     sd += fabsf(t - en);                                                         \
                 }                                                                                \
             }                                                                                    \
-            gs.d[j] = EROUND((float)sd);                                                         \
+            gs.d[j] = SUM_TO_STAT(sd, EXACT, EMA16);                                             \
         }                                                                                        \
     }
 
 /* Round-trip through the storage type where torch stores an intermediate tensor. */
 #define IDENT(x) (x)
 #define STOREBACK(x) (x)
-DEFINE_FUSED(f32, float, LOAD_F32, STORE_F32, float, IDENT, IDENT, IDENT, 0)
+DEFINE_FUSED(f32, float, LOAD_F32, STORE_F32, float, IDENT, IDENT, IDENT, 0, EMA16_NONE)
 #undef STOREBACK
 #define STOREBACK(x) bf16_to_f32(f32_to_bf16(x))
-DEFINE_FUSED(bf16, uint16_t, LOAD_BF16, STORE_BF16, float, IDENT, IDENT, IDENT, 0)
+DEFINE_FUSED(bf16, uint16_t, LOAD_BF16, STORE_BF16, float, IDENT, IDENT, IDENT, 0, EMA16_NONE)
 /* ema_dtype="param": θ* and g_prev in bfloat16, every DEMA result rounded to it */
-DEFINE_FUSED(param_bf16, uint16_t, LOAD_BF16, STORE_BF16, uint16_t, LOAD_BF16, STORE_BF16, STOREBACK, 1)
+DEFINE_FUSED(param_bf16, uint16_t, LOAD_BF16, STORE_BF16, uint16_t, LOAD_BF16, STORE_BF16, STOREBACK, 1, EMA16_BF16)
 #undef STOREBACK
 #ifdef CL_CORE_HAVE_F16
 #define STOREBACK(x) ((float)(_Float16)(x))
-DEFINE_FUSED(f16, _Float16, LOAD_F16, STORE_F16, float, IDENT, IDENT, IDENT, 0)
-DEFINE_FUSED(param_f16, _Float16, LOAD_F16, STORE_F16, _Float16, LOAD_F16, STORE_F16, STOREBACK, 1)
+DEFINE_FUSED(f16, _Float16, LOAD_F16, STORE_F16, float, IDENT, IDENT, IDENT, 0, EMA16_NONE)
+DEFINE_FUSED(param_f16, _Float16, LOAD_F16, STORE_F16, _Float16, LOAD_F16, STORE_F16, STOREBACK, 1, EMA16_F16)
 #undef STOREBACK
 #endif
 #undef IDENT
 
 /* α and skip count per tensor as the next step or flush will record them, without
- * changing anything (engine.stats right after a fused step). Any dtype. */
-void cpu_fused_pending(int64_t T, const int64_t *CS, float *alpha_out, int64_t *skips_out, int formula,
-                       float scale, float fallback, float beta) {
-    const dema_params dp = {formula, scale, fallback, beta};
-    const group_state gs = state_from(CS);
-    for (int64_t j = 0; j < T; j++) {
-        float al = gs.alpha[j];
-        int skip = 0;
-        pending_decision(&gs, j, &dp, &al, &skip);
-        alpha_out[j] = skip ? 0.0f : al;
-        skips_out[j] = gs.skips[j] + skip;
+ * changing anything (engine.stats right after a fused step). One entry point per EMA
+ * arithmetic (α is decided in the EMA's dtype): cpu_fused_pending for a float32 EMA
+ * (any parameter dtype), cpu_fused_pending_param_{bf16,f16} for ema_dtype="param". */
+#define DEFINE_PENDING(NAME, EMA16)                                                              \
+    void NAME(int64_t T, const int64_t *CS, float *alpha_out, int64_t *skips_out, int formula,  \
+              float scale, float fallback, float beta) {                                         \
+        const dema_params dp = {formula, scale, fallback, beta, EMA16};                          \
+        const group_state gs = state_from(CS);                                                   \
+        for (int64_t j = 0; j < T; j++) {                                                        \
+            float al = gs.alpha[j];                                                              \
+            int skip = 0;                                                                        \
+            pending_decision(&gs, j, &dp, &al, &skip);                                           \
+            alpha_out[j] = skip ? 0.0f : al;                                                     \
+            skips_out[j] = gs.skips[j] + skip;                                                   \
+        }                                                                                        \
     }
-}
+DEFINE_PENDING(cpu_fused_pending, EMA16_NONE)
+DEFINE_PENDING(cpu_fused_pending_param_bf16, EMA16_BF16)
+#ifdef CL_CORE_HAVE_F16
+DEFINE_PENDING(cpu_fused_pending_param_f16, EMA16_F16)
+#endif
