@@ -22,7 +22,7 @@ METHOD_CHOICES = METHODS
 # The methods `cl-core demo` compares (the top-level help counts them): the custom methods, so
 # each effect has its own row (fixed EMA, DEMA, grouping, grouping with DEMA, against plain
 # LoRA). The recipes (lcia, cl-next) are left to `cl-core run --recipe ...` so that three seeds,
-# each with its own base, fit the demo's 10 minutes.
+# each with its own base, stay near the demo's 10-minute target (docs/runner.md: measured 11 min of CPU).
 DEMO_METHODS = CUSTOM_METHODS
 _DEFAULTS = RunConfig()
 
