@@ -288,7 +288,10 @@ class ContinualRun:
                 decision = grouper.assign(task.templates, name=task.name)
             else:
                 decision = Decision(group=0, reused=j > 0, similarities=[])
-            torch.manual_seed(seed_for(seed, method, "adapter", j))  # new adapters: same init on resume
+            # A new LoRA set draws its initialisation from the seed and the set (group) only, not
+            # the method: every method of a seed starts set g from the same weights (paired
+            # comparisons), and a resumed chain draws the same ones.
+            torch.manual_seed(seed_for(seed, "adapter", decision.group))
             adapter, reused = sets.prepare_task(decision)
             if reused:
                 init_from = last_of_group[decision.group]   # the set's own latest weights

@@ -241,13 +241,15 @@ def test_blank_test_images_lower_the_accuracy(tmp_path):
 
 
 def test_demo_multimodal_is_the_text_demo_on_pictures(captured, tmp_path):
-    from cl_core.cli.run import DEMO_FULL, DEMO_METHODS, DEMO_QUICK
+    from cl_core.cli.run import DEMO_FULL, DEMO_METHODS, DEMO_MULTIMODAL_FULL, DEMO_MULTIMODAL_METHODS, DEMO_QUICK
 
     assert main(["demo", "--multimodal", "--out", str(tmp_path / "d"), "--quiet"]) == 0
     assert main(["demo", "--multimodal", "--quick", "--out", str(tmp_path / "q"), "--quiet"]) == 0
-    for cfg, preset in zip(captured, (DEMO_FULL, DEMO_QUICK)):
-        assert cfg.multimodal and cfg.methods == DEMO_METHODS and "group" in cfg.methods
-        assert all(getattr(cfg, k) == v for k, v in preset.items())   # same tasks, seeds, steps
+    # the text demo's methods and MoELoRA beside them; the full preset with its own width/steps
+    assert DEMO_MULTIMODAL_METHODS == DEMO_METHODS + ("moelora",)
+    for cfg, preset in zip(captured, ({**DEMO_FULL, **DEMO_MULTIMODAL_FULL}, DEMO_QUICK)):
+        assert cfg.multimodal and cfg.methods == DEMO_MULTIMODAL_METHODS and "group" in cfg.methods
+        assert all(getattr(cfg, k) == v for k, v in preset.items())   # same tasks and seeds
 
 
 @pytest.mark.slow
