@@ -14,8 +14,9 @@ A text example is the prompt, ``PROMPT_SEPARATOR`` and the answer with the end-o
 token, the loss on the answer only (:func:`encode_example`; :func:`encode_prompt` for generation, so the two always agree). An
 image-text example puts the processor's image token and a newline before the prompt, as LLaVA's
 ``<image>\\n`` first turn does; the processor expands it to the model's image tokens and returns
-``pixel_values`` (and whatever else it returns, e.g. Qwen2-VL's ``image_grid_thw``), all of
-which reach the model. Labels are -100 on the prompt, so on the image tokens too. A record
+``pixel_values`` (and whatever else it returns per image), all of which reach the model.
+Tested on LLaVA; Qwen2-VL is not supported yet (its per-token ``mm_token_type_ids`` would have
+to be padded and cut with ``input_ids``, and its processor needs torchvision: docs/runner.md). Labels are -100 on the prompt, so on the image tokens too. A record
 without an image is a text-only example (no image token, no pixels), which LLaVA-style models
 accept in the same batch as image examples.
 """
@@ -108,9 +109,9 @@ class TextEncoder:
 
 def _concat_extras(rows: Sequence[dict]) -> dict:
     """The image tensors of a batch (``pixel_values`` and the like), concatenated along the
-    first dimension over the rows that have them (LLaVA: (images, 3, H, W); Qwen2-VL:
-    (patches, dim) with ``image_grid_thw``), in row order, which is the order the model fills
-    its image tokens in."""
+    first dimension over the rows that have them (LLaVA: (images, 3, H, W)), in row order,
+    which is the order the model fills its image tokens in. Per-token tensors (Qwen2-VL's
+    ``mm_token_type_ids``) are not handled here."""
     import torch
 
     keys = [k for k in rows[0] if k not in ("input_ids", "labels", "attention_mask")] if rows else []

@@ -9,7 +9,7 @@ beside it (``--train-projector``: the multi-modal projector, as the official ``m
     lora_targets(model, target_modules) / projector_modules(model)
 
 A model folder is multimodal when transformers maps its ``config.json`` model type to
-``AutoModelForImageTextToText`` (LLaVA, LLaVA-NeXT, Qwen2-VL, ...); it is then loaded with
+``AutoModelForImageTextToText`` (LLaVA tested; Qwen2-VL not yet, docs/runner.md); it is then loaded with
 ``AutoProcessor`` and ``AutoModelForImageTextToText``, anything else as a causal LM with its
 tokenizer, as before. The bundled benchmark in multimodal mode (``RunConfig(multimodal=True)``,
 ``--multimodal``) uses the tiny LLaVA of :mod:`cl_core.continual.tiny_model` and the scene
