@@ -9,7 +9,10 @@ model on quick settings, compared with the same command in one process:
 * the same DDP run on the tiny LLaVA (``--multimodal``: the bundled tasks as pictures) equals
   its single-process run;
 * DeepSpeed ZeRO-0 (fp32) equals the single-process run within the same tolerance; ZeRO-0 bf16
-  with the official recipe completes, trains bf16 weights and averages with precision="official".
+  with the official recipe completes, trains bf16 weights and averages with precision="official";
+* DeepSpeed ZeRO-3 (fp32, every tensor partitioned: stage3_param_persistence_threshold 0),
+  interrupted after the first task and resumed, equals the single-process run within the same
+  tolerance (the runner gathers the parameters back whole after each training).
 
 Tolerance, per saved tensor: ‖Δ‖ ≤ 1e-4 ‖ref‖ + 1e-5 and max|Δ| ≤ 1e-3 max|ref| + 1e-5
 (typically ≤ 2e-5 of the largest entry; one entry in a thousand was seen at 2e-4 of it; the 1e-5
