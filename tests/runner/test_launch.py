@@ -177,9 +177,16 @@ def _assert_same_run(ref, other):
         torch.testing.assert_close(torch.tensor(sb["loss"]), torch.tensor(sa["loss"]), rtol=1e-5, atol=0)
         assert [len(x) for x in sb["alpha"]] == [len(x) for x in sa["alpha"]]
         assert any(sa["alpha"]), f"{m}: no DEMA step, the comparison would be vacuous"
+        assert sb["alpha_counts"]["n"] == sa["alpha_counts"]["n"] and \
+               [sb["alpha_counts"][k] for k in ("numel_min", "numel_max")] == \
+               [sa["alpha_counts"][k] for k in ("numel_min", "numel_max")], m
         for x, y in zip(sa["alpha"], sb["alpha"]):
             torch.testing.assert_close(torch.tensor(y), torch.tensor(x), rtol=1e-4, atol=0)
     assert _files(other) == _files(ref)           # rank 0 wrote everything once, the others no extra file
+    for f in _files(ref):    # the α records: the whole tensors' sizes (not one rank's fragments under ZeRO)
+        if f.startswith("chains") and os.path.basename(f).startswith("alpha_task"):
+            ra, rb = (json.loads((d / f).read_text()) for d in (ref, other))
+            assert (rb["names"], rb["numel"]) == (ra["names"], ra["numel"]), f
     weights = [f for f in _files(ref) if f.endswith(".safetensors")]
     assert any(f.startswith("base") for f in weights) and any(f.startswith("chains") for f in weights)
     for f in weights:
