@@ -208,7 +208,7 @@ def add_parser(sub) -> None:
     procs = run.add_argument_group("many processes (start the run with torchrun or accelerate launch; "
                                    "docs/distributed.md)")
     procs.add_argument("--deepspeed", metavar="FILE", default=None,
-                       help="train every task under DeepSpeed with this JSON config (ZeRO stage 0, 1 or 2; batch sizes, "
+                       help="train every task under DeepSpeed with this JSON config (ZeRO stage 0 to 3; batch sizes, "
                             "accumulation and clipping \"auto\"); needs a launcher and pip install cl_core[deepspeed]")
     _common(run, "runs/run-YYYYmmdd-HHMMSS")
     run.set_defaults(func=cmd_run)

@@ -1,6 +1,6 @@
 """The continual runner on many processes: ``cl-core run`` started by ``torchrun`` /
 ``python -m torch.distributed.run`` or ``accelerate launch`` (DDP over gloo on CPU), with or
-without a DeepSpeed config (``--deepspeed FILE``, ZeRO stage 0, 1 or 2).
+without a DeepSpeed config (``--deepspeed FILE``, ZeRO stage 0, 1, 2 or 3).
 
     launch = Launch.from_env(deepspeed="zero0.json", flags=FLAGS)   # checks, then joins the group
     launch.check_run(cfg, flags)          # --batch-size divides over the processes, ...
@@ -30,10 +30,11 @@ from typing import Callable, Optional
 
 log = logging.getLogger("cl_core.continual.run")
 
-# DeepSpeed stages the runner runs: the parameters stay whole on every rank, so evaluation,
-# saving the adapters and the next task's warm start read them as in one process. ZeRO-3
-# partitions the parameters themselves (generation and saving would need a gather per task).
-DEEPSPEED_STAGES = (0, 1, 2)
+# DeepSpeed stages the runner runs. At 0/1/2 the parameters stay whole on every rank; ZeRO-3
+# partitions the parameters themselves, and release() gathers them back whole after every
+# training, so evaluation, saving the adapters and the next task's warm start read them as in
+# one process at every stage (the next Trainer's DeepSpeed partitions them again).
+DEEPSPEED_STAGES = (0, 1, 2, 3)
 # The DeepSpeed config keys the runner sets itself through TrainingArguments ("auto" there).
 _AUTO_KEYS = {
     "train_batch_size": "the global batch (--batch-size)",
@@ -206,12 +207,22 @@ class Launch:
         return dataclasses.replace(self, find_unused=True, _joined=False)
 
     def release(self, trainer) -> None:
-        """After a training under DeepSpeed: destroy its engine, which removes the gradient
-        hooks it put on the model's parameters (the next task's engine adds its own), and
-        restore ACCELERATE_USE_DEEPSPEED, which accelerate left set: a later Trainer of this
+        """After a training under DeepSpeed: at ZeRO-3 gather the partitioned parameters back
+        into whole ones (gather_whole); destroy the engine, which removes the gradient hooks
+        (ZeRO-3: the module hooks) it put on the model (the next task's engine adds its own),
+        and restore ACCELERATE_USE_DEEPSPEED, which accelerate left set: a later Trainer of this
         process without a DeepSpeed config would otherwise run DeepSpeed anyway."""
         if self.deepspeed is not None:
+            model = trainer.model
+            whole = gather_whole(model) if self.zero_stage == 3 else None
             trainer.accelerator.free_memory()
+            if whole is not None:
+                _replace_parameters(model, whole)
+                # transformers keeps the ZeRO-3 config in a global while the TrainingArguments
+                # live: from_pretrained (the next chain's base, a resume) would load partitioned
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
             if self.accelerate_deepspeed_env is None:
                 os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
             else:
@@ -282,6 +293,30 @@ class Launch:
         return out
 
 
+def gather_whole(model) -> dict:
+    """ZeRO-3: every parameter of ``model`` gathered whole (on every rank: each takes part in
+    the all-gather), as fresh ``nn.Parameter`` objects without DeepSpeed's partition state,
+    keyed by the id of the partitioned parameter (tied weights stay one tensor). Parameters
+    that are not partitioned are left out."""
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return {}
+    with GatheredParameters(params):    # modifier_rank None: read only, partitioned again on exit
+        return {id(p): torch.nn.Parameter(p.data.detach().clone(), requires_grad=p.requires_grad) for p in params}
+
+
+def _replace_parameters(model, whole: dict) -> None:
+    """Put the whole parameters of gather_whole in place of the partitioned ones in every
+    module that holds them (the modules' own references: PEFT's layers, a tied head)."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in whole:
+                module._parameters[name] = whole[id(p)]
+
+
 def _enabled(section):
     """The ``enabled`` value of a DeepSpeed precision section (True, False or "auto")."""
     if section is None:
@@ -293,7 +328,7 @@ def _enabled(section):
 
 def read_deepspeed_config(path, flag: str = "--deepspeed") -> dict:
     """The DeepSpeed JSON at ``path``, checked for what the runner can run (ValueError, one
-    line naming ``flag`` and the file): DeepSpeed installed, a JSON object, ZeRO stage 0/1/2,
+    line naming ``flag`` and the file): DeepSpeed installed, a JSON object, ZeRO stage 0/1/2/3,
     the batch sizes, accumulation and clipping "auto" (the runner sets them), no
     optimizer or scheduler section (the runner's AdamW with its cosine schedule, which the
     DEMA callback reads inside DeepSpeed's step), no fp16 (the runner trains on the CPU)."""
@@ -317,10 +352,13 @@ def read_deepspeed_config(path, flag: str = "--deepspeed") -> dict:
         raise ValueError(f"{where}: zero_optimization must be an object, got {zero!r}")
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or stage not in DEEPSPEED_STAGES:
-        why = (" (ZeRO-3 partitions the parameters themselves; the runner evaluates and saves whole parameters on "
-               "every rank)" if stage == 3 else "")
-        raise ValueError(f"{where}: ZeRO stage {stage!r} is not supported by the runner{why}; use stage "
+        raise ValueError(f"{where}: ZeRO stage {stage!r} is not supported by the runner; use stage "
                          f"{', '.join(map(str, DEEPSPEED_STAGES))}")
+    offload = zero.get("offload_param") or {}
+    if isinstance(offload, dict) and offload.get("device", "none") not in (None, "none"):
+        # the DEMA callback refuses it (cl_core.integrations.deepspeed); refused here before any task runs
+        raise ValueError(f"{where}: ZeRO-3 parameter offload (offload_param) is not supported by DEMA under "
+                         "DeepSpeed; drop offload_param (offload_optimizer to the CPU works)")
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ValueError(f"{where}: drop the {section!r} section: the runner trains with the Trainer's AdamW and "

@@ -321,7 +321,10 @@ class ContinualRun:
                 cb = callbacks[0]
                 hist = [a.tolist() for a in cb.alpha_history]
                 alpha_mean = [sum(a) / len(a) for a in hist if a]
-                numel = [p.numel() for p in cb.engine.params]
+                # the sizes of the whole tensors: under DeepSpeed ZeRO-1/2/3 the engine holds this
+                # rank's fragments; the model's parameters are whole again after the training
+                whole = dict(sets.model.named_parameters())
+                numel = [whole[n].numel() for n in cb.engine.names]
                 fallback = None if plan.ema.formula == "fixed" else plan.ema.fallback
                 counts = alpha_counts(hist, fallback, numel)
                 if main:
