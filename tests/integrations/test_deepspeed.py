@@ -126,7 +126,11 @@ def _check_run(res, ref, bf16, stage, out_dir=None):
         _close_list(res["alpha"], ref["alpha"])
         _close_list(res["ema"], ref["ema"])
     elif stage > 0:
-        _close_list(res["alpha"], ref["alpha"], rtol=0, atol=1e-2)
+        # bf16 trajectories of two different trainings (DeepSpeed's bf16 optimizer vs autocast):
+        # α agrees to a few per cent. Absolute 1e-2 alone failed at α ≈ 0.92 (Δ 0.014) on a CPU
+        # with AMX/AVX512-BF16, whose bf16 matmuls round differently from other CPUs; the
+        # fixed-EMA bug this guards against gives 0.01 against ~0.5-0.9, far outside either.
+        _close_list(res["alpha"], ref["alpha"], rtol=3e-2, atol=1e-2)
     # EMA replace at the end reached the model's own (bf16 / partitioned) parameters
     dtype = torch.bfloat16 if bf16 else torch.float32
     for live, ema in zip(res["live"], res["ema"]):
