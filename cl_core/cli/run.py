@@ -219,7 +219,8 @@ def _finish(results: dict, out, started: float) -> int:
 
     n_seeds = len(results["config"]["seeds"])
     spread = n_seeds > 1  # one seed has no spread: no "± 0.0"
-    width = 16 if spread else 10
+    # every column at least as wide as its label plus a gap ("Forgetting(max)" is 15 characters)
+    width = max(16 if spread else 10, 2 + max(len(METRIC_LABELS[m]) for m in METRIC_NAMES))
     print()
     print(f"{'method':<12}" + "".join(f"{METRIC_LABELS[m]:>{width}}" for m in METRIC_NAMES))
     base = results.get("base_metrics")
@@ -227,9 +228,9 @@ def _finish(results: dict, out, started: float) -> int:
         print(f"{'base':<12}" + "".join(f"{base['avg_acc']:>{width}.2f}" if m == "avg_acc" else f"{'-':>{width}}"
                                         for m in METRIC_NAMES))
     for method, r in results["methods"].items():
-        cells = (f"{r['metrics'][m]:>9.2f} ± {r['metrics_std'][m]:<4.1f}" if spread else f"{r['metrics'][m]:>10.2f}"
-                 for m in METRIC_NAMES)
-        print(f"{method:<12}" + "".join(cells))
+        mean, std = r["metrics"], r["metrics_std"]
+        cells = (f"{mean[m]:.2f} ± {std[m]:.1f}" if spread else f"{mean[m]:.2f}" for m in METRIC_NAMES)
+        print(f"{method:<12}" + "".join(f"{c:>{width}}" for c in cells))
     print()
     if spread:
         print(f"mean ± standard deviation over {n_seeds} seeds; "
