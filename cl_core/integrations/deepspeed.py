@@ -74,6 +74,19 @@ def _torch_optimizer_inside(ds_opt):
     return None
 
 
+
+def _grad_buffer(holders, dtype):
+    """One flat ``dtype`` buffer for a step's gradients of ``holders`` (allocated once), and a
+    view of it shaped like each holder, in order."""
+    total = sum(h.numel() for h in holders)
+    dev = holders[0].device if holders else torch.device("cpu")
+    buf = torch.zeros(total, dtype=dtype, device=dev)
+    views, start = [], 0
+    for h in holders:
+        views.append(buf.narrow(0, start, h.numel()).view(h.shape))
+        start += h.numel()
+    return buf, views
+
 class _Frag:
     """Where one DEMA tensor lives: ``flat`` (the optimizer's fp32 tensor), the slice
     [offset, offset + numel) of its flattened view, and where that slice sits in the
@@ -168,13 +181,7 @@ class DeepSpeedLink:
                 h = f.flat.detach().view(-1).narrow(0, f.offset, f.numel)
             self.holders.append(h)
         # One buffer for the gradient fragments of a step, allocated once.
-        total = sum(h.numel() for h in self.holders)
-        dev = self.holders[0].device if self.holders else torch.device("cpu")
-        self._grad_buf = torch.zeros(total, dtype=torch.float32, device=dev)
-        self._grad_views, start = [], 0
-        for h in self.holders:
-            self._grad_views.append(self._grad_buf.narrow(0, start, h.numel()).view(h.shape))
-            start += h.numel()
+        self._grad_buf, self._grad_views = _grad_buffer(self.holders, torch.float32)
         self._by_flat: dict[int, list[int]] = {}
         for k, f in enumerate(frags):
             if f.flat is not None:
@@ -213,13 +220,7 @@ class DeepSpeedLink:
         # weights into them after its inner step) with the bf16 gradients, copied inside the
         # step: 0.19 clears p.grad right after it, where 0.9.5 left it for the official code.
         self.holders = [lp.detach() for lp, _ in self._lp_hp]
-        total = sum(h.numel() for h in self.holders)
-        dev = self.holders[0].device if self.holders else torch.device("cpu")
-        self._grad_buf = torch.zeros(total, dtype=torch.bfloat16, device=dev)
-        self._grad_views, start = [], 0
-        for h in self.holders:
-            self._grad_views.append(self._grad_buf.narrow(0, start, h.numel()).view(h.shape))
-            start += h.numel()
+        self._grad_buf, self._grad_views = _grad_buffer(self.holders, torch.bfloat16)
         self._captured = [False] * len(self.holders)
         self.captures = 0
         self.reduce_stats = None
