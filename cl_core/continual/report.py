@@ -77,6 +77,49 @@ def conclusions(results: dict) -> list:
     return out
 
 
+# A task counts as learned in a seed when its accuracy right after its training reaches this.
+LEARNED_AT = 80.0
+
+
+def learned(results: dict, at: float = LEARNED_AT) -> list:
+    """Whether every task could be learned within the run's budget, computed from the
+    accuracy of each task right after its own training (the matrix diagonal): first whether,
+    in every seed, at least one method reached ``at`` % on it (else the task is not learnable
+    at this budget and no method's result on it means much), then per method where it stayed
+    below (the method, not the task: a continued LoRA set, or EMA weights that lag)."""
+    methods = results["methods"]
+    tasks = results["tasks"]
+    seeds = [str(s) for s in results["config"]["seeds"]]
+    if not methods:
+        return []
+
+    def diag(m, s):
+        rows = methods[m]["seeds"][s]["matrix"]
+        return [rows[j][j] for j in range(len(tasks))]
+
+    best = {(j, s): max(diag(m, s)[j] for m in methods) for j in range(len(tasks)) for s in seeds}
+    missed = [(tasks[j], s, v) for (j, s), v in best.items() if v < at]
+    if missed:
+        out = ["Not every task was learned within the budget: " + "; ".join(
+            f"{t} in seed {s} (best method {v:.0f} % right after its training)" for t, s, v in missed)
+            + f", below {at:.0f} %. Results on such a task do not compare methods (more --steps, or a larger model)."]
+    else:
+        j, s = min(best, key=best.get)
+        out = [f"Every task was learned within the budget: right after its training, at least one method reached "
+               f"{at:.0f} % or more on every task in every seed (lowest of those bests: {tasks[j]} in seed {s}, "
+               f"{best[(j, s)]:.0f} %)."]
+    for m in methods:
+        short = {}
+        for s in seeds:
+            for j, v in enumerate(diag(m, s)):
+                if v < at:
+                    short.setdefault(tasks[j], []).append(f"{v:.0f} (seed {s})")
+        if short:
+            out.append(f"{m} stayed below {at:.0f} % right after training on: "
+                       + "; ".join(f"{t} {', '.join(v)}" for t, v in short.items()) + ".")
+    return out
+
+
 def _seeds_text(n: int) -> str:
     return f"{n} seed" if n == 1 else f"{n} seeds"
 
@@ -288,7 +331,12 @@ def write_report(results: dict, out_dir) -> Path:
         "",
     ]
     lines += [f"- {c}" for c in results.get("conclusions") or conclusions(results)]
+    lines += ["", "### Was every task learned?", ""]
+    lines += [f"- {c}" for c in results.get("learned") or learned(results)]
     lines += [
+        "",
+        "Right after a task's training, as in New.ACC; an EMA method is scored on its averaged weights, which "
+        "lag the trained ones.",
         "",
         "Avg.ACC: mean accuracy on all tasks after the last one. Forgetting: mean drop from each task's "
         "accuracy right after training it to its final accuracy (tasks 1..T-1; LCIA). Forgetting (max): the "

@@ -455,9 +455,10 @@ class ContinualRun:
                 "avg_acc": avg[0], "avg_acc_std": avg[1],
                 "per_seed": {str(seed): sum(r) / len(r) for seed, r in zip(self.cfg.seeds, rows)},
             }
-        from cl_core.continual.report import conclusions
+        from cl_core.continual.report import conclusions, learned
 
         out["conclusions"] = conclusions(out)
+        out["learned"] = learned(out)
         return out
 
 

@@ -71,6 +71,10 @@ ORDERS = {
 VARIANTS = ("original", "diverse", "10type")
 STAGE1_INSTRUCTION = "Describe the object."
 STAGE1_LIST = "List the sizes."
+# Stage 1's own answer convention for questions: a full sentence, asked for in three lengths.
+STAGE1_SENTENCE = ("Answer with a sentence.", "Answer the question in a full sentence.",
+                   "Give your answer as one complete sentence about the scene.")
+STAGE1_QUESTION_KINDS = ("word", "color", "title", "shape", "box")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 COUNT_TASKS = ("sqa", "vqav2")
 
@@ -223,22 +227,50 @@ def generate_task(task: str, n: int, *, seed: int = 0, split: str = "train",
     return [make_sample(task, rng, rng.choice(templates)) for _ in range(n)]
 
 
+def stage1_question(rng: random.Random, scene: Scene) -> tuple:
+    """(question line, sentence answer) of a stage-1 question about ``scene``: the question
+    forms of the VQA tasks and two more (shape, box), answered in stage 1's own convention,
+    a sentence that names the field."""
+    obj = scene.objects[0]
+    kind = rng.choice(STAGE1_QUESTION_KINDS) if len(scene.objects) == 1 else "count"
+    if kind == "word":
+        return "what is written on the object ?", f"the word is {obj.word}"
+    if kind == "color":
+        return f"what color is the {obj.shape} ?", f"the color is {obj.color}"
+    if kind == "title":
+        return f"what is the title on the {obj.shape} ?", f"the title is {obj.word}"
+    if kind == "shape":
+        return "what shape is the object ?", f"the shape is {obj.shape}"
+    if kind == "box":
+        return "where is the object ?", f"the box is {box_text(obj.box)}"
+    return "how many objects are there ?", f"there are {len(scene.objects)} objects"
+
+
 def stage1_samples(n: int, *, seed: int = 0) -> list[Sample]:
-    """The stage-1 mix (the "pre-training" analogue): describe the object of a one-object
-    scene (60 %: its colour, size, shape, word and box, so the base reads every field a
-    stage-2 task asks for) and list the sizes of the objects of a 1-3 object scene (40 %: it attends to
-    every object, the skill counting needs). No stage-2 question form, instruction or answer
-    convention is in the mix (no single-field answers, no digits as counts, no letters, no
-    "unanswerable"), so the base solves no stage-2 task zero-shot: each must be learned."""
+    """The stage-1 mix (the "pre-training" analogue, like LLaVA-1.5's instruction mix, which
+    already holds VQA questions): describe the object of a one-object scene (35 %: its colour,
+    size, shape, word and box), list the sizes of a 1-3 object scene (15 %: it attends to every
+    object), and questions about a scene answered in a full sentence that names the field
+    (50 %: "the word is stop", "there are 2 objects"; :func:`stage1_question`), under
+    instructions of three lengths, so the base has learned to find each field whatever the
+    prompt's length. No stage-2 instruction or answer convention is in the mix (no
+    single-field answers, no letters, no "unanswerable", no boxes on their own), so the base
+    solves no stage-2 task zero-shot; what each stage-2 task must learn is its instruction's
+    answer convention, as CoIN's tasks are for LLaVA."""
     rng = random.Random(f"cl_core/stage1/{seed}")
     out = []
     for _ in range(n):
-        if rng.random() < 0.6:
+        r = rng.random()
+        if r < 0.35:
             scene = random_scene(rng, 1, 1)
             prompt, answer = f"{scene.describe()}\n{STAGE1_INSTRUCTION}", scene.objects[0].describe()
-        else:
+        elif r < 0.5:
             scene = random_scene(rng, 1, 3)
             prompt, answer = f"{scene.describe()}\n{STAGE1_LIST}", " ".join(o.size for o in scene.objects)
+        else:
+            scene = random_scene(rng, 1, 3) if rng.random() < 0.2 else random_scene(rng, 1, 1)
+            question, answer = stage1_question(rng, scene)
+            prompt = f"{scene.describe()}\n{question}\n{rng.choice(STAGE1_SENTENCE)}"
         out.append(Sample(prompt, answer, prompt.split("\n")[-1], "stage1", "exact"))
     return out
 
@@ -271,7 +303,9 @@ def benchmark(tasks=None, *, n_train: int = 256, n_test: int = 64, seed: int = 0
 def vocabulary_texts() -> list[str]:
     """Every string the generators can emit words from (for the tiny tokenizer's vocabulary)."""
     texts = list(COLORS + SHAPES + SIZES + WORDS) + [str(i) for i in range(GRID)]
-    texts += [SQA_CHOICES, UNANSWERABLE, STAGE1_INSTRUCTION, STAGE1_LIST, SHORT_ANSWER]
+    texts += [SQA_CHOICES, UNANSWERABLE, STAGE1_INSTRUCTION, STAGE1_LIST, SHORT_ANSWER, *STAGE1_SENTENCE]
+    texts += ["what shape is the object ?", "where is the object ?", "the word color title shape box is",
+              "there are objects"]
     texts += [
         "scene : ; . ? :",
         "what color is the ?", "what is written on the object ?", "how many objects are there ?",

@@ -54,6 +54,24 @@ def test_conclusions_weigh_differences_against_the_seeds_spread():
     assert report.conclusions(one) == [report.conclusions(one)[0]] and "One seed" in report.conclusions(one)[0]
 
 
+def test_learned_says_whether_every_task_was_learned_and_where_a_method_stayed_below(tmp_path):
+    # task b right after its training: lora 90/85, dema 30 in seed 1: learnable (lora), dema short
+    lora = {0: [[90, 0], [10, 90]], 1: [[95, 0], [12, 85]]}
+    dema = {0: [[90, 0], [40, 81]], 1: [[95, 0], [50, 30]]}
+    r = _results([0, 1], {"lora": lora, "dema": dema}, [[0, 0], [0, 0]])
+    lines = report.learned(r)
+    assert lines[0].startswith("Every task was learned within the budget") and "b in seed 1, 85 %" in lines[0]
+    assert lines[1:] == ["dema stayed below 80 % right after training on: b 30 (seed 1)."]
+    # nobody reaches 80 % on b in seed 0: not learnable at this budget, said first
+    r = _results([0, 1], {"lora": {0: [[90, 0], [10, 60]], 1: lora[1]}}, [[0, 0], [0, 0]])
+    lines = report.learned(r)
+    assert lines[0].startswith("Not every task was learned within the budget: b in seed 0 (best method 60 %")
+    assert lines[1] == "lora stayed below 80 % right after training on: b 60 (seed 0)."
+    r["learned"] = lines
+    text = report.write_report(r, tmp_path).read_text()
+    assert "### Was every task learned?\n\n- Not every task was learned" in text
+
+
 def test_report_has_a_base_line_and_plus_minus_only_with_a_spread(tmp_path):
     lora = {0: [[90, 0], [10, 90]], 1: [[90, 0], [12, 90]]}
     r = _results([0, 1], {"lora": lora}, [[0, 0], [0, 2]])

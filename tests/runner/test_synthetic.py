@@ -26,6 +26,40 @@ def test_deterministic_and_split_dependent():
     assert S.stage1_samples(10, seed=1) != S.stage1_samples(10, seed=2)
 
 
+def test_stage1_asks_the_vqa_questions_but_never_in_a_stage2_answer_convention():
+    """Stage 1 teaches the base to find each field (the VQA question forms are in its mix, as in
+    LLaVA's), answered as a sentence that names the field; no stage-2 answer, no stage-2
+    instruction and no single-field answer is in it, so every stage-2 task must be learned."""
+    stage1 = S.stage1_samples(2000, seed=4)
+    questions = Counter(s.prompt.split("\n")[1] for s in stage1 if s.instruction in S.STAGE1_SENTENCE)
+    stage2_questions = {s.prompt.split("\n")[1] for t in ("textvqa", "gqa", "vqav2", "ocrvqa")
+                        for s in S.generate_task(t, 100)}
+    assert stage2_questions <= set(questions)      # every VQA question form, several times
+    assert len(questions) >= 12 and min(questions.values()) >= 3
+    assert {s.instruction for s in stage1} == {S.STAGE1_INSTRUCTION, S.STAGE1_LIST, *S.STAGE1_SENTENCE}
+    stage2_answers = {s.answer for t in S.TASK_NAMES for s in S.generate_task(t, 300)}
+    for s in stage1:
+        assert s.answer not in stage2_answers, s
+        if s.instruction in S.STAGE1_SENTENCE:  # the field's name, then its value(s)
+            assert s.answer.startswith(("the word is ", "the color is ", "the title is ", "the shape is ",
+                                        "the box is ", "there are ")), s.answer
+    # what the sentence says is the scene's
+    from cl_core.continual.images import scene_from_description
+
+    fields = {"word": "word", "title": "word", "color": "color", "shape": "shape"}
+    for s in stage1:
+        if s.instruction not in S.STAGE1_SENTENCE:
+            continue
+        scene = scene_from_description(s.prompt.split("\n")[0])
+        obj, words = scene.objects[0], s.answer.split()
+        if words[0] == "there":
+            assert words[2] == str(len(scene.objects))
+        elif words[1] == "box":
+            assert " ".join(words[3:]) == S.box_text(obj.box)
+        else:
+            assert words[3] == getattr(obj, fields[words[1]]), s
+
+
 @pytest.mark.parametrize("variant", S.VARIANTS)
 def test_vocabulary_covers_every_sample(tok, variant):
     longest = 0
