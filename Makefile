@@ -33,7 +33,7 @@ $(STAMP): $(BASE_STAMP)
 setup: $(STAMP)
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q --durations=25 tests
 
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m "not slow and not distributed and not gpu" tests

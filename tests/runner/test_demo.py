@@ -21,8 +21,8 @@ def test_demo_quick(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"Report: {out / 'report.md'}" in p.stdout
     results = json.loads((out / "results.json").read_text())
-    # Plain LoRA, DEMA, grouping without EMA beside grouping with DEMA (the fixed EMA: --methods).
-    assert tuple(results["methods"]) == DEMO_METHODS == ("lora", "dema", "group", "dema+group")
+    # Plain LoRA, the fixed EMA, DEMA, grouping without EMA beside grouping with DEMA.
+    assert tuple(results["methods"]) == DEMO_METHODS == ("lora", "ema", "dema", "group", "dema+group")
     t = len(results["tasks"])
     assert t == 4
     for method in DEMO_METHODS:
