@@ -272,7 +272,9 @@ def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Pa
         model = tiny_model.build_model(len(getattr(tokenizer, "tokenizer", tokenizer)), hidden_size=cfg.hidden_size,
                                        num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                                        max_positions=max(cfg.max_length, 128), seed=seed_for(seed, "init"))
-    samples = synthetic.stage1_samples(cfg.stage1_steps * cfg.stage1_batch_size, seed=seed)
+    # the drawn scenes' base: describe and list only (synthetic.stage1_samples says why)
+    samples = synthetic.stage1_samples(cfg.stage1_steps * cfg.stage1_batch_size, seed=seed,
+                                       questions=not getattr(tokenizer, "uses_images", False))
     loss = None
     if cfg.stage1_steps > 0:
         loss = train(model, tokenizer, _stage1_examples(samples, tokenizer),
@@ -302,7 +304,9 @@ def stage1_score(model, tokenizer, seed: int, cfg: RunConfig) -> float:
     from cl_core.continual import synthetic
     from cl_core.continual.evaluation import accuracy, generate
 
-    test = _stage1_examples(synthetic.stage1_samples(100, seed=10_000 + seed), tokenizer)
+    test = _stage1_examples(synthetic.stage1_samples(100, seed=10_000 + seed,
+                                                     questions=not getattr(tokenizer, "uses_images", False)),
+                            tokenizer)
     preds = generate(model, tokenizer, [p for p, _, _ in test], max_new_tokens=12,
                      batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_length,
                      images=[im for _, _, im in test])

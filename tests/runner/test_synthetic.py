@@ -43,6 +43,9 @@ def test_stage1_asks_the_vqa_questions_but_never_in_a_stage2_answer_convention()
         if s.instruction in S.STAGE1_SENTENCE:  # the field's name, then its value(s)
             assert s.answer.startswith(("the word is ", "the color is ", "the title is ", "the shape is ",
                                         "the box is ", "there are ")), s.answer
+    # the drawn scenes' base: describe and list only
+    assert {s.instruction for s in S.stage1_samples(300, seed=4, questions=False)} == {S.STAGE1_INSTRUCTION,
+                                                                                        S.STAGE1_LIST}
     # what the sentence says is the scene's
     from cl_core.continual.images import scene_from_description
 
