@@ -10,7 +10,7 @@ the interpreter kernels are not compiled), in parallel, with a fresh Triton cach
 is deleted afterwards (nothing cached between runs can hide a failure). From the PTX and
 the `ptxas -v` log Triton itself runs, the tests assert:
 
-- every specialisation compiles for sm_90, and a covering subset for sm_80 (below);
+- every specialisation compiles for both targets;
 - no spill bytes and at most 128 registers per thread at the launch's warp count;
 - IEEE arithmetic as torch's: sqrt.rn / div.rn (never sqrt.approx, div.full/approx, rcp.approx)
   in fp32, no flush-to-zero, and no fp32 FMA (every launch sets enable_fp_fusion=False, so
@@ -25,12 +25,7 @@ the `ptxas -v` log Triton itself runs, the tests assert:
 
 The fused step's param-dtype-EMA specialisations (EMA_IN_PARAM_DTYPE) are a covering subset
 by default: every kind, dtype and path plus the heaviest (register-wise) step kernel of each
-dtype, 9 of 18; CL_CORE_COMPILE_EVERY_SPEC=1 compiles all of them. sm_80 compiles the
-bfloat16 specialisations (A100 training is bf16) and those without a parameter dtype (the fp32
-decide and pending kernels), 28 of 63: sm_90 uses as many registers or more for the same
-kernel (77 vs 80 for the heaviest step) and both share the PTX the other checks read, so the
-rest of sm_80 adds about 35 compiles and little coverage; CL_CORE_COMPILE_EVERY_SPEC=1 compiles
-every specialisation for both.
+dtype, 9 of 18; CL_CORE_COMPILE_EVERY_SPEC=1 compiles all of them.
 
 The tests run with whichever Triton is importable: `make compat` runs them on Triton 3.6
 too (a block shape from a plain module int fails to compile there; N_STAT/N_PART are
@@ -40,8 +35,9 @@ Every pointer argument is compiled as 16-byte aligned, as Triton specialises a l
 tensor addresses are multiples of 16: the launchers allocate their tables so that every
 slice they pass is (tests/kernels/test_triton_alignment.py checks it at odd table sizes).
 
-Cost: 63 + 28 = 91 compiles (126 with every spec for both targets, about 70 CPU-seconds,
-measured with resource.getrusage of the workers); far more wall time on a loaded machine.
+Cost: 63 specialisations x 2 targets = 126 compiles, about 70 CPU-seconds in all (measured
+with resource.getrusage of the workers), so about 40 s on 2 idle cores; far more wall time
+on a loaded machine.
 """
 from __future__ import annotations
 
@@ -60,7 +56,6 @@ import pytest
 from tests.helpers import ROOT as ROOT_PATH
 
 ARCHS = (80, 90)
-FULL_ARCH = 90  # every specialisation; sm_80 a covering subset (_on_arch)
 MAX_REGISTERS = 128
 ROOT = str(ROOT_PATH)
 
@@ -69,13 +64,6 @@ def _specs():
     from cl_core.kernels import triton_dema, triton_fused
 
     return triton_dema.compile_specs() + triton_fused.compile_specs()
-
-
-def _on_arch(name: str, arch: int) -> bool:
-    """Whether specialisation ``name`` is compiled for ``arch`` (the module docstring says why)."""
-    if arch == FULL_ARCH or os.environ.get("CL_CORE_COMPILE_EVERY_SPEC", "0") not in ("", "0"):
-        return True
-    return "bfloat16" in name or not any(dt in name for dt in ("float32", "float16"))
 
 
 def aligned_pointer_args(sig: dict) -> set:
@@ -153,8 +141,8 @@ def compile_all():
     env.setdefault("OMP_NUM_THREADS", "1")
     # Triton's default is FMA contraction on: the launches' own enable_fp_fusion=False must win
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    names = [spec[0] for spec in _specs()]
-    jobs = [(i, arch) for i, name in enumerate(names) for arch in ARCHS if _on_arch(name, arch)]
+    n_specs = len(_specs())
+    jobs = [(i, arch) for i in range(n_specs) for arch in ARCHS]
     workers = max(1, min(4, os.cpu_count() or 1, len(jobs)))
     tmp = tempfile.mkdtemp(prefix="cl_core_triton_compile_")
     env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")  # fresh: nothing from earlier runs
@@ -181,13 +169,11 @@ def compile_all():
 
 
 @pytest.mark.slow
-def test_every_specialisation_compiles_for_sm90_and_the_subset_for_sm80(compiled):
+def test_every_specialisation_compiles_for_sm80_and_sm90(compiled):
     results, specs = compiled
     errors = [f"{r['name']} sm_{r['arch']}: {r['error']}" for r in results if "error" in r]
     assert not errors, "\n".join(errors)
-    assert {(r["name"], r["arch"]) for r in results} == {(n, a) for n in specs for a in ARCHS if _on_arch(n, a)}
-    sm80 = {r["name"] for r in results if r["arch"] == 80}
-    assert len(sm80) >= 28 and any(n.startswith("fused_step/adamw/bfloat16/") for n in sm80)
+    assert {(r["name"], r["arch"]) for r in results} == {(n, a) for n in specs for a in ARCHS}
     names = set(specs)
     for kind in ("adam", "adamw", "sgd"):  # the brief's list: every kind and dtype, both paths
         for dt in ("float32", "bfloat16", "float16"):
@@ -238,8 +224,7 @@ def test_aligned_sweeps_use_128_bit_global_accesses(compiled):
             f"{r['name']} sm_{r['arch']}: {r['ld_v4']} ld.global.v4 / {r['st_v4']} st.global.v4 of "
             f"{r['ld']} / {r['st']} global accesses; expected at least {expect['ld_v4']} / {expect['st_v4']}"
         )
-    # every aligned sweep (3 dtypes x (3 kinds + flush + stats + apply)) on sm_90, bf16's on sm_80 too
-    assert checked >= 18 + 6
+    assert checked >= 2 * 18  # every aligned sweep (3 dtypes x (3 kinds + flush + stats + apply)), both archs
 
 
 @pytest.mark.slow
