@@ -236,8 +236,17 @@ def _finish(results: dict, out, started: float) -> int:
               + ("base: the untuned stage-1 model's zero-shot accuracy. " if base else "") + "Details in the report.")
     else:
         print("one seed: no spread to show (give several --seeds for mean ± standard deviation).")
-    for line in results.get("conclusions", []) + results.get("learned", []):
+    # The computed conclusions in short (the report has each comparison in full), and whether
+    # every task was learned; where each method stayed below is the report's.
+    from cl_core.continual.report import LEARNED_AT, summary
+
+    learned = results.get("learned", [])
+    for line in summary(results) + learned[:1]:
         print(line)
+    short = [line.split(" stayed below")[0] for line in learned[1:]]
+    if short:
+        print(f"{', '.join(short)} stayed below {LEARNED_AT:.0f} % on some task right after its training: the report says "
+              "where (\"Was every task learned?\").")
     # The run's own measured time (the report states the same number).
     print(f"Finished in {results.get('wall_seconds_this_call', time.time() - started):.0f} s.")
     print(f"Report: {out / 'report.md'}")

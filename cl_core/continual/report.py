@@ -35,30 +35,39 @@ COMPARISONS = (("ema", "lora"), ("dema", "lora"), ("dema", "ema"), ("group", "lo
 COMPARED_METRICS = ("avg_acc", "forgetting")
 
 
-def _difference(name_a, a_vals, name_b, b_vals, label, lower_is_better=False) -> str:
-    """One comparison in words: the difference of the seed means, whether it exceeds the
-    seeds' spread (|Δ| > std_a + std_b, the standard deviations over seeds), and in how
-    many seeds (each pairs the same base, data and initialisation) the sign agrees."""
+def _compare(name_a, a_vals, name_b, b_vals, label, lower_is_better=False) -> dict:
+    """One comparison: the difference of the seed means, whether it exceeds the seeds' spread
+    (|Δ| > std_a + std_b, the standard deviations over seeds), and in how many seeds (each
+    pairs the same base, data and initialisation) ``name_a`` was better."""
     from cl_core.metrics import mean_std
 
     (ma, sa), (mb, sb) = mean_std(a_vals), mean_std(b_vals)
-    delta = ma - mb
-    spread = sa + sb
     wins = sum(1 for x, y in zip(a_vals, b_vals) if (x < y if lower_is_better else x > y))
-    verdict = ("exceeds the seeds' spread" if abs(delta) > spread else "is within the seeds' spread: no conclusion")
-    return (f"{label}: {name_a} {ma:.1f} ± {sa:.1f} vs {name_b} {mb:.1f} ± {sb:.1f}, difference {delta:+.1f} "
-            f"{verdict} (spread {spread:.1f} = sum of the two standard deviations); {name_a} better in {wins} of "
-            f"{len(a_vals)} seeds")
+    return {"label": label, "a": name_a, "b": name_b, "ma": ma, "sa": sa, "mb": mb, "sb": sb, "delta": ma - mb,
+            "spread": sa + sb, "beyond": abs(ma - mb) > sa + sb, "wins": wins, "seeds": len(a_vals)}
 
 
-def conclusions(results: dict) -> list:
-    """Which differences of this run exceed the seeds' spread and which do not, computed from
-    the run's own numbers (never written in advance)."""
+def _difference(c: dict) -> str:
+    """A comparison (:func:`_compare`) in words."""
+    verdict = "exceeds the seeds' spread" if c["beyond"] else "is within the seeds' spread: no conclusion"
+    return (f"{c['label']}: {c['a']} {c['ma']:.1f} ± {c['sa']:.1f} vs {c['b']} {c['mb']:.1f} ± {c['sb']:.1f}, "
+            f"difference {c['delta']:+.1f} {verdict} (spread {c['spread']:.1f} = sum of the two standard "
+            f"deviations); {c['a']} better in {c['wins']} of {c['seeds']} seeds")
+
+
+_ONE_SEED = ("One seed: there is no spread over seeds to weigh a difference against, so no difference "
+             "here supports a conclusion (run with 3 or more --seeds).")
+_AGAINST_BASE = "Avg.ACC against the untuned base"
+
+
+def comparisons(results: dict) -> list:
+    """Every comparison the report weighs (:func:`_compare`), computed from the run's own
+    numbers: each method against the untuned base, then the pairs of COMPARISONS present in
+    the run, on COMPARED_METRICS. Empty with one seed (no spread)."""
     methods = results["methods"]
     seeds = [str(s) for s in results["config"]["seeds"]]
     if len(seeds) < 2:
-        return ["One seed: there is no spread over seeds to weigh a difference against, so no difference "
-                "here supports a conclusion (run with 3 or more --seeds)."]
+        return []
     out = []
 
     def per_seed(m, metric):
@@ -68,12 +77,50 @@ def conclusions(results: dict) -> list:
     if base:
         b_vals = [base["per_seed"][s] for s in seeds]
         for m in methods:
-            out.append(_difference(m, per_seed(m, "avg_acc"), "base", b_vals, "Avg.ACC against the untuned base"))
+            out.append(_compare(m, per_seed(m, "avg_acc"), "base", b_vals, _AGAINST_BASE))
     for a, b in COMPARISONS:
         if a in methods and b in methods:
             for metric in COMPARED_METRICS:
-                out.append(_difference(a, per_seed(a, metric), b, per_seed(b, metric), METRIC_LABELS[metric],
-                                       lower_is_better=metric.startswith("forgetting")))
+                out.append(_compare(a, per_seed(a, metric), b, per_seed(b, metric), METRIC_LABELS[metric],
+                                    lower_is_better=metric.startswith("forgetting")))
+    return out
+
+
+def conclusions(results: dict) -> list:
+    """Which differences of this run exceed the seeds' spread and which do not, one line each,
+    computed from the run's own numbers (never written in advance)."""
+    found = comparisons(results)
+    return [_difference(c) for c in found] if found else [_ONE_SEED]
+
+
+def summary(results: dict) -> list:
+    """The conclusions in short for the terminal (the report has each in full): the pairs
+    whose difference exceeds the seeds' spread, one line each with the differences, then those
+    within it, then the methods above the untuned base beyond the spread."""
+    found = comparisons(results)
+    if not found:
+        return [_ONE_SEED]
+    pairs: dict = {}
+    for c in found:
+        if c["label"] != _AGAINST_BASE:
+            pairs.setdefault((c["a"], c["b"]), []).append(c)
+
+    def said(cs):
+        return ", ".join(f"{c['label']} {c['delta']:+.1f} ({c['a']} better in {c['wins']} of {c['seeds']})" for c in cs)
+
+    beyond = [f"{a} vs {b}: {said([c for c in cs if c['beyond']])}" for (a, b), cs in pairs.items()
+              if any(c["beyond"] for c in cs)]
+    within = [f"{a} vs {b}" + ("" if not any(c["beyond"] for c in cs) else
+                                " on " + ", ".join(c["label"] for c in cs if not c["beyond"]))
+              for (a, b), cs in pairs.items() if not all(c["beyond"] for c in cs)]
+    n = found[0]["seeds"]
+    out = [f"Beyond the spread of the {n} seeds:" + ("" if beyond else " none.")] + [f"  {line}" for line in beyond]
+    out.append("Within it, no conclusion: " + ("; ".join(within) if within else "none") + ".")
+    above = [c["a"] for c in found if c["label"] == _AGAINST_BASE and c["beyond"] and c["delta"] > 0]
+    rest = [c["a"] for c in found if c["label"] == _AGAINST_BASE and c["a"] not in above]
+    if above or rest:
+        out.append("Above the untuned base beyond the spread: " + (", ".join(above) or "none")
+                   + ("" if not rest else f"; not beyond it: {', '.join(rest)}") + ".")
     return out
 
 

@@ -54,6 +54,24 @@ def test_conclusions_weigh_differences_against_the_seeds_spread():
     assert report.conclusions(one) == [report.conclusions(one)[0]] and "One seed" in report.conclusions(one)[0]
 
 
+def test_summary_puts_the_same_comparisons_in_a_few_lines():
+    lora = {0: [[90, 0], [10, 90]], 1: [[90, 0], [12, 90]], 2: [[90, 0], [8, 90]]}
+    group = {0: [[90, 0], [90, 90]], 1: [[90, 0], [92, 90]], 2: [[90, 0], [88, 90]]}
+    dg = {0: [[90, 0], [80, 90]], 1: [[90, 0], [100, 90]], 2: [[90, 0], [92, 90]]}
+    r = _results([0, 1, 2], {"lora": lora, "group": group, "dema+group": dg}, [[0, 0], [0, 2], [2, 0]])
+    head, beyond, within, base = report.summary(r)
+    # group vs lora: Avg.ACC and Forgetting both beyond; dema+group vs group: neither
+    assert head == "Beyond the spread of the 3 seeds:"
+    assert beyond == "  group vs lora: Avg.ACC +40.0 (group better in 3 of 3), Forgetting -80.0 (group better in 3 of 3)"
+    assert within == "Within it, no conclusion: dema+group vs group."
+    assert base == "Above the untuned base beyond the spread: lora, group, dema+group."
+    # the same numbers as the full lines
+    full = [line for line in report.conclusions(r) if line.startswith("Avg.ACC: group") and " vs lora " in line]
+    assert "difference +40.0 exceeds" in full[0]
+    one = _results([0], {"lora": {0: lora[0]}}, [[0, 0]])
+    assert report.summary(one) == report.conclusions(one)
+
+
 def test_learned_says_whether_every_task_was_learned_and_where_a_method_stayed_below(tmp_path):
     # task b right after its training: lora 90/85, dema 30 in seed 1: learnable (lora), dema short
     lora = {0: [[90, 0], [10, 90]], 1: [[95, 0], [12, 85]]}
