@@ -99,8 +99,8 @@ def add_parser(sub) -> None:
                      "CoIN-like tasks",
         description="Train a tiny Llama per seed on a stage-1 mix that teaches none of the tasks (stage 1), then "
                     "LoRA-tune it task by task with " + ", ".join(DEMO_METHODS) + " on the same tasks, seeds and "
-                    "budget, and score the untuned base too; write results.json, report.md (with which "
-                    "differences exceed the seeds' spread) and plots into --out. Nothing is downloaded.",
+                    "budget, and score the untuned base too; write results.json, report.md (which "
+                    "differences exceed the seeds' spread, whether every task was learned) and plots into --out. Nothing is downloaded.",
     )
     demo.add_argument("--quick", action="store_true",
                       help="4 tasks, 1 seed, fewer steps: a check that the pipeline runs (a few minutes), not a "
