@@ -75,6 +75,8 @@ STAGE1_LIST = "List the sizes."
 STAGE1_SENTENCE = ("Answer with a sentence.", "Answer the question in a full sentence.",
                    "Give your answer as one complete sentence about the scene.")
 STAGE1_QUESTION_KINDS = ("word", "color", "title", "shape", "box")
+# The kinds whose question line is a stage-2 task's own (_question), asked in stage 1's convention.
+_STAGE1_VQA_TASK = {"word": "textvqa", "color": "gqa", "title": "ocrvqa", "count": "vqav2"}
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 COUNT_TASKS = ("sqa", "vqav2")
 
@@ -233,17 +235,14 @@ def stage1_question(rng: random.Random, scene: Scene) -> tuple:
     a sentence that names the field."""
     obj = scene.objects[0]
     kind = rng.choice(STAGE1_QUESTION_KINDS) if len(scene.objects) == 1 else "count"
-    if kind == "word":
-        return "what is written on the object ?", f"the word is {obj.word}"
-    if kind == "color":
-        return f"what color is the {obj.shape} ?", f"the color is {obj.color}"
-    if kind == "title":
-        return f"what is the title on the {obj.shape} ?", f"the title is {obj.word}"
     if kind == "shape":
         return "what shape is the object ?", f"the shape is {obj.shape}"
     if kind == "box":
         return "where is the object ?", f"the box is {box_text(obj.box)}"
-    return "how many objects are there ?", f"there are {len(scene.objects)} objects"
+    question, answer, _ = _question(_STAGE1_VQA_TASK[kind], rng, scene)  # these draw nothing from rng
+    if kind == "count":
+        return question, f"there are {answer} objects"
+    return question, f"the {kind} is {answer}"
 
 
 def stage1_samples(n: int, *, seed: int = 0, questions: bool = True) -> list[Sample]:
@@ -266,12 +265,12 @@ def stage1_samples(n: int, *, seed: int = 0, questions: bool = True) -> list[Sam
     out = []
     for _ in range(n):
         r = rng.random()
-        if not questions:
-            r = 0.0 if r < 0.6 else 0.4
-        if r < 0.35:
+        kind = ("describe" if r < 0.6 else "list") if not questions else \
+            "describe" if r < 0.35 else "list" if r < 0.5 else "question"
+        if kind == "describe":
             scene = random_scene(rng, 1, 1)
             prompt, answer = f"{scene.describe()}\n{STAGE1_INSTRUCTION}", scene.objects[0].describe()
-        elif r < 0.5:
+        elif kind == "list":
             scene = random_scene(rng, 1, 3)
             prompt, answer = f"{scene.describe()}\n{STAGE1_LIST}", " ".join(o.size for o in scene.objects)
         else:

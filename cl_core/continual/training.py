@@ -257,7 +257,7 @@ def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Pa
     tokenizer and ``stage1.json``) into ``folder``, atomically. Under a launcher every process
     trains (one data-parallel training: the same model on every rank), rank 0 saves, and the
     others wait for the folder."""
-    from cl_core.continual import synthetic, tiny_model
+    from cl_core.continual import tiny_model
 
     t0 = time.time()
     log.info("seed %d: stage 1, training the tiny base model (%d steps)", seed, cfg.stage1_steps)
@@ -272,12 +272,9 @@ def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Pa
         model = tiny_model.build_model(len(getattr(tokenizer, "tokenizer", tokenizer)), hidden_size=cfg.hidden_size,
                                        num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                                        max_positions=max(cfg.max_length, 128), seed=seed_for(seed, "init"))
-    # the drawn scenes' base: describe and list only (synthetic.stage1_samples says why)
-    samples = synthetic.stage1_samples(cfg.stage1_steps * cfg.stage1_batch_size, seed=seed,
-                                       questions=not getattr(tokenizer, "uses_images", False))
     loss = None
     if cfg.stage1_steps > 0:
-        loss = train(model, tokenizer, _stage1_examples(samples, tokenizer),
+        loss = train(model, tokenizer, _stage1_examples(cfg.stage1_steps * cfg.stage1_batch_size, seed, tokenizer),
                      out_dir=scratch, steps=cfg.stage1_steps,
                      batch_size=cfg.stage1_batch_size, lr=cfg.stage1_lr,
                      warmup=max(1, cfg.stage1_steps // 20), seed=seed_for(seed, "stage1"),
@@ -301,22 +298,25 @@ def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Pa
 
 def stage1_score(model, tokenizer, seed: int, cfg: RunConfig) -> float:
     """Accuracy (%) of a stage-1 base on held-out stage-1 samples."""
-    from cl_core.continual import synthetic
     from cl_core.continual.evaluation import accuracy, generate
 
-    test = _stage1_examples(synthetic.stage1_samples(100, seed=10_000 + seed,
-                                                     questions=not getattr(tokenizer, "uses_images", False)),
-                            tokenizer)
+    test = _stage1_examples(100, 10_000 + seed, tokenizer)
     preds = generate(model, tokenizer, [p for p, _, _ in test], max_new_tokens=12,
                      batch_size=cfg.eval_batch_size, max_prompt_tokens=cfg.max_length,
                      images=[im for _, _, im in test])
     return accuracy("exact", preds, [a for _, a, _ in test])
 
 
-def _stage1_examples(samples, encoder) -> list:
-    """(prompt, answer, image) of stage-1 samples: for an image-text encoder the scene line is
-    drawn instead of written (cl_core.continual.images), else the text prompt and no image."""
-    if not getattr(encoder, "uses_images", False):
+def _stage1_examples(n: int, seed: int, encoder) -> list:
+    """(prompt, answer, image) of ``n`` stage-1 samples of ``seed``: for an image-text encoder
+    the describe-and-list mix with the scene line drawn instead of written
+    (cl_core.continual.images; synthetic.stage1_samples says why that mix), else the text
+    mix with its questions and no image."""
+    from cl_core.continual import synthetic
+
+    pictures = getattr(encoder, "uses_images", False)
+    samples = synthetic.stage1_samples(n, seed=seed, questions=not pictures)
+    if not pictures:
         return [(s.prompt, s.answer, None) for s in samples]
     from cl_core.continual.images import split_scene_prompt
 
