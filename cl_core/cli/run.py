@@ -238,12 +238,12 @@ def _finish(results: dict, out, started: float) -> int:
         print("one seed: no spread to show (give several --seeds for mean ± standard deviation).")
     # The computed conclusions in short (the report has each comparison in full), and whether
     # every task was learned; where each method stayed below is the report's.
-    from cl_core.continual.report import LEARNED_AT, summary
+    from cl_core.continual.report import LEARNED_AT, shortfalls, summary
 
     learned = results.get("learned", [])
     for line in summary(results) + learned[:1]:
         print(line)
-    short = [line.split(" stayed below")[0] for line in learned[1:]]
+    short = list(shortfalls(results)) if learned else []
     if short:
         print(f"{', '.join(short)} stayed below {LEARNED_AT:.0f} % on some task right after its training: the report says "
               "where (\"Was every task learned?\").")

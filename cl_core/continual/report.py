@@ -139,12 +139,7 @@ def learned(results: dict, at: float = LEARNED_AT) -> list:
     seeds = [str(s) for s in results["config"]["seeds"]]
     if not methods:
         return []
-
-    def diag(m, s):
-        rows = methods[m]["seeds"][s]["matrix"]
-        return [rows[j][j] for j in range(len(tasks))]
-
-    best = {(j, s): max(diag(m, s)[j] for m in methods) for j in range(len(tasks)) for s in seeds}
+    best = {(j, s): max(_just_trained(results, m, s)[j] for m in methods) for j in range(len(tasks)) for s in seeds}
     missed = [(tasks[j], s, v) for (j, s), v in best.items() if v < at]
     if missed:
         out = ["Not every task was learned within the budget: " + "; ".join(
@@ -155,15 +150,27 @@ def learned(results: dict, at: float = LEARNED_AT) -> list:
         out = [f"Every task was learned within the budget: right after its training, at least one method reached "
                f"{at:.0f} % or more on every task in every seed (lowest of those bests: {tasks[j]} in seed {s}, "
                f"{best[(j, s)]:.0f} %)."]
-    for m in methods:
-        short = {}
-        for s in seeds:
-            for j, v in enumerate(diag(m, s)):
+    for m, short in shortfalls(results, at).items():
+        out.append(f"{m} stayed below {at:.0f} % right after training on: " + "; ".join(
+            f"{t} " + ", ".join(f"{v:.0f} (seed {s})" for s, v in found) for t, found in short.items()) + ".")
+    return out
+
+
+def _just_trained(results: dict, method: str, seed: str) -> list:
+    """Each task's accuracy right after its own training (the matrix diagonal) in one seed."""
+    rows = results["methods"][method]["seeds"][seed]["matrix"]
+    return [rows[j][j] for j in range(len(results["tasks"]))]
+
+
+def shortfalls(results: dict, at: float = LEARNED_AT) -> dict:
+    """{method: {task: [(seed, accuracy), ...]}} where a method's accuracy right after a task's
+    training stayed below ``at`` %; only the methods that did somewhere."""
+    out: dict = {}
+    for m in results["methods"]:
+        for s in (str(s) for s in results["config"]["seeds"]):
+            for task, v in zip(results["tasks"], _just_trained(results, m, s)):
                 if v < at:
-                    short.setdefault(tasks[j], []).append(f"{v:.0f} (seed {s})")
-        if short:
-            out.append(f"{m} stayed below {at:.0f} % right after training on: "
-                       + "; ".join(f"{t} {', '.join(v)}" for t, v in short.items()) + ".")
+                    out.setdefault(m, {}).setdefault(task, []).append((s, v))
     return out
 
 
