@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional, Sequence
 
+from cl_core.dema.config import DEMAConfig
+from cl_core.dema.state import is_at_fallback
+
 # Histogram bins: quarter decades centred on the powers of ten (so a fallback of 0.01 or 0.001
 # sits in the middle of its bar), from 10^-6 to 10^0; values outside go to the end bins.
 LOG10_LOW, LOG10_STEP, N_BINS = -6.125, 0.25, 25
 ABOVE = 0.1  # the "large α" mark of the report
-# α is recorded in float32: a value within this relative distance of the fallback is the fallback.
-_FALLBACK_RTOL = 1e-6
 
 
 def bin_edges(counts: Optional[dict] = None) -> list:
@@ -36,6 +37,8 @@ def alpha_counts(history: Iterable[Sequence[float]], fallback: Optional[float],
                  numel: Sequence[int] = ()) -> dict:
     """Counts over every (step, tensor) α of one task. ``fallback`` None (a fixed EMA): no
     value is counted as a fallback."""
+    # the engine's one rule (exact float32 equality), through a config that carries this fallback
+    rule = DEMAConfig(formula="fixed") if fallback is None else DEMAConfig(fallback=fallback)
     n = at_fallback = above = in_range = between = below = 0
     log_sum = 0.0
     bins = [0] * N_BINS
@@ -43,16 +46,17 @@ def alpha_counts(history: Iterable[Sequence[float]], fallback: Optional[float],
         for a in step:
             a = float(a)
             n += 1
-            if fallback is not None and abs(a - fallback) <= _FALLBACK_RTOL * fallback:
+            at = is_at_fallback(a, rule)
+            if at:
                 at_fallback += 1
             elif a > 0:
                 in_range += 1
                 log_sum += math.log10(a)
             if a > ABOVE:
                 above += 1
-            elif fallback is not None and a > fallback * (1 + _FALLBACK_RTOL):
+            elif fallback is not None and not at and a > fallback:
                 between += 1       # above the fallback, at most 0.1
-            elif fallback is not None and a < fallback * (1 - _FALLBACK_RTOL):
+            elif fallback is not None and not at and a < fallback:
                 below += 1
             if a > 0:
                 k = int(math.floor((math.log10(a) - LOG10_LOW) / LOG10_STEP))

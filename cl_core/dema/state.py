@@ -52,6 +52,19 @@ def fallback_alpha(config: DEMAConfig) -> float:
     return f32(config.fallback)
 
 
+def is_at_fallback(alpha, config: DEMAConfig):
+    """Whether an applied α (a float, or a float32 tensor of per-tensor α) is the fallback:
+    the one rule for "α sat at the fallback" (the training log, the report, the regime
+    figures). Every backend writes exactly `fallback_alpha(config)` (float32) when the formula
+    leaves (0, 1), so the test is exact float32 equality; a tolerance would also count dynamic
+    α that merely lie close to the fallback. A fixed EMA has no fallback: always False."""
+    if isinstance(alpha, torch.Tensor):
+        if config.formula == "fixed":
+            return torch.zeros_like(alpha, dtype=torch.bool)
+        return alpha.float() == fallback_alpha(config)
+    return config.formula != "fixed" and f32(float(alpha)) == fallback_alpha(config)
+
+
 def fixed_alpha(config: DEMAConfig) -> float:
     """α of the "fixed" formula as the kernels compute it: 1 − β in float32 from float32 β."""
     return f32(1.0 - f32(config.beta))

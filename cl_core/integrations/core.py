@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 
 from cl_core.dema.fused import optimizer_kind
+from cl_core.dema.state import is_at_fallback
 
 logger = logging.getLogger(__name__)
 
@@ -299,8 +300,7 @@ class LogWindow:
     def add(self, engine) -> None:
         """One update's α (after the engine's update of this optimizer step)."""
         alpha = engine.stats.alpha.float()
-        fallback = torch.tensor(engine.config.fallback, dtype=torch.float32, device=alpha.device)
-        row = torch.stack([alpha.sum(), (alpha == fallback).sum().float()])
+        row = torch.stack([alpha.sum(), is_at_fallback(alpha, engine.config).sum().float()])
         self._sums = row if self._sums is None else self._sums + row
         self.count += alpha.numel()
 

@@ -324,3 +324,16 @@ def test_native_path_split_over_threads_matches_reference(monkeypatch):
         torch.set_num_threads(before)
     ref, _ = play("reference", shapes, script)
     assert_same(eng, ref)
+
+
+def test_is_at_fallback_is_exact_float32_equality_and_never_for_a_fixed_ema():
+    """One rule for "α sat at the fallback" (the log window, the report, the regime figures)."""
+    from cl_core.dema.state import fallback_alpha, is_at_fallback
+
+    cfg = DEMAConfig(fallback=0.01)
+    fb = fallback_alpha(cfg)
+    alpha = torch.tensor([fb, 0.01 * (1 + 1e-6), 0.5, 0.0], dtype=torch.float32)
+    assert is_at_fallback(alpha, cfg).tolist() == [True, False, False, False]
+    assert is_at_fallback(fb, cfg) and is_at_fallback(0.01, cfg) and not is_at_fallback(0.0100001, cfg)
+    fixed = DEMAConfig(formula="fixed")
+    assert not is_at_fallback(0.01, fixed) and not is_at_fallback(alpha, fixed).any()
