@@ -89,6 +89,7 @@ CONFIGS = (
     Config("r64", "LoRA rank 64 (n×8)", (("lora_r", 64), ("lora_alpha", 128))),
     Config("scale0.2", "scale 0.2", (("dema_scale", 0.2),)),
     Config("scale20", "scale 20", (("dema_scale", 20.0),)),
+    Config("scale0.05", "scale 0.05", (("dema_scale", 0.05),)),
     Config("noclip", "no clipping", (("max_grad_norm", 0.0),)),
     Config("steps50", "50 steps per task", (("steps", 50),)),
     Config("r64-lr2e-4", "LoRA rank 64, lr 2e-4", (("lora_r", 64), ("lora_alpha", 128), ("lr", 2e-4))),
