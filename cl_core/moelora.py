@@ -66,8 +66,9 @@ WEIGHTS_NAME = "moelora.safetensors"
 FORMAT = "cl_core.moelora"
 # Parts of a multimodal model "all-linear" leaves alone, as the official find_all_linear_names
 # skips mm_projector / vision_tower / vision_resampler (LLaVA's own names) and as HF's LLaVA
-# names them (vision_tower, multi_modal_projector): the experts go on the language model.
-MULTIMODAL_PARTS = ("mm_projector", "vision_tower", "vision_resampler", "multi_modal_projector")
+# names them (vision_tower, multi_modal_projector), and Qwen-VL's vision tower with its patch
+# merger (visual): the experts go on the language model.
+MULTIMODAL_PARTS = ("mm_projector", "vision_tower", "vision_resampler", "multi_modal_projector", "visual")
 
 
 @dataclass(frozen=True)

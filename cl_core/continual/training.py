@@ -262,12 +262,16 @@ def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Pa
     t0 = time.time()
     log.info("seed %d: stage 1, training the tiny base model (%d steps)", seed, cfg.stage1_steps)
     if getattr(tokenizer, "uses_images", False):   # the multimodal benchmark: the tiny LLaVA, all of it trained
-        from cl_core.continual import images
+        from cl_core.continual import images, qwen_vl
 
-        model = tiny_model.build_llava(tokenizer.tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                                       num_heads=cfg.num_heads, image_size=images.IMAGE_SIZE,
-                                       patch_size=images.PATCH_SIZE, max_positions=max(cfg.max_length, 128),
-                                       seed=seed_for(seed, "init"))
+        family = getattr(cfg, "model_family", "llava")
+        size = dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                    image_size=images.IMAGE_SIZE, max_positions=max(cfg.max_length, 128), seed=seed_for(seed, "init"))
+        if family == "llava":
+            model = tiny_model.build_llava(tokenizer.tokenizer, patch_size=images.PATCH_SIZE, **size)
+        else:   # a tiny Qwen-VL: half-size patches merged 2 x 2, the LLaVA's 16 image tokens per picture
+            model = qwen_vl.build_tiny(qwen_vl.DEMO_FAMILIES[family], tokenizer.tokenizer,
+                                       patch_size=images.PATCH_SIZE // 2, **size)
     else:
         model = tiny_model.build_model(len(getattr(tokenizer, "tokenizer", tokenizer)), hidden_size=cfg.hidden_size,
                                        num_layers=cfg.num_layers, num_heads=cfg.num_heads,

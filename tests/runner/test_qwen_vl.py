@@ -1,0 +1,136 @@
+"""The runner on the Qwen-VL family (cl_core.continual.qwen_vl): a tiny Qwen2-VL and a tiny
+Qwen2.5-VL built offline from configs, saved with their processor's files (the PIL image
+processor and the tokenizer) and loaded back through ``--model DIR``:
+
+* the image-token count equals t·h·w / 4 for several image sizes, and a batch of variable-size
+  images (patch sets concatenated, ``image_grid_thw`` carried, ``mm_token_type_ids`` padded)
+  gives each row the logits it has alone;
+* a record whose text holds the image markers, an image too large for ``--max-length``, and a
+  processor whose patch size disagrees with the model are refused before training, naming the
+  record / the files;
+* every method runs on CoIN-style files (LoRA and DEMA on the language model only, MoELoRA's
+  experts too; the patch merger trained and averaged with --train-projector);
+* resume equals an uninterrupted run; the images matter (blank test images score lower).
+"""
+import json
+
+import pytest
+import torch
+
+from cl_core.cli import main
+from cl_core.continual import images as I
+from cl_core.continual import multimodal as M
+from cl_core.continual import qwen_vl as Q
+from tests.runner.test_cli_run import _one_error_line
+from tests.runner.test_multimodal import _write_task
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+PATCH = I.PATCH_SIZE // 2          # 6-pixel patches merged 2 x 2: a 48-pixel picture gives 16 tokens
+
+
+def _save(path, model_type, *, hidden_size=32, num_layers=1, seed=0):
+    proc = Q.tiny_processor(image_size=I.IMAGE_SIZE, patch_size=PATCH)
+    Q.build_tiny(model_type, proc.tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=2,
+                 image_size=I.IMAGE_SIZE, patch_size=PATCH, seed=seed).save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def qwen_dir(request, tmp_path_factory):
+    """An untrained tiny Qwen2-VL / Qwen2.5-VL with its processor files: an ordinary model folder."""
+    return _save(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def test_folder_loads_back_without_torchvision_and_counts_tokens_from_the_grid(qwen_dir):
+    from PIL import Image
+
+    assert M.is_image_text_folder(qwen_dir) and Q.is_qwen_vl(M.model_type(qwen_dir))
+    enc = M.encoder_for(type("Cfg", (), {"model": str(qwen_dir), "multimodal": False})())
+    assert isinstance(enc, Q.QwenVLEncoder) and type(enc.processor.image_processor).__name__ == \
+        "Qwen2VLImageProcessorPil"
+    rng = torch.Generator().manual_seed(0)
+    sizes = [(48, 48), (60, 37), (120, 30), (13, 90), (200, 150)]
+    pictures = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8).numpy())
+                for w, h in sizes]
+    items = []
+    for (w, h), pic in zip(sizes, pictures):
+        item = enc.example("what color is the star ?", "red", pic, max_length=4096)
+        t, gh, gw = item["image_grid_thw"][0].tolist()
+        n = item["input_ids"].count(enc.image_token_id)
+        assert n == t * gh * gw // 4 and (n, (t, gh, gw)) == enc.processor.image_tokens(w, h)
+        assert gh % 2 == 0 and gw % 2 == 0 and item["pixel_values"].shape == (t * gh * gw, 3 * 2 * PATCH * PATCH)
+        ids = item["input_ids"]   # <|vision_start|> pads <|vision_end|>, then the prompt
+        start = ids.index(enc.tokenizer.convert_tokens_to_ids(Q.VISION_START))
+        assert ids[start + n + 1] == enc.image_end_id and set(ids[start + 1:start + n + 1]) == {enc.image_token_id}
+        items.append(item)
+    assert len({x["input_ids"].count(enc.image_token_id) for x in items}) == len(sizes)   # all different
+
+    # A batch of them: patches concatenated in row order, the grids carried, the token types
+    # padded with the ids; every row's logits equal that row's alone (right padding).
+    plain = enc.example("what color ?", "red", None, max_length=64)       # a text-only row between
+    rows = items[:2] + [plain] + items[2:4]
+    batch = enc.collate(rows)
+    assert batch["pixel_values"].shape[0] == sum(x["pixel_values"].shape[0] for x in items[:4])
+    assert batch["image_grid_thw"].tolist() == [x["image_grid_thw"][0].tolist() for x in items[:4]]
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == enc.image_token_id).int())
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(qwen_dir).eval()
+    with torch.no_grad():
+        together = model(**batch).logits
+        for k, row in enumerate(rows):
+            alone = model(**enc.collate([row])).logits[0]
+            torch.testing.assert_close(together[k, :alone.shape[0]], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_records_and_mismatched_folders_are_refused_before_training(tmp_path, qwen_dir, caplog):
+    imgs = tmp_path / "images"
+    a = _write_task(tmp_path / "GQA", imgs, "gqa", 6)
+    out = tmp_path / "out"
+    args = ["run", "--model", str(qwen_dir), "--methods", "lora", "--steps", "1", "--out", str(out), "--quiet",
+            "--image-folder", str(imgs)]
+    # the image markers written into a record's text
+    records = json.loads(a.read_text())
+    records[3]["conversations"][0]["value"] = f"<image>\n{Q.IMAGE_PAD} what color ?"
+    b = tmp_path / "marked.json"
+    b.write_text(json.dumps(records))
+    code, line = _one_error_line(args + ["--tasks", str(b)], caplog)
+    assert code == 2 and "task marked" in line and "gqa/3.png" in line and Q.IMAGE_PAD in line and not out.exists()
+    # an image larger than --max-length leaves room for (300 x 200, scaled to the 192² pixel budget: 38 x 26 patches)
+    from PIL import Image
+
+    Image.new("RGB", (300, 200), "white").save(imgs / "gqa" / "big.png")
+    records = json.loads(a.read_text())
+    records[1]["image"] = "gqa/big.png"
+    c = tmp_path / "big.json"
+    c.write_text(json.dumps(records))
+    code, line = _one_error_line(args + ["--tasks", str(c), "--max-length", "96"], caplog)
+    assert code == 2 and "300x200 image takes 247 image tokens (grid (1, 26, 38)" in line and "--max-length" in line
+    assert "big.png" in line and not out.exists()
+    # a processor whose patch size is not the vision tower's
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(qwen_dir, bad)
+    cfg = json.loads((bad / "preprocessor_config.json").read_text())
+    (bad / "preprocessor_config.json").write_text(json.dumps({**cfg, "patch_size": 8}))
+    code, line = _one_error_line(["run", "--model", str(bad), *args[3:], "--tasks", str(a)], caplog)
+    assert code == 2 and "patch_size is 8" in line and "preprocessor_config.json" in line and not out.exists()
+    (bad / "preprocessor_config.json").unlink()
+    code, line = _one_error_line(["run", "--model", str(bad), *args[3:], "--tasks", str(a)], caplog)
+    assert code == 2 and "no preprocessor_config.json" in line
+
+
+def test_token_count_mismatch_names_the_image():
+    """A tokenizer that does not keep <|image_pad|> one token: the count no longer matches the
+    grid, and the encoder says so (instead of the model's feature/token shape error)."""
+    from cl_core.continual import synthetic, tiny_model
+
+    proc = Q.tiny_processor(image_size=I.IMAGE_SIZE, patch_size=PATCH)
+    split = tiny_model.build_tokenizer(tiny_model.build_vocab(synthetic.vocabulary_texts()) + list(Q.SPECIAL_TOKENS))
+    split.add_tokens([Q.VISION_START, Q.VISION_END], special_tokens=True)   # <|image_pad|> left out
+    enc = Q.QwenVLEncoder(Q.QwenVLProcessor(proc.image_processor, split), M.load_image)
+    with pytest.raises(ValueError, match=r"image Image: the text holds 0 <\|image_pad\|> tokens, its grid "
+                                         r"\(1, 8, 8\) needs 16"):
+        enc.example("what color ?", "red", I.blank_image(), max_length=96)
