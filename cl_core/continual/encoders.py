@@ -145,9 +145,10 @@ class ImageTextEncoder(TextEncoder):
         """Refuse a model the processor does not fit, before training (LLaVA: the processor and
         the model check each other at the first forward; qwen_vl overrides)."""
 
-    def check_tasks(self, tasks, max_length: int) -> None:
-        """Refuse records whose images cannot be encoded, before training (LLaVA: every image
-        gives the same tokens, the runner encodes one example per task; qwen_vl overrides)."""
+    def check_run(self, tasks, cfg) -> None:
+        """Refuse settings and records the model family cannot take, before training (LLaVA:
+        every image gives the same tokens, the runner encodes one example per task; qwen_vl
+        overrides)."""
 
     def prompt_ids(self, prompt: str, image=None, max_prompt_tokens: Optional[int] = None) -> dict:
         if image is None:

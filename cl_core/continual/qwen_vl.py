@@ -211,11 +211,25 @@ class QwenVLEncoder(ImageTextEncoder):
                 raise ValueError(f"the tokenizer's {token} is id {have}, the model's {field} is {want} "
                                  "(config.json): the tokenizer does not belong to this model")
 
-    def check_tasks(self, tasks, max_length: int) -> None:
-        """Every image record's token count from its image's size (no pixels read): a record
-        whose text holds the family's image markers, or whose image needs more tokens than
-        ``--max-length`` leaves room for, is a ValueError naming the task, the record and the image."""
+    def check_run(self, tasks, cfg) -> None:
+        """The settings, then every image record's token count from its image's size (no pixels
+        read): a record whose text holds the family's image markers, or whose image needs more
+        tokens than ``--max-length`` leaves room for, is a ValueError naming the task, the record
+        and the image.
+
+        Refused: ``--train-projector`` with a method that routes test instances to LoRA sets
+        (grouping). PEFT routes a mixed-adapter batch row by row, and Qwen-VL's patch merger
+        reads a batch's patches concatenated, not its rows, so its per-set copies cannot be
+        routed (PEFT stops with a length error at the first evaluation)."""
         from cl_core.continual.images import IMAGE_SIZE
+
+        routed = [m for m in cfg.methods if cfg.plan(m).grouping]
+        if cfg.train_projector and routed:
+            raise ValueError(f"--train-projector (train_projector) on a Qwen-VL model cannot be combined with "
+                             f"{', '.join(routed)}: the patch merger reads the batch's image patches, not its rows, "
+                             "so PEFT cannot route its copy per LoRA set; drop --train-projector or run those "
+                             "methods without it")
+        max_length = cfg.max_length
 
         marker_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         for task in tasks:

@@ -121,7 +121,7 @@ class ContinualRun:
                 self.encoder.check_model(base)   # processor and model agree (qwen_vl: patch and merge sizes)
             del base
         if self.encoder.uses_images:
-            self.encoder.check_tasks(self.tasks, self.cfg.max_length)   # qwen_vl: every record's image tokens
+            self.encoder.check_run(self.tasks, self.cfg)   # qwen_vl: every record's image tokens
             # One example per task through the processor now: an image that does not fit in
             # --max-length (LLaVA-1.5: 576 image tokens) fails here, not in the middle of training.
             for t in self.tasks:
