@@ -82,9 +82,15 @@ class QwenVLProcessor:
         ValueError in one line naming ``--model`` and what is missing."""
         from pathlib import Path
 
+        import transformers
         from transformers import AutoTokenizer
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+        try:
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        except ImportError:
+            raise ValueError(f"--model {path}: a Qwen-VL model needs transformers 5 (its PIL image processor "
+                             f"Qwen2VLImageProcessorPil and mm_token_type_ids; tested with 5.23), this is "
+                             f"{transformers.__version__}: pip install -U 'transformers>=5'") from None
         if not (Path(path) / "preprocessor_config.json").is_file():
             raise ValueError(f"--model {path}: no preprocessor_config.json (the image processor's settings) inside; "
                              "save it with the model: processor.save_pretrained(DIR) or "
