@@ -16,7 +16,8 @@ image-text example puts the processor's image token and a newline before the pro
 ``<image>\\n`` first turn does; the processor expands it to the model's image tokens and returns
 ``pixel_values`` (and whatever else it returns per image), all of which reach the model.
 Tested on LLaVA; the Qwen-VL family's encoder (:mod:`cl_core.continual.qwen_vl`) is this one with
-its image markers, its token-count check and its per-token ``mm_token_type_ids``. Labels are -100 on the prompt, so on the image tokens too. A record
+its image markers, its token-count check and its per-token ``mm_token_type_ids``. Labels are -100
+on the prompt, so on the image tokens too. A record
 without an image is a text-only example (no image token, no pixels), which LLaVA-style models
 accept in the same batch as image examples.
 """

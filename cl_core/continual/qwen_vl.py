@@ -186,7 +186,8 @@ class QwenVLEncoder(ImageTextEncoder):
             if have != want:
                 raise ValueError(f"image {image if isinstance(image, str) else type(image).__name__}: the text holds "
                                  f"{have} {IMAGE_PAD} tokens, its grid {tuple(int(v) for v in grid)} needs {want} "
-                                 f"(t·h·w / {self.processor.merge_size}²); remove {IMAGE_PAD} from the record's text")
+                                 f"(t·h·w / {self.processor.merge_size}²); remove {IMAGE_PAD} from the record's "
+                                 "text")
         return out
 
     def collate(self, batch: Sequence[dict]) -> dict:
@@ -236,26 +237,24 @@ class QwenVLEncoder(ImageTextEncoder):
                              "so PEFT cannot route its copy per LoRA set; drop --train-projector or run those "
                              "methods without it")
         max_length = cfg.max_length
-
-        marker_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         for task in tasks:
             for split, records, images in (("training", task.train, task.train_images),
                                            ("test", task.test, task.test_images)):
                 for k, ((prompt, _, _), image) in enumerate(zip(records, images)):
                     if image is None:
                         continue
-                    where = f"task {task.name}, {split} record {k} (image {image if isinstance(image, str) else 'drawn'})"
-                    if any(t in prompt for t in SPECIAL_TOKENS) or \
-                            marker_ids & set(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]):
+                    shown = image if isinstance(image, str) else "drawn"
+                    where = f"task {task.name}, {split} record {k} (image {shown})"
+                    if any(t in prompt for t in SPECIAL_TOKENS):
                         raise ValueError(f"{where}: its text holds {'/'.join(SPECIAL_TOKENS[:3])}; the runner places "
                                          "the image itself (write <image> or nothing)")
-                    w, h = task.image_sizes.get(image, (IMAGE_SIZE, IMAGE_SIZE)) if isinstance(image, str) \
-                        else (IMAGE_SIZE, IMAGE_SIZE)
+                    # a file's size as opened (multimodal.check_images), or a drawn scene's
+                    w, h = task.image_sizes[image] if isinstance(image, str) else (IMAGE_SIZE, IMAGE_SIZE)
                     n, grid = self.processor.image_tokens(w, h)
                     if n + 4 > max_length:   # + start, end, a prompt token and the answer's end
                         raise ValueError(f"{where}: its {w}x{h} image takes {n} image tokens (grid {grid}, "
-                                         f"t·h·w / {self.processor.merge_size}²), more than --max-length {max_length} "
-                                         "leaves room for; raise --max-length or lower max_pixels in "
+                                         f"t·h·w / {self.processor.merge_size}²), more than --max-length "
+                                         f"{max_length} leaves room for; raise --max-length or lower max_pixels in "
                                          "preprocessor_config.json")
 
 

@@ -22,7 +22,7 @@ from cl_core.continual import images as I
 from cl_core.continual import multimodal as M
 from cl_core.continual import qwen_vl as Q
 from tests.runner.test_cli_run import _one_error_line
-from tests.runner.test_multimodal import _write_task
+from tests.runner.test_multimodal import _write_task, assert_resume_equals_uninterrupted
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 STEPS_TO_READ = {"qwen2_vl": 60, "qwen2_5_vl": 100}   # steps to read colours (test_blank_test_images...)
@@ -200,7 +200,7 @@ def test_projector_is_the_patch_merger_trained_and_averaged(tmp_path, caplog):
 def test_resume_equals_uninterrupted(tmp_path, model_type):
     """Interrupted after a task and resumed, a Qwen-VL chain equals the uninterrupted one (the
     LoRA sets reloaded; DEMA re-trains the set of lcia's one group)."""
-    from cl_core.continual.run import RunConfig, run
+    from cl_core.continual.run import RunConfig
 
     folder = _save(tmp_path / "qwen", model_type)
     imgs = tmp_path / "images"
@@ -210,23 +210,7 @@ def test_resume_equals_uninterrupted(tmp_path, model_type):
         return RunConfig(methods=("dema", "lcia"), task_files=files, model=str(folder), image_folder=str(imgs),
                          steps=2, batch_size=4, max_length=64)
 
-    reference = run(cfg(), tmp_path / "ref", quiet=True, threads=1)
-    stops = {("dema", 0), ("lcia", 1)}
-
-    def interrupt(method, seed, task):
-        if (method, task) in stops:
-            stops.discard((method, task))
-            raise KeyboardInterrupt
-
-    out = tmp_path / "run"
-    for _ in range(2):
-        with pytest.raises(KeyboardInterrupt):
-            run(cfg(), out, quiet=True, threads=1, on_task_end=interrupt)
-    results = run(cfg(), out, quiet=True, threads=1)
-    for method in ("dema", "lcia"):
-        a, b = results["methods"][method]["seeds"]["0"], reference["methods"][method]["seeds"]["0"]
-        assert a["matrix"] == b["matrix"] and a["loss"] == b["loss"] and a["alpha"] == b["alpha"], method
-        assert any(a["alpha"]), method
+    results = assert_resume_equals_uninterrupted(cfg, tmp_path)
     assert results["methods"]["lcia"]["seeds"]["0"]["dema"] == [False, True, True]
 
 
@@ -247,7 +231,8 @@ def test_blank_test_images_lower_the_accuracy(tmp_path, model_type):
     train = _write_task(tmp_path / "GQA", imgs, "gqa", 480)
     test = _write_task(tmp_path / "test", imgs, "gqa", 48, test=True)
     cfg = RunConfig(methods=("lora",), task_files=(str(train),), test_files=(str(test),), task_types=("short",),
-                    model=str(folder), image_folder=str(imgs), steps=STEPS_TO_READ[model_type], batch_size=16, lr=1e-2, max_length=64,
+                    model=str(folder), image_folder=str(imgs), steps=STEPS_TO_READ[model_type], batch_size=16,
+                    lr=1e-2, max_length=64,
                     train_projector=True)
     runner = ContinualRun(cfg, tmp_path / "run", quiet=True, threads=1)
     seen = runner.run()["methods"]["lora"]["matrix"][-1][0]
