@@ -28,6 +28,7 @@ import torch
 
 from cl_core.dema.backends import DEMABackend, make_backend, resolve_backend
 from cl_core.dema.config import DEMAConfig
+from cl_core.dema.regime import RegimeTracker
 from cl_core.dema.state import GroupState, ema_dtype_for, local_tensor
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class DEMA:
         self._warned_sparse = False
         self._one_pass = None  # the OnePassStep handed over by attach_one_pass (not copied)
         self._update_pending = False  # the last one-pass step left its EMA update to finish
+        # Where α sits and why (cl_core/dema/regime.py): fed by every update, read when logging.
+        self.regime = RegimeTracker(self.config)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -195,6 +198,10 @@ class DEMA:
             self.flush()
             return result.refused
         self._update_pending = True
+        for k, (g, inputs) in enumerate(zip(self.groups, impl.pending_inputs())):
+            if inputs is not None:
+                self.regime.record(k, g.state, *inputs)
+        self.regime.count_update()
         self.count_missing(result.missing)
         self.num_updates += 1
         return None
@@ -225,9 +232,14 @@ class DEMA:
         self.flush()
         self.ensure_groups()
         missing: list = []
+        regime = self.regime
         with torch.no_grad():
-            for g in self.groups:
-                g.backend.update(self._locals(g.indices), self._grads(g.indices, missing), self.reduce_stats)
+            for k, g in enumerate(self.groups):
+                grads = self._grads(g.indices, missing)
+                regime.before_update(k, g.state)
+                g.backend.update(self._locals(g.indices), grads, self.reduce_stats)
+                regime.after_update(k, g.state, g.backend.last_stats(), [j for j, x in enumerate(grads) if x is None])
+        regime.count_update()
         self.count_missing(missing)
         self.num_updates += 1
 
@@ -241,6 +253,17 @@ class DEMA:
         if self._update_pending:
             self._one_pass.flush()
             self._update_pending = False
+
+    # ------------------------------------------------------------------ the regime
+    def mark_start(self) -> None:
+        """Remember the parameters now as the start of a task, for `lag()` (a copy of each
+        local tensor, kept until the next mark)."""
+        self.regime.mark_start(self._locals(range(len(self.params))))
+
+    def lag(self) -> Optional[float]:
+        """‖θ* − θ‖₁ / ‖θ_start − θ‖₁ over every tensor since `mark_start()` (None before one,
+        or when θ has not moved): how far back towards the start the EMA sits. One host sync."""
+        return self.regime.lag(self.ema_tensors(), self._locals(range(len(self.params))))
 
     # ------------------------------------------------------------------ reading the EMA
     def _per_param(self, pick) -> list:
@@ -357,6 +380,8 @@ class DEMA:
         state.setdefault("_one_pass", None)
         state.setdefault("_update_pending", False)
         self.__dict__.update(state)
+        if "regime" not in state:  # copies written before the regime counters existed
+            self.regime = RegimeTracker(self.config)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

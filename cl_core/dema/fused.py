@@ -299,6 +299,11 @@ class FusedStep:
         pending state without finishing the EMA; None for a group whose driver cannot."""
         return [drv.pending_stats() for drv in self._drivers or ()]
 
+    def pending_inputs(self):
+        """Per engine group, the pending decision's inputs (stats [T, 5], use [T]) for the
+        regime counters (cl_core/dema/regime.py), on the device; None where nothing is pending."""
+        return [drv.pending_inputs() for drv in self._drivers or ()]
+
 
 def _driver(group, members: GroupMembers) -> FusedDriver:
     """The fused-kernel driver of one engine group: CPU (native C) or Triton."""

@@ -216,3 +216,16 @@ class CpuFusedDriver:
         skips = torch.empty(self.n, dtype=torch.int64)
         K.pending(self.n, self.cs, alpha, skips, *self._consts, dtype=self.ema_dtype, ema_dtype=self.ema_dtype)
         return alpha, skips
+
+    def pending_inputs(self):
+        """(stats, use) of the pending decision (the FusedDriver protocol). Only a started
+        tensor leaves an update pending (its statistics in pend_stats); one that started at
+        this step did so in the sweep (α the start value, or 0 when NaN/inf skipped it)."""
+        if not self._pending or self.n == 0:
+            return None
+        pend = self.pend_mode == L.PEND_EMA
+        stats = self.pend_stats.clone()
+        stats[:, L.DS_NONFINITE] = torch.where(pend, stats[:, L.DS_NONFINITE], (self.state.alpha == 0).float())
+        if self._consts[0] != L.FORMULA_FIXED:
+            pend = pend & (self.pend_has_grad != 0) & (self.pend_has_prev != 0)
+        return stats, pend

@@ -31,6 +31,7 @@ import torch
 
 from cl_core.dema.cuda_launch import LaunchGuard, refuse_interpreter_on_cuda
 from cl_core.dema.onepass import check_tensors
+from cl_core.dema.state import round_sum
 from cl_core.kernels import layouts as L
 from cl_core.kernels import triton_dema as KD
 from cl_core.kernels import triton_fused as K
@@ -329,3 +330,22 @@ class TritonFusedGroup:
         K.pending(self.tot[r], self.flags[r], self.dcarry[r], s.alpha, s.skips, alpha, skips, n, *self._consts,
                   ema_dtype=self.ema_dtype)
         return alpha, skips
+
+    def pending_inputs(self):
+        """(stats, use) of the pending decision (the FusedDriver protocol), from the totals
+        and flags the kernels' `_pending` reads, in torch ops (no launch, no host sync)."""
+        with self.guard("a read of the regime inputs"):
+            s, n = self.state, self.n
+            if n == 0 or self._dirty or not self._pending or self.n_tiles == 0:
+                return None
+            r = 1 - self.parity
+            tot, fl = self.tot[r, :n], self.flags[r, :, :n]
+            rs = (lambda x: x.float()) if self.ema_dtype == torch.float32 else (lambda x: round_sum(x, self.ema_dtype))
+            a, b, c, d_sum = (rs(tot[:, k]) for k in (L.P_A, L.P_B, L.P_C, L.P_D))
+            d_in = torch.where(fl[L.F_APPLIED] != 0, d_sum, self.dcarry[r, :n])
+            pend = fl[L.F_PEND]
+            nonfinite = (pend != L.PEND_NONE) & (b != b)  # P_B carries the NaN/inf probe
+            use = pend == L.PEND_EMA
+            if self._consts[0] != L.FORMULA_FIXED:
+                use = use & (fl[L.F_PEND_HAS_GRAD] != 0) & (fl[L.F_PEND_HAS_PREV] != 0)
+            return torch.stack([a, b, c, nonfinite.float(), d_in], 1), use

@@ -82,6 +82,13 @@ class FusedDriver(Protocol):
         """This step's (alpha, skips) from the pending state, computed on the device
         without finishing the EMA; None when nothing is pending."""
 
+    def pending_inputs(self):
+        """What the pending decision is made from, for the regime counters
+        (cl_core/dema/regime.py `classify`): (stats float32 [T, 5]: a, b, c, nonfinite, d;
+        use bool [T]: the formula's α applies), device tensors computed without a host
+        sync; None when nothing is pending. A tensor that started at this step has use
+        False and nonfinite 1 when its start was skipped."""
+
 
 class OnePassStep(Protocol):
     """The one-pass optimizer+DEMA implementation the engine is handed (FusedStep)."""
@@ -96,6 +103,9 @@ class OnePassStep(Protocol):
     def pending_stats(self) -> list:
         """Per engine group: (alpha, skips) of the pending update, or None for a group that
         cannot tell without finishing it."""
+
+    def pending_inputs(self) -> list:
+        """Per engine group: the FusedDriver.pending_inputs of this step (or None)."""
 
 
 def check_tensors(params, grads, dtype, device, has_all_grads: bool,

@@ -27,6 +27,12 @@ class DEMABackend(Protocol):
                reduce_stats: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """One DEMA step over the group's local tensors (grads[i] None = no gradient)."""
 
+    def last_stats(self) -> torch.Tensor:
+        """float32 [T, 5] (a, b, c, nonfinite, d before the update: the table a `reduce_stats`
+        hook sees) of the last `update`, as its α was decided from them; read by the
+        engine's regime counters (cl_core/dema/regime.py) right after each update, on the
+        device, no host sync. a, b, c may be 0 where the formula did not need them."""
+
     def canonicalize(self) -> None:
         """Fold any partial sums the backend keeps into the shared GroupState."""
 
