@@ -95,10 +95,14 @@ def _bins(cat: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return torch.where(formula_set, k + N_CAT, _TRASH)
 
 
-def count(cat: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """int64 [N_COUNTERS]: the categories' counts, then the histogram of the formula's α."""
+def count(cat: torch.Tensor, alpha: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 [N_COUNTERS]: the categories' counts, then the histogram of the formula's α (added
+    to `out` when given). index_add_, not bincount: bincount reads its input's maximum on the
+    host (a sync on CUDA); integer index_add_ is exact and deterministic."""
     idx = torch.cat([cat.reshape(-1), _bins(cat.reshape(-1), alpha.reshape(-1))])
-    return torch.bincount(idx, minlength=N_COUNTERS)
+    if out is None:
+        out = torch.zeros(N_COUNTERS, dtype=torch.int64, device=idx.device)
+    return out.index_add_(0, idx, torch.ones_like(idx))
 
 
 def bin_alpha(k: int) -> float:
@@ -334,7 +338,9 @@ class RegimeTracker:
         ring = self._rings[k]
         ring.stats[ring.fill].copy_(stats)
         if no_grad and self.config.formula != "fixed":  # the fixed α applies without a gradient too
-            ring.use[ring.fill, no_grad] = False
+            keep = torch.ones(len(state), dtype=torch.bool)
+            keep[no_grad] = False  # a host mask, copied without a sync (as the torch backend's has_grad)
+            ring.use[ring.fill].logical_and_(keep.to(ring.use.device, non_blocking=True))
         self._advance(ring)
 
     def record(self, k: int, state, stats: torch.Tensor, use: torch.Tensor) -> None:
@@ -359,7 +365,7 @@ class RegimeTracker:
         stats = ring.stats[: ring.fill].reshape(-1, 5)
         use = ring.use[: ring.fill].reshape(-1)
         cat, alpha = classify(stats, use, self.config, ring.ema_dtype)
-        ring.counts += count(cat, alpha)
+        count(cat, alpha, out=ring.counts)
         ring.fill = 0
 
     # ------------------------------------------------------------------ reading
