@@ -62,16 +62,22 @@ class DEMAStats:
     missing_grads: torch.Tensor  # int64 [T] on CPU: updates that found no gradient, in total
     updates: int  # update() calls
     skipped_steps: int  # optimizer steps skipped (AMP overflow), not averaged
+    regime: Optional[RegimeTracker] = None  # the engine's regime counters (cl_core/dema/regime.py)
 
     def to_dict(self) -> dict:
-        """Python numbers, for logging (synchronises with the device)."""
-        return {
+        """Python numbers, for logging (synchronises with the device); "regime": the whole
+        run's regime (`RegimeReport.to_dict`), judged by `RegimeTracker.check` (which warns
+        once when the run is out of regime)."""
+        out = {
             "alpha": self.alpha.float().cpu().tolist(),
             "nonfinite_skips": self.nonfinite_skips.cpu().tolist(),
             "missing_grads": self.missing_grads.tolist(),
             "updates": self.updates,
             "skipped_steps": self.skipped_steps,
         }
+        if self.regime is not None:
+            out["regime"] = self.regime.check().to_dict()
+        return out
 
 
 class DEMA:
@@ -321,7 +327,7 @@ class DEMA:
             skips = self._gather("skips")
         missing = torch.tensor(self._missing, dtype=torch.int64)
         return DEMAStats(alpha=alpha, nonfinite_skips=skips, missing_grads=missing,
-                         updates=self.num_updates, skipped_steps=self.skipped_steps)
+                         updates=self.num_updates, skipped_steps=self.skipped_steps, regime=self.regime)
 
     def _pending_decision(self):
         """(alpha, skips) in parameter order from a fused step's pending state, or None."""

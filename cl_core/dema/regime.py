@@ -22,6 +22,7 @@ what is out of regime and what to try, and `ema_lag` the EMA's lag at the end of
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -30,6 +31,8 @@ import torch
 
 from cl_core.dema.config import DEMAConfig
 from cl_core.dema.state import dynamic_alpha, fixed_alpha
+
+log = logging.getLogger(__name__)
 
 # ---- categories of one tensor-update (the order of the counters)
 CAT_SKIP = 0  # θ or g held NaN/inf: the tensor was left untouched (not an update of the EMA)
@@ -314,6 +317,7 @@ class RegimeTracker:
         self._updates = 0
         self._marks: dict = {}  # window name -> (counters, updates) at its last read
         self._start = None  # θ_start for ema_lag (mark_start)
+        self.warned = False  # check() said the run is out of regime (once)
 
     # ------------------------------------------------------------------ feeding
     def _ring(self, k: int, state) -> _Ring:
@@ -393,6 +397,20 @@ class RegimeTracker:
         prev, prev_updates = self._marks.get(window, ([0] * N_COUNTERS, 0))
         self._marks[window] = (total, self._updates)
         return self._report([t - p for t, p in zip(total, prev)], self._updates - prev_updates, window)
+
+    def check(self) -> RegimeReport:
+        """Judge the whole run so far (`read_total`) and warn once, through this module's
+        logger, when it is out of regime (`regime_advice`), once at least MIN_TENSOR_UPDATES
+        tensor-updates and MIN_UPDATES update calls were seen, whatever the logging interval.
+        Called by the integrations at every log line, by `DEMAStats.to_dict()` and by the
+        runner; returns the total. One host sync."""
+        total = self.read_total()
+        if (not self.warned and total.tensor_updates >= MIN_TENSOR_UPDATES and total.updates >= MIN_UPDATES):
+            text = regime_advice(total, self.config)
+            if text is not None:
+                self.warned = True
+                log.warning("%s (said once)", text)
+        return total
 
     # ------------------------------------------------------------------ the lag
     def mark_start(self, params) -> None:

@@ -335,3 +335,29 @@ def test_lag_is_the_ema_distance_over_the_distance_travelled():
         engine.update()
     # θ* = θ at the first update (1), then 1.5, then 2.25; θ = 3, θ_start = 0
     assert engine.lag() == pytest.approx(0.75 / 3.0)
+
+
+def test_check_warns_once_over_the_whole_run_whatever_the_window(caplog):
+    """Eight small tensors at the official constants: every α at the fallback. Reading the
+    log window after every update (logging_steps=1) must not hide it: the judgement is over
+    the run so far, once MIN_UPDATES updates and MIN_TENSOR_UPDATES tensor-updates were seen."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 4, generator=gen)) for _ in range(8)]
+    opt = DEMAOptimizer(torch.optim.AdamW(params, lr=1e-3), DEMAConfig())
+    warned_at = []
+    with caplog.at_level("WARNING", logger="cl_core.dema.regime"):
+        for step in range(1, 13):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            window = opt.engine.regime.read("log")
+            assert window.tensor_updates == 8  # one update of 8 tensors per window
+            opt.engine.regime.check()
+            if caplog.records and not warned_at:
+                warned_at.append(step)
+    assert warned_at == [R.MIN_UPDATES]
+    assert len(caplog.records) == 1
+    text = caplog.records[0].getMessage()
+    assert "out of its regime" in text and "≥ 1" in text and "docs/regime.md" in text
+    d = opt.engine.stats.to_dict()["regime"]
+    assert d["fallback_share"] == 1.0 and d["in_regime"] is False and d["updates"] == 12
