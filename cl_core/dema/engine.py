@@ -204,9 +204,9 @@ class DEMA:
             self.flush()
             return result.refused
         self._update_pending = True
-        for k, (g, inputs) in enumerate(zip(self.groups, impl.pending_inputs())):
-            if inputs is not None:
-                self.regime.record(k, g.state, *inputs)
+        for k, (g, pending) in enumerate(zip(self.groups, impl.pending_inputs())):
+            if pending is not None:
+                self.regime.record(k, g.state, *pending)
         self.regime.count_update()
         self.count_missing(result.missing)
         self.num_updates += 1

@@ -16,6 +16,7 @@ is rebuilt for or sent to the generic path, never swept as the old layout.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -218,14 +219,20 @@ class CpuFusedDriver:
         return alpha, skips
 
     def pending_inputs(self):
-        """(stats, use) of the pending decision (the FusedDriver protocol). Only a started
-        tensor leaves an update pending (its statistics in pend_stats); one that started at
-        this step did so in the sweep (α the start value, or 0 when NaN/inf skipped it)."""
+        """(tag, fields, convert) of the pending decision (the FusedDriver protocol)."""
         if not self._pending or self.n == 0:
             return None
-        pend = self.pend_mode == L.PEND_EMA
-        stats = self.pend_stats.clone()
-        stats[:, L.DS_NONFINITE] = torch.where(pend, stats[:, L.DS_NONFINITE], (self.state.alpha == 0).float())
-        if self._consts[0] != L.FORMULA_FIXED:
-            pend = pend & (self.pend_has_grad != 0) & (self.pend_has_prev != 0)
-        return stats, pend
+        fields = (self.pend_stats, self.pend_mode, self.pend_has_grad, self.pend_has_prev, self.state.alpha)
+        return "fused-cpu", fields, functools.partial(regime_inputs, fixed=self._consts[0] == L.FORMULA_FIXED)
+
+
+def regime_inputs(stats, mode, has_grad, has_prev, alpha, fixed: bool):
+    """classify's (stats, use) from batched pending state of the CPU fused kernels. Only a
+    started tensor leaves an update pending (its statistics in pend_stats); one that started
+    in the step's sweep has α its start value, or 0 when NaN/inf skipped it."""
+    pend = mode == L.PEND_EMA
+    stats = stats.clone()
+    stats[..., L.DS_NONFINITE] = torch.where(pend, stats[..., L.DS_NONFINITE], (alpha == 0).float())
+    if not fixed:
+        pend = pend & (has_grad != 0) & (has_prev != 0)
+    return stats, pend

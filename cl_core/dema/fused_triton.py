@@ -332,20 +332,27 @@ class TritonFusedGroup:
         return alpha, skips
 
     def pending_inputs(self):
-        """(stats, use) of the pending decision (the FusedDriver protocol), from the totals
-        and flags the kernels' `_pending` reads, in torch ops (no launch, no host sync)."""
-        with self.guard("a read of the regime inputs"):
-            s, n = self.state, self.n
-            if n == 0 or self._dirty or not self._pending or self.n_tiles == 0:
-                return None
-            r = 1 - self.parity
-            tot, fl = self.tot[r, :n], self.flags[r, :, :n]
-            rs = (lambda x: x.float()) if self.ema_dtype == torch.float32 else (lambda x: round_sum(x, self.ema_dtype))
-            a, b, c, d_sum = (rs(tot[:, k]) for k in (L.P_A, L.P_B, L.P_C, L.P_D))
-            d_in = torch.where(fl[L.F_APPLIED] != 0, d_sum, self.dcarry[r, :n])
-            pend = fl[L.F_PEND]
-            nonfinite = (pend != L.PEND_NONE) & (b != b)  # P_B carries the NaN/inf probe
-            use = pend == L.PEND_EMA
-            if self._consts[0] != L.FORMULA_FIXED:
-                use = use & (fl[L.F_PEND_HAS_GRAD] != 0) & (fl[L.F_PEND_HAS_PREV] != 0)
-            return torch.stack([a, b, c, nonfinite.float(), d_in], 1), use
+        """(tag, fields, convert) of the pending decision (the FusedDriver protocol): the
+        totals and flags the kernels' `_pending` reads, copied as they are (three copies)."""
+        n = self.n
+        if n == 0 or self._dirty or not self._pending or self.n_tiles == 0:
+            return None
+        r = 1 - self.parity
+        fields = (self.tot[r, :n], self.flags[r, :, :n], self.dcarry[r, :n])
+        return "fused-triton", fields, functools.partial(regime_inputs, ema_dtype=self.ema_dtype,
+                                                         fixed=self._consts[0] == L.FORMULA_FIXED)
+
+
+def regime_inputs(tot, flags, dcarry, ema_dtype: torch.dtype, fixed: bool):
+    """classify's (stats, use) from batched pending totals and flags, as triton_fused's
+    `_pending` forms its decision: norms rounded once to a 16-bit EMA dtype, d carried
+    unless the last launch applied an update, the NaN/inf probe in column P_B."""
+    rs = (lambda x: x.float()) if ema_dtype == torch.float32 else (lambda x: round_sum(x, ema_dtype))
+    a, b, c, d_sum = (rs(tot[..., k]) for k in (L.P_A, L.P_B, L.P_C, L.P_D))
+    d_in = torch.where(flags[..., L.F_APPLIED, :] != 0, d_sum, dcarry)
+    pend = flags[..., L.F_PEND, :]
+    nonfinite = (pend != L.PEND_NONE) & (b != b)  # P_B carries the NaN/inf probe
+    use = pend == L.PEND_EMA
+    if not fixed:
+        use = use & (flags[..., L.F_PEND_HAS_GRAD, :] != 0) & (flags[..., L.F_PEND_HAS_PREV, :] != 0)
+    return torch.stack([a, b, c, nonfinite.float(), d_in], -1), use

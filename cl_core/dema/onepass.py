@@ -84,10 +84,12 @@ class FusedDriver(Protocol):
 
     def pending_inputs(self):
         """What the pending decision is made from, for the regime counters
-        (cl_core/dema/regime.py `classify`): (stats float32 [T, 5]: a, b, c, nonfinite, d;
-        use bool [T]: the formula's α applies), device tensors computed without a host
-        sync; None when nothing is pending. A tensor that started at this step has use
-        False and nonfinite 1 when its start was skipped."""
+        (cl_core/dema/regime.py): (tag, fields, convert) — the driver's pending-state tensors
+        as they are (copied by the counters, a few copies per step, no host sync) and a
+        picklable function turning a batch of them into `classify`'s (stats [..., 5]: a, b,
+        c, nonfinite, d; use [...]: the formula's α applies); None when nothing is pending.
+        A tensor that started at this step has use False (and nonfinite 1 when its start was
+        skipped)."""
 
 
 class OnePassStep(Protocol):

@@ -113,14 +113,24 @@ def bin_alpha(k: int) -> float:
     return 10.0 ** ((k + 0.5) / BINS_PER_DECADE - DECADES)
 
 
-class _Ring:
-    """The statistics of the last few updates of one engine group, on its device."""
+def _two_pass_inputs(use: torch.Tensor, stats: torch.Tensor):
+    """The two-pass ring's fields are the inputs themselves."""
+    return stats, use
 
-    def __init__(self, n: int, device: torch.device, ema_dtype: torch.dtype):
-        self.size = max(MIN_RING, min(MAX_RING, RING_ELEMENTS // max(1, 5 * n)))
-        self.stats = torch.zeros(self.size, n, 5, dtype=torch.float32, device=device)
-        self.use = torch.zeros(self.size, n, dtype=torch.bool, device=device)
-        self.counts = torch.zeros(N_COUNTERS, dtype=torch.int64, device=device)
+
+class _Ring:
+    """The last few updates of one engine group (one way of feeding it: two-pass updates, or
+    one driver's pending state), kept raw on the group's device: `fields` are the per-update
+    tensors copied in at each update, `convert(*batched fields)` turns a batch of them into
+    classify's (stats [..., 5], use [...]) at the fold. Copying the raw state keeps an update
+    at a few tensor copies; the conversion runs once per fold."""
+
+    def __init__(self, templates, convert, ema_dtype: torch.dtype):
+        per_update = sum(t.numel() for t in templates)
+        self.size = max(MIN_RING, min(MAX_RING, RING_ELEMENTS // max(1, per_update)))
+        self.bufs = [torch.zeros((self.size, *t.shape), dtype=t.dtype, device=t.device) for t in templates]
+        self.convert = convert
+        self.counts = torch.zeros(N_COUNTERS, dtype=torch.int64, device=templates[0].device)
         self.ema_dtype = ema_dtype
         self.fill = 0
 
@@ -313,24 +323,26 @@ class RegimeTracker:
 
     def __init__(self, config: DEMAConfig):
         self.config = config
-        self._rings: dict = {}  # group position -> _Ring
+        self._rings: dict = {}  # (group position, how it is fed) -> _Ring
         self._updates = 0
         self._marks: dict = {}  # window name -> (counters, updates) at its last read
         self._start = None  # θ_start for ema_lag (mark_start)
         self.warned = False  # check() said the run is out of regime (once)
 
     # ------------------------------------------------------------------ feeding
-    def _ring(self, k: int, state) -> _Ring:
-        ring = self._rings.get(k)
+    def _ring(self, key, state, templates, convert) -> _Ring:
+        ring = self._rings.get(key)
         if ring is None:
-            ring = self._rings[k] = _Ring(len(state), state.device, state.ema_dtype)
+            ring = self._rings[key] = _Ring(templates, convert, state.ema_dtype)
         return ring
 
     def before_update(self, k: int, state) -> None:
         """Before group k's two-pass update: whether the formula's α can apply, per tensor
-        (the backend's rule: started, and for the dynamic formulas a previous gradient)."""
-        ring = self._ring(k, state)
-        out = ring.use[ring.fill]
+        (the backends' rule: started, and for the dynamic formulas a previous gradient)."""
+        n, dev = len(state), state.device
+        ring = self._ring((k, "two-pass"), state, (torch.empty(n, dtype=torch.bool, device=dev),
+                                                  torch.empty(n, 5, dtype=torch.float32, device=dev)), _two_pass_inputs)
+        out = ring.bufs[0][ring.fill]
         if self.config.formula == "fixed":
             out.copy_(state.started)
         else:
@@ -339,19 +351,21 @@ class RegimeTracker:
     def after_update(self, k: int, state, stats: torch.Tensor, no_grad: list) -> None:
         """After group k's two-pass update: its statistics table (a, b, c, nonfinite, d before
         the update; device or CPU) and the group positions that had no gradient."""
-        ring = self._rings[k]
-        ring.stats[ring.fill].copy_(stats)
+        ring = self._rings[(k, "two-pass")]
+        ring.bufs[1][ring.fill].copy_(stats)
         if no_grad and self.config.formula != "fixed":  # the fixed α applies without a gradient too
             keep = torch.ones(len(state), dtype=torch.bool)
             keep[no_grad] = False  # a host mask, copied without a sync (as the torch backend's has_grad)
-            ring.use[ring.fill].logical_and_(keep.to(ring.use.device, non_blocking=True))
+            ring.bufs[0][ring.fill].logical_and_(keep.to(ring.bufs[0].device, non_blocking=True))
         self._advance(ring)
 
-    def record(self, k: int, state, stats: torch.Tensor, use: torch.Tensor) -> None:
-        """One update of group k from its decision's inputs (one-pass steps)."""
-        ring = self._ring(k, state)
-        ring.stats[ring.fill].copy_(stats)
-        ring.use[ring.fill].copy_(use)
+    def record(self, k: int, state, tag: str, fields, convert) -> None:
+        """One update of group k from a one-pass driver's pending state: `fields` (tensors
+        copied as they are), `convert` (a picklable function of the batched fields giving
+        classify's stats and use), `tag` naming the driver (one ring per group and tag)."""
+        ring = self._ring((k, tag), state, fields, convert)
+        for buf, f in zip(ring.bufs, fields):
+            buf[ring.fill].copy_(f)
         self._advance(ring)
 
     def count_update(self) -> None:
@@ -366,9 +380,8 @@ class RegimeTracker:
     def _fold(self, ring: _Ring) -> None:
         if not ring.fill:
             return
-        stats = ring.stats[: ring.fill].reshape(-1, 5)
-        use = ring.use[: ring.fill].reshape(-1)
-        cat, alpha = classify(stats, use, self.config, ring.ema_dtype)
+        stats, use = ring.convert(*(b[: ring.fill] for b in ring.bufs))
+        cat, alpha = classify(stats.reshape(-1, 5), use.reshape(-1), self.config, ring.ema_dtype)
         count(cat, alpha, out=ring.counts)
         ring.fill = 0
 
