@@ -244,24 +244,6 @@ def test_updates_and_folds_make_no_host_sync(backend, monkeypatch):
     assert engine.regime.read_total().tensor_updates == 5 * len(SHAPES)
 
 
-def test_one_pass_step_makes_no_host_sync(monkeypatch):
-    monkeypatch.setattr(R, "MAX_RING", 2)
-    monkeypatch.setattr(R, "MIN_RING", 2)
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
-    opt = DEMAOptimizer(torch.optim.AdamW(params, lr=1e-2), DEMAConfig(backend="torch"), fused=True)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
-    opt.step()  # builds the tables
-    with CountSyncs() as mode:
-        for _ in range(4):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-    assert mode.syncs == []
-    assert opt._fused.generic_steps == 0
-
-
 def test_windows_are_independent_and_add_up():
     engine, _, _ = _hand_run("official", "float32", steps=12)
     first = engine.regime.read("log")

@@ -15,6 +15,7 @@ import logging
 import pytest
 import torch
 
+import cl_core.dema.regime as regime
 from cl_core import DEMAConfig, DEMAOptimizer
 from tests.helpers import ULP, optimizer_table
 from tests.kernels.test_launches_and_syncs import CountSyncs
@@ -181,7 +182,9 @@ def test_triton_fused_is_one_launch_per_step(launches):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.slow
-def test_fused_step_makes_no_host_sync(backend):
+def test_fused_step_makes_no_host_sync(backend, monkeypatch):
+    monkeypatch.setattr(regime, "MAX_RING", 2)  # the regime counters fold their ring every
+    monkeypatch.setattr(regime, "MIN_RING", 2)  # second step: the fold must not sync either
     params = _params(shapes=[(6, 4)] * 12)
     opt = DEMAOptimizer(torch.optim.AdamW(params, lr=1e-3), DEMAConfig(backend=backend, formula="paper"))
     gen = torch.Generator().manual_seed(0)
