@@ -402,23 +402,28 @@ class RegimeTracker:
         """Everything since the engine was built (one host sync)."""
         return self._report(self._totals(), self._updates, "total")
 
-    def read(self, window: str = "log") -> RegimeReport:
+    def read(self, window: str = "log", check: bool = False) -> RegimeReport:
         """The updates since the previous read of `window` (or since the start), then a new
         window of that name begins. Windows of different names are independent (the log's,
-        a task's). One host sync."""
+        a task's). check=True also judges the whole run (`check`) from the same read. One
+        host sync."""
         total = self._totals()
         prev, prev_updates = self._marks.get(window, ([0] * N_COUNTERS, 0))
         self._marks[window] = (total, self._updates)
+        if check:
+            self._judge(self._report(total, self._updates, "total"))
         return self._report([t - p for t, p in zip(total, prev)], self._updates - prev_updates, window)
 
     def check(self) -> RegimeReport:
         """Judge the whole run so far (`read_total`) and warn once, through this module's
         logger, when it is out of regime (`regime_advice`), once at least MIN_TENSOR_UPDATES
         tensor-updates and MIN_UPDATES update calls were seen, whatever the logging interval.
-        Called by the integrations at every log line, by `DEMAStats.to_dict()` and by the
-        runner; returns the total. One host sync."""
-        total = self.read_total()
-        if (not self.warned and total.tensor_updates >= MIN_TENSOR_UPDATES and total.updates >= MIN_UPDATES):
+        Called by the integrations at every log line (`read(window, check=True)`), by
+        `DEMAStats.to_dict()` and by the runner; returns the total. One host sync."""
+        return self._judge(self.read_total())
+
+    def _judge(self, total: RegimeReport) -> RegimeReport:
+        if not self.warned and total.tensor_updates >= MIN_TENSOR_UPDATES and total.updates >= MIN_UPDATES:
             text = regime_advice(total, self.config)
             if text is not None:
                 self.warned = True
