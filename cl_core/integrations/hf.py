@@ -17,8 +17,10 @@
   shards or DeepSpeed partitions; ``callback.load_state(folder)`` reads it), and the EMA as
   a PEFT adapter into ``cl_core/ema_adapter/`` (one level deeper than the adapter folders the
   Trainer's resume loads into the model, so a resumed model keeps exactly its own adapters).
-* ``on_log``: mean α, share at the fallback and the skip counters in each training log line,
-  before the ``report_to`` callbacks see it (so every logging backend gets them).
+* ``on_log``: mean α, the regime of the updates since the last line (fallback share by
+  cause, jumps, α quantiles; cl_core/dema/regime.py) and the skip counters in each training
+  log line, before the ``report_to`` callbacks see it (so every logging backend gets them);
+  the run out of regime is warned once.
 * ``on_train_end``: the EMA replaces the live weights (the official "EMA replace"),
   unless ``replace_at_end=False``. ``eval_with_ema=True``: evaluations run on the EMA.
 
@@ -390,8 +392,9 @@ class DEMACallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Adds the DEMA numbers to each training log line (``trainer.state.log_history``, every
-        ``report_to`` backend, the progress bar): ``dema/alpha_mean`` and
-        ``dema/fallback_share`` over the updates since the last line, and the running counts
+        ``report_to`` backend, the progress bar): ``dema/alpha_mean`` and the regime
+        (``dema/fallback_share`` by cause, ``dema/jump_share``, quantiles) over the updates
+        since the last line, ``dema/out_of_regime``, and the running counts
         ``dema/nonfinite_skips``, ``dema/missing_grads``, ``dema/skipped_steps``, ``dema/updates``
         (cl_core.integrations.core.LogWindow, shared with the Lightning callback)."""
         if self.engine is None or logs is None or "loss" not in logs or not self._log:

@@ -28,8 +28,8 @@ The same meaning as the Hugging Face :class:`cl_core.DEMACallback`:
   plain DataLoader from its first batch).
 * At the end of training the EMA replaces the live weights (``replace_at_end=True``).
 * ``save_ema_adapter(dir)`` writes the EMA as a standard PEFT adapter folder.
-* Mean α and the share of tensors at the fallback α over the updates since the last log,
-  and the skip counters, go to the trainer's loggers every ``log_every_n_steps`` optimizer
+* Mean α, the regime of the updates since the last log (fallback share by cause, jumps,
+  α quantiles) and the skip counters go to the trainer's loggers every ``log_every_n_steps`` optimizer
   steps (one small host sync then, none in between): the same numbers as the Hugging Face
   callback logs (selection, one-pass check and logged numbers: cl_core.integrations.core).
 
