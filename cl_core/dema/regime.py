@@ -233,6 +233,36 @@ class RegimeReport:
             out["lag"] = self.lag
         return out
 
+    def to_record(self) -> dict:
+        """The counts themselves (JSON: categories by name, the histogram's non-empty bins), so
+        that records of several tasks or seeds can be merged (`from_records`)."""
+        rec = {"formula": self.formula, "updates": self.updates,
+               "counts": dict(zip(CATEGORY_NAMES, self.counts)),
+               "histogram": {str(k): v for k, v in enumerate(self.histogram) if v}}
+        if self.lag is not None:
+            rec["lag"] = self.lag
+        return rec
+
+    @classmethod
+    def from_records(cls, records, window: str = "merged") -> "RegimeReport":
+        """One report over the updates of several `to_record` records (of one formula); its lag
+        is the mean of theirs (None when none has one)."""
+        records = list(records)
+        if not records:
+            raise ValueError("RegimeReport.from_records: no records")
+        formulas = {r["formula"] for r in records}
+        if len(formulas) != 1:
+            raise ValueError(f"RegimeReport.from_records: records of several formulas {sorted(formulas)}")
+        counts, hist = [0] * N_CAT, [0] * N_BINS
+        for r in records:
+            for k, name in enumerate(CATEGORY_NAMES):
+                counts[k] += int(r["counts"].get(name, 0))
+            for b, v in r["histogram"].items():
+                hist[int(b)] += int(v)
+        lags = [r["lag"] for r in records if r.get("lag") is not None]
+        return cls(formula=formulas.pop(), counts=counts, histogram=hist, updates=sum(r["updates"] for r in records),
+                   window=window, lag=sum(lags) / len(lags) if lags else None)
+
     def summary(self) -> str:
         """One line: the shares and quantiles, for a log line or a report cell."""
         n = self.tensor_updates

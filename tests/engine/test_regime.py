@@ -5,6 +5,7 @@ verdict and advice."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import pickle
 
@@ -344,3 +345,21 @@ def test_check_warns_once_over_the_whole_run_whatever_the_window(caplog):
     assert "out of its regime" in text and "≥ 1" in text and "docs/regime.md" in text
     d = opt.engine.stats.to_dict()["regime"]
     assert d["fallback_share"] == 1.0 and d["in_regime"] is False and d["updates"] == 12
+
+
+def test_records_round_trip_and_merge():
+    engine, _, _ = _hand_run("paper", "float32", steps=12)
+    a = engine.regime.read("task")
+    a.lag = 0.25
+    gen = torch.Generator().manual_seed(3)
+    del engine.update
+    drive(engine, engine.params, make_script(3, len(SHAPES), 6, EVENTS), gen)
+    b = engine.regime.read("task")
+    total = engine.regime.read_total()
+    records = [json.loads(json.dumps(r.to_record())) for r in (a, b)]
+    merged = R.RegimeReport.from_records(records)
+    assert merged.counts == total.counts and merged.histogram == total.histogram and merged.updates == 18
+    assert merged.lag == 0.25  # the mean over the records that have one
+    assert R.RegimeReport.from_records(records[:1]).to_dict() == a.to_dict()
+    with pytest.raises(ValueError, match="several formulas"):
+        R.RegimeReport.from_records([records[0], {**records[1], "formula": "fixed"}])
