@@ -295,7 +295,7 @@ class LogWindow:
     def __bool__(self) -> bool:
         return self._sum is not None
 
-    def metrics(self, engine) -> dict:
+    def metrics(self, engine, check: bool = True) -> dict:
         """The logged numbers, then a fresh window: ``dema/alpha_mean`` and the window's regime
         (``dema/fallback_share`` and its causes ``dema/fallback_start``, ``_raw_ge1``,
         ``_raw_le0``, ``_raw_nan``; ``dema/jump_share``; ``dema/alpha_q10/q50/q90`` of the α the
@@ -306,7 +306,7 @@ class LogWindow:
         skips = stats.nonfinite_skips.sum().float().to(self._sum.device if self._sum is not None else "cpu")
         parts = torch.cat([self._sum.view(1), skips.view(1)]) if self._sum is not None else skips.view(1)
         values = parts.tolist()
-        window = engine.regime.read("log", check=True)
+        window = engine.regime.read("log", check=check)
         out = {}
         if self._sum is not None:
             out["dema/alpha_mean"] = values[0] / max(self.count, 1)
@@ -316,6 +316,16 @@ class LogWindow:
                     "dema/skipped_steps": int(stats.skipped_steps), "dema/updates": int(stats.updates)})
         self.reset()
         return out
+
+
+def train_regime(engine, lag: bool, check: bool):
+    """The RegimeReport of a whole training run, read at its end before the EMA replaces the
+    weights (the lag needs both): judged (warned once) unless check=False; with `lag`, the
+    EMA's lag since the engine's mark_start()."""
+    report = engine.regime.read("train", check=check)
+    if lag:
+        report.lag = engine.lag()
+    return report
 
 
 def regime_metrics(report) -> dict:

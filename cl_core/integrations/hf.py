@@ -114,11 +114,20 @@ class DEMACallback(TrainerCallback):
                     stage 0, are refused at the start of training: the official code runs a
                     fixed beta=0.99 EMA there. Without DeepSpeed the tensors are averaged as they
                     are (the official run without DeepSpeed: fp32 LoRA tensors). See docs/fidelity.md.
+    measure_lag:    keep a copy of the averaged tensors at the start of training, so that
+                    ``.regime.lag`` at its end is the EMA's lag ‖θ* − θ‖₁ / ‖θ_start − θ‖₁ (a
+                    copy of the averaged tensors' memory; default False).
+    warn_regime:    warn once when the run is out of DEMA's regime (default True; the runner
+                    turns it off and says it once per method instead).
+
+    After training: ``.regime``, the :class:`cl_core.dema.regime.RegimeReport` of the whole
+    ``train()`` (where α sat and why; its ``lag`` with ``measure_lag=True``).
     """
 
     def __init__(self, config: DEMAConfig | None = None, *, params: str = "lora", replace_at_end: bool = True,
                  record_alpha: bool = False, fused="auto", save_adapter: bool = True,
-                 eval_with_ema: bool = core.EVAL_WITH_EMA_DEFAULT, precision: str = "fp32"):
+                 eval_with_ema: bool = core.EVAL_WITH_EMA_DEFAULT, precision: str = "fp32",
+                 measure_lag: bool = False, warn_regime: bool = True):
         core.check_config_arg(config)
         if precision not in core.PRECISIONS:
             raise ValueError(f"DEMACallback(precision={precision!r}) is not known; allowed: "
@@ -146,6 +155,9 @@ class DEMACallback(TrainerCallback):
         self.config = config if config is not None else DEMAConfig()
         self.replace_at_end = bool(replace_at_end)
         self.record_alpha = bool(record_alpha)
+        self.measure_lag = bool(measure_lag)
+        self.warn_regime = bool(warn_regime)
+        self.regime = None                 # RegimeReport of the last train(), set at its end
         self.engine = None
         self.alpha_history: list[torch.Tensor] = []
         self.resumed_from: str | None = None   # "optimizer", or the state file an FSDP run resumed from
@@ -268,6 +280,9 @@ class DEMACallback(TrainerCallback):
                 carried, self._carrier.carried_state = self._carrier.carried_state, None
         if state.global_step > 0:
             self._resume(args, state, carried)
+        self.regime = None
+        if self.measure_lag:
+            self.engine.mark_start()   # θ_start of this train() (a resumed one: of the resumed part)
         self._report_before_loggers()
 
     def _attach_carrier(self, optimizer) -> None:
@@ -399,7 +414,7 @@ class DEMACallback(TrainerCallback):
         (cl_core.integrations.core.LogWindow, shared with the Lightning callback)."""
         if self.engine is None or logs is None or "loss" not in logs or not self._log:
             return
-        numbers = self._log.metrics(self.engine)
+        numbers = self._log.metrics(self.engine, check=self.warn_regime)
         logs.update(numbers)
         # the Trainer appended a copy of these logs to its history just before this event
         last = state.log_history[-1] if state.log_history else None
@@ -519,6 +534,7 @@ class DEMACallback(TrainerCallback):
         if self.engine is None:
             return
         self._swap_out()
+        self.regime = core.train_regime(self.engine, self.measure_lag, self.warn_regime)
         if self.replace_at_end:
             self.engine.copy_to_params()
 

@@ -78,13 +78,19 @@ class DEMACallback(pl.Callback):
     fused:          ``"auto"`` (one pass where possible), ``True`` (raise where not possible),
                     ``False`` (always the separate DEMA pass).
     log_stats:      send α statistics to the trainer's loggers (default True).
+    measure_lag:    keep a copy of the averaged tensors at the start of training, so that
+                    ``.regime.lag`` at its end is the EMA's lag ‖θ* − θ‖₁ / ‖θ_start − θ‖₁
+                    (default False).
+    warn_regime:    warn once when the run is out of DEMA's regime (default True).
 
     After ``fit`` starts: ``.engine`` (the :class:`cl_core.DEMA`), ``.names`` (its tensors'
-    names in the module), ``.fused`` (bool) and ``.not_fused_reason`` (str or None).
+    names in the module), ``.fused`` (bool) and ``.not_fused_reason`` (str or None). After
+    it: ``.regime``, the :class:`cl_core.dema.regime.RegimeReport` of the fit.
     """
 
     def __init__(self, config: DEMAConfig | None = None, *, params="lora", replace_at_end: bool = True,
-                 eval_with_ema: bool = core.EVAL_WITH_EMA_DEFAULT, fused="auto", log_stats: bool = True):
+                 eval_with_ema: bool = core.EVAL_WITH_EMA_DEFAULT, fused="auto", log_stats: bool = True,
+                 measure_lag: bool = False, warn_regime: bool = True):
         core.check_config_arg(config)
         core.check_params_arg(params)
         core.check_fused_arg(fused)
@@ -94,6 +100,9 @@ class DEMACallback(pl.Callback):
         self.replace_at_end = bool(replace_at_end)
         self.eval_with_ema = bool(eval_with_ema)
         self.log_stats = bool(log_stats)
+        self.measure_lag = bool(measure_lag)
+        self.warn_regime = bool(warn_regime)
+        self.regime = None             # RegimeReport of the last fit, set at its end
         self._fused_arg = fused
         self.engine: DEMA | None = None
         self.names: list[str] = []
@@ -132,6 +141,9 @@ class DEMACallback(pl.Callback):
         # strategies that restore callbacks after set-up hand the state over only now
         if self._pending_state is not None:
             self._apply_pending_state()
+        self.regime = None
+        if self.measure_lag and self.engine is not None:
+            self.engine.mark_start()
 
     def _setup_engine(self, trainer, pl_module, named):
         canonical = {}
@@ -247,7 +259,7 @@ class DEMACallback(pl.Callback):
             return
         if trainer.global_step % trainer.log_every_n_steps != 0 or not self._log:
             return
-        metrics = self._log.metrics(self.engine)    # the one device sync, on logging steps only
+        metrics = self._log.metrics(self.engine, check=self.warn_regime)  # the one device sync, on logging steps only
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
@@ -355,7 +367,10 @@ class DEMACallback(pl.Callback):
     # ------------------------------------------------------------------ end
 
     def on_train_end(self, trainer, pl_module):
-        if self.engine is not None and self.replace_at_end:
+        if self.engine is None:
+            return
+        self.regime = core.train_regime(self.engine, self.measure_lag, self.warn_regime)
+        if self.replace_at_end:
             self.engine.copy_to_params()
 
     def teardown(self, trainer, pl_module, stage):

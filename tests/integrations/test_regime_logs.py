@@ -66,7 +66,9 @@ def test_trainer_logging_every_step_is_warned_in_its_first_lines(tmp_path, regim
     from cl_core import DEMACallback
 
     model = tiny_peft_llama(r=8)
-    cb = DEMACallback()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    start = [p.detach().clone() for p in lora]
+    cb = DEMACallback(measure_lag=True, replace_at_end=False)
     args = training_args(tmp_path, max_steps=STEPS, learning_rate=LR, logging_strategy="steps", logging_steps=1)
     trainer = sequential_trainer_cls()(model=model, args=args, train_dataset=TokenDataset(), callbacks=[cb])
     warned = regime_warnings(lambda: trainer.state.global_step)
@@ -74,6 +76,12 @@ def test_trainer_logging_every_step_is_warned_in_its_first_lines(tmp_path, regim
     assert len(cb.engine.params) == 8
     lines = [h for h in trainer.state.log_history if "loss" in h]
     _check_lines(lines, warned)
+    # the whole run's regime at its end, and the EMA's lag by hand
+    assert cb.regime.updates == STEPS and cb.regime.tensor_updates == 8 * STEPS and not cb.regime.in_regime
+    ema = cb.engine.ema_tensors()
+    num = sum(float((e - p.detach()).abs().sum()) for e, p in zip(ema, lora))
+    den = sum(float((s - p.detach()).abs().sum()) for s, p in zip(start, lora))
+    assert 0 < cb.regime.lag < 1 and cb.regime.lag == pytest.approx(num / den, rel=1e-6)
 
 
 @pytest.mark.slow
@@ -106,7 +114,7 @@ def test_lightning_logging_every_step_is_warned_in_its_first_lines(tmp_path, reg
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=LR)
 
-    logger, cb = Collect(), DEMACallback()
+    logger, cb = Collect(), DEMACallback(measure_lag=True)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=logger, log_every_n_steps=1,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[cb], default_root_dir=str(tmp_path))
@@ -115,3 +123,4 @@ def test_lightning_logging_every_step_is_warned_in_its_first_lines(tmp_path, reg
     trainer.fit(Lit(), loader)
     assert len(cb.engine.params) == 8
     _check_lines(logger.rows, warned)
+    assert cb.regime.updates == STEPS and 0 < cb.regime.lag < 1
