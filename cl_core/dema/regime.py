@@ -293,7 +293,7 @@ def regime_advice(report: RegimeReport, config: DEMAConfig) -> Optional[str]:
     verdict = report.verdict()
     if verdict is None:
         return None
-    head = f"DEMA ({config.formula} formula) is out of its regime over the first {report.tensor_updates} tensor-updates: "
+    head = f"DEMA ({config.formula} formula) is out of its regime over {report.tensor_updates} tensor-updates: "
     if verdict == "jumps":
         return head + (
             f"{report.counts[CAT_JUMP] / report.formula_set:.0%} of the α its formula set were jumps (α > {JUMP}), so the EMA "
