@@ -119,7 +119,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         the engine (which owns the state and decides when to finish a pending update)."""
         if self._fused_arg is False:
             return None
-        from cl_core.dema.fused import FusedStep, unsupported_reason
+        from cl_core.dema.onepass.step import FusedStep, unsupported_reason
 
         if self._fused_arg is True:
             reason = unsupported_reason(self.inner, engine)
@@ -202,7 +202,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         return self._fused_driver() is not None
 
     def _step_fused(self, closure=None):
-        # One sweep per step: the optimizer update and DEMA together (cl_core/dema/fused.py),
+        # One sweep per step: the optimizer update and DEMA together (cl_core/dema/onepass/step.py),
         # run by the engine. The one-pass step checks the gradients first and refuses a step
         # whose gradients its kernels cannot read (sparse, another dtype, non-contiguous):
         # that step takes the generic path.

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from cl_core.dema.fused import optimizer_kind
+from cl_core.dema.onepass.step import optimizer_kind
 from cl_core.dema.state import is_at_fallback
 
 logger = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def why_not_fusable(optimizer, named, *, fused_arg="auto", sharded: bool = False
     step over the averaged tensors ``named``, or None when it can.
 
     Which optimizer types have a one-pass kernel is the engine's answer
-    (``cl_core.dema.fused.optimizer_kind``); what is checked here is what a trainer adds: the
+    (``cl_core.dema.onepass.step.optimizer_kind``); what is checked here is what a trainer adds: the
     optimizer updates exactly the averaged tensors (a DEMAOptimizer averages every tensor it
     updates) and they are not shards. The settings of the optimizer (amsgrad, tensor lr, ...)
     are the DEMAOptimizer's to judge when it is built.

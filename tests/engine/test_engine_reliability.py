@@ -260,7 +260,7 @@ def test_one_odd_tensor_takes_the_slow_path_alone_and_matches_reference(odd, red
     e = DEMA(params, DEMAConfig(backend="torch"), reduce_stats=reduce_stats)
     r = DEMA(ref_params, DEMAConfig(backend="reference"))
     gen = torch.Generator().manual_seed(3)
-    with caplog.at_level(logging.WARNING, logger="cl_core.dema.backends.torch_backend"):
+    with caplog.at_level(logging.WARNING, logger="cl_core.dema.twopass.torch_backend"):
         for step in range(5):
             for k, (p, q) in enumerate(zip(params, ref_params)):
                 delta = 0.1 * torch.randn(p.shape, generator=gen)
@@ -561,16 +561,16 @@ def test_ema_dtype_param_float32_parameters_and_backend_choice(monkeypatch):
     assert e.groups[0].backend._native is not None
     # Every backend keeps a bf16/fp16 EMA: "triton" is accepted with ema_dtype="param",
     # and "auto" on CUDA picks it for such groups (no silent fallback to torch).
-    from cl_core.dema import backends
+    from cl_core.dema import twopass
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     bf16 = DEMA([torch.ones(3, dtype=torch.bfloat16)], DEMAConfig(backend="triton", ema_dtype="param"))
     assert bf16.groups[0].backend_name == "triton"
-    if backends.triton_available():
+    if twopass.triton_available():
         cuda = torch.device("cuda")
         for dtype in (torch.bfloat16, torch.float16):
-            assert backends.resolve_backend("auto", cuda, dtype, dtype) == "triton"
-    assert backends.resolve_backend("auto", torch.device("cpu"), torch.bfloat16, torch.bfloat16) == "torch"
+            assert twopass.resolve_backend("auto", cuda, dtype, dtype) == "triton"
+    assert twopass.resolve_backend("auto", torch.device("cpu"), torch.bfloat16, torch.bfloat16) == "torch"
     with pytest.raises(ValueError, match="ema_dtype='bf16' is not known"):
         DEMAConfig(ema_dtype="bf16")
 

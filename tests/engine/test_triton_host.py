@@ -1,4 +1,4 @@
-"""The host side of the Triton DEMA backend (cl_core/dema/backends/triton_backend.py and
+"""The host side of the Triton DEMA backend (cl_core/dema/twopass/triton_backend.py and
 cl_core/dema/cuda_launch.py) on what only a real GPU would otherwise show: every launch
 under its tensors' device, CUDA-graph capture refused, calls from another stream ordered
 after the last one, resized tensors refused before any state changes, and the interpreter
@@ -195,7 +195,7 @@ def test_a_resized_gradient_is_refused():
 def test_the_interpreter_is_refused_on_cuda_tensors():
     """TRITON_INTERPRET=1 (the kernels here are interpreted) with a group on a GPU: refused
     with a sentence, before a table is allocated on that device."""
-    from cl_core.dema.backends.triton_backend import TritonBackend
+    from cl_core.dema.twopass.triton_backend import TritonBackend
 
     assert cuda_launch.kernels_interpreted(triton_dema._dema_stats_kernel)  # tests/conftest.py sets it
     config = DEMAConfig(backend="triton")

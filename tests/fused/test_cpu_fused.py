@@ -18,7 +18,7 @@ from cl_core import DEMAConfig, DEMAOptimizer
 from cl_core.kernels import layouts as L
 from cl_core.kernels import native
 from cl_core.kernels import cpu_fused
-from cl_core.dema.fused_cpu import CpuFusedDriver
+from cl_core.dema.onepass.cpu_driver import CpuFusedDriver
 from tests.helpers import ULP
 
 pytestmark = pytest.mark.skipif(native.load("fused") is None, reason="no C compiler: no native fused kernels")
@@ -109,10 +109,10 @@ def test_dtype_without_a_kernel_takes_the_generic_path(caplog):
     late = _model()
     opt = DEMAOptimizer(torch.optim.AdamW(late.parameters(), lr=1e-2), fused=True)
     late.to(torch.float64)
-    with caplog.at_level("WARNING", logger="cl_core.dema.fused"):
+    with caplog.at_level("WARNING", logger="cl_core.dema.onepass.step"):
         _train(late, opt, 4, dtype=torch.float64)
     assert opt._fused.generic_steps == 4
-    fused_logs = [r.getMessage() for r in caplog.records if r.name == "cl_core.dema.fused"]
+    fused_logs = [r.getMessage() for r in caplog.records if r.name == "cl_core.dema.onepass.step"]
     assert len(fused_logs) == 1 and "float64" in fused_logs[0]
     early = _model().to(torch.float64)
     ref = DEMAOptimizer(torch.optim.AdamW(early.parameters(), lr=1e-2), fused=False)
@@ -212,7 +212,7 @@ def test_model_moved_to_meta():
 def test_prepare_refuses_resized_parameters_and_gradients():
     """A parameter given smaller storage (or a stale gradient of another size) would be
     swept past its end: prepare says why instead of running the kernel."""
-    from cl_core.dema.fused import StepBatch
+    from cl_core.dema.onepass.step import StepBatch
 
     params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, 2))]
     opt = DEMAOptimizer(torch.optim.AdamW(params, lr=1e-2), fused=True)

@@ -184,7 +184,7 @@ def test_parameters_converted_to_another_dtype_take_the_generic_path(caplog):
         dtype = params[0].dtype
         _set_grads(params, t, gen, dtype, nonfinite=False)
         grads = [None if p.grad is None else p.grad.clone() for p in params]
-        with caplog.at_level("WARNING", logger="cl_core.dema.fused"):
+        with caplog.at_level("WARNING", logger="cl_core.dema.onepass.step"):
             opt.step()
         with torch.no_grad():
             for s, p, g in zip(shadow, params, grads):

@@ -149,7 +149,7 @@ def test_checkpoint_mid_run_moves_to_the_generic_path():
 
 def test_unsupported_options_fall_back_with_a_reason(caplog):
     params = _params()
-    with caplog.at_level(logging.INFO, logger="cl_core.dema.fused"):
+    with caplog.at_level(logging.INFO, logger="cl_core.dema.onepass.step"):
         opt = DEMAOptimizer(torch.optim.AdamW(params, amsgrad=True))
     assert not opt.fused
     assert "amsgrad" in caplog.text
@@ -297,7 +297,7 @@ def test_parameters_moved_to_another_device_are_never_read_at_old_addresses(back
         p.grad = None
         torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().to("meta")))
         p.grad = torch.zeros_like(p)
-    with caplog.at_level(logging.WARNING, logger="cl_core.dema.fused"):
+    with caplog.at_level(logging.WARNING, logger="cl_core.dema.onepass.step"):
         with pytest.raises(RuntimeError, match="pending.*parameters"):
             fo.step()
     assert "no longer all on cpu" in caplog.text

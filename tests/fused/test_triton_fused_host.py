@@ -1,4 +1,4 @@
-"""The host side of the Triton fused step (cl_core/dema/fused_triton.py with
+"""The host side of the Triton fused step (cl_core/dema/onepass/triton_driver.py with
 cl_core/dema/cuda_launch.py): every launch under the group's device, a captured
 optimizer.step() refused before anything changes, a step from another stream ordered after
 the last one, the interpreter refused on CUDA tensors, and a flush whose per-tensor sums
@@ -150,8 +150,8 @@ def test_the_flush_folds_without_index_add_and_repeats_bit_for_bit(monkeypatch, 
 
 
 def test_the_interpreter_is_refused_on_cuda_tensors_by_the_fused_step(small_tiles):
-    from cl_core.dema.fused_triton import TritonFusedGroup
-    from cl_core.dema.onepass import GroupMembers
+    from cl_core.dema.onepass.triton_driver import TritonFusedDriver
+    from cl_core.dema.onepass.protocols import GroupMembers
     from cl_core.dema.state import GroupState
 
     assert cuda_launch.kernels_interpreted(triton_fused._fused_step_kernel)
@@ -161,7 +161,7 @@ def test_the_interpreter_is_refused_on_cuda_tensors_by_the_fused_step(small_tile
     members = GroupMembers(state, cuda, torch.float32, list(range(len(params))), params, [0] * len(params),
                            [None] * len(params), [None] * len(params), None)
     with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1.*cuda:0"):
-        TritonFusedGroup(members)
+        TritonFusedDriver(members)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

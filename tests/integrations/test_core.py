@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cl_core import DEMA, DEMAConfig
-from cl_core.dema.fused import optimizer_kind
+from cl_core.dema.onepass.step import optimizer_kind
 from cl_core.integrations import core
 from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, tiny_peft_llama, training_args
 from tests.helpers import ROOT
