@@ -255,6 +255,19 @@ class DEMA:
         self._canonicalize()
         return self._per_param(lambda s, k: s.ema_views[k].view(s.shapes[k]))
 
+    def export_ema(self) -> list[torch.Tensor]:
+        """θ* for export: one whole (parameter-shape) tensor per averaged parameter, in
+        parameter order, the pending one-pass update finished. Here `ema_tensors()`; an
+        engine over pieces of the parameters (DeepSpeedDEMA over ZeRO partitions) gathers
+        them whole (then every rank of the partition group must call it)."""
+        return self.ema_tensors()
+
+    @property
+    def model_params(self) -> list:
+        """The model's own parameters the EMA belongs to, in parameter order: `params`; an
+        engine over copies or fragments of them (DeepSpeedDEMA) names the originals."""
+        return self.params
+
     def copy_to_params(self) -> None:
         """EMA replace: θ ← θ* (cast to each parameter's dtype)."""
         if not self._started and not self._update_pending:

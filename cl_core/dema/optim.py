@@ -42,6 +42,12 @@ CARRIED_KEY = "cl_core.dema"
 log = logging.getLogger(__name__)
 
 
+def check_fused_arg(fused, who: str) -> None:
+    """The one check of a ``fused=`` argument (DEMAOptimizer and both trainer callbacks)."""
+    if fused not in ("auto", True, False):
+        raise ValueError(f"{who}(fused={fused!r}): use 'auto', True or False")
+
+
 class DEMAOptimizer(torch.optim.Optimizer):
     """Wrap ``optimizer``; after each of its steps, update the dynamic EMA.
 
@@ -69,8 +75,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self._warned_capturable_if_run_uncaptured = True
-        if fused not in ("auto", True, False):
-            raise ValueError(f"DEMAOptimizer: fused={fused!r}; use 'auto', True or False")
+        check_fused_arg(fused, "DEMAOptimizer")
         self._fused_arg = fused
         # DEMACallback's state when load_state_dict found one in param_groups[0] (see there)
         self.carried_state = None
