@@ -23,7 +23,7 @@ from cl_core import DEMA, DEMAConfig
 from cl_core.dema import cuda_launch
 from cl_core.dema.state import GroupState
 from cl_core.kernels import triton_dema, triton_fused
-from tests.helpers import engine_snapshot, make_params, state_tensors
+from tests.helpers import make_params, state_tensors
 
 LAUNCHERS = {triton_dema: ("dema_stats", "dema_decide", "dema_apply"), triton_fused: ("step", "flush", "pending")}
 
