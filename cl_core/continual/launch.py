@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-log = logging.getLogger("cl_core.continual.run")
+log = logging.getLogger(__name__)
 
 # DeepSpeed stages the runner runs. At 0/1/2 the parameters stay whole on every rank; ZeRO-3
 # partitions the parameters themselves, and release() gathers them back whole after every

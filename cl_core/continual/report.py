@@ -13,14 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from cl_core.continual import alpha as alpha_stats
+from cl_core.continual.config import method_slug
 from cl_core.metrics import METRIC_LABELS, METRIC_NAMES
 
 # Line styles and markers per method: overlapping lines (equal accuracies) stay visible.
 _STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "x"), ("-.", "P"), (":", "*")]
-
-
-def _slug(method: str) -> str:
-    return method.replace("+", "_")
 
 
 def _pm(mean: float, std: float, n_seeds: int = 2) -> str:
@@ -425,7 +422,7 @@ def write_report(results: dict, out_dir) -> Path:
               if len(seeds) > 1 else f"seed {seeds[0]}") + "). *Italic* (hatched in the heatmaps): tasks not "
               "trained yet (not used by the metrics); the first row is the untuned base.", ""]
     for method, r in methods.items():
-        png = f"heatmap_{_slug(method)}.png"
+        png = f"heatmap_{method_slug(method)}.png"
         title = (f"{method}: accuracy after each task (mean of {_seeds_text(len(seeds))})" if len(seeds) > 1
                  else f"{method}: accuracy after each task (seed {seeds[0]})")
         plot_heatmap(r["matrix"], tasks, title, out / png, base=_base_row(results))

@@ -66,7 +66,7 @@ from cl_core.continual.alpha import merge as merge_alpha
 from cl_core.continual.training import (dema_callback, describe_model, load_base, quiet_libraries, seed_for,
                                         stage1_score, train, train_stage1)
 
-log = logging.getLogger("cl_core.continual.run")
+log = logging.getLogger(__name__)
 
 
 class ContinualRun:
