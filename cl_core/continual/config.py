@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from cl_core.continual.synthetic import TASK_NAMES
+from cl_core.continual.templates import TEMPLATE_SETS
 from cl_core.dema.config import FORMULAS, DEMAConfig
 
 CUSTOM_METHODS = ("lora", "ema", "dema", "group", "dema+group")
@@ -106,66 +108,157 @@ class MethodPlan:
         }
 
 
+# The sections of the run settings, in the order ``cl-core run --help`` shows them: each is
+# the argparse group of its settings' flags.
+SECTIONS = {
+    "methods": "methods",
+    "data": "tasks",
+    "model": "model",
+    "training": "training (every method alike)",
+    "ema": "EMA and DEMA",
+    "grouping": "instruction grouping",
+}
+
+
+def setting(default, section: str, flag: Optional[str] = None, help: Optional[str] = None, **cli):
+    """A RunConfig field that carries its section and, when the CLI sets it, its flag, its
+    help and the rest of its ``add_argument`` keywords (``cli``: type, nargs, metavar,
+    choices, action). ``cl-core run``'s parser and the flag names in error messages are
+    generated from these (cl_core.cli.run.add_setting): a setting is written here only."""
+    assert section in SECTIONS, section
+    meta = {"section": section, "flag": flag, "help": help, "cli": cli}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def cli_settings() -> list:
+    """The RunConfig fields that have a command-line flag, in section order."""
+    fields = [f for f in dataclasses.fields(RunConfig) if f.metadata.get("flag")]
+    order = list(SECTIONS)
+    return sorted(fields, key=lambda f: order.index(f.metadata["section"]))
+
+
+def setting_flags() -> dict:
+    """Setting name -> the flag that sets it (``steps`` -> ``--steps``), for error messages."""
+    return {f.name: f.metadata["flag"] for f in cli_settings()}
+
+
 @dataclass
 class RunConfig:
     """Settings of a continual run. Everything here is part of the run's identity: a
-    folder is only resumed with an equal config."""
+    folder is only resumed with an equal config. Flat keywords (``RunConfig(steps=50)``);
+    each field is tagged with its section, flag and help (:func:`setting`)."""
 
-    methods: Optional[tuple] = None        # None: the recipe's (custom: CUSTOM_METHODS)
-    recipe: str = "custom"                 # custom | lcia | cl-next (see the module docstring)
-    seeds: tuple = (0,)
-    # Data: the bundled benchmark (cl_core.continual.synthetic) unless task_files is given.
-    tasks: Optional[tuple] = None          # bundled task names, in order (None: the order preset)
-    order: str = "origin"                  # origin | reverse | alphabet (CoIN's presets)
-    variant: str = "original"              # instruction templates: original | diverse | 10type
-    n_train: int = 1600                    # bundled: training samples per task
-    n_test: int = 100                      # bundled: test samples per task
-    task_files: tuple = ()                 # your own tasks: LLaVA/CoIN or instruction JSON/JSONL
-    test_files: tuple = ()                 # optional test files, one per task file
-    task_types: tuple = ()                 # optional scoring rule per task file (else inferred)
-    test_fraction: float = 0.1             # held out of each task file when no test files
-    max_test: int = 500                    # at most this many held-out test samples per task
-    skip_bad: bool = False                 # skip malformed records (and records with a bad image) instead of failing
-    image_folder: Optional[str] = None     # task files: relative "image" paths are under this folder (LLaVA's flag)
-    multimodal: bool = False               # bundled: draw the scenes (cl_core.continual.images), tiny LLaVA
-    train_projector: bool = False          # image-text models: the multi-modal projector is trained too
-    # Model: a local causal-LM folder, or (None) the tiny Llama trained in stage 1.
-    model: Optional[str] = None
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    stage1_steps: int = 1200
-    stage1_seed: Optional[int] = None      # None: a base per seed; S: one base (trained with seed S)
-                                           #   for every seed, as LLaVA is one pre-trained model
-    stage1_batch_size: int = 32
-    stage1_lr: float = 3e-3
-    # Stage 2 (per task): the same for every method.
-    steps: int = 100
-    batch_size: int = 16
-    lr: float = 5e-3
-    warmup_steps: int = 4
-    lora_r: int = 8
-    lora_alpha: int = 16
-    target_modules: str = "all-linear"
-    max_length: int = 256
-    max_new_tokens: Optional[int] = None   # None: from the longest test answer (+2)
-    device: str = "auto"                   # auto (CUDA when torch sees a GPU) | cpu | cuda
-    eval_batch_size: int = 128
-    # EMA settings (defaults: DEMAConfig's).
-    ema_beta: float = _DEMA_DEFAULTS.beta
-    dema_formula: str = _DEMA_DEFAULTS.formula
-    dema_scale: float = _DEMA_DEFAULTS.scale
-    dema_fallback: float = _DEMA_DEFAULTS.fallback
-    group_threshold: Optional[float] = None  # None: the official 0.9 (original) / 0.3 (diverse, 10type)
-    # Settings of the custom methods (the recipes fix their own).
-    route: str = "instance"                # test routing of dema+group: instance | file
-    new_set_init: str = "fresh"            # a new LoRA set of dema+group: fresh | latest
-    max_grad_norm: float = 1.0             # gradient clipping (0: none)
-    dema_params: str = "lora"              # tensors the EMA averages: lora | trainable
-    dema_tasks: Optional[tuple] = None     # 1-based tasks with DEMA on (None: grouping decides)
-    # Settings of method moelora (CoIN's scripts: --expert_num 2, every expert for every token).
-    moe_experts: int = 2                   # LoRA experts per layer; lora_r is split across them
-    moe_top_k: Optional[int] = None        # None: dense softmax over every expert (official)
+    # ---- methods
+    methods: Optional[tuple] = setting(
+        None, "methods", "--methods", nargs="+", metavar="M",
+        help=f"one or more of {', '.join(METHODS)} (space or comma separated; default: dema, "
+             "or the --recipe's own method)")   # None: the recipe's (custom: CUSTOM_METHODS)
+    recipe: str = setting(
+        "custom", "methods", "--recipe", choices=RECIPES,
+        help="lcia: the official LCIA recipe (grouping, new sets warm-started from the last trained "
+             "set, DEMA when a set is re-trained, every trainable tensor averaged, no clipping, one "
+             "routing decision per test file, scale 2 / fallback 0.01); cl-next: Continual-NExT's "
+             "(DEMA from task 2, one set, scale 0.01 / fallback 0.001); custom: the methods below "
+             "with the flags below (default)")
+    seeds: tuple = setting((0,), "methods", "--seeds", type=int, nargs="+", metavar="S",
+                           help="run every method once per seed (the report gives mean and spread)")
+    moe_experts: int = setting(2, "methods", "--moe-experts", type=int,
+                               help="method moelora: LoRA experts per layer, --lora-r split across them "
+                                    "(CoIN's scripts: 2)")
+    moe_top_k: Optional[int] = setting(None, "methods", "--moe-top-k", type=int,
+                                       help="method moelora: use each token's k most weighted experts, "
+                                            "renormalised (default: every expert, CoIN's dense router)")
+    # ---- data: the bundled benchmark (cl_core.continual.synthetic) unless task_files is given.
+    task_files: tuple = setting((), "data", "--tasks", nargs="+", metavar="FILE",
+                                help="task files in training order: LLaVA/CoIN conversation JSON or "
+                                     "{\"instruction\",\"input\",\"output\"} JSON/JSONL")
+    test_files: tuple = setting((), "data", "--test-tasks", nargs="+", metavar="FILE",
+                                help="one test file per task file (default: hold out --test-fraction of each)")
+    task_types: tuple = setting((), "data", "--task-types", nargs="+", metavar="TYPE",
+                                help="scoring rule per task file: mc | short | cls | exact | count | box "
+                                     "(default: inferred from the answers)")
+    test_fraction: float = setting(0.1, "data", "--test-fraction", type=float,
+                                   help="share of each task file held out for testing when no --test-tasks "
+                                        "are given")
+    max_test: int = setting(500, "data")   # at most this many held-out test samples per task
+    skip_bad: bool = setting(False, "data", "--skip-bad", action="store_true",
+                             help="skip malformed records, and records whose image is missing or unreadable, "
+                                  "instead of failing (they are counted in the report)")
+    image_folder: Optional[str] = setting(
+        None, "data", "--image-folder", metavar="DIR",
+        help="the records' relative \"image\" paths are under DIR (LLaVA's flag; an image-text --model)")
+    multimodal: bool = setting(False, "data", "--multimodal", action="store_true",
+                               help="bundled tasks as pictures (the scene is drawn, not written) on a tiny LLaVA")
+    tasks: Optional[tuple] = setting(
+        None, "data", "--bundled-tasks", nargs="+", metavar="NAME",   # None: the order preset
+        help="a subset of the bundled tasks, in order (" + " ".join(TASK_NAMES) + ")")
+    order: str = setting("origin", "data", "--order", choices=ORDERS,
+                         help="task order preset (CoIN's): as given, reversed, or by name")
+    variant: str = setting("original", "data", "--templates", choices=tuple(TEMPLATE_SETS),
+                           help="instruction templates of the bundled tasks")
+    n_train: int = setting(1600, "data", "--n-train", type=int, help="bundled: training samples per task")
+    n_test: int = setting(100, "data", "--n-test", type=int, help="bundled: test samples per task")
+    # ---- model: a local causal-LM folder, or (None) the tiny Llama trained in stage 1.
+    model: Optional[str] = setting(
+        None, "model", "--model", metavar="DIR",
+        help="a local causal-LM folder, or an image-text-to-text one (LLaVA-style, with its processor) "
+             "(default: the tiny Llama, trained in stage 1)")
+    train_projector: bool = setting(
+        False, "model", "--train-projector", action="store_true",
+        help="image-text models: train the multi-modal projector too (the official mm_projector; "
+             "averaged with --dema-params trainable); LoRA goes on the language model only")
+    device: str = setting("auto", "model", "--device", choices=DEVICES,
+                          help="where training and evaluation run: auto takes CUDA when torch sees a GPU "
+                               "(one per process under a launcher), else the CPU")
+    hidden_size: int = setting(64, "model")
+    num_layers: int = setting(2, "model")
+    num_heads: int = setting(4, "model")
+    stage1_steps: int = setting(1200, "model", "--stage1-steps", type=int, help="tiny model: stage-1 steps")
+    stage1_seed: Optional[int] = setting(None, "model")  # None: a base per seed; S: one base (trained with
+                                                          # seed S) for every seed, as LLaVA is one model
+    stage1_batch_size: int = setting(32, "model")
+    stage1_lr: float = setting(3e-3, "model")
+    # ---- training (stage 2, per task): the same for every method.
+    steps: int = setting(100, "training", "--steps", type=int, help="optimizer steps per task")
+    batch_size: int = setting(16, "training", "--batch-size", type=int, help="training examples per step")
+    lr: float = setting(5e-3, "training", "--lr", type=float, help="peak learning rate (cosine schedule)")
+    warmup_steps: int = setting(4, "training")
+    lora_r: int = setting(8, "training", "--lora-r", type=int, help="LoRA rank")
+    lora_alpha: int = setting(16, "training", "--lora-alpha", type=int, help="LoRA alpha (scaling)")
+    target_modules: str = setting("all-linear", "training")
+    max_length: int = setting(256, "training", "--max-length", type=int, help="tokens per training example")
+    max_new_tokens: Optional[int] = setting(None, "training", "--max-new-tokens", type=int,
+                                            help="generation length at evaluation (default: longest test "
+                                                 "answer + 2)")
+    eval_batch_size: int = setting(128, "training")
+    max_grad_norm: float = setting(1.0, "training", "--max-grad-norm", type=float,
+                                   help="gradient clipping of the custom methods (0: none, as the official runs)")
+    # ---- EMA and DEMA (defaults: DEMAConfig's; the custom methods' settings, the recipes fix their own).
+    ema_beta: float = setting(_DEMA_DEFAULTS.beta, "ema", "--beta", type=float,
+                              help="fixed EMA weight of method ema")
+    dema_formula: str = setting(_DEMA_DEFAULTS.formula, "ema", "--dema-formula", choices=FORMULAS,
+                                help="how DEMA computes its weight α each step")
+    dema_scale: float = setting(_DEMA_DEFAULTS.scale, "ema", "--dema-scale", type=float,
+                                help="DEMA's scale constant")
+    dema_fallback: float = setting(_DEMA_DEFAULTS.fallback, "ema", "--dema-fallback", type=float,
+                                   help="the α DEMA uses when its formula leaves (0, 1) or cannot be computed")
+    dema_params: str = setting("lora", "ema", "--dema-params", choices=DEMA_PARAMS,
+                               help="tensors the EMA averages: the LoRA tensors, or every trainable one (official)")
+    dema_tasks: Optional[tuple] = setting(
+        None, "ema", "--dema-tasks", metavar="K,K,...",   # None: grouping decides
+        help="DEMA on for exactly these 1-based tasks, whatever grouping decides (CoIN's scripts: "
+             "4,5,7,8); default: on when a task re-trains a set")
+    # ---- instruction grouping
+    group_threshold: Optional[float] = setting(
+        None, "grouping", "--threshold", type=float,   # None: the official 0.9 (original) / 0.3 (diverse, 10type)
+        help="grouping threshold (default: 0.9 for original templates, 0.3 for diverse/10type)")
+    route: str = setting("instance", "grouping", "--route", choices=ROUTES,
+                         help="dema+group test routing: per test instance, or one decision per test file (official)")
+    new_set_init: str = setting("fresh", "grouping", "--new-set-init", choices=NEW_SET_INITS,
+                                help="dema+group: a new LoRA set starts fresh, or from the last trained set "
+                                     "(official)")
 
     def __post_init__(self):
         if self.methods is None:
@@ -219,8 +312,6 @@ class RunConfig:
     def official_switches(self) -> Optional[tuple]:
         """Per task, whether the official CoIN scripts trained it with DEMA on, when the run is
         theirs: the bundled tasks, all eight in CoIN's (origin) order, original templates. Else None."""
-        from cl_core.continual.synthetic import TASK_NAMES
-
         if not self.bundled or self.order != "origin" or self.variant != "original":
             return None
         if self.tasks is not None and tuple(self.tasks) != tuple(TASK_NAMES):
@@ -296,7 +387,6 @@ class RunConfig:
         ``flags`` maps setting names to the command-line flags they came from (the CLI's
         ``--steps`` for ``steps``): the messages then name what the user typed."""
         from cl_core.continual.evaluation import check_task_type
-        from cl_core.continual.templates import TEMPLATE_SETS
 
         say = _Namer(flags)
         methods = list(self.methods)
@@ -474,8 +564,6 @@ class RunConfig:
         if self.test_files or self.task_types:
             raise ValueError("test files and task types go with task files (--tasks FILE ...)")
         if self.tasks is not None:
-            from cl_core.continual.synthetic import TASK_NAMES
-
             if not self.tasks:
                 raise ValueError("the task list is empty")
             for t in self.tasks:
