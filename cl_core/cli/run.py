@@ -14,7 +14,8 @@ import logging
 import time
 
 # Light imports (no torch): the choices and defaults are the runner's own constants.
-from cl_core.continual.config import METHODS, SECTIONS, RunConfig, cli_settings, setting_flags
+from cl_core.continual.config import SECTIONS, RunConfig, cli_settings, setting_flags
+from cl_core.continual.methods import CUSTOM_METHODS, METHODS
 
 METHOD_CHOICES = METHODS
 # The methods `cl-core demo` compares (the top-level help counts them): the custom methods, so
@@ -22,7 +23,7 @@ METHOD_CHOICES = METHODS
 # LoRA); the recipes (lcia, cl-next) are left to `cl-core run --recipe ...`. The multimodal demo
 # (a 64-wide base, 50 steps: what its pictures need) has CoIN's MoELoRA where the text demo has
 # the fixed EMA, so that it keeps to its measured time (docs/runner.md).
-DEMO_METHODS = ("lora", "ema", "dema", "group", "dema+group")
+DEMO_METHODS = CUSTOM_METHODS
 DEMO_MULTIMODAL_METHODS = ("lora", "dema", "group", "dema+group", "moelora")
 
 # The run setting each flag sets (from RunConfig's fields): validation errors name the flag the

@@ -1,40 +1,17 @@
-"""RunConfig: the settings of a continual run, their validation, and the EMA settings each
-method trains with (the one place a run's DEMAConfig is built).
+"""RunConfig: the settings of a continual run, each declared once with its section, flag and
+help (the CLI's parser is generated from them), and their validation.
 
     cfg = RunConfig(methods=("lora", "dema"), seeds=(0, 1))
     cfg.validate()                    # ValueError for settings that cannot work
-    cfg.plan("lcia")                  # MethodPlan: grouping, EMA settings, new-set start,
-                                      # averaged tensors, clipping, test routing
+    cfg.plan("lcia")                  # MethodPlan (cl_core.continual.methods, the method table)
     cfg.ema_config("dema")            # the DEMAConfig the method's tasks use (None for lora)
 
-Methods and recipes. ``lora``, ``ema``, ``dema``, ``group`` (instruction grouping without
-any EMA: the ablation that separates grouping's effect from DEMA's) and ``dema+group`` are
-the "custom" methods:
-they take the run's flags (``route``, ``new_set_init``, ``max_grad_norm``, ``dema_params``,
-``dema_*``). ``lcia`` and ``cl-next`` are recipes with fixed settings:
-
-    lcia     the official LCIA recipe (JingyangQiao/CoIN): instruction grouping; a task that
-             opens a new LoRA set starts from the most recently trained set's weights with
-             DEMA off, a task that re-trains a set starts from that set's latest weights with
-             DEMA on; every trainable tensor averaged; no gradient clipping (DeepSpeed's
-             default 0); one routing decision per test file; scale 2.0, fallback 0.01.
-    cl-next  the Continual-NExT toolkit: one LoRA set, DEMA from task 2, scale 0.01,
-             fallback 0.001, every trainable tensor averaged, the trainer's default
-             clipping (1.0).
-
-``RunConfig(recipe="lcia")`` runs the lcia method (``recipe`` picks the default method list);
-``recipe="custom"`` (the default) runs the five custom methods. A recipe with custom methods
-(``RunConfig(recipe="lcia", methods=("dema+group",))``, ``cl-core run --recipe lcia --methods
-dema+group``) runs them with the recipe's settings (routing, new-set start, averaged tensors,
-clipping, DEMA scale and fallback); a custom flag set beside a recipe is refused, since the
-recipe fixes it.
-
-``moelora`` is CoIN's own method (cl_core.moelora), with fixed settings of its own: one MoELoRA
-adapter set (``moe_experts`` LoRA experts of rank ``lora_r / moe_experts`` and a softmax router
-in every adapted layer; CoIN's scripts: 2 experts, dense) trained task after task, no EMA, no
-grouping, the trainer's default clipping (1.0, as the scripts' DeepSpeed "gradient_clipping":
-"auto"). It is neither custom nor a recipe: the custom flags do not apply to it, and
-``moe_experts`` / ``moe_top_k`` apply to it alone.
+The methods and recipes are defined in :mod:`cl_core.continual.methods`. ``RunConfig(recipe="lcia")``
+runs the lcia method (``recipe`` picks the default method list); ``recipe="custom"`` (the default)
+runs the five custom methods. A recipe with custom methods (``RunConfig(recipe="lcia",
+methods=("dema+group",))``, ``cl-core run --recipe lcia --methods dema+group``) runs them with the
+recipe's settings; a custom flag set beside a recipe is refused, since the recipe fixes it.
+``moe_experts`` / ``moe_top_k`` apply to method moelora alone.
 
 ``dema_tasks`` (``--dema-tasks 4,5,7,8``, 1-based task numbers): DEMA is on for exactly those
 tasks, whatever grouping decided, as the official CoIN scripts switch it (``--dema True`` only
@@ -52,60 +29,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from cl_core.continual import methods as methods_table
+from cl_core.continual.methods import (  # noqa: F401 - re-exported (the runner's older import site)
+    CUSTOM_METHODS, CUSTOM_SETTINGS, METHODS, OWN_METHODS, RECIPE_METHODS, RECIPES, MethodPlan, method_slug)
 from cl_core.continual.synthetic import TASK_NAMES
 from cl_core.continual.templates import TEMPLATE_SETS
 from cl_core.dema.config import FORMULAS, DEMAConfig
 
-CUSTOM_METHODS = ("lora", "ema", "dema", "group", "dema+group")
-RECIPE_METHODS = ("lcia", "cl-next")
-OWN_METHODS = ("moelora",)               # methods with fixed settings of their own that are no recipe
-METHODS = CUSTOM_METHODS + RECIPE_METHODS + OWN_METHODS
-RECIPES = ("custom",) + RECIPE_METHODS
 DEVICES = ("auto", "cpu", "cuda")
 ORDERS = ("origin", "reverse", "alphabet")
 ROUTES = ("instance", "file")            # test routing: per test instance, or one decision per test file
 NEW_SET_INITS = ("fresh", "latest")      # a new LoRA set: fresh init, or the last trained set's weights
-DEMA_PARAMS = ("lora", "trainable")      # averaged tensors: the LoRA tensors, or every trainable one
+# Averaged tensors: the LoRA tensors, or every trainable one. The rule is the integration's
+# PARAM_CHOICES (cl_core.integrations.core), which validate() checks against; this copy only
+# lists the --dema-params choices without importing torch into `cl-core --help` (a test keeps
+# the two equal).
+DEMA_PARAMS = ("lora", "trainable")
 
 _DEMA_DEFAULTS = DEMAConfig()
 
 # The 1-based tasks for which CoIN's training scripts (scripts/CoIN/Train_CIA/<k>_<task>.sh) pass
 # --dema True: GQA, VizWiz, VQAv2, OCR-VQA of the origin order; the other four pass --dema False.
 OFFICIAL_DEMA_TASKS = (4, 5, 7, 8)
-
-
-@dataclass(frozen=True)
-class MethodPlan:
-    """How one method trains and evaluates (RunConfig.plan)."""
-
-    grouping: bool                  # instruction grouping (several LoRA sets) or one set
-    ema: Optional[DEMAConfig]       # the EMA of a task that re-trains a set (None: never)
-    new_set_init: str               # fresh | latest (only matters with grouping)
-    params: str                     # lora | trainable: the tensors the EMA averages
-    max_grad_norm: float            # gradient clipping (0: none)
-    route: str                      # instance | file (only matters with grouping)
-    adapter: str = "lora"           # lora (PEFT LoRA sets) | moelora (one MoELoRA set, cl_core.moelora)
-
-    def describe(self) -> dict:
-        """The plan in words, for the report."""
-        if self.ema is None:
-            ema = "none"
-        elif self.ema.formula == "fixed":
-            ema = f"fixed β = {self.ema.beta}"
-        else:
-            ema = f"DEMA `{self.ema.formula}`, scale {self.ema.scale}, fallback {self.ema.fallback}"
-        return {
-            "LoRA sets": "grouping (one per instruction group)" if self.grouping else "one",
-            "a new set starts from": ("the last trained set" if self.new_set_init == "latest" else "fresh init")
-                                     if self.grouping else "fresh init (task 1)",
-            "EMA": ema,
-            "EMA on": "-" if self.ema is None else "when a task re-trains a set" if self.grouping else "from task 2",
-            "averaged tensors": "-" if self.ema is None else
-                                ("every trainable tensor" if self.params == "trainable" else "LoRA A/B"),
-            "gradient clipping": f"max norm {self.max_grad_norm:g}" if self.max_grad_norm > 0 else "none",
-            "test routing": ("one decision per test file" if self.route == "file" else "per instance")
-                            if self.grouping else "-",
-        }
 
 
 # The sections of the run settings, in the order ``cl-core run --help`` shows them: each is
@@ -337,37 +282,8 @@ class RunConfig:
         return d
 
     def plan(self, method: str) -> MethodPlan:
-        """How ``method`` trains and evaluates under this config. A custom method under a
-        recipe (``recipe="lcia"``) takes the recipe's settings."""
-        if method in CUSTOM_METHODS and self.recipe in RECIPE_METHODS:
-            return self._custom_plan(method, self.plan(self.recipe))
-        if method == "lcia":
-            return MethodPlan(grouping=True, ema=DEMAConfig(formula="official", scale=2.0, fallback=0.01),
-                              new_set_init="latest", params="trainable", max_grad_norm=0.0, route="file")
-        if method == "cl-next":
-            return MethodPlan(grouping=False, ema=DEMAConfig(formula="official", scale=0.01, fallback=0.001),
-                              new_set_init="fresh", params="trainable", max_grad_norm=1.0, route="instance")
-        if method == "moelora":
-            return MethodPlan(grouping=False, ema=None, new_set_init="fresh", params="lora", max_grad_norm=1.0,
-                              route="instance", adapter="moelora")
-        if method not in CUSTOM_METHODS:
-            raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-        return self._custom_plan(method, None)
-
-    def _custom_plan(self, method: str, recipe: Optional[MethodPlan]) -> MethodPlan:
-        # The custom methods: this config's flags, or (recipe) the recipe's settings.
-        ema = None
-        if method == "ema":
-            ema = DEMAConfig(formula="fixed", beta=self.ema_beta)
-        elif method not in ("lora", "group"):
-            ema = (recipe.ema if recipe is not None else
-                   DEMAConfig(formula=self.dema_formula, scale=self.dema_scale, fallback=self.dema_fallback))
-        src = recipe
-        return MethodPlan(grouping=method in ("group", "dema+group"), ema=ema,
-                          new_set_init=src.new_set_init if src else self.new_set_init,
-                          params=src.params if src else self.dema_params,
-                          max_grad_norm=float(src.max_grad_norm if src else self.max_grad_norm),
-                          route=src.route if src else self.route)
+        """How ``method`` trains and evaluates under this config (cl_core.continual.methods.plan)."""
+        return methods_table.plan(self, method)
 
     def moelora_config(self):
         """The MoELoRAConfig of method moelora (ValueError naming MoELoRAConfig's fields)."""
@@ -430,7 +346,7 @@ class RunConfig:
             raise ValueError(say("test_fraction", self.test_fraction, "must be between 0 and 1 (exclusive)"))
         # EMA settings go through DEMAConfig's own validation (the configs the methods will use);
         # its messages name DEMAConfig's fields, which say.dema turns into the run's names.
-        for m in ("ema", "dema"):
+        for m in (m for m in CUSTOM_METHODS if methods_table.TABLE[m].ema):
             try:
                 self.ema_config(m)
             except ValueError as exc:
@@ -509,15 +425,17 @@ class RunConfig:
                              f"use {say.name('device')} cpu, or auto to take a GPU only where there is one")
 
     def _validate_custom_flags(self, methods, say: "_Namer") -> None:
-        for name, allowed in (("route", ROUTES), ("new_set_init", NEW_SET_INITS), ("dema_params", DEMA_PARAMS)):
+        from cl_core.integrations.core import PARAM_CHOICES
+
+        for name, allowed in (("route", ROUTES), ("new_set_init", NEW_SET_INITS), ("dema_params", PARAM_CHOICES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(say(name, getattr(self, name), f"is not known; allowed: {', '.join(allowed)}"))
         base = RunConfig(recipe=self.recipe, methods=self.methods)
-        changed = [say.name(f) for f in _CUSTOM_FLAGS if getattr(self, f) != getattr(base, f)]
+        changed = [say.name(f) for f in CUSTOM_SETTINGS if getattr(self, f) != getattr(base, f)]
         custom = [m for m in methods if m in CUSTOM_METHODS]
         # A recipe's custom methods take the recipe's settings: a flag for them would be ignored
         # (the recipes have no fixed-EMA beta: method ema keeps its own).
-        fixed = [say.name(f) for f in _CUSTOM_FLAGS if f != "ema_beta" and getattr(self, f) != getattr(base, f)]
+        fixed = [say.name(f) for f in CUSTOM_SETTINGS if f != "ema_beta" and getattr(self, f) != getattr(base, f)]
         if custom and self.recipe in RECIPE_METHODS and fixed:
             raise ValueError(f"{', '.join(fixed)} set with {say.name('recipe')} {self.recipe}, which runs "
                              f"{', '.join(custom)} with the {self.recipe} settings: drop {', '.join(fixed)}, or drop "
@@ -539,7 +457,8 @@ class RunConfig:
             except ValueError as exc:
                 raise ValueError(say.rename(str(exc), "MoELoRAConfig", _MOELORA_FIELDS)) from None
             return
-        changed = [say.name(f) for f in ("moe_experts", "moe_top_k") if getattr(self, f) != getattr(RunConfig(), f)]
+        own = methods_table.TABLE["moelora"].reads
+        changed = [say.name(f) for f in own if getattr(self, f) != getattr(RunConfig(), f)]
         if changed:
             raise ValueError(f"{', '.join(changed)} set, but method moelora does not run ({', '.join(methods)}): "
                              f"add moelora to the methods, or drop {', '.join(changed)}")
@@ -573,11 +492,6 @@ class RunConfig:
                 raise ValueError(f"a task is listed twice: {list(self.tasks)}")
 
 
-# Settings that only the custom methods use (validate refuses them when only recipes run).
-_CUSTOM_FLAGS = ("route", "new_set_init", "max_grad_norm", "dema_params", "dema_formula", "dema_scale",
-                 "dema_fallback", "ema_beta")
-
-
 def model_type(path) -> Optional[str]:
     """The ``model_type`` of a model folder's config.json (None when there is none)."""
     f = Path(path) / "config.json"
@@ -599,10 +513,6 @@ def is_image_text_folder(path) -> bool:
 def defaults() -> RunConfig:
     """A RunConfig with every default (the CLI's defaults are read from it)."""
     return RunConfig()
-
-
-def method_slug(method: str) -> str:
-    return method.replace("+", "_")
 
 
 def _check_positive(name, value, minimum=1, say=None):

@@ -178,12 +178,11 @@ class Launch:
                              f"divides {cfg.stage1_batch_size}")
 
     def dema_precision(self, method: str) -> str:
-        """DEMACallback(precision=...) of ``method``: "official" (the official run's bf16 weights
-        and gradients, a bf16 EMA) for the official recipe ``lcia`` where the official code
-        averaged, DeepSpeed ZeRO-0 with bf16; "fp32" everywhere else."""
-        if method == "lcia" and self.zero_stage == 0 and self.bf16:
-            return "official"
-        return "fp32"
+        """DEMACallback(precision=...) of ``method`` under this launch (the method table's rule,
+        cl_core.continual.methods.dema_precision)."""
+        from cl_core.continual.methods import dema_precision
+
+        return dema_precision(method, self.zero_stage, self.bf16)
 
     # ------------------------------------------------------------ training
     def trainer_kwargs(self, batch_size: int) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cl_core.continual import alpha as alpha_stats
-from cl_core.continual.config import method_slug
+from cl_core.continual.methods import BASELINE, COMPARISONS, TABLE, method_slug  # noqa: F401 - COMPARISONS re-exported
 from cl_core.metrics import METRIC_LABELS, METRIC_NAMES
 
 # Line styles and markers per method: overlapping lines (equal accuracies) stay visible.
@@ -25,10 +25,8 @@ def _pm(mean: float, std: float, n_seeds: int = 2) -> str:
     return f"{mean:.2f} ± {std:.2f}" if n_seeds > 1 else f"{mean:.2f}"
 
 
-# The comparisons the demo is built to answer: each EMA against what it is added to, and
-# grouping with and without DEMA (the ablation that separates the two effects).
-COMPARISONS = (("ema", "lora"), ("dema", "lora"), ("dema", "ema"), ("group", "lora"), ("dema+group", "group"),
-               ("dema+group", "dema"), ("lcia", "group"), ("cl-next", "dema"), ("moelora", "lora"))
+# The comparisons the demo is built to answer (each method against what it is added to) are
+# the method table's: methods.COMPARISONS.
 COMPARED_METRICS = ("avg_acc", "forgetting")
 
 
@@ -398,8 +396,8 @@ def write_report(results: dict, out_dir) -> Path:
     ]
     lines += _never_on_lines(methods)
     lines += _settings_lines(methods)
-    if "lora" in methods:
-        r = methods["lora"]
+    if BASELINE in methods:
+        r = methods[BASELINE]
         forgets = (f"{r['metrics']['forgetting']:.1f} ± {r['metrics_std']['forgetting']:.1f}" if len(seeds) > 1
                    else f"{r['metrics']['forgetting']:.1f}")
         lines += [f"**Plain sequential LoRA forgets {forgets} points** on average (Forgetting; BWT "
@@ -572,15 +570,23 @@ def _settings_lines(methods: dict) -> list[str]:
         return []
     keys = list(rows[0][1])
     lines = ["### Settings of each method", "",
-             "`lora`, `ema`, `dema`, `group`, `dema+group` take the run's flags (the custom recipe; `group` is "
-             "grouping without any EMA, beside `dema+group` to separate the two effects); `lcia` is the official "
-             "LCIA recipe and `cl-next` Continual-NExT's, with their own fixed settings (custom methods run beside "
-             "`--recipe lcia` or `--recipe cl-next` take that recipe's settings); `moelora` is CoIN's MoELoRA (LoRA "
-             "experts and a learned router per layer, one set, no EMA), with its own fixed settings.", "",
+             _methods_sentence(), "",
              "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for m, st in rows:
         lines.append(f"| {m} | " + " | ".join(str(st.get(k, "-")) for k in keys) + " |")
     return lines + [""]
+
+
+def _methods_sentence() -> str:
+    """What each method of the table is, and whose settings it takes."""
+    def kind(k):
+        return "; ".join(f"`{m.name}` {m.trains}" for m in TABLE.values() if m.kind == k)
+
+    recipes = [m.name for m in TABLE.values() if m.kind == "recipe"]
+    return (f"The custom methods take the run's flags ({kind('custom')}); the recipes have their own fixed "
+            f"settings ({kind('recipe')}; custom methods run beside "
+            f"{' or '.join(f'`--recipe {r}`' for r in recipes)} take that recipe's settings); "
+            f"{kind('own')}, with its own fixed settings.")
 
 
 def _never_on_lines(methods: dict) -> list[str]:
