@@ -240,13 +240,18 @@ def cmd_demo(args) -> int:
     return _execute(cfg, out, args)
 
 
-def cmd_run(args) -> int:
+def config_from_args(args) -> RunConfig:
+    """The RunConfig of `cl-core run`'s parsed flags (not yet validated)."""
     if args.task_files and args.tasks:
         raise ValueError("--tasks (your files) and --bundled-tasks cannot be combined")
     values = {f.name: _value(f.name, getattr(args, f.name)) for f in cli_settings()}
     if values["methods"] is None:   # the CLI's default: dema (custom), or the recipe's own method
         values["methods"] = ("dema",) if args.recipe == "custom" else None
-    cfg = RunConfig(**values)
+    return RunConfig(**values)
+
+
+def cmd_run(args) -> int:
+    cfg = config_from_args(args)
     cfg.validate(FLAGS)  # errors name the flags (--steps), before anything is written
     out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")
     return _execute(cfg, out, args)
