@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from cl_core.continual.config import is_image_text_folder, model_type  # noqa: F401 - re-exported
+from cl_core.continual.model_folder import is_image_text_folder, model_type  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 

@@ -58,9 +58,9 @@ from typing import Callable, Optional
 
 from cl_core import metrics as cl_metrics
 from cl_core.atomic_io import atomic_dir, write_json_atomic
-from cl_core.continual.config import METHODS, ORDERS, RunConfig, method_slug  # noqa: F401 - re-exported
+from cl_core.continual.config import ORDERS, RunConfig  # noqa: F401 - re-exported
 from cl_core.continual.launch import Launch
-from cl_core.continual.methods import MethodPlan
+from cl_core.continual.methods import METHODS, MethodPlan, method_slug  # noqa: F401 - METHODS re-exported
 from cl_core.lora_sets import AdapterSets
 from cl_core.continual.state import RunState, TaskRecord, check_run_folder, write_json
 from cl_core.continual.tasks import Task, load_tasks  # noqa: F401 - re-exported

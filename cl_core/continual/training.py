@@ -221,7 +221,7 @@ def load_base(folder: Path, tokenizer):
     LM, or an image-text-to-text model (LLaVA-style) when the folder's config is one."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from cl_core.continual.config import is_image_text_folder
+    from cl_core.continual.model_folder import is_image_text_folder
 
     auto = AutoModelForImageTextToText if is_image_text_folder(folder) else AutoModelForCausalLM
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)   # an encoder: its tokenizer
