@@ -5,24 +5,11 @@ each one, with plain LoRA, fixed-β EMA, DEMA, or DEMA with instruction grouping
     from cl_core.continual.run import RunConfig, run
     results = run(RunConfig(methods=("lora", "dema"), seeds=(0, 1)), "runs/x")
 
-Methods (docs/design.md §2, last paragraph; as in the official code every task is its own
-training run, the EMA starts lazily at the task's first optimizer step and replaces the
-weights at the task's end):
-
-    lora        plain sequential LoRA fine-tuning, one LoRA set, no EMA
-    ema         one LoRA set, fixed-β EMA (DEMAConfig(formula="fixed", beta=0.99)) from task 2
-    dema        one LoRA set, dynamic EMA from task 2 (nothing to protect on the first)
-    group       instruction grouping without any EMA (dema+group's ablation: grouping's effect alone)
-    dema+group  instruction grouping: a task that continues a group's LoRA set gets DEMA, a
-                task that opens a new set does not; at evaluation each test instance is routed
-                to a group by its instruction and answered by that group's adapter
-    lcia        the official LCIA recipe; cl-next: Continual-NExT's (cl_core.continual.config)
-    moelora     CoIN's MoELoRA (cl_core.moelora): one set of LoRA experts with a learned router per
-                layer, trained task after task, no EMA
-
-The custom methods take the run's flags (new-set start, averaged tensors, clipping, test
-routing); the recipes fix their own. Per task the state records whether DEMA was on
-(``dema``) and which task's weights the trained set started from (``init_from``).
+The methods are the table of cl_core.continual.methods (lora, ema, dema, group, dema+group, the
+recipes lcia and cl-next, CoIN's moelora). As in the official code every task is its own training
+run, the EMA starts lazily at the task's first optimizer step and replaces the weights at the
+task's end (docs/design.md §2). Per task the state records whether DEMA was on (``dema``) and
+which task's weights the trained set started from (``init_from``).
 
 Every method sees the same seeds, data, steps and learning rate. Stage 2 uses the real
 ``transformers.Trainer`` (and ``cl_core.DEMACallback``); with the bundled benchmark a tiny
