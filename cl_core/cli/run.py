@@ -89,9 +89,8 @@ def add_setting(parser, name: str, **override):
     own help and preset defaults). Its value lands in ``args.<name>``."""
     f = _FIELDS[name]
     meta = f.metadata
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     kw = dict(meta["cli"], help=meta["help"], dest=name,
-              default=list(default) if isinstance(default, tuple) else default)
+              default=list(f.default) if isinstance(f.default, tuple) else f.default)
     if "metavar" not in kw and kw.get("action") is None and "choices" not in kw:
         kw["metavar"] = meta["flag"].lstrip("-").replace("-", "_").upper()   # argparse's own, from the flag
     kw.update(override)

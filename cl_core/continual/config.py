@@ -56,7 +56,7 @@ SECTIONS = {
     "methods": "methods",
     "data": "tasks",
     "model": "model",
-    "training": "training (every method alike)",
+    "training": "training",
     "ema": "EMA and DEMA",
     "grouping": "instruction grouping",
 }
@@ -68,10 +68,7 @@ def setting(default, section: str, flag: Optional[str] = None, help: Optional[st
     choices, action). ``cl-core run``'s parser and the flag names in error messages are
     generated from these (cl_core.cli.run.add_setting): a setting is written here only."""
     assert section in SECTIONS, section
-    meta = {"section": section, "flag": flag, "help": help, "cli": cli}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+    return dataclasses.field(default=default, metadata={"section": section, "flag": flag, "help": help, "cli": cli})
 
 
 def cli_settings() -> list:
@@ -102,8 +99,8 @@ class RunConfig:
         help="lcia: the official LCIA recipe (grouping, new sets warm-started from the last trained "
              "set, DEMA when a set is re-trained, every trainable tensor averaged, no clipping, one "
              "routing decision per test file, scale 2 / fallback 0.01); cl-next: Continual-NExT's "
-             "(DEMA from task 2, one set, scale 0.01 / fallback 0.001); custom: the methods below "
-             "with the flags below (default)")
+             "(DEMA from task 2, one set, scale 0.01 / fallback 0.001); custom: the --methods with "
+             "the flags below (default)")
     seeds: tuple = setting((0,), "methods", "--seeds", type=int, nargs="+", metavar="S",
                            help="run every method once per seed (the report gives mean and spread)")
     moe_experts: int = setting(2, "methods", "--moe-experts", type=int,

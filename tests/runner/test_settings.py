@@ -12,27 +12,30 @@ from cl_core.dema.config import DEMAConfig
 
 
 def _other_value(f):
-    """A value for field ``f``'s flag that differs from its default, as command-line text."""
+    """A value for field ``f``'s flag that differs from its default: (command-line text, the
+    RunConfig value it must give)."""
     cli = f.metadata["cli"]
     if cli.get("action") == "store_true":
-        return []
+        return [], True
     if "choices" in cli:
-        return [next(c for c in cli["choices"] if c != f.default)]
+        choice = next(c for c in cli["choices"] if c != f.default)
+        return [choice], choice
     if f.name == "methods":
-        return ["lora,ema"]
+        return ["lora,ema", "dema"], ("lora", "ema", "dema")
     if f.name == "dema_tasks":
-        return ["1,2"]
+        return ["1,2"], (1, 2)
     if cli.get("type") is int:
-        return ["7", "9"] if cli.get("nargs") == "+" else ["7"]
+        return (["7", "9"], (7, 9)) if cli.get("nargs") == "+" else (["7"], 7)
     if cli.get("type") is float:
-        return ["0.25"]
-    return ["x.json"] if cli.get("nargs") == "+" else ["somewhere"]
+        return ["0.25"], 0.25
+    return (["x.json"], ("x.json",)) if cli.get("nargs") == "+" else (["somewhere"], "somewhere")
 
 
 @pytest.mark.parametrize("f", cli_settings(), ids=lambda f: f.name)
 def test_every_flag_sets_its_own_setting_and_nothing_else(f):
     flag = f.metadata["flag"]
-    argv = [flag, *_other_value(f)]
+    text, value = _other_value(f)
+    argv = [flag, *text]
     if f.name == "task_files":
         argv += ["--model", "m"]
     args = build_parser().parse_args(["run", *argv])
@@ -43,6 +46,7 @@ def test_every_flag_sets_its_own_setting_and_nothing_else(f):
     if f.name == "recipe":          # the CLI's method default follows the recipe
         expected |= {"methods"}
     assert changed == expected
+    assert getattr(cfg, f.name) == value
     assert FLAGS[f.name] == flag
 
 
