@@ -38,7 +38,7 @@ ORDERS = ("origin", "reverse", "alphabet")
 ROUTES = ("instance", "file")            # test routing: per test instance, or one decision per test file
 NEW_SET_INITS = ("fresh", "latest")      # a new LoRA set: fresh init, or the last trained set's weights
 # Averaged tensors: the LoRA tensors, or every trainable one. The rule is the integration's
-# PARAM_CHOICES (cl_core.integrations.core), which validate() checks against; this copy only
+# PARAM_CHOICES (cl_core.integrations.selection), which validate() checks against; this copy only
 # lists the --dema-params choices without importing torch into `cl-core --help` (a test keeps
 # the two equal).
 DEMA_PARAMS = ("lora", "trainable")

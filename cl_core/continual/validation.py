@@ -138,7 +138,7 @@ def _device(cfg, say: "_Namer") -> None:
                          f"use {say.name('device')} cpu, or auto to take a GPU only where there is one")
 
 def _custom_flags(cfg, methods, say: "_Namer") -> None:
-    from cl_core.integrations.core import PARAM_CHOICES
+    from cl_core.integrations.selection import PARAM_CHOICES
 
     for name, allowed in (("route", _choices(cfg, "route")), ("new_set_init", _choices(cfg, "new_set_init")),
                           ("dema_params", PARAM_CHOICES)):

@@ -63,7 +63,7 @@ def test_settings_without_a_flag_stay_python_only():
 
 
 def test_dema_params_choices_are_the_integrations():
-    from cl_core.integrations.core import PARAM_CHOICES
+    from cl_core.integrations.selection import PARAM_CHOICES
 
     assert DEMA_PARAMS == PARAM_CHOICES
 
