@@ -192,5 +192,5 @@ def check_run_folder(out: Path, config: dict, defaults: Optional[dict] = None) -
             except FileNotFoundError:
                 pass
     if removed:
-        logging.getLogger("cl_core.continual.run").info(
+        logging.getLogger(__name__).info(
             "%s: removed %d temporary file(s) left by an interrupted write", out, removed)

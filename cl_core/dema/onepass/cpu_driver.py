@@ -1,7 +1,7 @@
 """CPU half of the one-pass optimizer+DEMA step: the driver of one CPU engine group.
 
-`cl_core.dema.fused.FusedStep` drives a `CpuFusedDriver` through the FusedDriver protocol
-(cl_core/dema/onepass.py) (prepare / step / flush / pending_stats); fused_triton.py is its twin on
+`cl_core.dema.onepass.step.FusedStep` drives a `CpuFusedDriver` through the FusedDriver protocol
+(cl_core/dema/onepass/protocols.py) (prepare / step / flush / pending_stats); triton_driver.py is its twin on
 CUDA. The driver builds and owns the tables of the native kernels (their layout and the
 calls: cl_core/kernels/cpu_fused.py) and points them at the engine's GroupState, which
 the kernels update in place.
@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from cl_core.dema.onepass import check_tensors
+from cl_core.dema.onepass.protocols import check_tensors
 from cl_core.kernels import cpu_fused as K
 from cl_core.kernels import layouts as L
 from cl_core.kernels import native
@@ -35,7 +35,7 @@ _NUMEL = torch.Tensor.numel
 
 class CpuFusedDriver:
     """The fused-step driver of one CPU engine group (the FusedDriver protocol of
-    cl_core/dema/onepass.py)."""
+    cl_core/dema/onepass/protocols.py)."""
 
     def __init__(self, members):
         K.library()  # built and its layout checked before any table points into it

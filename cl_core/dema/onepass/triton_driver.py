@@ -2,8 +2,8 @@
 group on the Triton kernels of cl_core/kernels/triton_fused.py (one launch per step; see
 that module for the maths and the double-buffered flags).
 
-`cl_core.dema.fused.FusedStep` drives a `TritonFusedGroup` through the FusedDriver
-protocol (cl_core/dema/onepass.py); fused_cpu.py is its twin on CPU. The driver owns the tables
+`cl_core.dema.onepass.step.FusedStep` drives a `TritonFusedDriver` through the FusedDriver
+protocol (cl_core/dema/onepass/protocols.py); cpu_driver.py is its twin on CPU. The driver owns the tables
 (a static per-tensor table: addresses of θ, the optimizer state, θ*, g_prev; numel;
 param group; first tile, built when the group's tensors change; a dynamic table:
 gradient address, step count, flags, uploaded once per step in one copy with the
@@ -30,7 +30,7 @@ import operator
 import torch
 
 from cl_core.dema.cuda_launch import LaunchGuard, refuse_interpreter_on_cuda
-from cl_core.dema.onepass import check_tensors
+from cl_core.dema.onepass.protocols import check_tensors
 from cl_core.dema.state import round_sum
 from cl_core.kernels import layouts as L
 from cl_core.kernels import triton_dema as KD
@@ -57,9 +57,9 @@ def _aligned_halves(shape, dtype, device) -> torch.Tensor:
     return torch.zeros(2, pad, dtype=dtype, device=device)[:, :k].view(2, *shape)
 
 
-class TritonFusedGroup:
+class TritonFusedDriver:
     """The fused group of one (device, dtype) engine group on the Triton kernels (the
-    FusedDriver protocol of cl_core/dema/onepass.py)."""
+    FusedDriver protocol of cl_core/dema/onepass/protocols.py)."""
 
     def __init__(self, members):
         self.members = members

@@ -2,8 +2,8 @@
 engine is handed (`OnePassStep`), what FusedStep drives per engine group (`FusedDriver`),
 the data passed between them, and the tensor check both drivers run every step.
 
-Implemented by cl_core/dema/fused.py (FusedStep), fused_cpu.py (CpuFusedDriver) and
-fused_triton.py (TritonFusedGroup); this module imports none of them.
+Implemented by cl_core/dema/onepass/step.py (FusedStep), cpu_driver.py (CpuFusedDriver) and
+triton_driver.py (TritonFusedDriver); this module imports none of them.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class OnePassResult:
 
 
 class FusedDriver(Protocol):
-    """The one-pass kernels of one engine group (CpuFusedDriver, TritonFusedGroup). Numbers
+    """The one-pass kernels of one engine group (CpuFusedDriver, TritonFusedDriver). Numbers
     and slots are named in kernels/layouts.py."""
 
     members: GroupMembers  # replaced by FusedStep when the optimizer state was collected again

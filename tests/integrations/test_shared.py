@@ -1,4 +1,5 @@
-"""The shared core of the trainer integrations (cl_core.integrations.core): the HF and the
+"""What the trainer integrations share (cl_core.integrations: attach, selection, log_window,
+extras): the HF and the
 Lightning callbacks log the same numbers for the same run, take one default, ask the engine
 which optimizers have a one-pass step; each integration whose optional package is missing
 raises an ImportError naming the pip extra (a real missing import, in a fresh interpreter)."""
@@ -10,8 +11,10 @@ import pytest
 import torch
 
 from cl_core import DEMA, DEMAConfig
-from cl_core.dema.fused import optimizer_kind
-from cl_core.integrations import core
+from cl_core.dema.onepass.step import optimizer_kind
+from cl_core.integrations import attach
+from cl_core.integrations.log_window import LogWindow
+from cl_core.integrations.selection import select_dema_parameters, select_parameters
 from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, tiny_peft_llama, training_args
 from tests.helpers import ROOT
 
@@ -19,7 +22,7 @@ STEPS, LOG_EVERY, BATCH, LR = 6, 2, 4, 5e-2
 
 
 def _lora(model):
-    return [p for _, p in core.select_dema_parameters(model)]
+    return [p for _, p in select_dema_parameters(model)]
 
 
 def _hf_run(tmp_path):
@@ -109,7 +112,7 @@ def test_one_default_and_one_set_of_one_pass_optimizers():
     from cl_core.integrations.hf import DEMACallback as HFCallback
     from cl_core.integrations.lightning import DEMACallback as PLCallback
 
-    assert HFCallback().eval_with_ema == PLCallback().eval_with_ema == core.EVAL_WITH_EMA_DEFAULT
+    assert HFCallback().eval_with_ema == PLCallback().eval_with_ema == attach.EVAL_WITH_EMA_DEFAULT
     for cls in (HFCallback, PLCallback):
         with pytest.raises(ValueError, match=r"params='all'.*'lora'.*'trainable'.*callable"):
             cls(params="all")
@@ -125,15 +128,15 @@ def test_one_default_and_one_set_of_one_pass_optimizers():
 
     for opt in (torch.optim.AdamW([p]), torch.optim.Adam([p]), torch.optim.SGD([p], lr=0.1),
                 torch.optim.RMSprop([p]), MyAdamW([p])):
-        reason = core.why_not_fusable(opt, named)
+        reason = attach.why_not_fusable(opt, named)
         assert (reason is None) == (optimizer_kind(opt) is not None), type(opt).__name__
         if reason is not None:
             assert type(opt).__name__ in reason
     q = torch.nn.Parameter(torch.zeros(2))
-    assert "not averaged" in core.why_not_fusable(torch.optim.AdamW([p, q]), named)
+    assert "not averaged" in attach.why_not_fusable(torch.optim.AdamW([p, q]), named)
     r = torch.nn.Parameter(torch.zeros(1))
-    assert "not updated by the optimizer (e.g. 'r')" in core.why_not_fusable(torch.optim.AdamW([p]), named + [("r", r)])
-    assert core.why_not_fusable(torch.optim.AdamW([p]), named, fused_arg=False) == "fused=False"
+    assert "not updated by the optimizer (e.g. 'r')" in attach.why_not_fusable(torch.optim.AdamW([p]), named + [("r", r)])
+    assert attach.why_not_fusable(torch.optim.AdamW([p]), named, fused_arg=False) == "fused=False"
 
 
 def test_fallback_share_counts_exactly_the_updates_at_the_fallback():
@@ -143,7 +146,7 @@ def test_fallback_share_counts_exactly_the_updates_at_the_fallback():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(3)]
     engine = DEMA(params, DEMAConfig())
-    window = core.LogWindow()
+    window = LogWindow()
     assert not window
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -173,17 +176,17 @@ def test_first_step_check_and_selection_errors_name_what_to_fix():
     engine = DEMA([torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(RuntimeError, match=r"X: at the first optimizer step no averaged tensor has a gradient "
                                            r"\(1 tensors, e\.g\. 'w'\).*; see here"):
-        core.check_first_step_gradients(engine, ["w"], False, who="X", hint="; see here")
-    core.check_first_step_gradients(engine, ["w"], True)
+        attach.check_first_step_gradients(engine, ["w"], False, who="X", hint="; see here")
+    attach.check_first_step_gradients(engine, ["w"], True)
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match=r"params='trainable'.*Linear has no trainable parameters"):
-        core.select_parameters(frozen, "trainable")
+        select_parameters(frozen, "trainable")
     with pytest.raises(ValueError, match=r"params='lora'.*Linear has no trainable parameters"):
-        core.select_parameters(frozen, "lora")
+        select_parameters(frozen, "lora")
     lin = torch.nn.Linear(2, 2)
-    assert [n for n, _ in core.select_parameters(lin, lambda m: [m.weight])] == ["weight"]
+    assert [n for n, _ in select_parameters(lin, lambda m: [m.weight])] == ["weight"]
     with pytest.raises(TypeError, match="callable must return parameters"):
-        core.select_parameters(lin, lambda m: ["weight"])
+        select_parameters(lin, lambda m: ["weight"])
 
 
 # --------------------------------------------------------------------------- missing extras
@@ -227,7 +230,9 @@ def test_core_and_the_engine_need_none_of_the_optional_packages():
     does not bring it); exporting an adapter from it then names the extra. An installed
     package whose own dependency is missing is reported as that, not as itself missing."""
     out = _run_without(["transformers", "peft", "deepspeed", "lightning", "lightning.pytorch", "accelerate", "trl"], """
-import torch, cl_core, cl_core.integrations.core, cl_core.integrations.fsdp
+import torch, cl_core, cl_core.integrations.fsdp
+import cl_core.integrations.attach, cl_core.integrations.selection, cl_core.integrations.log_window
+import cl_core.integrations.state_files, cl_core.integrations.extras
 p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
 e = cl_core.DEMA([p]); e.update(); assert e.num_updates == 1
 print("ok")
@@ -260,7 +265,6 @@ def test_a_dema_stuck_at_the_fallback_is_warned_once_over_the_run(caplog):
     import logging
 
     from cl_core import DEMA, DEMAConfig
-    from cl_core.integrations.core import LogWindow
 
     def run(config, lines):
         torch.manual_seed(0)

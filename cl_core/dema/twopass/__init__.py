@@ -2,7 +2,7 @@
 (device, dtype) group of the engine.
 
 Every backend implements one interface (DEMABackend below); the engine never looks
-inside one. "reference" is the literal per-tensor maths (cl_core.dema.reference),
+inside one. "reference" is the literal per-tensor maths (cl_core.dema.twopass.reference),
 "torch" the native CPU kernels with a pure-torch fallback (torch_backend.py, launching
 cl_core.kernels.cpu_dema), "triton" the GPU kernels (triton_backend.py, launching
 cl_core.kernels.triton_dema). A backend is built over the engine's GroupState and writes
@@ -84,13 +84,13 @@ def resolve_backend(name: str, device: torch.device, dtype: Optional[torch.dtype
 
 def make_backend(name: str, state: GroupState, config: DEMAConfig, dtype: torch.dtype) -> DEMABackend:
     if name == "reference":
-        from cl_core.dema.reference import ReferenceBackend
+        from cl_core.dema.twopass.reference import ReferenceBackend
 
         return ReferenceBackend(state, config)
     if name == "triton":
-        from cl_core.dema.backends.triton_backend import TritonBackend
+        from cl_core.dema.twopass.triton_backend import TritonBackend
 
         return TritonBackend(state, config, dtype)
-    from cl_core.dema.backends.torch_backend import TorchBackend
+    from cl_core.dema.twopass.torch_backend import TorchBackend
 
     return TorchBackend(state, config, dtype)
