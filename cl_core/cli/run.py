@@ -175,10 +175,13 @@ def _finish(results: dict, out, started: float) -> int:
         print("one seed: no spread to show (give several --seeds for mean ± standard deviation).")
     # The computed conclusions in short (the report has each comparison in full), and whether
     # every task was learned; where each method stayed below is the report's.
-    from cl_core.continual.report import LEARNED_AT, shortfalls, summary
+    from cl_core.continual.report import LEARNED_AT, out_of_regime, regime_lines, shortfalls, summary
 
     learned = results.get("learned", [])
     for line in summary(results) + learned[:1]:
+        print(line)
+    # in which regime each DEMA method ran (its comparison means the method as designed only in it)
+    for line in regime_lines(results, out_of_regime(results)):
         print(line)
     short = list(shortfalls(results)) if learned else []
     if short:

@@ -52,6 +52,8 @@ from cl_core.lora_sets import AdapterSets
 from cl_core.continual.state import RunState, TaskRecord, check_run_folder, write_json
 from cl_core.continual.tasks import Task, load_tasks  # noqa: F401 - re-exported
 from cl_core.continual.alpha import alpha_counts
+from cl_core.dema.config import DEMAConfig
+from cl_core.dema.regime import RegimeReport, regime_advice
 from cl_core.continual.alpha import merge as merge_alpha
 from cl_core.continual.training import (dema_callback, describe_model, load_base, quiet_libraries, seed_for,
                                         stage1_score, train, train_stage1)
@@ -333,6 +335,7 @@ class ContinualRun:
         if callbacks:
             cb = callbacks[0]
             outcome.alpha = [a.tolist() for a in cb.alpha_history]
+            outcome.regime = cb.regime.to_record() if cb.regime is not None else None
             # the sizes of the whole tensors: under DeepSpeed ZeRO-1/2/3 the engine holds this
             # rank's fragments; the model's parameters are whole again after the training
             whole = dict(sets.model.named_parameters())
@@ -365,7 +368,7 @@ class ContinualRun:
             reused=outcome.reused, ema=outcome.ema, dema=outcome.ema and plan.ema.formula != "fixed",
             init_from=outcome.init_from, adapters=adir_name,
             similarities=[round(float(s), 4) for s in getattr(decision, "similarities", [])],
-            alpha_mean=alpha_mean, alpha_counts=counts,
+            alpha_mean=alpha_mean, alpha_counts=counts, regime=outcome.regime or {},
             train_seconds=round(outcome.train_seconds, 2), seconds=round(time.time() - outcome.started, 2),
         ))
         chain.last_of_group[decision.group] = j
@@ -404,6 +407,7 @@ class ContinualRun:
                     finally:
                         gc.unfreeze()
         results = self.collect(state)
+        self._warn_regime(results)
         results["wall_seconds_this_call"] = round(time.time() - t0, 2)
         if self.launch.distributed or self.launch.deepspeed is not None:
             results["launch"] = self.launch.describe(self.cfg.methods)
@@ -417,6 +421,17 @@ class ContinualRun:
         self.launch.barrier()              # every rank done with .trainer before it goes
         self.launch.on_main(finish)
         return results
+
+    def _warn_regime(self, results: dict) -> None:
+        """Once per method whose DEMA ran out of its regime over all its tasks and seeds: the
+        engine's own warning text (each task's engine is told not to say it, one per task)."""
+        for method, r in results["methods"].items():
+            regime = r.get("regime")
+            if not regime or regime.get("total") is None or not r.get("ema_config"):
+                continue
+            text = regime_advice(RegimeReport.from_records([regime["total"]]), DEMAConfig(**r["ema_config"]))
+            if text is not None:
+                log.warning("%s: %s", method, text)
 
     def collect(self, state: RunState) -> dict:
         """results.json: per method the seed-mean matrix and metrics, and per seed."""
@@ -446,6 +461,7 @@ class ContinualRun:
                     "ema": [d.ema for d in done], "dema": [d.dema for d in done],
                     "init_from": [d.init_from for d in done], "similarities": [d.similarities for d in done],
                     "alpha_counts": merge_alpha([d.alpha_counts for d in done]),
+                    "regime": [d.regime for d in done],
                     "loss": [d.loss for d in done],
                     "train_seconds": sum(d.train_seconds for d in done),
                 }
@@ -463,6 +479,7 @@ class ContinualRun:
                 "settings": self.cfg.describe(method),
                 "ema_config": None if self.cfg.plan(method).ema is None else self.cfg.plan(method).ema.to_dict(),
                 "alpha_counts": merge_alpha([s["alpha_counts"] for s in per]),
+                "regime": regime_of_method([s["regime"] for s in per]),
             }
         rows = [state.base[str(seed)]["zero_shot"] for seed in self.cfg.seeds if str(seed) in state.base]
         if len(rows) == len(self.cfg.seeds):
@@ -509,6 +526,7 @@ class TaskOutcome:
     started: float                  # time.time() at the task's start
     train_seconds: float
     alpha: Optional[list] = None    # per optimizer step, per averaged tensor α (EMA on)
+    regime: Optional[dict] = None   # the task's DEMA regime and lag (RegimeReport.to_record; EMA on)
     names: list = field(default_factory=list)   # the averaged tensors
     numel: list = field(default_factory=list)   # their whole sizes
 
@@ -573,3 +591,27 @@ def run(cfg: RunConfig, out_dir, *, quiet: bool = False, threads: int | None = N
     rank of a launcher; rank 0 writes the folder). ``launch``: None reads the launcher's
     environment (one process without one)."""
     return ContinualRun(cfg, out_dir, quiet=quiet, threads=threads, on_task_end=on_task_end, launch=launch).run()
+
+
+def regime_of_method(per_seed: list) -> Optional[dict]:
+    """results.json's regime of one method from each seed's per-task records ({} where the
+    task ran without an EMA): per task the records merged over the seeds, and all of them
+    merged ("total"); each a `to_record` (mergeable counts) with its `to_dict` summary. None
+    when no task ran an EMA."""
+    tasks = max((len(s) for s in per_seed), default=0)
+    per_task = []
+    for j in range(tasks):
+        recs = [s[j] for s in per_seed if j < len(s) and s[j]]
+        per_task.append(_regime_entry(recs))
+    every = [r for s in per_seed for r in s if r]
+    if not every:
+        return None
+    return {"total": RegimeReport.from_records(every).to_record(), "summary": _regime_entry(every)["summary"],
+            "per_task": per_task}
+
+
+def _regime_entry(records: list) -> Optional[dict]:
+    if not records:
+        return None
+    merged = RegimeReport.from_records(records)
+    return {"record": merged.to_record(), "summary": merged.to_dict()}

@@ -158,7 +158,10 @@ def dema_callback(config, params: str, precision: str = "fp32"):
 
     if precision == "official":
         config = dataclasses.replace(config, ema_dtype="param")
-    return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True, precision=precision)
+    # the task's regime and the EMA's lag at its end (callback.regime); the runner says once per
+    # method when it ran out of regime, not once per task's engine
+    return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True, precision=precision,
+                        measure_lag=True, warn_regime=False)
 
 
 # --------------------------------------------------------------------------- models

@@ -17,6 +17,7 @@ import cl_core.kernels.native
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
 from cl_core.dema.state import dynamic_alpha, fallback_alpha, fixed_alpha, round_sum
 from tests.dema_sequences import drive, make_script
+from tests.helpers import engine_snapshot
 from tests.kernels.test_launches_and_syncs import CountSyncs
 
 SHAPES = [(16, 8), (8, 16), (40,), (5, 5), (200,)]
@@ -53,26 +54,26 @@ def _norm(x: torch.Tensor, low: bool) -> float:
     return float(round_sum(s, x.dtype)) if low else float(s.float())
 
 
-def _hand_category(config, state, k, theta, grad):
+def _hand_category(config, snap, span, k, theta, grad):
     """(category, α the formula set or None) of tensor k's coming update, by hand from the
-    engine's state before it (None: not started yet)."""
+    engine's state before it (`engine_snapshot`; tensor k at `span` of its flat buffers)."""
     low = config.ema_dtype == "param"
     if not bool(torch.isfinite(theta).all()) or (grad is not None and not bool(torch.isfinite(grad).all())):
         return R.CAT_SKIP, None
-    started = state is not None and bool(state.started[k])
+    started = len(snap["started"]) > 0 and bool(snap["started"][k])
     if config.formula == "fixed":
         if not started:
             return R.CAT_START, None
         alpha = fixed_alpha(config)
         return (R.CAT_JUMP if alpha > R.JUMP else R.CAT_DYN), alpha
-    if not started or grad is None or not bool(state.has_prev[k]):
+    if not started or grad is None or not bool(snap["has_prev"][k]):
         return R.CAT_START, None
-    wd = state.ema_dtype
+    wd = snap["ema"].dtype
     th, g = theta.reshape(-1).to(wd), grad.reshape(-1).to(wd)
-    a = _norm(th - state.ema_views[k], low)
+    a = _norm(th - snap["ema"][span], low)
     b = _norm(g, low)
-    c = _norm(g - state.gprev_views[k], low)
-    d = float(state.d[k])
+    c = _norm(g - snap["g_prev"][span], low)
+    d = float(snap["d"][k])
     t = torch.tensor([a, b, c, d], dtype=torch.float32)
     raw = float(dynamic_alpha(t[0], t[1], t[2], t[3], config, wd))
     if raw >= 1:
@@ -98,9 +99,14 @@ def _hand_run(formula, ema_dtype, steps=40, seed=0):
     counts, hist = [0] * R.N_CAT, [0] * R.N_BINS
     real_update = engine.update
 
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    spans = [slice(a, b) for a, b in zip(offsets[:-1], offsets[1:])]
+
     def update():
-        state = engine.groups[0].state
-        hand = [_hand_category(config, state, k, p, p.grad) for k, p in enumerate(params)]
+        snap = engine_snapshot(engine)  # one group (one dtype): its flat buffers in parameter order
+        hand = [_hand_category(config, snap, spans[k], k, p, p.grad) for k, p in enumerate(params)]
         real_update()
         applied = engine.stats.alpha.tolist()
         for k, (cat, alpha) in enumerate(hand):

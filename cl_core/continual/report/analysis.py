@@ -4,6 +4,7 @@ files: the CLI prints some of them, the markdown report (report.markdown) writes
 from __future__ import annotations
 
 from cl_core.continual.methods import COMPARISONS
+from cl_core.dema.regime import CAT_GE1, CAT_JUMP, CAT_LE0, CAT_NAN, CAT_START, JUMP, RegimeReport
 from cl_core.metrics import METRIC_LABELS
 
 
@@ -177,3 +178,70 @@ def _base_row(results: dict):
     """The untuned base's zero-shot accuracy per task (seed mean), or None without a base."""
     b = results.get("base_metrics")
     return b["zero_shot"] if b else None
+
+
+# ---- DEMA's regime (cl_core/dema/regime.py) of each EMA method
+
+_CAUSES = ((CAT_GE1, "the formula's α ≥ 1"), (CAT_START, "no previous gradient"), (CAT_LE0, "α ≤ 0"),
+           (CAT_NAN, "α NaN"))
+
+
+def regime_report(results: dict, method: str, task=None):
+    """The RegimeReport of `method` over all its tasks and seeds (or task `task`, over the
+    seeds), from results.json; None where no EMA ran."""
+    reg = results["methods"][method].get("regime")
+    if not reg:
+        return None
+    if task is None:
+        return RegimeReport.from_records([reg["total"]])
+    entry = reg["per_task"][task] if task < len(reg["per_task"]) else None
+    return None if entry is None else RegimeReport.from_records([entry["record"]])
+
+
+def _lag_text(results: dict, method: str) -> str:
+    lags = [r.lag for r in (regime_report(results, method, j) for j in range(len(results["tasks"])))
+            if r is not None and r.lag is not None]
+    if not lags:
+        return ""
+    span = f"{min(lags):.0%}" if max(lags) - min(lags) < 0.005 else f"{min(lags):.0%}-{max(lags):.0%}"
+    return f"; the EMA ended its tasks {span} of the way back towards each task's start (L1 lag)"
+
+
+def regime_lines(results: dict, methods=None) -> list:
+    """One line per EMA method (of `methods`, default all): in which regime its EMA ran over every task and seed with the
+    EMA on (the share at the fallback by cause, jumps, the α quantiles, the lag at the tasks'
+    ends), and whether that is out of DEMA's regime. Computed from the run's own counts."""
+    out = []
+    for method, r in results["methods"].items():
+        if methods is not None and method not in methods:
+            continue
+        ema = r.get("ema_config")
+        rep = regime_report(results, method)
+        if rep is None or not ema or not rep.tensor_updates:
+            continue
+        lag = _lag_text(results, method)
+        if ema["formula"] == "fixed":
+            out.append(f"{method}: a fixed EMA (α = {1 - ema['beta']:.3g} on every update){lag}.")
+            continue
+        n = rep.tensor_updates
+        q = rep.quantiles()
+        alpha = "" if q[1] is None else f", α set by the formula at {q[0]:.2g} / {q[1]:.2g} / {q[2]:.2g} (10/50/90 %)"
+        causes = ", ".join(f"{why} {rep.counts[c] / n:.0%}" for c, why in _CAUSES if rep.counts[c])
+        shares = (f"{rep.fallback_share:.0%} of its {n:,} tensor-updates at the fallback α {ema['fallback']:g}"
+                  + (f" ({causes})" if causes else "") + f", {rep.jump_share:.0%} jumps (α > {JUMP:g}){alpha}{lag}")
+        verdict = rep.verdict()
+        if verdict == "fallback":
+            out.append(f"{method} ran out of DEMA's regime, in effect a fixed EMA of beta {1 - ema['fallback']:g}: "
+                       f"{shares}.")
+        elif verdict == "jumps":
+            out.append(f"{method} ran out of DEMA's regime, driven by jumps ({rep.counts[CAT_JUMP] / rep.formula_set:.0%} "
+                       f"of the α its formula set): {shares}.")
+        else:
+            out.append(f"{method} ran in DEMA's regime: {shares}.")
+    return out
+
+
+def out_of_regime(results: dict) -> list:
+    """The methods whose dynamic EMA ran out of its regime over the run."""
+    return [m for m in results["methods"]
+            if (rep := regime_report(results, m)) is not None and rep.formula != "fixed" and rep.verdict()]

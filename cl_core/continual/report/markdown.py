@@ -6,7 +6,9 @@ from pathlib import Path
 
 from cl_core.continual import alpha as alpha_stats
 from cl_core.continual.methods import BASELINE, TABLE, method_slug
-from cl_core.continual.report.analysis import _base_row, _official_switches, _pm, _seeds_text, conclusions, learned
+from cl_core.continual.report.analysis import (CAT_GE1, CAT_LE0, CAT_NAN, CAT_START, _base_row, _official_switches,
+                                               _pm, _seeds_text, conclusions, learned, out_of_regime, regime_lines,
+                                               regime_report)
 from cl_core.continual.report.plots import plot_alpha, plot_alpha_hist, plot_heatmap, plot_per_task
 from cl_core.metrics import METRIC_LABELS, METRIC_NAMES
 
@@ -50,6 +52,9 @@ def write_report(results: dict, out_dir) -> Path:
         "Tasks in training order: " + ", ".join(f"{i + 1}. {n} ({tt})" for i, (n, tt) in
                                                enumerate(zip(tasks, results["task_types"]))) + ".",
         "",
+    ]
+    lines += _out_of_regime_lines(results)
+    lines += [
         (f"## Methods compared (mean ± standard deviation over {_seeds_text(len(seeds))})" if len(seeds) > 1
          else f"## Methods compared (one seed, {seeds[0]}: no spread to show)"),
         "",
@@ -139,6 +144,7 @@ def write_report(results: dict, out_dir) -> Path:
                 lines.append(f"| {method} | {n_tasks} | {sum(vals) / len(vals):.4f} | {min(vals):.4f} | "
                              f"{max(vals):.4f} |")
         lines.append("")
+    lines += _regime_lines(results)
     lines += _alpha_hist_lines(results, out)
     lines += ["## Files", "",
               "`results.json` (per method: seed-mean `matrix`, `metrics` and `settings`; per seed the same plus, "
@@ -339,10 +345,9 @@ def _alpha_why(rows, methods) -> list[str]:
     if gm is not None:
         text += f" (geometric mean of the values off the fallback: {gm:.3g})"
     text += (f". A LLaVA-7B LoRA tensor at the official rank 128 holds {_LLAVA_LORA_NUMEL:,} elements, "
-             f"{ratio:,.0f}× more, so the same per-element numbers give α about {ratio:,.0f}× smaller")
-    if gm is not None:
-        text += f" (≈ {gm / ratio:.2g} for the values above)"
-    text += ": well below the fallback, a slowly moving EMA. The constant was set for those tensors, not these."
+             f"{ratio:,.0f}× more, with a learning rate of 2e-4: the constant was fit there. How far the 1/n "
+             "argument carries is measured, not assumed: the EMA's lag adapts to the formula, so the share at the "
+             "fallback does not simply fall as 1/n (docs/regime.md).")
     nx = [(mm, cc) for mm, cc in rows if "scale 0.01" in methods[mm].get("settings", {}).get("EMA", "")]
     if nx:
         mm, cc = nx[0]
@@ -351,3 +356,50 @@ def _alpha_why(rows, methods) -> list[str]:
                  f"{alpha_stats.share(cc, 'between'):.0%} between it and 0.1, "
                  f"{alpha_stats.share(cc, 'below'):.0%} below it and {alpha_stats.share(cc, 'above'):.0%} above 0.1.")
     return [text, ""]
+
+
+def _out_of_regime_lines(results: dict) -> list[str]:
+    """Before the comparison: which DEMA methods ran out of their regime (so what is compared
+    there is not the method as designed), one line each."""
+    bad = set(out_of_regime(results))
+    if not bad:
+        return []
+    said = regime_lines(results, bad)
+    return (["**Before comparing: DEMA ran out of its regime** (its α mostly at the fallback, or jumps; "
+             "per task in \"DEMA's regime per task\" below, what it means in docs/regime.md):", ""]
+            + [f"- {line}" for line in said] + [""])
+
+
+def _regime_lines(results: dict) -> list[str]:
+    """Per EMA method and task (mean over the seeds' counts): the share of updates at the
+    fallback by cause, jumps, the α quantiles and the EMA's lag at the task's end."""
+    methods = [m for m in results["methods"] if regime_report(results, m) is not None]
+    if not methods:
+        return []
+    lines = ["## DEMA's regime per task", "",
+             "Every tensor-update of each EMA method, per task over the seeds (cl_core/dema/regime.py): the share "
+             "at the fallback α by cause (no previous gradient: a task's first step; the formula's α ≥ 1: it asks "
+             "for more than a full step; α ≤ 0; NaN), jumps (α > 0.1), quantiles of the α the formula set, and "
+             "the lag ‖θ* − θ‖₁ / ‖θ_start − θ‖₁ at the task's end (how far back towards the task's start the "
+             "EMA sits; mean over the seeds).", ""]
+    lines += [f"- {line}" for line in regime_lines(results)]
+    lines.append("")
+    tasks = results["tasks"]
+    for m in methods:
+        lines += [f"### {m}", "", "| task | at the fallback | no previous gradient | α ≥ 1 | α ≤ 0 | α NaN | jumps | "
+                  "α 10 / 50 / 90 % | lag |", "|---|---|---|---|---|---|---|---|---|"]
+        for j, name in enumerate(tasks):
+            rep = regime_report(results, m, j)
+            if rep is None or not rep.tensor_updates:
+                continue
+            n = rep.tensor_updates
+            q = rep.quantiles()
+            # a fixed EMA's α is its constant (its line above says it; the bins would round it)
+            qs = "-" if q[1] is None or rep.formula == "fixed" else " / ".join(f"{v:.2g}" for v in q)
+            fb = "-" if rep.formula == "fixed" else f"{rep.fallback_share:.0%}"
+            causes = " | ".join("-" if rep.formula == "fixed" else f"{rep.counts[c] / n:.0%}"
+                                for c in (CAT_START, CAT_GE1, CAT_LE0, CAT_NAN))
+            lag = "-" if rep.lag is None else f"{rep.lag:.1%}"
+            lines.append(f"| {j + 1}. {name} | {fb} | {causes} | {rep.jump_share:.0%} | {qs} | {lag} |")
+        lines.append("")
+    return lines
