@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -145,7 +145,6 @@ class RegimeReport:
     updates: int  # update() / fused steps in the span (each updates every tensor once)
     window: str = "total"
     lag: Optional[float] = None  # ‖θ* − θ‖₁ / ‖θ_start − θ‖₁ when read with one (end of a task)
-    extra: dict = field(default_factory=dict)
 
     @property
     def tensor_updates(self) -> int:

@@ -44,9 +44,8 @@ def test_runner_records_and_reports_each_tasks_regime(tmp_path, caplog):
     out = report.out_of_regime(results)
     lines = report.regime_lines(results)
     assert [line.split(" ")[0].rstrip(":") for line in lines] == ["dema", "ema"]
+    # the official constants on these tiny tensors: α mostly ≥ 1 (the finding on the demo)
+    assert out == ["dema"] and lines[0].startswith("dema ran out of DEMA's regime")
+    assert text.index("Before comparing") < text.index("## Methods compared")
     warned = [r.getMessage() for r in caplog.records if "out of its regime" in r.getMessage()]
-    if out == ["dema"]:
-        assert text.index("Before comparing") < text.index("## Methods compared")
-        assert len(warned) == 1 and warned[0].startswith("dema: ")
-    else:
-        assert "Before comparing" not in text and warned == []
+    assert len(warned) == 1 and warned[0].startswith("dema: ")  # once per method, not once per task
