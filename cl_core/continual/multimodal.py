@@ -24,9 +24,9 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from cl_core.continual.config import is_image_text_folder, model_type  # noqa: F401 - re-exported
+from cl_core.continual.model_folder import is_image_text_folder, model_type  # noqa: F401 - re-exported
 
-log = logging.getLogger("cl_core.continual.run")
+log = logging.getLogger(__name__)
 
 # The language-model part of a multimodal model's module names (LLaVA: model.language_model;
 # older layouts: language_model.model); LoRA's "all-linear" means its linear layers only.
@@ -150,7 +150,7 @@ def user_processor(path: str):
     """The processor of an image-text model folder (ValueError in one line otherwise)."""
     from transformers import AutoProcessor
 
-    from cl_core.continual.training import check_weights_present
+    from cl_core.continual.training import check_weights_present, ready_tokenizer
 
     check_weights_present(path)
     try:
@@ -169,10 +169,7 @@ def user_processor(path: str):
     if tok is None or getattr(proc, "image_processor", None) is None:
         raise ValueError(f"--model {path}: its processor ({type(proc).__name__}) has no tokenizer or no image "
                          "processor; an image-text model needs both")
-    if tok.eos_token_id is None:
-        raise ValueError(f"--model {path}: the tokenizer has no end-of-sequence token")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    ready_tokenizer(tok, path)
     return proc
 
 

@@ -18,7 +18,7 @@ from cl_core.atomic_io import atomic_dir
 from cl_core.continual.config import RunConfig
 from cl_core.continual.state import write_json
 
-log = logging.getLogger("cl_core.continual.run")
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- Trainer glue
 
@@ -158,7 +158,10 @@ def dema_callback(config, params: str, precision: str = "fp32"):
 
     if precision == "official":
         config = dataclasses.replace(config, ema_dtype="param")
-    return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True, precision=precision)
+    # the task's regime and the EMA's lag at its end (callback.regime); the runner says once per
+    # method when it ran out of regime, not once per task's engine
+    return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True, precision=precision,
+                        measure_lag=True, warn_regime=False)
 
 
 # --------------------------------------------------------------------------- models
@@ -194,6 +197,13 @@ def user_tokenizer(path: str):
     except Exception as exc:  # noqa: BLE001 - transformers' messages run to pages: keep the first line
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ValueError(f"--model {path}: cannot load its tokenizer ({first[:200]})") from None
+    return ready_tokenizer(tok, path)
+
+
+def ready_tokenizer(tok, path):
+    """The tokenizer of the model folder ``path``, checked and made ready to batch: refused
+    (naming --model) without an end-of-sequence token; padding with it when it has no pad
+    token. The one rule for text models and image-text models' processors."""
     if tok.eos_token_id is None:
         raise ValueError(f"--model {path}: the tokenizer has no end-of-sequence token")
     if tok.pad_token_id is None:
@@ -214,7 +224,7 @@ def load_base(folder: Path, tokenizer):
     LM, or an image-text-to-text model (LLaVA-style) when the folder's config is one."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from cl_core.continual.config import is_image_text_folder
+    from cl_core.continual.model_folder import is_image_text_folder
 
     auto = AutoModelForImageTextToText if is_image_text_folder(folder) else AutoModelForCausalLM
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)   # an encoder: its tokenizer
