@@ -121,6 +121,7 @@ def add_parser(sub) -> None:
     add_setting(demo, "multimodal",
                       help="the same comparison on pictures: each scene drawn (not written), a tiny LLaVA (CLIP-style "
                            "vision tower + the tiny Llama) trained in stage 1 on them; LoRA on its language model")
+    add_setting(demo, "model_family")
     add_setting(demo, "methods",
                       help=f"the methods to compare, any of {', '.join(METHODS)} (space or comma separated; "
                            f"default: {', '.join(DEMO_METHODS)}; with --multimodal also moelora)")
@@ -236,7 +237,7 @@ def cmd_demo(args) -> int:
         preset["seeds"] = tuple(args.seeds)
     methods = _methods(args.methods) if args.methods else (
         DEMO_MULTIMODAL_METHODS if args.multimodal else DEMO_METHODS)
-    cfg = RunConfig(methods=methods, **preset)
+    cfg = RunConfig(methods=methods, model_family=args.model_family, **preset)
     cfg.validate(FLAGS)  # errors name the flags (--seeds), before anything is written
     out = args.out or ("runs/demo-quick" if args.quick else "demo_out") + ("-multimodal" if args.multimodal else "")
     return _execute(cfg, out, args)

@@ -34,6 +34,9 @@ from cl_core.continual.templates import TEMPLATE_SETS
 from cl_core.dema.config import FORMULAS, DEMAConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+# The tiny image-text models the bundled multimodal benchmark can train (cl_core.continual.qwen_vl:
+# the Qwen-VL family's names -> model_type); a --model folder's own config decides instead.
+MODEL_FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl")
 ORDERS = ("origin", "reverse", "alphabet")
 ROUTES = ("instance", "file")            # test routing: per test instance, or one decision per test file
 NEW_SET_INITS = ("fresh", "latest")      # a new LoRA set: fresh init, or the last trained set's weights
@@ -148,6 +151,11 @@ class RunConfig:
         False, "model", "--train-projector", action="store_true",
         help="image-text models: train the multi-modal projector too (the official mm_projector; "
              "averaged with --dema-params trainable); LoRA goes on the language model only")
+    model_family: str = setting(
+        "llava", "model", "--model-family", choices=MODEL_FAMILIES,
+        help="--multimodal: the tiny image-text model trained on the pictures: LLaVA (CLIP-style tower, MLP "
+             "projector), Qwen2-VL or Qwen2.5-VL (patches merged 2 x 2, M-RoPE), each with 16 image tokens "
+             "per picture (a --model folder's own config.json decides its family)")
     device: str = setting("auto", "model", "--device", choices=DEVICES,
                           help="where training and evaluation run: auto takes CUDA when torch sees a GPU "
                                "(one per process under a launcher), else the CPU")

@@ -201,7 +201,7 @@ def encoder_for(cfg):
             return ImageTextEncoder(user_processor(cfg.model), load_image)
         return TextEncoder(user_tokenizer(cfg.model))
     if cfg.multimodal:
-        family = getattr(cfg, "model_family", "llava")
+        family = cfg.model_family
         if family != "llava":
             return qwen_vl.QwenVLEncoder(tiny_processor(family), load_image)
         return ImageTextEncoder(tiny_processor(), load_image)

@@ -5,7 +5,7 @@ the multimodal demo.
 
     proc = QwenVLProcessor.from_pretrained(folder)   # Qwen2VLImageProcessorPil + the tokenizer
     enc = QwenVLEncoder(proc, load_image)             # an ImageTextEncoder (cl_core.continual.encoders)
-    enc.check_model(model); enc.check_tasks(tasks, max_length)   # before the first step
+    enc.check_model(model); enc.check_run(tasks, cfg)   # before the first step
     model = build_tiny("qwen2_5_vl", proc.tokenizer, image_size=48, patch_size=6)
 
 What the model family needs (transformers' qwen2_vl / qwen2_5_vl sources): an image is resized so

@@ -274,7 +274,7 @@ def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Pa
     if getattr(tokenizer, "uses_images", False):   # the multimodal benchmark: the tiny LLaVA, all of it trained
         from cl_core.continual import images, qwen_vl
 
-        family = getattr(cfg, "model_family", "llava")
+        family = cfg.model_family
         size = dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                     image_size=images.IMAGE_SIZE, max_positions=max(cfg.max_length, 128), seed=seed_for(seed, "init"))
         if family == "llava":

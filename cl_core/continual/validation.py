@@ -106,6 +106,10 @@ def _images(cfg, say: "_Namer") -> None:
         raise ValueError(f"{say.name('multimodal')} draws the bundled tasks' scenes; with task files the "
                          f"{say.name('model')} folder decides: an image-text model (LLaVA-style) reads the "
                          "records' images")
+    if cfg.model_family != "llava" and not cfg.multimodal:
+        raise ValueError(f"{say.name('model_family')} {cfg.model_family} picks the tiny model of the bundled "
+                         f"tasks drawn as pictures: add {say.name('multimodal')} (a {say.name('model')} folder's "
+                         "config.json decides its own family)")
     if cfg.image_folder is not None:
         if cfg.bundled:
             raise ValueError(f"{say.name('image_folder')} goes with task files ({say.name('task_files')} FILE "

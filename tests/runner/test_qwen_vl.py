@@ -243,3 +243,20 @@ def test_blank_test_images_lower_the_accuracy(tmp_path, model_type):
     blank = generate(sets.model, runner.encoder, prompts, max_new_tokens=4, images=[I.blank_image()] * len(prompts))
     assert seen >= 50, seen                     # the colours are read from the pictures
     assert accuracy("short", blank, answers) <= seen - 30
+
+
+def test_demo_and_run_take_the_model_family(captured, tmp_path, caplog):
+    """--model-family picks the bundled multimodal benchmark's tiny model (LLaVA by default), on
+    the demo and on `cl-core run --multimodal`; without --multimodal it is refused in one line."""
+    assert main(["demo", "--multimodal", "--quick", "--model-family", "qwen2.5-vl", "--out", str(tmp_path / "q"),
+                 "--quiet"]) == 0
+    assert main(["demo", "--multimodal", "--quick", "--out", str(tmp_path / "l"), "--quiet"]) == 0
+    assert main(["run", "--multimodal", "--model-family", "qwen2-vl", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert [c.model_family for c in captured] == ["qwen2.5-vl", "llava", "qwen2-vl"]
+    assert all(c.multimodal for c in captured)
+    code, line = _one_error_line(["demo", "--model-family", "qwen2-vl", "--out", str(tmp_path / "t")], caplog)
+    assert code == 2 and "--model-family qwen2-vl" in line and "add --multimodal" in line
+    # the bundled tiny Qwen-VL: its processor, 16 image tokens per 48-pixel picture as the tiny LLaVA's
+    enc = M.encoder_for(captured[0])
+    assert isinstance(enc, Q.QwenVLEncoder)
+    assert enc.processor.image_tokens(I.IMAGE_SIZE, I.IMAGE_SIZE) == (16, (1, 8, 8))
