@@ -171,6 +171,12 @@ class QwenVLEncoder(ImageTextEncoder):
     the model); ``mm_token_type_ids`` added to every batch from its padded ``input_ids``."""
 
     image_marker = VISION_START + IMAGE_PAD + VISION_END
+    # Qwen2.5-VL's model class declares accepts_loss_kwargs = False (transformers 5.23), though its
+    # forward hands the Trainer's num_items_in_batch to its loss as Qwen2-VL's does. Left so, every
+    # rank of a launch averages its own share's tokens and the ranks' means are averaged: another
+    # loss than one process's mean over the batch (2 ranks: 6e-4 relative, seen in
+    # tests/runner/test_launch.py). The runner's Trainer passes the token count for the family.
+    loss_takes_token_count = True
 
     def __init__(self, processor: QwenVLProcessor, load_image: Callable):
         super().__init__(processor, load_image)

@@ -76,6 +76,10 @@ def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup,
                                         launch=launch, cuda=cuda),
         train_dataset=_Dataset(examples, encode), data_collator=encoder.collate, callbacks=list(callbacks),
     )
+    if getattr(encoder, "loss_takes_token_count", False):
+        # The loss over the whole batch's answer tokens, also when ranks share the batch (the
+        # Trainer hands the model num_items_in_batch): see QwenVLEncoder.loss_takes_token_count.
+        trainer.model_accepts_loss_kwargs = True
     # The Trainer prints a metrics dict at the end (PrinterCallback / ProgressCallback.on_log);
     # the runner logs its own summary instead.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
