@@ -152,9 +152,9 @@ class RunConfig:
         help="image-text models: train the multi-modal projector too (the official mm_projector; "
              "averaged with --dema-params trainable); LoRA goes on the language model only")
     model_family: str = setting(
-        "llava", "model", "--model-family", choices=MODEL_FAMILIES,
-        help="--multimodal: the tiny image-text model trained on the pictures: LLaVA (CLIP-style tower, MLP "
-             "projector), Qwen2-VL or Qwen2.5-VL (patches merged 2 x 2, M-RoPE), each with 16 image tokens "
+        "llava", "model", "--model-family", choices=MODEL_FAMILIES, metavar="NAME",
+        help="--multimodal: the tiny image-text model trained on the pictures: llava (CLIP-style tower, MLP "
+             "projector), qwen2-vl or qwen2.5-vl (patches merged 2 x 2, M-RoPE), each with 16 image tokens "
              "per picture (a --model folder's own config.json decides its family)")
     device: str = setting("auto", "model", "--device", choices=DEVICES,
                           help="where training and evaluation run: auto takes CUDA when torch sees a GPU "
