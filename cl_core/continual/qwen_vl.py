@@ -292,7 +292,6 @@ def build_tiny(model_type: str, tokenizer, *, hidden_size: int = 64, num_layers:
     ("qwen2_5_vl") for ``tokenizer``'s vocabulary, deterministic in ``seed``: a vision tower of
     ``vision_layers`` blocks (width ``hidden_size`` / 2), the 2 x 2 patch merger, and a language
     model of ``num_layers`` layers (M-RoPE sections in the released models' 1:1.5:1.5 ratio)."""
-    import torch
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
 
@@ -320,9 +319,6 @@ def build_tiny(model_type: str, tokenizer, *, hidden_size: int = 64, num_layers:
                       window_size=4 * patch_size, fullatt_block_indexes=[vision_layers - 1])
     ids = {f: tokenizer.convert_tokens_to_ids(t) for t, f in zip(SPECIAL_TOKENS, TOKEN_FIELDS)}
     config = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config)
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(tokenizer, key))
-    return model
+    from cl_core.continual.tiny_model import seeded
+
+    return seeded(model_cls, config, seed, ids=tokenizer)
