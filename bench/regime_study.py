@@ -276,8 +276,10 @@ class recording:
 
         def factory(config, params, precision="fp32"):
             cb = original(config, params, precision)
+            # the runner's callback, two-pass (its own regime statistics and lag kept, so the
+            # test can check the tracker against them)
             rec = cls(cb.config, params=cb.params, replace_at_end=True, record_alpha=True, fused=False,
-                      precision=cb.precision)
+                      precision=cb.precision, measure_lag=True, warn_regime=False)
             self.made.append(rec)
             return rec
 

@@ -68,6 +68,13 @@ def test_smallest_study_runs(tmp_path):
     core = result["bench"][0]["methods"]["dema"]["seeds"]["0"]["tasks"]["1"]
     assert core["at_fallback"] == runner["methods"]["dema"]["alpha_counts"]["at_fallback"]
     assert core["n"] == runner["methods"]["dema"]["alpha_counts"]["n"]
+    # the engine's own regime statistics (issue 33 item 1) against the tracker's recomputation
+    engine = runner["methods"]["dema"]["seeds"]["0"]["regime"][1]
+    counts = engine["counts"]
+    assert (counts["start"], counts["raw_ge1"], counts["raw_le0"], counts["raw_nan"], counts["jump"]) == (
+        core["causes"]["first"], core["causes"]["ge1"], core["causes"]["le0"], core["causes"]["nonfinite"],
+        core["jumps"])
+    assert engine["lag"] == pytest.approx(core["lag"], rel=1e-5)
     syn = result["synthetic"]
     assert syn["official"] and all(0.0 <= r["fallback"] <= 1.0 and r["mismatch"] == 0 for r in syn["official"])
     assert "| core (pipeline check) | dema |" in (tmp_path / "study.md").read_text()
