@@ -374,8 +374,6 @@ def simulate(numel: int, *, lr: float, steps: int, D: float, s: float, G: float,
     """One synthetic tensor of ``numel`` elements: AdamW (the Trainer's defaults, warm-up and
     cosine schedule) on the noisy quadratic, the real engine averaging it, a Tracker beside it.
     D is in units of lr × steps (the distance each element must travel)."""
-    from transformers import get_cosine_schedule_with_warmup
-
     from cl_core import DEMA
 
     gen = torch.Generator().manual_seed(seed)
@@ -384,7 +382,9 @@ def simulate(numel: int, *, lr: float, steps: int, D: float, s: float, G: float,
     target = theta0 + torch.randn(numel, generator=gen) * dist
     p = torch.nn.Parameter(theta0.clone())
     opt = torch.optim.AdamW([p], lr=lr, weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, warmup, steps)
+    # transformers' get_cosine_schedule_with_warmup (the Trainer's), without importing transformers
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: k / max(1, warmup) if k < warmup else max(
+        0.0, 0.5 * (1.0 + math.cos(math.pi * (k - warmup) / max(1, steps - warmup)))))
     engine = DEMA([p], config)
     tracker = Tracker(engine)
     for _ in range(steps):
