@@ -83,7 +83,8 @@ class TritonBackend:
         after the engine was built, e.g. model.to(torch.bfloat16))."""
         s, dev = self.state, self.state.device
         self.dtype = dtype
-        self.vec, self.block = K.launch_shape(torch.empty(0, dtype=dtype).element_size())
+        self.vec, self.block = K.launch_shape(torch.empty(0, dtype=dtype).element_size(),
+                                              torch.empty(0, dtype=s.ema_dtype).element_size())
         counts = [(n + self.block - 1) // self.block for n in s.numels]
         blk0 = [0]
         for c in counts:
