@@ -592,9 +592,10 @@ def run_pytest(files, root=ROOT, env=None, python=sys.executable, select=(), tim
     return "PASS", last
 
 
-def pytest_rows(root=ROOT, env=None, python=sys.executable, cuda_files=None, compile_files=None) -> list:
+def pytest_rows(root=None, env=None, python=sys.executable, cuda_files=None, compile_files=None) -> list:
     """The table rows of stage 4: the CUDA tests and the compile tests, each over the files
     this machine can collect (the others named in the detail)."""
+    root = ROOT if root is None else root
     env = dict(os.environ if env is None else env, TRITON_INTERPRET="0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH", "")] if p)
     rows = []
