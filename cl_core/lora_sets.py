@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
-__all__ = ["ADAPTER_PREFIX", "BASE", "LoRASets", "adapter_name"]
+__all__ = ["ADAPTER_PREFIX", "BASE", "AdapterSets", "LoRASets", "adapter_name"]
 
 ADAPTER_PREFIX = "group_"
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
@@ -44,7 +44,28 @@ def adapter_name(group: int) -> str:
     return f"{ADAPTER_PREFIX}{group}"
 
 
-class LoRASets:
+class AdapterSets(Protocol):
+    """What the continual runner drives, task after task: the PEFT LoRA sets here, or one
+    MoELoRA set (cl_core.continual.adapters.MoELoRASet). Both declare it."""
+
+    model: object      # the model to train and evaluate (the adapters inside)
+
+    def prepare_task(self, decision) -> tuple:
+        """Add or activate the set of ``decision`` (``.group``, ``.reused``); returns
+        (adapter name, whether the set existed)."""
+        ...
+
+    def save(self, directory) -> None:
+        """Write every set under ``directory`` (``from_pretrained`` reads it back)."""
+        ...
+
+    @classmethod
+    def from_pretrained(cls, base_model, directory, is_trainable: bool = False, **kwargs) -> "AdapterSets":
+        """The sets saved in ``directory``, on ``base_model``."""
+        ...
+
+
+class LoRASets(AdapterSets):
     def __init__(self, model, lora_config=None):
         from peft import PeftModel
 

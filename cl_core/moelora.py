@@ -32,7 +32,8 @@ API
     save_moelora(model, "out/")    # out/moelora_config.json + out/moelora.safetensors
     load_moelora(fresh_base, "out/")   # the same layers on a fresh base, weights loaded (frozen
                                    #   unless trainable=True): outputs identical to the saved model
-    MoELoRASet(model, cfg)         # the runner's view: one adapter set trained task after task
+
+The runner drives it as one adapter set trained task after task (cl_core.continual.adapters.MoELoRASet).
 
 The layer needs torch only; its files need safetensors (``pip install cl_core[hf]``). Works with
 ``transformers.Trainer`` (the model stays a plain ``nn.Module``; the optimizer sees
@@ -54,7 +55,7 @@ from torch.nn import functional as F
 
 from cl_core.atomic_io import atomic_write, write_json_atomic
 
-__all__ = ["ADAPTER_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "MoELoRAConfig", "MoELoRALinear", "MoELoRASet",
+__all__ = ["ADAPTER_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "MoELoRAConfig", "MoELoRALinear",
            "apply_moelora", "load_moelora", "moelora_parameters", "moelora_state_dict", "read_moelora_config",
            "save_moelora", "target_module_names"]
 
@@ -66,8 +67,9 @@ WEIGHTS_NAME = "moelora.safetensors"
 FORMAT = "cl_core.moelora"
 # Parts of a multimodal model "all-linear" leaves alone, as the official find_all_linear_names
 # skips mm_projector / vision_tower / vision_resampler (LLaVA's own names) and as HF's LLaVA
-# names them (vision_tower, multi_modal_projector): the experts go on the language model.
-MULTIMODAL_PARTS = ("mm_projector", "vision_tower", "vision_resampler", "multi_modal_projector")
+# names them (vision_tower, multi_modal_projector), and Qwen-VL's vision tower with its patch
+# merger (visual): the experts go on the language model.
+MULTIMODAL_PARTS = ("mm_projector", "vision_tower", "vision_resampler", "multi_modal_projector", "visual")
 
 
 @dataclass(frozen=True)
@@ -375,39 +377,3 @@ def load_moelora(model, directory, trainable: bool = False):
             p.copy_(tensors[n])
             p.requires_grad_(trainable)
     return model
-
-
-# --------------------------------------------------------------------------- the runner's view
-
-class MoELoRASet:
-    """One MoELoRA adapter trained task after task, driven like ``cl_core.lora_sets.LoRASets``
-    (``prepare_task``, ``model``, ``save``, ``from_pretrained``), so the runner trains it as it
-    trains a LoRA set. MoELoRA has no grouping: every task trains the one set (group 0)."""
-
-    def __init__(self, model, config: Optional[MoELoRAConfig] = None):
-        self.config = config
-        self.model = model
-        self._applied = getattr(model, "_cl_core_moelora", None) is not None
-        if not self._applied and config is None:
-            raise ValueError("MoELoRASet needs a MoELoRAConfig to add the adapter to a plain model")
-
-    def prepare_task(self, decision):
-        """Add the adapter on the first task, keep training it afterwards; returns
-        (adapter name, whether the set existed)."""
-        if decision.group != 0:
-            raise ValueError(f"MoELoRA trains one adapter set; the decision names group {decision.group}")
-        if bool(decision.reused) != self._applied:
-            raise ValueError("the decision re-trains the MoELoRA set, but the model has none yet" if decision.reused
-                             else "the decision opens the MoELoRA set, but the model already has it")
-        if not self._applied:
-            apply_moelora(self.model, self.config)
-            self._applied = True
-        return ADAPTER_NAME, bool(decision.reused)
-
-    def save(self, directory) -> None:
-        save_moelora(self.model, directory)
-
-    @classmethod
-    def from_pretrained(cls, base_model, directory, is_trainable: bool = False) -> "MoELoRASet":
-        model = load_moelora(base_model, directory, trainable=is_trainable)
-        return cls(model, model._cl_core_moelora[0])

@@ -162,3 +162,53 @@ def optimizer_table(names, *, changes=None, split_lr=None) -> dict:
         return lambda ps: cls(ps, **hyper)
 
     return {name: builder(name) for name in names}
+
+
+# --------------------------------------------------------------------------- engine tests
+
+
+def make_params(shapes, dtype=torch.float32, *, seed: int = 0, device="cpu", parameter: bool = True) -> list:
+    """One random tensor per shape (standard normal from one generator seeded with `seed`, drawn
+    in float32 on the CPU, then cast to `dtype` and moved to `device`): nn.Parameters, or plain
+    tensors with `parameter=False`."""
+    gen = torch.Generator().manual_seed(seed)
+    out = [torch.randn(s, generator=gen).to(dtype).to(device) for s in shapes]
+    return [torch.nn.Parameter(t) for t in out] if parameter else out
+
+
+STATE_FIELDS = ("ema", "g_prev", "started", "has_prev", "d", "alpha", "skips")
+
+
+def engine_snapshot(engine) -> dict:
+    """The engine's DEMA state as it sits in memory, as plain tensors (copies): `ema` and
+    `g_prev` (the flat buffers; g_prev empty where the group keeps none), the per-tensor
+    `started`, `has_prev`, `d`, `alpha`, `skips`, each concatenated over the engine's groups
+    in group order (empty before the first update), and the counters `num_updates`,
+    `skipped_steps`, `missing_grads`. Nothing is flushed or canonicalised: a pending one-pass
+    update stays pending, so a test can see that a read changed nothing."""
+    parts = {k: [] for k in STATE_FIELDS}
+    for g in engine.groups:
+        s = g.state
+        if s is None:
+            continue
+        flat = {"ema": s.ema_flat, "g_prev": s.gprev_flat if s.gprev_flat is not None else s.ema_flat[:0],
+                "started": s.started, "has_prev": s.has_prev, "d": s.d, "alpha": s.alpha, "skips": s.skips}
+        for k in STATE_FIELDS:
+            parts[k].append(flat[k].detach().clone())
+    snap = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+    snap["num_updates"] = torch.tensor(engine.num_updates)
+    snap["skipped_steps"] = torch.tensor(engine.skipped_steps)
+    snap["missing_grads"] = torch.tensor(list(engine._missing), dtype=torch.int64)  # (not .stats: no device work)
+    return snap
+
+
+def state_tensors(engine, params=(), optimizer=None) -> list:
+    """Everything a step writes, as a list of copies to compare run against run: the
+    parameters, the optimizer's per-parameter state (tensors; a float step as a tensor), then
+    `engine_snapshot(engine)` in its key order."""
+    out = [p.detach().clone() for p in params]
+    if optimizer is not None:
+        for p in params:
+            for _, v in sorted(optimizer.state.get(p, {}).items()):
+                out.append(v.clone() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+    return out + list(engine_snapshot(engine).values())

@@ -226,6 +226,44 @@ def test_cl_core_imports_point_down_the_layers_and_form_no_cycle():
     assert not problems, "\n" + "\n".join(problems)
 
 
+# Inside the engine: the two-pass backends (dema/twopass/) and the one-pass step
+# (dema/onepass/) are two implementations behind the engine: neither imports the other, nor
+# the engine or DEMAOptimizer that dispatch to them; the one-pass protocols import none of
+# their implementations.
+IMPLEMENTATIONS = ("cl_core.dema.twopass", "cl_core.dema.onepass")
+DISPATCHERS = ("cl_core.dema.engine", "cl_core.dema.optim")
+
+
+def _inside(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def engine_structure_problems(edges: list[Edge]) -> list[str]:
+    out = []
+    for e in edges:
+        for mine in IMPLEMENTATIONS:
+            if not _inside(e.importer, mine):
+                continue
+            other = [p for p in IMPLEMENTATIONS if p != mine and _inside(e.target, p)]
+            if other or any(_inside(e.target, d) for d in DISPATCHERS):
+                out.append(f"{e}  (an implementation imports {'the other' if other else 'its dispatcher'})")
+        if e.importer == "cl_core.dema.onepass.protocols" and _inside(e.target, "cl_core.dema.onepass"):
+            out.append(f"{e}  (the protocols import an implementation)")
+    return out
+
+
+def test_engine_implementations_are_independent_of_each_other_and_of_their_dispatchers():
+    edges = import_edges(package_modules(ROOT, PACKAGE), PACKAGE)
+    assert any(_inside(e.importer, "cl_core.dema.onepass") for e in edges)   # the graph is seen
+    problems = engine_structure_problems(edges)
+    assert not problems, "\n" + "\n".join(problems)
+    # and the check can fail
+    bad = [Edge("cl_core.dema.twopass.reference", 3, "cl_core.dema.onepass.step"),
+           Edge("cl_core.dema.onepass.protocols", 5, "cl_core.dema.onepass.step"),
+           Edge("cl_core.dema.onepass.step", 7, "cl_core.dema.engine")]
+    assert len(engine_structure_problems(bad)) == 3
+
+
 # The checker itself, on small packages written here, so the test above cannot pass
 # because the checker sees nothing.
 

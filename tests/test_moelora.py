@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from cl_core.moelora import (CONFIG_NAME, WEIGHTS_NAME, MoELoRAConfig, MoELoRALinear, MoELoRASet, apply_moelora,
+from cl_core.moelora import (CONFIG_NAME, WEIGHTS_NAME, MoELoRAConfig, MoELoRALinear, apply_moelora,
                              load_moelora, moelora_parameters, save_moelora, target_module_names)
+from cl_core.continual.adapters import MoELoRASet
 from cl_core.grouping import Decision
 from tests.helpers import tiny_llama
 

@@ -9,14 +9,13 @@ transformers) happen inside the commands so `cl-core --help` stays quick.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 
 # Light imports (no torch): the choices and defaults are the runner's own constants.
-from cl_core.continual.config import DEMA_PARAMS, DEVICES, METHODS, NEW_SET_INITS, ORDERS, RECIPES, ROUTES, RunConfig
-from cl_core.continual.synthetic import TASK_NAMES
-from cl_core.continual.templates import TEMPLATE_SETS
-from cl_core.dema.config import FORMULAS
+from cl_core.continual.config import SECTIONS, RunConfig, cli_settings, setting_flags
+from cl_core.continual.methods import CUSTOM_METHODS, METHODS
 
 METHOD_CHOICES = METHODS
 # The methods `cl-core demo` compares (the top-level help counts them): the custom methods, so
@@ -24,24 +23,13 @@ METHOD_CHOICES = METHODS
 # LoRA); the recipes (lcia, cl-next) are left to `cl-core run --recipe ...`. The multimodal demo
 # (a 64-wide base, 50 steps: what its pictures need) has CoIN's MoELoRA where the text demo has
 # the fixed EMA, so that it keeps to its measured time (docs/runner.md).
-DEMO_METHODS = ("lora", "ema", "dema", "group", "dema+group")
+DEMO_METHODS = CUSTOM_METHODS
 DEMO_MULTIMODAL_METHODS = ("lora", "dema", "group", "dema+group", "moelora")
-_DEFAULTS = RunConfig()
 
-# The run setting each flag sets: validation errors name the flag the user typed.
-FLAGS = {
-    "seeds": "--seeds", "tasks": "--bundled-tasks", "order": "--order", "variant": "--templates",
-    "n_train": "--n-train", "n_test": "--n-test", "task_files": "--tasks", "test_files": "--test-tasks",
-    "task_types": "--task-types", "test_fraction": "--test-fraction", "model": "--model",
-    "stage1_steps": "--stage1-steps", "steps": "--steps", "batch_size": "--batch-size", "lr": "--lr",
-    "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "max_length": "--max-length",
-    "max_new_tokens": "--max-new-tokens", "ema_beta": "--beta", "dema_formula": "--dema-formula",
-    "dema_scale": "--dema-scale", "dema_fallback": "--dema-fallback", "group_threshold": "--threshold",
-    "route": "--route", "new_set_init": "--new-set-init", "dema_params": "--dema-params",
-    "max_grad_norm": "--max-grad-norm", "recipe": "--recipe", "dema_tasks": "--dema-tasks",
-    "moe_experts": "--moe-experts", "moe_top_k": "--moe-top-k", "deepspeed": "--deepspeed", "device": "--device",
-    "image_folder": "--image-folder", "multimodal": "--multimodal", "train_projector": "--train-projector",
-}
+# The run setting each flag sets (from RunConfig's fields): validation errors name the flag the
+# user typed. --deepspeed is the launcher's (cl_core.continual.launch), not a run setting.
+FLAGS = {**setting_flags(), "deepspeed": "--deepspeed"}
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 # The demo presets: the same tasks, seeds, steps and learning rate for every method. The full
 # demo: three seeds, each with its own 800-step stage-1 base (the seeds' spread then includes
@@ -84,6 +72,31 @@ def _dema_tasks(value):
     return tuple(int(v) for v in parts)
 
 
+# Settings whose command-line text is parsed further than argparse's type (name -> parser).
+_PARSE = {"methods": _methods, "dema_tasks": _dema_tasks}
+
+
+def _value(name: str, value):
+    """The RunConfig value of setting ``name`` from its parsed flag."""
+    if name in _PARSE:
+        return _PARSE[name](value) if value is not None else None
+    return tuple(value) if isinstance(value, list) else value
+
+
+def add_setting(parser, name: str, **override):
+    """Add run setting ``name``'s flag to ``parser`` as its RunConfig field declares it (flag,
+    help, type, choices, ...; default: the field's); ``override`` replaces keywords (the demo's
+    own help and preset defaults). Its value lands in ``args.<name>``."""
+    f = _FIELDS[name]
+    meta = f.metadata
+    kw = dict(meta["cli"], help=meta["help"], dest=name,
+              default=list(f.default) if isinstance(f.default, tuple) else f.default)
+    if "metavar" not in kw and kw.get("action") is None and "choices" not in kw:
+        kw["metavar"] = meta["flag"].lstrip("-").replace("-", "_").upper()   # argparse's own, from the flag
+    kw.update(override)
+    return parser.add_argument(meta["flag"], **kw)
+
+
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--out", metavar="DIR",
                    help=f"run folder (created; an existing run folder is resumed) (default: {out_default})")
@@ -105,13 +118,14 @@ def add_parser(sub) -> None:
     demo.add_argument("--quick", action="store_true",
                       help="4 tasks, 1 seed, fewer steps: a check that the pipeline runs (a few minutes), not a "
                            "comparison")
-    demo.add_argument("--multimodal", action="store_true",
+    add_setting(demo, "multimodal",
                       help="the same comparison on pictures: each scene drawn (not written), a tiny LLaVA (CLIP-style "
                            "vision tower + the tiny Llama) trained in stage 1 on them; LoRA on its language model")
-    demo.add_argument("--methods", nargs="+", default=None, metavar="M",
+    add_setting(demo, "model_family")
+    add_setting(demo, "methods",
                       help=f"the methods to compare, any of {', '.join(METHODS)} (space or comma separated; "
                            f"default: {', '.join(DEMO_METHODS)}; with --multimodal also moelora)")
-    demo.add_argument("--seeds", type=int, nargs="+", metavar="S",
+    add_setting(demo, "seeds", default=None,
                       help="override the seeds (default: " + " ".join(map(str, DEMO_FULL["seeds"])) + "; with "
                            "--quick " + " ".join(map(str, DEMO_QUICK["seeds"])) + ")")
     _common(demo, "demo_out; with --quick runs/demo-quick")
@@ -123,87 +137,11 @@ def add_parser(sub) -> None:
                     "in order, evaluating every task after each one. "
                     "Without --tasks the bundled synthetic benchmark and its tiny model are used.",
     )
-    data = run.add_argument_group("tasks")
-    data.add_argument("--tasks", nargs="+", metavar="FILE", default=[],
-                      help="task files in training order: LLaVA/CoIN conversation JSON or "
-                           "{\"instruction\",\"input\",\"output\"} JSON/JSONL")
-    data.add_argument("--test-tasks", nargs="+", metavar="FILE", default=[],
-                      help="one test file per task file (default: hold out --test-fraction of each)")
-    data.add_argument("--task-types", nargs="+", default=[], metavar="TYPE",
-                      help="scoring rule per task file: mc | short | cls | exact | count | box "
-                           "(default: inferred from the answers)")
-    data.add_argument("--test-fraction", type=float, default=_DEFAULTS.test_fraction,
-                      help="share of each task file held out for testing when no --test-tasks are given")
-    data.add_argument("--skip-bad", action="store_true",
-                      help="skip malformed records, and records whose image is missing or unreadable, instead of "
-                           "failing (they are counted in the report)")
-    data.add_argument("--image-folder", metavar="DIR", default=None,
-                      help="the records' relative \"image\" paths are under DIR (LLaVA's flag; an image-text --model)")
-    data.add_argument("--multimodal", action="store_true",
-                      help="bundled tasks as pictures (the scene is drawn, not written) on a tiny LLaVA")
-    data.add_argument("--bundled-tasks", nargs="+", metavar="NAME",
-                      help="a subset of the bundled tasks, in order (" + " ".join(TASK_NAMES) + ")")
-    data.add_argument("--order", choices=ORDERS, default=_DEFAULTS.order,
-                      help="task order preset (CoIN's): as given, reversed, or by name")
-    data.add_argument("--templates", choices=tuple(TEMPLATE_SETS), default=_DEFAULTS.variant,
-                      help="instruction templates of the bundled tasks")
-    data.add_argument("--n-train", type=int, default=_DEFAULTS.n_train, help="bundled: training samples per task")
-    data.add_argument("--n-test", type=int, default=_DEFAULTS.n_test, help="bundled: test samples per task")
-    model = run.add_argument_group("model and training")
-    model.add_argument("--model", metavar="DIR",
-                       help="a local causal-LM folder, or an image-text-to-text one (LLaVA-style, with its processor) "
-                            "(default: the tiny Llama, trained in stage 1)")
-    model.add_argument("--train-projector", action="store_true",
-                       help="image-text models: train the multi-modal projector too (the official mm_projector; "
-                            "averaged with --dema-params trainable); LoRA goes on the language model only")
-    model.add_argument("--device", choices=DEVICES, default=_DEFAULTS.device,
-                       help="where training and evaluation run: auto takes CUDA when torch sees a GPU "
-                            "(one per process under a launcher), else the CPU")
-    model.add_argument("--recipe", choices=RECIPES, default=_DEFAULTS.recipe,
-                       help="lcia: the official LCIA recipe (grouping, new sets warm-started from the last trained "
-                            "set, DEMA when a set is re-trained, every trainable tensor averaged, no clipping, one "
-                            "routing decision per test file, scale 2 / fallback 0.01); cl-next: Continual-NExT's "
-                            "(DEMA from task 2, one set, scale 0.01 / fallback 0.001); custom: the methods below "
-                            "with the flags below (default)")
-    model.add_argument("--methods", nargs="+", default=None, metavar="M",
-                       help=f"one or more of {', '.join(METHODS)} (space or comma separated; default: dema, "
-                            "or the --recipe's own method)")
-    model.add_argument("--seeds", type=int, nargs="+", default=list(_DEFAULTS.seeds), metavar="S",
-                       help="run every method once per seed (the report gives mean and spread)")
-    model.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimizer steps per task")
-    model.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="training examples per step")
-    model.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="peak learning rate (cosine schedule)")
-    model.add_argument("--lora-r", type=int, default=_DEFAULTS.lora_r, help="LoRA rank")
-    model.add_argument("--lora-alpha", type=int, default=_DEFAULTS.lora_alpha, help="LoRA alpha (scaling)")
-    model.add_argument("--moe-experts", type=int, default=_DEFAULTS.moe_experts,
-                       help="method moelora: LoRA experts per layer, --lora-r split across them (CoIN's scripts: 2)")
-    model.add_argument("--moe-top-k", type=int, default=None,
-                       help="method moelora: use each token's k most weighted experts, renormalised (default: "
-                            "every expert, CoIN's dense router)")
-    model.add_argument("--max-length", type=int, default=_DEFAULTS.max_length, help="tokens per training example")
-    model.add_argument("--max-new-tokens", type=int, default=None,
-                       help="generation length at evaluation (default: longest test answer + 2)")
-    model.add_argument("--stage1-steps", type=int, default=_DEFAULTS.stage1_steps, help="tiny model: stage-1 steps")
-    ema = run.add_argument_group("EMA and grouping")
-    ema.add_argument("--beta", type=float, default=_DEFAULTS.ema_beta, help="fixed EMA weight of method ema")
-    ema.add_argument("--dema-formula", choices=FORMULAS, default=_DEFAULTS.dema_formula,
-                     help="how DEMA computes its weight α each step")
-    ema.add_argument("--dema-scale", type=float, default=_DEFAULTS.dema_scale, help="DEMA's scale constant")
-    ema.add_argument("--dema-fallback", type=float, default=_DEFAULTS.dema_fallback,
-                     help="the α DEMA uses when its formula leaves (0, 1) or cannot be computed")
-    ema.add_argument("--threshold", type=float, default=None,
-                     help="grouping threshold (default: 0.9 for original templates, 0.3 for diverse/10type)")
-    ema.add_argument("--route", choices=ROUTES, default=_DEFAULTS.route,
-                     help="dema+group test routing: per test instance, or one decision per test file (official)")
-    ema.add_argument("--new-set-init", choices=NEW_SET_INITS, default=_DEFAULTS.new_set_init,
-                     help="dema+group: a new LoRA set starts fresh, or from the last trained set (official)")
-    ema.add_argument("--dema-params", choices=DEMA_PARAMS, default=_DEFAULTS.dema_params,
-                     help="tensors the EMA averages: the LoRA tensors, or every trainable one (official)")
-    ema.add_argument("--dema-tasks", metavar="K,K,...", default=None,
-                     help="DEMA on for exactly these 1-based tasks, whatever grouping decides (CoIN's scripts: "
-                          "4,5,7,8); default: on when a task re-trains a set")
-    ema.add_argument("--max-grad-norm", type=float, default=_DEFAULTS.max_grad_norm,
-                     help="gradient clipping of the custom methods (0: none, as the official runs)")
+    # Every run setting with a flag, grouped by its RunConfig section (written once, in
+    # cl_core.continual.config); args.<field> holds each.
+    groups = {key: run.add_argument_group(title) for key, title in SECTIONS.items()}
+    for f in cli_settings():
+        add_setting(groups[f.metadata["section"]], f.name)
     procs = run.add_argument_group("many processes (start the run with torchrun or accelerate launch; "
                                    "docs/distributed.md)")
     procs.add_argument("--deepspeed", metavar="FILE", default=None,
@@ -238,10 +176,13 @@ def _finish(results: dict, out, started: float) -> int:
         print("one seed: no spread to show (give several --seeds for mean ± standard deviation).")
     # The computed conclusions in short (the report has each comparison in full), and whether
     # every task was learned; where each method stayed below is the report's.
-    from cl_core.continual.report import LEARNED_AT, shortfalls, summary
+    from cl_core.continual.report import LEARNED_AT, out_of_regime, regime_lines, shortfalls, summary
 
     learned = results.get("learned", [])
     for line in summary(results) + learned[:1]:
+        print(line)
+    # in which regime each DEMA method ran (its comparison means the method as designed only in it)
+    for line in regime_lines(results, out_of_regime(results)):
         print(line)
     short = list(shortfalls(results)) if learned else []
     if short:
@@ -272,7 +213,7 @@ def _execute(cfg, out, args) -> int:
         if not launch.is_main:     # the other ranks would repeat rank 0's every line
             logging.getLogger("cl_core").setLevel(logging.WARNING)
         elif args.quiet:
-            logging.getLogger("cl_core.continual.run").setLevel(logging.WARNING)
+            logging.getLogger("cl_core").setLevel(logging.WARNING)   # every cl_core module's info lines
         try:
             results = runner.run(cfg, out, quiet=args.quiet, threads=1 if args.threads is None else args.threads,
                                  launch=launch)
@@ -296,31 +237,24 @@ def cmd_demo(args) -> int:
         preset["seeds"] = tuple(args.seeds)
     methods = _methods(args.methods) if args.methods else (
         DEMO_MULTIMODAL_METHODS if args.multimodal else DEMO_METHODS)
-    cfg = RunConfig(methods=methods, **preset)
+    cfg = RunConfig(methods=methods, model_family=args.model_family, **preset)
     cfg.validate(FLAGS)  # errors name the flags (--seeds), before anything is written
     out = args.out or ("runs/demo-quick" if args.quick else "demo_out") + ("-multimodal" if args.multimodal else "")
     return _execute(cfg, out, args)
 
 
-def cmd_run(args) -> int:
-    if args.tasks and args.bundled_tasks:
+def config_from_args(args) -> RunConfig:
+    """The RunConfig of `cl-core run`'s parsed flags (not yet validated)."""
+    if args.task_files and args.tasks:
         raise ValueError("--tasks (your files) and --bundled-tasks cannot be combined")
-    cfg = RunConfig(
-        methods=_methods(args.methods) if args.methods else (("dema",) if args.recipe == "custom" else None),
-        recipe=args.recipe, seeds=tuple(args.seeds),
-        tasks=tuple(args.bundled_tasks) if args.bundled_tasks else None, order=args.order,
-        variant=args.templates, n_train=args.n_train, n_test=args.n_test,
-        task_files=tuple(args.tasks), test_files=tuple(args.test_tasks), task_types=tuple(args.task_types),
-        test_fraction=args.test_fraction, skip_bad=args.skip_bad, image_folder=args.image_folder,
-        multimodal=args.multimodal, train_projector=args.train_projector,
-        model=args.model, stage1_steps=args.stage1_steps,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        max_length=args.max_length, max_new_tokens=args.max_new_tokens, device=args.device,
-        ema_beta=args.beta, dema_formula=args.dema_formula, dema_scale=args.dema_scale,
-        dema_fallback=args.dema_fallback, group_threshold=args.threshold, route=args.route,
-        new_set_init=args.new_set_init, dema_params=args.dema_params, max_grad_norm=args.max_grad_norm,
-        dema_tasks=_dema_tasks(args.dema_tasks), moe_experts=args.moe_experts, moe_top_k=args.moe_top_k,
-    )
+    values = {f.name: _value(f.name, getattr(args, f.name)) for f in cli_settings()}
+    if values["methods"] is None:   # the CLI's default: dema (custom), or the recipe's own method
+        values["methods"] = ("dema",) if args.recipe == "custom" else None
+    return RunConfig(**values)
+
+
+def cmd_run(args) -> int:
+    cfg = config_from_args(args)
     cfg.validate(FLAGS)  # errors name the flags (--steps), before anything is written
     out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")
     return _execute(cfg, out, args)

@@ -15,8 +15,9 @@ token, the loss on the answer only (:func:`encode_example`; :func:`encode_prompt
 image-text example puts the processor's image token and a newline before the prompt, as LLaVA's
 ``<image>\\n`` first turn does; the processor expands it to the model's image tokens and returns
 ``pixel_values`` (and whatever else it returns per image), all of which reach the model.
-Tested on LLaVA; Qwen2-VL is not supported yet (its per-token ``mm_token_type_ids`` would have
-to be padded and cut with ``input_ids``, and its processor needs torchvision: docs/runner.md). Labels are -100 on the prompt, so on the image tokens too. A record
+Tested on LLaVA; the Qwen-VL family's encoder (:mod:`cl_core.continual.qwen_vl`) is this one with
+its image markers, its token-count check and its per-token ``mm_token_type_ids``. Labels are -100
+on the prompt, so on the image tokens too. A record
 without an image is a text-only example (no image token, no pixels), which LLaVA-style models
 accept in the same batch as image examples.
 """
@@ -125,6 +126,7 @@ class ImageTextEncoder(TextEncoder):
     record's image reference into a PIL image (:func:`cl_core.continual.multimodal.load_image`)."""
 
     uses_images = True
+    image_marker = None   # the text standing for the image; None: the processor's image token
 
     def __init__(self, processor, load_image: Callable):
         tokenizer = getattr(processor, "tokenizer", None)
@@ -137,18 +139,29 @@ class ImageTextEncoder(TextEncoder):
         self.image_token = token
         self.load_image = load_image
         self.image_token_id = tokenizer.convert_tokens_to_ids(token)
+        self.image_end_id = self.image_token_id   # the last token of the image (a cut prompt keeps it)
+        self.image_marker = self.image_marker or token
+
+    def check_model(self, model) -> None:
+        """Refuse a model the processor does not fit, before training (LLaVA: the processor and
+        the model check each other at the first forward; qwen_vl overrides)."""
+
+    def check_run(self, tasks, cfg) -> None:
+        """Refuse settings and records the model family cannot take, before training (LLaVA:
+        every image gives the same tokens, the runner encodes one example per task; qwen_vl
+        overrides)."""
 
     def prompt_ids(self, prompt: str, image=None, max_prompt_tokens: Optional[int] = None) -> dict:
         if image is None:
             return super().prompt_ids(prompt, None, max_prompt_tokens)
-        enc = self.processor(images=[self.load_image(image)], text=[f"{self.image_token}\n{prompt}{PROMPT_SEPARATOR}"],
+        enc = self.processor(images=[self.load_image(image)], text=[f"{self.image_marker}\n{prompt}{PROMPT_SEPARATOR}"],
                              return_tensors="pt")
         ids = enc.pop("input_ids")[0].tolist()
         enc.pop("attention_mask", None)
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             # Keep the image tokens (and what precedes them) whole; cut the text after them
             # from the left, as the text path keeps a long prompt's end, where the instruction is.
-            last = max(i for i, t in enumerate(ids) if t == self.image_token_id)
+            last = max(i for i, t in enumerate(ids) if t in (self.image_token_id, self.image_end_id))
             head, tail = ids[:last + 1], ids[last + 1:]
             room = max_prompt_tokens - len(head)
             if room < 1:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-log = logging.getLogger("cl_core.continual.run")
+log = logging.getLogger(__name__)
 
 # DeepSpeed stages the runner runs. At 0/1/2 the parameters stay whole on every rank; ZeRO-3
 # partitions the parameters themselves, and release() gathers them back whole after every
@@ -178,12 +178,11 @@ class Launch:
                              f"divides {cfg.stage1_batch_size}")
 
     def dema_precision(self, method: str) -> str:
-        """DEMACallback(precision=...) of ``method``: "official" (the official run's bf16 weights
-        and gradients, a bf16 EMA) for the official recipe ``lcia`` where the official code
-        averaged, DeepSpeed ZeRO-0 with bf16; "fp32" everywhere else."""
-        if method == "lcia" and self.zero_stage == 0 and self.bf16:
-            return "official"
-        return "fp32"
+        """DEMACallback(precision=...) of ``method`` under this launch (the method table's rule,
+        cl_core.continual.methods.dema_precision)."""
+        from cl_core.continual.methods import dema_precision
+
+        return dema_precision(method, self.zero_stage, self.bf16)
 
     # ------------------------------------------------------------ training
     def trainer_kwargs(self, batch_size: int) -> dict:

@@ -1,4 +1,5 @@
-"""The runner on image-text-to-text models (LLaVA-style): which model folders are multimodal,
+"""The runner on image-text-to-text models (LLaVA-style, and the Qwen-VL family through
+:mod:`cl_core.continual.qwen_vl`): which model folders are multimodal,
 their processor and model, the records' images (resolved under ``--image-folder``, every one
 checked before training), where LoRA goes (the language model only) and what is trainable
 beside it (``--train-projector``: the multi-modal projector, as the official ``mm_projector``).
@@ -9,10 +10,12 @@ beside it (``--train-projector``: the multi-modal projector, as the official ``m
     lora_targets(model, target_modules) / projector_modules(model)
 
 A model folder is multimodal when transformers maps its ``config.json`` model type to
-``AutoModelForImageTextToText`` (LLaVA tested; Qwen2-VL not yet, docs/runner.md); it is then loaded with
-``AutoProcessor`` and ``AutoModelForImageTextToText``, anything else as a causal LM with its
-tokenizer, as before. The bundled benchmark in multimodal mode (``RunConfig(multimodal=True)``,
-``--multimodal``) uses the tiny LLaVA of :mod:`cl_core.continual.tiny_model` and the scene
+``AutoModelForImageTextToText`` (LLaVA, Qwen2-VL and Qwen2.5-VL tested; docs/runner.md); it is
+then loaded with ``AutoModelForImageTextToText`` and its processor (``AutoProcessor``; the Qwen-VL
+family: the image processor and the tokenizer, without torchvision), anything else as a causal
+LM with its tokenizer, as before. The bundled benchmark in multimodal mode
+(``RunConfig(multimodal=True)``, ``--multimodal``) uses the tiny LLaVA of
+:mod:`cl_core.continual.tiny_model` (or a tiny Qwen-VL, ``model_family``) and the scene
 pictures of :mod:`cl_core.continual.images`.
 """
 from __future__ import annotations
@@ -21,16 +24,20 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from cl_core.continual.config import is_image_text_folder, model_type  # noqa: F401 - re-exported
+from cl_core.continual.model_folder import is_image_text_folder, model_type  # noqa: F401 - re-exported
 
-log = logging.getLogger("cl_core.continual.run")
+log = logging.getLogger(__name__)
 
 # The language-model part of a multimodal model's module names (LLaVA: model.language_model;
 # older layouts: language_model.model); LoRA's "all-linear" means its linear layers only.
 LANGUAGE_MODEL = "language_model"
 # The projector between the vision tower and the language model (LLaVA's
-# multi_modal_projector; the official LLaVA code calls it mm_projector).
-PROJECTORS = ("multi_modal_projector", "mm_projector")
+# multi_modal_projector; the official LLaVA code calls it mm_projector; Qwen-VL's patch merger).
+PROJECTORS = ("multi_modal_projector", "mm_projector", "merger")
+# transformers' own hint when a processor needs torchvision, and what to tell the user instead
+TORCHVISION_HINT = ("needs torchvision, which is not installed or does not load against this torch: install the "
+                    "torchvision release built for your torch (pip install torchvision; with the CPU torch 2.13 "
+                    "build: pip install torch==2.14.1 torchvision==0.29.1)")
 
 
 def uses_images(cfg) -> bool:
@@ -143,7 +150,7 @@ def user_processor(path: str):
     """The processor of an image-text model folder (ValueError in one line otherwise)."""
     from transformers import AutoProcessor
 
-    from cl_core.continual.training import check_weights_present
+    from cl_core.continual.training import check_weights_present, ready_tokenizer
 
     check_weights_present(path)
     try:
@@ -153,6 +160,8 @@ def user_processor(path: str):
             warnings.simplefilter("ignore")  # the PIL fallback notice without torchvision
             proc = AutoProcessor.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - transformers' messages run to pages: keep the first line
+        if "torchvision" in str(exc).lower():
+            raise ValueError(f"--model {path}: its processor {TORCHVISION_HINT}") from None
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ValueError(f"--model {path}: cannot load its processor ({first[:200]}); save it with the model: "
                          "processor.save_pretrained(DIR)") from None
@@ -160,17 +169,18 @@ def user_processor(path: str):
     if tok is None or getattr(proc, "image_processor", None) is None:
         raise ValueError(f"--model {path}: its processor ({type(proc).__name__}) has no tokenizer or no image "
                          "processor; an image-text model needs both")
-    if tok.eos_token_id is None:
-        raise ValueError(f"--model {path}: the tokenizer has no end-of-sequence token")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    ready_tokenizer(tok, path)
     return proc
 
 
-def tiny_processor():
-    """The bundled tiny LLaVA's processor (the benchmark's words and an ``<image>`` token)."""
-    from cl_core.continual import images, synthetic, tiny_model
+def tiny_processor(family: str = "llava"):
+    """The bundled tiny model's processor (the benchmark's words and an ``<image>`` token; a
+    Qwen-VL ``family``: its special tokens, half-size patches merged 2 x 2, the same 16 image
+    tokens per picture)."""
+    from cl_core.continual import images, qwen_vl, synthetic, tiny_model
 
+    if family != "llava":
+        return qwen_vl.tiny_processor(image_size=images.IMAGE_SIZE, patch_size=images.PATCH_SIZE // 2)
     tok = tiny_model.build_tokenizer(tiny_model.build_vocab(synthetic.vocabulary_texts()),
                                      image_token=tiny_model.IMAGE_TOKEN)
     return tiny_model.build_processor(tok, image_size=images.IMAGE_SIZE, patch_size=images.PATCH_SIZE)
@@ -179,14 +189,21 @@ def tiny_processor():
 def encoder_for(cfg):
     """The run's examples encoder: the processor of an image-text model (the bundled tiny
     LLaVA in multimodal mode), else the causal LM's tokenizer."""
+    from cl_core.continual import qwen_vl
     from cl_core.continual.encoders import ImageTextEncoder, TextEncoder
-    from cl_core.continual.training import tiny_tokenizer, user_tokenizer
+    from cl_core.continual.training import check_weights_present, tiny_tokenizer, user_tokenizer
 
     if cfg.model is not None:
+        if qwen_vl.is_qwen_vl(model_type(cfg.model)):
+            check_weights_present(cfg.model)
+            return qwen_vl.QwenVLEncoder(qwen_vl.QwenVLProcessor.from_pretrained(cfg.model), load_image)
         if is_image_text_folder(cfg.model):
             return ImageTextEncoder(user_processor(cfg.model), load_image)
         return TextEncoder(user_tokenizer(cfg.model))
     if cfg.multimodal:
+        family = cfg.model_family
+        if family != "llava":
+            return qwen_vl.QwenVLEncoder(tiny_processor(family), load_image)
         return ImageTextEncoder(tiny_processor(), load_image)
     return TextEncoder(tiny_tokenizer())
 

@@ -5,24 +5,11 @@ each one, with plain LoRA, fixed-β EMA, DEMA, or DEMA with instruction grouping
     from cl_core.continual.run import RunConfig, run
     results = run(RunConfig(methods=("lora", "dema"), seeds=(0, 1)), "runs/x")
 
-Methods (docs/design.md §2, last paragraph; as in the official code every task is its own
-training run, the EMA starts lazily at the task's first optimizer step and replaces the
-weights at the task's end):
-
-    lora        plain sequential LoRA fine-tuning, one LoRA set, no EMA
-    ema         one LoRA set, fixed-β EMA (DEMAConfig(formula="fixed", beta=0.99)) from task 2
-    dema        one LoRA set, dynamic EMA from task 2 (nothing to protect on the first)
-    group       instruction grouping without any EMA (dema+group's ablation: grouping's effect alone)
-    dema+group  instruction grouping: a task that continues a group's LoRA set gets DEMA, a
-                task that opens a new set does not; at evaluation each test instance is routed
-                to a group by its instruction and answered by that group's adapter
-    lcia        the official LCIA recipe; cl-next: Continual-NExT's (cl_core.continual.config)
-    moelora     CoIN's MoELoRA (cl_core.moelora): one set of LoRA experts with a learned router per
-                layer, trained task after task, no EMA
-
-The custom methods take the run's flags (new-set start, averaged tensors, clipping, test
-routing); the recipes fix their own. Per task the state records whether DEMA was on
-(``dema``) and which task's weights the trained set started from (``init_from``).
+The methods are the table of cl_core.continual.methods (lora, ema, dema, group, dema+group, the
+recipes lcia and cl-next, CoIN's moelora). As in the official code every task is its own training
+run, the EMA starts lazily at the task's first optimizer step and replaces the weights at the
+task's end (docs/design.md §2). Per task the state records whether DEMA was on (``dema``) and
+which task's weights the trained set started from (``init_from``).
 
 Every method sees the same seeds, data, steps and learning rate. Stage 2 uses the real
 ``transformers.Trainer`` (and ``cl_core.DEMACallback``); with the bundled benchmark a tiny
@@ -52,21 +39,26 @@ import gc
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from cl_core import metrics as cl_metrics
 from cl_core.atomic_io import atomic_dir, write_json_atomic
-from cl_core.continual.config import METHODS, ORDERS, RunConfig, method_slug  # noqa: F401 - re-exported
+from cl_core.continual.config import ORDERS, RunConfig  # noqa: F401 - re-exported
 from cl_core.continual.launch import Launch
+from cl_core.continual.methods import METHODS, MethodPlan, method_slug  # noqa: F401 - METHODS re-exported
+from cl_core.lora_sets import AdapterSets
 from cl_core.continual.state import RunState, TaskRecord, check_run_folder, write_json
 from cl_core.continual.tasks import Task, load_tasks  # noqa: F401 - re-exported
 from cl_core.continual.alpha import alpha_counts
+from cl_core.dema.config import DEMAConfig
+from cl_core.dema.regime import RegimeReport, regime_advice
 from cl_core.continual.alpha import merge as merge_alpha
 from cl_core.continual.training import (dema_callback, describe_model, load_base, quiet_libraries, seed_for,
                                         stage1_score, train, train_stage1)
 
-log = logging.getLogger("cl_core.continual.run")
+log = logging.getLogger(__name__)
 
 
 class ContinualRun:
@@ -117,8 +109,11 @@ class ContinualRun:
             with quiet_libraries():
                 base = load_base(Path(self.cfg.model), self.tokenizer)
             self._lora_config(base)   # --train-projector on a model without a projector fails here
+            if self.encoder.uses_images:
+                self.encoder.check_model(base)   # processor and model agree (qwen_vl: patch and merge sizes)
             del base
         if self.encoder.uses_images:
+            self.encoder.check_run(self.tasks, self.cfg)   # qwen_vl: every record's image tokens
             # One example per task through the processor now: an image that does not fit in
             # --max-length (LLaVA-1.5: 576 image tokens) fails here, not in the middle of training.
             for t in self.tasks:
@@ -245,7 +240,7 @@ class ContinualRun:
         """The adapters a chain trains on ``base``: PEFT LoRA sets, or (moelora) one MoELoRA
         set; reloaded trainable from ``folder`` when a chain resumes."""
         if plan.adapter == "moelora":
-            from cl_core.moelora import MoELoRASet
+            from cl_core.continual.adapters import MoELoRASet
 
             if folder is not None:
                 return MoELoRASet.from_pretrained(base, folder, is_trainable=True)
@@ -257,103 +252,133 @@ class ContinualRun:
         return LoRASets(base, self._lora_config(base))
 
     def run_chain(self, method: str, seed: int, state: RunState) -> None:
-        import torch
-
-        from cl_core.grouping import Decision, InstructionGrouper
-
-        cfg, tasks = self.cfg, self.tasks
-        plan = cfg.plan(method)
-        done = state.finished(method, seed)
-        if len(done) >= len(tasks):
+        """Train ``method``'s chain of seed ``seed`` from its last finished task to the end,
+        saving the adapters and the state after every task."""
+        chain = self._open_chain(method, seed, state)
+        if chain is None:
             return
+        for j in range(len(chain.done), len(self.tasks)):
+            outcome = self.train_task(chain, j)
+            self._persist(chain, j, outcome, state)
+            log.info("%s seed %d: task %d/%d %s done in %.1f s, loss %.3f, accuracy %s", method, seed, j + 1,
+                     len(self.tasks), self.tasks[j].name, time.time() - outcome.started, outcome.loss,
+                     _fmt_row(outcome.row[: j + 1]))
+            if self.on_task_end is not None:
+                self.on_task_end(method, seed, j)
+
+    def _open_chain(self, method: str, seed: int, state: RunState) -> "_Chain | None":
+        """The chain's adapters and grouper: fresh, or reloaded after its last finished task
+        (None when every task is done)."""
+        from cl_core.grouping import InstructionGrouper
+
+        plan = self.cfg.plan(method)
+        done = state.finished(method, seed)
+        if len(done) >= len(self.tasks):
+            return None
         cdir = self.chain_dir(method, seed)
-        main = self.launch.is_main       # rank 0 alone writes the run folder
-        if main:
+        if self.launch.is_main:       # rank 0 alone writes the run folder
             cdir.mkdir(parents=True, exist_ok=True)
         base = self._load_base(seed)
-        grouper = InstructionGrouper(threshold=cfg.threshold()) if plan.grouping else None
+        grouper = InstructionGrouper(threshold=self.cfg.threshold()) if plan.grouping else None
         if done:
             last = cdir / done[-1].adapters
-            log.info("%s seed %d: resuming after task %d/%d (%s)", method, seed, len(done), len(tasks), last)
+            log.info("%s seed %d: resuming after task %d/%d (%s)", method, seed, len(done), len(self.tasks), last)
             sets = self._adapter_sets(plan, base, last)
             if grouper is not None:
                 grouper = InstructionGrouper.load(last / "grouper.json")
         else:
             sets = self._adapter_sets(plan, base)
-        last_of_group = {r.group: k for k, r in enumerate(done)}  # the task that last trained each set
-        for j in range(len(done), len(tasks)):
-            task = tasks[j]
-            t0 = time.time()
-            if grouper is not None:
-                decision = grouper.assign(task.templates, name=task.name)
-            else:
-                decision = Decision(group=0, reused=j > 0, similarities=[])
-            # A new LoRA set draws its initialisation from the seed and the set (group) only, not
-            # the method: every method of a seed starts set g from the same weights (paired
-            # comparisons), and a resumed chain draws the same ones.
-            torch.manual_seed(seed_for(seed, "adapter", decision.group))
-            adapter, reused = sets.prepare_task(decision)
-            if reused:
-                init_from = last_of_group[decision.group]   # the set's own latest weights
-            elif plan.new_set_init == "latest" and j > 0:
-                init_from = j - 1                            # the most recently trained set's weights
-                _copy_adapter(sets.model, done[j - 1].adapter, adapter)
-            else:
-                init_from = None
-            use_ema = cfg.dema_on(method, j, reused)
-            callbacks = ([dema_callback(plan.ema, plan.params, self.launch.dema_precision(method))]
-                         if use_ema else [])
-            if not self.quiet:
-                log.info("%s seed %d: task %d/%d %s (adapter %s%s%s)", method, seed, j + 1, len(tasks), task.name,
-                         adapter, "" if init_from is None else f", from task {init_from + 1}",
-                         ", EMA on" if use_ema else "")
-            images = task.train_images or [None] * len(task.train)
-            loss = train(sets.model, self.encoder, [(p, a, im) for (p, a, _), im in zip(task.train, images)],
-                         out_dir=self.out / ".trainer", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                         warmup=cfg.warmup_steps, seed=seed_for(seed, "data", j), quiet=not self.bars,
-                         callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm,
-                         launch=self.launch, cuda=cfg.on_cuda())
-            train_s = time.time() - t0
-            row = self._evaluate(sets.model, grouper, route=plan.route,
-                                 progress_desc=f"eval {method} s{seed} t{j + 1}")
-            alpha_mean, counts = [], {}
-            if callbacks:
-                cb = callbacks[0]
-                hist = [a.tolist() for a in cb.alpha_history]
-                alpha_mean = [sum(a) / len(a) for a in hist if a]
-                # the sizes of the whole tensors: under DeepSpeed ZeRO-1/2/3 the engine holds this
-                # rank's fragments; the model's parameters are whole again after the training
-                whole = dict(sets.model.named_parameters())
-                numel = [whole[n].numel() for n in cb.engine.names]
-                fallback = None if plan.ema.formula == "fixed" else plan.ema.fallback
-                counts = alpha_counts(hist, fallback, numel)
-                if main:
-                    write_json_atomic({"task": task.name, "names": list(cb.engine.names), "numel": numel,
-                                       "alpha": hist}, cdir / f"alpha_task{j}.json", indent=None)
-            # Persist: adapters of this task first, then the state that points at them.
-            adir_name = f"task{j}"
+        return _Chain(method=method, seed=seed, plan=plan, sets=sets, grouper=grouper, done=done, dir=cdir,
+                      last_of_group={r.group: k for k, r in enumerate(done)})
+
+    def train_task(self, chain: "_Chain", j: int) -> "TaskOutcome":
+        """Task ``j`` of ``chain``: pick (grouping) or reuse its LoRA set, start it, train it
+        (with the EMA where the method turns it on), evaluate every task. Writes nothing."""
+        import torch
+
+        from cl_core.grouping import Decision
+
+        cfg, plan, sets, method, seed = self.cfg, chain.plan, chain.sets, chain.method, chain.seed
+        task = self.tasks[j]
+        t0 = time.time()
+        if chain.grouper is not None:
+            decision = chain.grouper.assign(task.templates, name=task.name)
+        else:
+            decision = Decision(group=0, reused=j > 0, similarities=[])
+        # A new LoRA set draws its initialisation from the seed and the set (group) only, not
+        # the method: every method of a seed starts set g from the same weights (paired
+        # comparisons), and a resumed chain draws the same ones.
+        torch.manual_seed(seed_for(seed, "adapter", decision.group))
+        adapter, reused = sets.prepare_task(decision)
+        if reused:
+            init_from = chain.last_of_group[decision.group]   # the set's own latest weights
+        elif plan.new_set_init == "latest" and j > 0:
+            init_from = j - 1                                  # the most recently trained set's weights
+            _copy_adapter(sets.model, chain.done[j - 1].adapter, adapter)
+        else:
+            init_from = None
+        use_ema = cfg.dema_on(method, j, reused)
+        callbacks = ([dema_callback(plan.ema, plan.params, self.launch.dema_precision(method))]
+                     if use_ema else [])
+        if not self.quiet:
+            log.info("%s seed %d: task %d/%d %s (adapter %s%s%s)", method, seed, j + 1, len(self.tasks), task.name,
+                     adapter, "" if init_from is None else f", from task {init_from + 1}",
+                     ", EMA on" if use_ema else "")
+        images = task.train_images or [None] * len(task.train)
+        loss = train(sets.model, self.encoder, [(p, a, im) for (p, a, _), im in zip(task.train, images)],
+                     out_dir=self.out / ".trainer", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                     warmup=cfg.warmup_steps, seed=seed_for(seed, "data", j), quiet=not self.bars,
+                     callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm,
+                     launch=self.launch, cuda=cfg.on_cuda())
+        train_s = time.time() - t0
+        row = self._evaluate(sets.model, chain.grouper, route=plan.route,
+                             progress_desc=f"eval {method} s{seed} t{j + 1}")
+        outcome = TaskOutcome(decision=decision, adapter=adapter, reused=bool(reused), init_from=init_from,
+                              ema=use_ema, loss=loss, row=row, started=t0, train_seconds=train_s)
+        if callbacks:
+            cb = callbacks[0]
+            outcome.alpha = [a.tolist() for a in cb.alpha_history]
+            outcome.regime = cb.regime.to_record() if cb.regime is not None else None
+            # the sizes of the whole tensors: under DeepSpeed ZeRO-1/2/3 the engine holds this
+            # rank's fragments; the model's parameters are whole again after the training
+            whole = dict(sets.model.named_parameters())
+            outcome.names = _averaged_names(cb)
+            outcome.numel = [whole[n].numel() for n in outcome.names]
+        return outcome
+
+    def _persist(self, chain: "_Chain", j: int, outcome: "TaskOutcome", state: RunState) -> None:
+        """Save task ``j``'s α file and adapters, then the state that points at them (rank 0
+        writes; every rank keeps the record), and drop the previous task's adapters."""
+        plan, main, task = chain.plan, self.launch.is_main, self.tasks[j]
+        alpha_mean, counts = [], {}
+        if outcome.alpha is not None:
+            alpha_mean = [sum(a) / len(a) for a in outcome.alpha if a]
+            fallback = None if plan.ema.formula == "fixed" else plan.ema.fallback
+            counts = alpha_counts(outcome.alpha, fallback, outcome.numel)
             if main:
-                with atomic_dir(cdir / adir_name) as tmp:
-                    sets.save(tmp)
-                    if grouper is not None:
-                        grouper.save(tmp / "grouper.json")
-            done.append(TaskRecord(
-                task=task.name, row=row, loss=loss, adapter=adapter, group=decision.group,
-                reused=bool(reused), ema=use_ema, dema=use_ema and plan.ema.formula != "fixed",
-                init_from=init_from, adapters=adir_name,
-                similarities=[round(float(s), 4) for s in getattr(decision, "similarities", [])],
-                alpha_mean=alpha_mean, alpha_counts=counts,
-                train_seconds=round(train_s, 2), seconds=round(time.time() - t0, 2),
-            ))
-            last_of_group[decision.group] = j
-            state.save()
-            for old in cdir.glob("task*") if main else ():
-                if old.is_dir() and old.name != adir_name:
-                    shutil.rmtree(old, ignore_errors=True)
-            log.info("%s seed %d: task %d/%d %s done in %.1f s, loss %.3f, accuracy %s", method, seed, j + 1,
-                     len(tasks), task.name, time.time() - t0, loss, _fmt_row(row[: j + 1]))
-            if self.on_task_end is not None:
-                self.on_task_end(method, seed, j)
+                write_json_atomic({"task": task.name, "names": list(outcome.names), "numel": outcome.numel,
+                                   "alpha": outcome.alpha}, chain.dir / f"alpha_task{j}.json", indent=None)
+        # Persist: adapters of this task first, then the state that points at them.
+        adir_name = f"task{j}"
+        if main:
+            with atomic_dir(chain.dir / adir_name) as tmp:
+                chain.sets.save(tmp)
+                if chain.grouper is not None:
+                    chain.grouper.save(tmp / "grouper.json")
+        decision = outcome.decision
+        chain.done.append(TaskRecord(
+            task=task.name, row=outcome.row, loss=outcome.loss, adapter=outcome.adapter, group=decision.group,
+            reused=outcome.reused, ema=outcome.ema, dema=outcome.ema and plan.ema.formula != "fixed",
+            init_from=outcome.init_from, adapters=adir_name,
+            similarities=[round(float(s), 4) for s in getattr(decision, "similarities", [])],
+            alpha_mean=alpha_mean, alpha_counts=counts, regime=outcome.regime or {},
+            train_seconds=round(outcome.train_seconds, 2), seconds=round(time.time() - outcome.started, 2),
+        ))
+        chain.last_of_group[decision.group] = j
+        state.save()
+        for old in chain.dir.glob("task*") if main else ():
+            if old.is_dir() and old.name != adir_name:
+                shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------ all
     def run(self) -> dict:
@@ -385,6 +410,7 @@ class ContinualRun:
                     finally:
                         gc.unfreeze()
         results = self.collect(state)
+        self._warn_regime(results)
         results["wall_seconds_this_call"] = round(time.time() - t0, 2)
         if self.launch.distributed or self.launch.deepspeed is not None:
             results["launch"] = self.launch.describe(self.cfg.methods)
@@ -398,6 +424,17 @@ class ContinualRun:
         self.launch.barrier()              # every rank done with .trainer before it goes
         self.launch.on_main(finish)
         return results
+
+    def _warn_regime(self, results: dict) -> None:
+        """Once per method whose DEMA ran out of its regime over all its tasks and seeds: the
+        engine's own warning text (each task's engine is told not to say it, one per task)."""
+        for method, r in results["methods"].items():
+            regime = r.get("regime")
+            if not regime or regime.get("total") is None or not r.get("ema_config"):
+                continue
+            text = regime_advice(RegimeReport.from_records([regime["total"]]), DEMAConfig(**r["ema_config"]))
+            if text is not None:
+                log.warning("%s: %s", method, text)
 
     def collect(self, state: RunState) -> dict:
         """results.json: per method the seed-mean matrix and metrics, and per seed."""
@@ -427,6 +464,7 @@ class ContinualRun:
                     "ema": [d.ema for d in done], "dema": [d.dema for d in done],
                     "init_from": [d.init_from for d in done], "similarities": [d.similarities for d in done],
                     "alpha_counts": merge_alpha([d.alpha_counts for d in done]),
+                    "regime": [d.regime for d in done],
                     "loss": [d.loss for d in done],
                     "train_seconds": sum(d.train_seconds for d in done),
                 }
@@ -444,6 +482,7 @@ class ContinualRun:
                 "settings": self.cfg.describe(method),
                 "ema_config": None if self.cfg.plan(method).ema is None else self.cfg.plan(method).ema.to_dict(),
                 "alpha_counts": merge_alpha([s["alpha_counts"] for s in per]),
+                "regime": regime_of_method([s["regime"] for s in per]),
             }
         rows = [state.base[str(seed)]["zero_shot"] for seed in self.cfg.seeds if str(seed) in state.base]
         if len(rows) == len(self.cfg.seeds):
@@ -460,6 +499,45 @@ class ContinualRun:
         out["conclusions"] = conclusions(out)
         out["learned"] = learned(out)
         return out
+
+
+@dataclass
+class _Chain:
+    """One method's chain of one seed while it trains (ContinualRun.run_chain)."""
+
+    method: str
+    seed: int
+    plan: MethodPlan
+    sets: AdapterSets
+    grouper: object                 # InstructionGrouper, or None without grouping
+    done: list                      # TaskRecord of the finished tasks, in order (state.json's list)
+    dir: Path
+    last_of_group: dict             # set (group) -> the task that last trained it
+
+
+@dataclass
+class TaskOutcome:
+    """What training one task produced (ContinualRun.train_task), before anything is written."""
+
+    decision: object                # grouping.Decision: the task's set, re-used or new
+    adapter: str                    # the adapter (set) trained
+    reused: bool
+    init_from: Optional[int]        # the task whose weights the set started from (None: fresh)
+    ema: bool                       # the EMA was on
+    loss: float
+    row: list                       # accuracy on every task after this one
+    started: float                  # time.time() at the task's start
+    train_seconds: float
+    alpha: Optional[list] = None    # per optimizer step, per averaged tensor α (EMA on)
+    regime: Optional[dict] = None   # the task's DEMA regime and lag (RegimeReport.to_record; EMA on)
+    names: list = field(default_factory=list)   # the averaged tensors
+    numel: list = field(default_factory=list)   # their whole sizes
+
+
+def _averaged_names(callback) -> list:
+    """The names of the tensors a DEMACallback averaged. DEMACallback has no public accessor
+    for them (only ``alpha_history``); its engine's ``names`` is the one place they are."""
+    return list(callback.engine.names)
 
 
 def route_groups(grouper, instructions: list, spans: list, route: str) -> list:
@@ -516,3 +594,27 @@ def run(cfg: RunConfig, out_dir, *, quiet: bool = False, threads: int | None = N
     rank of a launcher; rank 0 writes the folder). ``launch``: None reads the launcher's
     environment (one process without one)."""
     return ContinualRun(cfg, out_dir, quiet=quiet, threads=threads, on_task_end=on_task_end, launch=launch).run()
+
+
+def regime_of_method(per_seed: list) -> Optional[dict]:
+    """results.json's regime of one method from each seed's per-task records ({} where the
+    task ran without an EMA): per task the records merged over the seeds, and all of them
+    merged ("total"); each a `to_record` (mergeable counts) with its `to_dict` summary. None
+    when no task ran an EMA."""
+    tasks = max((len(s) for s in per_seed), default=0)
+    per_task = []
+    for j in range(tasks):
+        recs = [s[j] for s in per_seed if j < len(s) and s[j]]
+        per_task.append(_regime_entry(recs))
+    every = [r for s in per_seed for r in s if r]
+    if not every:
+        return None
+    return {"total": RegimeReport.from_records(every).to_record(), "summary": _regime_entry(every)["summary"],
+            "per_task": per_task}
+
+
+def _regime_entry(records: list) -> Optional[dict]:
+    if not records:
+        return None
+    merged = RegimeReport.from_records(records)
+    return {"record": merged.to_record(), "summary": merged.to_dict()}

@@ -50,6 +50,7 @@ class TaskRecord:
     similarities: list = field(default_factory=list)   # grouping: similarity to each earlier group
     alpha_mean: list = field(default_factory=list)     # mean α over tensors, per optimizer step
     alpha_counts: dict = field(default_factory=dict)   # α histogram of the task (cl_core.continual.alpha)
+    regime: dict = field(default_factory=dict)         # the task's DEMA regime (RegimeReport.to_record; {}: no EMA)
     train_seconds: float = 0.0
     seconds: float = 0.0
 
@@ -192,5 +193,5 @@ def check_run_folder(out: Path, config: dict, defaults: Optional[dict] = None) -
             except FileNotFoundError:
                 pass
     if removed:
-        logging.getLogger("cl_core.continual.run").info(
+        logging.getLogger(__name__).info(
             "%s: removed %d temporary file(s) left by an interrupted write", out, removed)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cl_core.continual.config import RunConfig
 
-log = logging.getLogger("cl_core.continual.run")
+log = logging.getLogger(__name__)
 
 
 @dataclass

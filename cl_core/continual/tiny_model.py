@@ -126,7 +126,6 @@ def build_llava(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_he
     """A freshly initialised tiny ``LlavaForConditionalGeneration`` for ``tokenizer``'s vocabulary,
     deterministic in ``seed``: a CLIP vision tower (hidden ``hidden_size``, ``vision_layers`` layers),
     LLaVA-1.5's two-layer MLP projector, and the tiny Llama as its language model."""
-    import torch
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     text = build_model(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
@@ -137,9 +136,17 @@ def build_llava(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_he
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id,
                          projector_hidden_act="gelu", vision_feature_select_strategy="default",
                          vision_feature_layer=-1, tie_word_embeddings=True)
+    return seeded(LlavaForConditionalGeneration, config, seed, ids=text)
+
+
+def seeded(model_cls, config, seed: int, *, ids):
+    """``model_cls(config)`` initialised from ``seed`` (the global RNG left as it was), generating
+    with the pad / end / start ids of ``ids`` (a config or a tokenizer)."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
+        model = model_cls(config)
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(text, key))
+        setattr(model.generation_config, key, getattr(ids, key))
     return model

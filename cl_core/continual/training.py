@@ -18,7 +18,7 @@ from cl_core.atomic_io import atomic_dir
 from cl_core.continual.config import RunConfig
 from cl_core.continual.state import write_json
 
-log = logging.getLogger("cl_core.continual.run")
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- Trainer glue
 
@@ -76,6 +76,10 @@ def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup,
                                         launch=launch, cuda=cuda),
         train_dataset=_Dataset(examples, encode), data_collator=encoder.collate, callbacks=list(callbacks),
     )
+    if getattr(encoder, "loss_takes_token_count", False):
+        # The loss over the whole batch's answer tokens, also when ranks share the batch (the
+        # Trainer hands the model num_items_in_batch): see QwenVLEncoder.loss_takes_token_count.
+        trainer.model_accepts_loss_kwargs = True
     # The Trainer prints a metrics dict at the end (PrinterCallback / ProgressCallback.on_log);
     # the runner logs its own summary instead.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -158,7 +162,10 @@ def dema_callback(config, params: str, precision: str = "fp32"):
 
     if precision == "official":
         config = dataclasses.replace(config, ema_dtype="param")
-    return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True, precision=precision)
+    # the task's regime and the EMA's lag at its end (callback.regime); the runner says once per
+    # method when it ran out of regime, not once per task's engine
+    return DEMACallback(config, params=params, replace_at_end=True, record_alpha=True, precision=precision,
+                        measure_lag=True, warn_regime=False)
 
 
 # --------------------------------------------------------------------------- models
@@ -194,6 +201,13 @@ def user_tokenizer(path: str):
     except Exception as exc:  # noqa: BLE001 - transformers' messages run to pages: keep the first line
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ValueError(f"--model {path}: cannot load its tokenizer ({first[:200]})") from None
+    return ready_tokenizer(tok, path)
+
+
+def ready_tokenizer(tok, path):
+    """The tokenizer of the model folder ``path``, checked and made ready to batch: refused
+    (naming --model) without an end-of-sequence token; padding with it when it has no pad
+    token. The one rule for text models and image-text models' processors."""
     if tok.eos_token_id is None:
         raise ValueError(f"--model {path}: the tokenizer has no end-of-sequence token")
     if tok.pad_token_id is None:
@@ -214,7 +228,7 @@ def load_base(folder: Path, tokenizer):
     LM, or an image-text-to-text model (LLaVA-style) when the folder's config is one."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from cl_core.continual.config import is_image_text_folder
+    from cl_core.continual.model_folder import is_image_text_folder
 
     auto = AutoModelForImageTextToText if is_image_text_folder(folder) else AutoModelForCausalLM
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)   # an encoder: its tokenizer
@@ -262,12 +276,16 @@ def train_stage1(cfg: RunConfig, tokenizer, seed: int, folder: Path, scratch: Pa
     t0 = time.time()
     log.info("seed %d: stage 1, training the tiny base model (%d steps)", seed, cfg.stage1_steps)
     if getattr(tokenizer, "uses_images", False):   # the multimodal benchmark: the tiny LLaVA, all of it trained
-        from cl_core.continual import images
+        from cl_core.continual import images, qwen_vl
 
-        model = tiny_model.build_llava(tokenizer.tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                                       num_heads=cfg.num_heads, image_size=images.IMAGE_SIZE,
-                                       patch_size=images.PATCH_SIZE, max_positions=max(cfg.max_length, 128),
-                                       seed=seed_for(seed, "init"))
+        family = cfg.model_family
+        size = dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                    image_size=images.IMAGE_SIZE, max_positions=max(cfg.max_length, 128), seed=seed_for(seed, "init"))
+        if family == "llava":
+            model = tiny_model.build_llava(tokenizer.tokenizer, patch_size=images.PATCH_SIZE, **size)
+        else:   # a tiny Qwen-VL: half-size patches merged 2 x 2, the LLaVA's 16 image tokens per picture
+            model = qwen_vl.build_tiny(qwen_vl.DEMO_FAMILIES[family], tokenizer.tokenizer,
+                                       patch_size=images.PATCH_SIZE // 2, **size)
     else:
         model = tiny_model.build_model(len(getattr(tokenizer, "tokenizer", tokenizer)), hidden_size=cfg.hidden_size,
                                        num_layers=cfg.num_layers, num_heads=cfg.num_heads,

@@ -1,8 +1,8 @@
-"""The DEMA engine (docs/design.md §2, §3, §7): its config, per-group state, the two-pass
-backends and their selection (backends/), the reference backend, the engine itself (the
-one owner of the state), DEMAOptimizer with the one-pass fused step and its drivers, and
-the distributed helpers. The kernels that sweep data live in `cl_core.kernels`, below
-this layer."""
+"""The DEMA engine (docs/design.md §2, §3, §7): its config, per-group state, the engine
+itself (the one owner of the state), its checkpoint validation, the two-pass backends
+and their selection (twopass/: reference, torch, triton), DEMAOptimizer with the
+one-pass step, its protocols and drivers (onepass/), and the distributed helpers. The
+kernels that sweep data live in `cl_core.kernels`, below this layer."""
 from cl_core.dema.config import DEMAConfig
 
 __all__ = ["DEMA", "DEMAConfig", "DEMAOptimizer"]

@@ -1,4 +1,4 @@
-"""How the Triton host code (backends/triton_backend.py, fused_triton.py) enters a CUDA
+"""How the Triton host code (twopass/triton_backend.py, onepass/triton_driver.py) enters a CUDA
 device before it launches: the device guard, the refusals (CUDA-graph capture, the Triton
 interpreter on CUDA tensors) and the stream ordering of the buffers a driver keeps.
 

@@ -9,8 +9,8 @@ fixed number of launches per update whatever the tensor count).
 The engine is the one owner of the DEMA state, its counters and the flag "an EMA update
 is pending from the one-pass step". Its implementations sit behind one interface each
 and are dispatched to, as torch.optim dispatches `adam()`: the two-pass backends
-(`DEMABackend`, cl_core/dema/backends) run `update()`; a one-pass optimizer+DEMA step
-(`OnePassStep`, cl_core/dema/onepass.py) is handed to the engine once
+(`DEMABackend`, cl_core/dema/twopass) run `update()`; a one-pass optimizer+DEMA step
+(`OnePassStep`, cl_core/dema/onepass/protocols.py) is handed to the engine once
 (`attach_one_pass`, by DEMAOptimizer) and run by `one_pass_update()`. The engine decides
 when a pending update is finished (`flush`: every EMA read, the next `update`, a copy).
 """
@@ -19,21 +19,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import numbers
-import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from cl_core.dema.backends import DEMABackend, make_backend, resolve_backend
+from cl_core.dema.checkpoint import STATE_FORMAT, STATE_VERSION, check_param, check_state
 from cl_core.dema.config import DEMAConfig
+from cl_core.dema.regime import RegimeTracker
 from cl_core.dema.state import GroupState, ema_dtype_for, local_tensor
+from cl_core.dema.twopass import DEMABackend, make_backend, resolve_backend
 
 log = logging.getLogger(__name__)
-
-STATE_FORMAT = "cl_core.DEMA"
-STATE_VERSION = 1
 
 
 @dataclass
@@ -61,16 +58,22 @@ class DEMAStats:
     missing_grads: torch.Tensor  # int64 [T] on CPU: updates that found no gradient, in total
     updates: int  # update() calls
     skipped_steps: int  # optimizer steps skipped (AMP overflow), not averaged
+    regime: Optional[RegimeTracker] = None  # the engine's regime counters (cl_core/dema/regime.py)
 
     def to_dict(self) -> dict:
-        """Python numbers, for logging (synchronises with the device)."""
-        return {
+        """Python numbers, for logging (synchronises with the device); "regime": the whole
+        run's regime (`RegimeReport.to_dict`), judged by `RegimeTracker.check` (which warns
+        once when the run is out of regime)."""
+        out = {
             "alpha": self.alpha.float().cpu().tolist(),
             "nonfinite_skips": self.nonfinite_skips.cpu().tolist(),
             "missing_grads": self.missing_grads.tolist(),
             "updates": self.updates,
             "skipped_steps": self.skipped_steps,
         }
+        if self.regime is not None:
+            out["regime"] = self.regime.check().to_dict()
+        return out
 
 
 class DEMA:
@@ -94,7 +97,7 @@ class DEMA:
         if len(names) != len(params):
             raise ValueError(f"DEMA got {len(names)} names for {len(params)} tensors")
         for i, p in enumerate(params):
-            _check_param(i, names[i], p)
+            check_param(i, names[i], p)
         self.params = params
         self.names = names
         self.config = config if config is not None else DEMAConfig()
@@ -120,6 +123,8 @@ class DEMA:
         self._warned_sparse = False
         self._one_pass = None  # the OnePassStep handed over by attach_one_pass (not copied)
         self._update_pending = False  # the last one-pass step left its EMA update to finish
+        # Where α sits and why (cl_core/dema/regime.py): fed by every update, read when logging.
+        self.regime = RegimeTracker(self.config)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -174,7 +179,7 @@ class DEMA:
     # ------------------------------------------------------------------ the one-pass step
     def attach_one_pass(self, impl) -> None:
         """Hand the engine its one-pass optimizer+DEMA implementation (an `OnePassStep`,
-        cl_core/dema/onepass.py); DEMAOptimizer does it once, when it builds the engine or
+        cl_core/dema/onepass/protocols.py); DEMAOptimizer does it once, when it builds the engine or
         after a copy. None detaches it (after finishing what it left pending)."""
         self.flush()
         self._one_pass = impl
@@ -199,6 +204,10 @@ class DEMA:
             self.flush()
             return result.refused
         self._update_pending = True
+        for k, (g, pending) in enumerate(zip(self.groups, impl.pending_inputs())):
+            if pending is not None:
+                self.regime.record(k, g.state, *pending)
+        self.regime.count_update()
         self.count_missing(result.missing)
         self.num_updates += 1
         return None
@@ -231,9 +240,14 @@ class DEMA:
         self.flush()
         self.ensure_groups()
         missing: list = []
+        regime = self.regime
         with torch.no_grad():
-            for g in self.groups:
-                g.backend.update(self._locals(g.indices), self._grads(g.indices, missing), self.reduce_stats)
+            for k, g in enumerate(self.groups):
+                grads = self._grads(g.indices, missing)
+                regime.before_update(k, g.state)
+                g.backend.update(self._locals(g.indices), grads, self.reduce_stats)
+                regime.after_update(k, g.state, g.backend.last_stats(), [j for j, x in enumerate(grads) if x is None])
+        regime.count_update()
         self.count_missing(missing)
         self.num_updates += 1
 
@@ -247,6 +261,17 @@ class DEMA:
         if self._update_pending:
             self._one_pass.flush()
             self._update_pending = False
+
+    # ------------------------------------------------------------------ the regime
+    def mark_start(self) -> None:
+        """Remember the parameters now as the start of a task, for `lag()` (a copy of each
+        local tensor, kept until the next mark)."""
+        self.regime.mark_start(self._locals(range(len(self.params))))
+
+    def lag(self) -> Optional[float]:
+        """‖θ* − θ‖₁ / ‖θ_start − θ‖₁ over every tensor since `mark_start()` (None before one,
+        or when θ has not moved): how far back towards the start the EMA sits. One host sync."""
+        return self.regime.lag(self.ema_tensors(), self._locals(range(len(self.params))))
 
     # ------------------------------------------------------------------ reading the EMA
     def _per_param(self, pick) -> list:
@@ -264,6 +289,19 @@ class DEMA:
             return [local_tensor(p).detach().to(ema_dtype_for(self.config, p.dtype)).clone() for p in self.params]
         self._canonicalize()
         return self._per_param(lambda s, k: s.ema_views[k].view(s.shapes[k]))
+
+    def export_ema(self) -> list[torch.Tensor]:
+        """θ* for export: one whole (parameter-shape) tensor per averaged parameter, in
+        parameter order, the pending one-pass update finished. Here `ema_tensors()`; an
+        engine over pieces of the parameters (DeepSpeedDEMA over ZeRO partitions) gathers
+        them whole (then every rank of the partition group must call it)."""
+        return self.ema_tensors()
+
+    @property
+    def model_params(self) -> list:
+        """The model's own parameters the EMA belongs to, in parameter order: `params`; an
+        engine over copies or fragments of them (DeepSpeedDEMA) names the originals."""
+        return self.params
 
     def copy_to_params(self) -> None:
         """EMA replace: θ ← θ* (cast to each parameter's dtype)."""
@@ -304,7 +342,7 @@ class DEMA:
             skips = self._gather("skips")
         missing = torch.tensor(self._missing, dtype=torch.int64)
         return DEMAStats(alpha=alpha, nonfinite_skips=skips, missing_grads=missing,
-                         updates=self.num_updates, skipped_steps=self.skipped_steps)
+                         updates=self.num_updates, skipped_steps=self.skipped_steps, regime=self.regime)
 
     def _pending_decision(self):
         """(alpha, skips) in parameter order from a fused step's pending state, or None."""
@@ -363,6 +401,8 @@ class DEMA:
         state.setdefault("_one_pass", None)
         state.setdefault("_update_pending", False)
         self.__dict__.update(state)
+        if "regime" not in state:  # copies written before the regime counters existed
+            self.regime = RegimeTracker(self.config)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -393,7 +433,7 @@ class DEMA:
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore a `state_dict()`; checks everything before changing anything."""
-        self._check_state(sd)
+        check_state(sd, self.params, self.names)
         if {**DEMAConfig().to_dict(), **sd["config"]} != self.config.to_dict():  # older states lack newer fields
             log.warning("DEMA state was saved with config %s; continuing with %s", sd["config"], self.config.to_dict())
         self.flush()
@@ -424,148 +464,3 @@ class DEMA:
         # States saved before missing_grads existed load with zero counts.
         missing = sd.get("missing_grads")
         self._missing = [0] * len(self.params) if missing is None else [int(v) for v in missing.tolist()]
-
-    def _check_state(self, sd) -> None:
-        """Every field of a state dict, checked against this engine before anything changes."""
-        if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
-            raise ValueError("not a cl_core DEMA state dict (missing format tag 'cl_core.DEMA')")
-        if sd.get("version") != STATE_VERSION:
-            raise ValueError(f"DEMA state version {sd.get('version')!r} is not supported (this cl_core reads {STATE_VERSION})")
-        for key in ("config", "shapes", "dtypes", "num_updates", "skipped_steps", "initialized"):
-            if key not in sd:
-                raise ValueError(f"DEMA state is missing {key!r}; the file is incomplete or was not written by DEMA.state_dict()")
-        n = len(self.params)
-        if not isinstance(sd["config"], dict):
-            raise ValueError(f"DEMA state 'config' must be a dict, got {type(sd['config']).__name__}")
-        for key in ("shapes", "dtypes"):
-            if not isinstance(sd[key], (list, tuple)):
-                raise ValueError(f"DEMA state {key!r} must be a list, got {type(sd[key]).__name__}")
-        if len(sd["shapes"]) != n or len(sd["dtypes"]) != n:
-            raise ValueError(
-                f"DEMA state holds {len(sd['shapes'])} tensors but this engine has {n}; "
-                "was it saved for another model or another set of trainable parameters?"
-            )
-        self._check_names(sd.get("names"))
-        for i, p in enumerate(self.params):
-            name = self.names[i]
-            shape = list(local_tensor(p).shape)
-            saved = sd["shapes"][i]
-            if not isinstance(saved, (list, tuple)) or list(saved) != shape:
-                raise ValueError(f"DEMA state for tensor {i} ({name!r}) has shape {saved!r}, the parameter has {shape}")
-            want = str(p.dtype).replace("torch.", "")
-            if sd["dtypes"][i] != want:
-                raise ValueError(f"DEMA state for tensor {i} ({name!r}) was saved for dtype {sd['dtypes'][i]!r}, the parameter is {want}")
-        for key in ("num_updates", "skipped_steps"):
-            _check_count(key, sd[key])
-        if not isinstance(sd["initialized"], bool):
-            raise ValueError(f"DEMA state 'initialized' must be True or False, got {sd['initialized']!r}")
-        missing = sd.get("missing_grads")
-        if missing is not None:
-            _check_vector("missing_grads", missing, n, torch.int64)
-            if bool((missing < 0).any()):
-                raise ValueError("DEMA state 'missing_grads' holds negative counts; the file is corrupt")
-        if not sd["initialized"]:
-            return
-        for key in ("ema", "grad_prev", "started", "has_prev", "d", "alpha", "skips"):
-            if key not in sd:
-                raise ValueError(f"DEMA state is missing {key!r}")
-        for key in ("ema", "grad_prev"):
-            if not isinstance(sd[key], (list, tuple)) or len(sd[key]) != n:
-                got = len(sd[key]) if isinstance(sd[key], (list, tuple)) else type(sd[key]).__name__
-                raise ValueError(f"DEMA state {key!r} must be a list of {n} tensors, got {got}")
-        for i, p in enumerate(self.params):
-            shape = list(local_tensor(p).shape)
-            for key in ("ema", "grad_prev"):
-                t = sd[key][i]
-                if t is None and key == "grad_prev":
-                    continue
-                where = f"DEMA state {key} of tensor {i} ({self.names[i]!r})"
-                if not isinstance(t, torch.Tensor) or list(t.shape) != shape:
-                    got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise ValueError(f"{where} has shape {got}, expected {shape}")
-                # float32 or the parameter's half dtype: a state loads across ema_dtype settings
-                allowed = {torch.float32, ema_dtype_for(DEMAConfig(ema_dtype="param"), p.dtype)}
-                if t.dtype not in allowed:
-                    raise ValueError(f"{where} has dtype {t.dtype}, expected one of {sorted(map(str, allowed))}")
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"{where} holds NaN/inf; the file is corrupt")
-        for key, dtype in (("started", torch.uint8), ("has_prev", torch.uint8), ("d", torch.float32),
-                           ("alpha", torch.float32), ("skips", torch.int64)):
-            _check_vector(key, sd[key], n, dtype)
-        started, has_prev = sd["started"], sd["has_prev"]
-        for key, t in (("started", started), ("has_prev", has_prev)):
-            if bool((t > 1).any()):
-                raise ValueError(f"DEMA state {key!r} must hold only 0 and 1, got {t.tolist()}")
-        if bool((has_prev > started).any()):
-            raise ValueError("DEMA state has a previous gradient for a tensor whose EMA has not started; the file is corrupt")
-        d, alpha = sd["d"], sd["alpha"]
-        if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
-            raise ValueError("DEMA state 'd' (an L1 distance) must be finite and >= 0")
-        if not bool(torch.isfinite(alpha).all()) or bool((alpha < 0).any()) or bool((alpha >= 1).any()):
-            raise ValueError("DEMA state 'alpha' must lie in [0, 1)")
-        if bool((sd["skips"] < 0).any()):
-            raise ValueError("DEMA state 'skips' holds negative counts; the file is corrupt")
-
-    def _check_names(self, saved) -> None:
-        """Names are compared only where both sides have real ones: tensors of one shape
-        (LoRA A of every layer) would otherwise load into each other silently. Names the
-        library makes up from positions (`param_{i}` of an unnamed engine,
-        `param_groups.G.params.I` of DEMAOptimizer) say nothing about the tensor and are
-        not compared; shapes and dtypes still are."""
-        if saved is None:
-            return
-        if not isinstance(saved, (list, tuple)) or not all(isinstance(x, str) for x in saved):
-            raise ValueError("DEMA state 'names' must be a list of strings")
-        if len(saved) != len(self.names):
-            raise ValueError(f"DEMA state names {len(saved)} tensors but this engine has {len(self.names)}")
-        if _positional(saved) or _positional(self.names) or list(saved) == list(self.names):
-            return
-        mine = set(self.names)
-        for i, (s, m) in enumerate(zip(saved, self.names)):
-            if s != m:
-                how = "the tensors are in another order" if s in mine else "it was saved for another tensor"
-                raise ValueError(
-                    f"DEMA state tensor {i} is {s!r} but this engine's tensor {i} is {m!r} ({how}); "
-                    "build the engine over the same tensors in the same order as when it was saved"
-                )
-
-
-# Dtypes the EMA maths is defined for (it is computed in float32 or wider).
-PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _check_param(i: int, name, p: torch.Tensor) -> None:
-    """Refuse, up front, a tensor the EMA cannot average (naming it and saying why)."""
-    what = f"DEMA params[{i}]" + (f" ({name!r})" if name is not None else "")
-    if p.dtype not in PARAM_DTYPES:
-        kind = "complex" if p.is_complex() else "boolean" if p.dtype == torch.bool else \
-            "integer" if not p.is_floating_point() else "low-precision float"
-        raise TypeError(
-            f"{what} has dtype {p.dtype} ({kind}): an EMA of it cannot be written back exactly "
-            f"(it would be truncated or lose a part); DEMA averages float32, bfloat16, float16 and "
-            f"float64 tensors; leave this tensor out of params"
-        )
-    if local_tensor(p).device.type == "meta":
-        raise ValueError(f"{what} is a meta tensor (no data): materialise the model (e.g. "
-                         f"model.to_empty(device=...) and load the weights) before building DEMA")
-    if p.layout != torch.strided:
-        raise ValueError(f"{what} has layout {p.layout}: DEMA averages dense (strided) tensors")
-
-
-_POSITIONAL = re.compile(r"param_\d+|param_groups\.\d+\.params\.\d+")
-
-
-def _positional(names) -> bool:
-    """True when every name is one the library made up from a position."""
-    return all(_POSITIONAL.fullmatch(n) for n in names)
-
-
-def _check_count(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"DEMA state {key!r} must be a non-negative integer, got {value!r}")
-
-
-def _check_vector(key: str, t, n: int, dtype: torch.dtype) -> None:
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,) or t.dtype != dtype:
-        got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"DEMA state {key!r} must be a {dtype} tensor of shape ({n},), got {got}")

@@ -42,6 +42,12 @@ CARRIED_KEY = "cl_core.dema"
 log = logging.getLogger(__name__)
 
 
+def check_fused_arg(fused, who: str) -> None:
+    """The one check of a ``fused=`` argument (DEMAOptimizer and both trainer callbacks)."""
+    if fused not in ("auto", True, False):
+        raise ValueError(f"{who}(fused={fused!r}): use 'auto', True or False")
+
+
 class DEMAOptimizer(torch.optim.Optimizer):
     """Wrap ``optimizer``; after each of its steps, update the dynamic EMA.
 
@@ -69,8 +75,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self._warned_capturable_if_run_uncaptured = True
-        if fused not in ("auto", True, False):
-            raise ValueError(f"DEMAOptimizer: fused={fused!r}; use 'auto', True or False")
+        check_fused_arg(fused, "DEMAOptimizer")
         self._fused_arg = fused
         # DEMACallback's state when load_state_dict found one in param_groups[0] (see there)
         self.carried_state = None
@@ -119,7 +124,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         the engine (which owns the state and decides when to finish a pending update)."""
         if self._fused_arg is False:
             return None
-        from cl_core.dema.fused import FusedStep, unsupported_reason
+        from cl_core.dema.onepass.step import FusedStep, unsupported_reason
 
         if self._fused_arg is True:
             reason = unsupported_reason(self.inner, engine)
@@ -202,7 +207,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
         return self._fused_driver() is not None
 
     def _step_fused(self, closure=None):
-        # One sweep per step: the optimizer update and DEMA together (cl_core/dema/fused.py),
+        # One sweep per step: the optimizer update and DEMA together (cl_core/dema/onepass/step.py),
         # run by the engine. The one-pass step checks the gradients first and refuses a step
         # whose gradients its kernels cannot read (sparse, another dtype, non-contiguous):
         # that step takes the generic path.

@@ -7,6 +7,7 @@ Used by :class:`cl_core.DEMACallback` when the Trainer runs DeepSpeed
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -14,15 +15,18 @@ import torch
 from cl_core.dema.distributed import DEMA_OPTIMIZER_UNDER_DEEPSPEED, StatsReducer, _dist, dist_ready
 from cl_core.dema.engine import DEMA
 from cl_core.dema.optim import DEMAOptimizer
-from cl_core.integrations.core import PRECISIONS, missing_extra
+from cl_core.integrations.attach import PRECISIONS, deepspeed_optimizer
+from cl_core.integrations.extras import missing_extra
 
 try:
     import deepspeed  # noqa: F401  (the optimizers read here are DeepSpeed's)
 except ImportError as exc:  # an optional extra
     raise missing_extra("cl_core.integrations.deepspeed", "deepspeed", "deepspeed", exc) from exc
 
-__all__ = ["DEMA_OPTIMIZER_UNDER_DEEPSPEED", "PRECISIONS", "DeepSpeedLink", "deepspeed_optimizer",
-           "make_deepspeed_engine"]
+__all__ = ["DEMA_OPTIMIZER_UNDER_DEEPSPEED", "PRECISIONS", "DeepSpeedDEMA", "DeepSpeedLink", "attach_deepspeed",
+           "deepspeed_optimizer"]
+
+logger = logging.getLogger(__name__)
 
 # What the engine averages under DeepSpeed (DEMACallback(precision=...), PRECISIONS from core):
 #   "fp32":     DeepSpeed's fp32 master weights and the fp32 gradients its optimizer steps with
@@ -52,14 +56,6 @@ __all__ = ["DEMA_OPTIMIZER_UNDER_DEEPSPEED", "PRECISIONS", "DeepSpeedLink", "dee
 # EMA back (EMA replace, ``swap``) goes into the fp32 fragments and then into the model's
 # own (bf16 / partitioned) parameters the way DeepSpeed's step does it; exporting the
 # adapter gathers the fragments once.
-
-
-def deepspeed_optimizer(optimizer):
-    """The DeepSpeed optimizer behind the Trainer's optimizer (accelerate's
-    ``DeepSpeedOptimizerWrapper``), or None when the Trainer does not run DeepSpeed."""
-    if optimizer is None or type(optimizer).__name__ != "DeepSpeedOptimizerWrapper":
-        return None
-    return optimizer.optimizer
 
 
 def _torch_optimizer_inside(ds_opt):
@@ -357,32 +353,50 @@ class DeepSpeedLink:
         return out
 
 
-def make_deepspeed_engine(link: DeepSpeedLink, config, names):
-    """A :class:`cl_core.DEMA` over ``link.holders`` whose EMA writes (``copy_to_params``,
-    ``swap``) also reach the model's parameters, and whose ``full_ema_tensors()`` gathers."""
-    class DeepSpeedDEMA(DEMA):
-        """The DEMA engine over DeepSpeed's fp32 fragments (cl_core.integrations.deepspeed)."""
+class DeepSpeedDEMA(DEMA):
+    """The DEMA engine over DeepSpeed's fp32 fragments (a :class:`DeepSpeedLink`'s holders):
+    its EMA writes (``copy_to_params``, ``swap``) also reach the model's own parameters, and
+    ``export_ema()`` gathers the EMA whole (collective when the fragments are partitions)."""
 
-        deepspeed_link = link
+    _in_swap = False
 
-        _in_swap = False
+    def __init__(self, link: DeepSpeedLink, config, names, model_params):
+        super().__init__(link.holders, config, names=names, reduce_stats=link.reduce_stats)
+        self.deepspeed_link = link
+        self._model_params = list(model_params)
 
-        def copy_to_params(self) -> None:
-            super().copy_to_params()
-            link.sync_model(replaced=not self._in_swap)
+    @property
+    def model_params(self) -> list:
+        return self._model_params
 
-        @contextlib.contextmanager
-        def swap(self):
-            try:
-                self._in_swap = True
-                with super().swap():       # EMA into the fragments (+ model), then back
-                    yield self
-            finally:
-                self._in_swap = False
-                link.sync_model(replaced=False)
+    def copy_to_params(self) -> None:
+        super().copy_to_params()
+        self.deepspeed_link.sync_model(replaced=not self._in_swap)
 
-        def full_ema_tensors(self) -> list[torch.Tensor]:
-            """θ* of every tensor, whole (collective when the fragments are partitions)."""
-            return link.full_tensors(self.ema_tensors())
+    @contextlib.contextmanager
+    def swap(self):
+        try:
+            self._in_swap = True
+            with super().swap():       # EMA into the fragments (+ model), then back
+                yield self
+        finally:
+            self._in_swap = False
+            self.deepspeed_link.sync_model(replaced=False)
 
-    return DeepSpeedDEMA(link.holders, config, names=names, reduce_stats=link.reduce_stats)
+    def export_ema(self) -> list[torch.Tensor]:
+        """θ* of every tensor, whole (collective when the fragments are partitions)."""
+        return self.deepspeed_link.full_tensors(self.ema_tensors())
+
+
+def attach_deepspeed(ds_optimizer, named, config, precision: str = "fp32"):
+    """The callback's engine under DeepSpeed: a :class:`DeepSpeedLink` to ``ds_optimizer``
+    (the gradients live inside DeepSpeed's step only: they are read there) and the
+    :class:`DeepSpeedDEMA` over it; returns ``(link, engine)``, with one log line."""
+    link = DeepSpeedLink(ds_optimizer, named, precision=precision)
+    engine = DeepSpeedDEMA(link, config, [n for n, _ in named], [p for _, p in named])
+    logger.info("DEMACallback: DeepSpeed %s (%s): DEMA reads the %s and the gradients inside "
+                "DeepSpeed's step%s", type(ds_optimizer).__name__, link.mode,
+                "model's bf16 weights (precision='official')" if precision == "official"
+                else "fp32 partitions" if link.partitioned else "fp32 parameters",
+                "; statistics summed across ranks, one all_reduce per step" if link.reduce_stats else "")
+    return link, engine

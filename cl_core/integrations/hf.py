@@ -17,16 +17,21 @@
   shards or DeepSpeed partitions; ``callback.load_state(folder)`` reads it), and the EMA as
   a PEFT adapter into ``cl_core/ema_adapter/`` (one level deeper than the adapter folders the
   Trainer's resume loads into the model, so a resumed model keeps exactly its own adapters).
-* ``on_log``: mean α, share at the fallback and the skip counters in each training log line,
-  before the ``report_to`` callbacks see it (so every logging backend gets them).
+* ``on_log``: mean α, the regime of the updates since the last line (fallback share by
+  cause, jumps, α quantiles; cl_core/dema/regime.py) and the skip counters in each training
+  log line, before the ``report_to`` callbacks see it (so every logging backend gets them);
+  the run out of regime is warned once.
 * ``on_train_end``: the EMA replaces the live weights (the official "EMA replace"),
   unless ``replace_at_end=False``. ``eval_with_ema=True``: evaluations run on the EMA.
 
 Under DDP (``torchrun``) every rank computes the same EMA, no communication needed;
 with FSDP the per-tensor statistics are summed across ranks, and under DeepSpeed (ZeRO
 0-3) the gradients are read inside DeepSpeed's step (cl_core.integrations.deepspeed).
-Selection, the one-pass check, the first-step check and the logged numbers are shared with
-the Lightning callback (cl_core.integrations.core). Needs transformers (``cl_core[hf]``).
+The engine choice, the first-step check, ``swap`` and the adapter export are shared with the
+Lightning callback (cl_core.integrations.attach), as are the selection (selection.py), the
+logged numbers (log_window.py) and the state files (state_files.py); the DEMA state carried in
+the optimizer state is carrier.py, the DeepSpeed engine deepspeed.py. This module is the
+callback's lifecycle. Needs transformers (``cl_core[hf]``).
 
 Checkpoints. A state-dict hook on the torch optimizer that holds the averaged tensors puts
 the callback's state into the first parameter group of the optimizer's state dict, under
@@ -45,7 +50,7 @@ import os
 
 import torch
 
-from cl_core.integrations.core import missing_extra
+from cl_core.integrations.extras import missing_extra
 
 try:
     from transformers import TrainerCallback
@@ -55,12 +60,15 @@ except ImportError as exc:  # an optional extra
 
 from cl_core.dema import distributed as cl_dist
 from cl_core.dema.config import DEMAConfig
-from cl_core.dema.optim import CARRIED_KEY as CARRY_KEY     # the first param group's entry carrying the state
-from cl_core.dema.optim import DEMA_STATE_KEY
-from cl_core.integrations import core
+from cl_core.dema.optim import DEMAOptimizer
+from cl_core.integrations import attach
 from cl_core.integrations import fsdp as cl_fsdp
-from cl_core.integrations.core import (active_adapter_names, atomic_save, is_peft_model, load_state_file,
-                                       names_mismatch, unwrap_model)
+from cl_core.integrations.callback_order import report_before_loggers
+from cl_core.integrations.carrier import CARRY_KEY, OptimizerCarrier
+from cl_core.integrations.log_window import LogWindow, train_regime
+from cl_core.integrations.selection import (active_adapter_names, check_params_arg, is_peft_model, select_parameters,
+                                            unwrap_model)
+from cl_core.integrations.state_files import atomic_save, load_state_file, names_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +110,7 @@ class DEMACallback(TrainerCallback):
     save_adapter:   each ``checkpoint-*`` folder gets ``cl_core/ema_adapter/`` (a PEFT adapter,
                     where the Trainer's resume does not load it into the model).
     eval_with_ema:  ``trainer.evaluate()`` (during and after training) runs on the EMA weights
-                    (default False, as in the Lightning callback: cl_core.integrations.core).
+                    (default False, as in the Lightning callback: cl_core.integrations.attach).
     precision:      under DeepSpeed, what is averaged. ``"fp32"`` (default): DeepSpeed's fp32
                     master weights and fp32 gradients (every ZeRO stage; more precise than the
                     published run). ``"official"``: what the official LCIA run averaged, at ZeRO
@@ -112,15 +120,24 @@ class DEMACallback(TrainerCallback):
                     stage 0, are refused at the start of training: the official code runs a
                     fixed beta=0.99 EMA there. Without DeepSpeed the tensors are averaged as they
                     are (the official run without DeepSpeed: fp32 LoRA tensors). See docs/fidelity.md.
+    measure_lag:    keep a copy of the averaged tensors at the start of training, so that
+                    ``.regime.lag`` at its end is the EMA's lag ‖θ* − θ‖₁ / ‖θ_start − θ‖₁ (a
+                    copy of the averaged tensors' memory; default False).
+    warn_regime:    warn once when the run is out of DEMA's regime (default True; the runner
+                    turns it off and says it once per method instead).
+
+    After training: ``.regime``, the :class:`cl_core.dema.regime.RegimeReport` of the whole
+    ``train()`` (where α sat and why; its ``lag`` with ``measure_lag=True``).
     """
 
     def __init__(self, config: DEMAConfig | None = None, *, params: str = "lora", replace_at_end: bool = True,
                  record_alpha: bool = False, fused="auto", save_adapter: bool = True,
-                 eval_with_ema: bool = core.EVAL_WITH_EMA_DEFAULT, precision: str = "fp32"):
-        core.check_config_arg(config)
-        if precision not in core.PRECISIONS:
+                 eval_with_ema: bool = attach.EVAL_WITH_EMA_DEFAULT, precision: str = "fp32",
+                 measure_lag: bool = False, warn_regime: bool = True):
+        attach.check_config_arg(config)
+        if precision not in attach.PRECISIONS:
             raise ValueError(f"DEMACallback(precision={precision!r}) is not known; allowed: "
-                             f"{', '.join(map(repr, core.PRECISIONS))}")
+                             f"{', '.join(map(repr, attach.PRECISIONS))}")
         if precision == "official":
             if config is None:
                 config = DEMAConfig(ema_dtype="param")
@@ -129,14 +146,14 @@ class DEMACallback(TrainerCallback):
                                  f"official code does, but config has ema_dtype={config.ema_dtype!r}; pass "
                                  "DEMAConfig(..., ema_dtype='param')")
         self.precision = precision
-        core.check_params_arg(params)
-        core.check_fused_arg(fused)
+        check_params_arg(params)
+        attach.check_fused_arg(fused, "DEMACallback")
         self.params = params
         self._fused_arg = fused
         self.save_adapter = bool(save_adapter)
         self.eval_with_ema = bool(eval_with_ema)
         self._swap_ctx = None              # the engine's swap() while an evaluation runs on the EMA
-        self._log = core.LogWindow()       # device sums of α since the last training log line
+        self._log = LogWindow()            # device sums of α since the last training log line
         self._eval_hook = None
         self.fused = False                 # the Trainer's optimizer step runs optimizer + DEMA in one pass
         self.not_fused_reason: str | None = None
@@ -144,12 +161,14 @@ class DEMACallback(TrainerCallback):
         self.config = config if config is not None else DEMAConfig()
         self.replace_at_end = bool(replace_at_end)
         self.record_alpha = bool(record_alpha)
+        self.measure_lag = bool(measure_lag)
+        self.warn_regime = bool(warn_regime)
+        self.regime = None                 # RegimeReport of the last train(), set at its end
         self.engine = None
         self.alpha_history: list[torch.Tensor] = []
         self.resumed_from: str | None = None   # "optimizer", or the state file an FSDP run resumed from
-        self._carrier = None           # the torch optimizer whose state dict carries the DEMA state
+        self._carrier = OptimizerCarrier(self._carried_state)   # the DEMA state inside the optimizer state
         self._user_optimizer = None
-        self._carry_hook = None
         self._sharded = False
         self._model = None
         self._ds_link = None           # cl_core.integrations.deepspeed.DeepSpeedLink under DeepSpeed
@@ -160,16 +179,13 @@ class DEMACallback(TrainerCallback):
     # ------------------------------------------------------------------ set-up
 
     def _build_engine(self, model, optimizer=None):
-        from cl_core.dema.engine import DEMA
-
-        named = core.select_parameters(model, self.params)
-        names = [n for n, _ in named]
+        named = select_parameters(model, self.params)
         self._owns_update, self.fused, self.not_fused_reason = True, False, None
         self._user_optimizer = None    # the user's own DEMAOptimizer, when the Trainer runs one
         if self._ds_link is not None:
             self._ds_link.close()
             self._ds_link = None
-        ds_opt = _deepspeed_optimizer(optimizer)
+        ds_opt = attach.deepspeed_optimizer(optimizer)
         if ds_opt is None and any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for _, p in named):
             raise RuntimeError(
                 "DEMACallback: the parameters are managed by DeepSpeed, but the optimizer the Trainer passed is "
@@ -179,62 +195,28 @@ class DEMACallback(TrainerCallback):
             # Gradients live inside DeepSpeed's step only: read them there.
             from cl_core.integrations import deepspeed as cl_ds
 
-            link = cl_ds.DeepSpeedLink(ds_opt, named, precision=self.precision)
-            self._ds_link = link
-            self._sharded = link.partitioned and cl_dist.world_size() > 1
-            engine = cl_ds.make_deepspeed_engine(link, self.config, names)
-            engine.model_params = [p for _, p in named]
+            self._ds_link, engine = cl_ds.attach_deepspeed(ds_opt, named, self.config, self.precision)
+            self._sharded = self._ds_link.partitioned and cl_dist.world_size() > 1
             self.fused, self.not_fused_reason = False, "DeepSpeed steps its own optimizer (DEMA reads it in the step)"
-            logger.info("DEMACallback: DeepSpeed %s (%s): DEMA reads the %s and the gradients inside "
-                        "DeepSpeed's step%s", type(ds_opt).__name__, link.mode,
-                        "model's bf16 weights (precision='official')" if self.precision == "official"
-                        else "fp32 partitions" if link.partitioned else "fp32 parameters",
-                        "; statistics summed across ranks, one all_reduce per step" if link.reduce_stats else "")
             return engine
         params = [p for _, p in named]
         reduce_stats = cl_fsdp.auto_reduce_stats(params, model)
         self._sharded = reduce_stats is not None
-        shared = self._one_pass_engine(named, optimizer, sharded=self._sharded)
-        if shared is not None:
-            return shared
-        return DEMA(params, self.config, names=names, reduce_stats=reduce_stats)
-
-    def _one_pass_engine(self, named, optimizer, sharded):
-        """The engine of a DEMAOptimizer inside the Trainer's optimizer, which then does the
-        update in its step (one pass over memory where the fused kernel applies): the user's
-        own DEMAOptimizer, or one wrapped here around the Trainer's AdamW/Adam/SGD. None
-        (two passes: the optimizer step, then the callback's update) with a log line why."""
-        from cl_core.dema.optim import DEMAOptimizer
-
         inner = getattr(optimizer, "optimizer", optimizer)
-        canonical = {id(p): n for n, p in named}
-        if isinstance(inner, DEMAOptimizer):
-            # the user's DEMAOptimizer: one engine, updated by the optimizer's step
-            missing = [n for n, p in named if id(p) not in {id(q) for q in inner.engine.params}]
+        user = inner if isinstance(inner, DEMAOptimizer) else None
+        if user is not None:
+            missing = [n for n, p in named if id(p) not in {id(q) for q in user.engine.params}]
             if missing:
                 raise ValueError(f"DEMACallback: the Trainer's DEMAOptimizer does not average {len(missing)} of the "
                                  f"tensors the callback selects (e.g. {missing[0]!r}); build it over them")
-            self._owns_update = False
-            self._user_optimizer = inner
-            self.fused = inner.fused
-            self.not_fused_reason = None if inner.fused else "the Trainer's DEMAOptimizer takes its two-pass path"
-            inner.engine.names = [canonical.get(id(p), n) for p, n in zip(inner.engine.params, inner.engine.names)]
-            return inner.engine
-        reason = core.why_not_fusable(inner, named, fused_arg=self._fused_arg, sharded=sharded, hint=_NOT_FUSABLE_HINT)
-        if reason is None:
-            wrapper = DEMAOptimizer(inner, self.config, fused=self._fused_arg, reduce_stats=None)
-            if wrapper.fused:
-                _install(optimizer, wrapper)
-                self._owns_update = False
-                self.fused, self.not_fused_reason = True, None
-                wrapper.engine.names = [canonical[id(p)] for p in wrapper.engine.params]
-                return wrapper.engine
-            reason = "the fused kernel does not cover this optimizer's settings (DEMAOptimizer's log line says why)"
-        if self._fused_arg is True:
-            raise ValueError(f"DEMACallback(fused=True): no one-pass step possible: {reason}")
-        self.fused, self.not_fused_reason = False, reason
-        logger.info("DEMACallback: not one pass (optimizer step, then a separate DEMA pass): %s", reason)
-        return None
+        chosen = attach.choose_engine(named, inner, self.config, fused_arg=self._fused_arg,
+                                      install=lambda wrapper: _install(optimizer, wrapper),
+                                      canonical={id(p): n for n, p in named}, user=user, owner="the Trainer's",
+                                      sharded=self._sharded, reduce_stats=reduce_stats, hint=_NOT_FUSABLE_HINT)
+        self._owns_update, self.fused, self.not_fused_reason = chosen.owns_update, chosen.fused, chosen.not_fused_reason
+        self._user_optimizer = user
+        chosen.engine.names = chosen.names
+        return chosen.engine
 
     def on_init_end(self, args, state, control, **kwargs):
         self._report_before_loggers()
@@ -257,49 +239,19 @@ class DEMACallback(TrainerCallback):
         self._pending_step = False
         self._first_step = True
         self._log.reset()
-        self._attach_carrier(optimizer)
-        carried = None
-        if self._carrier is not None:
-            carried = self._carrier.param_groups[0].pop(CARRY_KEY, None)
-            if carried is None and self._carrier is self._user_optimizer:
-                # a DEMAOptimizer sets the entry aside when it loads (DEMAOptimizer.load_state_dict)
-                carried, self._carrier.carried_state = self._carrier.carried_state, None
+        self._carrier.attach(optimizer, ds_inner=self._ds_link.inner if self._ds_link is not None else None,
+                             sharded=self._sharded, user_optimizer=self._user_optimizer)
+        carried = self._carrier.take()
         if state.global_step > 0:
             self._resume(args, state, carried)
+        self.regime = None
+        if self.measure_lag:
+            self.engine.mark_start()   # θ_start of this train() (a resumed one: of the resumed part)
         self._report_before_loggers()
 
-    def _attach_carrier(self, optimizer) -> None:
-        """Hook the torch optimizer that holds the averaged tensors, so its state dict (which
-        the Trainer saves and restores) carries the DEMA state: DeepSpeed's inner optimizer,
-        else the one inside accelerate's wrapper (a DEMAOptimizer when one runs)."""
-        if self._carry_hook is not None:
-            self._carry_hook.remove()
-            self._carry_hook = None
-        if self._ds_link is not None:
-            carrier = self._ds_link.inner
-        elif self._sharded:
-            carrier = None           # FSDP writes optimizer states in its own format: per-rank files
-        else:
-            carrier = getattr(optimizer, "optimizer", optimizer)
-        if not isinstance(carrier, torch.optim.Optimizer) or not carrier.param_groups:
-            carrier = None
-        self._carrier = carrier
-        if carrier is not None:
-            self._carry_hook = carrier.register_state_dict_post_hook(self._carry_state)
-
-    def _carry_state(self, optimizer, sd: dict) -> dict:
-        """State-dict post hook: the callback's state into the first param group's entries."""
-        if self.engine is None or not sd.get("param_groups"):
-            return sd
-        sd = dict(sd)
-        if optimizer is not self._user_optimizer:
-            # the one-pass wrapper this callback installed: its own "dema" entry is the same engine
-            # state (a user's DEMAOptimizer keeps its entry, so it still loads without the callback)
-            sd.pop(DEMA_STATE_KEY, None)
-        groups = list(sd["param_groups"])
-        groups[0] = {**groups[0], CARRY_KEY: self.state_dict()}
-        sd["param_groups"] = groups
-        return sd
+    def _carried_state(self):
+        """What the optimizer state dict carries: this callback's state (None before training)."""
+        return None if self.engine is None else self.state_dict()
 
     def _resume(self, args, state, carried) -> None:
         if carried is not None:
@@ -307,7 +259,7 @@ class DEMACallback(TrainerCallback):
                                                  f"{state.global_step}, param_groups[0][{CARRY_KEY!r}])")
             self.resumed_from = "optimizer"
             return
-        if self._carrier is None:     # FSDP shards: the per-rank state files of the checkpoint
+        if self._carrier.optimizer is None:     # FSDP shards: the per-rank state files of the checkpoint
             for folder in (getattr(args, "resume_from_checkpoint", None),
                            os.path.join(args.output_dir, f"checkpoint-{state.global_step}")):
                 path = self._state_path(os.fspath(folder)) if isinstance(folder, (str, os.PathLike)) else None
@@ -327,32 +279,7 @@ class DEMACallback(TrainerCallback):
                        "state was not saved); the EMA restarts from the current weights", state.global_step)
 
     def _report_before_loggers(self) -> None:
-        """Move this callback before the Trainer's ``report_to`` callbacks.
-
-        transformers lists its logging integrations (TensorBoard, W&B, MLflow, ...) before the
-        user's callbacks and hands them each log line first, with no earlier event in which a
-        callback can add to it; so the DEMA numbers would reach ``log_history`` but no backend.
-        The Trainer's callback list is only reachable from the list itself (callbacks are not
-        given the Trainer), hence the garbage collector's referrers.
-        """
-        import gc
-
-        lists = [r for r in gc.get_referrers(self)
-                 if isinstance(r, list) and any(type(c).__name__ == "DefaultFlowCallback" for c in r)]
-        if not lists:
-            if not getattr(self, "_warned_order", False):
-                self._warned_order = True
-                logger.warning("DEMACallback: could not find the Trainer's callback list, so report_to backends "
-                               "listed before this callback miss the DEMA numbers (they are in log_history)")
-            return
-        for callbacks in lists:          # (one per Trainer this callback was given to)
-            loggers = [i for i, c in enumerate(callbacks) if _is_report_callback(c)]
-            mine = next(i for i, c in enumerate(callbacks) if c is self)
-            if loggers and loggers[0] < mine:
-                callbacks.pop(mine)
-                callbacks.insert(loggers[0], self)
-                logger.info("DEMACallback: runs before the report_to callbacks (%s) so they log the DEMA numbers",
-                            ", ".join(type(callbacks[i + 1]).__name__ for i in loggers))
+        report_before_loggers(self)
 
     # ------------------------------------------------------------------ per step
 
@@ -374,7 +301,7 @@ class DEMACallback(TrainerCallback):
         else:
             if self._first_step:
                 # Nothing to read would be an engine that steps and clears the gradients out of our sight.
-                core.check_first_step_gradients(self.engine, self.engine.names, seen, hint=_FIRST_STEP_HINT)
+                attach.check_first_step_gradients(self.engine, self.engine.names, seen, hint=_FIRST_STEP_HINT)
             self._first_step = False
             if self._owns_update:
                 self.engine.update()
@@ -390,13 +317,14 @@ class DEMACallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Adds the DEMA numbers to each training log line (``trainer.state.log_history``, every
-        ``report_to`` backend, the progress bar): ``dema/alpha_mean`` and
-        ``dema/fallback_share`` over the updates since the last line, and the running counts
+        ``report_to`` backend, the progress bar): ``dema/alpha_mean`` and the regime
+        (``dema/fallback_share`` by cause, ``dema/jump_share``, quantiles) over the updates
+        since the last line, ``dema/out_of_regime``, and the running counts
         ``dema/nonfinite_skips``, ``dema/missing_grads``, ``dema/skipped_steps``, ``dema/updates``
-        (cl_core.integrations.core.LogWindow, shared with the Lightning callback)."""
+        (cl_core.integrations.log_window.LogWindow, shared with the Lightning callback)."""
         if self.engine is None or logs is None or "loss" not in logs or not self._log:
             return
-        numbers = self._log.metrics(self.engine)
+        numbers = self._log.metrics(self.engine, check=self.warn_regime)
         logs.update(numbers)
         # the Trainer appended a copy of these logs to its history just before this event
         last = state.log_history[-1] if state.log_history else None
@@ -516,6 +444,7 @@ class DEMACallback(TrainerCallback):
         if self.engine is None:
             return
         self._swap_out()
+        self.regime = train_regime(self.engine, self.measure_lag, self.warn_regime)
         if self.replace_at_end:
             self.engine.copy_to_params()
 
@@ -529,22 +458,13 @@ class DEMACallback(TrainerCallback):
         Under DeepSpeed ZeRO-1/2/3 the EMA is partitioned across ranks: every rank must call
         it (the partitions are gathered once); the main rank writes, the others wait.
         """
-        if self.engine is None or self._model is None:
-            raise RuntimeError("DEMACallback.save_ema_adapter: training has not begun")
-        from cl_core.integrations.peft import save_ema_adapter
-
-        if self._ds_link is not None and self._ds_link.partitioned and cl_dist.world_size() > 1:
-            main = cl_dist.rank() == 0
-            out = save_ema_adapter(self._model, self.engine, out_dir, adapter_name, write=main)
-            cl_dist._dist().barrier(group=self._ds_link.group)
-            return out
-        return save_ema_adapter(self._model, self.engine, out_dir, adapter_name)
+        partitioned = self._ds_link is not None and self._ds_link.partitioned and cl_dist.world_size() > 1
+        return attach.save_ema_adapter(self.engine, self._model, out_dir, adapter_name,
+                                       gather_group=self._ds_link.group if partitioned else None)
 
     def swap(self):
         """``with callback.swap(): trainer.evaluate()`` — EMA weights live inside."""
-        if self.engine is None:
-            raise RuntimeError("DEMACallback.swap: training has not begun")
-        return self.engine.swap()
+        return attach.swap(self.engine)
 
 
 def _scaler_of(optimizer):
@@ -584,20 +504,6 @@ def _step_was_skipped(optimizer, scale_before=None) -> bool:
         if isinstance(after, torch.Tensor):
             return bool((after.to(scale_before.device) < scale_before).item())
     return False
-
-
-def _is_report_callback(callback) -> bool:
-    """One of transformers' ``report_to`` integrations (TensorBoard, W&B, MLflow, ...)."""
-    return type(callback).__module__.startswith("transformers.integrations")
-
-
-def _deepspeed_optimizer(optimizer):
-    """The DeepSpeed optimizer behind the Trainer's optimizer (accelerate's
-    ``DeepSpeedOptimizerWrapper``), or None when the Trainer does not run DeepSpeed. Known by
-    its class name, so a run without DeepSpeed installed never imports it."""
-    if optimizer is None or type(optimizer).__name__ != "DeepSpeedOptimizerWrapper":
-        return None
-    return optimizer.optimizer
 
 
 def _install(accelerated, wrapper) -> None:

@@ -28,10 +28,11 @@ The same meaning as the Hugging Face :class:`cl_core.DEMACallback`:
   plain DataLoader from its first batch).
 * At the end of training the EMA replaces the live weights (``replace_at_end=True``).
 * ``save_ema_adapter(dir)`` writes the EMA as a standard PEFT adapter folder.
-* Mean α and the share of tensors at the fallback α over the updates since the last log,
-  and the skip counters, go to the trainer's loggers every ``log_every_n_steps`` optimizer
+* Mean α, the regime of the updates since the last log (fallback share by cause, jumps,
+  α quantiles) and the skip counters go to the trainer's loggers every ``log_every_n_steps`` optimizer
   steps (one small host sync then, none in between): the same numbers as the Hugging Face
-  callback logs (selection, one-pass check and logged numbers: cl_core.integrations.core).
+  callback logs (the engine choice: cl_core.integrations.attach; selection: selection.py; logged
+  numbers: log_window.py).
 
 Single device and DDP only: sharding strategies (FSDP, DeepSpeed, model parallel) are refused
 at the start with a message, rather than averaging shards with the wrong statistics.
@@ -41,8 +42,7 @@ from __future__ import annotations
 import logging
 import os
 
-
-from cl_core.integrations.core import missing_extra
+from cl_core.integrations.extras import missing_extra
 
 try:
     import lightning.pytorch as pl
@@ -52,8 +52,10 @@ except ImportError as exc:  # an optional extra
 from cl_core.dema.config import DEMAConfig
 from cl_core.dema.engine import DEMA
 from cl_core.dema.optim import DEMAOptimizer
-from cl_core.integrations import core
-from cl_core.integrations.core import names_mismatch, outer_peft_models
+from cl_core.integrations import attach
+from cl_core.integrations.log_window import LogWindow, train_regime
+from cl_core.integrations.selection import check_params_arg, outer_peft_models, select_parameters
+from cl_core.integrations.state_files import names_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -74,26 +76,35 @@ class DEMACallback(pl.Callback):
                     ``f(pl_module) -> iterable of (name, parameter)``.
     replace_at_end: copy the EMA into the model when training ends (default True).
     eval_with_ema:  validate and test with the EMA weights swapped in (default False, as in the
-                    Hugging Face callback: cl_core.integrations.core).
+                    Hugging Face callback: cl_core.integrations.attach).
     fused:          ``"auto"`` (one pass where possible), ``True`` (raise where not possible),
                     ``False`` (always the separate DEMA pass).
     log_stats:      send α statistics to the trainer's loggers (default True).
+    measure_lag:    keep a copy of the averaged tensors at the start of training, so that
+                    ``.regime.lag`` at its end is the EMA's lag ‖θ* − θ‖₁ / ‖θ_start − θ‖₁
+                    (default False).
+    warn_regime:    warn once when the run is out of DEMA's regime (default True).
 
     After ``fit`` starts: ``.engine`` (the :class:`cl_core.DEMA`), ``.names`` (its tensors'
-    names in the module), ``.fused`` (bool) and ``.not_fused_reason`` (str or None).
+    names in the module), ``.fused`` (bool) and ``.not_fused_reason`` (str or None). After
+    it: ``.regime``, the :class:`cl_core.dema.regime.RegimeReport` of the fit.
     """
 
     def __init__(self, config: DEMAConfig | None = None, *, params="lora", replace_at_end: bool = True,
-                 eval_with_ema: bool = core.EVAL_WITH_EMA_DEFAULT, fused="auto", log_stats: bool = True):
-        core.check_config_arg(config)
-        core.check_params_arg(params)
-        core.check_fused_arg(fused)
+                 eval_with_ema: bool = attach.EVAL_WITH_EMA_DEFAULT, fused="auto", log_stats: bool = True,
+                 measure_lag: bool = False, warn_regime: bool = True):
+        attach.check_config_arg(config)
+        check_params_arg(params)
+        attach.check_fused_arg(fused, "DEMACallback")
         super().__init__()
         self.config = config if config is not None else DEMAConfig()
         self.params = params
         self.replace_at_end = bool(replace_at_end)
         self.eval_with_ema = bool(eval_with_ema)
         self.log_stats = bool(log_stats)
+        self.measure_lag = bool(measure_lag)
+        self.warn_regime = bool(warn_regime)
+        self.regime = None             # RegimeReport of the last fit, set at its end
         self._fused_arg = fused
         self.engine: DEMA | None = None
         self.names: list[str] = []
@@ -109,9 +120,7 @@ class DEMACallback(pl.Callback):
         self._first_step = True        # the first step of this fit checks that gradients exist
         self._pending_state = None     # a checkpoint state waiting for the engine
         self._swap_ctx = None
-        self._log = core.LogWindow()   # α of the updates since the last log line
-
-    # ------------------------------------------------------------------ selection
+        self._log = LogWindow()        # α of the updates since the last log line
 
     # ------------------------------------------------------------------ set-up
 
@@ -119,7 +128,7 @@ class DEMACallback(pl.Callback):
         _check_strategy(trainer)
         self._remove_hooks()
         self._module = pl_module
-        named = core.select_parameters(pl_module, self.params)
+        named = select_parameters(pl_module, self.params)
         self._setup_engine(trainer, pl_module, named)
         self.resumed = False
         self._expect_step = self._stepped = False
@@ -132,6 +141,9 @@ class DEMACallback(pl.Callback):
         # strategies that restore callbacks after set-up hand the state over only now
         if self._pending_state is not None:
             self._apply_pending_state()
+        self.regime = None
+        if self.measure_lag and self.engine is not None:
+            self.engine.mark_start()
 
     def _setup_engine(self, trainer, pl_module, named):
         canonical = {}
@@ -147,10 +159,6 @@ class DEMACallback(pl.Callback):
         if owned:
             # The module's own DEMAOptimizer: share its engine, never a second one.
             opt = owned[0]
-            self.engine, self._stepper, self._update_in_hook = opt.engine, opt, False
-            self.fused = opt.fused
-            self.not_fused_reason = None if opt.fused else (
-                "the module's DEMAOptimizer takes its two-pass path (its log line says why)")
             if opt.engine.config != self.config:
                 logger.info("DEMACallback: the module's DEMAOptimizer has its own config %s; the callback's "
                             "config is not used", opt.engine.config)
@@ -158,46 +166,33 @@ class DEMACallback(pl.Callback):
                 logger.info("DEMACallback: the module returns a DEMAOptimizer; its engine (%d tensors) is used "
                             "instead of the params=%r selection (%d tensors)",
                             len(opt.engine.params), self.params, len(selected))
-            self.names = [canonical.get(id(p), n) for p, n in zip(opt.engine.params, opt.engine.names)]
-            self._hook_steps(opt)
-            if not opt.fused:
-                logger.info("DEMACallback: not one pass: %s", self.not_fused_reason)
-            return
+        else:
+            holders = [o for o in optimizers if any(id(p) in selected for g in o.param_groups for p in g["params"])]
+            if not holders:
+                raise ValueError(f"DEMACallback: no optimizer of the Trainer updates the {len(named)} averaged "
+                                 f"tensors (e.g. {named[0][0]!r}); check configure_optimizers or params=")
+            if len(holders) > 1:
+                raise ValueError(f"DEMACallback: the averaged tensors are updated by {len(holders)} optimizers; the "
+                                 "EMA follows one optimizer's steps: pass params= (a callable) picking the tensors "
+                                 "of one")
+            opt = holders[0]
+            # the optimizer's order, as a DEMAOptimizer's engine has it: a checkpoint of either path
+            # loads into the other
+            position = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+            named = sorted(named, key=lambda item: position.get(id(item[1]), len(position)))
 
-        holders = [o for o in optimizers if any(id(p) in selected for g in o.param_groups for p in g["params"])]
-        if not holders:
-            raise ValueError(f"DEMACallback: no optimizer of the Trainer updates the {len(named)} averaged tensors "
-                             f"(e.g. {named[0][0]!r}); check configure_optimizers or params=")
-        if len(holders) > 1:
-            raise ValueError(f"DEMACallback: the averaged tensors are updated by {len(holders)} optimizers; the EMA "
-                             "follows one optimizer's steps: pass params= (a callable) picking the tensors of one")
-        opt = holders[0]
-        reason = core.why_not_fusable(opt, named, fused_arg=self._fused_arg, hint=_NOT_FUSABLE_HINT)
-        if reason is None:
-            wrapper = DEMAOptimizer(opt, self.config, fused=self._fused_arg)
-            if wrapper.fused:
-                index = optimizers.index(opt)
-                optimizers[index] = wrapper
-                trainer.strategy.optimizers = optimizers      # rebuilds Lightning's optimizer wrappers
-                _mark_step_called(opt, wrapper)
-                self.engine, self._stepper, self._update_in_hook = wrapper.engine, wrapper, False
-                self.fused, self.not_fused_reason = True, None
-                self.names = [canonical.get(id(p), n) for p, n in zip(wrapper.engine.params, wrapper.engine.names)]
-                self._hook_steps(wrapper)
-                return
-            reason = "DEMAOptimizer has no fused kernel for this optimizer's settings (its log line says why)"
-        if self._fused_arg is True:
-            raise ValueError(f"DEMACallback(fused=True): no one-pass step possible: {reason}")
-        # the optimizer's order, as a DEMAOptimizer's engine has it: a checkpoint of either path
-        # loads into the other
-        position = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-        named = sorted(named, key=lambda item: position.get(id(item[1]), len(position)))
-        self.engine = DEMA([p for _, p in named], self.config, names=[n for n, _ in named])
-        self.names = [n for n, _ in named]
-        self._stepper, self._update_in_hook = opt, True
-        self.fused, self.not_fused_reason = False, reason
-        self._hook_steps(opt)
-        logger.info("DEMACallback: not one pass (optimizer step, then a separate DEMA pass): %s", reason)
+        def install(wrapper):
+            index = optimizers.index(opt)
+            optimizers[index] = wrapper
+            trainer.strategy.optimizers = optimizers      # rebuilds Lightning's optimizer wrappers
+            _mark_step_called(opt, wrapper)
+
+        chosen = attach.choose_engine(named, opt, self.config, fused_arg=self._fused_arg, install=install,
+                                      canonical=canonical, user=owned[0] if owned else None,
+                                      owner="the module's", hint=_NOT_FUSABLE_HINT)
+        self.engine, self._stepper, self._update_in_hook = chosen.engine, chosen.stepper, chosen.owns_update
+        self.fused, self.not_fused_reason, self.names = chosen.fused, chosen.not_fused_reason, chosen.names
+        self._hook_steps(chosen.stepper)
 
     def _hook_steps(self, opt):
         if not hasattr(opt, "register_step_post_hook"):
@@ -217,7 +212,7 @@ class DEMACallback(pl.Callback):
         if self._first_step:
             self._first_step = False
             seen = any(p.grad is not None for p in self.engine.params)
-            core.check_first_step_gradients(self.engine, self.names, seen, hint=_FIRST_STEP_HINT)
+            attach.check_first_step_gradients(self.engine, self.names, seen, hint=_FIRST_STEP_HINT)
         if self._update_in_hook:
             self.engine.update()
         if self.log_stats:
@@ -247,7 +242,7 @@ class DEMACallback(pl.Callback):
             return
         if trainer.global_step % trainer.log_every_n_steps != 0 or not self._log:
             return
-        metrics = self._log.metrics(self.engine)    # the one device sync, on logging steps only
+        metrics = self._log.metrics(self.engine, check=self.warn_regime)  # the one device sync, on logging steps only
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
@@ -287,9 +282,7 @@ class DEMACallback(pl.Callback):
 
     def swap(self):
         """``with callback.swap(): ...`` — the EMA weights live inside."""
-        if self.engine is None:
-            raise RuntimeError("DEMACallback.swap: training has not begun (no engine yet)")
-        return self.engine.swap()
+        return attach.swap(self.engine)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -355,7 +348,10 @@ class DEMACallback(pl.Callback):
     # ------------------------------------------------------------------ end
 
     def on_train_end(self, trainer, pl_module):
-        if self.engine is not None and self.replace_at_end:
+        if self.engine is None:
+            return
+        self.regime = train_regime(self.engine, self.measure_lag, self.warn_regime)
+        if self.replace_at_end:
             self.engine.copy_to_params()
 
     def teardown(self, trainer, pl_module, stage):
@@ -370,14 +366,12 @@ class DEMACallback(pl.Callback):
         needs peft: ``pip install cl_core[hf]``)."""
         if self.engine is None or self._module is None:
             raise RuntimeError("DEMACallback.save_ema_adapter: training has not begun (no engine yet)")
-        from cl_core.integrations.peft import save_ema_adapter
-
         peft_models = outer_peft_models(self._module)
         if len(peft_models) != 1:
             raise ValueError(f"DEMACallback.save_ema_adapter: the module holds {len(peft_models)} PEFT models; "
                              "call cl_core.integrations.peft.save_ema_adapter(peft_model, callback.engine, dir) "
                              "for the one to export")
-        return save_ema_adapter(peft_models[0][1], self.engine, os.fspath(out_dir), adapter_name)
+        return attach.save_ema_adapter(self.engine, peft_models[0][1], os.fspath(out_dir), adapter_name)
 
 
 # --------------------------------------------------------------------------- helpers

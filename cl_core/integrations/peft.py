@@ -7,8 +7,7 @@ at run time (``set_scale`` / ``scale_layer``), the ratio to the configured scali
 into ``lora_B`` so that the loaded adapter computes what the live model computes.
 
 Needs peft and safetensors (``pip install cl_core[hf]``); which tensors the callbacks average
-and their state files are in :mod:`cl_core.integrations.core` (torch only), whose names are
-also importable from here.
+is :mod:`cl_core.integrations.selection` (torch only).
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ import tempfile
 import torch
 
 from cl_core.dema.distributed import is_dtensor
-from cl_core.integrations.core import missing_extra
+from cl_core.integrations.extras import missing_extra
 
 try:
     import peft  # noqa: F401  (the export writes PEFT's adapter format)
@@ -32,10 +31,8 @@ try:
 except ImportError as exc:
     raise missing_extra("cl_core.integrations.peft (the EMA adapter export)", "hf", "safetensors", exc) from exc
 
-# Re-exported: their one home is cl_core.integrations.core.
-from cl_core.integrations.core import (active_adapter_names, adapter_named_parameters, atomic_save,  # noqa: E402,F401
-                                       is_peft_model, load_state_file, names_mismatch, select_dema_parameters,
-                                       tuner_layers, unwrap_model)
+from cl_core.integrations.selection import (active_adapter_names, adapter_named_parameters,  # noqa: E402
+                                            is_peft_model, tuner_layers, unwrap_model)
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -80,11 +77,6 @@ def _scaling_ratios(model, adapter: str) -> dict[str, float]:
     return ratios
 
 
-def _engine_param_ids(engine) -> set:
-    # An engine over copies/fragments of the parameters (DeepSpeed) names the model's own.
-    return {id(p) for p in getattr(engine, "model_params", engine.params)}
-
-
 def save_ema_adapter(model, engine, out_dir: str, adapter_name: str | None = None, *,
                      fold_scaling: bool = True, write: bool = True) -> str:
     """Write the EMA weights of ``adapter_name`` (default: the active adapter) as a PEFT adapter.
@@ -119,7 +111,7 @@ def save_ema_adapter(model, engine, out_dir: str, adapter_name: str | None = Non
         raise ValueError(f"save_ema_adapter: adapter {adapter_name!r} not in the model "
                          f"(adapters: {sorted(model.peft_config)})")
     named = adapter_named_parameters(model, adapter_name, trainable_only=False)
-    covered = _engine_param_ids(engine)
+    covered = {id(p) for p in engine.model_params}  # (DeepSpeed: the model's own, not the fragments)
     missing = [n for n, p in named if id(p) not in covered and p.requires_grad]
     if not any(id(p) in covered for _, p in named):
         missing = [n for n, _ in named] or [f"<no tensors of {adapter_name!r}>"]
@@ -130,20 +122,21 @@ def save_ema_adapter(model, engine, out_dir: str, adapter_name: str | None = Non
     if any(is_dtensor(p) for p in engine.params):
         raise ValueError("save_ema_adapter: parameters are sharded (FSDP); gather a full state first")
 
-    full = getattr(engine, "full_ema_tensors", None)
-    if full is not None:
-        # DeepSpeed: the engine averages fp32 fragments (partitions under ZeRO-1/2/3); gather
-        # the EMA whole (collective: every rank calls this) and give PEFT the tensors by name.
-        ema = full()
-        by_name = {n: t.to(p.dtype) for n, p, t in zip(engine.names, engine.model_params, ema)}
-        sd = get_peft_model_state_dict(model, state_dict=by_name, adapter_name=adapter_name)
-        sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
-        if not write:
-            return out_dir
-    else:
-        with engine.swap():
-            sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
-            sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+    # The EMA whole, flushed, one tensor per averaged parameter (under DeepSpeed a gather:
+    # collective, every rank calls this), handed to PEFT by the model's names in the
+    # parameter dtype; the model's other tensors (PEFT may save more than the averaged ones)
+    # as they are. The live weights are not touched.
+    ema = engine.export_ema()
+    by_id = {id(p): t.to(p.dtype) for p, t in zip(engine.model_params, ema)}
+    state = model.state_dict()
+    named_all = dict(model.named_parameters(remove_duplicate=False))
+    for n, p in named_all.items():
+        if id(p) in by_id:
+            state[n] = by_id[id(p)]
+    sd = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter_name)
+    sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+    if not write:
+        return out_dir
 
     if fold_scaling:
         ratios = _scaling_ratios(model, adapter_name)

@@ -1,6 +1,6 @@
 """Triton kernels of the one-pass optimizer step + DEMA (one launch per step) and their
 launchers; the engine's driver of one (device, dtype) group (cl_core/dema/fused_triton.py,
-`TritonFusedGroup`) builds the tables and calls them.
+`TritonFusedDriver`) builds the tables and calls them.
 
 Each program sweeps one tile (TILE elements) of one tensor. Per element it finishes the
 previous step's EMA update, applies Adam/AdamW/SGD exactly as torch orders the maths,

@@ -6,7 +6,7 @@ PEFT Llama and DEMACallback(record_alpha=True). Several runs per launch (each De
 start costs seconds); for each case {"name", "stage", "bf16", "resume"} every rank writes
 into OUT/rank{r}.pt:
   alpha      the callback's per-step α;
-  ema        the final EMA, gathered whole (DEMA.full_ema_tensors);
+  ema        the final EMA, gathered whole (DEMA.export_ema);
   replay     α and EMA of a plain reference engine fed, step by step, the whole fp32
              parameters and gradients the callback saw (gathered from the partitions), so
              partitioned statistics are checked against unpartitioned ones on the same data;
@@ -183,7 +183,7 @@ def run_case(out, case, rank):
     names = list(cb.engine.names)
     res = {
         "mode": cb._ds_link.mode, "partitioned": cb._ds_link.partitioned, "names": names,
-        "alpha": cb.alpha_history, "ema": cb.engine.full_ema_tensors(),
+        "alpha": cb.alpha_history, "ema": cb.engine.export_ema(),
         "num_updates": cb.engine.num_updates, "captures": cb._ds_link.captures,
         "reducer_calls": getattr(cb._ds_link.reduce_stats, "calls", None),
         "replay_alpha": rep.alpha, "replay_ema": [t.clone() for t in rep.engine.ema_tensors()],
@@ -203,7 +203,7 @@ def run_case(out, case, rank):
         tr2.train(resume_from_checkpoint=ckpt)
         res["resumed_from"] = cb_res.resumed_from
         res["resumed_alpha"] = cb_res.alpha_history
-        res["resumed_ema"] = cb_res.engine.full_ema_tensors()
+        res["resumed_ema"] = cb_res.engine.export_ema()
     return res
 
 

@@ -14,6 +14,8 @@ one launch (each launch costs seconds of start-up):
            after its first task and resumed as ddp is; how many parameters were partitioned when
            the runner gathered them back whole after each training is recorded.
   mm       `cl-core run --multimodal ...` (the tiny LLaVA on the bundled tasks drawn as pictures), DDP.
+  qw       the same with `--model-family qwen2-vl` (a tiny Qwen2-VL), DDP.
+  qwds     the same with `--model-family qwen2.5-vl --deepspeed zero0.json`.
 Each rank writes OUT/rank{r}.json with what it saw.
 """
 import json
@@ -93,7 +95,7 @@ def main(folder, spec):
         seen["after_interrupt"] = interrupted_run(folder / "ddp", folder)
         seen["ddp_exit"] = cli(spec["ddp"] + ["--out", str(folder / "ddp")])
         seen["shard"] = shard_check(folder)
-    for name in ("ds0", "ds0b", "ds3", "mm"):
+    for name in ("ds0", "ds0b", "ds3", "mm", "qw", "qwds"):
         if name in spec:
             if name == "ds3":
                 seen["ds3_gathers"] = []

@@ -10,17 +10,13 @@ import pytest
 import torch
 
 from cl_core import DEMA, DEMAConfig
-
-
-def _params(*shapes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g) for s in shapes]
+from tests.helpers import engine_snapshot, make_params
 
 
 # ---------------------------------------------------------------- missing gradients
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_missing_gradients_are_counted_per_tensor_and_warned_once(backend, caplog):
-    ps = _params((3,), (4, 2))
+    ps = make_params([(3,), (4, 2)], parameter=False)
     e = DEMA(ps, DEMAConfig(backend=backend))
     with caplog.at_level(logging.WARNING, logger="cl_core.dema.engine"):
         e.update()  # no gradient anywhere
@@ -35,7 +31,7 @@ def test_missing_gradients_are_counted_per_tensor_and_warned_once(backend, caplo
 
 
 def test_partial_missing_gradients_do_not_warn(caplog):
-    ps = _params((3,), (4,))
+    ps = make_params([(3,), (4,)], parameter=False)
     ps[0].grad = torch.ones(3)
     e = DEMA(ps)
     with caplog.at_level(logging.WARNING, logger="cl_core.dema.engine"):
@@ -45,7 +41,7 @@ def test_partial_missing_gradients_do_not_warn(caplog):
 
 
 def test_missing_gradients_survive_state_dict_and_old_states_load():
-    ps = _params((3,), (2,))
+    ps = make_params([(3,), (2,)], parameter=False)
     e = DEMA(ps)
     ps[1].grad = torch.ones(2)
     e.update()
@@ -62,7 +58,7 @@ def test_missing_gradients_survive_state_dict_and_old_states_load():
 
 
 def test_count_missing_is_the_public_hook_for_fused_steps(caplog):
-    e = DEMA(_params((3,), (2,), (5,)))
+    e = DEMA(make_params([(3,), (2,), (5,)], parameter=False))
     e.count_missing([2])
     e.count_missing([])
     assert e.stats.missing_grads.tolist() == [0, 0, 1]
@@ -77,7 +73,7 @@ def test_count_missing_is_the_public_hook_for_fused_steps(caplog):
 
 # ---------------------------------------------------------------- state loading
 def _trained(names=None, formula="official", steps=3, seed=0):
-    ps = _params((3, 2), (3, 2), seed=seed)
+    ps = make_params([(3, 2), (3, 2)], seed=seed, parameter=False)
     e = DEMA(ps, DEMAConfig(formula=formula), names=names)
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
@@ -88,31 +84,18 @@ def _trained(names=None, formula="official", steps=3, seed=0):
     return e, ps
 
 
-def _snapshot(e):
-    sd = e.state_dict()
-    return {k: (v.clone() if isinstance(v, torch.Tensor) else
-                [x.clone() if isinstance(x, torch.Tensor) else x for x in v] if isinstance(v, list) else v)
-            for k, v in sd.items()}
-
-
 def _assert_unchanged(e, snap):
-    now = e.state_dict()
-    assert now.keys() == snap.keys()
+    now = engine_snapshot(e)
+    assert now.keys() == snap.keys() and e.initialized
     for k, v in snap.items():
-        w = now[k]
-        if isinstance(v, torch.Tensor):
-            assert torch.equal(v, w), k
-        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
-            assert all(torch.equal(a, b) for a, b in zip(v, w)), k
-        else:
-            assert v == w, k
+        assert torch.equal(v, now[k]), k
 
 
 def test_every_field_of_a_state_is_checked_before_anything_changes():
     e, _ = _trained(names=["q.lora_A", "v.lora_A"])
     good = e.state_dict()
     other, _ = _trained(names=["q.lora_A", "v.lora_A"], steps=5, seed=7)  # the engine we try to corrupt
-    snap = _snapshot(other)
+    snap = engine_snapshot(other)
 
     def without(key):
         return {k: v for k, v in good.items() if k != key}
@@ -260,7 +243,7 @@ def test_one_odd_tensor_takes_the_slow_path_alone_and_matches_reference(odd, red
     e = DEMA(params, DEMAConfig(backend="torch"), reduce_stats=reduce_stats)
     r = DEMA(ref_params, DEMAConfig(backend="reference"))
     gen = torch.Generator().manual_seed(3)
-    with caplog.at_level(logging.WARNING, logger="cl_core.dema.backends.torch_backend"):
+    with caplog.at_level(logging.WARNING, logger="cl_core.dema.twopass.torch_backend"):
         for step in range(5):
             for k, (p, q) in enumerate(zip(params, ref_params)):
                 delta = 0.1 * torch.randn(p.shape, generator=gen)
@@ -370,7 +353,7 @@ def test_engine_copies_are_independent_and_continue_exactly(backend, how, monkey
         import cl_core.kernels.native as native
         monkeypatch.setattr(native, "function_for", lambda dtype, prefix="dema_cpu": None)
         backend = "torch"
-    params = _params((5, 3), (7,), (2, 9))
+    params = make_params([(5, 3), (7,), (2, 9)], parameter=False)
     e = DEMA(params, DEMAConfig(backend=backend, formula="paper"))
     _drive(e, params, 1, 3)
     c = copy.deepcopy(e) if how == "deepcopy" else pickle.loads(pickle.dumps(e))
@@ -554,23 +537,23 @@ def test_ema_in_the_parameter_dtype_matches_the_reference(dtype, formula, path, 
 
 
 def test_ema_dtype_param_float32_parameters_and_backend_choice(monkeypatch):
-    ps = _params((4,))
+    ps = make_params([(4,)], parameter=False)
     e = DEMA(ps, DEMAConfig(ema_dtype="param"))
     e.update()
-    assert e.groups[0].state.ema_dtype == torch.float32  # fp32 params: nothing changes
+    assert engine_snapshot(e)["ema"].dtype == torch.float32  # fp32 params: nothing changes
     assert e.groups[0].backend._native is not None
     # Every backend keeps a bf16/fp16 EMA: "triton" is accepted with ema_dtype="param",
     # and "auto" on CUDA picks it for such groups (no silent fallback to torch).
-    from cl_core.dema import backends
+    from cl_core.dema import twopass
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     bf16 = DEMA([torch.ones(3, dtype=torch.bfloat16)], DEMAConfig(backend="triton", ema_dtype="param"))
     assert bf16.groups[0].backend_name == "triton"
-    if backends.triton_available():
+    if twopass.triton_available():
         cuda = torch.device("cuda")
         for dtype in (torch.bfloat16, torch.float16):
-            assert backends.resolve_backend("auto", cuda, dtype, dtype) == "triton"
-    assert backends.resolve_backend("auto", torch.device("cpu"), torch.bfloat16, torch.bfloat16) == "torch"
+            assert twopass.resolve_backend("auto", cuda, dtype, dtype) == "triton"
+    assert twopass.resolve_backend("auto", torch.device("cpu"), torch.bfloat16, torch.bfloat16) == "torch"
     with pytest.raises(ValueError, match="ema_dtype='bf16' is not known"):
         DEMAConfig(ema_dtype="bf16")
 

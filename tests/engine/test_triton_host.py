@@ -1,4 +1,4 @@
-"""The host side of the Triton DEMA backend (cl_core/dema/backends/triton_backend.py and
+"""The host side of the Triton DEMA backend (cl_core/dema/twopass/triton_backend.py and
 cl_core/dema/cuda_launch.py) on what only a real GPU would otherwise show: every launch
 under its tensors' device, CUDA-graph capture refused, calls from another stream ordered
 after the last one, resized tensors refused before any state changes, and the interpreter
@@ -23,18 +23,17 @@ from cl_core import DEMA, DEMAConfig
 from cl_core.dema import cuda_launch
 from cl_core.dema.state import GroupState
 from cl_core.kernels import triton_dema, triton_fused
+from tests.helpers import make_params, state_tensors
 
 LAUNCHERS = {triton_dema: ("dema_stats", "dema_decide", "dema_apply"), triton_fused: ("step", "flush", "pending")}
-
-
-def _params(shapes=((5, 3), (33,), (2, 600)), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
 
 
 def _grads(params, gen):
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
+
+
+SHAPES = ((5, 3), (33,), (2, 600))
 
 
 class FakeStream:
@@ -92,7 +91,7 @@ def _engine(params, **config):
 def _started_engine():
     """Parameters and an engine past its first update (the lazy start), with the generator that
     draws the next gradients."""
-    params = _params()
+    params = make_params(SHAPES)
     engine = _engine(params)
     gen = torch.Generator().manual_seed(1)
     _grads(params, gen)
@@ -100,13 +99,8 @@ def _started_engine():
     return params, engine, gen
 
 
-def _snapshot(engine):
-    s = engine.groups[0].state
-    return [x.clone() for x in (s.ema_flat, s.gprev_flat, s.started, s.has_prev, s.d, s.alpha, s.skips)]
-
-
 def test_every_launch_runs_under_the_groups_device(fake_cuda):
-    params = _params()
+    params = make_params(SHAPES)
     engine = _engine(params)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -121,7 +115,7 @@ def test_every_launch_runs_under_the_groups_device(fake_cuda):
 
 def test_the_recorders_see_a_launch_outside_the_guard(fake_cuda):
     """The check above can fail: a launch made without entering the device is seen as such."""
-    params = _params()
+    params = make_params(SHAPES)
     engine = _engine(params)
     _grads(params, torch.Generator().manual_seed(1))
     engine.update()
@@ -133,14 +127,14 @@ def test_the_recorders_see_a_launch_outside_the_guard(fake_cuda):
 
 def test_a_captured_update_is_refused_before_anything_changes(fake_cuda):
     params, engine, gen = _started_engine()
-    before = _snapshot(engine)
+    before = state_tensors(engine)
     fake_cuda["launches"].clear()
     fake_cuda["capturing"] = True
     _grads(params, gen)
     with pytest.raises(RuntimeError, match="captured into a CUDA graph.*outside the graph"):
         engine.update()
     assert fake_cuda["launches"] == []
-    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(engine)))
+    assert all(torch.equal(a, b) for a, b in zip(before, state_tensors(engine)))
     fake_cuda["capturing"] = False
     engine.update()  # outside the capture it runs again
     assert fake_cuda["launches"]
@@ -169,7 +163,7 @@ def test_a_call_from_another_stream_waits_for_the_last_one(fake_cuda):
 
 def test_a_resized_tensor_is_refused_before_anything_changes():
     params, engine, gen = _started_engine()
-    before = _snapshot(engine)
+    before = state_tensors(engine)
     with torch.no_grad():
         params[2].data = params[2].data.reshape(-1)[:700].clone()  # 1,200 elements -> 700
     params[2].grad = torch.randn(params[2].shape, generator=gen)
@@ -177,29 +171,29 @@ def test_a_resized_tensor_is_refused_before_anything_changes():
         p.grad = torch.randn(p.shape, generator=gen)
     with pytest.raises(ValueError, match=r"tensor 2 .* has 700 elements .* built for 1200"):
         engine.update()
-    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(engine)))
+    assert all(torch.equal(a, b) for a, b in zip(before, state_tensors(engine)))
 
 
 def test_a_resized_gradient_is_refused():
     """torch refuses `p.grad =` of another size, but a backend is handed gradients by its
     caller (a hook, a sharded trainer): checked too."""
     params, engine, gen = _started_engine()
-    before = _snapshot(engine)
+    before = state_tensors(engine)
     grads = [p.grad for p in params]
     grads[1] = torch.randn(20, generator=gen)  # 33 expected
     with pytest.raises(ValueError, match=r"gradient of tensor 1 .* has 20 elements"):
         engine.groups[0].backend.update(params, grads)
-    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(engine)))
+    assert all(torch.equal(a, b) for a, b in zip(before, state_tensors(engine)))
 
 
 def test_the_interpreter_is_refused_on_cuda_tensors():
     """TRITON_INTERPRET=1 (the kernels here are interpreted) with a group on a GPU: refused
     with a sentence, before a table is allocated on that device."""
-    from cl_core.dema.backends.triton_backend import TritonBackend
+    from cl_core.dema.twopass.triton_backend import TritonBackend
 
     assert cuda_launch.kernels_interpreted(triton_dema._dema_stats_kernel)  # tests/conftest.py sets it
     config = DEMAConfig(backend="triton")
-    state = GroupState([p.detach() for p in _params()], config)
+    state = GroupState([p.detach() for p in make_params(SHAPES)], config)
     state.device = torch.device("cuda", 1)  # what a group on the second GPU records
     with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1.*cuda:1.*Unset TRITON_INTERPRET"):
         TritonBackend(state, config, torch.float32)
@@ -207,7 +201,7 @@ def test_the_interpreter_is_refused_on_cuda_tensors():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_cuda_group_on_the_second_gpu_runs_without_set_device():
-    params = [torch.nn.Parameter(p.detach().to("cuda:1")) for p in _params()]
+    params = [torch.nn.Parameter(p.detach().to("cuda:1")) for p in make_params(SHAPES)]
     ref = DEMA([torch.nn.Parameter(p.detach().cpu()) for p in params], DEMAConfig(backend="reference", formula="paper"))
     engine = DEMA(params, DEMAConfig(backend="triton", formula="paper"))
     assert torch.cuda.current_device() == 0
@@ -224,7 +218,7 @@ def test_cuda_group_on_the_second_gpu_runs_without_set_device():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_captured_update_is_refused():
-    params = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(SHAPES)]
     engine = DEMA(params, DEMAConfig(backend="triton", formula="paper"))
     for p in params:
         p.grad = torch.randn_like(p)
@@ -240,7 +234,7 @@ def test_cuda_captured_update_is_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_update_on_a_side_stream_equals_the_default_stream():
     def run(side):
-        params = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]
+        params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(SHAPES)]
         engine = DEMA(params, DEMAConfig(backend="triton", formula="paper"))
         gen = torch.Generator().manual_seed(1)
         stream = torch.cuda.Stream()

@@ -144,7 +144,7 @@ def test_param_dtype_change_is_refused_before_anything_changes():
     for key in ("started", "has_prev", "d", "alpha", "skips"):
         assert torch.equal(before[key], after[key])
     # the engine never asks for such a pair (ema_dtype_for), and backend selection refuses it
-    from cl_core.dema.backends import resolve_backend
+    from cl_core.dema.twopass import resolve_backend
 
     with pytest.raises(ValueError, match="float32 or in the parameter dtype"):
         resolve_backend("triton", torch.device("cpu"), torch.float16, torch.bfloat16)

@@ -18,8 +18,8 @@ from cl_core import DEMAConfig, DEMAOptimizer
 from cl_core.kernels import layouts as L
 from cl_core.kernels import native
 from cl_core.kernels import cpu_fused
-from cl_core.dema.fused_cpu import CpuFusedDriver
-from tests.helpers import ULP
+from cl_core.dema.onepass.cpu_driver import CpuFusedDriver
+from tests.helpers import ULP, engine_snapshot
 
 pytestmark = pytest.mark.skipif(native.load("fused") is None, reason="no C compiler: no native fused kernels")
 
@@ -109,10 +109,10 @@ def test_dtype_without_a_kernel_takes_the_generic_path(caplog):
     late = _model()
     opt = DEMAOptimizer(torch.optim.AdamW(late.parameters(), lr=1e-2), fused=True)
     late.to(torch.float64)
-    with caplog.at_level("WARNING", logger="cl_core.dema.fused"):
+    with caplog.at_level("WARNING", logger="cl_core.dema.onepass.step"):
         _train(late, opt, 4, dtype=torch.float64)
     assert opt._fused.generic_steps == 4
-    fused_logs = [r.getMessage() for r in caplog.records if r.name == "cl_core.dema.fused"]
+    fused_logs = [r.getMessage() for r in caplog.records if r.name == "cl_core.dema.onepass.step"]
     assert len(fused_logs) == 1 and "float64" in fused_logs[0]
     early = _model().to(torch.float64)
     ref = DEMAOptimizer(torch.optim.AdamW(early.parameters(), lr=1e-2), fused=False)
@@ -212,7 +212,7 @@ def test_model_moved_to_meta():
 def test_prepare_refuses_resized_parameters_and_gradients():
     """A parameter given smaller storage (or a stale gradient of another size) would be
     swept past its end: prepare says why instead of running the kernel."""
-    from cl_core.dema.fused import StepBatch
+    from cl_core.dema.onepass.step import StepBatch
 
     params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, 2))]
     opt = DEMAOptimizer(torch.optim.AdamW(params, lr=1e-2), fused=True)
@@ -280,17 +280,17 @@ def test_pending_stats_equal_what_the_flush_records(formula):
             params[3].grad[0, 0] = float("nan")
         opt.step()
         drv = _drivers(opt)[0]
-        state = opt.engine.groups[0].state
-        ema_before = state.ema_flat.clone()
+        before = engine_snapshot(opt.engine)
         pend = drv.pending_stats()
         again = drv.pending_stats()
-        assert torch.equal(state.ema_flat, ema_before)  # nothing finished, nothing changed
+        assert torch.equal(engine_snapshot(opt.engine)["ema"], before["ema"])  # nothing finished, nothing changed
         assert torch.equal(pend[0], again[0]) and torch.equal(pend[1], again[1])
         opt.engine.flush()
-        assert torch.equal(pend[0], state.alpha), (t, pend[0], state.alpha)
-        assert torch.equal(pend[1], state.skips), t
+        state = engine_snapshot(opt.engine)
+        assert torch.equal(pend[0], state["alpha"]), (t, pend[0], state["alpha"])
+        assert torch.equal(pend[1], state["skips"]), t
         assert drv.pending_stats() is None  # flushed: nothing pending
-    assert state.skips[3] >= 1  # the NaN step was counted
+    assert state["skips"][3] >= 1  # the NaN step was counted
 
 
 def test_ema_in_the_parameter_dtype_is_never_swept_as_fp32():
@@ -309,7 +309,7 @@ def test_ema_in_the_parameter_dtype_is_never_swept_as_fp32():
     (fm, fo), (gm, go) = runs
     assert fo.fused and fo._fused.generic_steps == 0
     assert _drivers(fo)[0]._fns[0].__name__ == "cpu_fused_step_param_bf16"
-    assert fo.engine.groups[0].state.ema_flat.dtype == torch.bfloat16
+    assert engine_snapshot(fo.engine)["ema"].dtype == torch.bfloat16
     tol = 2 * 4 * ULP[torch.bfloat16]
     _close(list(fm.parameters()), list(gm.parameters()), tol)
     _close(fo.engine.ema_tensors(), go.engine.ema_tensors(), tol)

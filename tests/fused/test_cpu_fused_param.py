@@ -27,7 +27,7 @@ import torch
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
 from cl_core.kernels import cpu_fused, native
-from tests.helpers import FP16_EPS, ULP, optimizer_table
+from tests.helpers import FP16_EPS, ULP, make_params, optimizer_table
 
 pytestmark = pytest.mark.skipif(native.load("fused") is None, reason="no C compiler: no native fused kernels")
 
@@ -38,11 +38,6 @@ OPTIMIZERS = optimizer_table(["adamw", "adam-l2", "adam", "sgd-nesterov", "sgd-d
                              changes={"adamw": FP16_EPS, "adam-l2": FP16_EPS, "adam": FP16_EPS})
 DTYPES = [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.skipif(
     cpu_fused.kernels(torch.float16, torch.float16) is None, reason="compiler without _Float16: no fp16 kernels"))]
-
-
-def _params(dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
 
 
 def _set_grads(params, t, gen, dtype, nonfinite):
@@ -67,7 +62,7 @@ def _fused_opt(params, opt_name, formula, fused=True):
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 def test_same_trajectory_equals_the_engines(dtype, formula, opt_name):
     steps = 10
-    params = _params(dtype)
+    params = make_params(SHAPES, dtype)
     opt = _fused_opt(params, opt_name, formula, fused="auto" if formula == "fixed" else True)
     shadows, engines = {}, {}
     for backend in ("torch", "reference"):
@@ -112,7 +107,7 @@ def test_whole_run_against_the_generic_path(dtype, opt_name):
     steps, formula = 8, "paper"
     runs = []
     for fused in (True, False):
-        params = _params(dtype)
+        params = make_params(SHAPES, dtype)
         opt = DEMAOptimizer(OPTIMIZERS[opt_name](params), DEMAConfig(ema_dtype="param", formula=formula), fused=fused)
         gen = torch.Generator().manual_seed(1)
         for t in range(steps):
@@ -137,7 +132,7 @@ def test_first_step_nan_leaves_the_ema_as_the_engine_does():
     started, g_prev zeros), never the NaN parameters; the next steps of the other tensors
     equal an engine fed the same trajectory bit for bit."""
     dtype = torch.bfloat16
-    params = _params(dtype)
+    params = make_params(SHAPES, dtype)
     theta0 = params[0].detach().clone()
     opt = _fused_opt(params, "adam", "official")
     shadow = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -170,7 +165,7 @@ def test_parameters_converted_to_another_dtype_take_the_generic_path(caplog):
     """bf16 θ* (ema_dtype="param") with parameters moved to fp16 after the optimizer was
     built: the kernel would read θ* as fp16, so those steps take the generic path (reason
     logged), and the EMA equals an engine fed the same trajectory."""
-    params = _params(torch.bfloat16)
+    params = make_params(SHAPES, torch.bfloat16)
     # SGD without momentum keeps no state (Adam's bf16 state would not take fp16 gradients)
     opt = DEMAOptimizer(torch.optim.SGD(params, lr=1e-2), DEMAConfig(ema_dtype="param"), fused=True)
     shadow = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -184,7 +179,7 @@ def test_parameters_converted_to_another_dtype_take_the_generic_path(caplog):
         dtype = params[0].dtype
         _set_grads(params, t, gen, dtype, nonfinite=False)
         grads = [None if p.grad is None else p.grad.clone() for p in params]
-        with caplog.at_level("WARNING", logger="cl_core.dema.fused"):
+        with caplog.at_level("WARNING", logger="cl_core.dema.onepass.step"):
             opt.step()
         with torch.no_grad():
             for s, p, g in zip(shadow, params, grads):

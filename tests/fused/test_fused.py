@@ -15,22 +15,18 @@ import logging
 import pytest
 import torch
 
+import cl_core.dema.regime as regime
 from cl_core import DEMAConfig, DEMAOptimizer
-from tests.helpers import ULP, optimizer_table
+from tests.helpers import ULP, engine_snapshot, make_params, optimizer_table
 from tests.kernels.test_launches_and_syncs import CountSyncs
 
 OPTIMIZERS = optimizer_table(["adamw", "adam-l2", "adam", "sgd-nesterov", "sgd-dampening", "sgd"])
 SHAPES = [(3, 5), (1,), (1030,), (40, 8), (7,)]
 
 
-def _params(dtype=torch.float32, seed=0, shapes=SHAPES):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-
-
 def _run(fused, opt_name, *, formula="official", backend="torch", steps=20, dtype=torch.float32,
          nan_at=None, read_at=(7,), shapes=SHAPES):
-    params = _params(dtype, shapes=shapes)
+    params = make_params(shapes, dtype)
     # two param groups with their own hyper-parameters
     groups = [{"params": params[:2], "lr": 5e-3}, {"params": params[2:]}]
     opt = DEMAOptimizer(OPTIMIZERS[opt_name](groups), DEMAConfig(formula=formula, backend=backend), fused=fused)
@@ -148,8 +144,8 @@ def test_checkpoint_mid_run_moves_to_the_generic_path():
 
 
 def test_unsupported_options_fall_back_with_a_reason(caplog):
-    params = _params()
-    with caplog.at_level(logging.INFO, logger="cl_core.dema.fused"):
+    params = make_params(SHAPES)
+    with caplog.at_level(logging.INFO, logger="cl_core.dema.onepass.step"):
         opt = DEMAOptimizer(torch.optim.AdamW(params, amsgrad=True))
     assert not opt.fused
     assert "amsgrad" in caplog.text
@@ -181,8 +177,10 @@ def test_triton_fused_is_one_launch_per_step(launches):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.slow
-def test_fused_step_makes_no_host_sync(backend):
-    params = _params(shapes=[(6, 4)] * 12)
+def test_fused_step_makes_no_host_sync(backend, monkeypatch):
+    monkeypatch.setattr(regime, "MAX_RING", 2)  # the regime counters fold their ring every
+    monkeypatch.setattr(regime, "MIN_RING", 2)  # second step: the fold must not sync either
+    params = make_params([(6, 4)] * 12)
     opt = DEMAOptimizer(torch.optim.AdamW(params, lr=1e-3), DEMAConfig(backend=backend, formula="paper"))
     gen = torch.Generator().manual_seed(0)
     for p in params:
@@ -201,7 +199,7 @@ def test_triton_pending_stats_equal_the_flushed_decision():
     """After a fused step, the pending step's α and skip counts, decided on the device
     without finishing the EMA (so a read of the stats needs no flush), equal what the
     flush then records."""
-    params = _params()
+    params = make_params(SHAPES)
     opt = DEMAOptimizer(OPTIMIZERS["adamw"](params), DEMAConfig(backend="triton", formula="paper"), fused=True)
     gen = torch.Generator().manual_seed(2)
     for t in range(5):
@@ -211,8 +209,8 @@ def test_triton_pending_stats_equal_the_flushed_decision():
             params[4].grad[0] = float("inf")
         opt.step()
         (alpha, skips), = opt._fused.pending_stats()
-        ema_before = opt.engine.groups[0].state.ema_flat.clone()
-        assert torch.equal(opt.engine.groups[0].state.ema_flat, ema_before)  # nothing finished
+        ema_before = engine_snapshot(opt.engine)["ema"]
+        assert torch.equal(engine_snapshot(opt.engine)["ema"], ema_before)  # nothing finished
         opt.engine.flush()
         stats = opt.engine.stats
         assert torch.equal(alpha, stats.alpha), t
@@ -235,7 +233,7 @@ def _steps(opt, params, gen, n, change=None, at=None):
 def _pair(backend, build_opt=lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)):
     out = []
     for fused in (True, False):
-        params = _params()
+        params = make_params(SHAPES)
         out.append((DEMAOptimizer(build_opt(params), DEMAConfig(backend=backend), fused=fused), params))
     return out
 
@@ -297,7 +295,7 @@ def test_parameters_moved_to_another_device_are_never_read_at_old_addresses(back
         p.grad = None
         torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().to("meta")))
         p.grad = torch.zeros_like(p)
-    with caplog.at_level(logging.WARNING, logger="cl_core.dema.fused"):
+    with caplog.at_level(logging.WARNING, logger="cl_core.dema.onepass.step"):
         with pytest.raises(RuntimeError, match="pending.*parameters"):
             fo.step()
     assert "no longer all on cpu" in caplog.text
@@ -376,7 +374,7 @@ def test_stats_are_current_after_each_fused_step_without_a_flush(formula):
     # the pending state, so a logger reading them costs no flush; the EMA itself stays
     # one step behind.
     def make(fused):
-        params = _params()
+        params = make_params(SHAPES)
         opt = DEMAOptimizer(OPTIMIZERS["adamw"]([{"params": params}]), DEMAConfig(formula=formula), fused=fused)
         return opt, params
 

@@ -1,4 +1,4 @@
-"""The host side of the Triton fused step (cl_core/dema/fused_triton.py with
+"""The host side of the Triton fused step (cl_core/dema/onepass/triton_driver.py with
 cl_core/dema/cuda_launch.py): every launch under the group's device, a captured
 optimizer.step() refused before anything changes, a step from another stream ordered after
 the last one, the interpreter refused on CUDA tensors, and a flush whose per-tensor sums
@@ -20,13 +20,9 @@ from cl_core.kernels import layouts as L
 from cl_core.kernels import triton_dema, triton_fused
 from tests.engine.test_triton_host import LAUNCHERS, FakeStream, fake_cuda  # noqa: F401  (a fixture)
 from tests.kernels.test_program_order import SMALL_TILE
+from tests.helpers import engine_snapshot, make_params, state_tensors
 
 SHAPES = [(3, 5), (2, 1030), (7,), (4100,)]  # 2,060 and 4,100 elements: 3 and 5 tiles of 1,024
-
-
-def _params(device="cpu", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in SHAPES]
 
 
 def _optimizer(params, formula="paper"):
@@ -39,23 +35,13 @@ def _grads(params, gen):
         p.grad = torch.randn(p.shape, generator=gen).to(p.device)
 
 
-def _snapshot(opt, params):
-    s = opt.engine.groups[0].state
-    out = [p.detach().clone() for p in params]
-    for p in params:
-        st = opt.inner.state.get(p, {})
-        out += [st[k].clone() for k in ("exp_avg", "exp_avg_sq") if k in st]
-        out += [torch.tensor(float(st["step"]))] if "step" in st else []
-    return out + [x.clone() for x in (s.ema_flat, s.gprev_flat, s.started, s.has_prev, s.d, s.alpha, s.skips)]
-
-
 @pytest.fixture
 def small_tiles(monkeypatch):
     monkeypatch.setattr(triton_fused, "TILE", SMALL_TILE)  # several tiles per tensor
 
 
 def test_every_fused_launch_runs_under_the_groups_device(fake_cuda, small_tiles):
-    params = _params()
+    params = make_params(SHAPES)
     opt = _optimizer(params)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -71,19 +57,19 @@ def test_every_fused_launch_runs_under_the_groups_device(fake_cuda, small_tiles)
 
 
 def test_a_captured_fused_step_is_refused_before_anything_changes(fake_cuda, small_tiles):
-    params = _params()
+    params = make_params(SHAPES)
     opt = _optimizer(params)
     gen = torch.Generator().manual_seed(1)
     _grads(params, gen)
     opt.step()
     _grads(params, gen)
-    before = _snapshot(opt, params)
+    before = state_tensors(opt.engine, params, opt.inner)
     fake_cuda["launches"].clear()
     fake_cuda["capturing"] = True
     with pytest.raises(RuntimeError, match="captured into a CUDA graph.*outside the graph"):
         opt.step()
     assert fake_cuda["launches"] == []
-    after = _snapshot(opt, params)
+    after = state_tensors(opt.engine, params, opt.inner)
     assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
     assert opt._fused.generic_steps == 0  # refused, not sent down the generic path
     fake_cuda["capturing"] = False
@@ -92,7 +78,7 @@ def test_a_captured_fused_step_is_refused_before_anything_changes(fake_cuda, sma
 
 
 def test_a_fused_step_from_another_stream_waits_for_the_last_one(fake_cuda, small_tiles):
-    params = _params()
+    params = make_params(SHAPES)
     opt = _optimizer(params)
     gen = torch.Generator().manual_seed(1)
     _grads(params, gen)
@@ -125,7 +111,7 @@ def test_the_flush_folds_without_index_add_and_repeats_bit_for_bit(monkeypatch, 
 
     def run():
         nonlocal original_fold
-        params = _params()
+        params = make_params(SHAPES)
         opt = _optimizer(params)
         gen = torch.Generator().manual_seed(1)
         ds = []
@@ -139,7 +125,7 @@ def test_the_flush_folds_without_index_add_and_repeats_bit_for_bit(monkeypatch, 
                 tile = torch.tensor(drv.tile0 + [drv.n_tiles])
                 parts = drv.part[w, :, L.P_D].double()
                 expect = torch.stack([parts[tile[k]:tile[k + 1]].sum() for k in range(len(SHAPES))])
-                d = opt.engine.groups[0].state.d
+                d = engine_snapshot(opt.engine)["d"]
                 torch.testing.assert_close(d.double(), expect, rtol=2e-7, atol=0)
                 ds.append(d.clone())
         return ds, [e.clone() for e in opt.engine.ema_tensors()]
@@ -150,23 +136,23 @@ def test_the_flush_folds_without_index_add_and_repeats_bit_for_bit(monkeypatch, 
 
 
 def test_the_interpreter_is_refused_on_cuda_tensors_by_the_fused_step(small_tiles):
-    from cl_core.dema.fused_triton import TritonFusedGroup
-    from cl_core.dema.onepass import GroupMembers
+    from cl_core.dema.onepass.triton_driver import TritonFusedDriver
+    from cl_core.dema.onepass.protocols import GroupMembers
     from cl_core.dema.state import GroupState
 
     assert cuda_launch.kernels_interpreted(triton_fused._fused_step_kernel)
-    params = _params()
+    params = make_params(SHAPES)
     state = GroupState([p.detach() for p in params], DEMAConfig(backend="triton"))
     cuda = torch.device("cuda", 0)
     members = GroupMembers(state, cuda, torch.float32, list(range(len(params))), params, [0] * len(params),
                            [None] * len(params), [None] * len(params), None)
     with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1.*cuda:0"):
-        TritonFusedGroup(members)
+        TritonFusedDriver(members)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_captured_fused_step_is_refused():
-    params = _params("cuda")
+    params = make_params(SHAPES, device="cuda")
     opt = _optimizer(params)
     for p in params:
         p.grad = torch.randn_like(p)
@@ -180,7 +166,7 @@ def test_cuda_captured_fused_step_is_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fused_steps_on_a_side_stream_equal_the_default_stream():
     def run(side):
-        params = _params("cuda")
+        params = make_params(SHAPES, device="cuda")
         opt = _optimizer(params)
         gen = torch.Generator().manual_seed(1)
         stream = torch.cuda.Stream()
@@ -202,14 +188,14 @@ def test_cuda_fused_steps_on_a_side_stream_equal_the_default_stream():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_flush_repeats_bit_for_bit():
     def run():
-        params = _params("cuda")
+        params = make_params(SHAPES, device="cuda")
         opt = _optimizer(params)
         gen = torch.Generator().manual_seed(1)
         out = []
         for _ in range(4):
             _grads(params, gen)
             opt.step()
-            out += [e.cpu() for e in opt.engine.ema_tensors()] + [opt.engine.groups[0].state.d.cpu()]
+            out += [e.cpu() for e in opt.engine.ema_tensors()] + [engine_snapshot(opt.engine)["d"].cpu()]
         return out
 
     for a, b in zip(run(), run()):

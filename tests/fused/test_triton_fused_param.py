@@ -101,7 +101,7 @@ def _run(fused, opt_name, dtype, formula, shapes, steps=4, nan_at=2, read_at=1, 
 def _check_fused_ran(opt, seen, steps, aligned):
     assert opt.fused and opt._fused.generic_steps == 0
     drv, = opt._fused._drivers
-    assert type(drv).__name__ == "TritonFusedGroup" and drv.ema_in_param_dtype
+    assert type(drv).__name__ == "TritonFusedDriver" and drv.ema_in_param_dtype
     assert seen == [(True, aligned)] * steps
     assert drv.unaligned_steps == (0 if aligned else steps)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cl_core import DEMACallback, DEMAConfig
-from cl_core.integrations.core import select_dema_parameters
+from cl_core.integrations.selection import select_dema_parameters
 from cl_core.integrations.hf import CARRY_KEY, CHECKPOINT_ADAPTER
 from tests.dist_scripts.common import RecorderCallback, TokenDataset, replay, sequential_trainer_cls, training_args
 from tests.helpers import tiny_llama, tiny_peft_llama
@@ -438,7 +438,7 @@ def test_not_one_pass_says_why(tmp_path, caplog):
     model = tiny_peft_llama()
     model.base_model.model.lm_head.weight.requires_grad_(True)     # trained but not averaged
     cb = DEMACallback()
-    with caplog.at_level("INFO", logger="cl_core.integrations.hf"):
+    with caplog.at_level("INFO", logger="cl_core.integrations.attach"):
         _train(model, tmp_path, [cb], max_steps=1).train()
     assert not cb.fused and "not averaged" in cb.not_fused_reason and "not one pass" in caplog.text
     with pytest.raises(ValueError, match="fused=True.*not averaged"):

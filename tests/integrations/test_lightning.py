@@ -16,7 +16,7 @@ from peft import PeftModel  # noqa: E402
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer  # noqa: E402
 from cl_core.integrations.lightning import DEMACallback  # noqa: E402
-from cl_core.integrations.core import adapter_named_parameters, select_dema_parameters  # noqa: E402
+from cl_core.integrations.selection import adapter_named_parameters, select_dema_parameters  # noqa: E402
 from tests import helpers  # noqa: E402
 
 VOCAB, SEQ, BATCH, N_BATCHES = helpers.TINY_LLAMA["vocab_size"], 12, 4, 6
@@ -167,7 +167,7 @@ def test_adamw_takes_the_fused_path_and_matches_a_plain_loop_with_a_scheduler(tm
 
 @pytest.mark.slow
 def test_other_optimizer_takes_the_two_pass_path_and_says_why(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="cl_core.integrations.lightning"):
+    with caplog.at_level(logging.INFO, logger="cl_core.integrations.attach"):
         module, cb, t = fit(tmp_path, "rmsprop", DEMACallback(replace_at_end=False))
     assert not cb.fused and "RMSprop" in cb.not_fused_reason
     assert sum("not one pass" in r.getMessage() for r in caplog.records) == 1

@@ -52,7 +52,7 @@ def test_llava_lora_trains_with_dema_vision_tower_frozen(tmp_path):
     vision_before = {n: p.detach().clone() for n, p in model.named_parameters() if "vision_tower" in n}
     assert vision_before and not any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
 
-    from cl_core.integrations.core import select_dema_parameters
+    from cl_core.integrations.selection import select_dema_parameters
 
     cb = DEMACallback(record_alpha=True)
     rec = RecorderCallback(select_dema_parameters)

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from cl_core import DEMACallback
-from cl_core.integrations.core import (adapter_named_parameters, atomic_save, load_state_file, select_dema_parameters,
-                                      transformers_adapter_support)
+from cl_core.integrations.extras import transformers_adapter_support
+from cl_core.integrations.selection import adapter_named_parameters, select_dema_parameters
+from cl_core.integrations.state_files import atomic_save, load_state_file
 from cl_core.integrations.peft import save_ema_adapter
 from tests.dist_scripts.common import TokenDataset, sequential_trainer_cls, training_args
 from tests.helpers import lora_config, tiny_llama, tiny_peft_llama

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
 from cl_core import DEMA, DEMACallback, DEMAConfig  # noqa: E402
-from cl_core.integrations.core import select_dema_parameters  # noqa: E402
+from cl_core.integrations.selection import select_dema_parameters  # noqa: E402
 from tests.helpers import tiny_llama, tiny_peft_llama  # noqa: E402
 
 WORDS = "red green blue small big circle square stop go one two three what is the color of answer".split()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cl_core import DEMA, DEMAConfig, DEMAOptimizer
-from tests.helpers import optimizer_table
+from tests.helpers import engine_snapshot, make_params, optimizer_table, state_tensors
 
 ORDERS = ("reversed", "shuffled")
 
@@ -70,14 +70,8 @@ def test_the_order_patch_reorders_programs(program_order):
 
 
 def _snapshot(engine, params, opt=None) -> list[torch.Tensor]:
-    sd = engine.state_dict()  # flushes: the flush kernel runs too
-    out = [p.detach().clone() for p in params] + [e.clone() for e in sd["ema"]]
-    out += [g.clone() for g in sd["grad_prev"] if g is not None]
-    out += [sd[k].clone() for k in ("started", "has_prev", "d", "alpha", "skips")]
-    if opt is not None:
-        for p in params:
-            out += [v.clone() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
-    return out
+    engine.ema_tensors()  # an EMA read: the flush and fold (canonicalize) kernels run too
+    return state_tensors(engine, params, opt)
 
 
 def _assert_identical(a, b, what):
@@ -99,11 +93,6 @@ ALIGNED_SHAPES = [(2, 1032), (4, 8), (16,), (8,)]  # every numel a multiple of 8
 GENERAL_SHAPES = [(2, 1030), (3, 5), (7,), (5,)]
 
 
-def _params(dtype, shapes, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-
-
 def _grads(params, gen, t):
     for i, p in enumerate(params):
         p.grad = None if (t == 2 and i == 2) else (torch.randn(p.shape, generator=gen) * 0.5).to(p.dtype)
@@ -116,7 +105,7 @@ def _ema_buffer_dtype(dtype, ema_dtype):
 
 
 def _dema_run(dtype, formula, hook, shapes, ema_dtype="float32"):
-    params = _params(dtype, shapes)
+    params = make_params(shapes, dtype)
     engine = DEMA(params, DEMAConfig(backend="triton", formula=formula, ema_dtype=ema_dtype), reduce_stats=hook)
     gen = torch.Generator().manual_seed(1)
     for t in range(3):
@@ -125,7 +114,7 @@ def _dema_run(dtype, formula, hook, shapes, ema_dtype="float32"):
                 p.add_((torch.randn(p.shape, generator=gen) * 0.1).to(dtype))
         _grads(params, gen, t)
         engine.update()
-    assert engine.groups[0].state.ema_flat.dtype == _ema_buffer_dtype(dtype, ema_dtype)
+    assert engine_snapshot(engine)["ema"].dtype == _ema_buffer_dtype(dtype, ema_dtype)
     return _snapshot(engine, params), engine.groups[0].backend._aligned
 
 
@@ -148,7 +137,7 @@ OPTIMIZERS = optimizer_table(["adamw", "adam-l2", "sgd-nesterov"], split_lr={"ad
 
 
 def _fused_run(opt_name, dtype, formula, shapes, ema_dtype="float32"):
-    params = _params(dtype, shapes)
+    params = make_params(shapes, dtype)
     opt = DEMAOptimizer(OPTIMIZERS[opt_name](params), DEMAConfig(backend="triton", formula=formula,
                                                                   ema_dtype=ema_dtype), fused=True)
     gen = torch.Generator().manual_seed(1)
@@ -160,7 +149,7 @@ def _fused_run(opt_name, dtype, formula, shapes, ema_dtype="float32"):
             pending += [x.clone() for x in opt._fused.pending_stats()[0]]
     aligned = [drv._static_aligned for drv in opt._fused._drivers]
     assert opt._fused.generic_steps == 0       # every step ran the fused kernel
-    assert opt.engine.groups[0].state.ema_flat.dtype == _ema_buffer_dtype(dtype, ema_dtype)
+    assert engine_snapshot(opt.engine)["ema"].dtype == _ema_buffer_dtype(dtype, ema_dtype)
     return _snapshot(opt.engine, params, opt.inner) + pending, aligned
 
 

@@ -5,7 +5,8 @@ import logging
 import pytest
 
 from cl_core.cli import main
-from cl_core.continual.config import METHODS, RunConfig
+from cl_core.continual.config import RunConfig
+from cl_core.continual.methods import METHODS
 
 
 def test_recipe_flags_reach_the_config(tmp_path, captured):

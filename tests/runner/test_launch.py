@@ -7,7 +7,8 @@ model on quick settings, compared with the same command in one process:
   run within the tolerance below, and the run folder holds the same files;
 * the evaluation shared out over the ranks gives exactly the answers of one process;
 * the same DDP run on the tiny LLaVA (``--multimodal``: the bundled tasks as pictures) equals
-  its single-process run;
+  its single-process run; so do the tiny Qwen2-VL under DDP and the tiny Qwen2.5-VL under
+  DeepSpeed ZeRO-0 (``--model-family``: variable-size patch sets, ``mm_token_type_ids``);
 * DeepSpeed ZeRO-0 (fp32) equals the single-process run within the same tolerance; ZeRO-0 bf16
   with the official recipe completes, trains bf16 weights and averages with precision="official";
 * DeepSpeed ZeRO-3 (fp32, every tensor partitioned: stage3_param_persistence_threshold 0),
@@ -42,6 +43,8 @@ QUICK = ["run", "--bundled-tasks", "textvqa", "gqa", "--n-train", "32", "--n-tes
          "--steps", "3", "--batch-size", "8", "--max-length", "96", "--quiet"]
 DDP = QUICK + ["--methods", "dema", "dema+group"]
 MULTIMODAL = QUICK + ["--multimodal", "--methods", "dema+group"]
+# the tiny Qwen2-VL under DDP, the tiny Qwen2.5-VL under DeepSpeed ZeRO-0 (cl_core.continual.qwen_vl)
+QWEN = {"qw": MULTIMODAL + ["--model-family", "qwen2-vl"], "qwds": MULTIMODAL + ["--model-family", "qwen2.5-vl"]}
 ZERO0 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
          "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 0}}
 # ZeRO-3 with every tensor partitioned: small LoRA tensors stay whole on every rank below the
@@ -143,9 +146,11 @@ def launched(tmp_path_factory):
     z3 = _write(folder / "zero3.json", ZERO3)
     assert cli(DDP + ["--out", str(folder / "ref")]) == 0
     assert cli(MULTIMODAL + ["--out", str(folder / "mm_ref")]) == 0
+    for name, flags in QWEN.items():
+        assert cli(flags + ["--out", str(folder / f"{name}_ref")]) == 0
     spec = {"ddp": DDP, "ds0": DDP + ["--deepspeed", z0], "ds0b": QUICK + ["--methods", "lcia", "--deepspeed", z0b],
             "ds3": DDP + ["--deepspeed", z3],
-            "mm": MULTIMODAL}
+            "mm": MULTIMODAL, "qw": QWEN["qw"], "qwds": QWEN["qwds"] + ["--deepspeed", z0]}
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
@@ -222,6 +227,17 @@ def test_multimodal_ddp_run_equals_one_process(launched):
     results = _assert_same_run(folder / "mm_ref", folder / "mm")
     assert results["config"]["multimodal"] and results["launch"]["processes"] == 2
     assert results["model"]["model_type"] == "llava"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_qwen_vl_runs_under_ddp_and_deepspeed_equal_one_process(launched):
+    folder, ranks = launched
+    assert [r["qw_exit"] for r in ranks] == [0, 0] and [r["qwds_exit"] for r in ranks] == [0, 0]
+    for name, model_type in (("qw", "qwen2_vl"), ("qwds", "qwen2_5_vl")):
+        results = _assert_same_run(folder / f"{name}_ref", folder / name)
+        assert results["model"]["model_type"] == model_type and results["launch"]["processes"] == 2
+    assert json.loads((folder / "qwds" / "results.json").read_text())["launch"]["deepspeed"]["zero_stage"] == 0
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ def test_moelora_runs_task_after_task_and_its_export_reloads_with_identical_outp
     import torch
 
     from cl_core.continual.run import ContinualRun
-    from cl_core.moelora import MoELoRALinear, MoELoRASet, load_moelora
+    from cl_core.continual.adapters import MoELoRASet
+    from cl_core.moelora import MoELoRALinear, load_moelora
 
     ids = torch.arange(4, 20).reshape(2, 8)
     saved_logits = []

@@ -6,7 +6,8 @@ import pytest
 
 from cl_core.cli import main
 from cl_core.continual.config import OFFICIAL_DEMA_TASKS, RunConfig
-from cl_core.continual.report import _grouping_lines, _official_switches
+from cl_core.continual.report.analysis import _official_switches
+from cl_core.continual.report.markdown import _grouping_lines
 from cl_core.continual.run import run
 from cl_core.continual.synthetic import TASK_NAMES, instruction_templates
 from cl_core.grouping import InstructionGrouper

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cl_core import DEMA
-from cl_core.integrations.peft import atomic_save, load_state_file
+from cl_core.integrations.state_files import atomic_save, load_state_file
 from tests.helpers import DATA_GROUPING, ROOT
 
 

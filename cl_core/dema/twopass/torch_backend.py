@@ -226,6 +226,7 @@ class TorchBackend:
         stats = torch.stack([a, b, c, nonfinite.float(), s.d], 1)
         if reduce_stats is not None:
             reduce_stats(stats)
+        self._stats = stats  # what α was decided from (last_stats)
         a, b, c, nonfinite, d = stats.unbind(1)
         skip = nonfinite > 0
         started = s.started.bool()
@@ -276,6 +277,12 @@ class TorchBackend:
             self._update_native(thetas, grads, reduce_stats)
         else:
             self._update_torch(thetas, grads, reduce_stats)
+
+    def last_stats(self) -> torch.Tensor:
+        """The native kernels' statistics table (written by every update), or the pure-torch
+        path's last one."""
+        stats = getattr(self, "_stats", None)
+        return stats if stats is not None else torch.zeros(len(self.state), 5, device=self.state.device)
 
     def canonicalize(self) -> None:
         """Nothing to fold: this backend writes the shared state directly."""

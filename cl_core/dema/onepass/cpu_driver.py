@@ -1,7 +1,7 @@
 """CPU half of the one-pass optimizer+DEMA step: the driver of one CPU engine group.
 
-`cl_core.dema.fused.FusedStep` drives a `CpuFusedDriver` through the FusedDriver protocol
-(cl_core/dema/onepass.py) (prepare / step / flush / pending_stats); fused_triton.py is its twin on
+`cl_core.dema.onepass.step.FusedStep` drives a `CpuFusedDriver` through the FusedDriver protocol
+(cl_core/dema/onepass/protocols.py) (prepare / step / flush / pending_stats); triton_driver.py is its twin on
 CUDA. The driver builds and owns the tables of the native kernels (their layout and the
 calls: cl_core/kernels/cpu_fused.py) and points them at the engine's GroupState, which
 the kernels update in place.
@@ -16,11 +16,12 @@ is rebuilt for or sent to the generic path, never swept as the old layout.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 
-from cl_core.dema.onepass import check_tensors
+from cl_core.dema.onepass.protocols import check_tensors
 from cl_core.kernels import cpu_fused as K
 from cl_core.kernels import layouts as L
 from cl_core.kernels import native
@@ -34,7 +35,7 @@ _NUMEL = torch.Tensor.numel
 
 class CpuFusedDriver:
     """The fused-step driver of one CPU engine group (the FusedDriver protocol of
-    cl_core/dema/onepass.py)."""
+    cl_core/dema/onepass/protocols.py)."""
 
     def __init__(self, members):
         K.library()  # built and its layout checked before any table points into it
@@ -216,3 +217,22 @@ class CpuFusedDriver:
         skips = torch.empty(self.n, dtype=torch.int64)
         K.pending(self.n, self.cs, alpha, skips, *self._consts, dtype=self.ema_dtype, ema_dtype=self.ema_dtype)
         return alpha, skips
+
+    def pending_inputs(self):
+        """(tag, fields, convert) of the pending decision (the FusedDriver protocol)."""
+        if not self._pending or self.n == 0:
+            return None
+        fields = (self.pend_stats, self.pend_mode, self.pend_has_grad, self.pend_has_prev, self.state.alpha)
+        return "fused-cpu", fields, functools.partial(regime_inputs, fixed=self._consts[0] == L.FORMULA_FIXED)
+
+
+def regime_inputs(stats, mode, has_grad, has_prev, alpha, fixed: bool):
+    """classify's (stats, use) from batched pending state of the CPU fused kernels. Only a
+    started tensor leaves an update pending (its statistics in pend_stats); one that started
+    in the step's sweep has α its start value, or 0 when NaN/inf skipped it."""
+    pend = mode == L.PEND_EMA
+    stats = stats.clone()
+    stats[..., L.DS_NONFINITE] = torch.where(pend, stats[..., L.DS_NONFINITE], (alpha == 0).float())
+    if not fixed:
+        pend = pend & (has_grad != 0) & (has_prev != 0)
+    return stats, pend

@@ -1,325 +1,16 @@
-"""The run report: ``report.md`` and PNG plots (matplotlib, Agg backend) in the run folder.
-
-    from cl_core.continual.report import write_report
-    write_report(results, out_dir)      # results: the dict of results.json
-
-Plots: ``heatmap_<method>.png`` (seed-mean accuracy matrix), ``per_task_accuracy.png``
-(accuracy on each task over the sequence, one panel per task, one line per method),
-``alpha_trace.png`` (mean α = 1 − β per optimizer step, for the methods with an EMA) and
-``alpha_hist.png`` (where every per-tensor α of the dynamic methods landed).
-"""
+"""``report.md``: the run report in markdown, with the plots (report.plots) and the computed
+comparisons (report.analysis) of a run's results.json."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from cl_core.continual import alpha as alpha_stats
+from cl_core.continual.methods import BASELINE, TABLE, method_slug
+from cl_core.continual.report.analysis import (CAT_GE1, CAT_LE0, CAT_NAN, CAT_START, _base_row, _official_switches,
+                                               _pm, _seeds_text, conclusions, learned, out_of_regime, regime_lines,
+                                               regime_report)
+from cl_core.continual.report.plots import plot_alpha, plot_alpha_hist, plot_heatmap, plot_per_task
 from cl_core.metrics import METRIC_LABELS, METRIC_NAMES
-
-# Line styles and markers per method: overlapping lines (equal accuracies) stay visible.
-_STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "x"), ("-.", "P"), (":", "*")]
-
-
-def _slug(method: str) -> str:
-    return method.replace("+", "_")
-
-
-def _pm(mean: float, std: float, n_seeds: int = 2) -> str:
-    """mean ± standard deviation over seeds; one seed has no spread, so only the mean."""
-    return f"{mean:.2f} ± {std:.2f}" if n_seeds > 1 else f"{mean:.2f}"
-
-
-# The comparisons the demo is built to answer: each EMA against what it is added to, and
-# grouping with and without DEMA (the ablation that separates the two effects).
-COMPARISONS = (("ema", "lora"), ("dema", "lora"), ("dema", "ema"), ("group", "lora"), ("dema+group", "group"),
-               ("dema+group", "dema"), ("lcia", "group"), ("cl-next", "dema"), ("moelora", "lora"))
-COMPARED_METRICS = ("avg_acc", "forgetting")
-
-
-def _compare(name_a, a_vals, name_b, b_vals, label, lower_is_better=False) -> dict:
-    """One comparison: the difference of the seed means, whether it exceeds the seeds' spread
-    (|Δ| > std_a + std_b, the standard deviations over seeds), and in how many seeds (each
-    pairs the same base, data and initialisation) ``name_a`` was better."""
-    from cl_core.metrics import mean_std
-
-    (ma, sa), (mb, sb) = mean_std(a_vals), mean_std(b_vals)
-    wins = sum(1 for x, y in zip(a_vals, b_vals) if (x < y if lower_is_better else x > y))
-    return {"label": label, "a": name_a, "b": name_b, "ma": ma, "sa": sa, "mb": mb, "sb": sb, "delta": ma - mb,
-            "spread": sa + sb, "beyond": abs(ma - mb) > sa + sb, "wins": wins, "seeds": len(a_vals)}
-
-
-def _difference(c: dict) -> str:
-    """A comparison (:func:`_compare`) in words."""
-    verdict = "exceeds the seeds' spread" if c["beyond"] else "is within the seeds' spread: no conclusion"
-    return (f"{c['label']}: {c['a']} {c['ma']:.1f} ± {c['sa']:.1f} vs {c['b']} {c['mb']:.1f} ± {c['sb']:.1f}, "
-            f"difference {c['delta']:+.1f} {verdict} (spread {c['spread']:.1f} = sum of the two standard "
-            f"deviations); {c['a']} better in {c['wins']} of {c['seeds']} seeds")
-
-
-_ONE_SEED = ("One seed: there is no spread over seeds to weigh a difference against, so no difference "
-             "here supports a conclusion (run with 3 or more --seeds).")
-_AGAINST_BASE = "Avg.ACC against the untuned base"
-
-
-def comparisons(results: dict) -> list:
-    """Every comparison the report weighs (:func:`_compare`), computed from the run's own
-    numbers: each method against the untuned base, then the pairs of COMPARISONS present in
-    the run, on COMPARED_METRICS. Empty with one seed (no spread)."""
-    methods = results["methods"]
-    seeds = [str(s) for s in results["config"]["seeds"]]
-    if len(seeds) < 2:
-        return []
-    out = []
-
-    def per_seed(m, metric):
-        return [methods[m]["seeds"][s]["metrics"][metric] for s in seeds]
-
-    base = results.get("base_metrics")
-    if base:
-        b_vals = [base["per_seed"][s] for s in seeds]
-        for m in methods:
-            out.append(_compare(m, per_seed(m, "avg_acc"), "base", b_vals, _AGAINST_BASE))
-    for a, b in COMPARISONS:
-        if a in methods and b in methods:
-            for metric in COMPARED_METRICS:
-                out.append(_compare(a, per_seed(a, metric), b, per_seed(b, metric), METRIC_LABELS[metric],
-                                    lower_is_better=metric.startswith("forgetting")))
-    return out
-
-
-def conclusions(results: dict) -> list:
-    """Which differences of this run exceed the seeds' spread and which do not, one line each,
-    computed from the run's own numbers (never written in advance)."""
-    found = comparisons(results)
-    return [_difference(c) for c in found] if found else [_ONE_SEED]
-
-
-def summary(results: dict) -> list:
-    """The conclusions in short for the terminal (the report has each in full): the pairs
-    whose difference exceeds the seeds' spread, one line each with the differences, then those
-    within it, then the methods above the untuned base beyond the spread."""
-    found = comparisons(results)
-    if not found:
-        return [_ONE_SEED]
-    pairs: dict = {}
-    for c in found:
-        if c["label"] != _AGAINST_BASE:
-            pairs.setdefault((c["a"], c["b"]), []).append(c)
-
-    def said(cs):
-        return ", ".join(f"{c['label']} {c['delta']:+.1f} ({c['a']} better in {c['wins']} of {c['seeds']})" for c in cs)
-
-    beyond = [f"{a} vs {b}: {said([c for c in cs if c['beyond']])}" for (a, b), cs in pairs.items()
-              if any(c["beyond"] for c in cs)]
-    within = [f"{a} vs {b}" + ("" if not any(c["beyond"] for c in cs) else
-                                " on " + ", ".join(c["label"] for c in cs if not c["beyond"]))
-              for (a, b), cs in pairs.items() if not all(c["beyond"] for c in cs)]
-    n = found[0]["seeds"]
-    out = [f"Beyond the spread of the {n} seeds:" + ("" if beyond else " none.")] + [f"  {line}" for line in beyond]
-    out.append("Within it, no conclusion: " + ("; ".join(within) if within else "none") + ".")
-    above = [c["a"] for c in found if c["label"] == _AGAINST_BASE and c["beyond"] and c["delta"] > 0]
-    rest = [c["a"] for c in found if c["label"] == _AGAINST_BASE and c["a"] not in above]
-    if above or rest:
-        out.append("Above the untuned base beyond the spread: " + (", ".join(above) or "none")
-                   + ("" if not rest else f"; not beyond it: {', '.join(rest)}") + ".")
-    return out
-
-
-# A task counts as learned in a seed when its accuracy right after its training reaches this.
-LEARNED_AT = 80.0
-
-
-def learned(results: dict, at: float = LEARNED_AT) -> list:
-    """Whether every task could be learned within the run's budget, computed from the
-    accuracy of each task right after its own training (the matrix diagonal): first whether,
-    in every seed, at least one method reached ``at`` % on it (else the task is not learnable
-    at this budget and no method's result on it means much), then per method where it stayed
-    below (the method, not the task: a continued LoRA set, or EMA weights that lag)."""
-    methods = results["methods"]
-    tasks = results["tasks"]
-    seeds = [str(s) for s in results["config"]["seeds"]]
-    if not methods:
-        return []
-    best = {(j, s): max(_just_trained(results, m, s)[j] for m in methods) for j in range(len(tasks)) for s in seeds}
-    missed = [(tasks[j], s, v) for (j, s), v in best.items() if v < at]
-    if missed:
-        out = ["Not every task was learned within the budget: " + "; ".join(
-            f"{t} in seed {s} (best method {v:.0f} % right after its training)" for t, s, v in missed)
-            + f", below {at:.0f} %. Results on such a task do not compare methods (more --steps, or a larger model)."]
-    else:
-        j, s = min(best, key=best.get)
-        out = [f"Every task was learned within the budget: right after its training, at least one method reached "
-               f"{at:.0f} % or more on every task in every seed (lowest of those bests: {tasks[j]} in seed {s}, "
-               f"{best[(j, s)]:.0f} %)."]
-    for m, short in shortfalls(results, at).items():
-        out.append(f"{m} stayed below {at:.0f} % right after training on: " + "; ".join(
-            f"{t} " + ", ".join(f"{v:.0f} (seed {s})" for s, v in found) for t, found in short.items()) + ".")
-    return out
-
-
-def _just_trained(results: dict, method: str, seed: str) -> list:
-    """Each task's accuracy right after its own training (the matrix diagonal) in one seed."""
-    rows = results["methods"][method]["seeds"][seed]["matrix"]
-    return [rows[j][j] for j in range(len(results["tasks"]))]
-
-
-def shortfalls(results: dict, at: float = LEARNED_AT) -> dict:
-    """{method: {task: [(seed, accuracy), ...]}} where a method's accuracy right after a task's
-    training stayed below ``at`` %; only the methods that did somewhere."""
-    out: dict = {}
-    for m in results["methods"]:
-        for s in (str(s) for s in results["config"]["seeds"]):
-            for task, v in zip(results["tasks"], _just_trained(results, m, s)):
-                if v < at:
-                    out.setdefault(m, {}).setdefault(task, []).append((s, v))
-    return out
-
-
-def _seeds_text(n: int) -> str:
-    return f"{n} seed" if n == 1 else f"{n} seeds"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_heatmap(matrix, tasks, title: str, path: Path, base=None) -> None:
-    """The accuracy matrix; ``base``: the untuned base's zero-shot row, drawn on top.
-    Cells of tasks not trained yet are hatched (the key says so): they are not in the metrics."""
-    from matplotlib.patches import Patch, Rectangle
-
-    plt = _pyplot()
-    t = len(tasks)
-    rows = ([list(base)] if base is not None else []) + [list(r) for r in matrix]
-    first = 1 if base is not None else 0
-    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * t, 1.2 + 0.55 * len(rows)))
-    im = ax.imshow(rows, vmin=0, vmax=100, cmap="viridis")
-    ax.set_xticks(range(t), tasks, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), (["base (zero-shot)"] if base is not None else [])
-                  + [f"after {name}" for name in tasks])
-    ax.set_xlabel("evaluated task")
-    ax.set_title(title, fontsize=10)
-    for r, row in enumerate(rows):
-        j = r - first
-        for i, v in enumerate(row):
-            untrained = j < 0 or i > j
-            if untrained:
-                ax.add_patch(Rectangle((i - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", lw=0,
-                                       edgecolor="white", alpha=0.5))
-            ax.text(i, r, f"{v:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if v < 60 else "black", alpha=0.55 if untrained else 1.0)
-    if base is not None:
-        ax.axhline(0.5, color="white", lw=1.5)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
-    ax.legend(handles=[Patch(facecolor="grey", hatch="///", edgecolor="white",
-                             label="task not trained yet (not in the metrics)")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.16 - 0.04 * (t > 6)), fontsize=7, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # long task names must not be clipped
-    plt.close(fig)
-
-
-def plot_per_task(results: dict, path: Path) -> None:
-    plt = _pyplot()
-    tasks = results["tasks"]
-    t = len(tasks)
-    cols = min(4, t)
-    rows = (t + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False, sharey=True)
-    x = list(range(1, t + 1))
-    n_methods = len(results["methods"])
-    for i, name in enumerate(tasks):
-        ax = axes[i // cols][i % cols]
-        for k, (method, r) in enumerate(results["methods"].items()):
-            col = [row[i] for row in r["matrix"]]
-            ls, marker = _STYLES[k % len(_STYLES)]
-            # A small sideways offset per method: equal accuracies do not hide each other.
-            dx = (k - (n_methods - 1) / 2) * 0.06
-            ax.plot([v + dx for v in x[i:]], col[i:], ls=ls, marker=marker, markersize=4, lw=1.2,
-                    alpha=0.85, label=method)
-        base = _base_row(results)
-        if base is not None:
-            ax.axhline(base[i], color="black", lw=1.0, ls=(0, (1, 2)), label="base (zero-shot)")
-        ax.axvline(i + 1, color="grey", lw=0.6, ls=":")
-        ax.set_title(f"task {i + 1}: {name}", fontsize=9)
-        ax.set_xticks(x)
-        ax.set_xlim(0.6, t + 0.4)
-        ax.set_ylim(-3, 103)
-        ax.set_xlabel("after training task", fontsize=8)
-        if i % cols == 0:
-            ax.set_ylabel("accuracy (%)", fontsize=8)
-    for k in range(t, rows * cols):
-        axes[k // cols][k % cols].axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # long task names must not be clipped
-    plt.close(fig)
-
-
-def alpha_series(traces, steps: int):
-    """(x, y) of a method's mean-α trace over the tasks one after another: NaN where the
-    EMA was off (a task without EMA, and one point at every task boundary, since each task
-    starts its own EMA), so a plot breaks the line there instead of joining across."""
-    nan = float("nan")
-    xs, ys = [], []
-    for j, trace in enumerate(traces):
-        offset = j * steps
-        if trace:
-            xs.extend(offset + k + 1 for k in range(len(trace)))
-            ys.extend(trace)
-        else:
-            xs.extend(offset + k + 1 for k in range(steps))
-            ys.extend([nan] * steps)
-        xs.append(offset + steps + 0.5)
-        ys.append(nan)
-    return xs, ys
-
-
-def plot_alpha(results: dict, path: Path) -> bool:
-    """Mean α per step (first seed), tasks one after the other; False when no method has one."""
-    plt = _pyplot()
-    tasks = results["tasks"]
-    steps = results["config"]["steps"]
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(tasks)), 3.4))
-    drawn = False
-    for k, (method, r) in enumerate(results["methods"].items()):
-        seed = next(iter(r["seeds"]))
-        traces = r["seeds"][seed]["alpha"]
-        if not any(traces):
-            continue
-        xs, ys = alpha_series(traces, steps)
-        ax.plot(xs, ys, lw=0.9, ls=_STYLES[k % len(_STYLES)][0], label=f"{method} (seed {seed})")
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return False
-    for j in range(1, len(tasks)):
-        ax.axvline(j * steps, color="grey", lw=0.5, ls=":")
-    # Task names between the boundaries, above the plot (not over the data).
-    ax.set_xlim(0, len(tasks) * steps)
-    top = ax.secondary_xaxis("top")
-    top.set_xticks([(j + 0.5) * steps for j in range(len(tasks))], tasks, fontsize=7)
-    top.tick_params(length=0)
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step (tasks one after another; gaps: EMA off)")
-    ax.set_ylabel("mean α = 1 − β")
-    ax.set_title("EMA weight per step (fixed EMA: α = 1 − β; DEMA: dynamic)", fontsize=10, pad=18)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # off the data
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # long task names must not be clipped
-    plt.close(fig)
-    return True
-
-
-def _base_row(results: dict):
-    """The untuned base's zero-shot accuracy per task (seed mean), or None without a base."""
-    b = results.get("base_metrics")
-    return b["zero_shot"] if b else None
 
 
 def _matrix_table(matrix, std, tasks, base=None) -> list[str]:
@@ -361,6 +52,9 @@ def write_report(results: dict, out_dir) -> Path:
         "Tasks in training order: " + ", ".join(f"{i + 1}. {n} ({tt})" for i, (n, tt) in
                                                enumerate(zip(tasks, results["task_types"]))) + ".",
         "",
+    ]
+    lines += _out_of_regime_lines(results)
+    lines += [
         (f"## Methods compared (mean ± standard deviation over {_seeds_text(len(seeds))})" if len(seeds) > 1
          else f"## Methods compared (one seed, {seeds[0]}: no spread to show)"),
         "",
@@ -401,8 +95,8 @@ def write_report(results: dict, out_dir) -> Path:
     ]
     lines += _never_on_lines(methods)
     lines += _settings_lines(methods)
-    if "lora" in methods:
-        r = methods["lora"]
+    if BASELINE in methods:
+        r = methods[BASELINE]
         forgets = (f"{r['metrics']['forgetting']:.1f} ± {r['metrics_std']['forgetting']:.1f}" if len(seeds) > 1
                    else f"{r['metrics']['forgetting']:.1f}")
         lines += [f"**Plain sequential LoRA forgets {forgets} points** on average (Forgetting; BWT "
@@ -425,7 +119,7 @@ def write_report(results: dict, out_dir) -> Path:
               if len(seeds) > 1 else f"seed {seeds[0]}") + "). *Italic* (hatched in the heatmaps): tasks not "
               "trained yet (not used by the metrics); the first row is the untuned base.", ""]
     for method, r in methods.items():
-        png = f"heatmap_{_slug(method)}.png"
+        png = f"heatmap_{method_slug(method)}.png"
         title = (f"{method}: accuracy after each task (mean of {_seeds_text(len(seeds))})" if len(seeds) > 1
                  else f"{method}: accuracy after each task (seed {seeds[0]})")
         plot_heatmap(r["matrix"], tasks, title, out / png, base=_base_row(results))
@@ -450,6 +144,7 @@ def write_report(results: dict, out_dir) -> Path:
                 lines.append(f"| {method} | {n_tasks} | {sum(vals) / len(vals):.4f} | {min(vals):.4f} | "
                              f"{max(vals):.4f} |")
         lines.append("")
+    lines += _regime_lines(results)
     lines += _alpha_hist_lines(results, out)
     lines += ["## Files", "",
               "`results.json` (per method: seed-mean `matrix`, `metrics` and `settings`; per seed the same plus, "
@@ -465,17 +160,6 @@ def write_report(results: dict, out_dir) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
-
-
-def _official_switches(results: dict, method: str):
-    """Per task, DEMA on in the official CoIN scripts, when this run is theirs (the bundled tasks
-    in CoIN's order, original templates) and ``method`` has an EMA; else None."""
-    from cl_core.continual.config import RunConfig
-
-    cfg = RunConfig.from_dict(results["config"])
-    if cfg.plan(method).ema is None:
-        return None
-    return cfg.official_switches()
 
 
 def _grouping_lines(r: dict, tasks, official=None) -> list[str]:
@@ -575,15 +259,23 @@ def _settings_lines(methods: dict) -> list[str]:
         return []
     keys = list(rows[0][1])
     lines = ["### Settings of each method", "",
-             "`lora`, `ema`, `dema`, `group`, `dema+group` take the run's flags (the custom recipe; `group` is "
-             "grouping without any EMA, beside `dema+group` to separate the two effects); `lcia` is the official "
-             "LCIA recipe and `cl-next` Continual-NExT's, with their own fixed settings (custom methods run beside "
-             "`--recipe lcia` or `--recipe cl-next` take that recipe's settings); `moelora` is CoIN's MoELoRA (LoRA "
-             "experts and a learned router per layer, one set, no EMA), with its own fixed settings.", "",
+             _methods_sentence(), "",
              "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for m, st in rows:
         lines.append(f"| {m} | " + " | ".join(str(st.get(k, "-")) for k in keys) + " |")
     return lines + [""]
+
+
+def _methods_sentence() -> str:
+    """What each method of the table is, and whose settings it takes."""
+    def kind(k):
+        return "; ".join(f"`{m.name}` {m.trains}" for m in TABLE.values() if m.kind == k)
+
+    recipes = [m.name for m in TABLE.values() if m.kind == "recipe"]
+    return (f"The custom methods take the run's flags ({kind('custom')}); the recipes have their own fixed "
+            f"settings ({kind('recipe')}; custom methods run beside "
+            f"{' or '.join(f'`--recipe {r}`' for r in recipes)} take that recipe's settings); "
+            f"{kind('own')}, with its own fixed settings.")
 
 
 def _never_on_lines(methods: dict) -> list[str]:
@@ -601,37 +293,6 @@ def _never_on_lines(methods: dict) -> list[str]:
                          ", not the EMA.")
             lines.append("")
     return lines
-
-
-def plot_alpha_hist(results: dict, path: Path) -> bool:
-    """Per dynamic-EMA method: where its per-tensor α landed (all seeds, all tasks)."""
-    rows = [(m, r["alpha_counts"]) for m, r in results["methods"].items()
-            if r.get("alpha_counts", {}).get("n") and r["alpha_counts"].get("fallback") is not None]
-    if not rows:
-        return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(rows), 1, figsize=(7.5, 1.9 * len(rows) + 0.4), squeeze=False, sharex=True)
-    for ax, (method, c) in zip(axes[:, 0], rows):
-        edges = alpha_stats.bin_edges(c)
-        shares = [b / c["n"] for b in c["bins"]]
-        ax.bar(edges[:-1], shares, width=[hi - lo for lo, hi in zip(edges, edges[1:])], align="edge",
-               color="tab:blue", edgecolor="white", lw=0.3)
-        ax.axvline(c["fallback"], color="tab:red", lw=1.0, ls="--", label=f"fallback {c['fallback']:g}")
-        ax.axvline(alpha_stats.ABOVE, color="black", lw=0.8, ls=":", label="0.1")
-        ax.set_xscale("log")
-        used = [k for k, b in enumerate(c["bins"]) if b]
-        ax.set_xlim(min(edges[used[0]], c["fallback"] / 2), max(edges[used[-1] + 1], 1.5))
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("share", fontsize=8)
-        ax.set_title(f"{method}: {alpha_stats.share(c, 'at_fallback'):.0%} at the fallback, "
-                     f"{alpha_stats.share(c, 'between'):.0%} between, {alpha_stats.share(c, 'above'):.0%} above 0.1 "
-                     f"({c['n']:,} values)", fontsize=9)
-        ax.legend(fontsize=7, loc="upper left")
-    axes[-1, 0].set_xlabel("α = 1 − β per tensor and step (log scale)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return True
 
 
 # A LLaVA-7B LoRA tensor at the official rank 128: 4096 x 128 elements.
@@ -684,10 +345,9 @@ def _alpha_why(rows, methods) -> list[str]:
     if gm is not None:
         text += f" (geometric mean of the values off the fallback: {gm:.3g})"
     text += (f". A LLaVA-7B LoRA tensor at the official rank 128 holds {_LLAVA_LORA_NUMEL:,} elements, "
-             f"{ratio:,.0f}× more, so the same per-element numbers give α about {ratio:,.0f}× smaller")
-    if gm is not None:
-        text += f" (≈ {gm / ratio:.2g} for the values above)"
-    text += ": well below the fallback, a slowly moving EMA. The constant was set for those tensors, not these."
+             f"{ratio:,.0f}× more, with a learning rate of 2e-4: the constant was fit there. How far the 1/n "
+             "argument carries is measured, not assumed: the EMA's lag adapts to the formula, so the share at the "
+             "fallback does not simply fall as 1/n (docs/regime.md).")
     nx = [(mm, cc) for mm, cc in rows if "scale 0.01" in methods[mm].get("settings", {}).get("EMA", "")]
     if nx:
         mm, cc = nx[0]
@@ -696,3 +356,50 @@ def _alpha_why(rows, methods) -> list[str]:
                  f"{alpha_stats.share(cc, 'between'):.0%} between it and 0.1, "
                  f"{alpha_stats.share(cc, 'below'):.0%} below it and {alpha_stats.share(cc, 'above'):.0%} above 0.1.")
     return [text, ""]
+
+
+def _out_of_regime_lines(results: dict) -> list[str]:
+    """Before the comparison: which DEMA methods ran out of their regime (so what is compared
+    there is not the method as designed), one line each."""
+    bad = set(out_of_regime(results))
+    if not bad:
+        return []
+    said = regime_lines(results, bad)
+    return (["**Before comparing: DEMA ran out of its regime** (its α mostly at the fallback, or jumps; "
+             "per task in \"DEMA's regime per task\" below, what it means in docs/regime.md):", ""]
+            + [f"- {line}" for line in said] + [""])
+
+
+def _regime_lines(results: dict) -> list[str]:
+    """Per EMA method and task (mean over the seeds' counts): the share of updates at the
+    fallback by cause, jumps, the α quantiles and the EMA's lag at the task's end."""
+    methods = [m for m in results["methods"] if regime_report(results, m) is not None]
+    if not methods:
+        return []
+    lines = ["## DEMA's regime per task", "",
+             "Every tensor-update of each EMA method, per task over the seeds (cl_core/dema/regime.py): the share "
+             "at the fallback α by cause (no previous gradient: a task's first step; the formula's α ≥ 1: it asks "
+             "for more than a full step; α ≤ 0; NaN), jumps (α > 0.1), quantiles of the α the formula set, and "
+             "the lag ‖θ* − θ‖₁ / ‖θ_start − θ‖₁ at the task's end (how far back towards the task's start the "
+             "EMA sits; mean over the seeds).", ""]
+    lines += [f"- {line}" for line in regime_lines(results)]
+    lines.append("")
+    tasks = results["tasks"]
+    for m in methods:
+        lines += [f"### {m}", "", "| task | at the fallback | no previous gradient | α ≥ 1 | α ≤ 0 | α NaN | jumps | "
+                  "α 10 / 50 / 90 % | lag |", "|---|---|---|---|---|---|---|---|---|"]
+        for j, name in enumerate(tasks):
+            rep = regime_report(results, m, j)
+            if rep is None or not rep.tensor_updates:
+                continue
+            n = rep.tensor_updates
+            q = rep.quantiles()
+            # a fixed EMA's α is its constant (its line above says it; the bins would round it)
+            qs = "-" if q[1] is None or rep.formula == "fixed" else " / ".join(f"{v:.2g}" for v in q)
+            fb = "-" if rep.formula == "fixed" else f"{rep.fallback_share:.0%}"
+            causes = " | ".join("-" if rep.formula == "fixed" else f"{rep.counts[c] / n:.0%}"
+                                for c in (CAT_START, CAT_GE1, CAT_LE0, CAT_NAN))
+            lag = "-" if rep.lag is None else f"{rep.lag:.1%}"
+            lines.append(f"| {j + 1}. {name} | {fb} | {causes} | {rep.jump_share:.0%} | {qs} | {lag} |")
+        lines.append("")
+    return lines

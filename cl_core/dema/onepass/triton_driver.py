@@ -2,8 +2,8 @@
 group on the Triton kernels of cl_core/kernels/triton_fused.py (one launch per step; see
 that module for the maths and the double-buffered flags).
 
-`cl_core.dema.fused.FusedStep` drives a `TritonFusedGroup` through the FusedDriver
-protocol (cl_core/dema/onepass.py); fused_cpu.py is its twin on CPU. The driver owns the tables
+`cl_core.dema.onepass.step.FusedStep` drives a `TritonFusedDriver` through the FusedDriver
+protocol (cl_core/dema/onepass/protocols.py); cpu_driver.py is its twin on CPU. The driver owns the tables
 (a static per-tensor table: addresses of θ, the optimizer state, θ*, g_prev; numel;
 param group; first tile, built when the group's tensors change; a dynamic table:
 gradient address, step count, flags, uploaded once per step in one copy with the
@@ -30,7 +30,8 @@ import operator
 import torch
 
 from cl_core.dema.cuda_launch import LaunchGuard, refuse_interpreter_on_cuda
-from cl_core.dema.onepass import check_tensors
+from cl_core.dema.onepass.protocols import check_tensors
+from cl_core.dema.state import round_sum
 from cl_core.kernels import layouts as L
 from cl_core.kernels import triton_dema as KD
 from cl_core.kernels import triton_fused as K
@@ -56,9 +57,9 @@ def _aligned_halves(shape, dtype, device) -> torch.Tensor:
     return torch.zeros(2, pad, dtype=dtype, device=device)[:, :k].view(2, *shape)
 
 
-class TritonFusedGroup:
+class TritonFusedDriver:
     """The fused group of one (device, dtype) engine group on the Triton kernels (the
-    FusedDriver protocol of cl_core/dema/onepass.py)."""
+    FusedDriver protocol of cl_core/dema/onepass/protocols.py)."""
 
     def __init__(self, members):
         self.members = members
@@ -329,3 +330,29 @@ class TritonFusedGroup:
         K.pending(self.tot[r], self.flags[r], self.dcarry[r], s.alpha, s.skips, alpha, skips, n, *self._consts,
                   ema_dtype=self.ema_dtype)
         return alpha, skips
+
+    def pending_inputs(self):
+        """(tag, fields, convert) of the pending decision (the FusedDriver protocol): the
+        totals and flags the kernels' `_pending` reads, copied as they are (three copies)."""
+        n = self.n
+        if n == 0 or self._dirty or not self._pending or self.n_tiles == 0:
+            return None
+        r = 1 - self.parity
+        fields = (self.tot[r, :n], self.flags[r, :, :n], self.dcarry[r, :n])
+        return "fused-triton", fields, functools.partial(regime_inputs, ema_dtype=self.ema_dtype,
+                                                         fixed=self._consts[0] == L.FORMULA_FIXED)
+
+
+def regime_inputs(tot, flags, dcarry, ema_dtype: torch.dtype, fixed: bool):
+    """classify's (stats, use) from batched pending totals and flags, as triton_fused's
+    `_pending` forms its decision: norms rounded once to a 16-bit EMA dtype, d carried
+    unless the last launch applied an update, the NaN/inf probe in column P_B."""
+    rs = (lambda x: x.float()) if ema_dtype == torch.float32 else (lambda x: round_sum(x, ema_dtype))
+    a, b, c, d_sum = (rs(tot[..., k]) for k in (L.P_A, L.P_B, L.P_C, L.P_D))
+    d_in = torch.where(flags[..., L.F_APPLIED, :] != 0, d_sum, dcarry)
+    pend = flags[..., L.F_PEND, :]
+    nonfinite = (pend != L.PEND_NONE) & (b != b)  # P_B carries the NaN/inf probe
+    use = pend == L.PEND_EMA
+    if not fixed:
+        use = use & (flags[..., L.F_PEND_HAS_GRAD, :] != 0) & (flags[..., L.F_PEND_HAS_PREV, :] != 0)
+    return torch.stack([a, b, c, nonfinite.float(), d_in], -1), use

@@ -2,8 +2,8 @@
 engine is handed (`OnePassStep`), what FusedStep drives per engine group (`FusedDriver`),
 the data passed between them, and the tensor check both drivers run every step.
 
-Implemented by cl_core/dema/fused.py (FusedStep), fused_cpu.py (CpuFusedDriver) and
-fused_triton.py (TritonFusedGroup); this module imports none of them.
+Implemented by cl_core/dema/onepass/step.py (FusedStep), cpu_driver.py (CpuFusedDriver) and
+triton_driver.py (TritonFusedDriver); this module imports none of them.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class OnePassResult:
 
 
 class FusedDriver(Protocol):
-    """The one-pass kernels of one engine group (CpuFusedDriver, TritonFusedGroup). Numbers
+    """The one-pass kernels of one engine group (CpuFusedDriver, TritonFusedDriver). Numbers
     and slots are named in kernels/layouts.py."""
 
     members: GroupMembers  # replaced by FusedStep when the optimizer state was collected again
@@ -82,6 +82,15 @@ class FusedDriver(Protocol):
         """This step's (alpha, skips) from the pending state, computed on the device
         without finishing the EMA; None when nothing is pending."""
 
+    def pending_inputs(self):
+        """What the pending decision is made from, for the regime counters
+        (cl_core/dema/regime.py): (tag, fields, convert) — the driver's pending-state tensors
+        as they are (copied by the counters, a few copies per step, no host sync) and a
+        picklable function turning a batch of them into `classify`'s (stats [..., 5]: a, b,
+        c, nonfinite, d; use [...]: the formula's α applies); None when nothing is pending.
+        A tensor that started at this step has use False (and nonfinite 1 when its start was
+        skipped)."""
+
 
 class OnePassStep(Protocol):
     """The one-pass optimizer+DEMA implementation the engine is handed (FusedStep)."""
@@ -96,6 +105,9 @@ class OnePassStep(Protocol):
     def pending_stats(self) -> list:
         """Per engine group: (alpha, skips) of the pending update, or None for a group that
         cannot tell without finishing it."""
+
+    def pending_inputs(self) -> list:
+        """Per engine group: the FusedDriver.pending_inputs of this step (or None)."""
 
 
 def check_tensors(params, grads, dtype, device, has_all_grads: bool,

@@ -41,6 +41,7 @@ class ReferenceBackend:
     def __init__(self, state: GroupState, config: DEMAConfig):
         self.state = state
         self.config = config
+        self._stats = torch.zeros(len(state), 5, dtype=torch.float32)
 
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
         # float32 arithmetic, or (ema_dtype="param") the parameter dtype's own arithmetic
@@ -72,6 +73,7 @@ class ReferenceBackend:
             dev_stats = stats.to(s.device)
             reduce_stats(dev_stats)
             stats = dev_stats.cpu()
+        self._stats = stats
 
         for i, (theta, grad) in enumerate(zip(thetas, grads)):
             if stats[i, STAT_NONFINITE] > 0:
@@ -110,6 +112,9 @@ class ReferenceBackend:
                     s.gprev_views[i].copy_(self._flat(grad))
                     s.has_prev[i] = 1
             s.d[i] = self._norm(th - ema, scratch=True)
+
+    def last_stats(self) -> torch.Tensor:
+        return self._stats
 
     def canonicalize(self) -> None:
         """Nothing to fold: this backend writes the shared state directly."""

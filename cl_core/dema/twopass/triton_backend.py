@@ -195,6 +195,10 @@ class TritonBackend:
                       s.alpha, s.skips, self.dyn_tab, len(s), int(s.needs_grad_prev), *self.config.kernel_scalars(),
                       reduce=reduce, decide=decide, ema_dtype=self.ema_dtype)
 
+    def last_stats(self) -> torch.Tensor:
+        """The decide kernel's per-tensor statistics (DS_* columns) of the last update."""
+        return self.stats
+
     def canonicalize(self) -> None:
         """Fold the pending d partials into state.d (for checkpoints and reads). The
         reducing half of `decide` does it, the very sum (and rounding) the next update

@@ -10,18 +10,18 @@ accumulates this step's statistics. The EMA in memory lags one step, so the engi
 
 The optimizer state lives where torch keeps it (`optimizer.state[p]["exp_avg"]`, ...),
 so the wrapped optimizer's `state_dict()` and a switch back to the generic path work.
-CPU tensors run the native kernels (cl_core/kernels/cpu_fused.py, driven by fused_cpu.py),
-CUDA tensors the Triton kernel (cl_core/kernels/triton_fused.py, driven by fused_triton.py);
+CPU tensors run the native kernels (cl_core/kernels/cpu_fused.py, driven by cpu_driver.py),
+CUDA tensors the Triton kernel (cl_core/kernels/triton_fused.py, driven by triton_driver.py);
 anything else keeps the generic path.
 
-Two interfaces (Protocols in cl_core/dema/onepass.py), as torch.optim dispatches `adam()` to its
+Two interfaces (Protocols in cl_core/dema/onepass/protocols.py), as torch.optim dispatches `adam()` to its
 implementations: the engine (cl_core.dema.engine.DEMA) is the one owner of the DEMA state,
 its counters and the flag "an EMA update is pending from the one-pass step"; it is handed
 a `OnePassStep` once (DEMAOptimizer builds a FusedStep and calls `engine.attach_one_pass`),
 calls its `step` from `engine.one_pass_update()`, and decides when to `flush` (every EMA
 read, the next two-pass update, a pickle). FusedStep in turn drives one `FusedDriver` per
-engine group: `CpuFusedDriver` (fused_cpu.py, native C kernels) or `TritonFusedGroup`
-(fused_triton.py). Implementations write only the GroupState tensors of the groups they
+engine group: `CpuFusedDriver` (cpu_driver.py, native C kernels) or `TritonFusedDriver`
+(triton_driver.py). Implementations write only the GroupState tensors of the groups they
 are handed, in place (as torch's fused Adam writes exp_avg); nothing is handed back to the
 engine but return values.
 
@@ -42,7 +42,7 @@ from typing import Sequence
 import torch
 
 from cl_core.dema.distributed import is_dtensor
-from cl_core.dema.onepass import FusedDriver, GroupMembers, OnePassResult, StepBatch
+from cl_core.dema.onepass.protocols import FusedDriver, GroupMembers, OnePassResult, StepBatch
 from cl_core.kernels import layouts as L
 from cl_core.kernels import native
 
@@ -299,13 +299,18 @@ class FusedStep:
         pending state without finishing the EMA; None for a group whose driver cannot."""
         return [drv.pending_stats() for drv in self._drivers or ()]
 
+    def pending_inputs(self):
+        """Per engine group, the pending decision's inputs (stats [T, 5], use [T]) for the
+        regime counters (cl_core/dema/regime.py), on the device; None where nothing is pending."""
+        return [drv.pending_inputs() for drv in self._drivers or ()]
+
 
 def _driver(group, members: GroupMembers) -> FusedDriver:
     """The fused-kernel driver of one engine group: CPU (native C) or Triton."""
     if group.backend_name == "triton":
-        from cl_core.dema.fused_triton import TritonFusedGroup
+        from cl_core.dema.onepass.triton_driver import TritonFusedDriver
 
-        return TritonFusedGroup(members)
-    from cl_core.dema.fused_cpu import CpuFusedDriver
+        return TritonFusedDriver(members)
+    from cl_core.dema.onepass.cpu_driver import CpuFusedDriver
 
     return CpuFusedDriver(members)

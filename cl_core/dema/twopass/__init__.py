@@ -2,7 +2,7 @@
 (device, dtype) group of the engine.
 
 Every backend implements one interface (DEMABackend below); the engine never looks
-inside one. "reference" is the literal per-tensor maths (cl_core.dema.reference),
+inside one. "reference" is the literal per-tensor maths (cl_core.dema.twopass.reference),
 "torch" the native CPU kernels with a pure-torch fallback (torch_backend.py, launching
 cl_core.kernels.cpu_dema), "triton" the GPU kernels (triton_backend.py, launching
 cl_core.kernels.triton_dema). A backend is built over the engine's GroupState and writes
@@ -26,6 +26,12 @@ class DEMABackend(Protocol):
     def update(self, thetas: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
                reduce_stats: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """One DEMA step over the group's local tensors (grads[i] None = no gradient)."""
+
+    def last_stats(self) -> torch.Tensor:
+        """float32 [T, 5] (a, b, c, nonfinite, d before the update: the table a `reduce_stats`
+        hook sees) of the last `update`, as its α was decided from them; read by the
+        engine's regime counters (cl_core/dema/regime.py) right after each update, on the
+        device, no host sync. a, b, c may be 0 where the formula did not need them."""
 
     def canonicalize(self) -> None:
         """Fold any partial sums the backend keeps into the shared GroupState."""
@@ -78,13 +84,13 @@ def resolve_backend(name: str, device: torch.device, dtype: Optional[torch.dtype
 
 def make_backend(name: str, state: GroupState, config: DEMAConfig, dtype: torch.dtype) -> DEMABackend:
     if name == "reference":
-        from cl_core.dema.reference import ReferenceBackend
+        from cl_core.dema.twopass.reference import ReferenceBackend
 
         return ReferenceBackend(state, config)
     if name == "triton":
-        from cl_core.dema.backends.triton_backend import TritonBackend
+        from cl_core.dema.twopass.triton_backend import TritonBackend
 
         return TritonBackend(state, config, dtype)
-    from cl_core.dema.backends.torch_backend import TorchBackend
+    from cl_core.dema.twopass.torch_backend import TorchBackend
 
     return TorchBackend(state, config, dtype)
