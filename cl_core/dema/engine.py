@@ -135,6 +135,10 @@ class DEMA:
         return [local_tensor(self.params[i]).detach() for i in indices]
 
     def _grads(self, indices, missing: list) -> list:
+        if self.config.formula == "fixed":
+            # 1 − β needs no gradient: the fixed EMA reads none (θ alone decides a skip)
+            # and counts none missing (issue 28: it warned about gradients it never used)
+            return [None] * len(indices)
         out = []
         for i in indices:
             g = self.params[i].grad
@@ -218,6 +222,8 @@ class DEMA:
         for i in indices:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
                 raise ValueError(f"DEMA.count_missing: {i!r} is not a tensor position (0..{n - 1})")
+        if self.config.formula == "fixed":
+            return  # no gradient is used, so none is missing
         for i in indices:
             counts[i] += 1
         if n and not self._warned_no_grads and len(set(indices)) == n:

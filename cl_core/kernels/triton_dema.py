@@ -49,8 +49,17 @@ from cl_core.kernels import layouts as L
 # BLOCK elements per program (512 fp32, 1,024 16-bit) keep a LoRA step at tens of
 # thousands of programs, enough to fill any GPU.
 NUM_WARPS = 4
-CHUNK = 128  # partials summed per loop iteration in `decide`
-DECIDE_WARPS = 1  # decide reads 4 partials x a few blocks per tensor: one warp is plenty
+# `decide` sums a tensor's block partials CHUNK rows per loop iteration, one program (of
+# DECIDE_WARPS warps) per tensor: row r of the accumulator tile takes rows r, r + CHUNK,
+# r + 2·CHUNK, ... in that order, then one tree sum: a fixed order, the same bits run to run.
+# Each iteration is about one memory latency (the loads feed the sums), so the iteration
+# count is the cost: a 2^27-element fp32 tensor has 262,144 blocks, 256 iterations at
+# 1,024 rows (it was 2,048 at 128 rows and one warp: an estimated +40-80 % on that
+# tensor's update, issue 28). 8 warps keep the tile at 16 values per thread (32 registers
+# in float64). At LoRA sizes (a few blocks per tensor) the wider masked tile is noise;
+# `make gpu-check` times decide on a 2^27-element tensor.
+CHUNK = 1024
+DECIDE_WARPS = 8
 # enable_fp_fusion=False: no multiply-add is contracted into an FMA, stated here rather
 # than left to Triton's default (which Triton has announced will change): compiled code
 # then rounds every product and sum as the interpreter, the reference and torch's
@@ -66,9 +75,12 @@ N_STAT: tl.constexpr = tl.constexpr(L.N_STAT)
 DECIDE_ALL, DECIDE_REDUCE_ONLY, DECIDE_ONLY = (True, True), (True, False), (False, True)
 
 
-def launch_shape(elem_size: int) -> tuple[int, int]:
-    """(VEC, BLOCK) for parameters of `elem_size` bytes."""
-    vec = 16 // elem_size
+def launch_shape(elem_size: int, ema_size: int = 4) -> tuple[int, int]:
+    """(VEC, BLOCK) for parameters of `elem_size` bytes and θ*/g_prev of `ema_size` bytes:
+    VEC = what one 128-bit access of the widest stream holds (16-bit parameters with a
+    float32 EMA: 4, so that θ, g and θ*, g_prev share one layout and no value goes through
+    shared memory between them; see triton_fused.launch_shape)."""
+    vec = 16 // max(elem_size, ema_size)
     return vec, vec * 32 * NUM_WARPS
 
 
@@ -253,7 +265,10 @@ def _dema_decide_kernel(
         # skipped this tensor (then d keeps its value). Norms are numbers of the EMA
         # dtype (ema_dtype="param": the float32 totals rounded to it).
         d_new = round_sum(tl.sum(acc_d, axis=0), EMA_DTYPE)
-        d_prev = tl.where(tl.load(mode + t) != L.MODE_SKIP, d_new, tl.load(d + t))
+        md = tl.load(mode + t)
+        # d is read only where it is kept: the flush's fold hands a fresh (uninitialised)
+        # d and never skips; compute-sanitizer's initcheck flagged the unmasked read
+        d_prev = tl.where(md != L.MODE_SKIP, d_new, tl.load(d + t, mask=md == L.MODE_SKIP, other=0.0))
         tl.store(d + t, d_prev)
         out = stats + t * L.N_DSTAT
         tl.store(out + L.DS_A, round_sum(tl.sum(tl.where(c1 == L.ST_A, s, 0.0), axis=0), EMA_DTYPE))
@@ -359,12 +374,18 @@ def dema_apply(n_blocks: int, blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, m
 
 
 def expect_v4(vec: int, param_loads: int, ema_loads: int, param_stores: int, ema_stores: int,
-              ema_bytes: int = 4) -> dict:
-    """128-bit accesses per loop iteration of an ALIGNED sweep: one per stream in the
-    parameter dtype (VEC elements), VEC·ema_bytes/16 per EMA stream (θ*, g_prev: VEC/4
-    for float32, one for an EMA in the 16-bit parameter dtype)."""
-    per = vec * ema_bytes // 16
-    return {"ld_v4": param_loads + ema_loads * per, "st_v4": param_stores + ema_stores * per}
+              ema_bytes: int = 4, param_bytes: int = 4) -> dict:
+    """Vector accesses per loop iteration of an ALIGNED sweep, VEC elements per thread and
+    stream: a stream of VEC·size = 16 bytes is one 128-bit access (ld/st.global.v4.b32), of
+    8 bytes one 64-bit access (v2.b32: 16-bit parameters beside a float32 EMA, VEC = 4),
+    of 32 bytes two 128-bit ones. Keys ld_v4, st_v4, ld_v2, st_v2."""
+    out = {"ld_v4": 0, "st_v4": 0, "ld_v2": 0, "st_v2": 0}
+    for size, loads, stores in ((param_bytes, param_loads, param_stores), (ema_bytes, ema_loads, ema_stores)):
+        width = vec * size
+        key, per = ("v2", 1) if width == 8 else ("v4", width // 16)
+        out[f"ld_{key}"] += loads * per
+        out[f"st_{key}"] += stores * per
+    return out
 
 
 def compile_specs():
@@ -381,10 +402,10 @@ def compile_specs():
     specs = []
     for dtype, tdt in _TL_DTYPES.items():
         size = torch.empty(0, dtype=dtype).element_size()
-        vec, block = launch_shape(size)
         name = str(dtype).replace("torch.", "")
         # float32 θ*/g_prev for every dtype; ema_dtype="param" keeps them in a 16-bit dtype
         for ema_tdt, ema_bytes, ema_tag in [(tl.float32, 4, "")] + ([(tdt, size, "ema=param/")] if size == 2 else []):
+            vec, block = launch_shape(size, ema_bytes)
             for aligned in (True, False):
                 tag = "aligned" if aligned else "general"
                 ce = dict(DTYPE=tdt, EMA_DTYPE=ema_tdt, ALIGNED=aligned, VEC=vec, BLOCK=block)
@@ -393,9 +414,9 @@ def compile_specs():
                 ap_sig = apply_sig if ema_tdt == tl.float32 else dict(apply_sig, dpart="*fp64")
                 # stats reads θ, g, θ*, g_prev; apply reads θ, g, θ* and writes θ*, g_prev
                 specs.append((f"dema_stats/{name}/{ema_tag}{tag}", _dema_stats_kernel, st_sig, ce, SWEEP_LAUNCH,
-                              expect_v4(vec, 2, 2, 0, 0, ema_bytes) if aligned else None))
+                              expect_v4(vec, 2, 2, 0, 0, ema_bytes, size) if aligned else None))
                 specs.append((f"dema_apply/{name}/{ema_tag}{tag}", _dema_apply_kernel, ap_sig, ce, SWEEP_LAUNCH,
-                              expect_v4(vec, 2, 1, 0, 2, ema_bytes) if aligned else None))
+                              expect_v4(vec, 2, 1, 0, 2, ema_bytes, size) if aligned else None))
     for red, dec in (DECIDE_ALL, DECIDE_REDUCE_ONLY, DECIDE_ONLY):
         # a 16-bit EMA (ema_dtype="param"): float64 partials (exact norm sums), the totals
         # and α's arithmetic rounded to that dtype

@@ -90,11 +90,22 @@ CHUNK = 64  # partial rows summed per iteration by a tensor's last program (_clo
 N_PART: tl.constexpr = tl.constexpr(L.N_PART)
 
 
-def launch_shape(elem_size: int, aligned: bool) -> tuple[int, int, int]:
-    """(VEC, BLOCK, ITERS) for parameters of `elem_size` bytes. The general (unaligned)
-    path accesses memory element by element anyway, so it keeps 4 elements per thread:
-    8 would cost 16-bit parameters > 128 registers there for nothing."""
-    vec = 16 // elem_size if aligned else 4
+def launch_shape(elem_size: int, aligned: bool, ema_size: int = 4) -> tuple[int, int, int]:
+    """(VEC, BLOCK, ITERS) for parameters of `elem_size` bytes and θ*/g_prev of `ema_size`
+    bytes (4: float32; the parameter's size with ema_dtype="param"). VEC = 4 elements per
+    thread for every dtype on the aligned path (the sizes document what it was chosen for):
+    fp32 streams are one 128-bit access each, 16-bit streams one 64-bit access. Why not 8
+    for 16-bit parameters (one 128-bit access): Triton gives every access its own vector
+    width (8 for 16-bit, 4 for fp32), and with a float32 EMA the two layouts met through
+    shared memory in every iteration (4 bar.sync and 4 st.shared per iteration in the PTX);
+    with a 16-bit EMA the 8-wide loop held 121-128 registers (Triton 3.6: 128 and a 12-byte
+    spill for bf16 AdamW). At 4, every aligned specialisation stays at <= 107 registers
+    (issue 28; tests/kernels/test_triton_compile.py). A warp's 64-bit accesses still cover
+    256 contiguous bytes: whole 32-byte sectors, so the DRAM traffic is the same. The
+    general (unaligned) path accesses memory element by element whatever VEC is: 2, which
+    keeps its 16-bit-EMA specialisations (float64 sums, scalar masks) under 120 registers
+    (122 at 4)."""
+    vec = 4 if aligned else 2
     block = vec * 32 * NUM_WARPS
     return vec, block, TILE // block
 
@@ -443,7 +454,8 @@ def step(n_tiles: int, tile_tensor, stab, dyn, hyper, tot_r, part_w, tot_w, tick
          dcarry_w, alpha, skips, T: int, formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype,
          kind: int, aligned: bool, ema_in_param_dtype: bool) -> None:
     """The one-pass optimizer + DEMA sweep of one step (grid = tiles)."""
-    vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
+    size = torch.empty(0, dtype=dtype).element_size()
+    vec, block, iters = launch_shape(size, aligned, size if ema_in_param_dtype else 4)
     scale, fallback, beta = f32_scalars(scale, fallback, beta)
     if n_tiles:
         _fused_step_kernel[(n_tiles,)](
@@ -458,7 +470,8 @@ def flush(n_tiles: int, tile_tensor, stab, theta, tot_r, part_w, flags_r, dcarry
           ema_in_param_dtype: bool) -> None:
     """Finish the EMA update the last step left pending (grid = tiles; θ through `theta`,
     an int64 table of θ addresses)."""
-    vec, block, iters = launch_shape(torch.empty(0, dtype=dtype).element_size(), aligned)
+    size = torch.empty(0, dtype=dtype).element_size()
+    vec, block, iters = launch_shape(size, aligned, size if ema_in_param_dtype else 4)
     scale, fallback, beta = f32_scalars(scale, fallback, beta)
     if n_tiles:
         _fused_flush_kernel[(n_tiles,)](
@@ -530,7 +543,7 @@ def compile_specs(every: bool | None = None):
             # (one v4 each) in that mode, fp32 streams (VEC/4 v4 each) otherwise
             ema_bytes = size if param_ema else 4
             for aligned in (True, False):
-                vec, block, iters = launch_shape(size, aligned)
+                vec, block, iters = launch_shape(size, aligned, ema_bytes)
                 shape = dict(VEC=vec, BLOCK=block, ITERS=iters)
                 tag = "aligned" if aligned else "general"
                 ce = dict(DTYPE=tdt, ALIGNED=aligned, EMA_IN_PARAM_DTYPE=param_ema)
@@ -541,12 +554,12 @@ def compile_specs(every: bool | None = None):
                     streams = (3, 2, 2, 2) if kind == L.KIND_SGD else (4, 2, 3, 2)
                     specs.append((f"fused_step/{kname}/{name}{mode}/{tag}", _fused_step_kernel, dict(step_sig, **part),
                                   dict(ce, KIND=kind, CHUNK=CHUNK, **shape), LAUNCH,
-                                  expect_v4(vec, *streams, ema_bytes=ema_bytes) if aligned else None))
+                                  expect_v4(vec, *streams, ema_bytes=ema_bytes, param_bytes=size) if aligned else None))
                 # the flush reads θ, θ* and writes θ*
                 specs.append((f"fused_flush/{name}{mode}/{tag}", _fused_flush_kernel,
                               dict(flush_sig, **{k: v for k, v in part.items() if k in flush_sig}),
                               dict(ce, **shape),
-                              LAUNCH, expect_v4(vec, 1, 1, 0, 1, ema_bytes=ema_bytes) if aligned else None))
+                              LAUNCH, expect_v4(vec, 1, 1, 0, 1, ema_bytes=ema_bytes, param_bytes=size) if aligned else None))
             if param_ema:
                 specs.append((f"fused_pending/{name}{mode}", _fused_pending_kernel, dict(pend_sig, tot_r="*fp64"),
                               dict(EMA_DTYPE=tdt), PENDING_LAUNCH, None))

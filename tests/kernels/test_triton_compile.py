@@ -11,17 +11,22 @@ is deleted afterwards (nothing cached between runs can hide a failure). From the
 the `ptxas -v` log Triton itself runs, the tests assert:
 
 - every specialisation compiles for both targets;
-- no spill bytes and at most 128 registers per thread at the launch's warp count;
+- no spill bytes and at most 120 registers per thread (8 under the launches' 128 cap: a kernel
+  at the cap spilled under another Triton) at the launch's warp count;
 - IEEE arithmetic as torch's: sqrt.rn / div.rn (never sqrt.approx, div.full/approx, rcp.approx)
   in fp32, no flush-to-zero, and no fp32 FMA (every launch sets enable_fp_fusion=False, so
   products and sums round as in the interpreter); the Adam kernels do have sqrt.rn and div.rn;
 - the fused step's ticket (its cross-tile reduction) is one `atom.global.gpu.acq_rel`
   integer add per program, and no kernel has any other atomic (no float atomics: fixed
   summation orders);
-- with ALIGNED, every data stream of a sweeping kernel moves through 128-bit global
-  loads/stores (`ld.global.v4` / `st.global.v4`): per iteration one v4 per stream in the
-  parameter dtype and VEC/4 per fp32 stream (θ*, g_prev; one v4 when ema_dtype="param"
-  keeps them in the 16-bit parameter dtype) — the counts each spec declares.
+- with ALIGNED, every data stream of a sweeping kernel moves through vector global
+  loads/stores: 4 elements per thread, one `ld/st.global.v4` per fp32 stream, one `.v2`
+  (64-bit) per 16-bit stream (the fused step; the DEMA sweeps with a 16-bit EMA: 8 per
+  thread, one v4) — the counts each spec declares (`expect_v4`);
+- 16-bit aligned sweeps route nothing through shared memory between two vector layouts: no
+  bar.sync or st.shared inside a loop, and no more than the float32 kernel's (reductions)
+  in a loop-less sweep (issue 28: a 16-bit θ beside a float32 θ* cost 4 barriers per
+  iteration).
 
 The fused step's param-dtype-EMA specialisations (EMA_IN_PARAM_DTYPE) are a covering subset
 by default: every kind, dtype and path plus the heaviest (register-wise) step kernel of each
@@ -56,7 +61,10 @@ import pytest
 from tests.helpers import ROOT as ROOT_PATH
 
 ARCHS = (80, 90)
-MAX_REGISTERS = 128
+MAX_REGISTERS = 128  # the launches' maxnreg
+# Every specialisation must stay this far under the cap: a kernel at exactly 128 spilled
+# under another Triton/ptxas (issue 28: bf16 AdamW, Triton 3.6, 12 spill bytes).
+HEADROOM = 8
 ROOT = str(ROOT_PATH)
 
 
@@ -73,10 +81,27 @@ def aligned_pointer_args(sig: dict) -> set:
     return {a for a, t in sig.items() if t.startswith("*")}
 
 
+def _loop_bodies(ptx: str) -> list:
+    """The text of every loop in the PTX: from a label to a later branch back to it."""
+    lines = ptx.splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\$L__\w+):", line.strip())
+        if m:
+            labels[m.group(1)] = i
+    bodies = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            bodies.append("\n".join(lines[labels[m.group(1)]:i + 1]))
+    return bodies
+
+
 def _ptx_counts(ptx: str) -> dict:
     ops = re.findall(r"\b((?:ld|st)\.global[\w.:]*)", ptx)
     atoms = re.findall(r"\b(atom\.[\w.]*)", ptx)
     fp = re.findall(r"\b((?:sqrt|div|rcp|fma|add|sub|mul)\.[\w.]*f32)\b", ptx)
+    loops = _loop_bodies(ptx)
     return {
         "sqrt_rn": sum(op.startswith("sqrt.rn") for op in fp),
         "div_rn": sum(op.startswith("div.rn") for op in fp),
@@ -86,7 +111,18 @@ def _ptx_counts(ptx: str) -> dict:
         "st": sum(op.startswith("st.") for op in ops),
         "ld_v4": sum(op.startswith("ld.") and ".v4." in op for op in ops),
         "st_v4": sum(op.startswith("st.") and ".v4." in op for op in ops),
+        # 64-bit data accesses (4 16-bit elements); not the float64 hyper-parameter pairs
+        # (.v2.b64) nor the partial rows a tensor's last program reads at L2 (.cg)
+        "ld_v2": sum(op.startswith("ld.") and ".v2.b32" in op and ".cg." not in op for op in ops),
+        "st_v2": sum(op.startswith("st.") and ".v2.b32" in op for op in ops),
         "atoms": sorted(atoms),
+        # shared memory: a layout conversion between two vector widths is a st.shared, a
+        # bar.sync and a ld.shared; a cross-warp reduction (tl.sum) uses it too
+        "loops": len(loops),
+        "loop_bar_sync": sum(len(re.findall(r"\b(?:bar|barrier)\.sync\b", b)) for b in loops),
+        "loop_st_shared": sum(len(re.findall(r"\bst\.shared\b", b)) for b in loops),
+        "st_shared": len(re.findall(r"\bst\.shared\b", ptx)),
+        "bar_sync": len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)),
     }
 
 
@@ -184,11 +220,49 @@ def test_every_specialisation_compiles_for_sm80_and_sm90(compiled):
 
 
 @pytest.mark.slow
-def test_no_spills_and_at_most_128_registers(compiled):
+def test_no_spills_and_headroom_under_128_registers(compiled):
     results, _ = compiled
     bad = [f"{r['name']} sm_{r['arch']}: {r['registers']} registers, {r['spill']} spill bytes"
-           for r in results if "error" not in r and (r["spill"] != 0 or r["registers"] > MAX_REGISTERS)]
-    assert not bad, "\n".join(bad)
+           for r in results if "error" not in r and (r["spill"] != 0 or r["registers"] > MAX_REGISTERS - HEADROOM)]
+    assert not bad, f"Triton {_triton_version()}: at most {MAX_REGISTERS - HEADROOM} registers, no spills:\n" + "\n".join(bad)
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+@pytest.mark.slow
+def test_16_bit_aligned_sweeps_have_no_shared_memory_round_trip(compiled):
+    """16-bit parameters with a float32 (or 16-bit) EMA: no value goes through shared memory
+    between two vector layouts. In a loop (the fused step, the flush) no bar.sync and no
+    st.shared at all; in the loop-less DEMA sweeps no more shared stores and barriers than
+    the float32 kernel of the same name (whose are its tl.sum reductions)."""
+    results, _ = compiled
+    ok = {(r["name"], r["arch"]): r for r in results if "error" not in r}
+    checked, bad = 0, []
+    for (name, arch), r in ok.items():
+        if not name.endswith("/aligned") or not ("bfloat16" in name or "float16" in name):
+            continue
+        checked += 1
+        if r["loops"]:
+            if r["loop_bar_sync"] or r["loop_st_shared"]:
+                bad.append(f"{name} sm_{arch}: {r['loop_bar_sync']} bar.sync, {r['loop_st_shared']} st.shared in its loops")
+        else:
+            fp32 = ok[(re.sub(r"b?float16", "float32", name).replace("ema=param/", ""), arch)]
+            if r["st_shared"] > fp32["st_shared"] or r["bar_sync"] > fp32["bar_sync"]:
+                bad.append(f"{name} sm_{arch}: {r['st_shared']} st.shared / {r['bar_sync']} bar.sync against the "
+                           f"float32 kernel's {fp32['st_shared']} / {fp32['bar_sync']}")
+    assert checked >= 2 * 16 and not bad, "\n".join(bad)
+
+
+def test_the_shared_memory_reader_can_fail():
+    """The loop reader finds a barrier and a shared store between a loop label and its back branch."""
+    ptx = ("st.shared.b32 [%r1], %r2;\n$L__BB0_8:  // =>This Inner Loop Header\nld.global.v4.b32 {%r1,%r2,%r3,%r4}, [%rd1];\n"
+           "bar.sync 0;\nst.shared.v4.b32 [%r20], {%r1,%r2,%r3,%r4};\n@%p70 bra $L__BB0_8;\nbar.sync 0;")
+    c = _ptx_counts(ptx)
+    assert (c["loops"], c["loop_bar_sync"], c["loop_st_shared"], c["st_shared"], c["bar_sync"]) == (1, 1, 1, 2, 2)
 
 
 def test_ieee_sqrt_and_division_and_no_fma_contraction(compiled):
@@ -212,7 +286,7 @@ def test_the_ieee_check_can_fail():
 
 
 @pytest.mark.slow
-def test_aligned_sweeps_use_128_bit_global_accesses(compiled):
+def test_aligned_sweeps_use_vector_global_accesses(compiled):
     results, specs = compiled
     checked = 0
     for r in results:
@@ -220,19 +294,21 @@ def test_aligned_sweeps_use_128_bit_global_accesses(compiled):
         if "error" in r or expect is None:
             continue
         checked += 1
-        assert r["ld_v4"] >= expect["ld_v4"] and r["st_v4"] >= expect["st_v4"], (
-            f"{r['name']} sm_{r['arch']}: {r['ld_v4']} ld.global.v4 / {r['st_v4']} st.global.v4 of "
-            f"{r['ld']} / {r['st']} global accesses; expected at least {expect['ld_v4']} / {expect['st_v4']}"
+        got = {k: r[k] for k in expect}
+        assert all(got[k] >= v for k, v in expect.items()), (
+            f"{r['name']} sm_{r['arch']}: {got} vector accesses of {r['ld']} / {r['st']} global loads / stores; "
+            f"expected at least {expect}"
         )
     assert checked >= 2 * 18  # every aligned sweep (3 dtypes x (3 kinds + flush + stats + apply)), both archs
 
 
 @pytest.mark.slow
 def test_the_general_path_is_really_unhinted(compiled):
-    """The check above can fail: without ALIGNED the same kernels have no 128-bit access."""
+    """The check above can fail: without ALIGNED the same kernels have no vector access."""
     results, _ = compiled
     general = [r for r in results if r["name"].endswith("/general") and "error" not in r]
-    assert general and all(r["ld_v4"] == 0 and r["st_v4"] == 0 for r in general)
+    vector = [r["name"] for r in general if r["ld_v4"] or r["st_v4"] or r["ld_v2"] or r["st_v2"]]
+    assert general and not vector, vector
 
 
 def test_only_the_fused_step_takes_a_ticket_and_it_is_acq_rel(compiled):

@@ -50,6 +50,7 @@ class TritonBackend:
         refuse_interpreter_on_cuda(state.device, K._dema_stats_kernel, "the triton DEMA backend")
         self.state, self.config = state, config
         self.dpart = None
+        self.copied_tensor_updates = 0  # non-contiguous θ/g read through contiguous copies
         self.guard = LaunchGuard(state.device, self._buffers, "the triton DEMA backend")
         with self.guard("building its tables"):
             self._build(dtype)
@@ -83,7 +84,8 @@ class TritonBackend:
         after the engine was built, e.g. model.to(torch.bfloat16))."""
         s, dev = self.state, self.state.device
         self.dtype = dtype
-        self.vec, self.block = K.launch_shape(torch.empty(0, dtype=dtype).element_size())
+        self.vec, self.block = K.launch_shape(torch.empty(0, dtype=dtype).element_size(),
+                                              torch.empty(0, dtype=s.ema_dtype).element_size())
         counts = [(n + self.block - 1) // self.block for n in s.numels]
         blk0 = [0]
         for c in counts:
@@ -138,6 +140,24 @@ class TritonBackend:
                         f"for {numels[k]} (shape {self.state.shapes[k]}); its storage was replaced by one of "
                         "another size. Give it back its size, or build a new DEMA engine for the resized model")
 
+    def _contiguous(self, thetas, grads):
+        """Non-contiguous θ or g (only read here) as contiguous copies, counted and warned
+        once: the fused step sends a step with such a gradient to the generic path, which
+        lands here (issue 28's gpu-check found it refused instead)."""
+        odd = [i for i, (t, g) in enumerate(zip(thetas, grads))
+               if not t.is_contiguous() or (g is not None and not g.is_contiguous())]
+        if not odd:
+            return thetas, grads
+        if not self.copied_tensor_updates:
+            log.warning("triton DEMA backend: %d tensor(s) with a non-contiguous parameter or gradient are read "
+                        "through contiguous copies (warned once; backend.copied_tensor_updates counts them)", len(odd))
+        self.copied_tensor_updates += len(odd)
+        thetas, grads = list(thetas), list(grads)
+        for i in odd:
+            thetas[i] = thetas[i].contiguous()
+            grads[i] = None if grads[i] is None else grads[i].contiguous()
+        return thetas, grads
+
     def _update(self, thetas, grads, reduce_stats) -> None:
         s = self.state
         dtypes = {x.dtype for x in thetas}
@@ -146,6 +166,7 @@ class TritonBackend:
             log.info("triton DEMA backend: parameters are now %s (built for %s); block tables rebuilt",
                      next(iter(dtypes)), self.dtype)
             self._bind(next(iter(dtypes)))
+        thetas, grads = self._contiguous(thetas, grads)
         for x in list(thetas) + [g for g in grads if g is not None]:
             if not x.is_contiguous() or x.dtype != self.dtype or x.device != s.device:
                 raise ValueError(
