@@ -58,7 +58,9 @@ def _hand_category(config, snap, span, k, theta, grad):
     """(category, α the formula set or None) of tensor k's coming update, by hand from the
     engine's state before it (`engine_snapshot`; tensor k at `span` of its flat buffers)."""
     low = config.ema_dtype == "param"
-    if not bool(torch.isfinite(theta).all()) or (grad is not None and not bool(torch.isfinite(grad).all())):
+    # a fixed EMA reads no gradient (docs/design.md §2): only a non-finite θ skips it
+    bad_grad = config.formula != "fixed" and grad is not None and not bool(torch.isfinite(grad).all())
+    if not bool(torch.isfinite(theta).all()) or bad_grad:
         return R.CAT_SKIP, None
     started = len(snap["started"]) > 0 and bool(snap["started"][k])
     if config.formula == "fixed":
