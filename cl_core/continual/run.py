@@ -51,6 +51,7 @@ from cl_core.continual.methods import METHODS, MethodPlan, method_slug  # noqa: 
 from cl_core.lora_sets import AdapterSets
 from cl_core.continual.state import RunState, TaskRecord, check_run_folder, write_json
 from cl_core.continual.tasks import Task, load_tasks  # noqa: F401 - re-exported
+from cl_core.continual import baselines
 from cl_core.continual.alpha import alpha_counts
 from cl_core.dema.config import DEMAConfig
 from cl_core.dema.regime import RegimeReport, regime_advice
@@ -277,16 +278,19 @@ class ContinualRun:
             cdir.mkdir(parents=True, exist_ok=True)
         base = self._load_base(seed)
         grouper = InstructionGrouper(threshold=self.cfg.threshold()) if plan.grouping else None
+        hook = baselines.for_method(self.cfg, method, seed)   # replay, ewc, lwf, olora: their own data / loss
         if done:
             last = cdir / done[-1].adapters
             log.info("%s seed %d: resuming after task %d/%d (%s)", method, seed, len(done), len(self.tasks), last)
             sets = self._adapter_sets(plan, base, last)
             if grouper is not None:
                 grouper = InstructionGrouper.load(last / "grouper.json")
+            if hook is not None:
+                hook.load(last)
         else:
             sets = self._adapter_sets(plan, base)
         return _Chain(method=method, seed=seed, plan=plan, sets=sets, grouper=grouper, done=done, dir=cdir,
-                      last_of_group={r.group: k for k, r in enumerate(done)})
+                      last_of_group={r.group: k for k, r in enumerate(done)}, hook=hook)
 
     def train_task(self, chain: "_Chain", j: int) -> "TaskOutcome":
         """Task ``j`` of ``chain``: pick (grouping) or reuse its LoRA set, start it, train it
@@ -295,10 +299,12 @@ class ContinualRun:
 
         from cl_core.grouping import Decision
 
-        cfg, plan, sets, method, seed = self.cfg, chain.plan, chain.sets, chain.method, chain.seed
+        cfg, plan, sets, method, seed, hook = self.cfg, chain.plan, chain.sets, chain.method, chain.seed, chain.hook
         task = self.tasks[j]
         t0 = time.time()
-        if chain.grouper is not None:
+        if hook is not None and hook.decision(j) is not None:
+            decision = hook.decision(j)                        # olora: a new set per task
+        elif chain.grouper is not None:
             decision = chain.grouper.assign(task.templates, name=task.name)
         else:
             decision = Decision(group=0, reused=j > 0, similarities=[])
@@ -322,11 +328,16 @@ class ContinualRun:
                      adapter, "" if init_from is None else f", from task {init_from + 1}",
                      ", EMA on" if use_ema else "")
         images = task.train_images or [None] * len(task.train)
-        loss = train(sets.model, self.encoder, [(p, a, im) for (p, a, _), im in zip(task.train, images)],
+        examples = [(p, a, im) for (p, a, _), im in zip(task.train, images)]
+        if hook is not None:
+            hook.begin_task(sets.model, j)
+        loss = train(sets.model, self.encoder, examples if hook is None else hook.examples(j, examples),
                      out_dir=self.out / ".trainer", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                      warmup=cfg.warmup_steps, seed=seed_for(seed, "data", j), quiet=not self.bars,
                      callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm,
-                     launch=self.launch, cuda=cfg.on_cuda())
+                     launch=self.launch, cuda=cfg.on_cuda(), hook=hook)
+        if hook is not None:   # EWC's Fisher, replay's buffer: from the task's own records
+            hook.end_task(sets.model, j, examples, self._encode_batch)
         train_s = time.time() - t0
         row = self._evaluate(sets.model, chain.grouper, route=plan.route,
                              progress_desc=f"eval {method} s{seed} t{j + 1}")
@@ -342,6 +353,10 @@ class ContinualRun:
             outcome.names = _averaged_names(cb)
             outcome.numel = [whole[n].numel() for n in outcome.names]
         return outcome
+
+    def _encode_batch(self, records: list) -> dict:
+        """(prompt, answer, image) records as one training batch (what the Trainer gets)."""
+        return self.encoder.collate([self.encoder.example(p, a, im, self.cfg.max_length) for p, a, im in records])
 
     def _persist(self, chain: "_Chain", j: int, outcome: "TaskOutcome", state: RunState) -> None:
         """Save task ``j``'s α file and adapters, then the state that points at them (rank 0
@@ -362,6 +377,8 @@ class ContinualRun:
                 chain.sets.save(tmp)
                 if chain.grouper is not None:
                     chain.grouper.save(tmp / "grouper.json")
+                if chain.hook is not None:
+                    chain.hook.save(tmp)   # the buffer, the Fisher and anchors: read back on resume
         decision = outcome.decision
         chain.done.append(TaskRecord(
             task=task.name, row=outcome.row, loss=outcome.loss, adapter=outcome.adapter, group=decision.group,
@@ -510,6 +527,7 @@ class _Chain:
     done: list                      # TaskRecord of the finished tasks, in order (state.json's list)
     dir: Path
     last_of_group: dict             # set (group) -> the task that last trained it
+    hook: object = None             # the method's Baseline (cl_core.continual.baselines), or None
 
 
 @dataclass
