@@ -295,6 +295,11 @@ class RunConfig:
         d = self.plan(method).describe()
         if self.plan(method).adapter == "moelora":
             d["LoRA sets"] = self.moelora_config().describe()
+        own = methods_table.method(method)
+        if own.hooks is not None:   # the baselines: their own settings, as the flags name them
+            if method == "olora":
+                d["LoRA sets"] = "one per task (earlier ones frozen; inference sums them)"
+            d["own settings"] = ", ".join(f"{setting_flags()[f]} {getattr(self, f)}" for f in own.reads)
         if self.dema_tasks is not None and self.plan(method).ema is not None:
             d["EMA on"] = "tasks " + ", ".join(str(t) for t in self.dema_tasks) + " (`--dema-tasks`)"
         return d

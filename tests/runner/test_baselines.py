@@ -278,3 +278,28 @@ def _kw(rest):
     names = {"--ewc-lambda": ("ewc_lambda", float), "--replay-ratio": ("replay_ratio", float),
              "--lwf-temperature": ("lwf_temperature", float)}
     return {names[f][0]: names[f][1](v) for f, v in zip(rest[::2], rest[1::2])}
+
+
+def test_compare_paper_runs_the_papers_rows_and_refuses_a_method_list(tmp_path, captured, caplog):
+    from cl_core.continual.methods import PAPER_ROWS
+
+    assert main(["run", "--compare", "paper", "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    assert captured[-1].methods == PAPER_ROWS == ("lora", "moelora", "lwf", "ewc", "replay", "olora", "lcia")
+    assert main(["run", "--compare", "paper", "--methods", "lora", "--out", str(tmp_path / "q")]) == 2
+    assert "--compare paper runs the paper's rows" in caplog.text
+
+
+def test_the_report_lays_the_papers_rows_out_as_its_table_1_in_its_order():
+    from cl_core.continual.report.markdown import _paper_table_lines
+
+    def metrics(k):
+        return {"avg_acc": 10.0 + k, "forgetting": 2.0 * k, "new_acc": 50.0 - k}
+    names = ("lcia", "ewc", "lora", "dema")      # the run's order; dema is no row of the paper's
+    results = {"config": {"seeds": [0]},
+               "methods": {m: {"metrics": metrics(k), "metrics_std": metrics(0)} for k, m in enumerate(names)}}
+    lines = _paper_table_lines(results)
+    assert "missing here: moelora, lwf, replay, olora" in lines[3]
+    assert lines[5:] == ["| method | Avg.ACC | Forgetting | New.ACC |", "|---|---|---|---|",
+                         "| lora | 12.00 | 4.00 | 48.00 |", "| ewc | 11.00 | 2.00 | 49.00 |",
+                         "| lcia | 10.00 | 0.00 | 50.00 |"]
+    assert _paper_table_lines({"config": {"seeds": [0]}, "methods": {"lora": results["methods"]["lora"]}}) == []
