@@ -303,3 +303,13 @@ def test_the_report_lays_the_papers_rows_out_as_its_table_1_in_its_order():
                          "| lora | 12.00 | 4.00 | 48.00 |", "| ewc | 11.00 | 2.00 | 49.00 |",
                          "| lcia | 10.00 | 0.00 | 50.00 |"]
     assert _paper_table_lines({"config": {"seeds": [0]}, "methods": {"lora": results["methods"]["lora"]}}) == []
+
+
+def test_zero3_is_refused_for_the_baselines_and_kept_for_the_others():
+    from cl_core.continual.launch import Launch
+
+    zero3 = Launch(world_size=2, deepspeed={"zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match="ewc, olora under DeepSpeed ZeRO stage 3.*use ZeRO stage 0, 1 or 2"):
+        zero3.check_run(RunConfig(methods=("lora", "ewc", "olora")))
+    zero3.check_run(RunConfig(methods=("lora", "dema")))
+    Launch(world_size=2, deepspeed={"zero_optimization": {"stage": 2}}).check_run(RunConfig(methods=("ewc",)))
