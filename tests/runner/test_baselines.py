@@ -214,12 +214,17 @@ def test_replay_buffer_is_bounded_seeded_and_round_trips_with_images(tmp_path, s
         assert [t for t, _ in a.buffer] == [0, 0, 1, 1, 2, 2]
     else:
         assert a.seen == 30 and replay.Hook(RunConfig(replay_size=6, replay_sampling=sampling), 1) is not None
+    from cl_core.continual.synthetic import Scene, SceneObject
+
+    scene = Scene((SceneObject("red", "star", "small", (1, 2, 3, 4), "stop"),))
     a.buffer[0] = (0, ("q", "a", picture))
+    a.buffer[1] = (0, ("q", "a", scene))       # the bundled multimodal tasks' images
     a.save(tmp_path)
     back = replay.Hook(cfg, 0)
     back.load(tmp_path)
     assert [(t, r[:2]) for t, r in back.buffer] == [(t, r[:2]) for t, r in a.buffer]
     assert back.buffer[0][1][2].getpixel((1, 1)) == (10, 200, 30)
+    assert back.buffer[1][1][2] == scene
     assert [r[2] for _, r in back.buffer[1:]] == [r[2] for _, r in a.buffer[1:]]
     assert back.seen == a.seen
 
@@ -229,18 +234,23 @@ SMALL = ["--bundled-tasks", "textvqa", "imagenet", "--stage1-steps", "0", "--ste
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,state_file", [("ewc", "ewc.safetensors"), ("lwf", None),
-                                                ("replay", "replay.json"), ("olora", None)])
-def test_each_baseline_runs_end_to_end_and_resumes_as_an_uninterrupted_run(tmp_path, method, state_file):
+@pytest.mark.parametrize("method,state_file,extra", [
+    ("ewc", "ewc.safetensors", []), ("lwf", None, []), ("replay", "replay.json", []), ("olora", None, []),
+    ("replay", "replay.json", ["--multimodal"]),     # the tiny LLaVA: the buffer keeps the records' pictures
+], ids=["ewc", "lwf", "replay", "olora", "replay-llava"])
+def test_each_baseline_runs_end_to_end_and_resumes_as_an_uninterrupted_run(tmp_path, method, state_file, extra):
     from cl_core.continual.run import run
 
     out = tmp_path / "run"
-    assert main(["run", *SMALL, "--methods", method, "--out", str(out)]) == 0
+    assert main(["run", *SMALL, *extra, "--methods", method, "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     seed = results["methods"][method]["seeds"]["0"]
     final = out / "chains" / method / "seed0" / "task1"
     if state_file is not None:
         assert (final / state_file).is_file()
+    if extra:
+        records = json.loads((final / state_file).read_text())["records"]
+        assert records and all(r["image"]["scene"].startswith("scene :") for r in records)
     if method == "olora":     # a set per task, both kept
         assert seed["groups"] == [0, 1] and seed["reused"] == [False, False]
         assert sorted(p.name for p in final.glob("group_*")) == ["group_0", "group_1"]

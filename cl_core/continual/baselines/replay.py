@@ -5,7 +5,8 @@ whole records) comes from the buffer, the rest from the task. The buffer holds a
 ``replay_size`` records: ``per-task`` keeps an equal share of each finished task (a seeded
 uniform draw), ``reservoir`` keeps a uniform sample of every record seen (reservoir sampling,
 seeded). It is saved with each task's adapters (``replay.json``; image records keep their
-image: a path as given, a drawn picture as a PNG beside it) and read back on resume."""
+image: a path as given, a bundled Scene as its description, a picture in memory as a PNG beside
+it) and read back on resume."""
 from __future__ import annotations
 
 import json
@@ -85,7 +86,9 @@ class Hook(Baseline):
     def save(self, folder):
         rows = []
         for n, (t, (prompt, answer, image)) in enumerate(self.buffer):
-            if image is not None and not isinstance(image, str):
+            if hasattr(image, "describe"):          # a bundled Scene: its description rebuilds it
+                image = {"scene": image.describe()}
+            elif image is not None and not isinstance(image, str):   # a picture in memory
                 name = f"replay_{n}.png"
                 image.save(folder / name)
                 image = {"png": name}
@@ -101,7 +104,11 @@ class Hook(Baseline):
         self.buffer = []
         for row in data["records"]:
             image = row["image"]
-            if isinstance(image, dict):
+            if isinstance(image, dict) and "scene" in image:
+                from cl_core.continual.images import scene_from_description
+
+                image = scene_from_description(image["scene"])
+            elif isinstance(image, dict):
                 from PIL import Image
 
                 with Image.open(folder / image["png"]) as im:
