@@ -212,6 +212,10 @@ def _baselines(cfg, methods, say: "_Namer") -> None:
     t = cfg.lwf_temperature
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
         raise ValueError(say("lwf_temperature", t, "must be a positive number"))
+    if "olora" in methods and cfg.train_projector:
+        raise ValueError(f"method olora with {say.name('train_projector')}: O-LoRA sums its LoRA sets, but PEFT keeps "
+                         "one trainable projector copy per set and uses one at a time; drop "
+                         f"{say.name('train_projector')} for olora (run it in a run of its own)")
     if "replay" in methods and cfg.replay_sampling == "per-task" and cfg.replay_size < cfg.num_tasks() - 1:
         raise ValueError(say("replay_size", cfg.replay_size, f"leaves no record per task with per-task sampling "
                              f"over {cfg.num_tasks()} tasks: give at least {cfg.num_tasks() - 1}"))
