@@ -303,11 +303,10 @@ class ContinualRun:
         cfg, plan, sets, method, seed, hook = self.cfg, chain.plan, chain.sets, chain.method, chain.seed, chain.hook
         task = self.tasks[j]
         t0 = time.time()
-        if hook is not None and hook.decision(j) is not None:
-            decision = hook.decision(j)                        # olora: a new set per task
-        elif chain.grouper is not None:
+        decision = hook.decision(j) if hook is not None else None   # olora: a new set per task
+        if decision is None and chain.grouper is not None:
             decision = chain.grouper.assign(task.templates, name=task.name)
-        else:
+        elif decision is None:
             decision = Decision(group=0, reused=j > 0, similarities=[])
         # A new LoRA set draws its initialisation from the seed and the set (group) only, not
         # the method: every method of a seed starts set g from the same weights (paired

@@ -212,6 +212,10 @@ def _baselines(cfg, methods, say: "_Namer") -> None:
     t = cfg.lwf_temperature
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
         raise ValueError(say("lwf_temperature", t, "must be a positive number"))
+    if "replay" in methods and cfg.replay_ratio > 0 and round(cfg.replay_ratio * cfg.batch_size) == 0:
+        raise ValueError(say("replay_ratio", cfg.replay_ratio, f"gives no buffer record in a batch of "
+                             f"{cfg.batch_size} (round({cfg.replay_ratio} × {cfg.batch_size}) = 0): give at least "
+                             f"{0.5 / cfg.batch_size:.3g}, or a larger {say.name('batch_size')}"))
     if "olora" in methods and cfg.train_projector:
         raise ValueError(f"method olora with {say.name('train_projector')}: O-LoRA sums its LoRA sets, but PEFT keeps "
                          "one trainable projector copy per set and uses one at a time; drop "

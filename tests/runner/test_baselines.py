@@ -275,6 +275,8 @@ def test_baseline_flags_reach_the_config_and_bad_ones_are_refused(tmp_path, capt
                  "--replay-sampling", "reservoir", "--out", str(tmp_path / "a")]) == 0
     cfg = captured[-1]
     assert (cfg.ewc_lambda, cfg.replay_ratio, cfg.replay_sampling) == (10.0, 0.5, "reservoir")
+    with pytest.raises(ValueError, match=r"--replay-ratio gives no buffer record in a batch of 4 \(round"):
+        RunConfig(methods=("replay",), replay_ratio=0.1, batch_size=4).validate({"replay_ratio": "--replay-ratio"})
     with pytest.raises(ValueError, match="method olora with --train-projector"):
         RunConfig(methods=("olora",), train_projector=True).validate({"train_projector": "--train-projector"})
     for bad, words in ((["--methods", "lora", "--ewc-lambda", "3"], "method ewc does not run"),
