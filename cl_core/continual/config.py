@@ -221,7 +221,8 @@ class RunConfig:
     olora_lambda1: float = setting(0.5, "baselines", "--olora-lambda1", type=float,
                                    help="method olora: weight of the orthogonality loss Σ‖A_oldᵀ A_new‖²")
     olora_lambda2: float = setting(0.0, "baselines", "--olora-lambda2", type=float,
-                                   help="method olora: weight of the new set's L2 term")
+                                   help="method olora: weight of the new set's L2 term (default 0: off, as "
+                                        "O-LoRA's scripts)")
 
     def __post_init__(self):
         if self.methods is None:

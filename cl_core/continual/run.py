@@ -9,8 +9,9 @@ The methods are the table of cl_core.continual.methods (lora, ema, dema, group, 
 recipes lcia and cl-next, CoIN's moelora, the paper's baselines replay, ewc, lwf and olora:
 cl_core.continual.baselines, whose hook the chain calls around each task). As in the official
 code every task is its own training run, the EMA starts lazily at the task's first optimizer
-step and replaces the weights at the task's end (docs/design.md §2). Per task the state records whether DEMA was on (``dema``) and
-which task's weights the trained set started from (``init_from``).
+step and replaces the weights at the task's end (docs/design.md §2). Per task the state
+records whether DEMA was on (``dema``) and which task's weights the trained set started from
+(``init_from``).
 
 Every method sees the same seeds, data, steps and learning rate. Stage 2 uses the real
 ``transformers.Trainer`` (and ``cl_core.DEMACallback``); with the bundled benchmark a tiny

@@ -172,7 +172,8 @@ _NOT_WITH_EMA = {
              "re-trained would never run; from task 2 on a fresh set it would average away from the new set's init",
     "ewc": "not offered yet: the EMA replaces the weights at the task's end, and which weights EWC anchors and "
            "estimates its Fisher at (the EMA's or the trained ones) is a choice no paper's row makes",
-    "lwf": "not offered yet: LwF's earlier model would be the previous task's EMA weights, a choice no paper's row makes",
+    "lwf": "not offered yet: LwF's earlier model would be the previous task's EMA weights, a choice no paper's "
+           "row makes",
     "replay": "not offered yet: no paper's row runs replay with an EMA",
 }
 

@@ -285,7 +285,8 @@ def test_baseline_flags_reach_the_config_and_bad_ones_are_refused(tmp_path, capt
                        (["--methods", "ewc+dema"], "ewc does not combine with an EMA")):
         with pytest.raises(ValueError, match=words):
             RunConfig(**{"methods": tuple(bad[1].split())}, **_kw(bad[2:])).validate(
-                {"ewc_lambda": "--ewc-lambda", "replay_ratio": "--replay-ratio", "lwf_temperature": "--lwf-temperature"})
+                {"ewc_lambda": "--ewc-lambda", "replay_ratio": "--replay-ratio",
+                 "lwf_temperature": "--lwf-temperature"})
 
 
 def _kw(rest):

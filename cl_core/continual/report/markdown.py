@@ -274,10 +274,11 @@ def _paper_table_lines(results: dict) -> list[str]:
     rows = [m for m in PAPER_ROWS if m in methods]
     if len(rows) < 2:
         return []
+    missing = [m for m in PAPER_ROWS if m not in rows]
     cols = ("avg_acc", "forgetting", "new_acc")
     lines = ["", "### The LCIA paper's Table 1 layout", "",
              "The paper's comparison rows that cl_core runs, in its order (`--compare paper` runs them all"
-             + ("" if len(rows) == len(PAPER_ROWS) else f"; missing here: {', '.join(m for m in PAPER_ROWS if m not in rows)}")
+             + (f"; missing here: {', '.join(missing)}" if missing else "")
              + "). Avg.ACC and New.ACC: higher is better; Forgetting: lower is better.", "",
              "| method | " + " | ".join(METRIC_LABELS[c] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m in rows:
