@@ -12,6 +12,7 @@ import torch
 from cl_core.cli import main
 from cl_core.continual.baselines import ewc, lwf, olora, replay
 from cl_core.continual.config import REPLAY_SAMPLING, RunConfig
+from tests.helpers import stop_after_first_task
 
 
 class _Regression(torch.nn.Module):
@@ -259,13 +260,9 @@ def test_each_baseline_runs_end_to_end_and_resumes_as_an_uninterrupted_run(tmp_p
     assert f"| {method} |" in (out / "report.md").read_text()
     cfg = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
 
-    def stop_after_task_1(method, seed, task):
-        if task == 0:
-            raise KeyboardInterrupt
-
     other = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, other, quiet=True, threads=1, on_task_end=stop_after_task_1)
+        run(cfg, other, quiet=True, threads=1, on_task_end=stop_after_first_task)
     resumed = run(cfg, other, quiet=True, threads=1)["methods"][method]["seeds"]["0"]
     assert resumed["loss"] == seed["loss"] and resumed["matrix"] == seed["matrix"]
 
