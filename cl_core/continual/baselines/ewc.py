@@ -55,6 +55,7 @@ class Hook(Baseline):
         self.fisher: dict = {}
         self.anchors: dict = {}
         self.params: dict = {}
+        self._on = None            # the device the Fisher and anchors were moved to (the model's)
 
     def begin_task(self, model, j):
         self.params = trainable(model)
@@ -65,6 +66,11 @@ class Hook(Baseline):
     def loss(self, model, inputs, outputs):
         if not self.fisher:
             return None
+        device = next(iter(self.params.values())).device
+        if self._on != device:     # once per task: the Trainer may have moved the model (CUDA)
+            self.fisher = {k: v.to(device) for k, v in self.fisher.items()}
+            self.anchors = {k: v.to(device) for k, v in self.anchors.items()}
+            self._on = device
         return penalty(self.params, self.fisher, self.anchors, self.cfg.ewc_lambda)
 
     def end_task(self, model, j, examples, encode):
@@ -79,9 +85,10 @@ class Hook(Baseline):
         batches = ({k: v.to(device) for k, v in encode([examples[i]]).items()} for i in order)
         new = fisher_diagonal(model, batches, self.params)
         gamma = self.cfg.ewc_decay
-        self.fisher = {k: (gamma * self.fisher[k] + v if k in self.fisher else v) for k, v in new.items()}
+        self.fisher = {k: (gamma * self.fisher[k].to(v.device) + v if k in self.fisher else v).cpu()
+                       for k, v in new.items()}
         self.anchors = {k: p.detach().float().cpu().clone() for k, p in self.params.items()}
-        self.fisher = {k: v.cpu() for k, v in self.fisher.items()}
+        self._on = None
         log.debug("ewc: Fisher of task %d from %d examples, mean %.3g", j + 1, n,
                   float(sum(v.sum() for v in new.values()) / max(1, sum(v.numel() for v in new.values()))))
 
@@ -89,8 +96,8 @@ class Hook(Baseline):
         from safetensors.torch import save_file
 
         if self.fisher:
-            tensors = {f"fisher/{k}": v.contiguous() for k, v in self.fisher.items()}
-            tensors.update({f"anchor/{k}": v.contiguous() for k, v in self.anchors.items()})
+            tensors = {f"fisher/{k}": v.cpu().contiguous() for k, v in self.fisher.items()}
+            tensors.update({f"anchor/{k}": v.cpu().contiguous() for k, v in self.anchors.items()})
             save_file(tensors, str(folder / FILE))
 
     def load(self, folder):

@@ -52,5 +52,8 @@ class Hook(Baseline):
     def loss(self, model, inputs, outputs):
         if not self.old:
             return None
+        device = next(iter(self.params.values())).device
+        if next(iter(self.old.values())).device != device:   # the Trainer moved the model (CUDA)
+            self.old = {n: t.to(device) for n, t in self.old.items()}
         old = self.teacher_logits(inputs)
         return self.cfg.lwf_weight * distillation(outputs.logits, old, inputs["labels"], self.cfg.lwf_temperature)
