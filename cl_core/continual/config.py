@@ -203,6 +203,10 @@ class RunConfig:
     # ---- the paper's baselines (cl_core.continual.baselines; docs/runner.md says where each default is from)
     replay_size: int = setting(200, "baselines", "--replay-size", type=int,
                                help="method replay: records the buffer holds in total")
+    replay_per_task: Optional[int] = setting(
+        None, "baselines", "--replay-per-task", type=int, metavar="N",
+        help="method replay, per-task sampling: keep N records of every finished task instead of sharing "
+             "--replay-size among them (default: share --replay-size)")
     replay_sampling: str = setting("per-task", "baselines", "--replay-sampling", choices=REPLAY_SAMPLING,
                                    help="method replay: an equal share of every finished task (seeded draw), "
                                         "or a reservoir sample of every record seen")

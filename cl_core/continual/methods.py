@@ -123,7 +123,7 @@ _ONE_SET = MethodPlan(grouping=False, ema=None, new_set_init="fresh", params="lo
                       route="instance")
 _BASELINES = (
     Method("replay", "own", "mixes a buffer of earlier tasks' records into each later task's batches",
-           compare_with=("lora",), reads=("replay_size", "replay_sampling", "replay_ratio"), fixed=_ONE_SET,
+           compare_with=("lora",), reads=("replay_size", "replay_per_task", "replay_sampling", "replay_ratio"), fixed=_ONE_SET,
            hooks="cl_core.continual.baselines.replay"),
     Method("ewc", "own", "adds EWC's Fisher-weighted penalty on the LoRA tensors (online EWC)",
            compare_with=("lora",), reads=("ewc_lambda", "ewc_samples", "ewc_decay"), fixed=_ONE_SET,

@@ -217,11 +217,17 @@ def _baselines(cfg, methods, say: "_Namer") -> None:
         raise ValueError(say("replay_ratio", cfg.replay_ratio, f"gives no buffer record in a batch of "
                              f"{cfg.batch_size} (round({cfg.replay_ratio} × {cfg.batch_size}) = 0): give at least "
                              f"{0.5 / cfg.batch_size:.3g}, or a larger {say.name('batch_size')}"))
+    if cfg.replay_per_task is not None:
+        _check_positive("replay_per_task", cfg.replay_per_task, say=say)
+        if cfg.replay_sampling != "per-task":
+            raise ValueError(f"{say.name('replay_per_task')} keeps N records of each task, which "
+                             f"{say.name('replay_sampling')} {cfg.replay_sampling} does not: drop one of them")
     if "olora" in methods and cfg.train_projector:
         raise ValueError(f"method olora with {say.name('train_projector')}: O-LoRA sums its LoRA sets, but PEFT keeps "
                          "one trainable projector copy per set and uses one at a time; drop "
                          f"{say.name('train_projector')} for olora (run it in a run of its own)")
-    if "replay" in methods and cfg.replay_sampling == "per-task" and cfg.replay_size < cfg.num_tasks() - 1:
+    if "replay" in methods and cfg.replay_sampling == "per-task" and cfg.replay_per_task is None \
+            and cfg.replay_size < cfg.num_tasks() - 1:
         raise ValueError(say("replay_size", cfg.replay_size, f"leaves no record per task with per-task sampling "
                              f"over {cfg.num_tasks()} tasks: give at least {cfg.num_tasks() - 1}"))
 

@@ -218,6 +218,11 @@ def test_replay_buffer_is_bounded_seeded_and_round_trips_with_images(tmp_path, s
     from cl_core.continual.synthetic import Scene, SceneObject
 
     scene = Scene((SceneObject("red", "star", "small", (1, 2, 3, 4), "stop"),))
+    if sampling == "per-task":   # N of each task instead of a share of the total
+        n = replay.Hook(RunConfig(methods=("replay",), replay_per_task=3), 0)
+        for j in range(3):
+            n.add(j, [(f"q{j}-{i}", "a", None) for i in range(10)])
+        assert [t for t, _ in n.buffer] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     a.buffer[0] = (0, ("q", "a", picture))
     a.buffer[1] = (0, ("q", "a", scene))       # the bundled multimodal tasks' images
     a.save(tmp_path)
@@ -274,6 +279,9 @@ def test_baseline_flags_reach_the_config_and_bad_ones_are_refused(tmp_path, capt
     assert (cfg.ewc_lambda, cfg.replay_ratio, cfg.replay_sampling) == (10.0, 0.5, "reservoir")
     with pytest.raises(ValueError, match=r"--replay-ratio gives no buffer record in a batch of 4 \(round"):
         RunConfig(methods=("replay",), replay_ratio=0.1, batch_size=4).validate({"replay_ratio": "--replay-ratio"})
+    with pytest.raises(ValueError, match="--replay-per-task keeps N records of each task, which --replay-sampling"):
+        RunConfig(methods=("replay",), replay_per_task=5, replay_sampling="reservoir").validate(
+            {"replay_per_task": "--replay-per-task", "replay_sampling": "--replay-sampling"})
     with pytest.raises(ValueError, match="method olora with --train-projector"):
         RunConfig(methods=("olora",), train_projector=True).validate({"train_projector": "--train-projector"})
     for bad, words in ((["--methods", "lora", "--ewc-lambda", "3"], "method ewc does not run"),

@@ -3,7 +3,7 @@ and MCITlib's "Replay"). A bounded buffer of earlier tasks' training records (pr
 image) is mixed into each later task's batches: ``replay_ratio`` of every batch (rounded to
 whole records) comes from the buffer, the rest from the task. The buffer holds at most
 ``replay_size`` records: ``per-task`` keeps an equal share of each finished task (a seeded
-uniform draw), ``reservoir`` keeps a uniform sample of every record seen (reservoir sampling,
+uniform draw; ``replay_per_task`` N: N records of each instead), ``reservoir`` keeps a uniform sample of every record seen (reservoir sampling,
 seeded). It is saved with each task's adapters (``replay.json``; image records keep their
 image: a path as given, a bundled Scene as its description, a picture in memory as a PNG beside
 it) and read back on resume."""
@@ -67,7 +67,7 @@ class Hook(Baseline):
         size, rng = self.cfg.replay_size, self._rng("buffer", j)
         if self.cfg.replay_sampling == "per-task":
             tasks = sorted({t for t, _ in self.buffer} | {j})
-            share = size // len(tasks)
+            share = self.cfg.replay_per_task or size // len(tasks)
             kept = []
             for t in tasks:   # the earlier tasks' draws cut to the new share (their first records)
                 kept += [x for x in self.buffer if x[0] == t][:share]
