@@ -15,7 +15,7 @@ import time
 
 # Light imports (no torch): the choices and defaults are the runner's own constants.
 from cl_core.continual.config import SECTIONS, RunConfig, cli_settings, setting_flags
-from cl_core.continual.methods import CUSTOM_METHODS, METHODS
+from cl_core.continual.methods import CUSTOM_METHODS, METHODS, PAPER_ROWS
 
 METHOD_CHOICES = METHODS
 # The methods `cl-core demo` compares (the top-level help counts them): the custom methods, so
@@ -142,6 +142,11 @@ def add_parser(sub) -> None:
     groups = {key: run.add_argument_group(title) for key, title in SECTIONS.items()}
     for f in cli_settings():
         add_setting(groups[f.metadata["section"]], f.name)
+    # A preset of methods, not a run setting (the run's identity is its method list).
+    groups["methods"].add_argument(
+        "--compare", choices=("paper",), default=None,
+        help="paper: the LCIA paper's Table 1 rows that cl_core runs (" + ", ".join(PAPER_ROWS) + "), laid out as "
+             "its Table 1 in the report; with your --tasks/--model or the bundled tasks; not with --methods/--recipe")
     procs = run.add_argument_group("many processes (start the run with torchrun or accelerate launch; "
                                    "docs/distributed.md)")
     procs.add_argument("--deepspeed", metavar="FILE", default=None,
@@ -248,6 +253,11 @@ def config_from_args(args) -> RunConfig:
     if args.task_files and args.tasks:
         raise ValueError("--tasks (your files) and --bundled-tasks cannot be combined")
     values = {f.name: _value(f.name, getattr(args, f.name)) for f in cli_settings()}
+    if getattr(args, "compare", None) == "paper":
+        if values["methods"] is not None or values["recipe"] != "custom":
+            raise ValueError("--compare paper runs the paper's rows (" + ", ".join(PAPER_ROWS) + "): drop "
+                             "--methods/--recipe, or drop --compare")
+        values["methods"] = PAPER_ROWS
     if values["methods"] is None:   # the CLI's default: dema (custom), or the recipe's own method
         values["methods"] = ("dema",) if args.recipe == "custom" else None
     return RunConfig(**values)

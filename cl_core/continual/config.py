@@ -45,6 +45,7 @@ NEW_SET_INITS = ("fresh", "latest")      # a new LoRA set: fresh init, or the la
 # lists the --dema-params choices without importing torch into `cl-core --help` (a test keeps
 # the two equal).
 DEMA_PARAMS = ("lora", "trainable")
+REPLAY_SAMPLING = ("per-task", "reservoir")   # cl_core.continual.baselines.replay.SAMPLING (a test keeps them equal)
 
 _DEMA_DEFAULTS = DEMAConfig()
 
@@ -62,6 +63,7 @@ SECTIONS = {
     "training": "training",
     "ema": "EMA and DEMA",
     "grouping": "instruction grouping",
+    "baselines": "baselines (replay, ewc, lwf, olora)",
 }
 
 
@@ -206,6 +208,33 @@ class RunConfig:
     new_set_init: str = setting("fresh", "grouping", "--new-set-init", choices=NEW_SET_INITS,
                                 help="dema+group: a new LoRA set starts fresh, or from the last trained set "
                                      "(official)")
+    # ---- the paper's baselines (cl_core.continual.baselines; docs/runner.md says where each default is from)
+    replay_size: int = setting(200, "baselines", "--replay-size", type=int,
+                               help="method replay: records the buffer holds in total")
+    replay_per_task: Optional[int] = setting(
+        None, "baselines", "--replay-per-task", type=int, metavar="N",
+        help="method replay, per-task sampling: keep N records of every finished task instead of sharing "
+             "--replay-size among them (default: share --replay-size)")
+    replay_sampling: str = setting("per-task", "baselines", "--replay-sampling", choices=REPLAY_SAMPLING,
+                                   help="method replay: an equal share of every finished task (seeded draw), "
+                                        "or a reservoir sample of every record seen")
+    replay_ratio: float = setting(0.2, "baselines", "--replay-ratio", type=float,
+                                  help="method replay: share of each later task's batches drawn from the buffer")
+    ewc_lambda: float = setting(5000.0, "baselines", "--ewc-lambda", type=float,
+                                help="method ewc: λ of the penalty λ·Σ F·(θ − θ*)²")
+    ewc_samples: int = setting(64, "baselines", "--ewc-samples", type=int,
+                               help="method ewc: examples of each task its Fisher is estimated from")
+    ewc_decay: float = setting(1.0, "baselines", "--ewc-decay", type=float,
+                               help="method ewc: online EWC's γ in F ← γ·F + F_task (1: the tasks' sum)")
+    lwf_temperature: float = setting(2.0, "baselines", "--lwf-temperature", type=float,
+                                     help="method lwf: distillation temperature T")
+    lwf_weight: float = setting(1.0, "baselines", "--lwf-weight", type=float,
+                                help="method lwf: weight of the distillation term")
+    olora_lambda1: float = setting(0.5, "baselines", "--olora-lambda1", type=float,
+                                   help="method olora: weight of the orthogonality loss Σ‖A_oldᵀ A_new‖²")
+    olora_lambda2: float = setting(0.0, "baselines", "--olora-lambda2", type=float,
+                                   help="method olora: weight of the new set's L2 term (default 0: off, as "
+                                        "O-LoRA's scripts)")
 
     def __post_init__(self):
         if self.methods is None:
@@ -279,6 +308,11 @@ class RunConfig:
         d = self.plan(method).describe()
         if self.plan(method).adapter == "moelora":
             d["LoRA sets"] = self.moelora_config().describe()
+        own = methods_table.method(method)
+        if own.hooks is not None:   # the baselines: their own settings, as the flags name them
+            if method == "olora":
+                d["LoRA sets"] = "one per task (earlier ones frozen; inference sums them)"
+            d["own settings"] = ", ".join(f"{setting_flags()[f]} {getattr(self, f)}" for f in own.reads)
         if self.dema_tasks is not None and self.plan(method).ema is not None:
             d["EMA on"] = "tasks " + ", ".join(str(t) for t in self.dema_tasks) + " (`--dema-tasks`)"
         return d

@@ -176,6 +176,15 @@ class Launch:
             raise ValueError(f"the bundled model's stage 1 trains batches of {cfg.stage1_batch_size}, which do not "
                              f"divide over the {n} processes of this launch; start a number of processes that "
                              f"divides {cfg.stage1_batch_size}")
+        if self.zero_stage == 3:
+            # their loss terms read the LoRA tensors whole, which ZeRO-3 holds in fragments on each rank
+            from cl_core.continual.methods import method
+
+            hooked = [m for m in cfg.methods if method(m).hooks is not None]
+            if hooked:
+                raise ValueError(f"{', '.join(hooked)} under DeepSpeed ZeRO stage 3: their loss terms and statistics "
+                                 "read the LoRA tensors whole, which ZeRO-3 partitions; use ZeRO stage 0, 1 or 2 for "
+                                 "them (LoRA's optimizer state is small)")
 
     def dema_precision(self, method: str) -> str:
         """DEMACallback(precision=...) of ``method`` under this launch (the method table's rule,

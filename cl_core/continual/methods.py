@@ -16,8 +16,8 @@ settings (routing, new-set start, averaged tensors, clipping, DEMA scale and fal
 
 Adding a method is one ``Method`` entry here plus its own module. A method that needs its own
 loss term or its own data (issue 32: replay, EWC, LwF, O-LoRA) names that module in ``hooks``
-(``"cl_core.continual.<name>"``): the runner imports it and calls its ``loss`` / ``data`` hooks
-(the hook interface is issue 32's to define; nothing here calls them yet).
+(``"cl_core.continual.baselines.<name>"``): the runner makes one ``Hook`` of it per chain and
+calls it around each task (cl_core.continual.baselines: the data, loss and state hooks).
 """
 from __future__ import annotations
 
@@ -117,7 +117,28 @@ _TABLE = (
            fixed=MethodPlan(grouping=False, ema=None, new_set_init="fresh", params="lora", max_grad_norm=1.0,
                             route="instance", adapter="moelora")),
 )
+# The paper's baselines (issue 32; cl_core.continual.baselines): one LoRA set (olora: one per task),
+# no EMA, the trainer's default clipping; each adds its own loss term or data.
+_ONE_SET = MethodPlan(grouping=False, ema=None, new_set_init="fresh", params="lora", max_grad_norm=1.0,
+                      route="instance")
+_BASELINES = (
+    Method("replay", "own", "mixes a buffer of earlier tasks' records into each later task's batches",
+           compare_with=("lora",), reads=("replay_size", "replay_per_task", "replay_sampling", "replay_ratio"), fixed=_ONE_SET,
+           hooks="cl_core.continual.baselines.replay"),
+    Method("ewc", "own", "adds EWC's Fisher-weighted penalty on the LoRA tensors (online EWC)",
+           compare_with=("lora",), reads=("ewc_lambda", "ewc_samples", "ewc_decay"), fixed=_ONE_SET,
+           hooks="cl_core.continual.baselines.ewc"),
+    Method("lwf", "own", "adds LwF's distillation from the model before the task",
+           compare_with=("lora",), reads=("lwf_temperature", "lwf_weight"), fixed=_ONE_SET,
+           hooks="cl_core.continual.baselines.lwf"),
+    Method("olora", "own", "is O-LoRA (a new LoRA set per task, orthogonal to the frozen earlier ones; "
+           "inference sums them)", compare_with=("lora",), reads=("olora_lambda1", "olora_lambda2"),
+           fixed=_ONE_SET, hooks="cl_core.continual.baselines.olora"),
+)
+_TABLE = _TABLE + _BASELINES
 TABLE = {m.name: m for m in _TABLE}
+# The LCIA paper's Table 1 rows that exist here, in its order (``--compare paper``).
+PAPER_ROWS = ("lora", "moelora", "lwf", "ewc", "replay", "olora", "lcia")
 
 METHODS = tuple(TABLE)
 CUSTOM_METHODS = tuple(m.name for m in _TABLE if m.kind == "custom")

@@ -6,10 +6,12 @@ each one, with plain LoRA, fixed-β EMA, DEMA, or DEMA with instruction grouping
     results = run(RunConfig(methods=("lora", "dema"), seeds=(0, 1)), "runs/x")
 
 The methods are the table of cl_core.continual.methods (lora, ema, dema, group, dema+group, the
-recipes lcia and cl-next, CoIN's moelora). As in the official code every task is its own training
-run, the EMA starts lazily at the task's first optimizer step and replaces the weights at the
-task's end (docs/design.md §2). Per task the state records whether DEMA was on (``dema``) and
-which task's weights the trained set started from (``init_from``).
+recipes lcia and cl-next, CoIN's moelora, the paper's baselines replay, ewc, lwf and olora:
+cl_core.continual.baselines, whose hook the chain calls around each task). As in the official
+code every task is its own training run, the EMA starts lazily at the task's first optimizer
+step and replaces the weights at the task's end (docs/design.md §2). Per task the state
+records whether DEMA was on (``dema``) and which task's weights the trained set started from
+(``init_from``).
 
 Every method sees the same seeds, data, steps and learning rate. Stage 2 uses the real
 ``transformers.Trainer`` (and ``cl_core.DEMACallback``); with the bundled benchmark a tiny
@@ -51,6 +53,7 @@ from cl_core.continual.methods import METHODS, MethodPlan, method_slug  # noqa: 
 from cl_core.lora_sets import AdapterSets
 from cl_core.continual.state import RunState, TaskRecord, check_run_folder, write_json
 from cl_core.continual.tasks import Task, load_tasks  # noqa: F401 - re-exported
+from cl_core.continual import baselines
 from cl_core.continual.alpha import alpha_counts
 from cl_core.dema.config import DEMAConfig
 from cl_core.dema.regime import RegimeReport, regime_advice
@@ -280,16 +283,19 @@ class ContinualRun:
             cdir.mkdir(parents=True, exist_ok=True)
         base = self._load_base(seed)
         grouper = InstructionGrouper(threshold=self.cfg.threshold()) if plan.grouping else None
+        hook = baselines.for_method(self.cfg, method, seed)   # replay, ewc, lwf, olora: their own data / loss
         if done:
             last = cdir / done[-1].adapters
             log.info("%s seed %d: resuming after task %d/%d (%s)", method, seed, len(done), len(self.tasks), last)
             sets = self._adapter_sets(plan, base, last)
             if grouper is not None:
                 grouper = InstructionGrouper.load(last / "grouper.json")
+            if hook is not None:
+                hook.load(last)
         else:
             sets = self._adapter_sets(plan, base)
         return _Chain(method=method, seed=seed, plan=plan, sets=sets, grouper=grouper, done=done, dir=cdir,
-                      last_of_group={r.group: k for k, r in enumerate(done)})
+                      last_of_group={r.group: k for k, r in enumerate(done)}, hook=hook)
 
     def train_task(self, chain: "_Chain", j: int) -> "TaskOutcome":
         """Task ``j`` of ``chain``: pick (grouping) or reuse its LoRA set, start it, train it
@@ -298,12 +304,13 @@ class ContinualRun:
 
         from cl_core.grouping import Decision
 
-        cfg, plan, sets, method, seed = self.cfg, chain.plan, chain.sets, chain.method, chain.seed
+        cfg, plan, sets, method, seed, hook = self.cfg, chain.plan, chain.sets, chain.method, chain.seed, chain.hook
         task = self.tasks[j]
         t0 = time.time()
-        if chain.grouper is not None:
+        decision = hook.decision(j) if hook is not None else None   # olora: a new set per task
+        if decision is None and chain.grouper is not None:
             decision = chain.grouper.assign(task.templates, name=task.name)
-        else:
+        elif decision is None:
             decision = Decision(group=0, reused=j > 0, similarities=[])
         # A new LoRA set draws its initialisation from the seed and the set (group) only, not
         # the method: every method of a seed starts set g from the same weights (paired
@@ -325,11 +332,16 @@ class ContinualRun:
                      adapter, "" if init_from is None else f", from task {init_from + 1}",
                      ", EMA on" if use_ema else "")
         images = task.train_images or [None] * len(task.train)
-        loss = train(sets.model, self.encoder, [(p, a, im) for (p, a, _), im in zip(task.train, images)],
+        examples = [(p, a, im) for (p, a, _), im in zip(task.train, images)]
+        if hook is not None:
+            hook.begin_task(sets.model, j)
+        loss = train(sets.model, self.encoder, examples if hook is None else hook.examples(j, examples),
                      out_dir=self.out / ".trainer", steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                      warmup=cfg.warmup_steps, seed=seed_for(seed, "data", j), quiet=not self.bars,
                      callbacks=callbacks, max_length=cfg.max_length, max_grad_norm=plan.max_grad_norm,
-                     launch=self.launch, cuda=cfg.on_cuda())
+                     launch=self.launch, cuda=cfg.on_cuda(), hook=hook)
+        if hook is not None:   # EWC's Fisher, replay's buffer: from the task's own records
+            hook.end_task(sets.model, j, examples, self._encode_batch)
         train_s = time.time() - t0
         row = self._evaluate(sets.model, chain.grouper, route=plan.route,
                              progress_desc=f"eval {method} s{seed} t{j + 1}")
@@ -345,6 +357,10 @@ class ContinualRun:
             outcome.names = _averaged_names(cb)
             outcome.numel = [whole[n].numel() for n in outcome.names]
         return outcome
+
+    def _encode_batch(self, records: list) -> dict:
+        """(prompt, answer, image) records as one training batch (what the Trainer gets)."""
+        return self.encoder.collate([self.encoder.example(p, a, im, self.cfg.max_length) for p, a, im in records])
 
     def _persist(self, chain: "_Chain", j: int, outcome: "TaskOutcome", state: RunState) -> None:
         """Save task ``j``'s α file and adapters, then the state that points at them (rank 0
@@ -365,6 +381,8 @@ class ContinualRun:
                 chain.sets.save(tmp)
                 if chain.grouper is not None:
                     chain.grouper.save(tmp / "grouper.json")
+                if chain.hook is not None:
+                    chain.hook.save(tmp)   # the buffer, the Fisher and anchors: read back on resume
         decision = outcome.decision
         chain.done.append(TaskRecord(
             task=task.name, row=outcome.row, loss=outcome.loss, adapter=outcome.adapter, group=decision.group,
@@ -513,6 +531,7 @@ class _Chain:
     done: list                      # TaskRecord of the finished tasks, in order (state.json's list)
     dir: Path
     last_of_group: dict             # set (group) -> the task that last trained it
+    hook: object = None             # the method's Baseline (cl_core.continual.baselines), or None
 
 
 @dataclass

@@ -53,13 +53,16 @@ def _trainer_args(out_dir: Path, *, steps, batch_size, lr, warmup, seed, quiet, 
 
 
 def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup, seed, quiet,
-           callbacks=(), max_length, max_grad_norm: float = 1.0, launch=None, cuda: bool = False):
+           callbacks=(), max_length, max_grad_norm: float = 1.0, launch=None, cuda: bool = False, hook=None):
     """One Trainer run over (prompt, answer) or (prompt, answer, image) examples; returns the
     mean training loss. ``tokenizer``: a tokenizer or an examples encoder
     (:mod:`cl_core.continual.encoders`; an image-text model's processor). ``max_grad_norm`` 0
     turns gradient clipping off (the Trainer skips it then). ``launch``: the processes of a
     launcher (cl_core.continual.launch), which share the batch. ``cuda``: train on the process's
-    GPU (the Trainer moves the model there), else on the CPU (RunConfig.on_cuda())."""
+    GPU (the Trainer moves the model there), else on the CPU (RunConfig.on_cuda()). ``hook``: a
+    method's own loss term and batch order (:class:`cl_core.continual.baselines.Baseline`: its
+    ``loss(model, inputs, outputs)`` is added to every step's loss; ``ordered``: the examples are
+    read in the given order, batch after batch, instead of shuffled)."""
     from transformers import Trainer
 
     from cl_core.continual.encoders import as_encoder
@@ -70,7 +73,7 @@ def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup,
     def encode(prompt, answer, image):
         return encoder.example(prompt, answer, image, max_length)
 
-    trainer = Trainer(
+    trainer = (Trainer if hook is None else _hooked_trainer(hook))(
         model=model, args=_trainer_args(out_dir, steps=steps, batch_size=batch_size, lr=lr,
                                         warmup=warmup, seed=seed, quiet=quiet, max_grad_norm=max_grad_norm,
                                         launch=launch, cuda=cuda),
@@ -93,6 +96,30 @@ def train(model, tokenizer, examples, *, out_dir, steps, batch_size, lr, warmup,
         return float(result.training_loss)
     launch.release(trainer)
     return launch.mean(float(result.training_loss))
+
+
+def _hooked_trainer(hook):
+    """A Trainer whose loss is the model's plus ``hook.loss`` (the one extension point of the
+    training step: EWC's penalty, LwF's distillation, O-LoRA's orthogonality), reading the
+    examples in order when ``hook.ordered`` (replay's fixed per-batch mixture)."""
+    import torch
+    from transformers import Trainer
+
+    class HookedTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            extra = hook.loss(model, inputs, outputs)
+            if extra is not None:
+                loss = loss + extra
+            return (loss, outputs) if return_outputs else loss
+
+        def _get_train_sampler(self, train_dataset=None):
+            if hook.ordered:
+                return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+            return super()._get_train_sampler(train_dataset)
+
+    return HookedTrainer
 
 
 def seed_for(seed: int, *parts) -> int:

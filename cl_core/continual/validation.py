@@ -32,12 +32,14 @@ def validate(cfg, flags: Optional[dict] = None) -> None:
         raise ValueError("no methods given")
     for m in methods:
         if m not in METHODS:
+            _refuse_combination(m)
             raise ValueError(f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"methods listed twice: {methods}")
     if cfg.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {cfg.recipe!r}; allowed: {', '.join(RECIPES)}")
     _custom_flags(cfg, methods, say)
+    _baselines(cfg, methods, say)
     _device(cfg, say)
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError(f"{say.name('seeds')} must be distinct and at least one: {list(cfg.seeds)}")
@@ -167,6 +169,72 @@ def _custom_flags(cfg, methods, say: "_Namer") -> None:
         raise ValueError(f"{', '.join(changed)} set, but only {which} run ({', '.join(methods)}), and such a "
                          f"method fixes its own settings; those settings apply to the custom methods "
                          f"({', '.join(CUSTOM_METHODS)}): add one, or drop the setting")
+
+# Why a baseline is not offered with an EMA (docs/runner.md, "The paper's baselines").
+_NOT_WITH_EMA = {
+    "olora": "O-LoRA trains a new set every task and never re-trains one, so an EMA that starts when a set is "
+             "re-trained would never run; from task 2 on a fresh set it would average away from the new set's init",
+    "ewc": "not offered yet: the EMA replaces the weights at the task's end, and which weights EWC anchors and "
+           "estimates its Fisher at (the EMA's or the trained ones) is a choice no paper's row makes",
+    "lwf": "not offered yet: LwF's earlier model would be the previous task's EMA weights, a choice no paper's "
+           "row makes",
+    "replay": "not offered yet: no paper's row runs replay with an EMA",
+}
+
+
+def _refuse_combination(name: str) -> None:
+    """ValueError saying why ``<baseline>+<ema method>`` (``ewc+dema``) is not a method."""
+    parts = name.split("+")
+    base = next((p for p in parts if p in _NOT_WITH_EMA), None)
+    if base is not None and len(parts) > 1:
+        raise ValueError(f"method {name!r}: {base} does not combine with an EMA ({_NOT_WITH_EMA[base]}); run "
+                         f"{base} and the EMA methods side by side instead (--methods {base} dema)")
+
+
+def _baselines(cfg, methods, say: "_Namer") -> None:
+    """The baselines' settings: in range, and set only when their method runs."""
+    default = type(cfg)()
+    for m in (t for t in methods_table.TABLE.values() if t.hooks is not None):
+        changed = [say.name(f) for f in m.reads if getattr(cfg, f) != getattr(default, f)]
+        if changed and m.name not in methods:
+            raise ValueError(f"{', '.join(changed)} set, but method {m.name} does not run ({', '.join(methods)}): "
+                             f"add {m.name} to the methods, or drop {', '.join(changed)}")
+    if cfg.replay_sampling not in _choices(cfg, "replay_sampling"):
+        raise ValueError(say("replay_sampling", cfg.replay_sampling,
+                             f"is not known; allowed: {', '.join(_choices(cfg, 'replay_sampling'))}"))
+    _check_positive("replay_size", cfg.replay_size, say=say)
+    _check_positive("ewc_samples", cfg.ewc_samples, say=say)
+    for name, low, high, what in (("replay_ratio", 0, 1, "between 0 and 1 (exclusive of 1)"),
+                                  ("ewc_decay", 0, 1, "between 0 and 1"),
+                                  ("ewc_lambda", 0, math.inf, "a number >= 0"),
+                                  ("lwf_weight", 0, math.inf, "a number >= 0"),
+                                  ("olora_lambda1", 0, math.inf, "a number >= 0"),
+                                  ("olora_lambda2", 0, math.inf, "a number >= 0")):
+        v = getattr(cfg, name)
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and low <= v <= high
+        if not ok or (name == "replay_ratio" and v >= 1):
+            raise ValueError(say(name, v, f"must be {what}"))
+    t = cfg.lwf_temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+        raise ValueError(say("lwf_temperature", t, "must be a positive number"))
+    if "replay" in methods and cfg.replay_ratio > 0 and round(cfg.replay_ratio * cfg.batch_size) == 0:
+        raise ValueError(say("replay_ratio", cfg.replay_ratio, f"gives no buffer record in a batch of "
+                             f"{cfg.batch_size} (round({cfg.replay_ratio} × {cfg.batch_size}) = 0): give at least "
+                             f"{0.5 / cfg.batch_size:.3g}, or a larger {say.name('batch_size')}"))
+    if cfg.replay_per_task is not None:
+        _check_positive("replay_per_task", cfg.replay_per_task, say=say)
+        if cfg.replay_sampling != "per-task":
+            raise ValueError(f"{say.name('replay_per_task')} keeps N records of each task, which "
+                             f"{say.name('replay_sampling')} {cfg.replay_sampling} does not: drop one of them")
+    if "olora" in methods and cfg.train_projector:
+        raise ValueError(f"method olora with {say.name('train_projector')}: O-LoRA sums its LoRA sets, but PEFT keeps "
+                         "one trainable projector copy per set and uses one at a time; drop "
+                         f"{say.name('train_projector')} for olora (run it in a run of its own)")
+    if "replay" in methods and cfg.replay_sampling == "per-task" and cfg.replay_per_task is None \
+            and cfg.replay_size < cfg.num_tasks() - 1:
+        raise ValueError(say("replay_size", cfg.replay_size, f"leaves no record per task with per-task sampling "
+                             f"over {cfg.num_tasks()} tasks: give at least {cfg.num_tasks() - 1}"))
+
 
 def _moelora(cfg, methods, say: "_Namer") -> None:
     if "moelora" in methods:

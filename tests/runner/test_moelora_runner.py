@@ -9,6 +9,7 @@ import pytest
 
 from cl_core.cli import main
 from cl_core.continual.config import RunConfig
+from tests.helpers import stop_after_first_task
 
 # stage 1 off (a random tiny base): this test is about the chain, the files and the reload
 SMALL = ["--bundled-tasks", "textvqa", "imagenet", "--stage1-steps", "0", "--steps", "4", "--batch-size", "8",
@@ -67,13 +68,9 @@ def test_moelora_runs_task_after_task_and_its_export_reloads_with_identical_outp
     # losses, accuracies and final outputs as the uninterrupted run.
     from cl_core.continual.run import run
 
-    def stop_after_task_1(method, seed, task):
-        if task == 0:
-            raise KeyboardInterrupt
-
     other = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, other, quiet=True, threads=1, on_task_end=stop_after_task_1)
+        run(cfg, other, quiet=True, threads=1, on_task_end=stop_after_first_task)
     resumed = run(cfg, other, quiet=True, threads=1)["methods"]["moelora"]["seeds"]["0"]
     assert resumed["matrix"] == seed["matrix"] and resumed["loss"] == seed["loss"]
     assert len(saved_logits) == 4 and torch.equal(saved_logits[-1], saved_logits[1])

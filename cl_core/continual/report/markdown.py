@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cl_core.continual import alpha as alpha_stats
-from cl_core.continual.methods import BASELINE, TABLE, method_slug
+from cl_core.continual.methods import BASELINE, PAPER_ROWS, TABLE, method_slug
 from cl_core.continual.report.analysis import (CAT_GE1, CAT_LE0, CAT_NAN, CAT_START, _base_row, _official_switches,
                                                _pm, _seeds_text, conclusions, learned, out_of_regime, regime_lines,
                                                regime_report)
@@ -68,6 +68,7 @@ def write_report(results: dict, out_dir) -> Path:
     for method, r in methods.items():
         lines.append(f"| {method} | " + " | ".join(_pm(r["metrics"][m], r["metrics_std"][m], len(seeds))
                                                   for m in METRIC_NAMES if m in r["metrics"]) + " |")
+    lines += _paper_table_lines(results)
     lines += [
         "",
         ("± is the standard deviation over the seeds (each seed: its own stage-1 base, data order and LoRA "
@@ -257,13 +258,33 @@ def _settings_lines(methods: dict) -> list[str]:
     rows = [(m, r["settings"]) for m, r in methods.items() if r.get("settings")]
     if not rows:
         return []
-    keys = list(rows[0][1])
+    keys = list(dict.fromkeys(k for _, st in rows for k in st))   # every method's keys (the baselines add theirs)
     lines = ["### Settings of each method", "",
              _methods_sentence(), "",
              "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for m, st in rows:
         lines.append(f"| {m} | " + " | ".join(str(st.get(k, "-")) for k in keys) + " |")
     return lines + [""]
+
+
+def _paper_table_lines(results: dict) -> list[str]:
+    """The LCIA paper's Table 1 layout (Avg.ACC, Forgetting, New.ACC per method, its row order)
+    for the rows of that table this run has (``--compare paper`` runs them all)."""
+    methods, n = results["methods"], len(results["config"]["seeds"])
+    rows = [m for m in PAPER_ROWS if m in methods]
+    if len(rows) < 2:
+        return []
+    missing = [m for m in PAPER_ROWS if m not in rows]
+    cols = ("avg_acc", "forgetting", "new_acc")
+    lines = ["", "### The LCIA paper's Table 1 layout", "",
+             "The paper's comparison rows that cl_core runs, in its order (`--compare paper` runs them all"
+             + (f"; missing here: {', '.join(missing)}" if missing else "")
+             + "). Avg.ACC and New.ACC: higher is better; Forgetting: lower is better.", "",
+             "| method | " + " | ".join(METRIC_LABELS[c] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m in rows:
+        r = methods[m]
+        lines.append(f"| {m} | " + " | ".join(_pm(r["metrics"][c], r["metrics_std"][c], n) for c in cols) + " |")
+    return lines
 
 
 def _methods_sentence() -> str:
