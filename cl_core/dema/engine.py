@@ -115,6 +115,7 @@ class DEMA:
         self.densified_grads = 0  # sparse gradients made dense (tensor-updates)
         self._warned_sparse = False
         self._one_pass = None  # the OnePassStep handed over by attach_one_pass (not copied)
+        self._folded = True  # False after a two-pass update, until its partials are folded
         self._update_pending = False  # the last one-pass step left its EMA update to finish
 
     # ------------------------------------------------------------------ lifecycle
@@ -123,7 +124,9 @@ class DEMA:
         return self._started
 
     def _locals(self, indices) -> list[torch.Tensor]:
-        return [local_tensor(self.params[i]).detach() for i in indices]
+        # read only (θ for the EMA): a non-contiguous parameter is read through a contiguous
+        # copy, which the backends' kernels can take (contiguous ones are returned as they are)
+        return [local_tensor(self.params[i]).detach().contiguous() for i in indices]
 
     def _grads(self, indices, missing: list) -> list:
         out = []
@@ -136,6 +139,10 @@ class DEMA:
             g = local_tensor(g).detach()
             if g.layout != torch.strided:
                 g = self._densify(i, g)
+            elif not g.is_contiguous():
+                # a legitimate gradient (a hook's or a sharded view) the kernels cannot read
+                # in place: a contiguous copy, so the generic path never fails after the step
+                g = g.contiguous()
             out.append(g)
         return out
 
@@ -186,6 +193,11 @@ class DEMA:
             raise RuntimeError("DEMA.one_pass_update: no one-pass implementation is attached "
                                "(DEMAOptimizer attaches one; call update() after optimizer.step() otherwise)")
         self.ensure_groups()
+        if self._folded is False:
+            # the last update was a two-pass one: its backend may keep partial sums (Triton);
+            # the one-pass step starts from the canonical state (d, started, has_prev)
+            self._canonicalize()
+        self._folded = True
         result = impl.step(self.groups, self.config.kernel_scalars())
         if result.refused is not None:
             self.flush()
@@ -224,6 +236,7 @@ class DEMA:
         with torch.no_grad():
             for g in self.groups:
                 g.backend.update(self._locals(g.indices), self._grads(g.indices, missing), self.reduce_stats)
+        self._folded = False  # see one_pass_update
         self.count_missing(missing)
         self.num_updates += 1
 
@@ -364,6 +377,7 @@ class DEMA:
         state.pop("_pending_flush", None)
         state.pop("_pending_stats", None)
         state.setdefault("_one_pass", None)
+        state.setdefault("_folded", False)
         state.setdefault("_update_pending", False)
         self.__dict__.update(state)
 
