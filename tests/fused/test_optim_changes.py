@@ -145,3 +145,65 @@ def test_failed_load_state_dict_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(ema, wrapped.engine.ema_tensors()))
     assert wrapped.engine.num_updates == state["num_updates"] == 1
     assert torch.equal(wrapped.engine.stats.alpha, state["alpha"])
+
+
+def _triton_pair(make_opt, shapes=((3, 5), (7,))):
+    """The Triton one-pass step (interpreter, CPU tensors) and the same optimizer on the
+    generic path (inner step, then the Triton two-pass engine)."""
+    from tests.helpers import make_params
+
+    out = []
+    for fused in (True, False):
+        params = make_params(list(shapes))
+        out.append((params, DEMAOptimizer(make_opt(params), DEMAConfig(backend="triton", formula="paper"),
+                                          fused=fused)))
+    return out
+
+
+def _triton_steps(pair, steps, edit_grads=None):
+    for params, opt in pair:
+        gen = torch.Generator().manual_seed(1)
+        for t in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if edit_grads is not None:
+                edit_grads(t, params)
+            opt.step()
+    (p1, o1), (p2, o2) = pair
+    for a, b in zip(p1, p2):
+        _close(a, b)
+    for a, b in zip(o1.engine.ema_tensors(), o2.engine.ema_tensors()):
+        _close(a, b)
+    torch.testing.assert_close(o1.engine.stats.alpha, o2.engine.stats.alpha, atol=1e-5, rtol=2e-3)
+    torch.testing.assert_close(o1.engine._gather("d"), o2.engine._gather("d"), atol=1e-6, rtol=2e-3)
+    return o1
+
+
+def test_triton_adamw_eps_zero_masked_lanes_count_nothing():
+    """Case 7: eps=0 on tensors whose size is not a multiple of the tile: the lanes past
+    the end computed 0/0 and every step counted as non-finite (the EMA never moved)."""
+    o = _triton_steps(_triton_pair(lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=0.0)), 4)
+    assert int(o.engine.stats.nonfinite_skips.sum()) == 0
+
+
+def test_triton_non_contiguous_gradient_then_fused_steps():
+    """Cases 5 and 6: a non-contiguous gradient at step 2 sends that step to the generic
+    path, whose Triton engine reads a contiguous copy (it raised after the inner step had
+    moved the parameters); the fused steps after it start from the folded d."""
+    def transpose_at_2(t, params):
+        if t == 2:
+            params[0].grad = params[0].grad.t().contiguous().t()
+
+    o = _triton_steps(_triton_pair(lambda ps: torch.optim.AdamW(ps, lr=1e-2)), 5, transpose_at_2)
+    assert o._fused.generic_steps == 1
+
+
+def test_triton_sparse_gradient_then_fused_steps():
+    """Case 6: a sparse gradient (SGD takes it) makes one generic step; the fused steps
+    after it read the canonical d (they read d before the backend folded its partials)."""
+    def sparse_at_1(t, params):
+        if t == 1:
+            params[1].grad = params[1].grad.to_sparse()
+
+    o = _triton_steps(_triton_pair(lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.0)), 5, sparse_at_1)
+    assert o._fused.generic_steps == 1
