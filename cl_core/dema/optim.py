@@ -84,7 +84,12 @@ class DEMAOptimizer(torch.optim.Optimizer):
         # DEMACallback's state when load_state_dict found one in param_groups[0] (see there)
         self.carried_state = None
         self.engine = self._build_engine()
-        self._grad_marks = self._mark_grads()
+        # One mutable record shared by reference: Lightning's LightningOptimizer copies this
+        # object's __dict__ and runs zero_grad() on the copy while step() runs here, so an
+        # attribute rebound on either side would not be seen by the other (every manual-
+        # optimization step was counted as skipped).
+        self._track = _StepTrack()
+        self._track.marks = self._mark_grads()
         self._param_lists = self._param_list_ids()
         self.unaveraged_steps = 0  # steps where a tensor outside the EMA (frozen at wrapping) trained
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
@@ -217,15 +222,15 @@ class DEMAOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """Inner optimizer step, then the DEMA update. Returns the closure's loss."""
         self._check_params_unchanged()
-        self._in_step = True  # a closure's zero_grad() inside the step is not a skipped step
+        self._track.in_step = True  # a closure's zero_grad() inside the step is not a skipped step
         try:
             if self._fused_driver() is not None:
                 loss = self._step_fused(closure)
             else:
                 loss = self._step_generic(closure)
         finally:
-            self._in_step = False
-        self._grad_marks = self._mark_grads()
+            self._track.in_step = False
+        self._track.marks = self._mark_grads()
         return loss
 
     @property
@@ -270,19 +275,19 @@ class DEMAOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if not self.__dict__.get("_in_step") and self._grads_changed():
+        if not self._track.in_step and self._grads_changed():
             # Gradients from a backward pass are cleared without a step: the step was
             # skipped (GradScaler found inf/NaN). See the module docstring.
             self.engine.skip_step()
         self.inner.zero_grad(set_to_none=set_to_none)
-        self._grad_marks = self._mark_grads()
+        self._track.marks = self._mark_grads()
 
     def _mark_grads(self) -> list:
         """Which gradient tensor each parameter holds now, and its in-place version."""
         return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in self.engine.params]
 
     def _grads_changed(self) -> bool:
-        marks = self.__dict__.get("_grad_marks")
+        marks = self._track.marks
         if marks is None:  # unknown (just unpickled): count nothing
             return False
         for p, mark in zip(self.engine.params, marks):
@@ -297,7 +302,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
                                "exists for the old parameters; add every group before training")
         self.inner.add_param_group(param_group)
         self.engine = self._build_engine()
-        self._grad_marks = self._mark_grads()
+        self._track.marks = self._mark_grads()
         self._param_lists = self._param_list_ids()
 
     def state_dict(self) -> dict:
@@ -358,13 +363,14 @@ class DEMAOptimizer(torch.optim.Optimizer):
         # tensors: the copy rebuilds it at its first step (the engine finishes any pending
         # EMA update when it is pickled, so nothing is lost).
         state = dict(self.__dict__)
-        state["_grad_marks"] = None  # weak references do not pickle
+        state["_track"] = _StepTrack()  # weak references do not pickle (marks None: count nothing)
         state["_fused"] = None
         state["_rebuild_fused"] = self._fused is not None or self.__dict__.get("_rebuild_fused", False)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("_track", _StepTrack())
 
     def _fused_driver(self):
         """The FusedStep, rebuilt after a copy/unpickle; None on the generic path."""
@@ -375,6 +381,17 @@ class DEMAOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"DEMAOptimizer({self.inner!r}, config={self.config!r})"
+
+
+class _StepTrack:
+    """Which gradients the last step or zero_grad saw (weak references and versions), and
+    whether a step is running: shared by reference with copies of the wrapper's __dict__."""
+
+    __slots__ = ("marks", "in_step")
+
+    def __init__(self):
+        self.marks = None  # None: unknown (just unpickled), count nothing
+        self.in_step = False
 
 
 def _names_for(param_groups, params) -> list[str]:
