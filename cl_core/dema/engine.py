@@ -123,12 +123,13 @@ class DEMA:
     def initialized(self) -> bool:
         return self._started
 
-    def _locals(self, indices) -> list[torch.Tensor]:
-        # read only (θ for the EMA): a non-contiguous parameter is read through a contiguous
-        # copy, which the backends' kernels can take (contiguous ones are returned as they are)
-        return [local_tensor(self.params[i]).detach().contiguous() for i in indices]
+    def _locals(self, indices, contiguous: bool = False) -> list[torch.Tensor]:
+        out = [local_tensor(self.params[i]).detach() for i in indices]
+        # contiguous: for a backend built for contiguous tensors only (triton), a non-contiguous
+        # parameter is read (θ is only read here) through a contiguous copy
+        return [t.contiguous() for t in out] if contiguous else out
 
-    def _grads(self, indices, missing: list) -> list:
+    def _grads(self, indices, missing: list, contiguous: bool = False) -> list:
         out = []
         for i in indices:
             g = self.params[i].grad
@@ -139,9 +140,10 @@ class DEMA:
             g = local_tensor(g).detach()
             if g.layout != torch.strided:
                 g = self._densify(i, g)
-            elif not g.is_contiguous():
-                # a legitimate gradient (a hook's or a sharded view) the kernels cannot read
-                # in place: a contiguous copy, so the generic path never fails after the step
+            elif contiguous and not g.is_contiguous():
+                # a legitimate gradient (a hook's or a sharded view) the triton backend cannot
+                # read in place: a contiguous copy, so the generic path never fails after the
+                # inner step moved the parameters (the torch backend reads it on its slow path)
                 g = g.contiguous()
             out.append(g)
         return out
@@ -235,7 +237,9 @@ class DEMA:
         missing: list = []
         with torch.no_grad():
             for g in self.groups:
-                g.backend.update(self._locals(g.indices), self._grads(g.indices, missing), self.reduce_stats)
+                copy = g.backend_name == "triton"
+                g.backend.update(self._locals(g.indices, copy), self._grads(g.indices, missing, copy),
+                                 self.reduce_stats)
         self._folded = False  # see one_pass_update
         self.count_missing(missing)
         self.num_updates += 1
