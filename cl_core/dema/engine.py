@@ -122,6 +122,7 @@ class DEMA:
         self.densified_grads = 0  # sparse gradients made dense (tensor-updates)
         self._warned_sparse = False
         self._one_pass = None  # the OnePassStep handed over by attach_one_pass (not copied)
+        self._folded = True  # False after a two-pass update, until its partials are folded
         self._update_pending = False  # the last one-pass step left its EMA update to finish
         # Where α sits and why (cl_core/dema/regime.py): fed by every update, read when logging.
         self.regime = RegimeTracker(self.config)
@@ -132,6 +133,8 @@ class DEMA:
         return self._started
 
     def _locals(self, indices) -> list[torch.Tensor]:
+        # non-contiguous θ/g: each backend reads them itself (the triton backend through
+        # counted contiguous copies, the torch backend on its counted slow path)
         return [local_tensor(self.params[i]).detach() for i in indices]
 
     def _grads(self, indices, missing: list) -> list:
@@ -199,6 +202,11 @@ class DEMA:
             raise RuntimeError("DEMA.one_pass_update: no one-pass implementation is attached "
                                "(DEMAOptimizer attaches one; call update() after optimizer.step() otherwise)")
         self.ensure_groups()
+        if self._folded is False:
+            # the last update was a two-pass one: its backend may keep partial sums (Triton);
+            # the one-pass step starts from the canonical state (d, started, has_prev)
+            self._canonicalize()
+        self._folded = True
         result = impl.step(self.groups, self.config.kernel_scalars())
         if result.refused is not None:
             self.flush()
@@ -248,6 +256,7 @@ class DEMA:
                 g.backend.update(self._locals(g.indices), grads, self.reduce_stats)
                 regime.after_update(k, g.state, g.backend.last_stats(), [j for j, x in enumerate(grads) if x is None])
         regime.count_update()
+        self._folded = False  # see one_pass_update
         self.count_missing(missing)
         self.num_updates += 1
 
@@ -399,6 +408,7 @@ class DEMA:
         state.pop("_pending_flush", None)
         state.pop("_pending_stats", None)
         state.setdefault("_one_pass", None)
+        state.setdefault("_folded", False)
         state.setdefault("_update_pending", False)
         self.__dict__.update(state)
         if "regime" not in state:  # copies written before the regime counters existed

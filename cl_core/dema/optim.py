@@ -28,6 +28,8 @@ generic path (logged once per reason), and the engine averages sparse gradients 
 from __future__ import annotations
 
 import logging
+import functools
+import operator
 import os
 import weakref
 from collections import OrderedDict
@@ -40,6 +42,8 @@ DEMA_STATE_KEY = "dema"
 # Where DEMACallback carries its state inside a Trainer's optimizer state dict (cl_core.integrations.hf).
 CARRIED_KEY = "cl_core.dema"
 log = logging.getLogger(__name__)
+_GRAD = operator.attrgetter("grad")
+_IS_NONE = functools.partial(operator.is_, None)
 
 
 def check_fused_arg(fused, who: str) -> None:
@@ -80,8 +84,14 @@ class DEMAOptimizer(torch.optim.Optimizer):
         # DEMACallback's state when load_state_dict found one in param_groups[0] (see there)
         self.carried_state = None
         self.engine = self._build_engine()
-        self._grad_marks = self._mark_grads()
+        # One mutable record shared by reference: Lightning's LightningOptimizer copies this
+        # object's __dict__ and runs zero_grad() on the copy while step() runs here, so an
+        # attribute rebound on either side would not be seen by the other (every manual-
+        # optimization step was counted as skipped).
+        self._track = _StepTrack()
+        self._track.marks = self._mark_grads()
         self._param_lists = self._param_list_ids()
+        self.unaveraged_steps = 0  # steps where a tensor outside the EMA (frozen at wrapping) trained
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
             # transformers' DeepSpeed set-up replaces any optimizer handed to the Trainer
             # with its own, so nothing of this wrapper would run: say so where it is built.
@@ -115,6 +125,10 @@ class DEMAOptimizer(torch.optim.Optimizer):
 
             reduce_stats = auto_reduce_stats(params)
         names = _names_for(self.inner.param_groups, params)
+        ids = {id(p) for p in params}
+        # tensors the optimizer holds that were frozen when the engine was built: one that
+        # gets a gradient later (unfrozen) is seen at each step by a C-level map over these
+        self._outside = [p for g in self.inner.param_groups for p in g["params"] if id(p) not in ids]
         engine = DEMA(params, self.config, names=names, reduce_stats=reduce_stats)
         self._fused = self._build_fused(engine)
         return engine
@@ -187,18 +201,36 @@ class DEMAOptimizer(torch.optim.Optimizer):
                         "or add groups with DEMAOptimizer.add_param_group before the first step")
         self._param_lists = ids
 
+    def _unfrozen_reason(self) -> str | None:
+        """A tensor frozen when the optimizer was wrapped now has a gradient (unfrozen after
+        wrapping): the fused kernel only steps the engine's tensors, so this step must take
+        the generic path, where the inner optimizer trains it. It is not averaged (the EMA
+        was built without it): counted in `unaveraged_steps`, warned once."""
+        outside = self.__dict__.get("_outside") or ()
+        if not outside or all(map(_IS_NONE, map(_GRAD, outside))):
+            return None
+        self.unaveraged_steps += 1
+        if not self.__dict__.get("_warned_unfrozen"):
+            self._warned_unfrozen = True
+            names = _names_for(self.inner.param_groups, [p for p in outside if p.grad is not None])
+            log.warning("DEMAOptimizer: %s had requires_grad=False when the optimizer was wrapped and now has a "
+                        "gradient: the optimizer trains it, but the EMA does not average it (and the end-of-task "
+                        "EMA replace leaves it as trained). Unfreeze every tensor before wrapping to average it "
+                        "(warned once; DEMAOptimizer.unaveraged_steps counts such steps)", ", ".join(names))
+        return "a tensor frozen when the optimizer was wrapped now has a gradient (unfrozen after wrapping)"
+
     def step(self, closure=None):
         """Inner optimizer step, then the DEMA update. Returns the closure's loss."""
         self._check_params_unchanged()
-        self._in_step = True  # a closure's zero_grad() inside the step is not a skipped step
+        self._track.in_step = True  # a closure's zero_grad() inside the step is not a skipped step
         try:
             if self._fused_driver() is not None:
                 loss = self._step_fused(closure)
             else:
                 loss = self._step_generic(closure)
         finally:
-            self._in_step = False
-        self._grad_marks = self._mark_grads()
+            self._track.in_step = False
+        self._track.marks = self._mark_grads()
         return loss
 
     @property
@@ -215,7 +247,10 @@ class DEMAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.engine.one_pass_update() is not None:  # refused (said and counted by the fused step)
+        unfrozen = self._unfrozen_reason()
+        if unfrozen is not None:
+            self._step_generic_because(unfrozen)
+        elif self.engine.one_pass_update() is not None:  # refused (said and counted by the fused step)
             self.inner.step()
             self.engine.update()
         # The inner optimizer's step() did not run; an LR scheduler built on the inner
@@ -235,23 +270,24 @@ class DEMAOptimizer(torch.optim.Optimizer):
     def _step_generic(self, closure=None):
         # The separate-pass path: any inner optimizer, then one engine update.
         loss = self.inner.step() if closure is None else self.inner.step(closure)
+        self._unfrozen_reason()  # said and counted here too (nothing else differs on this path)
         self.engine.update()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if not self.__dict__.get("_in_step") and self._grads_changed():
+        if not self._track.in_step and self._grads_changed():
             # Gradients from a backward pass are cleared without a step: the step was
             # skipped (GradScaler found inf/NaN). See the module docstring.
             self.engine.skip_step()
         self.inner.zero_grad(set_to_none=set_to_none)
-        self._grad_marks = self._mark_grads()
+        self._track.marks = self._mark_grads()
 
     def _mark_grads(self) -> list:
         """Which gradient tensor each parameter holds now, and its in-place version."""
         return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in self.engine.params]
 
     def _grads_changed(self) -> bool:
-        marks = self.__dict__.get("_grad_marks")
+        marks = self._track.marks
         if marks is None:  # unknown (just unpickled): count nothing
             return False
         for p, mark in zip(self.engine.params, marks):
@@ -266,7 +302,7 @@ class DEMAOptimizer(torch.optim.Optimizer):
                                "exists for the old parameters; add every group before training")
         self.inner.add_param_group(param_group)
         self.engine = self._build_engine()
-        self._grad_marks = self._mark_grads()
+        self._track.marks = self._mark_grads()
         self._param_lists = self._param_list_ids()
 
     def state_dict(self) -> dict:
@@ -305,10 +341,17 @@ class DEMAOptimizer(torch.optim.Optimizer):
             if dema_sd is None:
                 dema_sd = carried["engine"]
             state_dict["param_groups"] = [{k: v for k, v in groups[0].items() if k != CARRIED_KEY}, *groups[1:]]
+        # All or nothing: the EMA first (its own checks raise before it changes), then the
+        # inner state; if torch refuses that, the EMA gets its previous state back.
+        before = self.engine.state_dict() if dema_sd is not None else None
         if dema_sd is not None:
-            # the EMA first: a mismatch (ValueError) then leaves the inner state untouched
             self.engine.load_state_dict(dema_sd)
-        self.inner.load_state_dict(state_dict)
+        try:
+            self.inner.load_state_dict(state_dict)
+        except Exception:
+            if before is not None:
+                self.engine.load_state_dict(before)
+            raise
         self.carried_state = carried
         if self._fused_driver() is not None:
             self._fused.reset_step_counts()
@@ -320,13 +363,14 @@ class DEMAOptimizer(torch.optim.Optimizer):
         # tensors: the copy rebuilds it at its first step (the engine finishes any pending
         # EMA update when it is pickled, so nothing is lost).
         state = dict(self.__dict__)
-        state["_grad_marks"] = None  # weak references do not pickle
+        state["_track"] = _StepTrack()  # weak references do not pickle (marks None: count nothing)
         state["_fused"] = None
         state["_rebuild_fused"] = self._fused is not None or self.__dict__.get("_rebuild_fused", False)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("_track", _StepTrack())
 
     def _fused_driver(self):
         """The FusedStep, rebuilt after a copy/unpickle; None on the generic path."""
@@ -337,6 +381,17 @@ class DEMAOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"DEMAOptimizer({self.inner!r}, config={self.config!r})"
+
+
+class _StepTrack:
+    """Which gradients the last step or zero_grad saw (weak references and versions), and
+    whether a step is running: shared by reference with copies of the wrapper's __dict__."""
+
+    __slots__ = ("marks", "in_step")
+
+    def __init__(self):
+        self.marks = None  # None: unknown (just unpickled), count nothing
+        self.in_step = False
 
 
 def _names_for(param_groups, params) -> list[str]:

@@ -260,13 +260,11 @@ class DEMACallback(TrainerCallback):
             self.resumed_from = "optimizer"
             return
         if self._carrier.optimizer is None:     # FSDP shards: the per-rank state files of the checkpoint
-            for folder in (getattr(args, "resume_from_checkpoint", None),
-                           os.path.join(args.output_dir, f"checkpoint-{state.global_step}")):
-                path = self._state_path(os.fspath(folder)) if isinstance(folder, (str, os.PathLike)) else None
-                if path is not None and os.path.isfile(path):
-                    self.load_state(path)
-                    self.resumed_from = path
-                    return
+            path = self._checkpoint_state_file(args, state)
+            if path is not None:
+                self.load_state(path)
+                self.resumed_from = path
+                return
             logger.warning("DEMACallback: training resumes at step %d, but no %s was found in "
                            "args.resume_from_checkpoint or %s/checkpoint-%d (FSDP shards resume from these "
                            "files; set TrainingArguments(resume_from_checkpoint=<folder>) when it is elsewhere, or "
@@ -274,9 +272,31 @@ class DEMACallback(TrainerCallback):
                            state.global_step, os.path.basename(self._state_path("")), args.output_dir,
                            state.global_step)
             return
+        found = self._checkpoint_state_file(args, state)
+        if found is not None:
+            # e.g. save_only_model=True: the Trainer restored no optimizer state, the file is there
+            logger.warning("DEMACallback: training resumes at step %d, but the Trainer restored no DEMA state with "
+                           "the optimizer (save_only_model=True writes no optimizer state); %s holds the EMA of that "
+                           "checkpoint and was not used, because a resume takes the EMA from the optimizer state. "
+                           "Call callback.load_state(%r) before trainer.train(resume_from_checkpoint=...), or save "
+                           "with save_only_model=False; the EMA restarts from the current weights",
+                           state.global_step, found, found)
+            return
         logger.warning("DEMACallback: training resumes at step %d, but the optimizer state the Trainer restored "
                        "carries no DEMA state (the checkpoint was written without DEMACallback, or its optimizer "
-                       "state was not saved); the EMA restarts from the current weights", state.global_step)
+                       "state was not saved: with save_only_model=True, call callback.load_state(<checkpoint "
+                       "folder>) before training to use its %s); the EMA restarts from the current weights",
+                       state.global_step, os.path.basename(self._state_path("")))
+
+    def _checkpoint_state_file(self, args, state) -> str | None:
+        """The state file of the checkpoint a run resumes from (resume_from_checkpoint, else
+        output_dir/checkpoint-{global_step}), or None where there is none."""
+        for folder in (getattr(args, "resume_from_checkpoint", None),
+                       os.path.join(args.output_dir, f"checkpoint-{state.global_step}")):
+            path = self._state_path(os.fspath(folder)) if isinstance(folder, (str, os.PathLike)) else None
+            if path is not None and os.path.isfile(path):
+                return path
+        return None
 
     def _report_before_loggers(self) -> None:
         report_before_loggers(self)

@@ -363,9 +363,11 @@ def _fused_step_kernel(
         e = tl.where(_bcast(init_now, BLOCK), e_init, e)
         # exact: e is a DTYPE number in the parameter-dtype mode
         tl.store(e_ptr + offs, to_rtne(e, EDT), mask=mask & _bcast(apply | init_now, BLOCK))
-        # x - x is NaN exactly where x is NaN or inf: the probe rides on b's sum.
+        # x - x is NaN exactly where x is NaN or inf: the probe rides on b's sum. Only the
+        # tensor's own lanes: past its end θ = g = m = v = 0, and with eps = 0 Adam's
+        # update there is 0/0 (NaN) for lanes that must contribute exactly nothing.
         nm = mask & _bcast(need, BLOCK)
-        sb += _vsum((tl.where(nm, tl.abs(g), 0.0) + (th2 - th2) + (g - g)).to(ACC), BLOCK, VEC)
+        sb += _vsum((tl.where(nm, tl.abs(g), 0.0) + tl.where(mask, (th2 - th2) + (g - g), 0.0)).to(ACC), BLOCK, VEC)
         sa += _vsum(tl.where(nm, tl.abs(round_to(th2 - e, EDT)), 0.0).to(ACC), BLOCK, VEC)
         gprev = to_f32(tl.load(gp_ptr + offs, mask=nm, other=0.0))
         sc += _vsum(tl.where(nm, tl.abs(round_to(g - gprev, EDT)), 0.0).to(ACC), BLOCK, VEC)

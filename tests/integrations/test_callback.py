@@ -216,6 +216,21 @@ def test_resume_without_dema_state_warns(tmp_path, caplog):
     assert cb.engine.num_updates == 1 and cb.resumed_from is None
 
 
+@pytest.mark.slow
+def test_resume_from_save_only_model_names_the_state_file(tmp_path, caplog):
+    """save_only_model=True: no optimizer state, but checkpoint-2/dema_state.pt exists; the
+    warning names it and says how to use it (issue 27, case 10)."""
+    run = tmp_path / "run"
+    _train(tiny_peft_llama(), run, [DEMACallback()], max_steps=2, save_strategy="steps", save_steps=2,
+           save_only_model=True).train()
+    state_file = run / "checkpoint-2" / "dema_state.pt"
+    assert state_file.is_file()
+    with caplog.at_level("WARNING", logger="cl_core.integrations.hf"):
+        _train(tiny_peft_llama(), run, [DEMACallback()], max_steps=3, save_only_model=True).train(
+            resume_from_checkpoint=True)  # the latest checkpoint of output_dir
+    assert str(state_file) in caplog.text and "callback.load_state(" in caplog.text, caplog.text
+
+
 def test_no_trainable_parameters_is_a_clear_error(tmp_path):
     from transformers import TrainerControl, TrainerState
 

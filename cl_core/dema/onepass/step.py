@@ -66,11 +66,11 @@ def optimizer_kind(opt: torch.optim.Optimizer) -> int | None:
     return {torch.optim.Adam: KIND_ADAM, torch.optim.AdamW: KIND_ADAMW, torch.optim.SGD: KIND_SGD}.get(type(opt))
 
 
-def unsupported_reason(opt: torch.optim.Optimizer, engine) -> str | None:
-    """Why the fused path cannot run this optimizer/engine, or None when it can."""
-    kind = optimizer_kind(opt)
-    if kind is None:
-        return f"{type(opt).__name__} has no fused kernel (Adam, AdamW and SGD do)"
+def option_reason(opt: torch.optim.Optimizer, kind: int) -> str | None:
+    """Why an option of some param group cannot be honoured by the fused kernel, or None.
+    torch reads every option from `param_groups` at every step, so FusedStep calls this at
+    every step too (O(param groups), no tensor loop): an option turned on after wrapping
+    (maximize, amsgrad, ...) sends that step to the generic path, never ignored."""
     for i, group in enumerate(opt.param_groups):
         for key in ("amsgrad", "maximize", "capturable", "differentiable"):
             if group.get(key):
@@ -84,6 +84,17 @@ def unsupported_reason(opt: torch.optim.Optimizer, engine) -> str | None:
     kinds = {KIND_ADAMW if kind == KIND_ADAM and g.get("decoupled_weight_decay") else kind for g in opt.param_groups}
     if len(kinds) > 1:
         return "param groups mix Adam's L2 and AdamW's decoupled weight decay"
+    return None
+
+
+def unsupported_reason(opt: torch.optim.Optimizer, engine) -> str | None:
+    """Why the fused path cannot run this optimizer/engine, or None when it can."""
+    kind = optimizer_kind(opt)
+    if kind is None:
+        return f"{type(opt).__name__} has no fused kernel (Adam, AdamW and SGD do)"
+    reason = option_reason(opt, kind)
+    if reason is not None:
+        return reason
     if engine.config.backend == "reference":
         return "backend='reference' asks for the literal per-tensor maths"
     if engine.reduce_stats is not None:
@@ -123,6 +134,8 @@ class FusedStep:
         self._state_obj = None  # opt.state when the members were collected
         self._warned = set()
         self.generic_steps = 0  # steps that took the generic path (a reason was logged once)
+        self._alias_key = None  # (id, len) of each param group's list when _alias was computed
+        self._alias = None
 
     @classmethod
     def create(cls, optimizer, engine):
@@ -133,6 +146,17 @@ class FusedStep:
             log.info("DEMAOptimizer uses the generic path (optimizer step, then a DEMA pass): %s", reason)
             return None
         return cls(optimizer, engine.params)
+
+    def _alias_reason(self) -> str | None:
+        """A tensor listed twice in the param groups (torch only warns, then steps it twice):
+        the kernel would step it once. Recomputed only when a group's list changed."""
+        key = tuple((id(g["params"]), len(g["params"])) for g in self.opt.param_groups)
+        if key != self._alias_key:
+            ids = [id(p) for g in self.opt.param_groups for p in g["params"]]
+            self._alias = None if len(set(ids)) == len(ids) else \
+                "a tensor appears twice in the param groups (torch steps it twice; the fused kernel would once)"
+            self._alias_key = key
+        return self._alias
 
     def reset_step_counts(self) -> None:
         """The optimizer's state was loaded: collect its tensors again at the next step."""
@@ -234,6 +258,12 @@ class FusedStep:
     @torch.no_grad()
     def step(self, groups, consts: tuple) -> OnePassResult:
         """One fused optimizer+DEMA step over the engine's `groups` (OnePassStep.step)."""
+        # torch reads the options and the tensor lists at every step: so does this step
+        # (O(param groups); the aliasing check reruns only when a group's list changed)
+        reason = option_reason(self.opt, self.kind) or self._alias_reason()
+        if reason is not None:
+            self.before_generic_step(reason)
+            return OnePassResult(refused=reason)
         self._setup(groups)
         pg0 = self.opt.param_groups[0]
         kind = KIND_ADAMW if self.kind == KIND_ADAM and pg0.get("decoupled_weight_decay") else self.kind
