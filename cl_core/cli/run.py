@@ -9,8 +9,11 @@ transformers) happen inside the commands so `cl-core --help` stays quick.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 import time
 
 # Light imports (no torch): the choices and defaults are the runner's own constants.
@@ -191,6 +194,26 @@ def _finish(results: dict, out, started: float) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's preemption, `kill`) taken like Ctrl-C: the atomic write in
+    progress is abandoned cleanly, the run says how to resume, and the exit status is 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    def on_term(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _execute(cfg, out, args) -> int:
     from pathlib import Path
 
@@ -211,12 +234,16 @@ def _execute(cfg, out, args) -> int:
         elif args.quiet:
             logging.getLogger("cl_core").setLevel(logging.WARNING)   # every cl_core module's info lines
         try:
-            results = runner.run(cfg, out, quiet=args.quiet, threads=1 if args.threads is None else args.threads,
-                                 launch=launch)
-        except KeyboardInterrupt:
+            with _sigterm_as_interrupt():
+                results = runner.run(cfg, out, quiet=args.quiet,
+                                     threads=1 if args.threads is None else args.threads, launch=launch)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
             if launch.is_main:
-                print(f"\nInterrupted. Finished tasks are saved in {out}; run the same command again to resume.")
-            return 130
+                what = "Stopped by SIGTERM" if terminated else "Interrupted"
+                print(f"\n{what}. Finished tasks are saved in {out}; run the same command again to resume.",
+                      flush=True)
+            return 143 if terminated else 130
         finished = True
         if not launch.is_main:
             return 0

@@ -45,6 +45,7 @@ from typing import Callable, Optional
 
 from cl_core import metrics as cl_metrics
 from cl_core.atomic_io import atomic_dir, write_json_atomic
+from cl_core.continual.run_lock import RunLock
 from cl_core.continual.config import ORDERS, RunConfig  # noqa: F401 - re-exported
 from cl_core.continual.launch import Launch
 from cl_core.continual.methods import METHODS, MethodPlan, method_slug  # noqa: F401 - METHODS re-exported
@@ -379,6 +380,28 @@ class ContinualRun:
         import torch
 
         t0 = time.time()  # the run's wall time: the report and the CLI state this one number
+        # One writer per run folder, taken before anything in it is read or cleaned (rank 0
+        # writes the folder under a launcher, so it alone holds the lock).
+        lock = RunLock(self.out) if self.launch.is_main else None
+        if lock is not None:
+            if not self.out.is_dir():   # a file, a read-only place: its one-line refusal, not mkdir's errno
+                check_run_folder(self.out, self.cfg.to_dict())
+            lock.acquire()
+        started = False
+        try:
+            results = self._run_locked(t0)
+            started = True
+        except BaseException:
+            started = (self.out / "config.json").exists()
+            raise
+        finally:
+            if lock is not None:
+                lock.release(undo=not started)
+        return results
+
+    def _run_locked(self, t0: float) -> dict:
+        import torch
+
         self.prepare()
 
         def start_folder():
