@@ -17,6 +17,7 @@ import threading
 import time
 
 # Light imports (no torch): the choices and defaults are the runner's own constants.
+from cl_core.integrations.extras import require
 from cl_core.continual.config import SECTIONS, RunConfig, cli_settings, setting_flags
 from cl_core.continual.methods import CUSTOM_METHODS, METHODS
 
@@ -148,7 +149,7 @@ def add_parser(sub) -> None:
                                    "docs/distributed.md)")
     procs.add_argument("--deepspeed", metavar="FILE", default=None,
                        help="train every task under DeepSpeed with this JSON config (ZeRO stage 0 to 3; batch sizes, "
-                            "accumulation and clipping \"auto\"); needs a launcher and pip install cl_core[deepspeed]")
+                            "accumulation and clipping \"auto\"); needs a launcher and pip install \".[deepspeed]\"")
     _common(run, "runs/run-YYYYmmdd-HHMMSS")
     run.set_defaults(func=cmd_run)
 
@@ -253,6 +254,7 @@ def _execute(cfg, out, args) -> int:
 
 
 def cmd_demo(args) -> int:
+    require("runner", "cl-core demo")   # before any work: not a traceback after the base is trained
     preset = dict(DEMO_QUICK if args.quick else DEMO_FULL)
     if args.multimodal:
         preset.update(DEMO_MULTIMODAL, **({} if args.quick else DEMO_MULTIMODAL_FULL))
@@ -277,6 +279,7 @@ def config_from_args(args) -> RunConfig:
 
 
 def cmd_run(args) -> int:
+    require("runner", "cl-core run")   # before any work: not a traceback after the base is trained
     cfg = config_from_args(args)
     cfg.validate(FLAGS)  # errors name the flags (--steps), before anything is written
     out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")

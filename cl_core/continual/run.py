@@ -65,6 +65,9 @@ class ContinualRun:
 
     def __init__(self, cfg: RunConfig, out_dir, *, quiet: bool = False, threads: int | None = None,
                  on_task_end: Callable | None = None, launch: Launch | None = None):
+        from cl_core.integrations.extras import require
+
+        require("runner", "cl_core.continual.run")   # a missing package said now, not after training
         cfg.validate()
         # The processes of a launcher (torchrun, accelerate launch; cl_core.continual.launch):
         # rank 0 writes the run folder, every rank trains its share and reads the folder.

@@ -6,7 +6,7 @@ transformers' ``load_adapter``) loads unchanged. Where a layer's live LoRA scali
 at run time (``set_scale`` / ``scale_layer``), the ratio to the configured scaling is folded
 into ``lora_B`` so that the loaded adapter computes what the live model computes.
 
-Needs peft and safetensors (``pip install cl_core[hf]``); which tensors the callbacks average
+Needs peft and safetensors (``pip install ".[hf]"``); which tensors the callbacks average
 is :mod:`cl_core.integrations.selection` (torch only).
 """
 from __future__ import annotations

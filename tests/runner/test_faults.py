@@ -187,3 +187,43 @@ def test_sigterm_says_how_to_resume_and_exits_143(tmp_path, model_dir):
     assert p.returncode == 143, text
     assert f"Stopped by SIGTERM. Finished tasks are saved in {out}; run the same command again to resume" in text
     assert "Traceback" not in text and not list(out.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------------ extras up front
+BLOCKED = r'''
+import sys
+blocked = set(sys.argv[1].split(","))
+
+class Blocker:   # these packages are not installed, as with only ".[hf]"
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Blocker)
+from cl_core.cli import main
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+@pytest.mark.parametrize("blocked, argv, line", [
+    ("matplotlib,scipy,sklearn", ["run", "--bundled-tasks", "sqa", "--steps", "2"],
+     "cl-core run needs scikit-learn, scipy, matplotlib (the 'runner' extra), which are not installed; "
+     'install with: pip install ".[runner]" (in the cl_core checkout)'),
+    ("matplotlib", ["demo", "--quick"], "cl-core demo needs matplotlib (the 'runner' extra), which is not installed"),
+    ("scipy", ["group", "assign", "--codebook", "cb.json", "--data", "none.json"],
+     "cl-core group assign needs scipy (the 'grouping' extra), which is not installed; "
+     'install with: pip install ".[grouping]"'),
+])
+def test_missing_extra_refused_before_any_work(tmp_path, blocked, argv, line):
+    """With only ".[hf]": one line naming the packages and the install command that works
+    from a checkout, before anything is trained or written (before: a traceback after the
+    140 s base training)."""
+    out = tmp_path / "o"
+    argv = argv + (["--out", str(out)] if argv[0] != "group" else [])
+    p = subprocess.run([sys.executable, "-c", BLOCKED, blocked, *argv], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert line in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not out.exists() and not (tmp_path / "cb.json").exists()
