@@ -273,6 +273,8 @@ def config_from_args(args) -> RunConfig:
     if args.task_files and args.tasks:
         raise ValueError("--tasks (your files) and --bundled-tasks cannot be combined")
     values = {f.name: _value(f.name, getattr(args, f.name)) for f in cli_settings()}
+    if values["tasks"] == ("all",):   # every bundled task, in the order's preset
+        values["tasks"] = None
     if values["methods"] is None:   # the CLI's default: dema (custom), or the recipe's own method
         values["methods"] = ("dema",) if args.recipe == "custom" else None
     return RunConfig(**values)
@@ -282,5 +284,10 @@ def cmd_run(args) -> int:
     require("runner", "cl-core run")   # before any work: not a traceback after the base is trained
     cfg = config_from_args(args)
     cfg.validate(FLAGS)  # errors name the flags (--steps), before anything is written
+    if not args.task_files and not args.tasks and args.recipe == "custom":
+        # Was: a silent eight-task bundled run (with its 1,200-step base) for a bare `cl-core run`.
+        raise ValueError("cl-core run: no tasks given; give your task files (--tasks FILE ... --model DIR), "
+                         "bundled tasks (--bundled-tasks sqa textvqa ..., or --bundled-tasks all), or try "
+                         "`cl-core demo --quick` first (a few minutes)")
     out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")
     return _execute(cfg, out, args)

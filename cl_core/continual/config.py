@@ -132,7 +132,7 @@ class RunConfig:
                                help="bundled tasks as pictures (the scene is drawn, not written) on a tiny LLaVA")
     tasks: Optional[tuple] = setting(
         None, "data", "--bundled-tasks", nargs="+", metavar="NAME",   # None: the order preset
-        help="a subset of the bundled tasks, in order (" + " ".join(TASK_NAMES) + ")")
+        help="a subset of the bundled tasks, in order (" + " ".join(TASK_NAMES) + "), or all")
     order: str = setting("origin", "data", "--order", choices=ORDERS,
                          help="task order preset (CoIN's): as given, reversed, or by name")
     variant: str = setting("original", "data", "--templates", choices=tuple(TEMPLATE_SETS),

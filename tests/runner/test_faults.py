@@ -227,3 +227,13 @@ def test_missing_extra_refused_before_any_work(tmp_path, blocked, argv, line):
     assert p.returncode == 2, p.stderr[-2000:]
     assert line in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert not out.exists() and not (tmp_path / "cb.json").exists()
+
+
+# ------------------------------------------------------------------ first tries
+def test_run_without_tasks_says_the_three_ways(tmp_path, caplog):
+    out = tmp_path / "o"
+    assert main(["run", "--out", str(out), "--quiet"]) == 2
+    line = [r.getMessage() for r in caplog.records if r.levelno >= 40][-1]
+    assert "no tasks given" in line and "--tasks FILE" in line and "--bundled-tasks" in line \
+        and "cl-core demo --quick" in line
+    assert not out.exists()
