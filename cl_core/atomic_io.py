@@ -20,6 +20,12 @@ def _umask() -> int:
     return mask
 
 
+def usual_dir_mode(folder) -> None:
+    """Give a `tempfile.mkdtemp` folder (made 0700) the mode a plain mkdir gives it under the
+    umask, as its siblings have: a folder moved into place must not turn private."""
+    os.chmod(folder, 0o777 & ~_umask())
+
+
 def atomic_write(path, write, binary: bool = False) -> Path:
     """Call `write(f)` on a temporary file next to `path`, then move it into place.
 
@@ -74,7 +80,7 @@ def atomic_dir(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual mode
+    usual_dir_mode(tmp)
     try:
         yield tmp
     except BaseException:
