@@ -123,6 +123,8 @@ class ContinualRun:
         self.images = (multimodal.image_report(self.tasks, self.cfg, self._image_sizes(),
                                                {t.name: t.skipped_images for t in self.tasks if t.skipped_images})
                        if self.encoder.uses_images else None)
+        if self.cfg.model is not None:
+            _warn_unknown_answers(self.tokenizer, self.tasks)
         if self.max_new_tokens is None:
             longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"])
                           for t in self.tasks for _, refs, _ in t.test
@@ -591,6 +593,23 @@ def _stderr_is_terminal() -> bool:
 
 def _fmt_row(row) -> str:
     return "[" + " ".join(f"{v:.0f}" for v in row) + "]"
+
+
+def _warn_unknown_answers(tokenizer, tasks) -> None:
+    """Warn, before training, about answers the tokenizer cannot spell (a word-level
+    vocabulary, another script): they become the unknown token, and a model that learns to
+    say it scores 0 % on them. Counted per task, with one example."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    for t in tasks:
+        answers = {a for _, a, _ in t.train} | {a for _, refs, _ in t.test
+                                                  for a in ([refs] if isinstance(refs, str) else refs)}
+        bad = sorted(a for a in answers if unk in tokenizer(a, add_special_tokens=False)["input_ids"])
+        if bad:
+            log.warning("task %s: %d of %d distinct answers hold words the model's tokenizer does not know "
+                        "(they become %s, e.g. %r): those answers cannot be learned or scored; use a model whose "
+                        "tokenizer covers them", t.name, len(bad), len(answers), tokenizer.unk_token, bad[0])
 
 
 def run(cfg: RunConfig, out_dir, *, quiet: bool = False, threads: int | None = None,

@@ -237,3 +237,14 @@ def test_run_without_tasks_says_the_three_ways(tmp_path, caplog):
     assert "no tasks given" in line and "--tasks FILE" in line and "--bundled-tasks" in line \
         and "cl-core demo --quick" in line
     assert not out.exists()
+
+
+def test_answers_the_tokenizer_cannot_spell_are_warned_before_training(tmp_path, model_dir, caplog):
+    lines = [json.dumps({"instruction": "Summarize the input.", "input": f"red {i % 3} circle",
+                         "output": "красный" if i % 2 else "red"}) for i in range(8)]
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    caplog.clear()
+    assert main(_argv(f, tmp_path / "o", "--model", str(model_dir))) == 0
+    warned = [r.getMessage() for r in caplog.records if "tokenizer does not know" in r.getMessage()]
+    assert len(warned) == 1 and "1 of 2 distinct answers" in warned[0] and "'красный'" in warned[0], warned
