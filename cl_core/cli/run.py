@@ -77,7 +77,9 @@ def _dema_tasks(value):
 
 
 # Settings whose command-line text is parsed further than argparse's type (name -> parser).
-_PARSE = {"methods": _methods, "dema_tasks": _dema_tasks}
+_PARSE = {"methods": _methods, "dema_tasks": _dema_tasks,
+          # --seeds 0,1 2 (parsed parts are tuples; the default's are ints)
+          "seeds": lambda parts: tuple(n for part in parts for n in (part if isinstance(part, tuple) else (part,)))}
 
 
 def _value(name: str, value):
@@ -259,7 +261,7 @@ def cmd_demo(args) -> int:
     if args.multimodal:
         preset.update(DEMO_MULTIMODAL, **({} if args.quick else DEMO_MULTIMODAL_FULL))
     if args.seeds:
-        preset["seeds"] = tuple(args.seeds)
+        preset["seeds"] = _value("seeds", args.seeds)
     methods = _methods(args.methods) if args.methods else (
         DEMO_MULTIMODAL_METHODS if args.multimodal else DEMO_METHODS)
     cfg = RunConfig(methods=methods, **preset)
