@@ -222,6 +222,10 @@ def _parse_record(rec, kind: str, index: int, source: str) -> TaskRecord:
 
 def _read_raw(path: Path):
     """[(index, record or _Bad)] from a JSON list or JSONL file."""
+    if path.suffix.lower() in (".csv", ".tsv", ".xlsx", ".parquet"):
+        # said as what it is, not as "not valid JSON" at line 1
+        raise TaskFileError(f"task file {path}: {path.suffix[1:].upper()} is not a task format; convert it to a "
+                            "JSON list of records or JSONL (one JSON record per line)", path)
     try:
         raw = path.read_text(encoding="utf-8-sig")  # UTF-8 with or without a BOM (Windows editors add one)
     except FileNotFoundError:

@@ -125,6 +125,9 @@ class ContinualRun:
                        if self.encoder.uses_images else None)
         if self.cfg.model is not None:
             _warn_unknown_answers(self.tokenizer, self.tasks)
+            if self.cfg.stage1_steps != RunConfig().stage1_steps:
+                log.warning("--stage1-steps %d is ignored with --model: stage 1 trains only the bundled tiny "
+                            "model; your model is the base as it is", self.cfg.stage1_steps)
         if self.max_new_tokens is None:
             longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"])
                           for t in self.tasks for _, refs, _ in t.test

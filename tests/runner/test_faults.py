@@ -248,3 +248,10 @@ def test_answers_the_tokenizer_cannot_spell_are_warned_before_training(tmp_path,
     assert main(_argv(f, tmp_path / "o", "--model", str(model_dir))) == 0
     warned = [r.getMessage() for r in caplog.records if "tokenizer does not know" in r.getMessage()]
     assert len(warned) == 1 and "1 of 2 distinct answers" in warned[0] and "'красный'" in warned[0], warned
+
+
+def test_csv_task_file_is_named_as_csv(tmp_path):
+    f = tmp_path / "t.csv"
+    f.write_text("instruction,output\nSay red,red\n")
+    with pytest.raises(TaskFileError, match=r"t\.csv: CSV is not a task format; convert it to a JSON list"):
+        read_task_file(f)
