@@ -45,6 +45,7 @@ from typing import Callable, Optional
 
 from cl_core import metrics as cl_metrics
 from cl_core.atomic_io import atomic_dir, write_json_atomic
+from cl_core.continual import base_cache
 from cl_core.continual.run_lock import RunLock
 from cl_core.continual.config import ORDERS, RunConfig  # noqa: F401 - re-exported
 from cl_core.continual.launch import Launch
@@ -155,8 +156,14 @@ class ContinualRun:
         key = str(seed)
         shared = self.cfg.model is not None or self.cfg.stage1_seed is not None  # one model for every seed
         if self.cfg.model is None and not (self.base_dir(seed) / "config.json").exists():
-            train_stage1(self.cfg, self.encoder, self.base_seed(seed), self.base_dir(seed),
-                         self.out / ".trainer", quiet=not self.bars, launch=self.launch)
+            # One process: the base comes from the cache when these settings trained it before.
+            # Under a launcher every rank trains its share, so the cache is left out there.
+            single = not (self.launch.distributed or self.launch.deepspeed is not None)
+            if not (single and base_cache.fetch(self.cfg, self.encoder, self.base_seed(seed), self.base_dir(seed))):
+                train_stage1(self.cfg, self.encoder, self.base_seed(seed), self.base_dir(seed),
+                             self.out / ".trainer", quiet=not self.bars, launch=self.launch)
+                if single:
+                    base_cache.store(self.cfg, self.encoder, self.base_seed(seed), self.base_dir(seed))
         if key not in state.base:
             if shared and state.base:
                 info = dict(next(iter(state.base.values())))

@@ -255,3 +255,25 @@ def test_csv_task_file_is_named_as_csv(tmp_path):
     f.write_text("instruction,output\nSay red,red\n")
     with pytest.raises(TaskFileError, match=r"t\.csv: CSV is not a task format; convert it to a JSON list"):
         read_task_file(f)
+
+
+@pytest.mark.slow
+def test_bundled_base_trained_once_and_reused_from_the_cache(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CL_CORE_BASE_CACHE", str(tmp_path / "cache"))
+    small = ["run", "--bundled-tasks", "textvqa", "imagenet", "--stage1-steps", "3", "--steps", "2",
+             "--batch-size", "8", "--n-train", "16", "--n-test", "4", "--max-length", "96", "--methods", "lora",
+             "--quiet"]
+    assert main(small + ["--out", str(tmp_path / "a")]) == 0
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cl_core"):
+        assert main(small[:-1] + ["--out", str(tmp_path / "b")]) == 0   # not --quiet: the info line
+    assert any("stage-1 base reused from the cache" in r.getMessage() for r in caplog.records)
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
+    same = lambda r: {k: v for k, v in r["methods"]["lora"]["seeds"]["0"].items() if "second" not in k and "time" not in k}
+    assert same(a) == same(b)
+    files = lambda d: {p.name: p.read_bytes() for p in (tmp_path / d / "base" / "seed0").iterdir()}
+    assert files("a") == files("b")
+    # another setting stage 1 reads: another base
+    assert main(small[:5] + ["4"] + small[6:] + ["--out", str(tmp_path / "c")]) == 0
+    assert len(list((tmp_path / "cache").iterdir())) == 2
