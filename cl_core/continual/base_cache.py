@@ -3,8 +3,8 @@ reused by every later run (a first try with --steps 2 no longer pays the 1,200-s
 
 The cache is ``$CL_CORE_BASE_CACHE`` (``off`` turns it off), else
 ``$XDG_CACHE_HOME/cl_core/bases`` (``~/.cache/cl_core/bases``). A base's key hashes every
-setting stage 1 reads, the tokenizer's vocabulary and the versions of cl_core, torch and
-transformers: a change in any of them trains a new base. Entries are written with
+setting stage 1 reads, the tokenizer's vocabulary, the source of the modules that build and train
+the base, and the versions of torch and transformers: a change in any of them trains a new base. Entries are written with
 `atomic_dir` (a half-copied base is never read) and copied into the run folder, which stays
 complete on its own.
 """
@@ -39,12 +39,14 @@ def base_key(cfg, tokenizer, seed: int) -> str:
     import torch
     import transformers
 
-    import cl_core
+    from cl_core.continual import synthetic, tiny_model, training
 
+    # the code that builds and trains the base, by content: an edit to it trains a new base
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (synthetic, tiny_model, training)))
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     settings = {name: getattr(cfg, name) for name in STAGE1_SETTINGS}
     text = json.dumps({"settings": settings, "seed": seed, "vocab": sorted(tok.get_vocab().items()),
-                       "versions": [cl_core.__version__, torch.__version__, transformers.__version__]},
+                       "versions": [code.hexdigest(), torch.__version__, transformers.__version__]},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
