@@ -237,7 +237,10 @@ def _execute(cfg, out, args) -> int:
         elif args.quiet:
             logging.getLogger("cl_core").setLevel(logging.WARNING)   # every cl_core module's info lines
         try:
-            with _sigterm_as_interrupt():
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            # log lines (warnings included) on their own line, above a progress bar, not glued to it
+            with _sigterm_as_interrupt(), logging_redirect_tqdm():
                 results = runner.run(cfg, out, quiet=args.quiet,
                                      threads=1 if args.threads is None else args.threads, launch=launch)
         except KeyboardInterrupt as exc:
@@ -267,6 +270,14 @@ def cmd_demo(args) -> int:
     cfg = RunConfig(methods=methods, **preset)
     cfg.validate(FLAGS)  # errors name the flags (--seeds), before anything is written
     out = args.out or ("runs/demo-quick" if args.quick else "demo_out") + ("-multimodal" if args.multimodal else "")
+    # The plan first: a newcomer sees what runs, for how long, and where it goes before the
+    # first silent minutes of stage 1.
+    logging.getLogger(__name__).info(
+        "demo plan: %d seed(s), each a %d-step stage-1 base (cached after the first run), then %d tasks x %d "
+        "steps for each of %d methods (%s); expected: %s; output: %s (the report: %s)",
+        len(cfg.seeds), cfg.stage1_steps, len(cfg.tasks or ()), cfg.steps, len(cfg.methods), ", ".join(cfg.methods),
+        "a few minutes" if args.quick else "about 7 minutes of one free CPU core when measured (docs/runner.md), "
+        "several times that on a busy machine", out, f"{out}/report.md")
     return _execute(cfg, out, args)
 
 

@@ -277,3 +277,14 @@ def test_bundled_base_trained_once_and_reused_from_the_cache(tmp_path, monkeypat
     # another setting stage 1 reads: another base
     assert main(small[:5] + ["4"] + small[6:] + ["--out", str(tmp_path / "c")]) == 0
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_demo_states_its_plan_time_and_output_first(tmp_path, monkeypatch, caplog):
+    import cl_core.cli.run as cli_run
+
+    monkeypatch.setattr(cli_run, "_execute", lambda cfg, out, args: 0)   # the plan line only, no training
+    with caplog.at_level("INFO", logger="cl_core"):
+        assert main(["demo", "--out", str(tmp_path / "d")]) == 0
+    plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("demo plan:")]
+    assert len(plan) == 1 and "3 seed(s)" in plan[0] and "about 7 minutes of one free CPU core" in plan[0] \
+        and f"the report: {tmp_path / 'd'}/report.md" in plan[0], plan
