@@ -47,9 +47,12 @@ class RunLock:
                 f"--out {self.out} is in use by another run ({holder}); wait for it to finish, or choose "
                 "another --out folder") from None
         # A lock left by a dead process is simply taken (the kernel released it): its text is replaced.
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+        except OSError:
+            pass   # a full disk: the flock holds all the same; the run's first write names the file and the error
         self._fd = fd
         return self
 
