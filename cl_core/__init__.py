@@ -3,7 +3,7 @@
 Public names (docs/design.md §6). Heavy parts (transformers, scikit-learn) are imported
 on first use, so `import cl_core` stays light. A name whose optional packages are missing
 raises, on first use, an ImportError naming the extra to install: `DEMACallback` and
-`save_ema_adapter` need `pip install cl_core[hf]`.
+`save_ema_adapter` need `pip install ".[hf]"`.
 """
 from cl_core.dema.config import DEMAConfig
 

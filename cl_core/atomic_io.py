@@ -20,6 +20,12 @@ def _umask() -> int:
     return mask
 
 
+def usual_dir_mode(folder) -> None:
+    """Give a `tempfile.mkdtemp` folder (made 0700) the mode a plain mkdir gives it under the
+    umask, as its siblings have: a folder moved into place must not turn private."""
+    os.chmod(folder, 0o777 & ~_umask())
+
+
 def atomic_write(path, write, binary: bool = False) -> Path:
     """Call `write(f)` on a temporary file next to `path`, then move it into place.
 
@@ -67,16 +73,27 @@ def torch_save_atomic(obj, path) -> Path:
 @contextlib.contextmanager
 def atomic_dir(path):
     """Build a folder under a temporary name next to `path` (yielded); it replaces `path`
-    only when the block finishes, so a crash leaves the old folder or a stray temp one."""
+    only when the block finishes, so a crash leaves the old folder or a stray temp one.
+
+    The temporary name is unique per writer (``.NAME.<random>.tmp``): two writers never
+    delete each other's half-built folder; the last one to finish wins."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    usual_dir_mode(tmp)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(path, ignore_errors=True)
+    for _ in range(3):   # another writer may put its folder in place between rmtree and replace
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     os.replace(tmp, path)
 
 

@@ -35,7 +35,7 @@ API
 
 The runner drives it as one adapter set trained task after task (cl_core.continual.adapters.MoELoRASet).
 
-The layer needs torch only; its files need safetensors (``pip install cl_core[hf]``). Works with
+The layer needs torch only; its files need safetensors (``pip install ".[hf]"``). Works with
 ``transformers.Trainer`` (the model stays a plain ``nn.Module``; the optimizer sees
 the trainable experts and routers only). The adapter cannot be merged into W: the router's
 weights depend on the input.
@@ -292,7 +292,7 @@ def _safetensors():
         import safetensors.torch
     except ImportError as exc:  # the layer itself needs torch only; its files need safetensors
         raise ImportError(f"saving and loading MoELoRA adapters needs safetensors ({exc}); install it with: "
-                          "pip install cl_core[hf]") from None
+                          "pip install \".[hf]\" (in the cl_core checkout)") from None
     return safetensors.torch
 
 

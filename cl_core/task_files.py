@@ -148,10 +148,26 @@ def _optional_str(rec: dict, key: str):
     return str(value)
 
 
+def _image_field(value):
+    """The record's one image path. LLaVA data often writes ``"image": ["a.png"]``: a list of
+    one is that image; a list of several is refused (the runner gives each example one image,
+    and dropping the others silently would train on what the record does not say)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if len(value) == 1:
+            return value[0]
+        if not value:
+            return None
+        raise _Bad(f"'image' lists {len(value)} images; cl_core gives one image per example: split the record "
+                   "into one per image, or skip such records with --skip-bad")
+    raise _Bad(f"'image' must be a path (text) or a list of one path, found {type(value).__name__}")
+
+
 def _parse_record(rec, kind: str, index: int, source: str) -> TaskRecord:
     if not isinstance(rec, dict):
         raise _Bad(f"expected a JSON object, found {type(rec).__name__}")
-    image = rec.get("image") if isinstance(rec.get("image"), str) else None
+    image = _image_field(rec.get("image"))
     if "conversations" in rec:
         turns = rec["conversations"]
         if not isinstance(turns, list) or not turns:
@@ -206,6 +222,10 @@ def _parse_record(rec, kind: str, index: int, source: str) -> TaskRecord:
 
 def _read_raw(path: Path):
     """[(index, record or _Bad)] from a JSON list or JSONL file."""
+    if path.suffix.lower() in (".csv", ".tsv", ".xlsx", ".parquet"):
+        # said as what it is, not as "not valid JSON" at line 1
+        raise TaskFileError(f"task file {path}: {path.suffix[1:].upper()} is not a task format; convert it to a "
+                            "JSON list of records or JSONL (one JSON record per line)", path)
     try:
         raw = path.read_text(encoding="utf-8-sig")  # UTF-8 with or without a BOM (Windows editors add one)
     except FileNotFoundError:
@@ -247,6 +267,14 @@ def _read_raw(path: Path):
             out.append((index, _Bad(f"line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})")))
         index += 1
     return out
+
+
+def raw_records(path) -> list:
+    """[(index, record)] of a task file's well-formed JSON records, read as `read_task_file`
+    reads it (BOM, JSON list or JSONL); malformed lines are left out (`read_task_file`
+    reports or skips them). For callers that need fields beyond a `TaskRecord` (the
+    runner's ``answers`` lists): one reader, so the two never disagree on a file."""
+    return [(i, rec) for i, rec in _read_raw(Path(path)) if not isinstance(rec, _Bad)]
 
 
 def _resolve_kind(path: Path, kind: str) -> str:

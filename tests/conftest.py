@@ -5,6 +5,9 @@ on every CUDA test; fixtures that count kernel launches and build a tiny model f
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# No shared base-model cache in tests (each test trains what it measures; test_faults turns it on
+# in its own folder): nothing is written under ~/.cache, and no test reads another's base.
+os.environ["CL_CORE_BASE_CACHE"] = "off"
 
 import torch  # noqa: E402
 

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     run.add_parser(sub)
     group.add_parser(sub)
+    # `cl-core run -v` as well as `cl-core -v run` (SUPPRESS: the sub-command's flag, when not
+    # given, leaves the top-level one's value alone)
+    for p in sub.choices.values():
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 
@@ -75,8 +79,14 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from cl_core.integrations.extras import MissingExtra
+
     try:
         return int(args.func(args) or 0)
+    except MissingExtra as exc:
+        # A package of an extra is missing: checked before any work, said in one line.
+        logging.getLogger("cl_core").error("%s", exc)
+        return 2
     except (ValueError, FileNotFoundError) as exc:
         # Bad input: one clear line, no traceback, non-zero exit.
         logging.getLogger("cl_core").error("%s", exc)

@@ -83,6 +83,9 @@ def _load(args, create: bool):
     """(grouper, records, skipped, threshold for this call): everything checked, nothing written."""
     from pathlib import Path
 
+    from cl_core.integrations.extras import require
+
+    require("grouping", f"cl-core group {args.group_command}" if hasattr(args, "group_command") else "cl-core group")
     from cl_core.grouping import InstructionGrouper, check_threshold
     from cl_core.task_files import read_task_file
 

@@ -9,11 +9,15 @@ transformers) happen inside the commands so `cl-core --help` stays quick.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 import time
 
 # Light imports (no torch): the choices and defaults are the runner's own constants.
+from cl_core.integrations.extras import require
 from cl_core.continual.config import SECTIONS, RunConfig, cli_settings, setting_flags
 from cl_core.continual.methods import CUSTOM_METHODS, METHODS, PAPER_ROWS
 
@@ -73,7 +77,9 @@ def _dema_tasks(value):
 
 
 # Settings whose command-line text is parsed further than argparse's type (name -> parser).
-_PARSE = {"methods": _methods, "dema_tasks": _dema_tasks}
+_PARSE = {"methods": _methods, "dema_tasks": _dema_tasks,
+          # --seeds 0,1 2 (parsed parts are tuples; the default's are ints)
+          "seeds": lambda parts: tuple(n for part in parts for n in (part if isinstance(part, tuple) else (part,)))}
 
 
 def _value(name: str, value):
@@ -151,7 +157,7 @@ def add_parser(sub) -> None:
                                    "docs/distributed.md)")
     procs.add_argument("--deepspeed", metavar="FILE", default=None,
                        help="train every task under DeepSpeed with this JSON config (ZeRO stage 0 to 3; batch sizes, "
-                            "accumulation and clipping \"auto\"); needs a launcher and pip install cl_core[deepspeed]")
+                            "accumulation and clipping \"auto\"); needs a launcher and pip install \".[deepspeed]\"")
     _common(run, "runs/run-YYYYmmdd-HHMMSS")
     run.set_defaults(func=cmd_run)
 
@@ -200,6 +206,26 @@ def _finish(results: dict, out, started: float) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's preemption, `kill`) taken like Ctrl-C: the atomic write in
+    progress is abandoned cleanly, the run says how to resume, and the exit status is 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    def on_term(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _execute(cfg, out, args) -> int:
     from pathlib import Path
 
@@ -220,12 +246,19 @@ def _execute(cfg, out, args) -> int:
         elif args.quiet:
             logging.getLogger("cl_core").setLevel(logging.WARNING)   # every cl_core module's info lines
         try:
-            results = runner.run(cfg, out, quiet=args.quiet, threads=1 if args.threads is None else args.threads,
-                                 launch=launch)
-        except KeyboardInterrupt:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            # log lines (warnings included) on their own line, above a progress bar, not glued to it
+            with _sigterm_as_interrupt(), logging_redirect_tqdm():
+                results = runner.run(cfg, out, quiet=args.quiet,
+                                     threads=1 if args.threads is None else args.threads, launch=launch)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
             if launch.is_main:
-                print(f"\nInterrupted. Finished tasks are saved in {out}; run the same command again to resume.")
-            return 130
+                what = "Stopped by SIGTERM" if terminated else "Interrupted"
+                print(f"\n{what}. Finished tasks are saved in {out}; run the same command again to resume.",
+                      flush=True)
+            return 143 if terminated else 130
         finished = True
         if not launch.is_main:
             return 0
@@ -235,16 +268,25 @@ def _execute(cfg, out, args) -> int:
 
 
 def cmd_demo(args) -> int:
+    require("runner", "cl-core demo")   # before any work: not a traceback after the base is trained
     preset = dict(DEMO_QUICK if args.quick else DEMO_FULL)
     if args.multimodal:
         preset.update(DEMO_MULTIMODAL, **({} if args.quick else DEMO_MULTIMODAL_FULL))
     if args.seeds:
-        preset["seeds"] = tuple(args.seeds)
+        preset["seeds"] = _value("seeds", args.seeds)
     methods = _methods(args.methods) if args.methods else (
         DEMO_MULTIMODAL_METHODS if args.multimodal else DEMO_METHODS)
     cfg = RunConfig(methods=methods, model_family=args.model_family, **preset)
     cfg.validate(FLAGS)  # errors name the flags (--seeds), before anything is written
     out = args.out or ("runs/demo-quick" if args.quick else "demo_out") + ("-multimodal" if args.multimodal else "")
+    # The plan first: a newcomer sees what runs, for how long, and where it goes before the
+    # first silent minutes of stage 1.
+    logging.getLogger(__name__).info(
+        "demo plan: %d seed(s), each a %d-step stage-1 base (cached after the first run), then %d tasks x %d "
+        "steps for each of %d methods (%s); expected: %s; output: %s (the report: %s)",
+        len(cfg.seeds), cfg.stage1_steps, len(cfg.tasks or ()), cfg.steps, len(cfg.methods), ", ".join(cfg.methods),
+        "a few minutes" if args.quick else "about 7 minutes of one free CPU core when measured (docs/runner.md), "
+        "several times that on a busy machine", out, f"{out}/report.md")
     return _execute(cfg, out, args)
 
 
@@ -253,6 +295,8 @@ def config_from_args(args) -> RunConfig:
     if args.task_files and args.tasks:
         raise ValueError("--tasks (your files) and --bundled-tasks cannot be combined")
     values = {f.name: _value(f.name, getattr(args, f.name)) for f in cli_settings()}
+    if values["tasks"] == ("all",):   # every bundled task, in the order's preset
+        values["tasks"] = None
     if getattr(args, "compare", None) == "paper":
         if values["methods"] is not None or values["recipe"] != "custom":
             raise ValueError("--compare paper runs the paper's rows (" + ", ".join(PAPER_ROWS) + "): drop "
@@ -264,7 +308,13 @@ def config_from_args(args) -> RunConfig:
 
 
 def cmd_run(args) -> int:
+    require("runner", "cl-core run")   # before any work: not a traceback after the base is trained
     cfg = config_from_args(args)
     cfg.validate(FLAGS)  # errors name the flags (--steps), before anything is written
+    if not args.task_files and not args.tasks and args.recipe == "custom":
+        # Was: a silent eight-task bundled run (with its 1,200-step base) for a bare `cl-core run`.
+        raise ValueError("cl-core run: no tasks given; give your task files (--tasks FILE ... --model DIR), "
+                         "bundled tasks (--bundled-tasks sqa textvqa ..., or --bundled-tasks all), or try "
+                         "`cl-core demo --quick` first (a few minutes)")
     out = args.out or time.strftime("runs/run-%Y%m%d-%H%M%S")
     return _execute(cfg, out, args)

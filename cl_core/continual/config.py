@@ -23,6 +23,8 @@ The EMA defaults come from :class:`cl_core.DEMAConfig` (they are typed there onl
 """
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -88,6 +90,15 @@ def setting_flags() -> dict:
     return {f.name: f.metadata["flag"] for f in cli_settings()}
 
 
+
+def seed_numbers(text: str) -> tuple:
+    """``--seeds`` text: "0,1" or "0" -> whole numbers (commas accepted as --methods accepts them)."""
+    parts = [v.strip() for v in str(text).split(",") if v.strip()]
+    try:
+        return tuple(int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes whole numbers (0 1, or 0,1), got {text!r}") from None
+
 @dataclass
 class RunConfig:
     """Settings of a continual run. Everything here is part of the run's identity: a
@@ -106,8 +117,9 @@ class RunConfig:
              "routing decision per test file, scale 2 / fallback 0.01); cl-next: Continual-NExT's "
              "(DEMA from task 2, one set, scale 0.01 / fallback 0.001); custom: the --methods with "
              "the flags below (default)")
-    seeds: tuple = setting((0,), "methods", "--seeds", type=int, nargs="+", metavar="S",
-                           help="run every method once per seed (the report gives mean and spread)")
+    seeds: tuple = setting((0,), "methods", "--seeds", type=seed_numbers, nargs="+", metavar="S",
+                           help="run every method once per seed (the report gives mean and spread); "
+                                "separated by spaces or commas (0 1, or 0,1)")
     moe_experts: int = setting(2, "methods", "--moe-experts", type=int,
                                help="method moelora: LoRA experts per layer, --lora-r split across them "
                                     "(CoIN's scripts: 2)")
@@ -137,7 +149,7 @@ class RunConfig:
                                help="bundled tasks as pictures (the scene is drawn, not written) on a tiny LLaVA")
     tasks: Optional[tuple] = setting(
         None, "data", "--bundled-tasks", nargs="+", metavar="NAME",   # None: the order preset
-        help="a subset of the bundled tasks, in order (" + " ".join(TASK_NAMES) + ")")
+        help="a subset of the bundled tasks, in order (" + " ".join(TASK_NAMES) + "), or all")
     order: str = setting("origin", "data", "--order", choices=ORDERS,
                          help="task order preset (CoIN's): as given, reversed, or by name")
     variant: str = setting("original", "data", "--templates", choices=tuple(TEMPLATE_SETS),

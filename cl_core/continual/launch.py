@@ -354,7 +354,7 @@ def read_deepspeed_config(path, flag: str = "--deepspeed") -> dict:
     if not isinstance(ds, dict):
         raise ValueError(f"{where}: a DeepSpeed config is a JSON object, got {type(ds).__name__}")
     if importlib.util.find_spec("deepspeed") is None:
-        raise ValueError(f"{where}: DeepSpeed is not installed; install it with: pip install cl_core[deepspeed]")
+        raise ValueError(f"{where}: DeepSpeed is not installed; install it with: pip install \".[deepspeed]\" (in the cl_core checkout)")
     zero = ds.get("zero_optimization") or {}
     if not isinstance(zero, dict):
         raise ValueError(f"{where}: zero_optimization must be an object, got {zero!r}")

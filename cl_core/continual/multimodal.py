@@ -77,6 +77,8 @@ def resolve_image(image: str, folder: Optional[str]) -> Path:
 
 def _open_image(path: Path):
     """(None, (width, height)) when PIL opens the file; else (why not in a few words, None)."""
+    import zlib
+
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
@@ -84,9 +86,12 @@ def _open_image(path: Path):
     try:
         with Image.open(path) as im:
             size = im.size
-            im.verify()   # reads the file's structure without decoding every pixel
+            # Every pixel decoded, as training will: verify() reads only the structure and
+            # passes a JPEG cut short or a PNG with corrupt IDAT data ("image file is
+            # truncated" / "broken data stream" mid-run, naming no file).
+            im.load()
             return None, size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
         return f"cannot be opened as an image ({type(exc).__name__}: {str(exc)[:80]})", None
 
 

@@ -47,6 +47,8 @@ from typing import Callable, Optional
 
 from cl_core import metrics as cl_metrics
 from cl_core.atomic_io import atomic_dir, write_json_atomic
+from cl_core.continual import base_cache
+from cl_core.continual.run_lock import RunLock
 from cl_core.continual.config import ORDERS, RunConfig  # noqa: F401 - re-exported
 from cl_core.continual.launch import Launch
 from cl_core.continual.methods import METHODS, MethodPlan, method_slug  # noqa: F401 - METHODS re-exported
@@ -69,6 +71,9 @@ class ContinualRun:
 
     def __init__(self, cfg: RunConfig, out_dir, *, quiet: bool = False, threads: int | None = None,
                  on_task_end: Callable | None = None, launch: Launch | None = None):
+        from cl_core.integrations.extras import require
+
+        require("runner", "cl_core.continual.run")   # a missing package said now, not after training
         cfg.validate()
         # The processes of a launcher (torchrun, accelerate launch; cl_core.continual.launch):
         # rank 0 writes the run folder, every rank trains its share and reads the folder.
@@ -127,6 +132,11 @@ class ContinualRun:
         self.images = (multimodal.image_report(self.tasks, self.cfg, self._image_sizes(),
                                                {t.name: t.skipped_images for t in self.tasks if t.skipped_images})
                        if self.encoder.uses_images else None)
+        if self.cfg.model is not None:
+            _warn_unknown_answers(self.tokenizer, self.tasks)
+            if self.cfg.stage1_steps != RunConfig().stage1_steps:
+                log.warning("--stage1-steps %d is ignored with --model: stage 1 trains only the bundled tiny "
+                            "model; your model is the base as it is", self.cfg.stage1_steps)
         if self.max_new_tokens is None:
             longest = max(len(self.tokenizer(a, add_special_tokens=False)["input_ids"])
                           for t in self.tasks for _, refs, _ in t.test
@@ -154,8 +164,14 @@ class ContinualRun:
         key = str(seed)
         shared = self.cfg.model is not None or self.cfg.stage1_seed is not None  # one model for every seed
         if self.cfg.model is None and not (self.base_dir(seed) / "config.json").exists():
-            train_stage1(self.cfg, self.encoder, self.base_seed(seed), self.base_dir(seed),
-                         self.out / ".trainer", quiet=not self.bars, launch=self.launch)
+            # One process: the base comes from the cache when these settings trained it before.
+            # Under a launcher every rank trains its share, so the cache is left out there.
+            single = not (self.launch.distributed or self.launch.deepspeed is not None)
+            if not (single and base_cache.fetch(self.cfg, self.encoder, self.base_seed(seed), self.base_dir(seed))):
+                train_stage1(self.cfg, self.encoder, self.base_seed(seed), self.base_dir(seed),
+                             self.out / ".trainer", quiet=not self.bars, launch=self.launch)
+                if single:
+                    base_cache.store(self.cfg, self.encoder, self.base_seed(seed), self.base_dir(seed))
         if key not in state.base:
             if shared and state.base:
                 info = dict(next(iter(state.base.values())))
@@ -403,6 +419,28 @@ class ContinualRun:
         import torch
 
         t0 = time.time()  # the run's wall time: the report and the CLI state this one number
+        # One writer per run folder, taken before anything in it is read or cleaned (rank 0
+        # writes the folder under a launcher, so it alone holds the lock).
+        lock = RunLock(self.out) if self.launch.is_main else None
+        if lock is not None:
+            if not self.out.is_dir():   # a file, a read-only place: its one-line refusal, not mkdir's errno
+                check_run_folder(self.out, self.cfg.to_dict())
+            lock.acquire()
+        started = False
+        try:
+            results = self._run_locked(t0)
+            started = True
+        except BaseException:
+            started = (self.out / "config.json").exists()
+            raise
+        finally:
+            if lock is not None:
+                lock.release(undo=not started)
+        return results
+
+    def _run_locked(self, t0: float) -> dict:
+        import torch
+
         self.prepare()
 
         def start_folder():
@@ -605,6 +643,23 @@ def _stderr_is_terminal() -> bool:
 
 def _fmt_row(row) -> str:
     return "[" + " ".join(f"{v:.0f}" for v in row) + "]"
+
+
+def _warn_unknown_answers(tokenizer, tasks) -> None:
+    """Warn, before training, about answers the tokenizer cannot spell (a word-level
+    vocabulary, another script): they become the unknown token, and a model that learns to
+    say it scores 0 % on them. Counted per task, with one example."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    for t in tasks:
+        answers = {a for _, a, _ in t.train} | {a for _, refs, _ in t.test
+                                                  for a in ([refs] if isinstance(refs, str) else refs)}
+        bad = sorted(a for a in answers if unk in tokenizer(a, add_special_tokens=False)["input_ids"])
+        if bad:
+            log.warning("task %s: %d of %d distinct answers hold words the model's tokenizer does not know "
+                        "(they become %s, e.g. %r): those answers cannot be learned or scored; use a model whose "
+                        "tokenizer covers them", t.name, len(bad), len(answers), tokenizer.unk_token, bad[0])
 
 
 def run(cfg: RunConfig, out_dir, *, quiet: bool = False, threads: int | None = None,

@@ -142,6 +142,8 @@ def check_run_folder(out: Path, config: dict, defaults: Optional[dict] = None) -
     import re
     import shutil
 
+    from cl_core.continual.run_lock import LOCK_NAME
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder; choose a new or empty folder (or a run to resume)")
@@ -177,7 +179,7 @@ def check_run_folder(out: Path, config: dict, defaults: Optional[dict] = None) -
                                for k in diff[:4])
             raise ValueError(f"{out} holds a run with other settings ({detail}); resume it with its "
                              "own settings, or choose another --out folder")
-    elif out.exists() and any(not stale.match(p.name) for p in out.iterdir()):
+    elif out.exists() and any(not stale.match(p.name) and p.name != LOCK_NAME for p in out.iterdir()):
         raise ValueError(f"{out} exists and is not a cl_core run folder (no config.json); "
                          "choose an empty or new --out folder")
     removed = 0

@@ -149,16 +149,13 @@ def reference_answers(path: Path) -> dict:
     """Record index -> list of reference answers, for the records of a JSON / JSONL task file
     that carry an ``answers`` list (strings, or VQA-annotation objects ``{"answer": ...}``);
     such test records are scored with VQA accuracy. Records without one are not listed."""
-    import json
+    from cl_core.task_files import raw_records
 
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-        rows = data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:  # JSONL (the task-file reader has already validated the file)
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    # The task-file reader's own reading (a BOM, JSONL, lines --skip-bad dropped), never a
+    # second parse that could refuse what the reader accepted.
+    rows = raw_records(path)
     out = {}
-    for i, rec in enumerate(rows):
+    for i, rec in rows:
         refs = rec.get("answers") if isinstance(rec, dict) else None
         if not isinstance(refs, list) or not refs:
             continue

@@ -24,7 +24,7 @@ def validate(cfg, flags: Optional[dict] = None) -> None:
 
     ``flags`` maps setting names to the command-line flags they came from (the CLI's
     ``--steps`` for ``steps``): the messages then name what the user typed."""
-    from cl_core.continual.evaluation import check_task_type
+    from cl_core.continual.evaluation import TASK_TYPES, check_task_type
 
     say = _Namer(flags)
     methods = list(cfg.methods)
@@ -88,7 +88,8 @@ def validate(cfg, flags: Optional[dict] = None) -> None:
                              "give one test file per task file, or none")
         if cfg.task_types:
             if len(cfg.task_types) != len(cfg.task_files):
-                raise ValueError(f"{len(cfg.task_types)} task types for {len(cfg.task_files)} task files")
+                raise ValueError(f"{len(cfg.task_types)} task types for {len(cfg.task_files)} task files; give one "
+                                 f"per task file, in order (types: {', '.join(TASK_TYPES)}), or none to infer them")
             for t in cfg.task_types:
                 check_task_type(t)
         if cfg.tasks is not None:

@@ -3,5 +3,5 @@
 `core` holds what every trainer integration shares; `hf` (transformers Trainer, TRL,
 accelerate), `lightning`, `deepspeed` and `fsdp` sit on it; `peft` exports the EMA as an
 adapter. Each module imports its third-party library on import and says which
-`pip install cl_core[...]` extra brings it when it is missing.
+`pip install ".[...]"` extra brings it when it is missing.
 """

@@ -167,7 +167,7 @@ def swap(engine, who: str = "DEMACallback"):
 def save_ema_adapter(engine, model, out_dir: str, adapter_name: str | None = None, *, who: str = "DEMACallback",
                      gather_group=None) -> str:
     """Write the EMA of ``model``'s PEFT adapter as an adapter folder (cl_core.integrations.peft;
-    needs peft: ``pip install cl_core[hf]``). ``gather_group``: the process group over which
+    needs peft: ``pip install ".[hf]"``). ``gather_group``: the process group over which
     the EMA is partitioned (DeepSpeed ZeRO-1/2/3 across ranks); every rank of it must call
     this, the partitions are gathered once, the main rank writes and the others wait."""
     if engine is None or model is None:

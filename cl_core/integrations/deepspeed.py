@@ -2,7 +2,7 @@
 the fp32 parameters and the final gradients, and a DEMA engine that reads and writes them.
 
 Used by :class:`cl_core.DEMACallback` when the Trainer runs DeepSpeed
-(``TrainingArguments(deepspeed=...)``); needs deepspeed (``pip install cl_core[deepspeed]``).
+(``TrainingArguments(deepspeed=...)``); needs deepspeed (``pip install ".[deepspeed]"``).
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ The engine choice, the first-step check, ``swap`` and the adapter export are sha
 Lightning callback (cl_core.integrations.attach), as are the selection (selection.py), the
 logged numbers (log_window.py) and the state files (state_files.py); the DEMA state carried in
 the optimizer state is carrier.py, the DeepSpeed engine deepspeed.py. This module is the
-callback's lifecycle. Needs transformers (``cl_core[hf]``).
+callback's lifecycle. Needs transformers (``".[hf]"``).
 
 Checkpoints. A state-dict hook on the torch optimizer that holds the averaged tensors puts
 the callback's state into the first parameter group of the optimizer's state dict, under
@@ -472,7 +472,7 @@ class DEMACallback(TrainerCallback):
 
     def save_ema_adapter(self, out_dir: str, adapter_name: str | None = None) -> str:
         """Write the EMA of the adapter as a PEFT adapter folder (see cl_core.integrations.peft;
-        needs peft: ``pip install cl_core[hf]``).
+        needs peft: ``pip install ".[hf]"``).
 
         Under DDP any rank may call it, also all at once (each leaves the folder complete).
         Under DeepSpeed ZeRO-1/2/3 the EMA is partitioned across ranks: every rank must call

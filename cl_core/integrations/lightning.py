@@ -363,7 +363,7 @@ class DEMACallback(pl.Callback):
 
     def save_ema_adapter(self, out_dir: str | os.PathLike, adapter_name: str | None = None) -> str:
         """Write the EMA of the PEFT adapter as an adapter folder (``PeftModel.from_pretrained`` loads it;
-        needs peft: ``pip install cl_core[hf]``)."""
+        needs peft: ``pip install ".[hf]"``)."""
         if self.engine is None or self._module is None:
             raise RuntimeError("DEMACallback.save_ema_adapter: training has not begun (no engine yet)")
         peft_models = outer_peft_models(self._module)

@@ -6,7 +6,7 @@ transformers' ``load_adapter``) loads unchanged. Where a layer's live LoRA scali
 at run time (``set_scale`` / ``scale_layer``), the ratio to the configured scaling is folded
 into ``lora_B`` so that the loaded adapter computes what the live model computes.
 
-Needs peft and safetensors (``pip install cl_core[hf]``); which tensors the callbacks average
+Needs peft and safetensors (``pip install ".[hf]"``); which tensors the callbacks average
 is :mod:`cl_core.integrations.selection` (torch only).
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ import shutil
 import tempfile
 
 import torch
+
+from cl_core.atomic_io import usual_dir_mode
 
 from cl_core.dema.distributed import is_dtensor
 from cl_core.integrations.extras import missing_extra
@@ -159,6 +161,7 @@ def save_ema_adapter(model, engine, out_dir: str, adapter_name: str | None = Non
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
+        usual_dir_mode(tmp)   # was 0700 (ema_adapter private beside its 0755 siblings)
         save_file(sd, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         _fsync_dir_files(tmp)

@@ -455,5 +455,5 @@ def test_import_without_lightning_says_how_to_install(monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "lightning", None)
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
-    with pytest.raises(ImportError, match=re.escape("pip install cl_core[lightning]")):
+    with pytest.raises(ImportError, match=re.escape('pip install ".[lightning]"')):
         importlib.import_module("cl_core.integrations.lightning")

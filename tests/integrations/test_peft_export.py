@@ -40,6 +40,9 @@ def test_ema_adapter_round_trip_and_swap_evaluate(tmp_path):
 
     out = cb.save_ema_adapter(str(tmp_path / "ema_adapter"))
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    # the modes of its siblings (a plain mkdir under the umask), not mkdtemp's private 0700
+    (tmp_path / "sibling").mkdir()
+    assert os.stat(out).st_mode & 0o777 == (tmp_path / "sibling").stat().st_mode & 0o777 != 0o700
     assert all(torch.equal(p, live[n]) for n, p in model.named_parameters())     # live weights untouched
     saved = load_file(os.path.join(out, "adapter_model.safetensors"))
     for name, ema in zip(cb.engine.names, cb.engine.ema_tensors()):

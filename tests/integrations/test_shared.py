@@ -221,7 +221,7 @@ def test_missing_optional_package_names_the_extra(what, blocked, code, extra):
     out = _run_without(blocked, code)
     assert out.returncode != 0, out.stdout
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("ImportError: ") and f"pip install cl_core[{extra}]" in last, out.stderr[-2000:]
+    assert last.startswith("ImportError: ") and f'pip install ".[{extra}]"' in last, out.stderr[-2000:]
 
 
 def test_core_and_the_engine_need_none_of_the_optional_packages():
@@ -247,13 +247,13 @@ try:
 except ImportError as exc:
     print("refused:", exc)
 """)
-    assert out.returncode == 0 and "refused:" in out.stdout and "pip install cl_core[hf]" in out.stdout, \
+    assert out.returncode == 0 and "refused:" in out.stdout and 'pip install ".[hf]"' in out.stdout, \
         out.stderr[-2000:]
     # Lightning installed, but a package it imports is not (lightning_utilities): the error
     # names that package, never "install lightning"
     out = _run_without(["lightning_utilities"], "import cl_core.integrations.lightning")
     last = out.stderr.strip().splitlines()[-1]
-    assert out.returncode != 0 and "lightning_utilities" in last and "cl_core[lightning]" not in last, \
+    assert out.returncode != 0 and "lightning_utilities" in last and '.[lightning]' not in last, \
         out.stderr[-2000:]
 
 

@@ -16,13 +16,17 @@ def test_recipe_flags_reach_the_config(tmp_path, captured):
     assert main(["run", "--recipe", "cl-next", "--methods", "lora", "cl-next", "--out", str(tmp_path / "b"),
                  "--quiet"]) == 0
     assert captured[-1].methods == ("lora", "cl-next")
-    assert main(["run", "--methods", "dema+group", "--route", "file", "--new-set-init", "latest",
+    assert main(["run", "--bundled-tasks", "all", "--methods", "dema+group", "--route", "file", "--new-set-init", "latest",
                  "--max-grad-norm", "0", "--dema-params", "trainable", "--out", str(tmp_path / "c"), "--quiet"]) == 0
     cfg = captured[-1]
     assert (cfg.route, cfg.new_set_init, cfg.max_grad_norm, cfg.dema_params) == ("file", "latest", 0.0, "trainable")
-    # Without flags: the runner's defaults (one method, dema, as before the recipes).
-    assert main(["run", "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    # Without flags: refused with the three ways to give tasks, nothing run (was: eight bundled tasks)
+    n = len(captured)
+    assert main(["run", "--out", str(tmp_path / "e"), "--quiet"]) == 2 and len(captured) == n
+    # Only the tasks: the runner's defaults (one method, dema, as before the recipes).
+    assert main(["run", "--bundled-tasks", "all", "--out", str(tmp_path / "d"), "--quiet"]) == 0
     d, defaults = captured[-1], RunConfig()
+    assert d.tasks is None
     assert d.methods == ("dema",)
     for k in ("recipe", "route", "new_set_init", "max_grad_norm", "dema_params", "dema_scale", "dema_fallback",
               "dema_formula", "ema_beta", "steps", "lr", "order", "variant"):

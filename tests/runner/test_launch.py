@@ -85,7 +85,7 @@ def test_deepspeed_not_installed_names_the_extra(tmp_path, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
-    with pytest.raises(ValueError, match=r"pip install cl_core\[deepspeed\]"):
+    with pytest.raises(ValueError, match=r'pip install "\.\[deepspeed\]"'):
         read_deepspeed_config(_write(tmp_path / "ds.json", ZERO0))
 
 

@@ -77,7 +77,7 @@ def test_moelora_runs_task_after_task_and_its_export_reloads_with_identical_outp
 
 
 def test_moelora_flags_reach_the_config(tmp_path, captured):
-    assert main(["run", "--methods", "moelora", "--moe-experts", "4", "--moe-top-k", "2", "--out",
+    assert main(["run", "--bundled-tasks", "all", "--methods", "moelora", "--moe-experts", "4", "--moe-top-k", "2", "--out",
                  str(tmp_path / "a"), "--quiet"]) == 0
     cfg = captured[-1]
     assert cfg.methods == ("moelora",) and (cfg.moe_experts, cfg.moe_top_k) == (4, 2)

@@ -83,7 +83,7 @@ def test_dema_tasks_reach_the_config_and_need_an_ema(tmp_path, captured, caplog)
     assert [captured[-1].dema_on("lcia", j, reused=False) for j in range(8)] == \
         [False, False, False, True, True, False, True, True]
     with caplog.at_level(logging.ERROR):
-        assert main(["run", "--methods", "lora", "--dema-tasks", "2", "--out", str(tmp_path / "b"), "--quiet"]) == 2
+        assert main(["run", "--bundled-tasks", "all", "--methods", "lora", "--dema-tasks", "2", "--out", str(tmp_path / "b"), "--quiet"]) == 2
     assert "--dema-tasks set, but no method of the run has an EMA (lora)" in caplog.text
 
 

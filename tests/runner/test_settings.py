@@ -22,6 +22,8 @@ def _other_value(f):
         return [choice], choice
     if f.name == "methods":
         return ["lora,ema", "dema"], ("lora", "ema", "dema")
+    if f.name == "seeds":
+        return ["7,8", "9"], (7, 8, 9)
     if f.name == "dema_tasks":
         return ["1,2"], (1, 2)
     if cli.get("type") is int:
