@@ -274,7 +274,7 @@ def test_each_baseline_runs_end_to_end_and_resumes_as_an_uninterrupted_run(tmp_p
 
 def test_baseline_flags_reach_the_config_and_bad_ones_are_refused(tmp_path, captured):
     assert main(["run", "--methods", "ewc", "replay", "--ewc-lambda", "10", "--replay-ratio", "0.5",
-                 "--replay-sampling", "reservoir", "--out", str(tmp_path / "a")]) == 0
+                 "--replay-sampling", "reservoir", "--bundled-tasks", "all", "--out", str(tmp_path / "a")]) == 0
     cfg = captured[-1]
     assert (cfg.ewc_lambda, cfg.replay_ratio, cfg.replay_sampling) == (10.0, 0.5, "reservoir")
     with pytest.raises(ValueError, match=r"--replay-ratio gives no buffer record in a batch of 4 \(round"):
@@ -303,7 +303,7 @@ def _kw(rest):
 def test_compare_paper_runs_the_papers_rows_and_refuses_a_method_list(tmp_path, captured, caplog):
     from cl_core.continual.methods import PAPER_ROWS
 
-    assert main(["run", "--compare", "paper", "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    assert main(["run", "--compare", "paper", "--bundled-tasks", "all", "--out", str(tmp_path / "p"), "--quiet"]) == 0
     assert captured[-1].methods == PAPER_ROWS == ("lora", "moelora", "lwf", "ewc", "replay", "olora", "lcia")
     assert main(["run", "--compare", "paper", "--methods", "lora", "--out", str(tmp_path / "q")]) == 2
     assert "--compare paper runs the paper's rows" in caplog.text

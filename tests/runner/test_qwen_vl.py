@@ -251,7 +251,8 @@ def test_demo_and_run_take_the_model_family(captured, tmp_path, caplog):
     assert main(["demo", "--multimodal", "--quick", "--model-family", "qwen2.5-vl", "--out", str(tmp_path / "q"),
                  "--quiet"]) == 0
     assert main(["demo", "--multimodal", "--quick", "--out", str(tmp_path / "l"), "--quiet"]) == 0
-    assert main(["run", "--multimodal", "--model-family", "qwen2-vl", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert main(["run", "--multimodal", "--model-family", "qwen2-vl", "--bundled-tasks", "all", "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 0
     assert [c.model_family for c in captured] == ["qwen2.5-vl", "llava", "qwen2-vl"]
     assert all(c.multimodal for c in captured)
     code, line = _one_error_line(["demo", "--model-family", "qwen2-vl", "--out", str(tmp_path / "t")], caplog)
