@@ -5,7 +5,7 @@ The kernel sweeps each tensor once while it is hot in cache (statistics, the α 
 EMA update, g_prev), tensors split over torch's intra-op threads by
 `native.ShardedRunner`. `dema_cpu_*` entry points keep θ* and g_prev in float32,
 `dema_cpu_param_*` in the 16-bit parameter dtype (the reference's rounding). The engine's
-"torch" backend (cl_core/dema/backends/torch_backend.py) fills the tables and calls
+"torch" backend (cl_core/dema/twopass/torch_backend.py) fills the tables and calls
 `launch`; nothing here knows the engine.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 library's layout check, its typed entry points, and calls that take the int64 tables,
 the state arrays and the config's scalars.
 
-The engine's CPU driver (cl_core/dema/fused_cpu.py, `CpuFusedDriver`) builds and owns the
+The engine's CPU driver (cl_core/dema/onepass/cpu_driver.py, `CpuFusedDriver`) builds and owns the
 tables; cl_core/kernels/triton_fused.py is this module's twin on CUDA. The kernel
 sweeps each tensor once per step (finish the previous EMA
 update, optimizer update, this step's statistics), tensors split over threads by

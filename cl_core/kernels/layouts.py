@@ -1,7 +1,7 @@
 """Named layouts of the DEMA and fused-step kernels: the one list of codes, table rows,
 hyper-parameter slots and flag rows that the Triton kernels (triton_dema.py,
-triton_fused.py), the engine code that fills their tables (cl_core/dema/fused.py,
-fused_cpu.py, fused_triton.py, backends/triton_backend.py) and the C kernels (csrc/, which
+triton_fused.py), the engine code that fills their tables (cl_core/dema/onepass/step.py,
+onepass/cpu_driver.py, onepass/triton_driver.py, twopass/triton_backend.py) and the C kernels (csrc/, which
 mirror these numbers) share.
 
 Plain Python ints (and `aligned_count`, the padding rule of the tables): a Triton kernel
@@ -12,7 +12,7 @@ against DEMAConfig).
 
 Who uses what: FORMULA_*, KIND_*, PEND_*, the hyper-parameter slots H_* (one row per
 optimizer param group) and the per-step dynamic table D_*/DF_* are the interface of every
-fused group (cl_core/dema/fused.py hands them to the Triton and the CPU group alike);
+fused group (cl_core/dema/onepass/step.py hands them to the Triton and the CPU group alike);
 S_*, F_*, P_* are the Triton fused kernel's own tables; DT_*, ST_*, DS_*, MODE_* belong to
 the Triton DEMA backend (DS_* is also the layout a `reduce_stats` hook receives).
 """

@@ -1,5 +1,5 @@
 """Triton kernels of the DEMA update and their launchers (the engine's "triton" backend,
-cl_core/dema/backends/triton_backend.py, builds the tables and calls them).
+cl_core/dema/twopass/triton_backend.py, builds the tables and calls them).
 
 All tensors of one (device, dtype) group are handled by each launch: the kernels read
 a table of `data_ptr()`s (int64, cast in-kernel with `.to(tl.pointer_type(...))`) and
@@ -336,7 +336,7 @@ DTYPES = tuple(_TL_DTYPES)  # parameter dtypes the kernels take
 
 # ---------------------------------------------------------------------- launchers
 # Each takes the group's tables and state arrays as tensors and the config as scalars;
-# the engine's triton backend (cl_core/dema/backends/triton_backend.py) owns and fills them.
+# the engine's triton backend (cl_core/dema/twopass/triton_backend.py) owns and fills them.
 def dema_stats(n_blocks: int, blk_tensor, blk0, numel, dyn_tab, e_tab, gp_tab, partials, T: int, need_gp: int,
                dtype: torch.dtype, ema_dtype: torch.dtype, aligned: bool, vec: int, block: int) -> None:
     """Partial a, b, c and the NaN/inf probe of every block (grid = blocks)."""

@@ -1,5 +1,5 @@
 """Triton kernels of the one-pass optimizer step + DEMA (one launch per step) and their
-launchers; the engine's driver of one (device, dtype) group (cl_core/dema/fused_triton.py,
+launchers; the engine's driver of one (device, dtype) group (cl_core/dema/onepass/triton_driver.py,
 `TritonFusedDriver`) builds the tables and calls them.
 
 Each program sweeps one tile (TILE elements) of one tensor. Per element it finishes the
@@ -40,7 +40,7 @@ param group.
 
 θ* and g_prev are float32, or with DEMAConfig(ema_dtype="param") on 16-bit parameters
 the parameters' dtype (EMA_IN_PARAM_DTYPE): then the EMA maths is the official code's
-16-bit arithmetic op for op, as the reference (cl_core/dema/reference.py) and the native
+16-bit arithmetic op for op, as the reference (cl_core/dema/twopass/reference.py) and the native
 CPU kernel (cl_core/kernels/csrc/dema_cpu.c, DEFINE_PARAM_FN) compute it: every difference,
 product and sum rounded to that dtype, the norms float64 tile partials summed exactly and
 rounded once, α's operations rounded, the first update the official copy plus fallback
@@ -450,7 +450,7 @@ DTYPES = tuple(_TL)  # parameter dtypes the kernels take
 
 # ---------------------------------------------------------------------- launchers
 # Each takes the group's tables and buffers as tensors and the config as scalars; the
-# engine's Triton driver (cl_core/dema/fused_triton.py) owns and fills them. `r`/`w` of a
+# engine's Triton driver (cl_core/dema/onepass/triton_driver.py) owns and fills them. `r`/`w` of a
 # double-buffered table are the halves the previous step wrote and this one writes.
 def step(n_tiles: int, tile_tensor, stab, dyn, hyper, tot_r, part_w, tot_w, ticket, flags_r, flags_w, dcarry_r,
          dcarry_w, alpha, skips, T: int, formula: int, scale: float, fallback: float, beta: float, dtype: torch.dtype,
