@@ -8,7 +8,7 @@ help (the CLI's parser is generated from them), and their validation.
 
 The methods and recipes are defined in :mod:`cl_core.continual.methods`. ``RunConfig(recipe="lcia")``
 runs the lcia method (``recipe`` picks the default method list); ``recipe="custom"`` (the default)
-runs the five custom methods. A recipe with custom methods (``RunConfig(recipe="lcia",
+runs the custom methods. A recipe with custom methods (``RunConfig(recipe="lcia",
 methods=("dema+group",))``, ``cl-core run --recipe lcia --methods dema+group``) runs them with the
 recipe's settings; a custom flag set beside a recipe is refused, since the recipe fixes it.
 ``moe_experts`` / ``moe_top_k`` apply to method moelora alone.
