@@ -31,6 +31,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             default = " ".join(map(str, default))
         return f"{text} (default: {str(default).replace('%', '%%')})"
 
+    def _split_lines(self, text, width):
+        # argparse's own, without breaking at hyphens: a flag or path (runs/demo-quick,
+        # --dema-tasks) stays one word whatever the column the help starts in
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """Usage errors (a bad type, an unknown option) print one short usage line and the

@@ -23,11 +23,12 @@ from cl_core.continual.methods import CUSTOM_METHODS, METHODS, PAPER_ROWS
 
 METHOD_CHOICES = METHODS
 # The methods `cl-core demo` compares (the top-level help counts them): the custom methods, so
-# each effect has its own row (fixed EMA, DEMA, grouping, grouping with DEMA, against plain
-# LoRA); the recipes (lcia, cl-next) are left to `cl-core run --recipe ...`. The multimodal demo
+# each effect has its own row (fixed EMA, DEMA with the official and with the paper formula,
+# grouping, grouping with DEMA, against plain LoRA), and the official recipe lcia as the paper
+# ran it (no clipping, new sets from the last trained set); cl-next is left to `cl-core run`. The multimodal demo
 # (a 64-wide base, 50 steps: what its pictures need) has CoIN's MoELoRA where the text demo has
 # the fixed EMA, so that it keeps to its measured time (docs/runner.md).
-DEMO_METHODS = CUSTOM_METHODS
+DEMO_METHODS = CUSTOM_METHODS + ("lcia",)
 DEMO_MULTIMODAL_METHODS = ("lora", "dema", "group", "dema+group", "moelora")
 
 # The run setting each flag sets (from RunConfig's fields): validation errors name the flag the
@@ -56,6 +57,23 @@ DEMO_QUICK = dict(seeds=(0,), tasks=("sqa", "imagenet", "vizwiz", "grounding"), 
 # 64-wide tiny LLaVA in 50 steps, and 96 wide / 150 steps would triple its time.
 DEMO_MULTIMODAL = dict(multimodal=True)
 DEMO_MULTIMODAL_FULL = dict(hidden_size=64, steps=50)
+
+
+# The run settings `cl-core demo` takes beside its preset: the model's size and every DEMA setting.
+DEMO_SETTINGS = ("hidden_size", "num_layers", "lora_r", "dema_formula", "dema_scale", "dema_fallback", "dema_tasks")
+
+
+def _demo_default(name: str) -> str:
+    """The demo's default of setting ``name`` in words (full preset, --quick, --multimodal)."""
+    full = DEMO_FULL.get(name, _FIELDS[name].default)
+    quick = DEMO_QUICK.get(name, _FIELDS[name].default)
+    mm = {**DEMO_FULL, **DEMO_MULTIMODAL, **DEMO_MULTIMODAL_FULL}.get(name, full)
+    text = "default: " + ("on when a task re-trains a set" if full is None else str(full))
+    if quick != full:
+        text += f"; --quick {quick}"
+    if mm != full:
+        text += f"; --multimodal {mm}"
+    return text
 
 
 def _methods(values) -> tuple:
@@ -134,6 +152,13 @@ def add_parser(sub) -> None:
     add_setting(demo, "seeds", default=None,
                       help="override the seeds (default: " + " ".join(map(str, DEMO_FULL["seeds"])) + "; with "
                            "--quick " + " ".join(map(str, DEMO_QUICK["seeds"])) + ")")
+    # The model's size and the DEMA settings, declared on RunConfig; the demo's defaults are its
+    # preset's (shown here) or, where the preset leaves one, the field's.
+    demo_model = demo.add_argument_group("model size (every method) and DEMA (the custom methods; lcia fixes its own)")
+    for name in DEMO_SETTINGS:
+        text = _FIELDS[name].metadata["help"]
+        add_setting(demo_model, name, default=None,
+                    help=text if "default" in text else f"{text} ({_demo_default(name)})")
     _common(demo, "demo_out; with --quick runs/demo-quick")
     demo.set_defaults(func=cmd_demo)
 
@@ -274,6 +299,9 @@ def cmd_demo(args) -> int:
         preset.update(DEMO_MULTIMODAL, **({} if args.quick else DEMO_MULTIMODAL_FULL))
     if args.seeds:
         preset["seeds"] = _value("seeds", args.seeds)
+    for name in DEMO_SETTINGS:
+        if getattr(args, name) is not None:
+            preset[name] = _value(name, getattr(args, name))
     methods = _methods(args.methods) if args.methods else (
         DEMO_MULTIMODAL_METHODS if args.multimodal else DEMO_METHODS)
     cfg = RunConfig(methods=methods, model_family=args.model_family, **preset)

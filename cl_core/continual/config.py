@@ -8,7 +8,7 @@ help (the CLI's parser is generated from them), and their validation.
 
 The methods and recipes are defined in :mod:`cl_core.continual.methods`. ``RunConfig(recipe="lcia")``
 runs the lcia method (``recipe`` picks the default method list); ``recipe="custom"`` (the default)
-runs the five custom methods. A recipe with custom methods (``RunConfig(recipe="lcia",
+runs the custom methods. A recipe with custom methods (``RunConfig(recipe="lcia",
 methods=("dema+group",))``, ``cl-core run --recipe lcia --methods dema+group``) runs them with the
 recipe's settings; a custom flag set beside a recipe is refused, since the recipe fixes it.
 ``moe_experts`` / ``moe_top_k`` apply to method moelora alone.
@@ -173,8 +173,9 @@ class RunConfig:
     device: str = setting("auto", "model", "--device", choices=DEVICES,
                           help="where training and evaluation run: auto takes CUDA when torch sees a GPU "
                                "(one per process under a launcher), else the CPU")
-    hidden_size: int = setting(64, "model")
-    num_layers: int = setting(2, "model")
+    hidden_size: int = setting(64, "model", "--hidden-size", type=int,
+                               help="tiny model: width (its LoRA tensors are width x --lora-r)")
+    num_layers: int = setting(2, "model", "--num-layers", type=int, help="tiny model: transformer layers")
     num_heads: int = setting(4, "model")
     stage1_steps: int = setting(1200, "model", "--stage1-steps", type=int, help="tiny model: stage-1 steps")
     stage1_seed: Optional[int] = setting(None, "model")  # None: a base per seed; S: one base (trained with

@@ -21,6 +21,7 @@ calls it around each task (cl_core.continual.baselines: the data, loss and state
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,6 +77,7 @@ class Method:
     kind: str                                # custom | recipe | own (module docstring)
     trains: str                              # what it trains, in words (the report's sentence)
     ema: Optional[str] = None                # custom: None | "fixed" (β) | "dema" (the DEMA flags)
+    formula: Optional[str] = None            # custom "dema": this DEMA formula whatever --dema-formula says
     grouping: bool = False                   # custom: instruction grouping (one LoRA set per group)
     fixed: Optional[MethodPlan] = None       # recipe / own: the plan, whatever the flags
     official_precision: bool = False         # under DeepSpeed ZeRO-0 bf16: average the bf16 weights with a
@@ -95,6 +97,10 @@ _TABLE = (
            reads=CUSTOM_SETTINGS),
     Method("dema", "custom", "adds DEMA from task 2", ema="dema", compare_with=("lora", "ema"),
            reads=CUSTOM_SETTINGS),
+    # The paper's formula (d_t measured each step) where the official code has the constant scale: d_t
+    # cancels the tensor size, so α lands inside (0, 1) at the demo's sizes (docs/regime.md).
+    Method("dema-paper", "custom", "is `dema` with the paper's formula (d_t measured each step, not the official "
+           "constant)", ema="dema", formula="paper", compare_with=("dema",), reads=CUSTOM_SETTINGS),
     Method("group", "custom", "is instruction grouping without any EMA (beside `dema+group` to separate the two effects)", grouping=True,
            compare_with=("lora",), reads=CUSTOM_SETTINGS),
     Method("dema+group", "custom", "adds DEMA to grouping when a task re-trains a set", ema="dema",
@@ -174,6 +180,8 @@ def plan(cfg, name: str) -> MethodPlan:
     elif m.ema == "dema":
         ema = (recipe.ema if recipe is not None else
                DEMAConfig(formula=cfg.dema_formula, scale=cfg.dema_scale, fallback=cfg.dema_fallback))
+        if m.formula is not None:
+            ema = dataclasses.replace(ema, formula=m.formula)
     src = recipe
     return MethodPlan(grouping=m.grouping, ema=ema,
                       new_set_init=src.new_set_init if src else cfg.new_set_init,

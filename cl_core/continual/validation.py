@@ -102,6 +102,12 @@ def validate(cfg, flags: Optional[dict] = None) -> None:
                              "with config.json, weights and a tokenizer)")
         if not (p / "config.json").is_file():
             raise ValueError(f"--model {cfg.model}: no config.json inside; not a Hugging Face model folder")
+        # The tiny model's size would be ignored: the folder's config decides (never silently).
+        base = type(cfg)()
+        sized = [say.name(f) for f in ("hidden_size", "num_layers") if getattr(cfg, f) != getattr(base, f)]
+        if sized:
+            raise ValueError(f"{', '.join(sized)} size the tiny model; {say.name('model')} {cfg.model} has its own "
+                             f"size (its config.json): drop {', '.join(sized)}")
     _dema_tasks(cfg, methods, say)
 
 def _images(cfg, say: "_Namer") -> None:

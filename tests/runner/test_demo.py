@@ -21,8 +21,10 @@ def test_demo_quick(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"Report: {out / 'report.md'}" in p.stdout
     results = json.loads((out / "results.json").read_text())
-    # Plain LoRA, the fixed EMA, DEMA, grouping without EMA beside grouping with DEMA.
-    assert tuple(results["methods"]) == DEMO_METHODS == ("lora", "ema", "dema", "group", "dema+group")
+    # Plain LoRA, the fixed EMA, DEMA (official and paper formula), grouping without EMA beside
+    # grouping with DEMA, and the official recipe.
+    assert tuple(results["methods"]) == DEMO_METHODS == ("lora", "ema", "dema", "dema-paper", "group", "dema+group",
+                                                         "lcia")
     t = len(results["tasks"])
     assert t == 4
     for method in DEMO_METHODS:
@@ -50,6 +52,9 @@ def test_demo_quick(tmp_path):
     # on, and the report says so instead of letting their numbers pass for DEMA's.
     assert results["methods"]["dema+group"]["seeds"]["0"]["dema"] == [False] * t
     assert "**dema+group never turned its EMA on in this run:**" in report
+    assert "**lcia never turned its EMA on in this run:**" in report
+    # dema+group is not the official run (clipping, fresh new sets): said before the comparison
+    assert report.index("**dema+group is not the paper's run as it ran:**") < report.index("## Methods compared")
     assert "| base (zero-shot) |" in report
     # whether every task was learned, computed and said in the report and on the terminal
     assert results["learned"] and "### Was every task learned?\n\n- " + results["learned"][0] in report

@@ -60,7 +60,7 @@ def test_cli_defaults_are_runconfigs():
 
 def test_settings_without_a_flag_stay_python_only():
     no_flag = {f.name for f in dataclasses.fields(RunConfig)} - {f.name for f in cli_settings()}
-    assert "hidden_size" in no_flag and "stage1_seed" in no_flag
+    assert "num_heads" in no_flag and "stage1_seed" in no_flag
     assert not no_flag & set(FLAGS)
 
 

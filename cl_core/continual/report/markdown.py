@@ -54,6 +54,7 @@ def write_report(results: dict, out_dir) -> Path:
         "",
     ]
     lines += _out_of_regime_lines(results)
+    lines += _unlike_official_lines(results["methods"])
     lines += [
         (f"## Methods compared (mean ± standard deviation over {_seeds_text(len(seeds))})" if len(seeds) > 1
          else f"## Methods compared (one seed, {seeds[0]}: no spread to show)"),
@@ -252,6 +253,27 @@ def _multimodal_text(results: dict) -> str:
 def _stage1_once(cfg: dict) -> str:
     s1 = cfg.get("stage1_seed")
     return "once per seed" if s1 is None else f"once, with seed {s1}, for every seed"
+
+
+# The settings in which a grouping method with DEMA can differ from the official run (lcia).
+_OFFICIAL_KEYS = ("a new set starts from", "gradient clipping", "averaged tensors", "test routing", "EMA")
+
+
+def _unlike_official_lines(methods: dict) -> list[str]:
+    """Before comparing: where each custom grouping method with DEMA differs from the official
+    run (the lcia recipe's settings), so that its numbers are not read as the paper's method."""
+    official = TABLE["lcia"].fixed.describe()
+    lines = []
+    for m, r in methods.items():
+        st = r.get("settings") or {}
+        if (m == "lcia" or TABLE.get(m) is None or TABLE[m].kind != "custom" or not TABLE[m].grouping
+                or st.get("EMA", "none") == "none"):
+            continue
+        diff = [f"{k}: {st[k]} (lcia: {official[k]})" for k in _OFFICIAL_KEYS if k in st and st[k] != official[k]]
+        if diff:
+            lines += [f"**{m} is not the paper's run as it ran:** " + "; ".join(diff)
+                      + ". The `lcia` row is the official recipe.", ""]
+    return lines
 
 
 def _settings_lines(methods: dict) -> list[str]:
