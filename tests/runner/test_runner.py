@@ -273,7 +273,7 @@ def test_one_stage1_base_for_every_seed(full_run, tmp_path):
 
 
 def test_recipes_fix_their_settings_and_ignore_custom_flags():
-    assert RunConfig().methods == ("lora", "ema", "dema", "group", "dema+group")
+    assert RunConfig().methods == ("lora", "ema", "dema", "dema-paper", "group", "dema+group")
     # group: dema+group's grouping, routing and new-set start, without any EMA (the ablation)
     g, dg = RunConfig().plan("group"), RunConfig().plan("dema+group")
     assert g.grouping and g.ema is None and dg.ema is not None
