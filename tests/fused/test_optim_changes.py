@@ -113,6 +113,23 @@ def test_same_tensor_twice_matches_torch():
     assert wrapped._fused.generic_steps == 3
 
 
+def test_same_tensor_swapped_in_place_into_a_group_is_noticed():
+    """Case 4 after wrapping: a list element replaced in place (same list, same length) makes a
+    tensor appear twice; the next step must notice it and take the generic path as torch does."""
+    p, r, q, s = (torch.nn.Parameter(torch.linspace(-1, 1, 7) + k) for k in (0, 1, 0, 1))
+    wrapped, inner = DEMAOptimizer(torch.optim.SGD([p, r], lr=0.1)), torch.optim.SGD([q, s], lr=0.1)
+    for step in range(4):
+        if step == 2:  # in place: the list object and its length stay the same
+            wrapped.param_groups[0]["params"][1] = p
+            inner.param_groups[0]["params"][1] = q
+        for ts, o in (((p, r), wrapped), ((q, s), inner)):
+            o.zero_grad()
+            sum(t.pow(2).sum() for t in ts).backward()
+            o.step()
+    assert torch.equal(p, q) and torch.equal(r, s)
+    assert wrapped._fused.generic_steps == 2
+
+
 def test_non_contiguous_gradient_is_read():
     """Case 5: a non-contiguous gradient (a hook's transpose) is averaged from a contiguous
     copy; the step takes the generic path and matches torch + the reference engine."""

@@ -149,10 +149,12 @@ class FusedStep:
 
     def _alias_reason(self) -> str | None:
         """A tensor listed twice in the param groups (torch only warns, then steps it twice):
-        the kernel would step it once. Recomputed only when a group's list changed."""
-        key = tuple((id(g["params"]), len(g["params"])) for g in self.opt.param_groups)
+        the kernel would step it once. Recomputed only when the tensors listed changed: the key
+        is every listed tensor's identity (a C-level map per group, not a Python loop), so an
+        element replaced in place in the same list is noticed too."""
+        key = tuple(tuple(map(id, g["params"])) for g in self.opt.param_groups)
         if key != self._alias_key:
-            ids = [id(p) for g in self.opt.param_groups for p in g["params"]]
+            ids = [i for group_ids in key for i in group_ids]
             self._alias = None if len(set(ids)) == len(ids) else \
                 "a tensor appears twice in the param groups (torch steps it twice; the fused kernel would once)"
             self._alias_key = key
